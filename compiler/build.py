@@ -1,0 +1,110 @@
+"""The build driver: integer program -> Relax -> verified integer-only -> scheduled -> model.so + model.json."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tvm
+from tvm import relax
+
+from intforge.errors import IntforgeError
+from intforge.kernels import default_schedule_pass
+from intforge.program import IntegerProgram
+from intforge.relay_passes import emit_program, verify_integer_only
+
+from .manifest import manifest_path_for, sha256_file, versions, write_manifest
+from .targets import TargetPreset, resolve_target
+
+
+@dataclass
+class Artifact:
+    """What a build produced: the library, its manifest and the integer program beside them."""
+
+    library: Path
+    manifest_path: Path
+    program_path: Path
+    manifest: dict[str, Any]
+
+
+def _pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """TVM's CPU pipeline with intforge's verifier in front and its default schedule after fusion."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    @tvm.transform.module_pass(opt_level=0, name="intforge.CPUPipeline")
+    def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu_generic.library_dispatch_passes(target)
+                + cpu_generic.legalize_passes(target)
+                + [default_schedule_pass(target)]
+                + cpu_generic.dataflow_lower_passes(target)
+                + cpu_generic.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _run
+
+
+def compile_module(mod: tvm.IRModule, target: str | TargetPreset = "x86") -> relax.VMExecutable:
+    """Verify a Relax module is integer-only, then compile it for `target`."""
+    verify_integer_only(mod)
+    preset = resolve_target(target)
+    tgt = preset.tvm_target()
+    try:
+        return tvm.compile(mod, target=tgt, relax_pipeline=_pipeline(tgt))
+    except Exception as exc:  # a TVM failure here is our bug, not the user's: say so plainly
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise IntforgeError(
+            f"TVM failed to compile the integer program for target '{preset.name}': {first}. This is an "
+            "intforge bug; please report it with the model that triggered it."
+        ) from exc
+
+
+def _io_spec(program: IntegerProgram, names: list[str], boundary: str) -> list[dict[str, Any]]:
+    rows = []
+    for n in names:
+        t = program.tensors[n]
+        rows.append({"name": n, "shape": list(t.shape), "dtype": "float32" if boundary == "float" else t.dtype,
+                     "quantized_dtype": t.dtype, "scale": t.scale, "zero_point": t.zero_point})
+    return rows
+
+
+def build(program: IntegerProgram, output: str | Path, target: str | TargetPreset = "x86",
+          boundary: str = "float", extra: dict[str, Any] | None = None) -> Artifact:
+    """Compile `program` into `output` (a path ending in .so, or a directory that gets model.so)."""
+    output = Path(output)
+    so_path = output if output.suffix == ".so" else output / "model.so"
+    so_path.parent.mkdir(parents=True, exist_ok=True)
+    preset = resolve_target(target)
+
+    t0 = time.perf_counter()
+    mod = emit_program(program, boundary=boundary)
+    ex = compile_module(mod, preset)
+    ex.export_library(str(so_path))
+    build_s = time.perf_counter() - t0
+
+    prog_path = so_path.with_suffix(".iprog")
+    program.save(prog_path)
+    manifest = {
+        "library": so_path.name,
+        "library_sha256": sha256_file(so_path),
+        "program": prog_path.name,
+        "program_sha256": sha256_file(prog_path),
+        "function": "main",
+        "boundary": boundary,
+        "integer_only": True,
+        "float_boundary": (["input quantize (x * 1/scale, round half to even, clamp)",
+                            "output dequantize (q * scale)"] if boundary == "float" else []),
+        "inputs": _io_spec(program, program.inputs, boundary),
+        "outputs": _io_spec(program, program.outputs, boundary),
+        "layers": program.layers(),
+        "target": preset.describe(),
+        "versions": versions(),
+        "build_seconds": round(build_s, 3),
+        **(extra or {}),
+    }
+    man_path = write_manifest(manifest_path_for(so_path), manifest)
+    return Artifact(so_path, man_path, prog_path, manifest)

@@ -1,0 +1,61 @@
+"""The default CPU schedule: parallelize every loop nest over its outer data-parallel loops.
+
+TVM's CPU pipeline leaves legalized PrimFuncs unscheduled (one thread, no parallel loops). Until
+tuned and tensorized kernels arrive, this rule fuses the leading spatial loops of each block and runs
+them in parallel. It only reorders work across threads, so results stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+
+MIN_PARALLEL_EXTENT = 4
+
+
+def _schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    sch = s_tir.Schedule(func)
+    try:
+        root = sch.get_sblock("root")
+    except Exception:  # noqa: BLE001 - functions without a root block are left as they are
+        return func
+    for block in sch.get_child_blocks(root):
+        loops = sch.get_loops(block)
+        if not loops:
+            continue
+        block_stmt = sch.get(block)
+        spatial = []
+        for loop, iv in zip(loops, block_stmt.iter_vars, strict=False):
+            if iv.iter_type != tirx.IterVar.DataPar:
+                break
+            spatial.append(loop)
+        if not spatial or len(loops) != len(block_stmt.iter_vars):
+            continue
+        extent = 1
+        take = []
+        for loop in spatial:
+            take.append(loop)
+            extent *= int(sch.get(loop).extent)
+            if extent >= 64:
+                break
+        if extent < MIN_PARALLEL_EXTENT:
+            continue
+        fused = sch.fuse(*take) if len(take) > 1 else take[0]
+        sch.parallel(fused)
+    return sch.mod["main"]
+
+
+def default_schedule_pass(target: tvm.target.Target) -> tvm.transform.Pass:
+    """A module pass applying the default CPU schedule to every unscheduled PrimFunc."""
+
+    @tvm.transform.module_pass(opt_level=0, name="intforge.DefaultCPUSchedule")
+    def _apply(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        updates = {}
+        for gv, func in mod.functions.items():
+            if isinstance(func, tirx.PrimFunc) and not func.attrs.get("tir.is_scheduled", False):
+                updates[gv] = _schedule_func(func).with_attr("tir.is_scheduled", True)
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return _apply

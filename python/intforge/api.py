@@ -1,0 +1,61 @@
+"""The one obvious call: intforge.compile(model, example_inputs, calib_data=..., target=...)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .calibrate import CalibConfig, collect_ranges
+from .capture import FloatGraph, capture
+from .program import IntegerProgram
+from .quantize import QuantConfig, quantize
+
+
+def _as_tuple(x) -> tuple:
+    return tuple(x) if isinstance(x, (list, tuple)) else (x,)
+
+
+def quantize_model(
+    model: torch.nn.Module | torch.export.ExportedProgram,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    calib_data: Sequence[np.ndarray] | np.ndarray | None = None,
+    calibration: str | CalibConfig = "minmax",
+    quant: QuantConfig | None = None,
+) -> tuple[IntegerProgram, FloatGraph]:
+    """Capture, calibrate and quantize: returns the integer program and the float graph it came from."""
+    example = tuple(torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+                    for x in _as_tuple(example_inputs))
+    graph = capture(model, example)
+    if calib_data is None:
+        warnings.warn("no calibration data given: calibrating on the example inputs alone; activation "
+                      "ranges (and accuracy) will be poor. Pass calib_data=.", stacklevel=2)
+        calib = [x.detach().numpy() for x in example]
+    else:
+        calib = list(_as_tuple(calib_data)) if not isinstance(calib_data, np.ndarray) else [calib_data]
+    cfg = calibration if isinstance(calibration, CalibConfig) else CalibConfig(method=calibration)
+    ranges = collect_ranges(graph, calib, cfg)
+    program = quantize(graph, ranges, quant)
+    program.meta["calibration"] = {"method": cfg.method, "percentile": cfg.percentile,
+                                   "samples": int(np.asarray(calib[0]).shape[0])}
+    return program, graph
+
+
+def compile(  # noqa: A001 - the public verb, like torch.compile / tvm.compile
+    model: torch.nn.Module | torch.export.ExportedProgram,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    calib_data: Sequence[np.ndarray] | np.ndarray | None = None,
+    output: str | Path = "build/model",
+    target: str = "x86",
+    boundary: str = "float",
+    calibration: str | CalibConfig = "minmax",
+    quant: QuantConfig | None = None,
+):
+    """Compile a PyTorch model into an integer-only model.so + model.json under `output`."""
+    from .compiler import build
+
+    program, _ = quantize_model(model, example_inputs, calib_data, calibration, quant)
+    return build(program, output, target=target, boundary=boundary)

@@ -1,0 +1,103 @@
+"""Calibration: observe the float graph on sample data and choose each tensor's range."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .capture import FloatGraph, run_float_graph
+from .errors import CalibrationError
+
+METHODS = ("minmax", "percentile")
+
+
+@dataclass
+class CalibConfig:
+    """How activation ranges are chosen: the observed min/max, or a percentile of the values."""
+
+    method: str = "minmax"
+    percentile: float = 99.99
+    batch_size: int = 64
+    max_samples_per_tensor: int = 1 << 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise CalibrationError(f"unknown calibration method {self.method!r}; choose one of {METHODS}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise CalibrationError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.batch_size < 1:
+            raise CalibrationError(f"batch_size must be positive, got {self.batch_size}")
+
+
+def check_calibration_data(graph: FloatGraph, data: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Validate one array per model input, each (N, *input_shape[1:]), and return them as float32."""
+    if len(data) != len(graph.inputs):
+        raise CalibrationError(
+            f"the model takes {len(graph.inputs)} input(s) ({', '.join(graph.inputs)}) but "
+            f"{len(data)} calibration array(s) were given; pass one array per input."
+        )
+    out = []
+    n0 = None
+    for name, arr in zip(graph.inputs, data, strict=True):
+        arr = np.asarray(arr)
+        want = graph.shapes[name][1:]
+        if arr.ndim != len(want) + 1 or tuple(arr.shape[1:]) != tuple(want):
+            raise CalibrationError(
+                f"calibration data for input '{name}' has shape {tuple(arr.shape)}, but the model expects "
+                f"(N, {', '.join(map(str, want))}) (samples first, then the example input's shape without "
+                "its batch dimension). Reshape the data, or give an example input of the data's shape."
+            )
+        if not np.issubdtype(arr.dtype, np.number):
+            raise CalibrationError(f"calibration data for input '{name}' is not numeric (dtype {arr.dtype})")
+        if arr.shape[0] == 0:
+            raise CalibrationError(f"calibration data for input '{name}' is empty")
+        if n0 is not None and arr.shape[0] != n0:
+            raise CalibrationError("calibration arrays of different inputs have different sample counts")
+        n0 = arr.shape[0]
+        if not np.all(np.isfinite(arr)):
+            raise CalibrationError(f"calibration data for input '{name}' contains NaN or infinity")
+        out.append(arr.astype(np.float32, copy=False))
+    return out
+
+
+def collect_ranges(graph: FloatGraph, data: Sequence[np.ndarray],
+                   config: CalibConfig | None = None) -> dict[str, tuple[float, float]]:
+    """Run the float graph over `data` and return (lo, hi) for every tensor."""
+    config = config or CalibConfig()
+    arrays = check_calibration_data(graph, data)
+    n = arrays[0].shape[0]
+    rng = np.random.default_rng(config.seed)
+    mins: dict[str, float] = {}
+    maxs: dict[str, float] = {}
+    samples: dict[str, list[np.ndarray]] = {}
+    per_batch = max(1, config.max_samples_per_tensor // max(1, -(-n // config.batch_size)))
+
+    def observe(name: str, value: torch.Tensor) -> None:
+        v = value.detach()
+        lo, hi = float(v.min()), float(v.max())
+        mins[name] = min(mins.get(name, lo), lo)
+        maxs[name] = max(maxs.get(name, hi), hi)
+        if config.method == "percentile":
+            flat = v.reshape(-1).numpy()
+            if flat.size > per_batch:
+                flat = flat[rng.choice(flat.size, per_batch, replace=False)]
+            samples.setdefault(name, []).append(flat)
+
+    with torch.no_grad():
+        for start in range(0, n, config.batch_size):
+            batch = [torch.from_numpy(a[start:start + config.batch_size]) for a in arrays]
+            run_float_graph(graph, *batch, observe=observe)
+
+    ranges = {}
+    for name in mins:
+        lo, hi = mins[name], maxs[name]
+        if config.method == "percentile":
+            vals = np.concatenate(samples[name])
+            lo = min(0.0, float(np.percentile(vals, 100.0 - config.percentile))) if lo < 0 else lo
+            hi = float(np.percentile(vals, config.percentile)) if hi > 0 else hi
+        ranges[name] = (lo, hi)
+    return ranges

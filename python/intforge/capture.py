@@ -1,0 +1,381 @@
+"""Capture: torch.export a user's nn.Module into intforge's float graph, with BatchNorm folded.
+
+The float graph is a short list of ops intforge knows how to quantize (conv2d, linear, add, pooling,
+activations, reshape, concat). Each op carries a stable layer name (the module path, e.g.
+``layer1.0.conv1``) that the calibration, the planner and the integer program share, and the line of
+model code it came from, so errors can point at it.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CaptureError, UnsupportedOpError
+
+SUPPORTED_OPS = (
+    "conv2d (stride, padding, dilation, groups, depthwise), linear, BatchNorm (folded into the conv "
+    "before it), ReLU, ReLU6 / hardtanh / clamp, residual add, max_pool2d, avg_pool2d, "
+    "adaptive_avg_pool2d, mean over H,W, flatten / view / reshape, cat, dropout (eval: identity)"
+)
+
+
+@dataclass
+class FloatOp:
+    """One op of the float graph. `inputs` / `output` name tensors; `params` hold float32 numpy."""
+
+    kind: str
+    name: str
+    inputs: list[str]
+    output: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass
+class FloatGraph:
+    """A captured model: ops in execution order over named tensors with static shapes."""
+
+    inputs: list[str]
+    outputs: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    ops: list[FloatOp]
+
+    def producer(self, tensor: str) -> FloatOp | None:
+        for op in self.ops:
+            if op.output == tensor:
+                return op
+        return None
+
+    def users(self, tensor: str) -> list[FloatOp]:
+        return [op for op in self.ops if tensor in op.inputs]
+
+    def layers(self) -> list[dict[str, Any]]:
+        """Quantizable layers (conv2d / linear) with their stable names and sizes."""
+        rows = []
+        for op in self.ops:
+            if op.kind in ("conv2d", "linear"):
+                w = op.params["weight"]
+                macs = int(np.prod(self.shapes[op.output])) * int(np.prod(w.shape[1:]))
+                rows.append({"name": op.name, "kind": op.kind, "weight_shape": list(w.shape),
+                             "params": int(w.size), "macs": macs})
+        return rows
+
+
+def _aten(name: str) -> Any:
+    packet, _, overload = name.partition(".")
+    return getattr(getattr(torch.ops.aten, packet), overload or "default")
+
+
+_IDENTITY = {"aten.dropout.default", "aten.clone.default", "aten.contiguous.default", "aten.alias.default",
+             "aten.detach.default", "aten.feature_dropout.default", "aten.dropout_.default"}
+_RESHAPE = {"aten.flatten.using_ints", "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default",
+            "aten.squeeze.dim", "aten.squeeze.dims", "aten.unsqueeze.default"}
+
+
+def user_source(node: torch.fx.Node) -> str:
+    """'file:line: code' of the innermost frame of model code (not torch's) that made `node`."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', trace)
+    torch_dir = os.path.dirname(torch.__file__)
+    for path, line, code in reversed(frames):
+        if not path.startswith(torch_dir):
+            return f"{path}:{line}: {code.strip()}"
+    if frames:
+        path, line, code = frames[-1]
+        return f"{path}:{line}: {code.strip()}"
+    return "(no source location recorded)"
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return str(path)
+
+
+def _pair(v: Any) -> list[int]:
+    if isinstance(v, int):
+        return [v, v]
+    v = list(v)
+    return v * 2 if len(v) == 1 else v
+
+
+def _export(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.export(model, tuple(example_inputs))
+    except Exception as exc:  # torch.export raises many types; all mean "cannot capture"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {first}. "
+            "intforge needs a model that torch.export.export(model, example_inputs) accepts: remove "
+            "data-dependent Python control flow (if/for on tensor values), .item()/.tolist() calls and "
+            "non-tensor outputs from forward(), or pass a saved torch.export program instead."
+        ) from None
+
+
+def capture(model: torch.nn.Module | torch.export.ExportedProgram,
+            example_inputs: Sequence[torch.Tensor]) -> FloatGraph:
+    """Export `model` with `example_inputs` and translate it into a FloatGraph (BatchNorm folded)."""
+    if isinstance(model, torch.export.ExportedProgram):
+        ep = model
+    else:
+        if not isinstance(model, torch.nn.Module):
+            raise CaptureError(f"expected a torch.nn.Module or ExportedProgram, got {type(model).__name__}")
+        model = model.eval()
+        ep = _export(model, example_inputs)
+    return _translate(ep)
+
+
+def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
+    sig = ep.graph_signature
+    consts: dict[str, torch.Tensor] = {}
+    for spec in sig.input_specs:
+        if spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
+            src = ep.state_dict.get(spec.target)
+            if src is None:
+                src = ep.constants.get(spec.target)
+            consts[spec.arg.name] = src
+    user_inputs = [s.arg.name for s in sig.input_specs if s.kind.name == "USER_INPUT"]
+
+    ops: list[FloatOp] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    alias: dict[str, str] = {}  # tensors that are another tensor (identity ops, getitem)
+    name_count: dict[str, int] = {}
+    outputs: list[str] = []
+
+    def tname(n: Any) -> str:
+        if not isinstance(n, torch.fx.Node):
+            raise TypeError
+        return alias.get(n.name, n.name)
+
+    def const(n: Any, what: str, node: torch.fx.Node) -> np.ndarray:
+        if isinstance(n, torch.fx.Node) and n.name in consts:
+            return consts[n.name].detach().to(torch.float32).cpu().numpy().copy()
+        raise UnsupportedOpError(
+            f"{node.target} in layer '{_module_path(node) or node.name}' takes a computed {what}; intforge "
+            f"needs it to be a parameter or constant.\n  at {user_source(node)}"
+        )
+
+    def layer_name(node: torch.fx.Node, kind: str, parametric: bool) -> str:
+        path = _module_path(node)
+        base = path if (parametric and path) else (f"{path}.{kind}" if path else node.name)
+        k = name_count.get(base, 0)
+        name_count[base] = k + 1
+        return base if k == 0 else f"{base}#{k}"
+
+    for node in ep.graph.nodes:
+        if node.op == "placeholder":
+            if node.name in user_inputs:
+                shapes[node.name] = tuple(int(s) for s in node.meta["val"].shape)
+            continue
+        if node.op == "output":
+            outs = node.args[0]
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            for o in outs:
+                if not isinstance(o, torch.fx.Node):
+                    raise UnsupportedOpError(f"model output {o!r} is not a tensor; return tensors only")
+                outputs.append(tname(o))
+            continue
+        if node.op != "call_function":
+            raise UnsupportedOpError(f"graph node {node.format_node()} is not supported")
+
+        target = str(node.target)
+        args = node.args
+        src = user_source(node)
+        val = node.meta.get("val")
+        out_shape = tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+
+        def emit(kind: str, inputs: list[str], attrs=None, params=None, parametric=False,
+                 _node=node, _src=src, _shape=out_shape) -> None:
+            ops.append(FloatOp(kind, layer_name(_node, kind, parametric), inputs, _node.name,
+                               attrs or {}, params or {}, _src))
+            shapes[_node.name] = _shape
+
+        if node.target is operator.getitem:
+            alias[node.name] = tname(args[0]) if args[1] == 0 else f"{tname(args[0])}[{args[1]}]"
+            continue
+        if target in _IDENTITY:
+            alias[node.name] = tname(args[0])
+            continue
+        if target == "aten.conv2d.default":
+            w = const(args[1], "weight", node)
+            b = const(args[2], "bias", node) if len(args) > 2 and args[2] is not None else np.zeros(w.shape[0],
+                                                                                                     np.float32)
+            stride = _pair(args[3] if len(args) > 3 else 1)
+            padding = _pair(args[4] if len(args) > 4 else 0)
+            dilation = _pair(args[5] if len(args) > 5 else 1)
+            groups = int(args[6]) if len(args) > 6 else 1
+            emit("conv2d", [tname(args[0])], {"stride": stride, "padding": padding, "dilation": dilation,
+                                              "groups": groups}, {"weight": w, "bias": b}, parametric=True)
+        elif target in ("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default"):
+            if target == "aten.batch_norm.default":
+                x, gamma, beta, mean, var = args[:5]
+                training, eps = bool(args[5]), float(args[7])
+                if training:
+                    raise UnsupportedOpError(f"BatchNorm in training mode at {src}; call model.eval() first")
+            else:
+                x, gamma, beta, mean, var = args[:5]
+                eps = float(args[6])
+            prev = ops[-1] if ops else None
+            if prev is None or prev.kind != "conv2d" or prev.output != tname(x) or \
+                    sum(1 for u in x.users) != 1:
+                raise UnsupportedOpError(
+                    f"BatchNorm '{_module_path(node)}' does not directly follow a convolution, so it cannot "
+                    f"be folded; intforge supports BatchNorm only right after a conv2d.\n  at {src}"
+                )
+            c = prev.params["weight"].shape[0]
+            g = const(gamma, "weight", node) if gamma is not None else np.ones(c, np.float32)
+            bt = const(beta, "bias", node) if beta is not None else np.zeros(c, np.float32)
+            mu, v = const(mean, "running_mean", node), const(var, "running_var", node)
+            k = (g.astype(np.float64) / np.sqrt(v.astype(np.float64) + eps))
+            prev.params["weight"] = (prev.params["weight"] * k.reshape(-1, 1, 1, 1)).astype(np.float32)
+            prev.params["bias"] = ((prev.params["bias"] - mu) * k + bt).astype(np.float32)
+            prev.attrs["folded_bn"] = _module_path(node)
+            alias[node.name] = prev.output
+        elif target == "aten.linear.default":
+            w = const(args[1], "weight", node)
+            b = const(args[2], "bias", node) if len(args) > 2 and args[2] is not None else np.zeros(w.shape[0],
+                                                                                                     np.float32)
+            if len(shapes.get(tname(args[0]), ())) != 2:
+                raise UnsupportedOpError(f"linear on a {len(shapes[tname(args[0])])}-D input at {src}: only "
+                                         "(batch, features) inputs are supported; flatten first")
+            emit("linear", [tname(args[0])], {}, {"weight": w, "bias": b}, parametric=True)
+        elif target in ("aten.relu.default", "aten.relu_.default"):
+            emit("relu", [tname(args[0])], {"lo": 0.0, "hi": None})
+        elif target in ("aten.hardtanh.default", "aten.hardtanh_.default", "aten.clamp.default",
+                        "aten.clamp_.default", "aten.relu6.default"):
+            if target == "aten.relu6.default":
+                lo, hi = 0.0, 6.0
+            elif "hardtanh" in target:
+                lo = float(args[1]) if len(args) > 1 else -1.0
+                hi = float(args[2]) if len(args) > 2 else 1.0
+            else:
+                lo = None if len(args) < 2 or args[1] is None else float(args[1])
+                hi = None if len(args) < 3 or args[2] is None else float(args[2])
+            emit("relu" if lo == 0.0 else "clamp", [tname(args[0])], {"lo": lo, "hi": hi})
+        elif target in ("aten.add.Tensor", "aten.add_.Tensor"):
+            if not all(isinstance(a, torch.fx.Node) and a.name not in consts for a in args[:2]):
+                raise UnsupportedOpError(f"add of a tensor and a constant at {src}: only the sum of two "
+                                         "activations (a residual connection) is supported")
+            if float(node.kwargs.get("alpha", 1)) != 1.0:
+                raise UnsupportedOpError(f"add with alpha != 1 at {src} is not supported")
+            emit("add", [tname(args[0]), tname(args[1])])
+        elif target == "aten.max_pool2d.default":
+            k = _pair(args[1])
+            emit("max_pool2d", [tname(args[0])], {
+                "kernel": k, "stride": _pair(args[2]) if len(args) > 2 and args[2] else k,
+                "padding": _pair(args[3] if len(args) > 3 else 0), "dilation": _pair(args[4] if len(args) > 4 else 1),
+                "ceil_mode": bool(args[5]) if len(args) > 5 else False})
+        elif target == "aten.avg_pool2d.default":
+            k = _pair(args[1])
+            attrs = {"kernel": k, "stride": _pair(args[2]) if len(args) > 2 and args[2] else k,
+                     "padding": _pair(args[3] if len(args) > 3 else 0),
+                     "ceil_mode": bool(args[4]) if len(args) > 4 else False,
+                     "count_include_pad": bool(args[5]) if len(args) > 5 else True,
+                     "divisor_override": args[6] if len(args) > 6 else None}
+            if attrs["ceil_mode"]:
+                raise UnsupportedOpError(f"avg_pool2d with ceil_mode=True at {src} is not supported")
+            emit("avg_pool2d", [tname(args[0])], attrs)
+        elif target == "aten.adaptive_avg_pool2d.default":
+            _, _, h, w = shapes[tname(args[0])]
+            oh, ow = (_pair(args[1]) + [None])[:2]
+            oh, ow = oh or h, ow or w
+            if h % oh or w % ow:
+                raise UnsupportedOpError(
+                    f"adaptive_avg_pool2d from {h}x{w} to {oh}x{ow} at {src}: only output sizes that divide "
+                    "the input evenly are supported (e.g. (1, 1))")
+            k = [h // oh, w // ow]
+            emit("avg_pool2d", [tname(args[0])], {"kernel": k, "stride": k, "padding": [0, 0],
+                                                  "ceil_mode": False, "count_include_pad": True,
+                                                  "divisor_override": None})
+        elif target == "aten.mean.dim":
+            x = tname(args[0])
+            dims = sorted(d % len(shapes[x]) for d in args[1])
+            keep = bool(args[2]) if len(args) > 2 else bool(node.kwargs.get("keepdim", False))
+            if len(shapes[x]) != 4 or dims != [2, 3]:
+                raise UnsupportedOpError(f"mean over dims {list(args[1])} of a {len(shapes[x])}-D tensor at "
+                                         f"{src}: only the spatial mean of NCHW (dims 2, 3) is supported")
+            _, _, h, w = shapes[x]
+            pooled = node.name if keep else f"{node.name}_pool"
+            ops.append(FloatOp("avg_pool2d", layer_name(node, "mean", False), [x], pooled,
+                               {"kernel": [h, w], "stride": [h, w], "padding": [0, 0], "ceil_mode": False,
+                                "count_include_pad": True, "divisor_override": None}, {}, src))
+            shapes[pooled] = (shapes[x][0], shapes[x][1], 1, 1)
+            if not keep:
+                emit("reshape", [pooled])
+        elif target in _RESHAPE:
+            emit("reshape", [tname(args[0])])
+        elif target == "aten.cat.default":
+            axis = int(args[1]) if len(args) > 1 else 0
+            emit("concat", [tname(a) for a in args[0]], {"axis": axis % len(out_shape)})
+        else:
+            raise UnsupportedOpError(
+                f"unsupported op {target} in layer '{_module_path(node) or node.name}'\n  at {src}\n"
+                f"intforge lowers only: {SUPPORTED_OPS}. Replace this op in the model, or open an issue "
+                "asking for it."
+            )
+
+    for op in ops:  # resolve aliases created after an op was emitted (e.g. BN folded into its conv)
+        op.inputs = [alias.get(i, i) for i in op.inputs]
+    return FloatGraph(user_inputs, [alias.get(o, o) for o in outputs], shapes, ops)
+
+
+def torch_op(kind: str):
+    """Float implementation of a FloatGraph op kind (used by calibration and by tests)."""
+    import torch.nn.functional as F
+
+    def conv2d(op, x):
+        return F.conv2d(x, torch.from_numpy(op.params["weight"]), torch.from_numpy(op.params["bias"]),
+                        op.attrs["stride"], op.attrs["padding"], op.attrs["dilation"], op.attrs["groups"])
+
+    def linear(op, x):
+        return F.linear(x, torch.from_numpy(op.params["weight"]), torch.from_numpy(op.params["bias"]))
+
+    def clamp(op, x):
+        return torch.clamp(x, op.attrs["lo"], op.attrs["hi"])
+
+    def avg_pool2d(op, x):
+        a = op.attrs
+        return F.avg_pool2d(x, a["kernel"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"],
+                            a["divisor_override"])
+
+    table = {
+        "conv2d": conv2d,
+        "linear": linear,
+        "relu": clamp,
+        "clamp": clamp,
+        "add": lambda op, a, b: a + b,
+        "max_pool2d": lambda op, x: F.max_pool2d(x, op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"],
+                                                 op.attrs["dilation"], op.attrs["ceil_mode"]),
+        "avg_pool2d": avg_pool2d,
+        "concat": lambda op, *xs: torch.cat(xs, op.attrs["axis"]),
+    }
+    return table[kind]
+
+
+def run_float_graph(graph: FloatGraph, *inputs: torch.Tensor, observe=None) -> list[torch.Tensor]:
+    """Execute the float graph with torch; `observe(tensor_name, value)` sees every tensor."""
+    env = dict(zip(graph.inputs, inputs, strict=True))
+    if observe:
+        for k, v in env.items():
+            observe(k, v)
+    for op in graph.ops:
+        args = [env[i] for i in op.inputs]
+        if op.kind == "reshape":
+            out = args[0].reshape((args[0].shape[0], *graph.shapes[op.output][1:]))
+        else:
+            out = torch_op(op.kind)(op, *args)
+        env[op.output] = out
+        if observe:
+            observe(op.output, out)
+    return [env[o] for o in graph.outputs]

@@ -1,0 +1,172 @@
+"""The one definition of intforge's integer semantics: dyadic multipliers, rounding shift, saturation.
+
+The reference executor (numpy) and the Relax emitter both call the functions below with their own
+``ops`` backend, so the arithmetic they perform cannot drift apart. Rounding is "round half up"
+(add 2^(n-1), then arithmetic shift right by n), saturation is a clamp to the target range.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from .errors import QuantizationError
+
+#: Multipliers are 31-bit: m in [2^30, 2^31) so that int32 accumulator * m fits int64.
+MULTIPLIER_BITS = 31
+#: Largest shift we emit; a real multiplier below 2^-MAX_SHIFT rounds to zero.
+MAX_SHIFT = 62
+
+
+def int_range(bits: int, signed: bool) -> tuple[int, int]:
+    """Return (qmin, qmax) of a `bits`-wide integer, signed or unsigned."""
+    if signed:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def storage_dtype(bits: int, signed: bool) -> str:
+    """The numpy/TVM dtype that holds a `bits`-wide value (INT4 lives in int8/uint8 until packed)."""
+    if bits > 8:
+        raise QuantizationError(f"activations wider than 8 bits are not supported (asked for {bits})")
+    return "int8" if signed else "uint8"
+
+
+def quantize_multiplier(real: float, shift: int | None = None) -> tuple[int, int]:
+    """Approximate a positive real multiplier M by m / 2^n with m a 31-bit integer.
+
+    With `shift` given, n is fixed and only m is derived (used when several terms share one shift).
+    """
+    if not math.isfinite(real) or real <= 0.0:
+        raise QuantizationError(
+            f"requantization multiplier {real!r} is not a positive finite number; a zero or negative "
+            "scale reached the integer program. Check the calibration ranges and weight scales."
+        )
+    if shift is None:
+        mant, exp = math.frexp(real)  # real = mant * 2^exp, mant in [0.5, 1)
+        shift = MULTIPLIER_BITS - exp
+        if shift < 0:
+            raise QuantizationError(
+                f"requantization multiplier {real:g} is too large (>= 2^31); the output scale is "
+                "implausibly small compared to the input scales."
+            )
+        shift = min(shift, MAX_SHIFT)
+    m = round(real * (1 << shift))
+    if m >= (1 << MULTIPLIER_BITS):  # rounding carried into bit 31
+        if shift == 0:
+            raise QuantizationError(f"requantization multiplier {real:g} does not fit 31 bits")
+        m = round(real * (1 << (shift - 1)))
+        shift -= 1
+    return int(m), int(shift)
+
+
+def quantize_multipliers(reals: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorised `quantize_multiplier` for per-channel multipliers: (m, n) as int64 arrays."""
+    pairs = [quantize_multiplier(float(r)) for r in np.asarray(reals, dtype=np.float64).ravel()]
+    m = np.array([p[0] for p in pairs], dtype=np.int64).reshape(np.shape(reals))
+    n = np.array([p[1] for p in pairs], dtype=np.int64).reshape(np.shape(reals))
+    return m, n
+
+
+def shared_shift_multipliers(reals: Sequence[float]) -> tuple[list[int], int]:
+    """Multipliers for terms summed before one rounding shift (residual add, concat of scales).
+
+    The shift is chosen so that the largest multiplier uses the full 31 bits.
+    """
+    _, shift = quantize_multiplier(max(reals))
+    ms = []
+    for r in reals:
+        m, _ = quantize_multiplier(r, shift=shift)
+        ms.append(m)
+    return ms, shift
+
+
+def rounding_offset(shift: np.ndarray | int) -> np.ndarray:
+    """2^(n-1) for n > 0, else 0: the bias that turns an arithmetic shift into round-half-up."""
+    n = np.asarray(shift, dtype=np.int64)
+    return np.where(n > 0, np.left_shift(np.int64(1), np.maximum(n - 1, 0)), 0).astype(np.int64)
+
+
+class IntOps(Protocol):
+    """The handful of operations the integer semantics are written in (numpy or Relax)."""
+
+    def const(self, value: np.ndarray | int, dtype: str) -> Any: ...
+    def cast(self, x: Any, dtype: str) -> Any: ...
+    def add(self, a: Any, b: Any) -> Any: ...
+    def mul(self, a: Any, b: Any) -> Any: ...
+    def right_shift(self, a: Any, b: Any) -> Any: ...
+    def clip(self, x: Any, lo: int | float, hi: int | float) -> Any: ...
+    def round(self, x: Any) -> Any: ...
+
+
+def rescale_sum(
+    ops: IntOps,
+    terms: Sequence[tuple[Any, np.ndarray | int]],
+    shift: np.ndarray | int,
+    qmin: int,
+    qmax: int,
+    out_dtype: str,
+) -> Any:
+    """clamp(round_shift(sum_i x_i * m_i, n), qmin, qmax), computed in int64.
+
+    Every requantization in intforge is this function: one term for conv/linear/pooling,
+    two for a residual add.
+    """
+    acc = None
+    for x, m in terms:
+        t = ops.mul(ops.cast(x, "int64"), ops.const(np.asarray(m, dtype=np.int64), "int64"))
+        acc = t if acc is None else ops.add(acc, t)
+    acc = ops.add(acc, ops.const(rounding_offset(shift), "int64"))
+    acc = ops.right_shift(acc, ops.const(np.asarray(shift, dtype=np.int64), "int64"))
+    acc = ops.clip(acc, qmin, qmax)
+    return ops.cast(acc, out_dtype)
+
+
+def requantize(
+    ops: IntOps, acc: Any, m: np.ndarray | int, n: np.ndarray | int, qmin: int, qmax: int, out_dtype: str
+) -> Any:
+    """Dyadic requantization of one int32 accumulator: clamp(round_shift(acc * m, n))."""
+    return rescale_sum(ops, [(acc, m)], n, qmin, qmax, out_dtype)
+
+
+def quantize_float(ops: IntOps, x: Any, scale: float, qmin: int, qmax: int, out_dtype: str) -> Any:
+    """The input boundary: clamp(round_half_even(x * float32(1/scale))) in float32."""
+    inv = np.float32(1.0 / scale)
+    y = ops.round(ops.mul(ops.cast(x, "float32"), ops.const(np.asarray(inv, dtype=np.float32), "float32")))
+    return ops.cast(ops.clip(y, float(qmin), float(qmax)), out_dtype)
+
+
+def dequantize_int(ops: IntOps, q: Any, scale: float) -> Any:
+    """The output boundary: float32(q) * float32(scale)."""
+    return ops.mul(ops.cast(q, "float32"), ops.const(np.asarray(np.float32(scale)), "float32"))
+
+
+class NumpyOps:
+    """`IntOps` on numpy arrays: what the reference executor computes with."""
+
+    def const(self, value: np.ndarray | int, dtype: str) -> np.ndarray:
+        return np.asarray(value, dtype=dtype)
+
+    def cast(self, x: np.ndarray, dtype: str) -> np.ndarray:
+        return np.asarray(x).astype(dtype)
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.add(a, b)
+
+    def mul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.multiply(a, b)
+
+    def right_shift(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.right_shift(a, b)
+
+    def clip(self, x: np.ndarray, lo: int | float, hi: int | float) -> np.ndarray:
+        return np.clip(x, np.asarray(lo, dtype=x.dtype), np.asarray(hi, dtype=x.dtype))
+
+    def round(self, x: np.ndarray) -> np.ndarray:
+        return np.round(x)
+
+
+NUMPY_OPS = NumpyOps()

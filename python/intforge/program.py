@@ -1,0 +1,171 @@
+"""The integer program: intforge's target-independent specification of a quantized model.
+
+Every op carries its integer parameters (weights, int32 bias, dyadic multipliers and shifts,
+saturation bounds). The reference executor (`reference.py`) runs it with numpy integers, the Relax
+emitter (`intforge.relay_passes.emit`) lowers it to TVM; both must agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .dyadic import int_range, storage_dtype
+from .errors import ArtifactError
+
+#: The op kinds an integer program may contain, with the meaning of their attrs/params.
+OP_KINDS = {
+    "conv2d": "int conv (NCHW/OIHW) + int32 bias, requantized per output channel",
+    "linear": "int matmul (x @ weight.T) + int32 bias, requantized per output feature",
+    "add": "residual add: both inputs rescaled to the output scale with a shared shift, saturated",
+    "concat": "each input requantized to the output scale, then concatenated",
+    "clamp": "saturate to [lo, hi] on the integers (standalone ReLU / ReLU6 / hardtanh)",
+    "max_pool2d": "max over windows, on the integers",
+    "avg_pool2d": "integer window sum times a dyadic 1/count (per output position)",
+    "reshape": "reshape / flatten, integers unchanged",
+}
+
+PROGRAM_FORMAT = 1
+
+
+@dataclass
+class QTensor:
+    """A quantized tensor: real value = scale * (q - zero_point)."""
+
+    name: str
+    shape: tuple[int, ...]
+    scale: float
+    bits: int = 8
+    signed: bool = True
+    zero_point: int = 0
+
+    @property
+    def qmin(self) -> int:
+        return int_range(self.bits, self.signed)[0]
+
+    @property
+    def qmax(self) -> int:
+        return int_range(self.bits, self.signed)[1]
+
+    @property
+    def dtype(self) -> str:
+        return storage_dtype(self.bits, self.signed)
+
+
+@dataclass
+class IntOp:
+    """One integer op; `name` is the stable layer name shared with the layer table and the planner."""
+
+    kind: str
+    name: str
+    inputs: list[str]
+    output: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass
+class IntegerProgram:
+    """A whole quantized model: tensors, ops in execution order, and the float boundary."""
+
+    inputs: list[str]
+    outputs: list[str]
+    tensors: dict[str, QTensor]
+    ops: list[IntOp]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def tensor(self, name: str) -> QTensor:
+        return self.tensors[name]
+
+    def layers(self) -> list[dict[str, Any]]:
+        """The table of quantizable layers (conv2d / linear): name, kind, shape, bits, MACs."""
+        rows = []
+        for op in self.ops:
+            if op.kind not in ("conv2d", "linear"):
+                continue
+            w = op.params["weight"]
+            out = self.tensors[op.output]
+            k = int(np.prod(w.shape[1:]))
+            macs = int(np.prod(out.shape)) * k
+            rows.append(
+                {
+                    "name": op.name,
+                    "kind": op.kind,
+                    "weight_shape": list(w.shape),
+                    "weight_bits": int(op.attrs.get("weight_bits", 8)),
+                    "act_bits": self.tensors[op.inputs[0]].bits,
+                    "params": int(np.prod(w.shape)),
+                    "macs": macs,
+                }
+            )
+        return rows
+
+    # -- serialization: one zip holding program.json and the arrays as .npy ----------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the program to `path` (a zip of JSON + .npy arrays)."""
+        path = Path(path)
+        header = {
+            "format": PROGRAM_FORMAT,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "tensors": [_qtensor_json(t) for t in self.tensors.values()],
+            "ops": [
+                {
+                    "kind": op.kind,
+                    "name": op.name,
+                    "inputs": op.inputs,
+                    "output": op.output,
+                    "attrs": op.attrs,
+                    "params": sorted(op.params),
+                    "source": op.source,
+                }
+                for op in self.ops
+            ],
+            "meta": self.meta,
+        }
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("program.json", json.dumps(header, indent=1))
+            for i, op in enumerate(self.ops):
+                for key, arr in op.params.items():
+                    buf = io.BytesIO()
+                    np.save(buf, arr, allow_pickle=False)
+                    zf.writestr(f"params/{i}/{key}.npy", buf.getvalue())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> IntegerProgram:
+        """Read a program written by `save`."""
+        path = Path(path)
+        try:
+            zf = zipfile.ZipFile(path)
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise ArtifactError(f"cannot read integer program {path}: {exc}") from None
+        with zf:
+            header = json.loads(zf.read("program.json"))
+            if header.get("format") != PROGRAM_FORMAT:
+                raise ArtifactError(
+                    f"{path} is integer-program format {header.get('format')}, this intforge reads "
+                    f"format {PROGRAM_FORMAT}; recompile the model with this version."
+                )
+            tensors = {}
+            for t in header["tensors"]:
+                t["shape"] = tuple(t["shape"])
+                tensors[t["name"]] = QTensor(**t)
+            ops = []
+            for i, o in enumerate(header["ops"]):
+                params = {k: np.load(io.BytesIO(zf.read(f"params/{i}/{k}.npy"))) for k in o.pop("params")}
+                ops.append(IntOp(params=params, **o))
+        return cls(header["inputs"], header["outputs"], tensors, ops, header.get("meta", {}))
+
+
+def _qtensor_json(t: QTensor) -> dict[str, Any]:
+    d = asdict(t)
+    d["shape"] = list(t.shape)
+    return d

@@ -1,0 +1,133 @@
+"""Load a deployed model.so (checked against its manifest) and run it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ArtifactError, IntforgeError
+from .program import IntegerProgram
+
+
+class CompiledModel:
+    """A loaded model.so: call it with numpy arrays, get numpy arrays back."""
+
+    def __init__(self, library: Path, manifest: dict[str, Any]) -> None:
+        import tvm
+        from tvm import relax
+
+        self.library = library
+        self.manifest = manifest
+        try:
+            self._lib = tvm.runtime.load_module(str(library))
+            self._vm = relax.VirtualMachine(self._lib, tvm.cpu())
+        except Exception as exc:  # noqa: BLE001 - any load failure means an unusable library
+            raise ArtifactError(
+                f"cannot load {library} as a TVM library: {str(exc).strip().splitlines()[-1]}. Was it built "
+                f"for this machine (target {manifest.get('target', {}).get('mcpu')})?"
+            ) from None
+        self._fn = self._vm[manifest.get("function", "main")]
+
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        return self.manifest["inputs"]
+
+    @property
+    def outputs(self) -> list[dict[str, Any]]:
+        return self.manifest["outputs"]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.inputs[0]["shape"][0])
+
+    def _check(self, args: tuple[np.ndarray, ...]) -> list[np.ndarray]:
+        if len(args) != len(self.inputs):
+            raise IntforgeError(f"{self.library.name} takes {len(self.inputs)} input(s) "
+                                f"({', '.join(i['name'] for i in self.inputs)}), got {len(args)}")
+        out = []
+        for spec, a in zip(self.inputs, args, strict=True):
+            a = np.asarray(a)
+            if tuple(a.shape) != tuple(spec["shape"]):
+                raise IntforgeError(f"input '{spec['name']}' has shape {tuple(a.shape)}; {self.library.name} was "
+                                    f"compiled for {tuple(spec['shape'])}")
+            if spec["dtype"] == "float32":
+                a = a.astype(np.float32, copy=False)
+            elif a.dtype != np.dtype(spec["dtype"]):
+                raise IntforgeError(f"input '{spec['name']}' has dtype {a.dtype}; {self.library.name} takes "
+                                    f"{spec['dtype']} (integer boundary)")
+            out.append(np.ascontiguousarray(a))
+        return out
+
+    def __call__(self, *args: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
+        import tvm
+
+        res = self._fn(*[tvm.runtime.tensor(a) for a in self._check(args)])
+        if len(self.outputs) == 1:
+            return res.numpy()
+        return tuple(r.numpy() for r in res)
+
+    def time(self, repeat: int = 50, warmup: int = 5) -> dict[str, float]:
+        """Median / min latency in milliseconds on random inputs of the right shape."""
+        import time as _time
+
+        rng = np.random.default_rng(0)
+        ins = []
+        for spec in self.inputs:
+            if spec["dtype"] == "float32":
+                ins.append(rng.standard_normal(spec["shape"]).astype(np.float32))
+            else:
+                info = np.iinfo(spec["dtype"])
+                ins.append(rng.integers(info.min, info.max + 1, spec["shape"]).astype(spec["dtype"]))
+        for _ in range(warmup):
+            self(*ins)
+        ts = []
+        for _ in range(repeat):
+            t0 = _time.perf_counter()
+            self(*ins)
+            ts.append((_time.perf_counter() - t0) * 1e3)
+        return {"median_ms": float(np.median(ts)), "min_ms": float(np.min(ts)),
+                "p90_ms": float(np.percentile(ts, 90)), "repeat": repeat}
+
+    def program(self) -> IntegerProgram:
+        """The integer program this library was built from (checked against the manifest)."""
+        from intforge.compiler.manifest import sha256_file
+
+        path = self.library.parent / self.manifest["program"]
+        if not path.exists():
+            raise ArtifactError(f"the integer program {path} named by the manifest is missing")
+        if sha256_file(path) != self.manifest["program_sha256"]:
+            raise ArtifactError(f"{path} does not match the sha256 recorded in its manifest")
+        return IntegerProgram.load(path)
+
+
+def load(path: str | Path) -> CompiledModel:
+    """Load model.so after checking it against model.json beside it (existence and sha256)."""
+    from intforge.compiler.manifest import manifest_path_for, read_manifest, sha256_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.so"
+    man_path = manifest_path_for(path)
+    if not path.exists():
+        hint = f" Its manifest {man_path.name} is there; the library was moved or deleted." if man_path.exists() else ""
+        raise ArtifactError(f"model library {path} does not exist.{hint} Compile it with `intforge compile`.")
+    if not man_path.exists():
+        raise ArtifactError(
+            f"{path.name} has no manifest: {man_path} is missing. `intforge compile` writes the manifest next "
+            "to the library; copy both files together (and the .iprog beside them for `inspect`)."
+        )
+    try:
+        manifest = read_manifest(man_path)
+    except ValueError as exc:
+        raise ArtifactError(f"manifest {man_path} is not valid JSON ({exc}); recompile the model") from None
+    want = manifest.get("library_sha256")
+    got = sha256_file(path)
+    if want != got:
+        raise ArtifactError(
+            f"{path} does not match its manifest: sha256 {got[:16]}... but {man_path.name} records "
+            f"{str(want)[:16]}.... The library was modified or replaced after compilation; it will not be "
+            "loaded. Recompile with `intforge compile`, or restore the original file."
+        )
+    return CompiledModel(path, manifest)

