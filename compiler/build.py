@@ -80,6 +80,7 @@ def build(program: IntegerProgram, output: str | Path, target: str | TargetPrese
     so_path.parent.mkdir(parents=True, exist_ok=True)
     preset = resolve_target(target)
 
+    program.validate()
     t0 = time.perf_counter()
     mod = emit_program(program, boundary=boundary)
     ex = compile_module(mod, preset)

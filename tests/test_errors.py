@@ -1,0 +1,130 @@
+"""Bad input gets a clear error naming what and where, never a traceback from inside TVM."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import intforge
+from conftest import quantize_module
+from intforge.compiler import build
+from intforge.errors import (
+    ArtifactError,
+    CalibrationError,
+    CaptureError,
+    QuantizationError,
+    UnsupportedOpError,
+)
+
+
+class WithSigmoid(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.sigmoid(self.conv(x))  # the unsupported line
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x
+
+
+class BareBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(x)
+
+
+def test_unsupported_op_names_the_op_the_layer_and_the_model_line():
+    with pytest.raises(UnsupportedOpError) as err:
+        intforge.quantize_model(WithSigmoid(), (torch.randn(1, 3, 8, 8),), np.zeros((2, 3, 8, 8), np.float32))
+    msg = str(err.value)
+    assert "aten.sigmoid" in msg
+    assert "test_errors.py" in msg and "the unsupported line" in msg
+    assert "conv2d" in msg  # lists what is supported
+
+
+def test_model_that_cannot_be_exported_gets_a_capture_error():
+    with pytest.raises(CaptureError, match="torch.export could not capture DataDependent"):
+        intforge.quantize_model(DataDependent(), (torch.randn(1, 3),), np.zeros((2, 3), np.float32))
+
+
+def test_batchnorm_without_a_conv_before_it_is_refused():
+    with pytest.raises(UnsupportedOpError, match="does not directly follow a convolution"):
+        intforge.quantize_model(BareBatchNorm(), (torch.randn(1, 3, 4, 4),), np.zeros((2, 3, 4, 4), np.float32))
+
+
+def test_calibration_set_of_the_wrong_shape_is_refused():
+    with pytest.raises(CalibrationError, match=r"has shape \(10, 784\).*expects \(N, 3, 8, 8\)"):
+        intforge.quantize_model(nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 8, 8),), np.zeros((10, 784), np.float32))
+
+
+def test_calibration_set_with_nan_is_refused():
+    data = np.zeros((4, 3, 8, 8), np.float32)
+    data[1, 0, 0, 0] = np.nan
+    with pytest.raises(CalibrationError, match="NaN"):
+        intforge.quantize_model(nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 8, 8),), data)
+
+
+def test_zero_scale_is_refused_before_building(tmp_path):
+    program = quantize_module(nn.Conv2d(3, 4, 3), (1, 3, 6, 6))
+    program.tensors[program.inputs[0]].scale = 0.0
+    with pytest.raises(QuantizationError, match="scale 0.0"):
+        build(program, tmp_path)
+
+
+def test_accumulator_that_could_overflow_int32_is_refused():
+    lin = nn.Linear(140000, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    with pytest.raises(QuantizationError, match="overflow its int32 accumulator"):
+        quantize_module(nn.Sequential(nn.ReLU(), lin), (1, 140000), n_calib=2)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    program = quantize_module(nn.Conv2d(3, 4, 3), (1, 3, 6, 6))
+    return build(program, tmp_path_factory.mktemp("art"))
+
+
+def _copy(art, dst):
+    shutil.copytree(art.library.parent, dst)
+    return dst / art.library.name
+
+
+def test_missing_library_is_reported(built, tmp_path):
+    so = _copy(built, tmp_path / "a")
+    so.unlink()
+    with pytest.raises(ArtifactError, match="does not exist.*manifest model.json is there"):
+        intforge.load(so)
+
+
+def test_missing_manifest_is_reported(built, tmp_path):
+    so = _copy(built, tmp_path / "b")
+    so.with_suffix(".json").unlink()
+    with pytest.raises(ArtifactError, match="has no manifest"):
+        intforge.load(so)
+
+
+def test_tampered_library_is_refused(built, tmp_path):
+    so = _copy(built, tmp_path / "c")
+    data = bytearray(so.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    so.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="does not match its manifest"):
+        intforge.load(so)
+
+
+def test_wrong_input_shape_at_run_time_is_reported(built):
+    lib = intforge.load(built.library)
+    with pytest.raises(intforge.IntforgeError, match=r"compiled for \(1, 3, 6, 6\)"):
+        lib(np.zeros((1, 3, 7, 7), np.float32))

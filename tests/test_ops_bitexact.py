@@ -1,0 +1,146 @@
+"""Every integer op: the compiled .so equals the reference bit for bit on random and extreme inputs."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_bit_exact_int, quantize_module
+from intforge import reference
+
+
+class Residual(nn.Module):
+    """conv -> (+ shortcut) -> relu: the residual add with a fused ReLU."""
+
+    def __init__(self, relu: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = relu
+
+    def forward(self, x):
+        y = self.conv(x) + x
+        return torch.relu(y) if self.relu else y
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 6, 1)
+        self.b = nn.Conv2d(4, 5, 3, padding=1)
+
+    def forward(self, x):
+        return torch.cat([torch.relu(self.a(x)), self.b(x)], dim=1)
+
+
+class Head(nn.Module):
+    """mean over H,W then flatten then linear."""
+
+    def __init__(self, keepdim: bool):
+        super().__init__()
+        self.keepdim = keepdim
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = x.mean(dim=(2, 3), keepdim=self.keepdim)
+        return self.fc(y.flatten(1))
+
+
+class Standalone(nn.Module):
+    """Activations that do not follow a conv (so they are not fused): ReLU, ReLU6, hardtanh."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.act = act
+
+    def forward(self, x):
+        return self.act(x)
+
+
+def bn_conv(cin, cout, **kw):
+    seq = nn.Sequential(nn.Conv2d(cin, cout, **kw, bias=False), nn.BatchNorm2d(cout))
+    torch.manual_seed(1)
+    seq[1].running_mean.uniform_(-0.5, 0.5)
+    seq[1].running_var.uniform_(0.5, 2.0)
+    return seq
+
+
+CASES = {
+    "conv_plain": (lambda: nn.Conv2d(3, 8, 3), (1, 3, 10, 10)),
+    "conv_stride_pad": (lambda: nn.Conv2d(3, 8, 3, stride=2, padding=1), (1, 3, 11, 11)),
+    "conv_dilation": (lambda: nn.Conv2d(4, 6, 3, padding=2, dilation=2), (1, 4, 9, 9)),
+    "conv_groups": (lambda: nn.Conv2d(8, 12, 3, padding=1, groups=4), (1, 8, 7, 7)),
+    "conv_depthwise": (lambda: nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), (1, 8, 9, 9)),
+    "conv_1x1_batch2": (lambda: nn.Conv2d(16, 8, 1), (2, 16, 5, 5)),
+    "conv_rect_kernel": (lambda: nn.Conv2d(3, 4, (1, 5), padding=(0, 2)), (1, 3, 6, 6)),
+    "conv_bn_relu": (lambda: nn.Sequential(bn_conv(3, 8, kernel_size=3, padding=1), nn.ReLU()), (1, 3, 8, 8)),
+    "conv_bn_relu6": (lambda: nn.Sequential(bn_conv(3, 8, kernel_size=3), nn.ReLU6()), (1, 3, 8, 8)),
+    "linear": (lambda: nn.Linear(20, 7), (3, 20)),
+    "linear_relu": (lambda: nn.Sequential(nn.Linear(20, 7), nn.ReLU()), (1, 20)),
+    "linear_no_bias": (lambda: nn.Linear(20, 7, bias=False), (1, 20)),
+    "relu": (lambda: Standalone(nn.ReLU()), (1, 4, 5, 5)),
+    "relu6": (lambda: Standalone(nn.ReLU6()), (1, 4, 5, 5)),
+    "hardtanh": (lambda: Standalone(nn.Hardtanh(-0.5, 0.75)), (1, 4, 5, 5)),
+    "add": (lambda: Residual(relu=False), (1, 8, 6, 6)),
+    "add_relu": (lambda: Residual(relu=True), (1, 8, 6, 6)),
+    "max_pool": (lambda: nn.MaxPool2d(2), (1, 3, 8, 8)),
+    "max_pool_pad_stride": (lambda: nn.MaxPool2d(3, stride=2, padding=1), (1, 3, 9, 9)),
+    "max_pool_ceil_dilation": (lambda: nn.MaxPool2d(3, stride=2, dilation=2, ceil_mode=True), (1, 2, 10, 10)),
+    "avg_pool": (lambda: nn.AvgPool2d(2), (1, 3, 8, 8)),
+    "avg_pool_pad_include": (lambda: nn.AvgPool2d(3, stride=2, padding=1), (1, 3, 9, 9)),
+    "avg_pool_pad_exclude": (lambda: nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False), (1, 3, 9, 9)),
+    "adaptive_avg_pool": (lambda: nn.AdaptiveAvgPool2d(1), (1, 6, 7, 7)),
+    "adaptive_avg_pool_2x2": (lambda: nn.AdaptiveAvgPool2d(2), (1, 6, 8, 8)),
+    "mean_keepdim": (lambda: Head(keepdim=True), (1, 8, 5, 5)),
+    "mean_flatten_linear": (lambda: Head(keepdim=False), (2, 8, 5, 5)),
+    "flatten_linear": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(48, 4)), (1, 3, 4, 4)),
+    "concat": (lambda: Concat(), (1, 4, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_op_is_bit_exact_on_random_and_extreme_integers(case, so_of):
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    program = quantize_module(make(), shape)
+    assert_bit_exact_int(program, so_of(program, boundary="int"))
+
+
+@pytest.mark.parametrize("case", ["conv_bn_relu", "add_relu", "avg_pool_pad_exclude", "concat"])
+def test_float_boundary_is_bit_exact_including_saturating_inputs(case, so_of):
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    program = quantize_module(make(), shape)
+    lib = so_of(program, boundary="float")
+    rng = np.random.default_rng(3)
+    for mult in (0.5, 1.0, 100.0):  # 100x the calibrated range saturates the input quantizer
+        x = (rng.standard_normal(shape) * mult).astype(np.float32)
+        np.testing.assert_array_equal(lib(x), reference.run_float(program, x)[0])
+
+
+def test_large_accumulators_stay_exact(so_of):
+    """Long reductions with saturated inputs and weights: accumulators near 2^26, still exact."""
+    lin = nn.Linear(4096, 3)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+        lin.weight[1].fill_(-1.0)
+        lin.weight[2, ::2] = -1.0
+        lin.bias.zero_()
+    program = quantize_module(nn.Sequential(nn.ReLU(), lin), (1, 4096))
+    op = program.ops[-1]
+    assert int(np.abs(op.params["weight"]).max()) == 127
+    lib = so_of(program, boundary="int")
+    x = np.full((1, 4096), 127, dtype=program.tensors[program.inputs[0]].dtype)
+    np.testing.assert_array_equal(lib(x), reference.run_int(program, x)[0])
+    assert_bit_exact_int(program, lib)
+
+
+def test_quantized_ops_track_the_float_model():
+    """Not bit-exactness but sanity: INT8 outputs are within a few quantization steps of float."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    program = quantize_module(model, (1, 3, 8, 8), n_calib=64)
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    got = reference.run_float(program, x)[0]
+    assert np.abs(got - want).max() < 6 * program.tensors[program.outputs[0]].scale
