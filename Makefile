@@ -22,14 +22,14 @@ demo: $(STAMP)
 	$(BIN)/python examples/mnist_demo.py
 
 test: $(STAMP)
-	$(BIN)/python -m ruff check python compiler relay_passes kernels tests benchmarks examples
+	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q -x
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check python compiler relay_passes kernels tests benchmarks examples
+	$(BIN)/python -m ruff check .
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_resnet18.py

@@ -58,3 +58,24 @@ def test_cli_errors_are_one_paragraph_without_traceback(tmp_path):
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     proc = intforge_cli("compile", "model.onnx", check=False)
     assert proc.returncode == 2 and "ONNX import is not supported yet" in proc.stderr
+
+
+def test_cli_compiles_a_saved_torch_export_program_with_npy_calibration(tmp_path):
+    import torch
+
+    import intforge
+    from intforge import reference
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU6(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    calib = np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32)
+    torch.export.save(torch.export.export(model, (torch.from_numpy(calib[:2]),)), tmp_path / "m.pt2")
+    np.save(tmp_path / "calib.npy", calib)
+    intforge_cli("compile", str(tmp_path / "m.pt2"), "--input-shape", "2,3,16,16", "--calib",
+                 str(tmp_path / "calib.npy"), "--boundary", "int", "-o", str(tmp_path / "out"))
+    lib = intforge.load(tmp_path / "out" / "model.so")
+    assert lib.inputs[0]["dtype"] == "int8" and lib.inputs[0]["shape"] == [2, 3, 16, 16]
+    program = lib.program()
+    q = reference.quantize_inputs(program, calib[:2])
+    np.testing.assert_array_equal(lib(*q), reference.run_int(program, *q)[0])
