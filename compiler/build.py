@@ -29,6 +29,13 @@ class Artifact:
     manifest: dict[str, Any]
 
 
+def _legalize_passes() -> list[tvm.transform.Pass]:
+    """TVM's CPU legalization minus FoldConstant: folding would unpack INT4 weights at compile time and
+    embed them as int8, undoing the packing. Our emitted graphs have nothing else worth folding."""
+    return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
+            relax.transform.FuseTIR()]
+
+
 def _pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     """TVM's CPU pipeline with intforge's verifier in front and its default schedule after fusion."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
@@ -38,7 +45,7 @@ def _pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
         with target:
             seq = tvm.transform.Sequential(
                 cpu_generic.library_dispatch_passes(target)
-                + cpu_generic.legalize_passes(target)
+                + _legalize_passes()
                 + [default_schedule_pass(target)]
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)
@@ -84,7 +91,8 @@ def build(program: IntegerProgram, output: str | Path, target: str | TargetPrese
     t0 = time.perf_counter()
     mod = emit_program(program, boundary=boundary)
     ex = compile_module(mod, preset)
-    ex.export_library(str(so_path))
+    # Debug info is a third of the file and nobody steps through generated kernels: leave it out.
+    ex.export_library(str(so_path), options=["-Wl,--strip-debug"])
     build_s = time.perf_counter() - t0
 
     prog_path = so_path.with_suffix(".iprog")
@@ -102,6 +110,7 @@ def build(program: IntegerProgram, output: str | Path, target: str | TargetPrese
         "inputs": _io_spec(program, program.inputs, boundary),
         "outputs": _io_spec(program, program.outputs, boundary),
         "layers": program.layers(),
+        "weight_bytes": sum(r["weight_bytes"] for r in program.layers()),
         "target": preset.describe(),
         "versions": versions(),
         "build_seconds": round(build_s, 3),

@@ -35,7 +35,8 @@ def _schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
         take = []
         for loop in spatial:
             take.append(loop)
-            extent *= int(sch.get(loop).extent)
+            ext = sch.get(loop).extent
+            extent *= int(ext) if isinstance(ext, tirx.IntImm) else 1 << 16  # symbolic: assume large
             if extent >= 64:
                 break
         if extent < MIN_PARALLEL_EXTENT:

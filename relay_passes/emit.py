@@ -17,6 +17,7 @@ from tvm.relax.op import nn as rnn
 
 from intforge import dyadic
 from intforge.errors import IntforgeError
+from intforge.kernels.int4 import UNPACK_SYMBOL, pack_int4, unpack_int4_func
 from intforge.program import IntegerProgram, IntOp
 
 BOUNDARIES = ("float", "int")
@@ -27,6 +28,16 @@ class RelaxOps:
 
     def __init__(self, bb: relax.BlockBuilder) -> None:
         self.bb = bb
+        self._unpack: relax.GlobalVar | None = None
+
+    def unpack_int4(self, packed: np.ndarray, shape: tuple[int, ...]) -> relax.Expr:
+        """Packed INT4 constant -> int8 tensor of `shape`, through the one shared unpack kernel."""
+        if self._unpack is None:
+            self._unpack = self.bb.add_func(unpack_int4_func(), UNPACK_SYMBOL)
+        count = int(np.prod(shape))
+        flat = self.bb.emit(relax.call_tir(self._unpack, [relax.const(packed, "int8")],
+                                           relax.TensorType((count,), "int8")))
+        return self.bb.emit(relax.op.reshape(flat, shape))
 
     def const(self, value: np.ndarray | int, dtype: str) -> relax.Expr:
         arr = np.asarray(value, dtype=dtype)
@@ -63,9 +74,17 @@ def _per_channel(arr: np.ndarray, ndim: int, axis: int = 1) -> np.ndarray:
     return np.asarray(arr).reshape(shape)
 
 
+def _weight(ops: RelaxOps, w: np.ndarray, bits: int) -> relax.Expr:
+    """The int8 weight operand: a constant, or for INT4 a packed constant unpacked by a TIR kernel."""
+    if bits == 8:
+        return relax.const(np.ascontiguousarray(w), "int8")
+    return ops.unpack_int4(pack_int4(w), tuple(int(d) for d in w.shape))
+
+
 def _emit_conv2d(ops: RelaxOps, op: IntOp, x: relax.Expr, out_dtype: str) -> relax.Expr:
     a, p = op.attrs, op.params
-    acc = ops.bb.emit(rnn.conv2d(x, relax.const(p["weight"], "int8"), strides=a["stride"], padding=a["padding"],
+    w = _weight(ops, p["weight"], int(a.get("weight_bits", 8)))
+    acc = ops.bb.emit(rnn.conv2d(x, w, strides=a["stride"], padding=a["padding"],
                                  dilation=a["dilation"], groups=a["groups"], out_dtype="int32"))
     acc = ops.add(acc, ops.const(_per_channel(p["bias"], 4), "int32"))
     return dyadic.requantize(ops, acc, _per_channel(p["multiplier"], 4), _per_channel(p["shift"], 4),
@@ -74,8 +93,8 @@ def _emit_conv2d(ops: RelaxOps, op: IntOp, x: relax.Expr, out_dtype: str) -> rel
 
 def _emit_linear(ops: RelaxOps, op: IntOp, x: relax.Expr, out_dtype: str) -> relax.Expr:
     a, p = op.attrs, op.params
-    wt = np.ascontiguousarray(p["weight"].T)
-    acc = ops.bb.emit(relax.op.matmul(x, relax.const(wt, "int8"), out_dtype="int32"))
+    wt = _weight(ops, np.ascontiguousarray(p["weight"].T), int(a.get("weight_bits", 8)))
+    acc = ops.bb.emit(relax.op.matmul(x, wt, out_dtype="int32"))
     acc = ops.add(acc, ops.const(p["bias"].reshape(1, -1), "int32"))
     return dyadic.requantize(ops, acc, p["multiplier"].reshape(1, -1), p["shift"].reshape(1, -1),
                              a["qmin"], a["qmax"], out_dtype)
@@ -112,6 +131,9 @@ def emit_op(ops: RelaxOps, program: IntegerProgram, op: IntOp, args: list[relax.
         parts = [dyadic.requantize(ops, x, int(m), int(n), a["qmin"], a["qmax"], out_t.dtype)
                  for x, m, n in zip(args, op.params["multipliers"], op.params["shifts"], strict=True)]
         return ops.bb.emit(relax.op.concat(parts, axis=a["axis"]))
+    if op.kind == "requantize":
+        return dyadic.requantize(ops, args[0], int(op.params["multiplier"]), int(a["shift"]), a["qmin"], a["qmax"],
+                                 out_t.dtype)
     if op.kind == "clamp":
         return ops.clip(args[0], int(a["lo"]), int(a["hi"]))
     if op.kind == "max_pool2d":

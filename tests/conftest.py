@@ -12,12 +12,12 @@ from intforge.compiler import build
 
 
 def quantize_module(module: torch.nn.Module, shape: tuple[int, ...], n_calib: int = 16, seed: int = 0,
-                    scale: float = 1.0, calibration: str = "minmax"):
+                    scale: float = 1.0, calibration: str = "minmax", quant=None):
     """Quantize a small module on random calibration data; returns the integer program."""
     rng = np.random.default_rng(seed)
     calib = (rng.standard_normal((n_calib, *shape[1:])) * scale).astype(np.float32)
     example = torch.from_numpy(calib[: shape[0]].copy())
-    program, _ = intforge.quantize_model(module.eval(), (example,), calib, calibration=calibration)
+    program, _ = intforge.quantize_model(module.eval(), (example,), calib, calibration=calibration, quant=quant)
     return program
 
 

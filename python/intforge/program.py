@@ -25,6 +25,7 @@ OP_KINDS = {
     "linear": "int matmul (x @ weight.T) + int32 bias, requantized per output feature",
     "add": "residual add: both inputs rescaled to the output scale with a shared shift, saturated",
     "concat": "each input requantized to the output scale, then concatenated",
+    "requantize": "rescale a tensor to another scale / bit width (8-bit producer feeding an INT4 layer)",
     "clamp": "saturate to [lo, hi] on the integers (standalone ReLU / ReLU6 / hardtanh)",
     "max_pool2d": "max over windows, on the integers",
     "avg_pool2d": "integer window sum times a dyadic 1/count (per output position)",
@@ -102,6 +103,8 @@ class IntegerProgram:
                     "weight_bits": int(op.attrs.get("weight_bits", 8)),
                     "act_bits": self.tensors[op.inputs[0]].bits,
                     "params": int(np.prod(w.shape)),
+                    # what the .so stores: INT4 packed two per byte
+                    "weight_bytes": -(-int(np.prod(w.shape)) * int(op.attrs.get("weight_bits", 8)) // 8),
                     "macs": macs,
                 }
             )

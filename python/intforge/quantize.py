@@ -7,7 +7,7 @@ saturating clamp, so it costs nothing at run time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -18,24 +18,29 @@ from .errors import QuantizationError, UnsupportedOpError
 from .program import IntegerProgram, IntOp, QTensor
 
 ACC_LIMIT = (1 << 31) - 1
+SUPPORTED_BITS = (4, 8)
+#: Ops whose output has the bits and scale of their input.
+PASS_THROUGH = ("max_pool2d", "reshape", "relu", "clamp", "avg_pool2d")
 
 
 @dataclass
 class QuantConfig:
-    """The quantization scheme. Bits are per model here; per-layer bits come from a plan."""
+    """The quantization scheme: a default bit width and optional per-layer bits (from a plan).
 
-    weight_bits: int = 8
-    act_bits: int = 8
+    A layer at b bits has b-bit weights (symmetric per channel) and b-bit input activations. Tensors
+    feeding residual adds, concats and the model's outputs stay 8-bit.
+    """
+
+    bits: int = 8
+    layer_bits: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for what, b in (("weight_bits", self.weight_bits), ("act_bits", self.act_bits)):
-            if b not in (4, 8):
-                raise QuantizationError(f"{what} must be 4 or 8, got {b}")
-        if self.act_bits != 8 or self.weight_bits != 8:
-            raise QuantizationError(
-                "INT4 layers arrive with mixed-precision planning; this build compiles INT8 only "
-                "(weight_bits=8, act_bits=8)."
-            )
+        for name, b in [("bits", self.bits), *self.layer_bits.items()]:
+            if b not in SUPPORTED_BITS:
+                raise QuantizationError(f"bit width of {name!r} must be one of {SUPPORTED_BITS}, got {b}")
+
+    def bits_of(self, layer: str) -> int:
+        return int(self.layer_bits.get(layer, self.bits))
 
 
 def _scale(lo: float, hi: float, bits: int, signed: bool) -> float:
@@ -76,50 +81,105 @@ def _act_bounds(act: FloatOp | None, out: QTensor) -> tuple[int, int]:
     return lo, hi
 
 
+def _tensor_bits(entries, outputs: list[str], config: QuantConfig) -> dict[str, int]:
+    """Bits of each activation tensor: 4 only when every consumer wants 4-bit input.
+
+    A conv/linear wants its layer's bits; adds, concats and model outputs want 8; pass-through ops
+    (pooling, reshape, clamp) want what their own output gets.
+    """
+    consumers: dict[str, list] = {}
+    for e in entries:
+        for i in e[1]:
+            consumers.setdefault(i, []).append(e)
+    memo: dict[str, int] = {}
+
+    def need(entry) -> int:
+        op = entry[0]
+        if op.kind in ("conv2d", "linear"):
+            return config.bits_of(op.name)
+        if op.kind in PASS_THROUGH:
+            return req(entry[2])
+        return 8
+
+    def req(t: str) -> int:
+        if t not in memo:
+            needs = [need(c) for c in consumers.get(t, [])] + ([8] if t in outputs else [])
+            memo[t] = 4 if needs and all(n == 4 for n in needs) else 8
+        return memo[t]
+
+    return {t: req(t) for t in {*consumers, *outputs}}
+
+
 def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
              config: QuantConfig | None = None) -> IntegerProgram:
     """Turn a calibrated float graph into an integer program."""
     config = config or QuantConfig()
+    known = {op.name for op in graph.ops if op.kind in ("conv2d", "linear")}
+    unknown = sorted(set(config.layer_bits) - known)
+    if unknown:
+        raise QuantizationError(f"the bit plan names layers the model does not have: {unknown}. "
+                                f"Quantizable layers: {sorted(known)}")
     fused = _fusions(graph)
     skip = {a.name for a in fused.values()}
     alias: dict[str, str] = {}  # float tensor -> program tensor (fused activations)
+    entries = []
+    for op in graph.ops:
+        if op.name in skip:
+            continue
+        act = fused.get(op.name)
+        out_name = act.output if act is not None else op.output
+        if act is not None:
+            alias[op.output] = out_name
+            graph.shapes.setdefault(out_name, graph.shapes[op.output])
+        entries.append((op, [alias.get(i, i) for i in op.inputs], out_name, act))
+    outputs = [alias.get(o, o) for o in graph.outputs]
+    tbits = _tensor_bits(entries, outputs, config)
+
     tensors: dict[str, QTensor] = {}
     ops: list[IntOp] = []
-    bits = config.act_bits
+    narrowed: dict[tuple[str, int], str] = {}  # (tensor, bits) -> requantized copy
 
     def rng(name: str) -> tuple[float, float]:
         if name not in ranges:
             raise QuantizationError(f"no calibration range for tensor {name!r}; was the model calibrated?")
         return ranges[name]
 
-    def new_tensor(name: str, signed: bool, scale: float | None = None) -> QTensor:
-        lo, hi = rng(name)
-        t = QTensor(name, tuple(graph.shapes[name]), scale if scale is not None else _scale(lo, hi, bits, signed),
-                    bits, signed)
+    def new_tensor(name: str, signed: bool, bits: int | None = None, range_of: str | None = None) -> QTensor:
+        bits = bits if bits is not None else tbits.get(name, 8)
+        lo, hi = rng(range_of or name)
+        t = QTensor(name, tuple(graph.shapes[range_of or name]), _scale(lo, hi, bits, signed), bits, signed)
         tensors[name] = t
         return t
+
+    def input_at(name: str, bits: int, op: FloatOp) -> str:
+        """`name` at `bits` wide: itself, or a requantized copy made once and shared."""
+        src = tensors[name]
+        if src.bits == bits:
+            return name
+        key = (name, bits)
+        if key not in narrowed:
+            out = new_tensor(f"{name}.int{bits}", src.signed, bits, range_of=name)
+            m, n = dyadic.quantize_multiplier(src.scale / out.scale)
+            ops.append(IntOp("requantize", f"{op.name}.input_int{bits}", [name], out.name,
+                             {"shift": n, "qmin": out.qmin, "qmax": out.qmax},
+                             {"multiplier": np.array(m, np.int64)}, op.source))
+            narrowed[key] = out.name
+        return narrowed[key]
 
     for name in graph.inputs:
         lo, _ = rng(name)
         new_tensor(name, signed=lo < 0)
 
-    for op in graph.ops:
-        if op.name in skip:
-            continue
-        ins = [alias.get(i, i) for i in op.inputs]
+    for op, ins, out_name, act in entries:
         in_ts = [tensors[i] for i in ins]
-        act = fused.get(op.name)
-        out_name = act.output if act is not None else op.output
-        if act is not None:
-            alias[op.output] = out_name
-            graph.shapes.setdefault(out_name, graph.shapes[op.output])
         unsigned = act is not None and act.attrs.get("lo") is not None and act.attrs["lo"] >= 0
 
         if op.kind in ("conv2d", "linear"):
+            bits = config.bits_of(op.name)
+            ins = [input_at(ins[0], bits, op)]
             out = new_tensor(out_name, signed=not unsigned)
-            ops.append(_quantize_matmul_like(op, in_ts[0], out, act, config.weight_bits))
+            ops.append(_quantize_matmul_like(op, tensors[ins[0]], out, act, bits))
             ops[-1].inputs = ins
-            ops[-1].output = out_name
         elif op.kind == "add":
             if in_ts[0].shape != in_ts[1].shape:
                 raise UnsupportedOpError(f"add of shapes {in_ts[0].shape} and {in_ts[1].shape} in '{op.name}' "
@@ -136,27 +196,23 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
                              {"axis": op.attrs["axis"], "qmin": out.qmin, "qmax": out.qmax},
                              {"multipliers": np.array([p[0] for p in pairs], np.int64),
                               "shifts": np.array([p[1] for p in pairs], np.int64)}, op.source))
-        elif op.kind in ("relu", "clamp"):
+        elif op.kind in PASS_THROUGH:
             src = in_ts[0]
             out = QTensor(out_name, tuple(graph.shapes[out_name]), src.scale, src.bits, src.signed)
             tensors[out_name] = out
-            lo, hi = _act_bounds(op, out)
-            ops.append(IntOp("clamp", op.name, ins, out_name, {"lo": lo, "hi": hi}, {}, op.source))
-        elif op.kind in ("max_pool2d", "reshape"):
-            src = in_ts[0]
-            tensors[out_name] = QTensor(out_name, tuple(graph.shapes[out_name]), src.scale, src.bits, src.signed)
-            ops.append(IntOp(op.kind, op.name, ins, out_name, dict(op.attrs), {}, op.source))
-        elif op.kind == "avg_pool2d":
-            src = in_ts[0]
-            out = QTensor(out_name, tuple(graph.shapes[out_name]), src.scale, src.bits, src.signed)
-            tensors[out_name] = out
-            ops.append(_quantize_avg_pool(op, src, out))
+            if op.kind in ("relu", "clamp"):
+                lo, hi = _act_bounds(op, out)
+                ops.append(IntOp("clamp", op.name, ins, out_name, {"lo": lo, "hi": hi}, {}, op.source))
+            elif op.kind == "avg_pool2d":
+                ops.append(_quantize_avg_pool(op, src, out))
+                ops[-1].inputs = ins
+            else:
+                ops.append(IntOp(op.kind, op.name, ins, out_name, dict(op.attrs), {}, op.source))
         else:
             raise UnsupportedOpError(f"no quantization rule for op {op.kind!r} ('{op.name}')\n  at {op.source}")
 
-    outputs = [alias.get(o, o) for o in graph.outputs]
     prog = IntegerProgram(list(graph.inputs), outputs, tensors, ops,
-                          {"weight_bits": config.weight_bits, "act_bits": config.act_bits})
+                          {"bits": config.bits, "layer_bits": {n: config.bits_of(n) for n in sorted(known)}})
     check_accumulators(prog)
     return prog
 
@@ -180,7 +236,7 @@ def _quantize_matmul_like(op: FloatOp, x: QTensor, out: QTensor, act: FloatOp | 
         attrs.update({k: op.attrs[k] for k in ("stride", "padding", "dilation", "groups")})
         if op.attrs.get("folded_bn"):
             attrs["folded_bn"] = op.attrs["folded_bn"]
-    return IntOp(op.kind, op.name, list(op.inputs), out.name, attrs,
+    return IntOp(op.kind, op.name, [x.name], out.name, attrs,
                  {"weight": qw, "bias": bias.astype(np.int32), "multiplier": m, "shift": n,
                   "weight_scale": sw}, op.source)
 

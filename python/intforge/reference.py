@@ -118,6 +118,9 @@ def run_op(program: IntegerProgram, op: IntOp, args: list[np.ndarray]) -> np.nda
             for x, m, n in zip(args, op.params["multipliers"], op.params["shifts"], strict=True)
         ]
         return np.concatenate(parts, axis=a["axis"])
+    if op.kind == "requantize":
+        return dyadic.requantize(OPS, args[0], int(op.params["multiplier"]), int(a["shift"]), a["qmin"], a["qmax"],
+                                 out_t.dtype)
     if op.kind == "clamp":
         return OPS.clip(args[0], a["lo"], a["hi"]).astype(out_t.dtype)
     if op.kind == "max_pool2d":

@@ -11,6 +11,24 @@ from .errors import ArtifactError, IntforgeError
 from .program import IntegerProgram
 
 
+def _load_fresh(library: Path):
+    """tvm.runtime.load_module on a private copy: dlopen caches by path, so a library rebuilt at the same
+    path in the same process would otherwise silently run the old code."""
+    import os
+    import shutil
+    import tempfile
+
+    import tvm
+
+    fd, tmp = tempfile.mkstemp(suffix=".so", prefix="intforge-")
+    os.close(fd)
+    try:
+        shutil.copyfile(library, tmp)
+        return tvm.runtime.load_module(tmp)
+    finally:
+        os.unlink(tmp)  # the mapping stays valid after unlink
+
+
 class CompiledModel:
     """A loaded model.so: call it with numpy arrays, get numpy arrays back."""
 
@@ -21,7 +39,7 @@ class CompiledModel:
         self.library = library
         self.manifest = manifest
         try:
-            self._lib = tvm.runtime.load_module(str(library))
+            self._lib = _load_fresh(library)
             self._vm = relax.VirtualMachine(self._lib, tvm.cpu())
         except Exception as exc:  # noqa: BLE001 - any load failure means an unusable library
             raise ArtifactError(
