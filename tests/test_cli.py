@@ -79,3 +79,40 @@ def test_cli_compiles_a_saved_torch_export_program_with_npy_calibration(tmp_path
     program = lib.program()
     q = reference.quantize_inputs(program, calib[:2])
     np.testing.assert_array_equal(lib(*q), reference.run_int(program, *q)[0])
+
+
+def test_cli_analyze_plan_compile_closed_loop_on_mnist(tmp_path):
+    """analyze -> plan (size at 50% between all-INT4 and all-INT8) -> compile --plan -> run."""
+    import intforge
+
+    an = tmp_path / "analysis.json"
+    proc = intforge_cli("analyze", "intforge.zoo:mnist_net", "--data", "mnist:64", "--max-probes", "4",
+                        "--power-iters", "4", "--tol", "0.5", "--quiet", "-o", str(an))
+    assert "classifier.0" in proc.stdout and an.exists() and an.with_suffix(".png").exists()
+    plan_path = tmp_path / "plan.json"
+    proc = intforge_cli("plan", "intforge.zoo:mnist_net", "--analysis", str(an), "--input-shape", "1,1,28,28",
+                        "--size", "50%", "--pareto", "--points", "3", "-o", str(plan_path))
+    assert "status: optimal" in proc.stdout
+    assert plan_path.with_suffix(".pareto.png").exists()
+    bits = json.loads(plan_path.read_text())
+    intforge_cli("compile", "intforge.zoo:mnist_net", "--input-shape", "1,1,28,28", "--calib", "mnist:200",
+                 "--plan", str(plan_path), "-o", str(tmp_path / "mixed"))
+    lib = intforge.load(tmp_path / "mixed" / "model.so")
+    got = {r["name"]: r["weight_bits"] for r in lib.manifest["layers"]}
+    assert got == {layer["name"]: layer["bits"] for layer in bits["layers"]}
+    assert 4 in got.values()  # 50% of the way from all-INT4 to all-INT8 needs some INT4
+    proc = intforge_cli("run", str(tmp_path / "mixed" / "model.so"), "--data", "mnist", "--count", "500")
+    assert float(proc.stdout.split("accuracy ")[1].split()[0]) > 0.97
+
+
+def test_cli_plan_reports_the_smallest_feasible_budget(tmp_path):
+    from intforge.hessian import LayerSensitivity, SensitivityReport
+
+    rows = [("features.0", "conv2d", 288), ("features.3", "conv2d", 18432), ("classifier.0", "linear", 401408),
+            ("classifier.2", "linear", 1280)]
+    SensitivityReport(layers=[LayerSensitivity(n, k, p, 1.0, 1.0 / p, 1.0, 1, 1) for n, k, p in rows]).to_json(
+        tmp_path / "a.json")
+    proc = intforge_cli("plan", "intforge.zoo:mnist_net", "--analysis", str(tmp_path / "a.json"), "--input-shape",
+                        "1,1,28,28", "--size", "100kB", "-o", str(tmp_path / "p.json"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cannot be met" in proc.stderr and "210.704 kB" in proc.stderr

@@ -22,14 +22,31 @@ def _as_tuple(x) -> tuple:
 def quantize_model(
     model: torch.nn.Module | torch.export.ExportedProgram,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor,
-    calib_data: Sequence[np.ndarray] | np.ndarray | None = None,
+    calib_data: Sequence[np.ndarray] | np.ndarray | str | None = None,
     calibration: str | CalibConfig = "minmax",
     quant: QuantConfig | None = None,
 ) -> tuple[IntegerProgram, FloatGraph]:
-    """Capture, calibrate and quantize: returns the integer program and the float graph it came from."""
+    """Capture, calibrate and quantize: returns the integer program and the float graph it came from.
+
+    `calib_data` is one array per input (samples first), or "distilled" to synthesize inputs from the
+    model's BatchNorm statistics (ZeroQ) when there is no data.
+    """
     example = tuple(torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
                     for x in _as_tuple(example_inputs))
     graph = capture(model, example)
+    if isinstance(calib_data, str):
+        if calib_data != "distilled":
+            from .errors import CalibrationError
+
+            raise CalibrationError(f"calib_data={calib_data!r}: pass arrays, or the string 'distilled' for "
+                                   "data-free calibration")
+        if len(example) != 1 or not isinstance(model, torch.nn.Module):
+            from .errors import CalibrationError
+
+            raise CalibrationError("distilled calibration needs an nn.Module with a single input")
+        from .distill import distill_inputs
+
+        calib_data = distill_inputs(model, tuple(example[0].shape[1:]))
     if calib_data is None:
         warnings.warn("no calibration data given: calibrating on the example inputs alone; activation "
                       "ranges (and accuracy) will be poor. Pass calib_data=.", stacklevel=2)
@@ -47,7 +64,7 @@ def quantize_model(
 def compile(  # noqa: A001 - the public verb, like torch.compile / tvm.compile
     model: torch.nn.Module | torch.export.ExportedProgram,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor,
-    calib_data: Sequence[np.ndarray] | np.ndarray | None = None,
+    calib_data: Sequence[np.ndarray] | np.ndarray | str | None = None,
     output: str | Path = "build/model",
     target: str = "x86",
     boundary: str = "float",

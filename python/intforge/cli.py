@@ -59,7 +59,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from .datasets import load_data
 
     model = load_model_ref(args.model)
-    calib, _ = load_data(args.calib, args.calib_count) if args.calib else (None, None)
+    distilled = bool(args.calib) and args.calib.split(":")[0] == "distilled"
+    calib, _ = load_data(args.calib, args.calib_count) if args.calib and not distilled else (None, None)
+    if distilled:
+        from .distill import distill_inputs
+
+        if not args.input_shape:
+            raise IntforgeError("--calib distilled needs --input-shape (the data is synthesized at that shape)")
+        count = int(args.calib.split(":")[1]) if ":" in args.calib else 32
+        print(f"distilling {count} calibration inputs from the model's BatchNorm statistics (ZeroQ)...")
+        calib = distill_inputs(model, args.input_shape[1:], count=count)
     if args.input_shape:
         example = torch.zeros(args.input_shape)
         if calib is not None and calib.ndim == len(args.input_shape):
@@ -68,15 +77,143 @@ def cmd_compile(args: argparse.Namespace) -> int:
         example = torch.from_numpy(np.ascontiguousarray(calib[:1], dtype=np.float32))
     else:
         raise IntforgeError("give --input-shape (e.g. 1,3,224,224) or --calib data to take the shape from")
+    from .quantize import QuantConfig
+
+    layer_bits = {}
+    if args.plan:
+        from .bitplan import read_plan_bits
+
+        layer_bits = read_plan_bits(args.plan)
+    quant = QuantConfig(bits=args.bits, layer_bits=layer_bits)
     t0 = time.perf_counter()
     art = api.compile(model, (example,), calib, output=args.output, target=args.target, boundary=args.boundary,
-                      calibration=args.calib_method)
+                      calibration=args.calib_method, quant=quant)
     m = art.manifest
     print(f"compiled {args.model} -> {art.library} ({art.library.stat().st_size / 1e6:.2f} MB) "
           f"in {time.perf_counter() - t0:.1f}s")
     print(f"  target {m['target']['preset']} (mcpu {m['target']['mcpu']}), boundary {m['boundary']}, "
           f"{len(m['layers'])} quantized layers, integer-only: {'yes' if m['integer_only'] else 'NO'}")
+    n4 = sum(r["weight_bits"] == 4 for r in m["layers"])
+    print(f"  bits: {len(m['layers']) - n4} layers INT8, {n4} INT4; weights {m['weight_bytes'] / 1e6:.3f} MB")
     print(f"  manifest {art.manifest_path}, integer program {art.program_path}")
+    return 0
+
+
+def _example_and_data(args: argparse.Namespace, model: Any) -> tuple[Any, np.ndarray | None, np.ndarray | None]:
+    """Example input (from --input-shape or the data) and the data set (x, y) if --data was given."""
+    import torch
+
+    from .datasets import load_data
+
+    x = y = None
+    if getattr(args, "data", None):
+        x, y = load_data(args.data, getattr(args, "count", None))
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    if args.input_shape:
+        if x is not None and x.ndim != len(args.input_shape):
+            x = x.reshape(len(x), *args.input_shape[1:])
+        return torch.zeros(args.input_shape), x, y
+    if x is None:
+        raise IntforgeError("give --input-shape (e.g. 1,3,224,224) or --data to take the shape from")
+    return torch.from_numpy(x[:1]), x, y
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import torch
+
+    from .hessian import analyze
+
+    model = load_model_ref(args.model)
+    if not isinstance(model, torch.nn.Module):
+        raise IntforgeError("`analyze` needs the nn.Module (pkg.module:factory): a .pt2 program has no gradients")
+    _, x, y = _example_and_data(args, model)
+    if x is None:
+        raise IntforgeError("`analyze` needs data: --data mnist:256, random:32 or an .npz with x (and y)")
+    if y is None:  # no labels: the float model's own predictions stand in (data-free sensitivity)
+        with torch.no_grad():
+            y = np.concatenate([model.eval()(torch.from_numpy(x[i:i + 64])).argmax(1).numpy()
+                                for i in range(0, len(x), 64)])
+        print(f"  no labels in {args.data}: using the float model's predictions as targets")
+    batches = [(torch.from_numpy(x[i:i + args.batch_size]), torch.as_tensor(y[i:i + args.batch_size]))
+               for i in range(0, len(x), args.batch_size)]
+    t0 = time.perf_counter()
+    report = analyze(model, batches, tol=args.tol, max_probes=args.max_probes, power_iters=args.power_iters,
+                     density=args.density, seed=args.seed, progress=not args.quiet)
+    out = Path(args.output)
+    report.to_json(out)
+    plot = report.plot(out.with_suffix(".png"))
+    print(f"analyzed {len(report.layers)} layers on {len(x)} samples in {time.perf_counter() - t0:.1f}s "
+          f"-> {out}, {plot}")
+    print(f"{'layer':32s} {'params':>9s} {'trace/n':>11s} {'top eig':>11s} {'probes':>6s}")
+    for s in sorted(report.layers, key=lambda s: -s.trace_per_param):
+        print(f"{s.name[:32]:32s} {s.num_params:9d} {s.trace_per_param:11.4g} {s.top_eigenvalue:11.4g} {s.probes:6d}")
+    return 0
+
+
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ms": 1.0, "s": 1e3,
+          "us": 1e-3}
+
+
+def parse_budget(kind: str, text: str) -> Any:
+    """'50%' -> fraction between all-INT4 and all-INT8; '3.2MB', '1.5G', '12ms' or a plain number -> absolute."""
+    from .planner import Budget
+
+    t = text.strip().lower()
+    if t.endswith("%"):
+        return Budget(kind, float(t[:-1]) / 100.0, relative=True)
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    if unit and unit not in _UNITS:
+        raise IntforgeError(f"cannot read {kind} budget {text!r}: use a percentage (50%) or a number with a unit "
+                            "(size: B/kB/MB; bops: k/M/G/T; latency: ms/s/us)")
+    try:
+        return Budget(kind, float(num) * _UNITS.get(unit, 1.0), relative=False)
+    except ValueError:
+        raise IntforgeError(f"cannot read {kind} budget {text!r}") from None
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .bitplan import plan_layers, residual_ties
+    from .capture import capture
+    from .hessian import SensitivityReport
+    from .planner import pareto, plan, plot_pareto
+
+    model = load_model_ref(args.model)
+    example, _, _ = _example_and_data(args, model)
+    graph = capture(model, (example,))
+    report = SensitivityReport.from_json(args.analysis)
+    bits = tuple(int(b) for b in args.bits.split(","))
+    budgets = [parse_budget(k, v) for k, v in (("size", args.size), ("bops", args.bops), ("latency", args.latency))
+               if v]
+    latency = None
+    if args.latency or args.measure_latency:
+        from .latency import measure_layer_latency
+
+        print("measuring per-layer latency on the target (cached for next time)...")
+        latency = measure_layer_latency(graph, bits, target=args.target, progress=not args.quiet)
+    layers = plan_layers(graph, report, bits, latency)
+    pin = {}
+    for item in args.pin or []:
+        name, _, b = item.partition("=")
+        pin[name] = int(b or max(bits))
+    tie = [t.split(",") for t in args.tie or []]
+    if args.tie_residual:
+        tie += residual_ties(graph)
+    common = dict(bits=bits, pin=pin or None, tie=tie or None, pin_first_last=args.pin_first_last)
+    if args.pareto:
+        kind = budgets[0].kind if budgets else "size"
+        others = [b for b in budgets if b.kind != kind]
+        plans = pareto(layers, kind=kind, points=args.points, budgets=others, **common)
+        path = plot_pareto(plans, Path(args.output).with_suffix(".pareto.png"))
+        print(f"pareto frontier over {kind}: {len(plans)} plans -> {path}")
+        for p in plans:
+            n4 = sum(b == min(bits) for b in p.bits.values())
+            print(f"  size {p.size_bytes / 1e6:8.3f} MB  bops {p.bops / 1e9:9.3f} G  objective {p.objective:.4g}  "
+                  f"{n4} layers at {min(bits)} bits")
+    result = plan(layers, budgets=budgets, **common)
+    result.to_json(args.output)
+    print(result.summary())
+    print(f"plan -> {args.output}   (use: intforge compile {args.model} --plan {args.output} ...)")
     return 0
 
 
@@ -170,14 +307,53 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a model into an integer-only model.so + model.json")
     c.add_argument("model", help="pkg.module:factory, a torch.export .pt2 file (ONNX: not yet)")
     c.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,3,224,224 (batch first)")
-    c.add_argument("--calib", help="calibration data: mnist[:N], or a .npy / .npz file of inputs")
+    c.add_argument("--calib", help="calibration data: mnist[:N], random:N, a .npy / .npz file of inputs, or "
+                   "distilled[:N] (data-free: synthesized from BatchNorm statistics)")
     c.add_argument("--calib-count", type=int, default=512, help="calibration samples to use (default 512)")
     c.add_argument("--calib-method", choices=("minmax", "percentile"), default="minmax")
     c.add_argument("--target", default="x86", help="target preset (default x86: this machine)")
     c.add_argument("--boundary", choices=("float", "int"), default="float",
                    help="float: float32 in/out with one quantize/dequantize; int: integer in/out")
     c.add_argument("-o", "--output", default="build/model", help="output directory or .so path")
+    c.add_argument("--plan", help="per-layer bits from `intforge plan` (plan.json)")
+    c.add_argument("--bits", type=int, choices=(4, 8), default=8, help="bits of layers the plan does not name")
     c.set_defaults(func=cmd_compile)
+
+    a = sub.add_parser("analyze", help="per-layer Hessian sensitivity (trace, top eigenvalue): JSON + plot")
+    a.add_argument("model", help="pkg.module:factory")
+    a.add_argument("--data", required=True, help="mnist[:N], random:N (224x224 images), or an .npz with x (and y)")
+    a.add_argument("--count", type=int, help="use only the first N samples")
+    a.add_argument("--input-shape", type=_shape, help="reshape samples to this shape (batch first)")
+    a.add_argument("--batch-size", type=int, default=64)
+    a.add_argument("--max-probes", type=int, default=100, help="Hutchinson probes per layer at most")
+    a.add_argument("--tol", type=float, default=1e-2, help="relative tolerance of traces and eigenvalues")
+    a.add_argument("--power-iters", type=int, default=50)
+    a.add_argument("--density", action="store_true", help="also the eigenvalue density (Lanczos quadrature)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.add_argument("-o", "--output", default="analysis.json")
+    a.set_defaults(func=cmd_analyze)
+
+    pl = sub.add_parser("plan", help="choose per-layer bits by integer linear programming under budgets")
+    pl.add_argument("model", help="pkg.module:factory or .pt2")
+    pl.add_argument("--analysis", required=True, help="analysis.json from `intforge analyze`")
+    pl.add_argument("--input-shape", type=_shape, help="example input shape (batch first)")
+    pl.add_argument("--data", help="take the input shape from this data instead")
+    pl.add_argument("--size", help="weight size budget: 50%% (between all-INT4 and all-INT8) or 3.2MB")
+    pl.add_argument("--bops", help="bit-operations budget: 50%% or 1.5G")
+    pl.add_argument("--latency", help="latency budget, measured per layer on the target: 50%% or 12ms")
+    pl.add_argument("--measure-latency", action="store_true", help="measure latency even without a latency budget")
+    pl.add_argument("--bits", default="4,8", help="candidate bit widths (default 4,8)")
+    pl.add_argument("--pin-first-last", action="store_true", help="keep the first and last layer at the top bits")
+    pl.add_argument("--pin", action="append", help="NAME=BITS (repeatable)")
+    pl.add_argument("--tie", action="append", help="NAME,NAME,... layers that must share bits (repeatable)")
+    pl.add_argument("--tie-residual", action="store_true", help="tie the two branches of every residual add")
+    pl.add_argument("--pareto", action="store_true", help="sweep the budget and plot the frontier")
+    pl.add_argument("--points", type=int, default=11)
+    pl.add_argument("--target", default="x86")
+    pl.add_argument("--quiet", action="store_true")
+    pl.add_argument("-o", "--output", default="plan.json")
+    pl.set_defaults(func=cmd_plan)
 
     r = sub.add_parser("run", help="run a compiled model.so on .npy inputs or a labelled set")
     r.add_argument("library", help="model.so (its model.json must sit beside it)")

@@ -8,19 +8,25 @@ import numpy as np
 
 from .errors import IntforgeError
 
-BUILTIN = ("mnist",)
+BUILTIN = ("mnist", "random")
 
 
 def load_data(spec: str, count: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """`mnist`, `mnist:N` (first N samples) or a path to a .npy / .npz file -> (inputs, labels or None).
+    """`mnist`, `mnist:N` (first N samples), `random:N` (N random images), or a .npy / .npz path.
+
+    Returns (inputs, labels or None).
 
     An .npz may hold `x` (or `inputs`) and `y` (or `labels`).
     """
     name, _, n = spec.partition(":")
-    if name in BUILTIN:
+    if name == "mnist":
         from .zoo import mnist_digits
 
         x, y = mnist_digits()
+    elif name == "random":  # smooth random 224x224 images for random-weight nets; random:N
+        from .zoo import random_images
+
+        x, y = random_images(int(n or 32)), None
     else:
         path = Path(spec)
         if not path.exists():

@@ -1,0 +1,67 @@
+"""Glue from Hessian analysis to the planner to the compiler: PlanLayers from a captured model,
+residual ties, and reading a plan back as per-layer bits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from .capture import FloatGraph
+from .errors import IntforgeError
+from .hessian import SensitivityReport
+from .planner import Plan, PlanLayer, perturbations
+
+PASS_THROUGH = ("relu", "clamp", "max_pool2d", "avg_pool2d", "reshape")
+
+
+def plan_layers(graph: FloatGraph, report: SensitivityReport, bits: Iterable[int] = (4, 8),
+                latency: dict[str, dict[int, float]] | None = None) -> list[PlanLayer]:
+    """One PlanLayer per quantizable layer: size and MACs from the graph, sensitivity from the report,
+    perturbation ||Q_b(W) - W||^2 of the deployed (BatchNorm-folded) weight."""
+    bits = tuple(bits)
+    known = {layer.name for layer in report.layers}
+    rows = graph.layers()
+    missing = [r["name"] for r in rows if r["name"] not in known]
+    if missing:
+        raise IntforgeError(f"the sensitivity report has no entry for layers {missing}; it was made for another "
+                            "model or a subset of layers. Re-run `intforge analyze` on this model.")
+    weights = {op.name: op.params["weight"] for op in graph.ops if op.kind in ("conv2d", "linear")}
+    out = []
+    for r in rows:
+        s = report.layer(r["name"])
+        out.append(PlanLayer(name=r["name"], params=r["params"], macs=r["macs"],
+                             sensitivity=max(0.0, float(s.trace_per_param)),
+                             perturbation=perturbations(weights[r["name"]], bits),
+                             latency_ms=(latency or {}).get(r["name"])))
+    return out
+
+
+def _nearest_layer(graph: FloatGraph, tensor: str) -> str | None:
+    """The conv/linear that produces `tensor`, looking through pass-through ops."""
+    op = graph.producer(tensor)
+    while op is not None and op.kind in PASS_THROUGH:
+        op = graph.producer(op.inputs[0])
+    return op.name if op is not None and op.kind in ("conv2d", "linear") else None
+
+
+def residual_ties(graph: FloatGraph) -> list[list[str]]:
+    """For each residual add, the layers ending its two branches (e.g. conv2 and the downsample conv),
+    which HAWQ-V3 keeps at the same bits."""
+    ties = []
+    for op in graph.ops:
+        if op.kind == "add":
+            group = sorted({n for n in (_nearest_layer(graph, i) for i in op.inputs) if n})
+            if len(group) > 1:
+                ties.append(group)
+    return ties
+
+
+def read_plan_bits(path: str | Path) -> dict[str, int]:
+    """Per-layer bits of a plan written by `intforge plan`."""
+    path = Path(path)
+    if not path.exists():
+        raise IntforgeError(f"plan {path} does not exist; make one with `intforge plan`")
+    try:
+        return dict(Plan.from_json(path).bits)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntforgeError(f"{path} is not a plan written by `intforge plan` ({exc})") from None

@@ -1,0 +1,94 @@
+"""Per-layer latency on the target, per bit width: each layer compiled alone and timed, results cached.
+
+The planner's latency budget needs these numbers measured, not typed in (HAWQ-V3's were). A layer is
+built as a one-op integer program with its real shape, stride, padding and groups, at each bit width,
+and timed on this machine. Results are cached by (target, layer signature, bits), so layers of the same
+shape, and later runs, cost nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .capture import FloatGraph, FloatOp
+from .dyadic import int_range
+from .program import IntegerProgram, IntOp, QTensor
+
+
+def cache_path() -> Path:
+    """Where measured latencies are kept (INTFORGE_CACHE overrides ~/.cache/intforge)."""
+    root = Path(os.environ.get("INTFORGE_CACHE", Path.home() / ".cache" / "intforge"))
+    return root / "latency.json"
+
+
+def _signature(op: FloatOp, in_shape: tuple[int, ...], bits: int, target: str) -> str:
+    attrs = {k: op.attrs[k] for k in ("stride", "padding", "dilation", "groups") if k in op.attrs}
+    return json.dumps([target, op.kind, list(in_shape), list(op.params["weight"].shape), attrs, bits])
+
+
+def layer_program(op: FloatOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...], bits: int) -> IntegerProgram:
+    """A one-layer integer program with random weights of the layer's shape, at `bits`."""
+    rng = np.random.default_rng(0)
+    qmax_w = (1 << (bits - 1)) - 1
+    w = rng.integers(-qmax_w, qmax_w + 1, op.params["weight"].shape).astype(np.int8)
+    cout = w.shape[0]
+    x = QTensor("x", tuple(in_shape), 1.0, bits, signed=False)
+    y = QTensor("y", tuple(out_shape), 1.0, 8, signed=False)
+    lo, hi = int_range(8, False)
+    attrs: dict[str, Any] = {"qmin": lo, "qmax": hi, "weight_bits": bits}
+    if op.kind == "conv2d":
+        attrs.update({k: op.attrs[k] for k in ("stride", "padding", "dilation", "groups")})
+    params = {"weight": w, "bias": np.zeros(cout, np.int32), "multiplier": np.full(cout, 1 << 30, np.int64),
+              "shift": np.full(cout, 40, np.int64), "weight_scale": np.ones(cout)}
+    return IntegerProgram(["x"], ["y"], {"x": x, "y": y}, [IntOp(op.kind, op.name, ["x"], "y", attrs, params)])
+
+
+def measure_layer_latency(graph: FloatGraph, bits: Iterable[int] = (4, 8), target: str = "x86",
+                          repeat: int = 30, progress: bool = True) -> dict[str, dict[int, float]]:
+    """Median latency (ms) of every conv/linear layer of `graph` at each bit width, on `target`."""
+    from .compiler import build
+    from .compiler.targets import resolve_target
+    from .runtime import load
+
+    preset = resolve_target(target)
+    tkey = json.dumps(preset.describe(), sort_keys=True)
+    path = cache_path()
+    try:
+        cache = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        import warnings
+
+        warnings.warn(f"latency cache {path} is corrupt; starting a new one", stacklevel=2)
+        cache = {}
+    layers = [op for op in graph.ops if op.kind in ("conv2d", "linear")]
+    bits = list(bits)
+    todo = len(layers) * len(bits)
+    out: dict[str, dict[int, float]] = {}
+    done = 0
+    with tempfile.TemporaryDirectory(prefix="intforge-lat-") as tmp:
+        for op in layers:
+            in_shape = tuple(graph.shapes[op.inputs[0]])
+            out_shape = tuple(graph.shapes[op.output])
+            out[op.name] = {}
+            for b in bits:
+                key = _signature(op, in_shape, b, tkey)
+                if key not in cache:
+                    art = build(layer_program(op, in_shape, out_shape, b), Path(tmp) / f"l{done}", target=preset,
+                                boundary="int")
+                    cache[key] = load(art.library).time(repeat=repeat, warmup=3)["median_ms"]
+                out[op.name][b] = float(cache[key])
+                done += 1
+                if progress:
+                    print(f"\r  latency: {done}/{todo} layer x bits measured", end="", flush=True)
+    if progress:
+        print()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cache))
+    return out

@@ -1,0 +1,88 @@
+"""From sensitivity to plan to compiled mixed-precision model: the glue and the measured latencies."""
+
+import json
+
+import pytest
+import torch
+
+from intforge import zoo
+from intforge.bitplan import plan_layers, read_plan_bits, residual_ties
+from intforge.capture import capture
+from intforge.errors import IntforgeError
+from intforge.hessian import LayerSensitivity, SensitivityReport
+from intforge.latency import measure_layer_latency
+from intforge.planner import Budget, plan
+
+
+def fake_report(graph, values):
+    return SensitivityReport(layers=[LayerSensitivity(r["name"], r["kind"], r["params"], v * r["params"], v, v, 1, 1)
+                                     for r, v in zip(graph.layers(), values, strict=True)])
+
+
+@pytest.fixture(scope="module")
+def mnist_graph():
+    return capture(zoo.mnist_net(), (torch.zeros(1, 1, 28, 28),))
+
+
+def test_plan_layers_carry_sizes_macs_and_perturbations(mnist_graph):
+    layers = plan_layers(mnist_graph, fake_report(mnist_graph, [1.0, 2.0, 3.0, 4.0]))
+    assert [p.name for p in layers] == ["features.0", "features.3", "classifier.0", "classifier.2"]
+    assert layers[2].params == 401408 and layers[2].macs == 401408
+    assert all(p.perturbation[4] > p.perturbation[8] > 0 for p in layers)
+
+
+def test_more_sensitive_layers_keep_8_bits(mnist_graph):
+    # classifier.0 is most of the weights; make it very sensitive: the size budget must then go elsewhere
+    # and cannot, so it stays INT8 only under a loose budget; with it insensitive it goes INT4 first.
+    cheap = plan(plan_layers(mnist_graph, fake_report(mnist_graph, [1.0, 1.0, 1e-9, 1.0])),
+                 budgets=[Budget("size", 0.5, relative=True)])
+    assert cheap.bits["classifier.0"] == 4
+
+
+def test_report_for_another_model_is_refused(mnist_graph):
+    other = SensitivityReport(layers=[LayerSensitivity("fc", "linear", 10, 1.0, 0.1, 1.0, 1, 1)])
+    with pytest.raises(IntforgeError, match="no entry for layers"):
+        plan_layers(mnist_graph, other)
+
+
+def test_residual_ties_pair_each_blocks_branches():
+    graph = capture(zoo.resnet18(), (torch.zeros(1, 3, 224, 224),))
+    ties = residual_ties(graph)
+    # Downsampling blocks tie conv2 with the shortcut conv; the first block's shortcut is the stem's
+    # (max-pooled) output; identity shortcuts from a previous add tie nothing.
+    assert ties == [["conv1", "layer1.0.conv2"], ["layer2.0.conv2", "layer2.0.downsample.0"],
+                    ["layer3.0.conv2", "layer3.0.downsample.0"], ["layer4.0.conv2", "layer4.0.downsample.0"]]
+
+
+def test_latency_is_measured_per_layer_and_bits_then_cached(mnist_graph, tmp_path, monkeypatch):
+    monkeypatch.setenv("INTFORGE_CACHE", str(tmp_path))
+    lat = measure_layer_latency(mnist_graph, bits=(4, 8), repeat=5, progress=False)
+    assert set(lat) == {"features.0", "features.3", "classifier.0", "classifier.2"}
+    assert all(v[b] > 0 for v in lat.values() for b in (4, 8))
+    cache = json.loads((tmp_path / "latency.json").read_text())
+    assert len(cache) == 8
+    import intforge.compiler
+
+    def no_build(*a, **k):
+        raise AssertionError("a cached latency was measured again")
+
+    monkeypatch.setattr(intforge.compiler, "build", no_build)
+    assert measure_layer_latency(mnist_graph, bits=(4, 8), progress=False) == lat
+
+
+def test_corrupt_latency_cache_warns_and_is_rebuilt(mnist_graph, tmp_path, monkeypatch):
+    monkeypatch.setenv("INTFORGE_CACHE", str(tmp_path))
+    (tmp_path / "latency.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="corrupt"):
+        lat = measure_layer_latency(mnist_graph, bits=(8,), repeat=3, progress=False)
+    assert len(lat) == 4
+
+
+def test_read_plan_bits_errors(tmp_path):
+    with pytest.raises(IntforgeError, match="does not exist"):
+        read_plan_bits(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(IntforgeError):
+        read_plan_bits(tmp_path / "bad.json")
+
+
