@@ -138,7 +138,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                for i in range(0, len(x), args.batch_size)]
     t0 = time.perf_counter()
     report = analyze(model, batches, tol=args.tol, max_probes=args.max_probes, power_iters=args.power_iters,
-                     density=args.density, seed=args.seed, progress=not args.quiet)
+                     density=args.density, seed=args.seed, progress=not args.quiet, probe=args.probe)
     out = Path(args.output)
     report.to_json(out)
     plot = report.plot(out.with_suffix(".png"))
@@ -327,7 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int, default=64)
     a.add_argument("--max-probes", type=int, default=100, help="Hutchinson probes per layer at most")
     a.add_argument("--tol", type=float, default=1e-2, help="relative tolerance of traces and eigenvalues")
-    a.add_argument("--power-iters", type=int, default=50)
+    a.add_argument("--power-iters", type=int, default=50, help="power iterations per layer (0: skip eigenvalues)")
+    a.add_argument("--probe", choices=("layer", "block"), default="layer",
+                   help="layer: one HVP per layer per probe (accurate); block: one HVP for all layers per probe "
+                        "(noisier, many times faster on deep models)")
     a.add_argument("--density", action="store_true", help="also the eigenvalue density (Lanczos quadrature)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--quiet", action="store_true", help="no progress bars")

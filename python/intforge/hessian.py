@@ -565,8 +565,9 @@ def analyze(model: nn.Module, data: Any, loss_fn: LossFn | None = None, layers: 
     each rank passes its own shard of the data, and every rank gets the same report.
     """
     power_tol = tol if power_tol is None else power_tol
-    if not (tol > 0 and power_tol > 0) or min(max_probes, power_iters, density_vectors, density_steps) < 1:
-        raise SensitivityError("tol and power_tol must be > 0, and max_probes, power_iters, density_vectors and "
+    if not (tol > 0 and power_tol > 0) or min(max_probes, density_vectors, density_steps) < 1 or power_iters < 0:
+        raise SensitivityError("tol and power_tol must be > 0, power_iters >= 0 (0 skips the eigenvalues), and "
+                               "max_probes, density_vectors and "
                                "density_steps >= 1")
     if probe not in ("layer", "block"):
         raise SensitivityError(f"probe must be 'layer' or 'block', not {probe!r}")
@@ -583,7 +584,9 @@ def analyze(model: nn.Module, data: Any, loss_fn: LossFn | None = None, layers: 
         with tqdm(total=len(selected), desc="top eigenvalue", unit="layer", disable=quiet, leave=False) as bar:
             for i, name in enumerate(op.names):
                 bar.set_postfix(layer=name)
-                eigs.append(_power_iteration(op, i, power_tol, power_iters, _generator(seed, "power", name)))
+                # power_iters=0: eigenvalues skipped (the planner needs traces only; big models save time)
+                eigs.append(_power_iteration(op, i, power_tol, power_iters, _generator(seed, "power", name))
+                            if power_iters else (float("nan"), 0))
                 bar.update(1)
         spectrum = None
         if density:
