@@ -52,6 +52,16 @@ def test_cli_inspect_shows_layers_and_integer_only_verdict(compiled):
     assert manifest["inputs"][0]["shape"] == [1, 1, 28, 28]
 
 
+def test_cli_bench_reports_latency_statistics_as_json(compiled, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = intforge_cli("bench", str(compiled), "--repeat", "20", "--warmup", "2", "--threads", "1", "--json",
+                        str(out))
+    assert "median" in proc.stdout and "1 threads" in proc.stdout
+    stats = json.loads(out.read_text())
+    assert 0 < stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"]
+    assert stats["repeat"] == 20 and stats["batch"] == 1
+
+
 def test_cli_errors_are_one_paragraph_without_traceback(tmp_path):
     proc = intforge_cli("run", str(tmp_path / "nope.so"), "--data", "mnist", check=False)
     assert proc.returncode == 2

@@ -300,6 +300,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import os
+
+    if args.threads:  # read by TVM's thread pool when it starts, so set before the library loads
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    from .runtime import load
+
+    model = load(args.library)
+    stats = model.time(repeat=args.repeat, warmup=args.warmup)
+    stats.update({"library": str(model.library), "batch": model.batch_size,
+                  "threads": int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)),
+                  "throughput_per_s": model.batch_size * 1e3 / stats["median_ms"],
+                  "target": model.manifest["target"]})
+    print(f"{model.library}: batch {stats['batch']}, {stats['threads']} threads, {args.repeat} runs after "
+          f"{args.warmup} warm-up")
+    print(f"  median {stats['median_ms']:.3f} ms   mean {stats['mean_ms']:.3f} +- {stats['std_ms']:.3f} ms   "
+          f"min {stats['min_ms']:.3f}   p10 {stats['p10_ms']:.3f}   p90 {stats['p90_ms']:.3f} ms")
+    print(f"  throughput {stats['throughput_per_s']:.1f} samples/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(stats, indent=2) + "\n")
+        print(f"  wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="intforge", description="Integer-only compilation of PyTorch models via TVM")
     sub = p.add_subparsers(dest="command", required=True)
@@ -365,6 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data", help="labelled set to evaluate: mnist, or an .npz with x and y")
     r.add_argument("--count", type=int, help="evaluate only the first N samples")
     r.set_defaults(func=cmd_run)
+
+    b = sub.add_parser("bench", help="time a compiled model.so: warm-up, repeats, median and spread")
+    b.add_argument("library")
+    b.add_argument("--repeat", type=int, default=100)
+    b.add_argument("--warmup", type=int, default=10)
+    b.add_argument("--threads", type=int, help="worker threads (TVM_NUM_THREADS; default: all cores)")
+    b.add_argument("--json", help="also write the numbers to this JSON file")
+    b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("inspect", help="show a model.so's manifest, layer table and integer-only verdict")
     i.add_argument("library")

@@ -87,7 +87,7 @@ class CompiledModel:
         return tuple(r.numpy() for r in res)
 
     def time(self, repeat: int = 50, warmup: int = 5) -> dict[str, float]:
-        """Median / min latency in milliseconds on random inputs of the right shape."""
+        """Latency statistics in milliseconds (median, mean, std, min, p10, p90) on random inputs."""
         import time as _time
 
         rng = np.random.default_rng(0)
@@ -105,8 +105,9 @@ class CompiledModel:
             t0 = _time.perf_counter()
             self(*ins)
             ts.append((_time.perf_counter() - t0) * 1e3)
-        return {"median_ms": float(np.median(ts)), "min_ms": float(np.min(ts)),
-                "p90_ms": float(np.percentile(ts, 90)), "repeat": repeat}
+        return {"median_ms": float(np.median(ts)), "mean_ms": float(np.mean(ts)), "std_ms": float(np.std(ts)),
+                "min_ms": float(np.min(ts)), "p10_ms": float(np.percentile(ts, 10)),
+                "p90_ms": float(np.percentile(ts, 90)), "repeat": repeat, "warmup": warmup}
 
     def program(self) -> IntegerProgram:
         """The integer program this library was built from (checked against the manifest)."""
