@@ -64,3 +64,13 @@ def test_torchvision_model_at_224_is_bit_exact(name, tmp_path):
     with torch.no_grad():
         want = model(torch.from_numpy(x[:1])).numpy()
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.95
+
+
+def test_zoo_models_are_reproducible_and_leave_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a, b = zoo.mobilenet_v2(), zoo.mobilenet_v2()
+    assert torch.equal(torch.rand(1), before)  # the caller's RNG stream is untouched
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert not torch.equal(zoo.mobilenet_v2(seed=1).features[0][0].weight, a.features[0][0].weight)

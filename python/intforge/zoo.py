@@ -61,18 +61,26 @@ def _torchvision():
 
 
 def resnet18(seed: int = 0) -> torch.nn.Module:
-    """torchvision's ResNet18 with random weights (seeded) and random BatchNorm statistics."""
-    return _randomized(_torchvision().models.resnet18(), seed)
+    """torchvision's ResNet18 with seeded random weights and BatchNorm statistics."""
+    return _seeded(lambda: _torchvision().models.resnet18(), seed)
 
 
 def resnet50(seed: int = 0) -> torch.nn.Module:
-    """torchvision's ResNet50 with random weights (seeded) and random BatchNorm statistics."""
-    return _randomized(_torchvision().models.resnet50(), seed)
+    """torchvision's ResNet50 with seeded random weights and BatchNorm statistics."""
+    return _seeded(lambda: _torchvision().models.resnet50(), seed)
 
 
 def mobilenet_v2(seed: int = 0) -> torch.nn.Module:
-    """torchvision's MobileNetV2 with random weights (seeded) and random BatchNorm statistics."""
-    return _randomized(_torchvision().models.mobilenet_v2(), seed)
+    """torchvision's MobileNetV2 with seeded random weights and BatchNorm statistics."""
+    return _seeded(lambda: _torchvision().models.mobilenet_v2(), seed)
+
+
+def _seeded(make, seed: int) -> torch.nn.Module:
+    """Build under a fixed torch seed (weights are drawn at construction), leaving the caller's RNG alone."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = make()
+    return _randomized(model, seed)
 
 
 def _randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
