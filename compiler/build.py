@@ -17,6 +17,7 @@ from intforge.relay_passes import emit_program, verify_integer_only
 
 from .manifest import manifest_path_for, sha256_file, versions, write_manifest
 from .targets import TargetPreset, resolve_target
+from .tuning import apply_database_pass
 
 
 @dataclass
@@ -36,8 +37,9 @@ def _legalize_passes() -> list[tvm.transform.Pass]:
             relax.transform.FuseTIR()]
 
 
-def _pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's CPU pipeline with intforge's verifier in front and its default schedule after fusion."""
+def _pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
+    """TVM's CPU pipeline: our legalization, tuned schedules from `database` where it has them, then the
+    default schedule for the rest."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     @tvm.transform.module_pass(opt_level=0, name="intforge.CPUPipeline")
@@ -46,6 +48,7 @@ def _pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
             seq = tvm.transform.Sequential(
                 cpu_generic.library_dispatch_passes(target)
                 + _legalize_passes()
+                + ([apply_database_pass(database, target)] if database is not None else [])
                 + [default_schedule_pass(target)]
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)
@@ -55,13 +58,18 @@ def _pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return _run
 
 
-def compile_module(mod: tvm.IRModule, target: str | TargetPreset = "x86") -> relax.VMExecutable:
-    """Verify a Relax module is integer-only, then compile it for `target`."""
+def compile_module(mod: tvm.IRModule, target: str | TargetPreset = "x86", tuned: bool = True) -> relax.VMExecutable:
+    """Verify a Relax module is integer-only, then compile it for `target`, with the target's tuning
+    database (from `intforge tune`) when one exists and `tuned`."""
+    from .tuning import _tuning_target, open_database
+
     verify_integer_only(mod)
     preset = resolve_target(target)
-    tgt = preset.tvm_target()
+    database = open_database(preset) if tuned else None
+    # The database's keys carry the tuning target (with num-cores): build under the same one.
+    tgt = _tuning_target(preset) if database is not None else preset.tvm_target()
     try:
-        return tvm.compile(mod, target=tgt, relax_pipeline=_pipeline(tgt))
+        return tvm.compile(mod, target=tgt, relax_pipeline=_pipeline(tgt, database))
     except Exception as exc:  # a TVM failure here is our bug, not the user's: say so plainly
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise IntforgeError(
@@ -80,7 +88,7 @@ def _io_spec(program: IntegerProgram, names: list[str], boundary: str) -> list[d
 
 
 def build(program: IntegerProgram, output: str | Path, target: str | TargetPreset = "x86",
-          boundary: str = "float", extra: dict[str, Any] | None = None) -> Artifact:
+          boundary: str = "float", extra: dict[str, Any] | None = None, tuned: bool = True) -> Artifact:
     """Compile `program` into `output` (a path ending in .so, or a directory that gets model.so)."""
     output = Path(output)
     so_path = output if output.suffix == ".so" else output / "model.so"
@@ -90,7 +98,10 @@ def build(program: IntegerProgram, output: str | Path, target: str | TargetPrese
     program.validate()
     t0 = time.perf_counter()
     mod = emit_program(program, boundary=boundary)
-    ex = compile_module(mod, preset)
+    from .tuning import database_dir
+
+    use_db = tuned and (database_dir(preset) / "database_tuning_record.json").exists()
+    ex = compile_module(mod, preset, tuned=tuned)
     # Debug info is a third of the file and nobody steps through generated kernels: leave it out.
     ex.export_library(str(so_path), options=["-Wl,--strip-debug"])
     build_s = time.perf_counter() - t0
@@ -114,6 +125,7 @@ def build(program: IntegerProgram, output: str | Path, target: str | TargetPrese
         "target": preset.describe(),
         "versions": versions(),
         "build_seconds": round(build_s, 3),
+        "schedule": "tuned (MetaSchedule database) + default" if use_db else "default",
         **(extra or {}),
     }
     man_path = write_manifest(manifest_path_for(so_path), manifest)

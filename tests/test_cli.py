@@ -10,9 +10,9 @@ import pytest
 from intforge import zoo
 
 
-def intforge_cli(*args, check=True):
+def intforge_cli(*args, check=True, env=None):
     proc = subprocess.run([sys.executable, "-m", "intforge.cli", *args], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=900, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"intforge {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -126,3 +126,16 @@ def test_cli_plan_reports_the_smallest_feasible_budget(tmp_path):
                         "1,1,28,28", "--size", "100kB", "-o", str(tmp_path / "p.json"), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "cannot be met" in proc.stderr and "210.704 kB" in proc.stderr
+
+
+def test_cli_tune_then_compile_reuses_the_database(tmp_path):
+    import os
+
+    env = {**os.environ, "INTFORGE_CACHE": str(tmp_path / "cache")}
+    model = ("intforge.zoo:mnist_net", "--input-shape", "1,1,28,28", "--calib", "mnist:100")
+    proc = intforge_cli("tune", *model, "--trials", "2", env=env)
+    assert "-> database" in proc.stdout
+    proc = intforge_cli("compile", *model, "-o", str(tmp_path / "m"), env=env)
+    assert "schedule: tuned" in proc.stdout
+    proc = intforge_cli("compile", *model, "--untuned", "-o", str(tmp_path / "u"), env=env)
+    assert "schedule: default" in proc.stdout

@@ -52,7 +52,8 @@ def _shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"shape {text!r} must look like 1,3,224,224") from None
 
 
-def cmd_compile(args: argparse.Namespace) -> int:
+def _program_from_args(args: argparse.Namespace) -> Any:
+    """Capture, calibrate and quantize the model as `compile` / `tune` arguments say."""
     import torch
 
     from . import api
@@ -85,9 +86,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
         layer_bits = read_plan_bits(args.plan)
     quant = QuantConfig(bits=args.bits, layer_bits=layer_bits)
+    program, _ = api.quantize_model(model, (example,), calib, calibration=args.calib_method, quant=quant)
+    return program
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .compiler import build
+
     t0 = time.perf_counter()
-    art = api.compile(model, (example,), calib, output=args.output, target=args.target, boundary=args.boundary,
-                      calibration=args.calib_method, quant=quant)
+    art = build(_program_from_args(args), args.output, target=args.target, boundary=args.boundary,
+                tuned=not args.untuned)
     m = art.manifest
     print(f"compiled {args.model} -> {art.library} ({art.library.stat().st_size / 1e6:.2f} MB) "
           f"in {time.perf_counter() - t0:.1f}s")
@@ -95,7 +103,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
           f"{len(m['layers'])} quantized layers, integer-only: {'yes' if m['integer_only'] else 'NO'}")
     n4 = sum(r["weight_bits"] == 4 for r in m["layers"])
     print(f"  bits: {len(m['layers']) - n4} layers INT8, {n4} INT4; weights {m['weight_bytes'] / 1e6:.3f} MB")
+    print(f"  schedule: {m['schedule']}")
     print(f"  manifest {art.manifest_path}, integer program {art.program_path}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .compiler.tuning import tune
+
+    t0 = time.perf_counter()
+    db = tune(_program_from_args(args), target=args.target, trials=args.trials, boundary=args.boundary)
+    print(f"tuned {args.model} ({args.trials} trials) in {time.perf_counter() - t0:.0f}s -> database {db}")
+    print(f"  `intforge compile` for target {args.target} now uses it automatically (--untuned to ignore it)")
     return 0
 
 
@@ -324,11 +343,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="intforge", description="Integer-only compilation of PyTorch models via TVM")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    c = sub.add_parser("compile", help="compile a model into an integer-only model.so + model.json")
+def _model_args(c: argparse.ArgumentParser) -> None:
+    """The arguments that say how to turn a model into an integer program (shared by compile and tune)."""
     c.add_argument("model", help="pkg.module:factory, a torch.export .pt2 file (ONNX: not yet)")
     c.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,3,224,224 (batch first)")
     c.add_argument("--calib", help="calibration data: mnist[:N], random:N, a .npy / .npz file of inputs, or "
@@ -338,10 +354,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="x86", help="target preset (default x86: this machine)")
     c.add_argument("--boundary", choices=("float", "int"), default="float",
                    help="float: float32 in/out with one quantize/dequantize; int: integer in/out")
-    c.add_argument("-o", "--output", default="build/model", help="output directory or .so path")
     c.add_argument("--plan", help="per-layer bits from `intforge plan` (plan.json)")
     c.add_argument("--bits", type=int, choices=(4, 8), default=8, help="bits of layers the plan does not name")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="intforge", description="Integer-only compilation of PyTorch models via TVM")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a model into an integer-only model.so + model.json")
+    _model_args(c)
+    c.add_argument("-o", "--output", default="build/model", help="output directory or .so path")
+    c.add_argument("--untuned", action="store_true", help="ignore the target's tuning database")
     c.set_defaults(func=cmd_compile)
+
+    tu = sub.add_parser("tune", help="MetaSchedule-tune the model's kernels into the target's database")
+    _model_args(tu)
+    tu.add_argument("--trials", type=int, default=64, help="measured candidates in all (default 64)")
+    tu.set_defaults(func=cmd_tune)
 
     a = sub.add_parser("analyze", help="per-layer Hessian sensitivity (trace, top eigenvalue): JSON + plot")
     a.add_argument("model", help="pkg.module:factory")
