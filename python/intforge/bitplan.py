@@ -10,8 +10,7 @@ from .capture import FloatGraph
 from .errors import IntforgeError
 from .hessian import SensitivityReport
 from .planner import Plan, PlanLayer, perturbations
-
-PASS_THROUGH = ("relu", "clamp", "max_pool2d", "avg_pool2d", "reshape")
+from .quantize import PASS_THROUGH
 
 
 def plan_layers(graph: FloatGraph, report: SensitivityReport, bits: Iterable[int] = (4, 8),
