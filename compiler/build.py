@@ -37,7 +37,7 @@ def _legalize_passes() -> list[tvm.transform.Pass]:
             relax.transform.FuseTIR()]
 
 
-def _pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
+def _pipeline(target: tvm.target.Target, database=None, default_schedule: bool = True) -> tvm.transform.Pass:
     """TVM's CPU pipeline: our legalization, tuned schedules from `database` where it has them, then the
     default schedule for the rest."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
@@ -49,7 +49,7 @@ def _pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
                 cpu_generic.library_dispatch_passes(target)
                 + _legalize_passes()
                 + ([apply_database_pass(database, target)] if database is not None else [])
-                + [default_schedule_pass(target)]
+                + ([default_schedule_pass(target)] if default_schedule else [])
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)
             )
@@ -58,9 +58,11 @@ def _pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
     return _run
 
 
-def compile_module(mod: tvm.IRModule, target: str | TargetPreset = "x86", tuned: bool = True) -> relax.VMExecutable:
+def compile_module(mod: tvm.IRModule, target: str | TargetPreset = "x86", tuned: bool = True,
+                   default_schedule: bool = True) -> relax.VMExecutable:
     """Verify a Relax module is integer-only, then compile it for `target`, with the target's tuning
-    database (from `intforge tune`) when one exists and `tuned`."""
+    database (from `intforge tune`) when one exists and `tuned`, and the default schedule for the rest
+    unless `default_schedule` is off (plain TVM lowering: one thread, no schedule)."""
     from .tuning import _tuning_target, open_database
 
     verify_integer_only(mod)
@@ -69,7 +71,7 @@ def compile_module(mod: tvm.IRModule, target: str | TargetPreset = "x86", tuned:
     # The database's keys carry the tuning target (with num-cores): build under the same one.
     tgt = _tuning_target(preset) if database is not None else preset.tvm_target()
     try:
-        return tvm.compile(mod, target=tgt, relax_pipeline=_pipeline(tgt, database))
+        return tvm.compile(mod, target=tgt, relax_pipeline=_pipeline(tgt, database, default_schedule))
     except Exception as exc:  # a TVM failure here is our bug, not the user's: say so plainly
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise IntforgeError(
@@ -88,7 +90,8 @@ def _io_spec(program: IntegerProgram, names: list[str], boundary: str) -> list[d
 
 
 def build(program: IntegerProgram, output: str | Path, target: str | TargetPreset = "x86",
-          boundary: str = "float", extra: dict[str, Any] | None = None, tuned: bool = True) -> Artifact:
+          boundary: str = "float", extra: dict[str, Any] | None = None, tuned: bool = True,
+          default_schedule: bool = True) -> Artifact:
     """Compile `program` into `output` (a path ending in .so, or a directory that gets model.so)."""
     output = Path(output)
     so_path = output if output.suffix == ".so" else output / "model.so"
@@ -101,7 +104,7 @@ def build(program: IntegerProgram, output: str | Path, target: str | TargetPrese
     from .tuning import database_dir
 
     use_db = tuned and (database_dir(preset) / "database_tuning_record.json").exists()
-    ex = compile_module(mod, preset, tuned=tuned)
+    ex = compile_module(mod, preset, tuned=tuned, default_schedule=default_schedule)
     # Debug info is a third of the file and nobody steps through generated kernels: leave it out.
     ex.export_library(str(so_path), options=["-Wl,--strip-debug"])
     build_s = time.perf_counter() - t0
@@ -125,7 +128,8 @@ def build(program: IntegerProgram, output: str | Path, target: str | TargetPrese
         "target": preset.describe(),
         "versions": versions(),
         "build_seconds": round(build_s, 3),
-        "schedule": "tuned (MetaSchedule database) + default" if use_db else "default",
+        "schedule": ("tuned (MetaSchedule database) + " if use_db else "")
+        + ("default" if default_schedule else "none (plain lowering)"),
         **(extra or {}),
     }
     man_path = write_manifest(manifest_path_for(so_path), manifest)

@@ -139,3 +139,18 @@ def test_cli_tune_then_compile_reuses_the_database(tmp_path):
     assert "schedule: tuned" in proc.stdout
     proc = intforge_cli("compile", *model, "--untuned", "-o", str(tmp_path / "u"), env=env)
     assert "schedule: default" in proc.stdout
+
+
+def test_cli_schedules_compares_layers_under_each_schedule(tmp_path):
+    import os
+
+    env = {**os.environ, "INTFORGE_CACHE": str(tmp_path / "cache")}  # no tuning database: plain + default
+    out = tmp_path / "sched.json"
+    proc = intforge_cli("schedules", "intforge.zoo:mnist_net", "--input-shape", "1,1,28,28", "--repeat", "3",
+                        "-o", str(out), env=env)
+    assert "features.3" in proc.stdout and "default GOPS" in proc.stdout
+    rows = json.loads(out.read_text())
+    assert [r["name"] for r in rows] == ["features.0", "features.3", "classifier.0", "classifier.2"]
+    assert all(set(r["ms"]) == {"plain", "default"} and min(r["ms"].values()) > 0 for r in rows)
+    assert abs(sum(r["share_of_default"] for r in rows) - 1) < 1e-9
+    assert out.with_suffix(".png").exists()

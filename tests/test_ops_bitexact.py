@@ -144,3 +144,17 @@ def test_quantized_ops_track_the_float_model():
         want = model(torch.from_numpy(x)).numpy()
     got = reference.run_float(program, x)[0]
     assert np.abs(got - want).max() < 6 * program.tensors[program.outputs[0]].scale
+
+
+@pytest.mark.parametrize("case", ["conv_depthwise", "add_relu", "avg_pool_pad_exclude"])
+def test_plain_and_default_schedules_give_identical_integers(case, tmp_path):
+    import intforge
+    from intforge.compiler import build
+
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    program = quantize_module(make(), shape)
+    plain = intforge.load(build(program, tmp_path / "p", boundary="int", default_schedule=False).library)
+    default = intforge.load(build(program, tmp_path / "d", boundary="int").library)
+    assert_bit_exact_int(program, plain)
+    assert_bit_exact_int(program, default)

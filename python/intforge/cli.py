@@ -319,6 +319,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schedules(args: argparse.Namespace) -> int:
+    from .capture import capture
+    from .schedules import compare_schedules, format_table, write_report
+
+    model = load_model_ref(args.model)
+    example, _, _ = _example_and_data(args, model)
+    bits = {}
+    if args.plan:
+        from .bitplan import read_plan_bits
+
+        bits = read_plan_bits(args.plan)
+    rows = compare_schedules(capture(model, (example,)), target=args.target, bits=bits, repeat=args.repeat)
+    print(format_table(rows))
+    js, png = write_report(rows, args.output)
+    print(f"wrote {js} and {png}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import os
 
@@ -419,6 +437,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data", help="labelled set to evaluate: mnist, or an .npz with x and y")
     r.add_argument("--count", type=int, help="evaluate only the first N samples")
     r.set_defaults(func=cmd_run)
+
+    sc = sub.add_parser("schedules", help="each layer under each schedule (plain, default, tuned): table + plot")
+    sc.add_argument("model", help="pkg.module:factory or .pt2")
+    sc.add_argument("--input-shape", type=_shape, help="example input shape (batch first)")
+    sc.add_argument("--data", help="take the input shape from this data instead")
+    sc.add_argument("--plan", help="per-layer bits from `intforge plan` (default: INT8)")
+    sc.add_argument("--target", default="x86")
+    sc.add_argument("--repeat", type=int, default=10)
+    sc.add_argument("-o", "--output", default="schedules.json")
+    sc.set_defaults(func=cmd_schedules)
 
     b = sub.add_parser("bench", help="time a compiled model.so: warm-up, repeats, median and spread")
     b.add_argument("library")

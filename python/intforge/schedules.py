@@ -1,0 +1,92 @@
+"""Compare schedules layer by layer: each conv/linear compiled alone under each schedule and timed.
+
+This is how a user "compares TVM schedules": the same layer, same integers, under plain lowering (no
+schedule: one thread), intforge's default CPU schedule, and the tuned schedule from the target's
+MetaSchedule database when `intforge tune` has made one. Tensorized (VNNI) schedules join the table
+when they exist (issue 4).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .capture import FloatGraph
+from .latency import layer_program
+
+VARIANTS = ("plain", "default", "tuned")
+
+
+def compare_schedules(graph: FloatGraph, target: str = "x86", bits: dict[str, int] | None = None,
+                      repeat: int = 10, progress: bool = True) -> list[dict[str, Any]]:
+    """One row per conv/linear layer: MACs, and for each schedule its median ms and GOPS (2 ops per MAC)."""
+    from .compiler import build
+    from .compiler.tuning import database_dir
+    from .runtime import load
+
+    have_db = (database_dir(target) / "database_tuning_record.json").exists()
+    variants = [v for v in VARIANTS if v != "tuned" or have_db]
+    layers = [op for op in graph.ops if op.kind in ("conv2d", "linear")]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="intforge-sched-") as tmp:
+        for i, op in enumerate(layers):
+            b = (bits or {}).get(op.name, 8)
+            prog = layer_program(op, tuple(graph.shapes[op.inputs[0]]), tuple(graph.shapes[op.output]), b)
+            macs = prog.layers()[0]["macs"]
+            row: dict[str, Any] = {"name": op.name, "kind": op.kind, "bits": b, "macs": macs, "ms": {}, "gops": {}}
+            for v in variants:
+                art = build(prog, Path(tmp) / f"{i}-{v}", target=target, boundary="int", tuned=(v == "tuned"),
+                            default_schedule=(v != "plain"))
+                ms = load(art.library).time(repeat=repeat, warmup=2)["median_ms"]
+                row["ms"][v] = ms
+                row["gops"][v] = 2 * macs / (ms * 1e6)
+            rows.append(row)
+            if progress:
+                print(f"\r  schedules: {i + 1}/{len(layers)} layers", end="", flush=True)
+    if progress:
+        print()
+    total = sum(r["ms"]["default"] for r in rows) or 1.0
+    for r in rows:
+        r["share_of_default"] = r["ms"]["default"] / total
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    variants = [v for v in VARIANTS if rows and v in rows[0]["ms"]]
+    head = f"{'layer':28s} {'bits':>4s} {'MMACs':>8s} " + " ".join(f"{v + ' ms':>11s} {v + ' GOPS':>12s}"
+                                                                    for v in variants) + f" {'share':>6s}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = " ".join(f"{r['ms'][v]:11.3f} {r['gops'][v]:12.2f}" for v in variants)
+        lines.append(f"{r['name'][:28]:28s} {r['bits']:4d} {r['macs'] / 1e6:8.2f} {cells} "
+                     f"{100 * r['share_of_default']:5.1f}%")
+    totals = " ".join(f"{sum(r['ms'][v] for r in rows):11.3f} {'':12s}" for v in variants)
+    lines.append(f"{'total':28s} {'':4s} {sum(r['macs'] for r in rows) / 1e6:8.2f} {totals}")
+    return "\n".join(lines)
+
+
+def write_report(rows: list[dict[str, Any]], path: str | Path) -> tuple[Path, Path]:
+    """JSON of the rows, and a grouped bar chart (ms per layer per schedule, log scale) beside it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+    variants = [v for v in VARIANTS if rows and v in rows[0]["ms"]]
+    fig = Figure(figsize=(max(6.0, 0.5 * len(rows) + 3), 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(variants))
+    for k, v in enumerate(variants):
+        ax.bar([i + k * width for i in range(len(rows))], [r["ms"][v] for r in rows], width, label=v)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (median)")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["name"] for r in rows], rotation=60,
+                  ha="right", fontsize=8)
+    ax.set_title("per-layer latency by schedule")
+    ax.legend()
+    png = path.with_suffix(".png")
+    fig.savefig(png, dpi=110)
+    return path, png
