@@ -63,11 +63,16 @@ def compile_module(mod: tvm.IRModule, target: str | TargetPreset = "x86", tuned:
     """Verify a Relax module is integer-only, then compile it for `target`, with the target's tuning
     database (from `intforge tune`) when one exists and `tuned`, and the default schedule for the rest
     unless `default_schedule` is off (plain TVM lowering: one thread, no schedule)."""
-    from .tuning import _tuning_target, open_database
+    from .tuning import open_database
+
+    preset = resolve_target(target)
+    return _compile(mod, preset, open_database(preset) if tuned else None, default_schedule)
+
+
+def _compile(mod: tvm.IRModule, preset: TargetPreset, database, default_schedule: bool) -> relax.VMExecutable:
+    from .tuning import _tuning_target
 
     verify_integer_only(mod)
-    preset = resolve_target(target)
-    database = open_database(preset) if tuned else None
     # The database's keys carry the tuning target (with num-cores): build under the same one.
     tgt = _tuning_target(preset) if database is not None else preset.tvm_target()
     try:
@@ -101,10 +106,10 @@ def build(program: IntegerProgram, output: str | Path, target: str | TargetPrese
     program.validate()
     t0 = time.perf_counter()
     mod = emit_program(program, boundary=boundary)
-    from .tuning import database_dir
+    from .tuning import open_database
 
-    use_db = tuned and (database_dir(preset) / "database_tuning_record.json").exists()
-    ex = compile_module(mod, preset, tuned=tuned, default_schedule=default_schedule)
+    database = open_database(preset) if tuned else None  # None also when a corrupt one was set aside
+    ex = _compile(mod, preset, database, default_schedule)
     # Debug info is a third of the file and nobody steps through generated kernels: leave it out.
     ex.export_library(str(so_path), options=["-Wl,--strip-debug"])
     build_s = time.perf_counter() - t0
@@ -128,7 +133,7 @@ def build(program: IntegerProgram, output: str | Path, target: str | TargetPrese
         "target": preset.describe(),
         "versions": versions(),
         "build_seconds": round(build_s, 3),
-        "schedule": ("tuned (MetaSchedule database) + " if use_db else "")
+        "schedule": ("tuned (MetaSchedule database) + " if database is not None else "")
         + ("default" if default_schedule else "none (plain lowering)"),
         **(extra or {}),
     }

@@ -79,6 +79,7 @@ def test_corrupt_database_is_set_aside_with_a_warning(tuned, tmp_path):
             warnings.simplefilter("always")
             art = build(program, tmp_path / "c")
         assert any("could not be read" in str(w.message) for w in caught)
+        assert art.manifest["schedule"] == "default"  # the manifest does not claim the set-aside database
         assert not db_dir.exists()
         x = np.random.default_rng(2).standard_normal((1, 3, 8, 8)).astype(np.float32)
         np.testing.assert_array_equal(intforge.load(art.library)(x), reference.run_float(program, x)[0])

@@ -56,11 +56,5 @@ def residual_ties(graph: FloatGraph) -> list[list[str]]:
 
 
 def read_plan_bits(path: str | Path) -> dict[str, int]:
-    """Per-layer bits of a plan written by `intforge plan`."""
-    path = Path(path)
-    if not path.exists():
-        raise IntforgeError(f"plan {path} does not exist; make one with `intforge plan`")
-    try:
-        return dict(Plan.from_json(path).bits)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise IntforgeError(f"{path} is not a plan written by `intforge plan` ({exc})") from None
+    """Per-layer bits of a plan written by `intforge plan` (a missing or malformed file is a PlanError)."""
+    return dict(Plan.from_json(path).bits)

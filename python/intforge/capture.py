@@ -70,11 +70,6 @@ class FloatGraph:
         return rows
 
 
-def _aten(name: str) -> Any:
-    packet, _, overload = name.partition(".")
-    return getattr(getattr(torch.ops.aten, packet), overload or "default")
-
-
 _IDENTITY = {"aten.dropout.default", "aten.clone.default", "aten.contiguous.default", "aten.alias.default",
              "aten.detach.default", "aten.feature_dropout.default", "aten.dropout_.default"}
 _RESHAPE = {"aten.flatten.using_ints", "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default",

@@ -50,12 +50,20 @@ def layer_program(op: FloatOp, in_shape: tuple[int, ...], out_shape: tuple[int, 
     return IntegerProgram(["x"], ["y"], {"x": x, "y": y}, [IntOp(op.kind, op.name, ["x"], "y", attrs, params)])
 
 
+def time_layer_program(program: IntegerProgram, workdir: Path, target: str = "x86", repeat: int = 30,
+                       **build_options: Any) -> float:
+    """Build a one-layer program (integer boundary) into `workdir` and return its median ms."""
+    from .compiler import build
+    from .runtime import load
+
+    art = build(program, workdir, target=target, boundary="int", **build_options)
+    return load(art.library).time(repeat=repeat, warmup=3)["median_ms"]
+
+
 def measure_layer_latency(graph: FloatGraph, bits: Iterable[int] = (4, 8), target: str = "x86",
                           repeat: int = 30, progress: bool = True) -> dict[str, dict[int, float]]:
     """Median latency (ms) of every conv/linear layer of `graph` at each bit width, on `target`."""
-    from .compiler import build
     from .compiler.targets import resolve_target
-    from .runtime import load
 
     preset = resolve_target(target)
     tkey = json.dumps(preset.describe(), sort_keys=True)
@@ -80,9 +88,8 @@ def measure_layer_latency(graph: FloatGraph, bits: Iterable[int] = (4, 8), targe
             for b in bits:
                 key = _signature(op, in_shape, b, tkey)
                 if key not in cache:
-                    art = build(layer_program(op, in_shape, out_shape, b), Path(tmp) / f"l{done}", target=preset,
-                                boundary="int")
-                    cache[key] = load(art.library).time(repeat=repeat, warmup=3)["median_ms"]
+                    cache[key] = time_layer_program(layer_program(op, in_shape, out_shape, b), Path(tmp) / f"l{done}",
+                                                    preset, repeat)
                 out[op.name][b] = float(cache[key])
                 done += 1
                 if progress:

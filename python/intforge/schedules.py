@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .capture import FloatGraph
-from .latency import layer_program
+from .latency import layer_program, time_layer_program
 
 VARIANTS = ("plain", "default", "tuned")
 
@@ -22,9 +22,7 @@ VARIANTS = ("plain", "default", "tuned")
 def compare_schedules(graph: FloatGraph, target: str = "x86", bits: dict[str, int] | None = None,
                       repeat: int = 10, progress: bool = True) -> list[dict[str, Any]]:
     """One row per conv/linear layer: MACs, and for each schedule its median ms and GOPS (2 ops per MAC)."""
-    from .compiler import build
     from .compiler.tuning import database_dir
-    from .runtime import load
 
     have_db = (database_dir(target) / "database_tuning_record.json").exists()
     variants = [v for v in VARIANTS if v != "tuned" or have_db]
@@ -37,9 +35,8 @@ def compare_schedules(graph: FloatGraph, target: str = "x86", bits: dict[str, in
             macs = prog.layers()[0]["macs"]
             row: dict[str, Any] = {"name": op.name, "kind": op.kind, "bits": b, "macs": macs, "ms": {}, "gops": {}}
             for v in variants:
-                art = build(prog, Path(tmp) / f"{i}-{v}", target=target, boundary="int", tuned=(v == "tuned"),
-                            default_schedule=(v != "plain"))
-                ms = load(art.library).time(repeat=repeat, warmup=2)["median_ms"]
+                ms = time_layer_program(prog, Path(tmp) / f"{i}-{v}", target, repeat, tuned=(v == "tuned"),
+                                        default_schedule=(v != "plain"))
                 row["ms"][v] = ms
                 row["gops"][v] = 2 * macs / (ms * 1e6)
             rows.append(row)
