@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint bench clean
+.PHONY: demo test test-all lint bench clean arm-tools
 
 $(STAMP): requirements.txt pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "intforge needs Python 3.11 ($(PY) not found)"; exit 1; }
@@ -21,11 +21,21 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python examples/mnist_demo.py
 
-test: $(STAMP)
+# The ARM toolchain (cross g++ and qemu-user) from Debian, when missing and we may install it; the
+# arm64 board sysroot itself is fetched by intforge.emulate on first use and cached.
+arm-tools:
+	@if command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing g++-aarch64-linux-gnu and qemu-user (ARM cross-compilation and emulation)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu \
+	    qemu-user >/dev/null; } || echo "warning: apt-get failed; the ARM tests will skip"; \
+	else echo "note: ARM tests will skip: install g++-aarch64-linux-gnu and qemu-user (apt-get, as root)"; fi
+
+test: $(STAMP) arm-tools
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q -x
 
-test-all: $(STAMP)
+test-all: $(STAMP) arm-tools
 	$(BIN)/python -m pytest -q -m ""
 
 lint: $(STAMP)

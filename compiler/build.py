@@ -13,7 +13,7 @@ from tvm import relax
 from intforge.errors import IntforgeError
 from intforge.kernels import default_schedule_pass
 from intforge.program import IntegerProgram
-from intforge.relay_passes import emit_program, verify_integer_only
+from intforge.relay_passes import dot_product_layout_pass, emit_program, verify_integer_only
 
 from .manifest import manifest_path_for, sha256_file, versions, write_manifest
 from .targets import TargetPreset, resolve_target
@@ -30,14 +30,28 @@ class Artifact:
     manifest: dict[str, Any]
 
 
-def _legalize_passes() -> list[tvm.transform.Pass]:
-    """TVM's CPU legalization minus FoldConstant: folding would unpack INT4 weights at compile time and
-    embed them as int8, undoing the packing. Our emitted graphs have nothing else worth folding."""
-    return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
-            relax.transform.FuseTIR()]
+def _kernel_passes(preset: TargetPreset | None, dot_kernels: bool = True) -> list[tvm.transform.Pass]:
+    """The target's own kernels, chosen before TOPI legalizes what is left: integer conv2d and dense in the
+    dot-product layout (aarch64: sdot/usdot where the CPU has them, widening NEON multiply-adds where it
+    does not; x86: AVX-512/AVX2 widening dot products). Off with `dot_kernels=False` (TOPI's NCHW)."""
+    if preset is None or not dot_kernels:
+        return []
+    shift = preset.arch == "aarch64" and preset.has("dotprod") and not preset.has("i8mm")
+    vnni = preset.arch == "x86_64" and preset.has("avx512vnni") and preset.has("avx512bw")
+    return [dot_product_layout_pass(shift_unsigned=shift, vnni=vnni)]
 
 
-def _pipeline(target: tvm.target.Target, database=None, default_schedule: bool = True) -> tvm.transform.Pass:
+def _legalize_passes(preset: TargetPreset | None = None, dot_kernels: bool = True) -> list[tvm.transform.Pass]:
+    """The target's kernels, then TVM's CPU legalization minus FoldConstant: folding would unpack INT4
+    weights at compile time and embed them as int8, undoing the packing. Our emitted graphs have nothing
+    else worth folding."""
+    return _kernel_passes(preset, dot_kernels) + [relax.transform.LegalizeOps(),
+                                                  relax.transform.AnnotateTIROpPattern(),
+                                                  relax.transform.FuseOps(), relax.transform.FuseTIR()]
+
+
+def _pipeline(target: tvm.target.Target, database=None, default_schedule: bool = True,
+              preset: TargetPreset | None = None, dot_kernels: bool = True) -> tvm.transform.Pass:
     """TVM's CPU pipeline: our legalization, tuned schedules from `database` where it has them, then the
     default schedule for the rest."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
@@ -47,7 +61,7 @@ def _pipeline(target: tvm.target.Target, database=None, default_schedule: bool =
         with target:
             seq = tvm.transform.Sequential(
                 cpu_generic.library_dispatch_passes(target)
-                + _legalize_passes()
+                + _legalize_passes(preset, dot_kernels)
                 + ([apply_database_pass(database, target)] if database is not None else [])
                 + ([default_schedule_pass(target)] if default_schedule else [])
                 + cpu_generic.dataflow_lower_passes(target)
@@ -59,24 +73,26 @@ def _pipeline(target: tvm.target.Target, database=None, default_schedule: bool =
 
 
 def compile_module(mod: tvm.IRModule, target: str | TargetPreset = "x86", tuned: bool = True,
-                   default_schedule: bool = True) -> relax.VMExecutable:
+                   default_schedule: bool = True, dot_kernels: bool = True) -> relax.VMExecutable:
     """Verify a Relax module is integer-only, then compile it for `target`, with the target's tuning
     database (from `intforge tune`) when one exists and `tuned`, and the default schedule for the rest
     unless `default_schedule` is off (plain TVM lowering: one thread, no schedule)."""
     from .tuning import open_database
 
     preset = resolve_target(target)
-    return _compile(mod, preset, open_database(preset) if tuned else None, default_schedule)
+    return _compile(mod, preset, open_database(preset) if tuned else None, default_schedule, dot_kernels)
 
 
-def _compile(mod: tvm.IRModule, preset: TargetPreset, database, default_schedule: bool) -> relax.VMExecutable:
+def _compile(mod: tvm.IRModule, preset: TargetPreset, database, default_schedule: bool,
+             dot_kernels: bool = True) -> relax.VMExecutable:
     from .tuning import _tuning_target
 
     verify_integer_only(mod)
     # The database's keys carry the tuning target (with num-cores): build under the same one.
     tgt = _tuning_target(preset) if database is not None else preset.tvm_target()
     try:
-        return tvm.compile(mod, target=tgt, relax_pipeline=_pipeline(tgt, database, default_schedule))
+        return tvm.compile(mod, target=tgt, relax_pipeline=_pipeline(tgt, database, default_schedule, preset,
+                                                                      dot_kernels))
     except Exception as exc:  # a TVM failure here is our bug, not the user's: say so plainly
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise IntforgeError(
@@ -96,7 +112,7 @@ def _io_spec(program: IntegerProgram, names: list[str], boundary: str) -> list[d
 
 def build(program: IntegerProgram, output: str | Path, target: str | TargetPreset = "x86",
           boundary: str = "float", extra: dict[str, Any] | None = None, tuned: bool = True,
-          default_schedule: bool = True) -> Artifact:
+          default_schedule: bool = True, dot_kernels: bool = True) -> Artifact:
     """Compile `program` into `output` (a path ending in .so, or a directory that gets model.so)."""
     output = Path(output)
     so_path = output if output.suffix == ".so" else output / "model.so"
@@ -109,9 +125,9 @@ def build(program: IntegerProgram, output: str | Path, target: str | TargetPrese
     from .tuning import open_database
 
     database = open_database(preset) if tuned else None  # None also when a corrupt one was set aside
-    ex = _compile(mod, preset, database, default_schedule)
+    ex = _compile(mod, preset, database, default_schedule, dot_kernels)
     # Debug info is a third of the file and nobody steps through generated kernels: leave it out.
-    ex.export_library(str(so_path), options=["-Wl,--strip-debug"])
+    ex.export_library(str(so_path), fcompile=preset.fcompile(), options=["-Wl,--strip-debug"])
     build_s = time.perf_counter() - t0
 
     prog_path = so_path.with_suffix(".iprog")
@@ -133,6 +149,7 @@ def build(program: IntegerProgram, output: str | Path, target: str | TargetPrese
         "target": preset.describe(),
         "versions": versions(),
         "build_seconds": round(build_s, 3),
+        "kernels": "dot-product layout (conv2d, dense)" if dot_kernels else "TOPI",
         "schedule": ("tuned (MetaSchedule database) + " if database is not None else "")
         + ("default" if default_schedule else "none (plain lowering)"),
         **(extra or {}),

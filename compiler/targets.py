@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+import shutil
 from dataclasses import dataclass, field
 
 import tvm
@@ -14,9 +16,17 @@ def host_cpu() -> str:
     return str(tvm.target.codegen.llvm_get_system_cpu())
 
 
+def host_arch() -> str:
+    """'x86_64' or 'aarch64': the architecture libraries built for 'the host' run on."""
+    m = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
+
+
 @dataclass(frozen=True)
 class TargetPreset:
-    """A named compilation target. `mcpu=None` means the host's CPU."""
+    """A named compilation target. `mcpu=None` means the host's CPU; `mtriple=None` means the host's
+    triple. Cross targets name the C++ cross compiler that links the .so and the qemu CPU model that
+    emulates the board (one without the board's missing features, so a stray instruction traps)."""
 
     name: str
     description: str
@@ -24,6 +34,9 @@ class TargetPreset:
     mcpu: str | None = None
     mtriple: str | None = None
     mattr: tuple[str, ...] = field(default_factory=tuple)
+    arch: str = "x86_64"
+    cross_compiler: str | None = None
+    qemu_cpu: str | None = None
 
     def tvm_target(self) -> tvm.target.Target:
         spec: dict = {"kind": self.kind, "mcpu": self.mcpu or host_cpu()}
@@ -35,12 +48,49 @@ class TargetPreset:
 
     def describe(self) -> dict:
         return {"preset": self.name, "kind": self.kind, "mcpu": self.mcpu or host_cpu(),
-                "mtriple": self.mtriple or "host", "mattr": list(self.mattr)}
+                "mtriple": self.mtriple or "host", "mattr": list(self.mattr), "arch": self.arch}
+
+    @property
+    def is_cross(self) -> bool:
+        """True when the library cannot run on this machine (another architecture)."""
+        return self.arch != host_arch()
+
+    def has(self, feature: str) -> bool:
+        """Whether the target has an LLVM feature ('dotprod', 'i8mm', 'avx512vnni', ...), from its mattr and
+        what LLVM knows its mcpu to have."""
+        return bool(tvm.target.codegen.target_has_features(feature, self.tvm_target()))
+
+    def fcompile(self):
+        """The function `export_library` links with: the system compiler, or the cross compiler, checked
+        to exist so a missing toolchain is an instruction rather than a traceback from deep inside TVM."""
+        if not self.cross_compiler:
+            return None
+        if shutil.which(self.cross_compiler) is None:
+            raise IntforgeError(
+                f"target '{self.name}' links with {self.cross_compiler}, which is not installed. On Debian or "
+                f"Ubuntu: `sudo apt-get install g++-{self.mtriple}` (the package that provides "
+                f"{self.cross_compiler}), then compile again."
+            )
+        return tvm.support.cc.cross_compiler(self.cross_compiler)
+
+
+def _arm(name: str, description: str, mcpu: str, mattr: tuple[str, ...], qemu_cpu: str) -> TargetPreset:
+    return TargetPreset(name, description, mcpu=mcpu, mtriple="aarch64-linux-gnu", mattr=mattr, arch="aarch64",
+                        cross_compiler="aarch64-linux-gnu-g++", qemu_cpu=qemu_cpu)
 
 
 PRESETS: dict[str, TargetPreset] = {
     "x86": TargetPreset("x86", "this x86-64 machine (LLVM, -mcpu of the host)"),
     "x86-generic": TargetPreset("x86-generic", "any x86-64-v2 CPU (portable, slower)", mcpu="x86-64-v2"),
+    "arm64": _arm("arm64", "any ARMv8-A with NEON, no dot product", "generic", ("+neon",), "cortex-a57"),
+    "arm64-dotprod": _arm("arm64-dotprod", "ARMv8.2-A with NEON sdot/udot", "generic", ("+neon", "+dotprod"),
+                          "cortex-a76"),
+    "rpi5": _arm("rpi5", "Raspberry Pi 5 (Cortex-A76, sdot/udot)", "cortex-a76", ("+neon", "+dotprod"),
+                 "cortex-a76"),
+    "rpi4": _arm("rpi4", "Raspberry Pi 4 (Cortex-A72, NEON, no dot product)", "cortex-a72", ("+neon",),
+                 "cortex-a72"),
+    "graviton": _arm("graviton", "AWS Graviton3 (Neoverse V1, sdot + i8mm usdot/smmla)", "neoverse-v1",
+                     ("+neon", "+dotprod", "+i8mm"), "max"),
 }
 
 
@@ -50,8 +100,6 @@ def resolve_target(name: str | TargetPreset) -> TargetPreset:
         return name
     if name not in PRESETS:
         known = ", ".join(f"{k} ({v.description})" for k, v in PRESETS.items())
-        raise IntforgeError(
-            f"unknown target {name!r}. Available presets: {known}. ARM and CUDA presets are planned "
-            "(see the README's roadmap)."
-        )
+        raise IntforgeError(f"unknown target {name!r}. Available presets: {known}. CUDA presets are planned "
+                            "(see the README's roadmap).")
     return PRESETS[name]

@@ -96,6 +96,22 @@ def apply_database_pass(database, target: tvm.target.Target) -> tvm.transform.Pa
     return _apply
 
 
+def _has_own_schedule(mod: tvm.IRModule) -> bool:
+    """Whether a task's function contains one of our tensorized blocks (scheduled by kernels/, not tuned)."""
+    from tvm import s_tir
+
+    from intforge.kernels.x86_vnni import CONV_BLOCK, DENSE_BLOCK
+
+    sch = s_tir.Schedule(mod)
+    for name in (CONV_BLOCK, DENSE_BLOCK):
+        try:
+            sch.get_sblock(name)
+            return True
+        except Exception:  # noqa: BLE001 - get_sblock raises when the function has no such block
+            continue
+    return False
+
+
 def tune(program: IntegerProgram, target: str | TargetPreset = "x86", trials: int = 64,
          boundary: str = "float", progress: bool = True) -> Path:
     """Tune the program's kernels for `target` with MetaSchedule; records go to the target's database."""
@@ -108,10 +124,14 @@ def tune(program: IntegerProgram, target: str | TargetPreset = "x86", trials: in
     if trials < 1:
         raise IntforgeError(f"trials must be at least 1, got {trials}")
     preset = resolve_target(target)
+    if preset.is_cross:
+        raise IntforgeError(f"target '{preset.name}' is {preset.arch}: tuning measures candidates on the target, "
+                            "and tuning on a board over RPC is not implemented yet. Compile untuned (the "
+                            "dot-product kernels need no tuning) or tune on the board itself.")
     tgt = _tuning_target(preset)
     mod = emit_program(program, boundary=boundary)
     with tgt:
-        mod = tvm.transform.Sequential(_legalize_passes())(mod)
+        mod = tvm.transform.Sequential(_legalize_passes(preset))(mod)
     out = database_dir(preset)
     out.mkdir(parents=True, exist_ok=True)
     builder = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S, initializer=_warm_worker)
@@ -119,9 +139,22 @@ def tune(program: IntegerProgram, target: str | TargetPreset = "x86", trials: in
         if progress:
             print(f"tuning {trials} trials for target {preset.name} (logs in {work}; first builds wait for "
                   "workers to start)...", flush=True)
-        db = ms.relax_integration.tune_relax(
-            mod, {}, tgt, work, max_trials_global=trials, num_trials_per_iter=min(16, trials),
-            builder=builder, cost_model="random", seed=0,
+        # Our tensorized kernels bring their own schedule (kernels/x86_vnni.py): tuning them with generic
+        # rules could only replace vpdpbusd with something slower, so they are not tasks. The search space
+        # is MetaSchedule's plain LLVM one: its x86 VNNI rules use TVM's dot_16x4_vnni intrinsic, which
+        # LLVM 22 rejects, and records naming it make the database unreadable without that registry.
+        tasks = [t for t in ms.relax_integration.extract_tasks(mod, tgt) if not _has_own_schedule(t.dispatched[0])]
+        if not tasks:
+            if progress:
+                print("every kernel of this model is a tensorized intforge kernel: nothing to tune", flush=True)
+            return out
+        space = ms.space_generator.PostOrderApply(sch_rules=ms.schedule_rule.ScheduleRule.create("llvm"),
+                                                  postprocs=ms.postproc.Postproc.create("llvm"),
+                                                  mutator_probs=ms.mutator.Mutator.create("llvm"))
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, work, space=space, seed=0)
+        db = ms.tune.tune_tasks(
+            tasks=contexts, task_weights=weights, work_dir=work, max_trials_global=trials,
+            num_trials_per_iter=min(16, trials), builder=builder, cost_model="random",
             database=ms.database.JSONDatabase(str(out / "database_workload.json"),
                                               str(out / "database_tuning_record.json"), allow_missing=True))
     del db

@@ -10,6 +10,8 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
+from .x86_vnni import schedule_vnni_block
+
 MIN_PARALLEL_EXTENT = 4
 
 
@@ -20,6 +22,8 @@ def _schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
     except Exception:  # noqa: BLE001 - functions without a root block are left as they are
         return func
     for block in sch.get_child_blocks(root):
+        if schedule_vnni_block(sch, block):  # our tensorized kernels bring their own schedule
+            continue
         loops = sch.get_loops(block)
         if not loops:
             continue

@@ -151,6 +151,6 @@ def test_cli_schedules_compares_layers_under_each_schedule(tmp_path):
     assert "features.3" in proc.stdout and "default GOPS" in proc.stdout
     rows = json.loads(out.read_text())
     assert [r["name"] for r in rows] == ["features.0", "features.3", "classifier.0", "classifier.2"]
-    assert all(set(r["ms"]) == {"plain", "default"} and min(r["ms"].values()) > 0 for r in rows)
+    assert all(set(r["ms"]) == {"plain", "default", "tensorized"} and min(r["ms"].values()) > 0 for r in rows)
     assert abs(sum(r["share_of_default"] for r in rows) - 1) < 1e-9
     assert out.with_suffix(".png").exists()

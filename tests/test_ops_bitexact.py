@@ -146,15 +146,17 @@ def test_quantized_ops_track_the_float_model():
     assert np.abs(got - want).max() < 6 * program.tensors[program.outputs[0]].scale
 
 
-@pytest.mark.parametrize("case", ["conv_depthwise", "add_relu", "avg_pool_pad_exclude"])
-def test_plain_and_default_schedules_give_identical_integers(case, tmp_path):
+@pytest.mark.parametrize("case", ["conv_depthwise", "add_relu", "avg_pool_pad_exclude", "conv_groups",
+                                  "conv_stride_pad", "linear_relu"])
+def test_topi_plain_topi_default_and_dot_kernels_give_identical_integers(case, tmp_path):
+    """The CASES above run the default build (dot-product kernels); TOPI's kernels, plain and scheduled,
+    must give the same integers."""
     import intforge
     from intforge.compiler import build
 
     make, shape = CASES[case]
     torch.manual_seed(0)
     program = quantize_module(make(), shape)
-    plain = intforge.load(build(program, tmp_path / "p", boundary="int", default_schedule=False).library)
-    default = intforge.load(build(program, tmp_path / "d", boundary="int").library)
-    assert_bit_exact_int(program, plain)
-    assert_bit_exact_int(program, default)
+    for tag, opts in {"plain": {"default_schedule": False, "dot_kernels": False}, "topi": {"dot_kernels": False},
+                      "dot": {}}.items():
+        assert_bit_exact_int(program, intforge.load(build(program, tmp_path / tag, boundary="int", **opts).library))

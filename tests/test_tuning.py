@@ -44,7 +44,8 @@ def test_build_reuses_the_database_and_stays_bit_exact(tuned, tmp_path):
     # The database has schedules for this program's kernels, keyed as the build sees them.
     tgt = _tuning_target(intforge.compiler.resolve_target("x86"))
     with tgt:
-        fused = tvm.transform.Sequential(_legalize_passes())(emit_program(program))
+        fused = tvm.transform.Sequential(_legalize_passes(intforge.compiler.resolve_target("x86")))(
+            emit_program(program))
     db = open_database("x86")
     with tgt:
         applied = apply_database_pass(db, tgt)(fused)

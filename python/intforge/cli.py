@@ -103,7 +103,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
           f"{len(m['layers'])} quantized layers, integer-only: {'yes' if m['integer_only'] else 'NO'}")
     n4 = sum(r["weight_bits"] == 4 for r in m["layers"])
     print(f"  bits: {len(m['layers']) - n4} layers INT8, {n4} INT4; weights {m['weight_bytes'] / 1e6:.3f} MB")
-    print(f"  schedule: {m['schedule']}")
+    print(f"  kernels: {m['kernels']}; schedule: {m['schedule']}")
     print(f"  manifest {art.manifest_path}, integer program {art.program_path}")
     return 0
 
@@ -240,7 +240,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .datasets import load_data
     from .runtime import load
 
-    model = load(args.library)
+    model = load(args.library, emulate=args.emulate)
     if args.input:
         xs = [np.load(p) for p in args.input]
         out = model(*xs)
@@ -262,7 +262,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         acc = float((preds == y).mean())
         print(f"accuracy {acc:.4f} on {len(y)} labelled samples ({model.library.name})")
-    print(f"latency {latency * 1e3:.3f} ms per batch of {model.batch_size}")
+    if np.isnan(latency):
+        print(f"ran under emulation ({model.qemu_cpu}): no latency (time it on the board with bench --rpc)")
+    else:
+        print(f"latency {latency * 1e3:.3f} ms per batch of {model.batch_size}")
     return 0
 
 
@@ -275,6 +278,11 @@ def predict(model: Any, x: np.ndarray) -> tuple[np.ndarray, float]:
             x = x.reshape(len(x), *want)
         else:
             raise IntforgeError(f"data samples have shape {x.shape[1:]}, the model takes {want}")
+    if hasattr(model, "run_many"):  # emulated: one emulator start for all batches, and no timing
+        pad = (-len(x)) % b
+        xp = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
+        out = model.run_many(xp)[0]
+        return out.reshape(len(xp), -1)[: len(x)].argmax(axis=1), float("nan")
     preds = []
     times = []
     for start in range(0, len(x), b):
@@ -294,7 +302,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .relay_passes import emit_program, find_float_values
     from .runtime import load
 
-    model = load(args.library)
+    model = load(args.library, emulate=True)  # nothing runs: a cross-compiled library is inspectable too
     m = model.manifest
     program = model.program()
     floats = find_float_values(emit_program(program, boundary=m["boundary"]))
@@ -303,7 +311,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps({**m, "integer_only_verified": not floats}, indent=2))
         return 0
     print(f"{model.library}  ({model.library.stat().st_size / 1e6:.2f} MB, sha256 {m['library_sha256'][:16]}...)")
-    print(f"target: {m['target']['preset']} (llvm -mcpu={m['target']['mcpu']})   boundary: {m['boundary']}")
+    t = m["target"]
+    print(f"target: {t['preset']} (llvm -mcpu={t['mcpu']}" + (f" -mtriple={t['mtriple']}" if t["mtriple"] != "host"
+                                                                 else "")
+          + (f" -mattr={','.join(t['mattr'])}" if t["mattr"] else "") + f")   boundary: {m['boundary']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     for kind in ("inputs", "outputs"):
         for spec in m[kind]:
@@ -340,17 +351,27 @@ def cmd_schedules(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import os
 
-    if args.threads:  # read by TVM's thread pool when it starts, so set before the library loads
-        os.environ["TVM_NUM_THREADS"] = str(args.threads)
-    from .runtime import load
+    if args.rpc or args.tracker:
+        from .remote import RemoteModel, connect
+        from .runtime import read_checked
 
-    model = load(args.library)
+        path, manifest = read_checked(args.library)
+        model = RemoteModel(connect(args.rpc, args.tracker, args.key), path, manifest, threads=args.threads)
+        where = f"on {args.rpc or args.tracker + ' (key ' + args.key + ')'} via RPC"
+        threads = args.threads or "the board's default"
+    else:
+        if args.threads:  # read by TVM's thread pool when it starts, so set before the library loads
+            os.environ["TVM_NUM_THREADS"] = str(args.threads)
+        from .runtime import load
+
+        model = load(args.library)
+        where = "on this machine"
+        threads = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
     stats = model.time(repeat=args.repeat, warmup=args.warmup)
-    stats.update({"library": str(model.library), "batch": model.batch_size,
-                  "threads": int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)),
+    stats.update({"library": str(model.library), "batch": model.batch_size, "threads": threads, "where": where,
                   "throughput_per_s": model.batch_size * 1e3 / stats["median_ms"],
                   "target": model.manifest["target"]})
-    print(f"{model.library}: batch {stats['batch']}, {stats['threads']} threads, {args.repeat} runs after "
+    print(f"{model.library} {where}: batch {stats['batch']}, {threads} threads, {args.repeat} runs after "
           f"{args.warmup} warm-up")
     print(f"  median {stats['median_ms']:.3f} ms   mean {stats['mean_ms']:.3f} +- {stats['std_ms']:.3f} ms   "
           f"min {stats['min_ms']:.3f}   p10 {stats['p10_ms']:.3f}   p90 {stats['p90_ms']:.3f} ms")
@@ -358,6 +379,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(stats, indent=2) + "\n")
         print(f"  wrote {args.json}")
+    return 0
+
+
+def cmd_board_server(args: argparse.Namespace) -> int:
+    from .compiler.targets import resolve_target
+    from .emulate import EmulatedRPCServer
+
+    preset = resolve_target(args.target)
+    if not preset.qemu_cpu:
+        raise IntforgeError(f"target '{preset.name}' runs natively here; start TVM's own server instead: "
+                            "python -m tvm.exec.rpc_server --port 9090")
+    with EmulatedRPCServer(preset.qemu_cpu, port=args.port, tracker=args.tracker,
+                           key=args.key or preset.name) as server:
+        print(f"emulated {preset.name} board ({preset.qemu_cpu} under qemu) serving TVM RPC on "
+              f"127.0.0.1:{server.port}; try: intforge bench model.so --rpc 127.0.0.1:{server.port}  (Ctrl-C stops)",
+              flush=True)
+        try:
+            server.proc.wait()
+        except KeyboardInterrupt:
+            pass
     return 0
 
 
@@ -436,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", help="where to save the first output (.npy)")
     r.add_argument("--data", help="labelled set to evaluate: mnist, or an .npz with x and y")
     r.add_argument("--count", type=int, help="evaluate only the first N samples")
+    r.add_argument("--emulate", action="store_true",
+                   help="run a cross-compiled (aarch64) library here under qemu-user (installed on first use)")
     r.set_defaults(func=cmd_run)
 
     sc = sub.add_parser("schedules", help="each layer under each schedule (plain, default, tuned): table + plot")
@@ -454,7 +497,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=10)
     b.add_argument("--threads", type=int, help="worker threads (TVM_NUM_THREADS; default: all cores)")
     b.add_argument("--json", help="also write the numbers to this JSON file")
+    b.add_argument("--rpc", metavar="HOST:PORT", help="time on a board running TVM's RPC server")
+    b.add_argument("--tracker", metavar="HOST:PORT", help="time on a board handed out by a TVM RPC tracker")
+    b.add_argument("--key", help="device key to request from the tracker (e.g. rpi5)")
     b.set_defaults(func=cmd_bench)
+
+    bs = sub.add_parser("board-server", help="an emulated ARM board (qemu) serving TVM RPC on loopback")
+    bs.add_argument("--target", default="rpi5", help="ARM preset whose CPU qemu emulates (default rpi5)")
+    bs.add_argument("--port", type=int, default=9090)
+    bs.add_argument("--tracker", metavar="HOST:PORT", help="register with this RPC tracker")
+    bs.add_argument("--key", help="device key to register under (default: the preset's name)")
+    bs.set_defaults(func=cmd_board_server)
 
     i = sub.add_parser("inspect", help="show a model.so's manifest, layer table and integer-only verdict")
     i.add_argument("library")

@@ -29,6 +29,40 @@ def _load_fresh(library: Path):
         os.unlink(tmp)  # the mapping stays valid after unlink
 
 
+def check_inputs(name: str, specs: list[dict[str, Any]], args: tuple[np.ndarray, ...]) -> list[np.ndarray]:
+    """Check call arguments against the manifest's input specs (count, shape, dtype); floats are cast to
+    float32, integers must match exactly (an integer boundary never converts silently)."""
+    if len(args) != len(specs):
+        raise IntforgeError(f"{name} takes {len(specs)} input(s) ({', '.join(i['name'] for i in specs)}), "
+                            f"got {len(args)}")
+    out = []
+    for spec, a in zip(specs, args, strict=True):
+        a = np.asarray(a)
+        if tuple(a.shape) != tuple(spec["shape"]):
+            raise IntforgeError(f"input '{spec['name']}' has shape {tuple(a.shape)}; {name} was compiled for "
+                                f"{tuple(spec['shape'])}")
+        if spec["dtype"] == "float32":
+            a = a.astype(np.float32, copy=False)
+        elif a.dtype != np.dtype(spec["dtype"]):
+            raise IntforgeError(f"input '{spec['name']}' has dtype {a.dtype}; {name} takes {spec['dtype']} "
+                                "(integer boundary)")
+        out.append(np.ascontiguousarray(a))
+    return out
+
+
+def random_inputs(specs: list[dict[str, Any]], seed: int = 0) -> list[np.ndarray]:
+    """One random array per input spec (normal floats, or integers over the dtype's range): timing inputs."""
+    rng = np.random.default_rng(seed)
+    ins = []
+    for spec in specs:
+        if spec["dtype"] == "float32":
+            ins.append(rng.standard_normal(spec["shape"]).astype(np.float32))
+        else:
+            info = np.iinfo(spec["dtype"])
+            ins.append(rng.integers(info.min, info.max + 1, spec["shape"]).astype(spec["dtype"]))
+    return ins
+
+
 class CompiledModel:
     """A loaded model.so: call it with numpy arrays, get numpy arrays back."""
 
@@ -61,22 +95,7 @@ class CompiledModel:
         return int(self.inputs[0]["shape"][0])
 
     def _check(self, args: tuple[np.ndarray, ...]) -> list[np.ndarray]:
-        if len(args) != len(self.inputs):
-            raise IntforgeError(f"{self.library.name} takes {len(self.inputs)} input(s) "
-                                f"({', '.join(i['name'] for i in self.inputs)}), got {len(args)}")
-        out = []
-        for spec, a in zip(self.inputs, args, strict=True):
-            a = np.asarray(a)
-            if tuple(a.shape) != tuple(spec["shape"]):
-                raise IntforgeError(f"input '{spec['name']}' has shape {tuple(a.shape)}; {self.library.name} was "
-                                    f"compiled for {tuple(spec['shape'])}")
-            if spec["dtype"] == "float32":
-                a = a.astype(np.float32, copy=False)
-            elif a.dtype != np.dtype(spec["dtype"]):
-                raise IntforgeError(f"input '{spec['name']}' has dtype {a.dtype}; {self.library.name} takes "
-                                    f"{spec['dtype']} (integer boundary)")
-            out.append(np.ascontiguousarray(a))
-        return out
+        return check_inputs(self.library.name, self.inputs, args)
 
     def __call__(self, *args: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
         import tvm
@@ -90,14 +109,7 @@ class CompiledModel:
         """Latency statistics in milliseconds (median, mean, std, min, p10, p90) on random inputs."""
         import time as _time
 
-        rng = np.random.default_rng(0)
-        ins = []
-        for spec in self.inputs:
-            if spec["dtype"] == "float32":
-                ins.append(rng.standard_normal(spec["shape"]).astype(np.float32))
-            else:
-                info = np.iinfo(spec["dtype"])
-                ins.append(rng.integers(info.min, info.max + 1, spec["shape"]).astype(spec["dtype"]))
+        ins = random_inputs(self.inputs)
         for _ in range(warmup):
             self(*ins)
         ts = []
@@ -121,8 +133,8 @@ class CompiledModel:
         return IntegerProgram.load(path)
 
 
-def load(path: str | Path) -> CompiledModel:
-    """Load model.so after checking it against model.json beside it (existence and sha256)."""
+def read_checked(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The library path and its manifest, after checking both exist and the sha256 matches."""
     from intforge.compiler.manifest import manifest_path_for, read_manifest, sha256_file
 
     path = Path(path)
@@ -149,4 +161,27 @@ def load(path: str | Path) -> CompiledModel:
             f"{str(want)[:16]}.... The library was modified or replaced after compilation; it will not be "
             "loaded. Recompile with `intforge compile`, or restore the original file."
         )
+    return path, manifest
+
+
+def load(path: str | Path, emulate: bool = False):
+    """Load model.so after checking it against model.json beside it (existence and sha256).
+
+    A library cross-compiled for another architecture loads only with `emulate=True`: it then runs
+    under qemu-user (intforge.emulate.EmulatedModel), with the same input checks."""
+    from intforge.compiler.targets import host_arch
+
+    path, manifest = read_checked(path)
+    arch = manifest.get("target", {}).get("arch", "x86_64")
+    if arch != host_arch():
+        if not emulate:
+            raise ArtifactError(
+                f"{path} was compiled for {arch} (target '{manifest['target'].get('preset')}') and cannot run "
+                f"on this {host_arch()} machine. Copy it (with its .json manifest) to the board, time it there "
+                f"with `intforge bench {path} --rpc HOST:PORT`, or run it here under emulation with "
+                f"`intforge run {path} --emulate`."
+            )
+        from .emulate import EmulatedModel
+
+        return EmulatedModel(path, manifest)
     return CompiledModel(path, manifest)

@@ -1,9 +1,12 @@
 """Compare schedules layer by layer: each conv/linear compiled alone under each schedule and timed.
 
-This is how a user "compares TVM schedules": the same layer, same integers, under plain lowering (no
-schedule: one thread), intforge's default CPU schedule, and the tuned schedule from the target's
-MetaSchedule database when `intforge tune` has made one. Tensorized (VNNI) schedules join the table
-when they exist (issue 4).
+This is how a user "compares TVM schedules": the same layer, same integers, under
+- plain: TOPI's NCHW kernels, plain lowering (no schedule: one thread),
+- default: TOPI's kernels with intforge's default CPU schedule (outer loops in parallel),
+- tensorized: intforge's own kernels, what `compile` uses: on AVX512-VNNI CPUs `vpdpbusd` through TVM
+  tensorization (kernels/x86_vnni.py), elsewhere the dot-product layout (kernels/dot_product.py),
+- tuned: intforge's kernels with the target's MetaSchedule database, when `intforge tune` made one (the
+  tensorized kernels keep their own schedule; tuning covers the rest).
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ from typing import Any
 from .capture import FloatGraph
 from .latency import layer_program, time_layer_program
 
-VARIANTS = ("plain", "default", "tuned")
+VARIANTS = ("plain", "default", "tensorized", "tuned")
+BUILD_OPTIONS = {
+    "plain": {"dot_kernels": False, "default_schedule": False, "tuned": False},
+    "default": {"dot_kernels": False, "default_schedule": True, "tuned": False},
+    "tensorized": {"dot_kernels": True, "default_schedule": True, "tuned": False},
+    "tuned": {"dot_kernels": True, "default_schedule": True, "tuned": True},
+}
 
 
 def compare_schedules(graph: FloatGraph, target: str = "x86", bits: dict[str, int] | None = None,
@@ -35,8 +44,7 @@ def compare_schedules(graph: FloatGraph, target: str = "x86", bits: dict[str, in
             macs = prog.layers()[0]["macs"]
             row: dict[str, Any] = {"name": op.name, "kind": op.kind, "bits": b, "macs": macs, "ms": {}, "gops": {}}
             for v in variants:
-                ms = time_layer_program(prog, Path(tmp) / f"{i}-{v}", target, repeat, tuned=(v == "tuned"),
-                                        default_schedule=(v != "plain"))
+                ms = time_layer_program(prog, Path(tmp) / f"{i}-{v}", target, repeat, **BUILD_OPTIONS[v])
                 row["ms"][v] = ms
                 row["gops"][v] = 2 * macs / (ms * 1e6)
             rows.append(row)
@@ -52,14 +60,14 @@ def compare_schedules(graph: FloatGraph, target: str = "x86", bits: dict[str, in
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     variants = [v for v in VARIANTS if rows and v in rows[0]["ms"]]
-    head = f"{'layer':28s} {'bits':>4s} {'MMACs':>8s} " + " ".join(f"{v + ' ms':>11s} {v + ' GOPS':>12s}"
+    head = f"{'layer':28s} {'bits':>4s} {'MMACs':>8s} " + " ".join(f"{v + ' ms':>13s} {v + ' GOPS':>15s}"
                                                                     for v in variants) + f" {'share':>6s}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        cells = " ".join(f"{r['ms'][v]:11.3f} {r['gops'][v]:12.2f}" for v in variants)
+        cells = " ".join(f"{r['ms'][v]:13.3f} {r['gops'][v]:15.2f}" for v in variants)
         lines.append(f"{r['name'][:28]:28s} {r['bits']:4d} {r['macs'] / 1e6:8.2f} {cells} "
                      f"{100 * r['share_of_default']:5.1f}%")
-    totals = " ".join(f"{sum(r['ms'][v] for r in rows):11.3f} {'':12s}" for v in variants)
+    totals = " ".join(f"{sum(r['ms'][v] for r in rows):13.3f} {'':15s}" for v in variants)
     lines.append(f"{'total':28s} {'':4s} {sum(r['macs'] for r in rows) / 1e6:8.2f} {totals}")
     return "\n".join(lines)
 

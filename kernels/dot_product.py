@@ -1,0 +1,75 @@
+"""Integer conv2d and dense laid out for CPU dot-product instructions (ARM sdot/udot/usdot, x86 vpdp*).
+
+TOPI's NCHW conv reduces over input channels with a stride of H*W, so LLVM can only emit scalar or
+widening multiply-adds. These kernels lay the reduction out contiguously in both operands: the input is
+padded and transposed to NHWC inside the kernel, the weights are pre-packed at compile time to OHWI
+(dense: [N, K], already contiguous), and the innermost loop is the input-channel reduction. LLVM's loop
+vectorizer then turns `acc += sext(a) * sext(w)` into `sdot` (s8 x s8), and `usdot` (u8 x s8) when the
+CPU has i8mm.
+
+Unsigned activations on a CPU with sdot but without usdot are made signed exactly: the kernel computes
+with a - 128 (padding becomes -128, i.e. an original 0), and `correction[o] = 128 * sum(w[o])`, added to
+the accumulator, restores sum(a * w). The accumulator bound is unchanged: |a - 128| <= 128.
+
+We write these with TE rather than TVM's `dot_4x4_i8i8s32_sdot` tensor intrinsic: that intrinsic wants a
+4x4-blocked layout and a MetaSchedule rule to reach it, while the contiguous layout gets the same
+instruction from LLVM with the default schedule (checked by a disassembly test).
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+SHIFT = 128
+
+
+def conv2d_nhwc_dot(x: te.Tensor, w: te.Tensor, correction: te.Tensor | None, stride: tuple[int, int],
+                    padding: tuple[int, int], dilation: tuple[int, int], groups: int,
+                    shift_unsigned: bool) -> te.Tensor:
+    """x: [N, C, H, W] int8/uint8 (NCHW, as the rest of the graph), w: [O, KH, KW, C/groups] int8,
+    correction: [O] int32 or None. Returns [N, O, OH, OW] int32 (NCHW)."""
+    n, c, h, wd = (int(d) for d in x.shape)
+    o, kh, kw, cg = (int(d) for d in w.shape)
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    shift = shift_unsigned and x.dtype == "uint8"
+    in_dtype = "int8" if shift else x.dtype
+    pad_value = -SHIFT if shift else 0
+
+    def _packed(b, i, j, ch):
+        inside = tirx.all(i >= ph, i < h + ph, j >= pw, j < wd + pw)
+        v = x[b, ch, i - ph, j - pw]
+        v = (v.astype("int32") - SHIFT).astype("int8") if shift else v
+        return tirx.if_then_else(inside, v, tirx.const(pad_value, in_dtype))
+
+    xp = te.compute((n, h + 2 * ph, wd + 2 * pw, c), _packed, name="data_nhwc")
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    rc = te.reduce_axis((0, cg), "rc")
+    per_group = o // groups
+
+    def _acc(b, oc, i, j):
+        ch = rc if groups == 1 else (oc // per_group) * cg + rc
+        return te.sum(xp[b, i * sh + rh * dh, j * sw + rw * dw, ch].astype("int32")
+                      * w[oc, rh, rw, rc].astype("int32"), axis=[rh, rw, rc])
+
+    acc = te.compute((n, o, oh, ow), _acc, name="conv_dot")
+    if correction is None:
+        return acc
+    return te.compute(acc.shape, lambda b, oc, i, j: acc[b, oc, i, j] + correction[oc], name="conv_dot_corr")
+
+
+def dense_dot(x: te.Tensor, w: te.Tensor, correction: te.Tensor | None, shift_unsigned: bool) -> te.Tensor:
+    """x: [M, K] int8/uint8, w: [N, K] int8, correction: [N] int32 or None -> [M, N] int32."""
+    m, k = (int(d) for d in x.shape)
+    n = int(w.shape[0])
+    shift = shift_unsigned and x.dtype == "uint8"
+    if shift:
+        x = te.compute((m, k), lambda i, j: (x[i, j].astype("int32") - SHIFT).astype("int8"), name="data_s8")
+    rk = te.reduce_axis((0, k), "rk")
+    acc = te.compute((m, n), lambda i, j: te.sum(x[i, rk].astype("int32") * w[j, rk].astype("int32"), axis=rk),
+                     name="dense_dot")
+    if correction is None:
+        return acc
+    return te.compute(acc.shape, lambda i, j: acc[i, j] + correction[j], name="dense_dot_corr")
