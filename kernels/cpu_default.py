@@ -10,7 +10,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
-from .x86_vnni import schedule_vnni_block
+from .x86_vnni import schedule_vnni_func
 
 MIN_PARALLEL_EXTENT = 4
 
@@ -21,8 +21,9 @@ def _schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
         root = sch.get_sblock("root")
     except Exception:  # noqa: BLE001 - functions without a root block are left as they are
         return func
+    left = schedule_vnni_func(sch)  # our tensorized kernels bring their own schedule
     for block in sch.get_child_blocks(root):
-        if schedule_vnni_block(sch, block):  # our tensorized kernels bring their own schedule
+        if left is not None and sch.get(block).name_hint not in left:
             continue
         loops = sch.get_loops(block)
         if not loops:

@@ -28,7 +28,7 @@ DENSE_BLOCK = "dense_vnni"
 def _dot_16x4_desc(
     A: T.Buffer((4,), "uint8", offset_factor=1),
     B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
 ) -> None:
     with T.sblock("root"):
         T.reads(C[0:16], A[0:4], B[0:16, 0:4])
@@ -44,7 +44,7 @@ def _dot_16x4_desc(
 def _dot_16x4_vnni(
     A: T.Buffer((4,), "uint8", offset_factor=1),
     B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
 ) -> None:
     with T.sblock("root"):
         T.reads(C[0:16], A[0:4], B[0:16, 0:4])
@@ -126,27 +126,48 @@ def _spatial_block(extent: int, most: int = 8) -> int:
     return max(d for d in range(1, most + 1) if extent % d == 0)
 
 
-def schedule_vnni_block(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> bool:
-    """Schedule a conv_vnni / dense_vnni block: parallel outer loops, a register block of output pixels
-    by 16 channels, init split off, and the 16x4 inner product tensorized to vpdpbusd. False if the block
-    is not one of ours."""
-    name = sch.get(block).name_hint
-    if name == CONV_BLOCK:
+def schedule_vnni_func(sch: s_tir.Schedule) -> set[str] | None:
+    """Schedule a fused function built around a conv_vnni / dense_vnni block. Returns None when the
+    function has none of ours, else the names of the blocks left for the default rule (input packing).
+
+    The accumulator tile (pixels x 32 channels for conv, 16 channels for dense) lives in a local buffer,
+    which LLVM keeps in zmm registers for the whole reduction; the 16x4 inner product is tensorized to
+    vpdpbusd; and the requantize epilogue is inlined into one block computed per tile, inside the same
+    parallel loop, so the int32 accumulators never make a round trip through memory.
+    """
+    root = sch.get_sblock("root")
+    blocks = sch.get_child_blocks(root)
+    names = [sch.get(b).name_hint for b in blocks]
+    kind = CONV_BLOCK if CONV_BLOCK in names else DENSE_BLOCK if DENSE_BLOCK in names else None
+    if kind is None:
+        return None
+    k = names.index(kind)
+    block, epilogue = blocks[k], blocks[k + 1:]
+    for b in epilogue[:-1]:  # conv_vnni_out, bias add, dyadic multiply, shift, clamp, cast: one block
+        sch.compute_inline(b)
+    last = epilogue[-1]
+    acc = sch.cache_write(block, 0, "local")
+    if kind == CONV_BLOCK:
         n, o1, i, j, o2, rh, rw, rcb, rci = sch.get_loops(block)
-        jb = _spatial_block(int(sch.get(j).extent))
-        jo, ji = sch.split(j, [None, jb])
-        sch.reorder(n, o1, i, jo, rh, rw, rcb, ji, o2, rci)
-        sch.parallel(sch.fuse(n, o1, i))
-        init = sch.decompose_reduction(block, rh)
-        sch.tensorize(o2, VNNI_INTRIN)
-        sch.unroll(ji)
-    elif name == DENSE_BLOCK:
+        ob = 2 if int(sch.get(o1).extent) % 2 == 0 else 1  # 2 x 16 channels: each broadcast feeds 2 vpdpbusd
+        o1o, o1i = sch.split(o1, [None, ob])
+        jo, ji = sch.split(j, [None, _spatial_block(int(sch.get(j).extent))])
+        sch.reorder(n, o1o, i, jo, rh, rw, rcb, ji, o1i, o2, rci)
+        sch.parallel(sch.fuse(n, o1o, i))
+        tile, first_reduce = jo, rh
+    else:
         i, o1, o2, rkb, rki = sch.get_loops(block)
         sch.reorder(i, o1, rkb, o2, rki)
-        sch.parallel(sch.fuse(i, o1))
-        init = sch.decompose_reduction(block, rkb)
-        sch.tensorize(o2, VNNI_INTRIN)
-    else:
-        return False
+        tile = sch.fuse(i, o1)
+        sch.parallel(tile)
+        first_reduce, ji, o1i = rkb, None, None
+    sch.reverse_compute_at(acc, tile)
+    sch.reverse_compute_at(last, tile)
+    init = sch.decompose_reduction(block, first_reduce)
+    sch.tensorize(o2, VNNI_INTRIN)
+    for loop in (o1i, ji):
+        if loop is not None:
+            sch.unroll(loop)
+    sch.vectorize(sch.get_loops(acc)[-1])
     sch.vectorize(sch.get_loops(init)[-1])
-    return True
+    return set(names[:k])

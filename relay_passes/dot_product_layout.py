@@ -1,10 +1,12 @@
-"""Relax pass: integer conv2d / matmul -> the dot-product kernels of `intforge.kernels.dot_product`.
+"""Relax pass: integer conv2d / matmul -> intforge's CPU kernels, with weights re-laid out at compile time.
 
-Runs before legalization on targets with integer dot-product instructions. Weights that are constants
-(INT8) are re-laid out in numpy at compile time, so the .so carries them pre-packed in the kernel's
-layout; INT4 weights come out of the unpack kernel at run time and are transposed there by a Relax op.
-Depthwise convolutions (one input channel per group: nothing to reduce over channels) and float ops
-keep TOPI's lowering. The arithmetic is unchanged: the same integer sums, bit for bit.
+Runs before legalization. On x86 with AVX512-VNNI, conv2d (groups 1) and dense become the tensorized
+`vpdpbusd` kernels of `intforge.kernels.x86_vnni`; elsewhere (ARM, and grouped convs) the dot-product
+layout kernels of `intforge.kernels.dot_product`. Weights are known at compile time (an INT8 constant, or
+INT4 nibbles that the shared unpack kernel expands from a constant), so they are re-laid out in numpy into
+the kernel's layout and stored that way; INT4 weights are re-packed as nibbles in the new order, so the
+.so stays as small and the unpack kernel now produces the kernel's layout directly. Depthwise
+convolutions and float ops keep TOPI's lowering. The arithmetic is unchanged: the same integer sums.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from tvm import relax
 from tvm.relax import Call, Expr, PyExprMutator, expr_functor
 
 from intforge.kernels.dot_product import SHIFT, conv2d_nhwc_dot, dense_dot
+from intforge.kernels.int4 import UNPACK_SYMBOL, pack_int4, unpack_int4
 from intforge.kernels.x86_vnni import GROUP, LANES, blocks, conv2d_vnni, dense_vnni
 
 _INT_IN = ("int8", "uint8")
@@ -28,56 +31,76 @@ def _ints(v) -> tuple[int, ...]:
     return tuple(int(i) for i in v)
 
 
+def _vnni_conv_layout(w: np.ndarray) -> np.ndarray:
+    """[O, C, KH, KW] -> [O/16, KH, KW, C/4, 16, 4], channels zero-padded to the blocks."""
+    o, c, kh, kw = w.shape
+    ob, cb = blocks(o, LANES), blocks(c, GROUP)
+    wpad = np.zeros((ob * LANES, cb * GROUP, kh, kw), np.int8)
+    wpad[:o, :c] = w
+    return np.ascontiguousarray(wpad.reshape(ob, LANES, cb, GROUP, kh, kw).transpose(0, 4, 5, 2, 1, 3))
+
+
+def _vnni_dense_layout(w: np.ndarray) -> np.ndarray:
+    """[N, K] -> [N/16, K/4, 16, 4], zero-padded."""
+    n, k = w.shape
+    nb, kb = blocks(n, LANES), blocks(k, GROUP)
+    wpad = np.zeros((nb * LANES, kb * GROUP), np.int8)
+    wpad[:n, :k] = w
+    return np.ascontiguousarray(wpad.reshape(nb, LANES, kb, GROUP).transpose(0, 2, 1, 3))
+
+
 @expr_functor.mutator
-class _DotProductRewriter(PyExprMutator):
+class _KernelRewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, shift_unsigned: bool, vnni: bool) -> None:
         super().__init__(mod)
         self.shift_unsigned = shift_unsigned
         self.vnni = vnni
         self.rewritten = 0
 
-    def _vnni_correction(self, x: Expr, w_np: np.ndarray, axes: tuple[int, ...]) -> Expr | None:
-        """vpdpbusd is u8 x s8: signed activations run as a + 128, corrected by -128 * sum(w)."""
-        if _dtype(x) != "int8":
+    def _bound(self, e: Expr) -> Expr:
+        while isinstance(e, relax.Var):
+            value = self.lookup_binding(e)
+            if value is None:
+                break
+            e = value
+        return e
+
+    def _weight_value(self, w: Expr) -> tuple[np.ndarray, relax.GlobalVar | None] | None:
+        """The weight's int8 values if known at compile time, and the INT4 unpack kernel it came through."""
+        if isinstance(w, tvm.ir.Constant):
+            return w.value.numpy(), None
+        reshape = self._bound(w)
+        if not (isinstance(reshape, Call) and getattr(reshape.op, "name", "") == "relax.reshape"):
             return None
-        return relax.const((-SHIFT * w_np.astype(np.int64).sum(axis=axes)).astype(np.int32), "int32")
-
-    def _conv2d_vnni(self, x: Expr, w_np: np.ndarray, a, pad: tuple[int, ...]) -> Expr:
-        o, c, kh, kw = w_np.shape
-        ob, cb = blocks(o, LANES), blocks(c, GROUP)
-        wpad = np.zeros((ob * LANES, cb * GROUP, kh, kw), np.int8)
-        wpad[:o, :c] = w_np
-        # [O, C, KH, KW] -> [O/16, 16, C/4, 4, KH, KW] -> [O/16, KH, KW, C/4, 16, 4]
-        packed = wpad.reshape(ob, LANES, cb, GROUP, kh, kw).transpose(0, 4, 5, 2, 1, 3)
-        corr = self._vnni_correction(x, w_np, (1, 2, 3))
-        args = [x, relax.const(np.ascontiguousarray(packed), "int8")] + ([corr] if corr is not None else [])
-        self.rewritten += 1
-        return self.builder_.call_te(
-            lambda xx, ww, *cc: conv2d_vnni(xx, ww, cc[0] if cc else None, o, _ints(a.strides)[:2], pad[:2],
-                                            _ints(a.dilation)[:2]),
-            *args, primfunc_name_hint="conv2d_vnni")
-
-    def _dense_vnni(self, x: Expr, w_np: np.ndarray) -> Expr:
-        n, k = w_np.shape
-        nb, kb = blocks(n, LANES), blocks(k, GROUP)
-        wpad = np.zeros((nb * LANES, kb * GROUP), np.int8)
-        wpad[:n, :k] = w_np
-        packed = wpad.reshape(nb, LANES, kb, GROUP).transpose(0, 2, 1, 3)  # [N/16, K/4, 16, 4]
-        corr = self._vnni_correction(x, w_np, (1,))
-        args = [x, relax.const(np.ascontiguousarray(packed), "int8")] + ([corr] if corr is not None else [])
-        self.rewritten += 1
-        return self.builder_.call_te(lambda xx, ww, *cc: dense_vnni(xx, ww, cc[0] if cc else None, n), *args,
-                                     primfunc_name_hint="dense_vnni")
-
-    def _correction(self, w: Expr, w_np: np.ndarray | None, x: Expr, axes: list[int]) -> Expr | None:
-        if not (self.shift_unsigned and _dtype(x) == "uint8"):
+        unpack = self._bound(reshape.args[0])
+        if not (isinstance(unpack, Call) and getattr(unpack.op, "name", "") == "relax.call_tir"):
             return None
-        if w_np is not None:
-            corr = SHIFT * w_np.astype(np.int64).sum(axis=tuple(axes))
-            return relax.const(corr.astype(np.int32), "int32")
-        w32 = self.builder_.emit(relax.op.astype(w, "int32"))
-        total = self.builder_.emit(relax.op.sum(w32, axis=axes))
-        return self.builder_.emit(relax.op.multiply(total, relax.const(SHIFT, "int32")))
+        gv, args = unpack.args[0], unpack.args[1]
+        if not (isinstance(gv, relax.GlobalVar) and gv.name_hint == UNPACK_SYMBOL and len(args) == 1
+                and isinstance(args[0], tvm.ir.Constant)):
+            return None
+        shape = _ints(w.ty.shape)
+        return unpack_int4(args[0].value.numpy(), int(np.prod(shape))).reshape(shape), gv
+
+    def _emit_weight(self, arr: np.ndarray, unpack: relax.GlobalVar | None) -> Expr:
+        """The re-laid-out weight: a constant, or for INT4 nibbles in the new order and the unpack kernel."""
+        if unpack is None:
+            return relax.const(arr, "int8")
+        flat = self.builder_.emit(relax.call_tir(unpack, [relax.const(pack_int4(arr), "int8")],
+                                                 relax.TensorType((arr.size,), "int8")))
+        return self.builder_.emit(relax.op.reshape(flat, arr.shape))
+
+    @staticmethod
+    def _correction(value: np.ndarray | None, axes: tuple[int, ...], sign: int) -> Expr | None:
+        if value is None:
+            return None
+        return relax.const((sign * SHIFT * value.astype(np.int64).sum(axis=axes)).astype(np.int32), "int32")
+
+    def _call(self, fn, name: str, x: Expr, w: Expr, corr: Expr | None) -> Expr:
+        self.rewritten += 1
+        args = [x, w] + ([corr] if corr is not None else [])
+        return self.builder_.call_te(lambda xx, ww, *cc: fn(xx, ww, cc[0] if cc else None), *args,
+                                     primfunc_name_hint=name)
 
     def _conv2d(self, call: Call) -> Expr | None:
         a = call.attrs
@@ -91,22 +114,23 @@ class _DotProductRewriter(PyExprMutator):
         pad = _ints(a.padding)
         if len(pad) == 4 and (pad[0], pad[1]) != (pad[2], pad[3]):
             return None  # asymmetric padding: not produced by our frontend; keep TOPI's lowering
-        if self.vnni and isinstance(w, tvm.ir.Constant) and int(a.groups) == 1:
-            return self._conv2d_vnni(x, w.value.numpy(), a, pad)
-        if isinstance(w, tvm.ir.Constant):
-            w_np = w.value.numpy()
-            w_ohwi = relax.const(np.ascontiguousarray(w_np.transpose(0, 2, 3, 1)), "int8")
-        else:
-            w_np = None
-            w_ohwi = self.builder_.emit(relax.op.permute_dims(w, [0, 2, 3, 1]))
-        corr = self._correction(w, w_np, x, [1, 2, 3])
-        args = [x, w_ohwi] + ([corr] if corr is not None else [])
-        self.rewritten += 1
-        return self.builder_.call_te(
-            lambda xx, ww, *cc: conv2d_nhwc_dot(xx, ww, cc[0] if cc else None, _ints(a.strides)[:2],
-                                                pad[:2], _ints(a.dilation)[:2], int(a.groups),
-                                                self.shift_unsigned),
-            *args, primfunc_name_hint="conv2d_dot")
+        known = self._weight_value(w)
+        if known is None:
+            return None
+        value, unpack = known
+        stride, dilation, groups = _ints(a.strides)[:2], _ints(a.dilation)[:2], int(a.groups)
+        if self.vnni and groups == 1:
+            # vpdpbusd is u8 x s8: signed activations run as a + 128, corrected by -128 * sum(w)
+            corr = self._correction(value, (1, 2, 3), -1) if _dtype(x) == "int8" else None
+            o = value.shape[0]
+            return self._call(lambda xx, ww, cc: conv2d_vnni(xx, ww, cc, o, stride, pad[:2], dilation),
+                              "conv2d_vnni", x, self._emit_weight(_vnni_conv_layout(value), unpack), corr)
+        shift = self.shift_unsigned and _dtype(x) == "uint8"
+        corr = self._correction(value, (1, 2, 3), 1) if shift else None
+        w_ohwi = np.ascontiguousarray(value.transpose(0, 2, 3, 1))
+        return self._call(lambda xx, ww, cc: conv2d_nhwc_dot(xx, ww, cc, stride, pad[:2], dilation, groups,
+                                                             self.shift_unsigned),
+                          "conv2d_dot", x, self._emit_weight(w_ohwi, unpack), corr)
 
     def _matmul(self, call: Call) -> Expr | None:
         x, wt = self.visit_expr(call.args[0]), self.visit_expr(call.args[1])
@@ -114,20 +138,18 @@ class _DotProductRewriter(PyExprMutator):
             return None
         if len(x.ty.shape) != 2 or len(wt.ty.shape) != 2:
             return None
-        if self.vnni and isinstance(wt, tvm.ir.Constant):
-            return self._dense_vnni(x, np.ascontiguousarray(wt.value.numpy().T))
-        if isinstance(wt, tvm.ir.Constant):  # emitted as x @ W^T: store W ([N, K], K contiguous) instead
-            w_np = np.ascontiguousarray(wt.value.numpy().T)
-            w = relax.const(w_np, "int8")
-        else:
-            w_np = None
-            w = self.builder_.emit(relax.op.permute_dims(wt, [1, 0]))
-        corr = self._correction(w, w_np, x, [1])
-        args = [x, w] + ([corr] if corr is not None else [])
-        self.rewritten += 1
-        return self.builder_.call_te(
-            lambda xx, ww, *cc: dense_dot(xx, ww, cc[0] if cc else None, self.shift_unsigned),
-            *args, primfunc_name_hint="dense_dot")
+        known = self._weight_value(wt)
+        if known is None:
+            return None
+        value, unpack = np.ascontiguousarray(known[0].T), known[1]  # emitted as x @ W^T; the kernels take W
+        if self.vnni:
+            corr = self._correction(value, (1,), -1) if _dtype(x) == "int8" else None
+            n = value.shape[0]
+            return self._call(lambda xx, ww, cc: dense_vnni(xx, ww, cc, n), "dense_vnni", x,
+                              self._emit_weight(_vnni_dense_layout(value), unpack), corr)
+        corr = self._correction(value, (1,), 1) if self.shift_unsigned and _dtype(x) == "uint8" else None
+        return self._call(lambda xx, ww, cc: dense_dot(xx, ww, cc, self.shift_unsigned), "dense_dot", x,
+                          self._emit_weight(value, unpack), corr)
 
     def visit_call_(self, call: Call) -> Expr:
         name = getattr(call.op, "name", "")
@@ -140,16 +162,16 @@ class _DotProductRewriter(PyExprMutator):
 
 
 def dot_product_layout_pass(shift_unsigned: bool, vnni: bool = False) -> tvm.transform.Pass:
-    """The rewrite as a module pass. `shift_unsigned`: the CPU multiplies s8 x s8 but not u8 x s8 (sdot
-    without usdot), so unsigned activations run shifted by -128 with a weight-sum correction. `vnni`:
-    x86 with AVX512-VNNI; INT8 conv2d (groups 1) and dense use the tensorized vpdpbusd kernels."""
+    """The rewrite as a module pass, followed by dead-code elimination (the original weights and their
+    unpacking go). `shift_unsigned`: the CPU multiplies s8 x s8 but not u8 x s8 (sdot without usdot), so
+    unsigned activations run shifted by -128 with a weight-sum correction. `vnni`: x86 with AVX512-VNNI."""
 
     @tvm.transform.module_pass(opt_level=0, name="intforge.DotProductLayout")
     def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _DotProductRewriter(mod, shift_unsigned, vnni)
+        rewriter = _KernelRewriter(mod, shift_unsigned, vnni)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
+        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
 
     return _run
