@@ -42,7 +42,7 @@ lint: $(STAMP)
 	$(BIN)/python -m ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_resnet18.py
+	$(BIN)/python benchmarks/bench_cpu_suite.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

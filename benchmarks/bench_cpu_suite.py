@@ -1,0 +1,286 @@
+"""CPU latency suite: ResNet18, ResNet50 and MobileNetV2 at batch 1 and 8, every engine in one run.
+
+Engines, all timed in ONE process on the same machine with the same thread count (default 2):
+    torch_fp32      PyTorch eager, torch.inference_mode
+    ort_fp32        ONNX Runtime on torch.onnx.export of the model
+    ort_int8        ONNX Runtime, static QDQ INT8 (per-channel s8 weights, u8 activations, MinMax)
+    tvm_fp32        TVM Relax from torch.export, compiled with TVM's default CPU pipeline (untuned, the
+                    out-of-the-box TVM a user gets without tuning)
+    intforge_int8   intforge's integer-only model.so (VNNI kernels on AVX512-VNNI CPUs)
+    intforge_mixed  the same with a mixed INT4/INT8 plan: Hessian traces (block probes, no eigenvalues)
+                    on the calibration images with the float model's predictions as labels, ILP at 50%
+                    of the size range, first/last layer pinned to INT8, residual branches tied
+
+Models are torchvision's with random seeded weights (`intforge.zoo`): latency does not depend on the
+weights' values, and no ImageNet data is reachable here. The timing loop is the one in bench_resnet18.py
+(warm-up, then `--repeat` perf_counter calls on the same input, engine I/O conversion included).
+
+It also reports, for the largest convolutions of each model, the achieved fraction of the CPU's INT8
+peak: MACs of the layer / its time alone (intforge's kernel, batch 1) / peak MAC rate, where the peak is
+64 MACs per cycle per core (one 512-bit vpdpbusd per cycle; Zen 4 and Ice Lake and later server cores)
+times the cores used times the clock from /proc/cpuinfo.
+
+Writes JSON (`--out`) and a grouped bar chart beside it. Takes 10-20 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_resnet18 import (  # noqa: E402 - the shared timing loop and engines
+    machine_info,
+    ort_session,
+    quantize_onnx,
+    set_thread_env,
+    time_engine,
+    versions,
+)
+
+ROOT = Path(__file__).resolve().parent
+MODELS = ("resnet18", "resnet50", "mobilenet_v2")
+ENGINES = ("torch_fp32", "ort_fp32", "ort_int8", "tvm_fp32", "intforge_int8", "intforge_mixed")
+MACS_PER_CYCLE_PER_CORE = 64
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--calib", type=int, default=16)
+    p.add_argument("--top-convs", type=int, default=3, help="largest convolutions per model for the peak fraction")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "cpu_suite.json")
+    return p.parse_args(argv)
+
+
+def cpu_ghz() -> float:
+    mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+           if line.startswith("cpu MHz")]
+    return max(mhz) / 1e3 if mhz else float("nan")
+
+
+def export_onnx_dynamic(model: Any, x: np.ndarray, path: Path) -> None:
+    """ONNX with a dynamic batch axis: ORT's calibration feeds single images to the batch-8 model too."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (torch.from_numpy(x[:1]),), str(path), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def build_tvm_fp32(model: Any, x: np.ndarray):
+    import torch
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from intforge.compiler.targets import resolve_target
+
+    with torch.no_grad():
+        ep = torch.export.export(model, (torch.from_numpy(x),))
+    mod = from_exported_program(ep, keep_params_as_input=False)
+    ex = tvm.compile(mod, target=resolve_target("x86").tvm_target())
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+
+    def run(a: np.ndarray) -> np.ndarray:
+        out = vm["main"](tvm.runtime.tensor(a))
+        out = out[0] if not hasattr(out, "numpy") else out
+        return out.numpy()
+
+    return run
+
+
+def mixed_bits(model: Any, calib: np.ndarray) -> dict[str, int]:
+    import torch
+
+    from intforge.bitplan import plan_layers, residual_ties
+    from intforge.capture import capture
+    from intforge.hessian import analyze
+    from intforge.planner import Budget, plan
+
+    x = torch.from_numpy(calib[:8])
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    report = analyze(model, [(x, y)], tol=0.1, max_probes=10, power_iters=0, probe="block", progress=False)
+    graph = capture(model, (x[:1],))
+    layers = plan_layers(graph, report)
+    return plan(layers, budgets=[Budget("size", 0.5, relative=True)], tie=residual_ties(graph),
+                pin_first_last=True).bits
+
+
+def peak_fraction(model: Any, shape: tuple[int, ...], top: int, threads: int) -> list[dict[str, Any]]:
+    """The largest convolutions, each compiled alone with intforge's kernels and timed."""
+    import torch
+
+    from intforge.capture import capture
+    from intforge.latency import layer_program, time_layer_program
+
+    graph = capture(model, (torch.zeros(shape),))
+    def size(op: Any) -> int:
+        return int(np.prod(op.params["weight"].shape)) * int(np.prod(graph.shapes[op.output][2:]))
+
+    convs = sorted((op for op in graph.ops if op.kind == "conv2d"), key=lambda op: -size(op))
+    peak = MACS_PER_CYCLE_PER_CORE * threads * cpu_ghz() * 1e9
+    rows, seen = [], set()
+    with tempfile.TemporaryDirectory() as tmp:
+        for op in convs:
+            key = (tuple(op.params["weight"].shape), tuple(graph.shapes[op.inputs[0]]), str(op.attrs.get("stride")))
+            if key in seen:
+                continue
+            seen.add(key)
+            prog = layer_program(op, tuple(graph.shapes[op.inputs[0]]), tuple(graph.shapes[op.output]), 8)
+            macs = prog.layers()[0]["macs"]
+            ms = time_layer_program(prog, Path(tmp) / str(len(rows)), "x86", 30, tuned=False)
+            rows.append({"layer": op.name, "weight_shape": list(op.params["weight"].shape),
+                         "output_shape": list(graph.shapes[op.output]), "macs": macs, "ms": round(ms, 4),
+                         "gmacs_per_s": round(macs / ms / 1e6, 2),
+                         "fraction_of_int8_peak": round(macs / ms * 1e3 / peak, 4)})
+            if len(rows) == top:
+                break
+    return rows
+
+
+def run_model(name: str, batch: int, args: argparse.Namespace, engines: list[str], work: Path) -> dict[str, Any]:
+    import torch
+
+    import intforge
+    from intforge import zoo
+    from intforge.compiler import build
+    from intforge.quantize import QuantConfig
+
+    torch.manual_seed(0)
+    model = getattr(zoo, name)(seed=0).eval()
+    images = zoo.random_images(max(args.calib, batch) + batch, seed=0)
+    x = np.ascontiguousarray(images[:batch])
+    calib = np.ascontiguousarray(images[batch:batch + args.calib])
+    res: dict[str, Any] = {}
+    fns: dict[str, Any] = {}
+    for eng in engines:
+        t0 = time.perf_counter()
+        try:
+            if eng == "torch_fp32":
+                def _torch(a: np.ndarray) -> np.ndarray:
+                    with torch.inference_mode():
+                        return model(torch.from_numpy(a)).numpy()
+                fns[eng] = _torch
+            elif eng in ("ort_fp32", "ort_int8"):
+                mdir = work / name  # one export and one quantization per model, for every batch size
+                mdir.mkdir(exist_ok=True)
+                fp32, int8 = mdir / "fp32.onnx", mdir / "resnet18_int8_qdq.onnx"  # the name quantize_onnx writes
+                if not fp32.exists():
+                    export_onnx_dynamic(model, x, fp32)
+                if eng == "ort_int8" and not int8.exists():
+                    int8 = quantize_onnx(fp32, calib, mdir)[0]
+                fns[eng] = ort_session(fp32 if eng == "ort_fp32" else int8, args.threads)
+            elif eng == "tvm_fp32":
+                fns[eng] = build_tvm_fp32(model, x)
+            elif eng in ("intforge_int8", "intforge_mixed"):
+                bits = mixed_bits(model, calib) if eng == "intforge_mixed" else {}
+                program, _ = intforge.quantize_model(model, (torch.from_numpy(x),), calib,
+                                                     quant=QuantConfig(layer_bits=bits))
+                art = build(program, work / f"{name}_b{batch}_{eng}", tuned=False)
+                res.setdefault("details", {})[eng] = {
+                    "int4_layers": sum(b == 4 for b in bits.values()), "weight_bytes": art.manifest["weight_bytes"]}
+                fns[eng] = intforge.load(art.library)
+        except Exception as exc:  # noqa: BLE001 - one engine failing must not lose the others' numbers
+            res[eng] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            print(f"    {eng}: FAILED {res[eng]['error']}", flush=True)
+            continue
+        setup_s = time.perf_counter() - t0
+        repeat = args.repeat if eng != "tvm_fp32" else max(3, args.repeat // 5)
+        res[eng] = {**time_engine(fns[eng], x, repeat, args.warmup if eng != "tvm_fp32" else 1),
+                    "setup_seconds": round(setup_s, 1)}
+        print(f"    {name} b{batch} {eng:15s} median {res[eng]['median_ms']:9.2f} ms", flush=True)
+    if "intforge_int8" in fns and "torch_fp32" in fns:  # a fast but wrong engine must not pass unnoticed
+        a, b = fns["intforge_int8"](x), fns["torch_fp32"](x)
+        res["intforge_int8_top1_agreement_vs_torch"] = float(np.mean(a.argmax(1) == b.argmax(1)))
+    if "intforge_int8" in res and "ort_int8" in res and "median_ms" in res["intforge_int8"] \
+            and "median_ms" in res["ort_int8"]:
+        res["ratio_intforge_int8_over_ort_int8"] = round(res["intforge_int8"]["median_ms"]
+                                                         / res["ort_int8"]["median_ms"], 3)
+    return res
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [(m, b) for m in result["results"] for b in result["results"][m]]
+    engines = result["engines"]
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(cases)), 4.8))
+    width = 0.8 / len(engines)
+    for k, eng in enumerate(engines):
+        vals = [result["results"][m][b].get(eng, {}).get("median_ms", np.nan) for m, b in cases]
+        ax.bar([i + k * width for i in range(len(cases))], vals, width, label=eng)
+    ax.set_yscale("log")
+    ax.set_ylabel("median latency, ms (log)")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], [f"{m}\nbatch {b}" for m, b in cases])
+    ax.set_title(f"CPU latency, {result['threads']} threads, {result['machine']['cpu_model']}", fontsize=10)
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    set_thread_env(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    engines = args.engines.split(",")
+    result: dict[str, Any] = {"benchmark": "CPU latency suite", "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                          time.gmtime()),
+                              "machine": {**machine_info(), "cpu_ghz": cpu_ghz()}, "versions": versions(),
+                              "threads": args.threads, "engines": engines, "results": {}, "peak_fraction": {},
+                              "peak_assumption": f"{MACS_PER_CYCLE_PER_CORE} int8 MACs/cycle/core (one 512-bit "
+                                                 "vpdpbusd per cycle) x threads x cpu MHz"}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cpu_suite_") as tmp:
+        for name in args.models.split(","):
+            result["results"][name] = {}
+            for batch in (int(b) for b in args.batches.split(",")):
+                print(f"[{name} batch {batch}]", flush=True)
+                result["results"][name][batch] = run_model(name, batch, args, engines, Path(tmp))
+            if args.top_convs:
+                from intforge import zoo
+
+                try:
+                    result["peak_fraction"][name] = peak_fraction(getattr(zoo, name)(seed=0).eval(),
+                                                                  (1, 3, 224, 224), args.top_convs, args.threads)
+                except Exception as exc:  # noqa: BLE001 - keep the latency numbers if this part fails
+                    result["peak_fraction"][name] = []
+                    print(f"    peak fraction failed: {type(exc).__name__}: {exc}", flush=True)
+                for r in result["peak_fraction"][name]:
+                    print(f"    peak: {r['layer']:24s} {r['gmacs_per_s']:8.1f} GMAC/s = "
+                          f"{r['fraction_of_int8_peak']:.1%} of INT8 peak", flush=True)
+    result["total_seconds"] = round(time.perf_counter() - t0, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')} ({result['total_seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TVM_NUM_THREADS", "2")
+    sys.exit(main())
