@@ -18,6 +18,7 @@ from pathlib import Path
 
 import tvm
 
+from intforge.cache import cache_root
 from intforge.errors import IntforgeError
 from intforge.program import IntegerProgram
 
@@ -30,7 +31,7 @@ BUILD_TIMEOUT_S = 180.0
 
 def tuning_root() -> Path:
     """Where tuning databases live (INTFORGE_CACHE overrides ~/.cache/intforge)."""
-    return Path(os.environ.get("INTFORGE_CACHE", Path.home() / ".cache" / "intforge")) / "tuning"
+    return cache_root() / "tuning"
 
 
 def database_dir(target: str | TargetPreset) -> Path:

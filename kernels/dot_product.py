@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
+from intforge.reference import pool_output_size
+
 SHIFT = 128
 
 
@@ -31,8 +33,7 @@ def conv2d_nhwc_dot(x: te.Tensor, w: te.Tensor, correction: te.Tensor | None, st
     n, c, h, wd = (int(d) for d in x.shape)
     o, kh, kw, cg = (int(d) for d in w.shape)
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    oh, ow = pool_output_size(h, kh, sh, ph, dh, False), pool_output_size(wd, kw, sw, pw, dw, False)
     shift = shift_unsigned and x.dtype == "uint8"
     in_dtype = "int8" if shift else x.dtype
     pad_value = -SHIFT if shift else 0

@@ -17,6 +17,10 @@ from tvm import s_tir, te, tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from intforge.reference import pool_output_size
+
+from .dot_product import SHIFT
+
 LANES = 16  # int32 accumulators per zmm register
 GROUP = 4  # bytes reduced per lane
 VNNI_INTRIN = "intforge_dot_16x4_u8s8s32_vnni"
@@ -67,7 +71,7 @@ def blocks(n: int, size: int) -> int:
 
 
 def _as_unsigned(v, signed: bool):
-    return (v.astype("int32") + 128).astype("uint8") if signed else v
+    return (v.astype("int32") + SHIFT).astype("uint8") if signed else v
 
 
 def conv2d_vnni(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out_channels: int,
@@ -76,14 +80,13 @@ def conv2d_vnni(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out_c
     n, c, h, wd = (int(d) for d in x.shape)
     ob, kh, kw, cb = (int(d) for d in wp.shape[:4])
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    oh, ow = pool_output_size(h, kh, sh, ph, dh, False), pool_output_size(wd, kw, sw, pw, dw, False)
     signed = x.dtype == "int8"
 
     def _packed(b, i, j, ch):
         inside = tirx.all(i >= ph, i < h + ph, j >= pw, j < wd + pw, ch < c)
         v = _as_unsigned(x[b, ch, i - ph, j - pw], signed)
-        return tirx.if_then_else(inside, v, tirx.const(128 if signed else 0, "uint8"))
+        return tirx.if_then_else(inside, v, tirx.const(SHIFT if signed else 0, "uint8"))
 
     xp = te.compute((n, h + 2 * ph, wd + 2 * pw, cb * GROUP), _packed, name="data_vnni")
     rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")

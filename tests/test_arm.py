@@ -20,6 +20,7 @@ import intforge
 from conftest import extreme_int_inputs, quantize_module
 from intforge import reference, zoo
 from intforge.compiler import PRESETS, build, resolve_target
+from intforge.emulate import free_port
 from intforge.errors import ArtifactError, IntforgeError
 
 ARM_PRESETS = [name for name, p in PRESETS.items() if p.arch == "aarch64"]
@@ -213,12 +214,6 @@ def test_cli_compile_for_rpi5_then_run_under_emulation(rpi5_cli_build):
     assert "-mtriple=aarch64-linux-gnu" in inspect.stdout and "+dotprod" in inspect.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_bench_over_rpc_against_an_emulated_board(rpi5_cli_build, tmp_path):
     from intforge.emulate import EmulatedRPCServer
     from intforge.remote import RemoteModel, connect
@@ -241,7 +236,7 @@ def test_bench_over_rpc_against_an_emulated_board(rpi5_cli_build, tmp_path):
 def test_bench_through_an_rpc_tracker(rpi5_cli_build):
     from intforge.emulate import EmulatedRPCServer, stop_process_group
 
-    port = _free_port()
+    port = free_port()
     tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
                                 str(port), "--port-end", str(port + 1)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
@@ -262,7 +257,7 @@ def test_bench_through_an_rpc_tracker(rpi5_cli_build):
 
 
 def test_bench_rpc_to_nothing_is_a_clear_error(rpi5_cli_build):
-    proc = cli("bench", str(rpi5_cli_build), "--rpc", f"127.0.0.1:{_free_port()}", check=False)
+    proc = cli("bench", str(rpi5_cli_build), "--rpc", f"127.0.0.1:{free_port()}", check=False)
     assert proc.returncode == 2 and "cannot reach the RPC server" in proc.stderr and "Traceback" not in proc.stderr
     proc = cli("bench", str(rpi5_cli_build), "--rpc", "nohostport", check=False)
     assert proc.returncode == 2 and "HOST:PORT" in proc.stderr

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .cache import cache_root
 from .errors import IntforgeError
 from .runtime import CompiledModel
 
@@ -47,10 +48,6 @@ DROP = ("tvm/lib/libtvm_compiler.so", "tvm/lib/libtvm_runtime_cuda.so", "tvm/lib
 
 class EmulationUnavailable(IntforgeError):
     """qemu-user or the arm64 board sysroot cannot be had on this machine; the message says why and how."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("INTFORGE_CACHE", Path.home() / ".cache" / "intforge"))
 
 
 def _pins() -> list[str]:
@@ -211,7 +208,8 @@ class EmulatedModel(CompiledModel):
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -223,7 +221,7 @@ class EmulatedRPCServer:
 
     def __init__(self, qemu_cpu: str = "max", port: int | None = None, tracker: str | None = None,
                  key: str | None = None) -> None:
-        self.qemu_cpu, self.port, self.tracker, self.key = qemu_cpu, port or _free_port(), tracker, key
+        self.qemu_cpu, self.port, self.tracker, self.key = qemu_cpu, port or free_port(), tracker, key
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> EmulatedRPCServer:

@@ -9,7 +9,6 @@ shape, and later runs, cost nothing.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .cache import cache_root
 from .capture import FloatGraph, FloatOp
 from .dyadic import int_range
 from .program import IntegerProgram, IntOp, QTensor
@@ -24,8 +24,7 @@ from .program import IntegerProgram, IntOp, QTensor
 
 def cache_path() -> Path:
     """Where measured latencies are kept (INTFORGE_CACHE overrides ~/.cache/intforge)."""
-    root = Path(os.environ.get("INTFORGE_CACHE", Path.home() / ".cache" / "intforge"))
-    return root / "latency.json"
+    return cache_root() / "latency.json"
 
 
 def _signature(op: FloatOp, in_shape: tuple[int, ...], bits: int, target: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .errors import IntforgeError
-from .runtime import CompiledModel, random_inputs
+from .runtime import CompiledModel, latency_stats, random_inputs
 
 
 def parse_hostport(text: str, what: str = "--rpc") -> tuple[str, int]:
@@ -82,7 +82,4 @@ class RemoteModel(CompiledModel):
         if warmup:
             self._vm.time_evaluator("invoke_stateful", self.dev, number=1, repeat=warmup)("main")
         res = self._vm.time_evaluator("invoke_stateful", self.dev, number=1, repeat=repeat)("main")
-        ts = np.asarray(res.results, dtype=np.float64) * 1e3
-        return {"median_ms": float(np.median(ts)), "mean_ms": float(np.mean(ts)), "std_ms": float(np.std(ts)),
-                "min_ms": float(np.min(ts)), "p10_ms": float(np.percentile(ts, 10)),
-                "p90_ms": float(np.percentile(ts, 90)), "repeat": repeat, "warmup": warmup}
+        return latency_stats(np.asarray(res.results, dtype=np.float64) * 1e3, repeat, warmup)

@@ -50,6 +50,14 @@ def check_inputs(name: str, specs: list[dict[str, Any]], args: tuple[np.ndarray,
     return out
 
 
+def latency_stats(ms: list[float] | np.ndarray, repeat: int, warmup: int) -> dict[str, float]:
+    """Median, mean, std, min, p10 and p90 of per-run milliseconds: what `bench` reports, local or remote."""
+    ts = np.asarray(ms, dtype=np.float64)
+    return {"median_ms": float(np.median(ts)), "mean_ms": float(np.mean(ts)), "std_ms": float(np.std(ts)),
+            "min_ms": float(np.min(ts)), "p10_ms": float(np.percentile(ts, 10)),
+            "p90_ms": float(np.percentile(ts, 90)), "repeat": repeat, "warmup": warmup}
+
+
 def random_inputs(specs: list[dict[str, Any]], seed: int = 0) -> list[np.ndarray]:
     """One random array per input spec (normal floats, or integers over the dtype's range): timing inputs."""
     rng = np.random.default_rng(seed)
@@ -117,9 +125,7 @@ class CompiledModel:
             t0 = _time.perf_counter()
             self(*ins)
             ts.append((_time.perf_counter() - t0) * 1e3)
-        return {"median_ms": float(np.median(ts)), "mean_ms": float(np.mean(ts)), "std_ms": float(np.std(ts)),
-                "min_ms": float(np.min(ts)), "p10_ms": float(np.percentile(ts, 10)),
-                "p90_ms": float(np.percentile(ts, 90)), "repeat": repeat, "warmup": warmup}
+        return latency_stats(ts, repeat, warmup)
 
     def program(self) -> IntegerProgram:
         """The integer program this library was built from (checked against the manifest)."""
