@@ -218,7 +218,8 @@ def run_model(name: str, batch: int, args: argparse.Namespace, engines: list[str
     return res
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
+def plot(result: dict[str, Any], path: Path, title: str | None = None) -> None:
+    """Grouped bars of median latency per (model, batch), one bar per engine (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,7 +235,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("median latency, ms (log)")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], [f"{m}\nbatch {b}" for m, b in cases])
-    ax.set_title(f"CPU latency, {result['threads']} threads, {result['machine']['cpu_model']}", fontsize=10)
+    ax.set_title(title or f"CPU latency, {result['threads']} threads, {result['machine']['cpu_model']}",
+                 fontsize=10)
     ax.legend(fontsize=8, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -14,6 +14,7 @@ from intforge.errors import IntforgeError
 from intforge.kernels import default_schedule_pass
 from intforge.program import IntegerProgram
 from intforge.relay_passes import dot_product_layout_pass, emit_program, verify_integer_only
+from intforge.relay_passes.tensor_core import tensor_core_kernels
 
 from .manifest import manifest_path_for, sha256_file, versions, write_manifest
 from .targets import TargetPreset, resolve_target
@@ -72,6 +73,52 @@ def _pipeline(target: tvm.target.Target, database=None, default_schedule: bool =
     return _run
 
 
+def _cuda_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """TVM's CUDA pipeline, minus FoldConstant (it would unpack INT4 weights at compile time): our Tensor
+    Core kernels arrive scheduled; DLight schedules what is left (pooling, residual adds, depthwise convs,
+    the float boundary)."""
+    from tvm.relax.backend.cuda import pipeline as cuda
+    from tvm.s_tir import dlight as dl
+
+    @tvm.transform.module_pass(opt_level=0, name="intforge.CUDAPipeline")
+    def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                cuda.library_dispatch_passes(target)
+                + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                   relax.transform.FuseOps(), relax.transform.FuseTIR(),
+                   dl.ApplyDefaultSchedule(dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
+                + cuda.dataflow_lower_passes(target)
+                + cuda.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _run
+
+
+def _compile_cuda(mod: tvm.IRModule, preset: TargetPreset) -> relax.VMExecutable:
+    """Compile for a GPU with nvcc; works without a GPU (see intforge.cuda_env)."""
+    import os
+
+    from intforge.cuda_env import ensure_runtime, require_nvcc
+
+    require_nvcc(preset.name)
+    ensure_runtime()
+    # nvrtc needs NVIDIA's Python bindings; nvcc is what a CUDA toolkit always has.
+    os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+    verify_integer_only(mod)
+    tgt = preset.tvm_target()
+    try:
+        with tgt:
+            return tvm.compile(mod, target=tgt, relax_pipeline=_cuda_pipeline(tgt))
+    except Exception as exc:  # a TVM or nvcc failure here is our bug, not the user's: say so plainly
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise IntforgeError(
+            f"TVM failed to compile the integer program for GPU target '{preset.name}' ({preset.cuda_arch}): "
+            f"{first}. This is an intforge bug; please report it with the model that triggered it."
+        ) from exc
+
+
 def compile_module(mod: tvm.IRModule, target: str | TargetPreset = "x86", tuned: bool = True,
                    default_schedule: bool = True, dot_kernels: bool = True) -> relax.VMExecutable:
     """Verify a Relax module is integer-only, then compile it for `target`, with the target's tuning
@@ -80,6 +127,8 @@ def compile_module(mod: tvm.IRModule, target: str | TargetPreset = "x86", tuned:
     from .tuning import open_database
 
     preset = resolve_target(target)
+    if preset.is_cuda:
+        return _compile_cuda(mod, preset)
     return _compile(mod, preset, open_database(preset) if tuned else None, default_schedule, dot_kernels)
 
 
@@ -99,6 +148,20 @@ def _compile(mod: tvm.IRModule, preset: TargetPreset, database, default_schedule
             f"TVM failed to compile the integer program for target '{preset.name}': {first}. This is an "
             "intforge bug; please report it with the model that triggered it."
         ) from exc
+
+
+def cuda_source(executable) -> str:
+    """The CUDA C of every GPU kernel in a compiled executable (what nvcc compiled into the .so)."""
+    found = []
+
+    def walk(m) -> None:
+        if m.kind == "cuda":
+            found.append(m.inspect_source(""))
+        for i in m.imports:
+            walk(i)
+
+    walk(executable.mod)
+    return "\n".join(found)
 
 
 def _io_spec(program: IntegerProgram, names: list[str], boundary: str) -> list[dict[str, Any]]:
@@ -121,14 +184,32 @@ def build(program: IntegerProgram, output: str | Path, target: str | TargetPrese
 
     program.validate()
     t0 = time.perf_counter()
-    mod = emit_program(program, boundary=boundary)
-    from .tuning import open_database
+    if preset.is_cuda:
+        fcompile = preset.fcompile()  # checks nvcc first: a clear error before any work
+        mod = emit_program(program, boundary=boundary,
+                           gemm_kernel=tensor_core_kernels(preset.has("int4-tensor-core")) if dot_kernels else None)
+        database = None
+        ex = _compile_cuda(mod, preset)
+        kernels = (("Tensor Core mma.sync: int8 m8n8k16" + (", int4 m8n8k32" if preset.has("int4-tensor-core")
+                                                            else "; INT4 layers widened to int8"))
+                   if dot_kernels else "DLight generic")
+    else:
+        from .tuning import open_database
 
-    database = open_database(preset) if tuned else None  # None also when a corrupt one was set aside
-    ex = _compile(mod, preset, database, default_schedule, dot_kernels)
+        fcompile = preset.fcompile()
+        mod = emit_program(program, boundary=boundary)
+        database = open_database(preset) if tuned else None  # None also when a corrupt one was set aside
+        ex = _compile(mod, preset, database, default_schedule, dot_kernels)
+        kernels = "dot-product layout (conv2d, dense)" if dot_kernels else "TOPI"
     # Debug info is a third of the file and nobody steps through generated kernels: leave it out.
-    ex.export_library(str(so_path), fcompile=preset.fcompile(), options=["-Wl,--strip-debug"])
+    ex.export_library(str(so_path), fcompile=fcompile, options=["-Wl,--strip-debug"])
     build_s = time.perf_counter() - t0
+
+    extra = dict(extra or {})
+    if preset.is_cuda:  # the generated kernels, for `nvcc -ptx` / cuobjdump and for the curious
+        cu_path = so_path.with_suffix(".cu")
+        cu_path.write_text(cuda_source(ex))
+        extra["cuda_source"] = cu_path.name
 
     prog_path = so_path.with_suffix(".iprog")
     program.save(prog_path)
@@ -149,10 +230,10 @@ def build(program: IntegerProgram, output: str | Path, target: str | TargetPrese
         "target": preset.describe(),
         "versions": versions(),
         "build_seconds": round(build_s, 3),
-        "kernels": "dot-product layout (conv2d, dense)" if dot_kernels else "TOPI",
+        "kernels": kernels,
         "schedule": ("tuned (MetaSchedule database) + " if database is not None else "")
-        + ("default" if default_schedule else "none (plain lowering)"),
-        **(extra or {}),
+        + ("DLight (GPU)" if preset.is_cuda else "default" if default_schedule else "none (plain lowering)"),
+        **extra,
     }
     man_path = write_manifest(manifest_path_for(so_path), manifest)
     return Artifact(so_path, man_path, prog_path, manifest)

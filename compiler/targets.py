@@ -37,8 +37,21 @@ class TargetPreset:
     arch: str = "x86_64"
     cross_compiler: str | None = None
     qemu_cpu: str | None = None
+    cuda_arch: str | None = None  # "sm_75": the GPU a "cuda" preset compiles for (host code runs on the CPU)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.kind == "cuda"
+
+    @property
+    def sm(self) -> int:
+        """The compute capability as an integer (75 for sm_75); 0 for CPU targets."""
+        return int(self.cuda_arch.removeprefix("sm_").rstrip("a")) if self.cuda_arch else 0
 
     def tvm_target(self) -> tvm.target.Target:
+        if self.is_cuda:
+            host = tvm.target.Target({"kind": "llvm", "mcpu": host_cpu()})
+            return tvm.target.Target({"kind": "cuda", "arch": self.cuda_arch}, host=host)
         spec: dict = {"kind": self.kind, "mcpu": self.mcpu or host_cpu()}
         if self.mtriple:
             spec["mtriple"] = self.mtriple
@@ -47,8 +60,11 @@ class TargetPreset:
         return tvm.target.Target(spec)
 
     def describe(self) -> dict:
-        return {"preset": self.name, "kind": self.kind, "mcpu": self.mcpu or host_cpu(),
-                "mtriple": self.mtriple or "host", "mattr": list(self.mattr), "arch": self.arch}
+        d = {"preset": self.name, "kind": self.kind, "mcpu": self.mcpu or host_cpu(),
+             "mtriple": self.mtriple or "host", "mattr": list(self.mattr), "arch": self.arch}
+        if self.is_cuda:
+            d.update({"device": "cuda", "cuda_arch": self.cuda_arch})
+        return d
 
     @property
     def is_cross(self) -> bool:
@@ -57,12 +73,20 @@ class TargetPreset:
 
     def has(self, feature: str) -> bool:
         """Whether the target has an LLVM feature ('dotprod', 'i8mm', 'avx512vnni', ...), from its mattr and
-        what LLVM knows its mcpu to have."""
+        what LLVM knows its mcpu to have; for GPUs, 'int8-tensor-core' (sm_75+) and 'int4-tensor-core'
+        (sm_75 to sm_89: Hopper dropped INT4 mma)."""
+        if self.is_cuda:
+            return {"int8-tensor-core": self.sm >= 75, "int4-tensor-core": 75 <= self.sm < 90}.get(feature, False)
         return bool(tvm.target.codegen.target_has_features(feature, self.tvm_target()))
 
     def fcompile(self):
         """The function `export_library` links with: the system compiler, or the cross compiler, checked
         to exist so a missing toolchain is an instruction rather than a traceback from deep inside TVM."""
+        if self.is_cuda:
+            from intforge.cuda_env import require_nvcc
+
+            require_nvcc(self.name)
+            return None
         if not self.cross_compiler:
             return None
         if shutil.which(self.cross_compiler) is None:
@@ -79,6 +103,10 @@ def _arm(name: str, description: str, mcpu: str, mattr: tuple[str, ...], qemu_cp
                         cross_compiler="aarch64-linux-gnu-g++", qemu_cpu=qemu_cpu)
 
 
+def _gpu(name: str, description: str, arch: str | None) -> TargetPreset:
+    return TargetPreset(name, description, kind="cuda", arch=host_arch(), cuda_arch=arch)
+
+
 PRESETS: dict[str, TargetPreset] = {
     "x86": TargetPreset("x86", "this x86-64 machine (LLVM, -mcpu of the host)"),
     "x86-generic": TargetPreset("x86-generic", "any x86-64-v2 CPU (portable, slower)", mcpu="x86-64-v2"),
@@ -91,6 +119,11 @@ PRESETS: dict[str, TargetPreset] = {
                  "cortex-a72"),
     "graviton": _arm("graviton", "AWS Graviton3 (Neoverse V1, sdot + i8mm usdot/smmla)", "neoverse-v1",
                      ("+neon", "+dotprod", "+i8mm"), "max"),
+    "t4": _gpu("t4", "NVIDIA T4 / Turing (sm_75: INT8 and INT4 Tensor Cores)", "sm_75"),
+    "a100": _gpu("a100", "NVIDIA A100 / Ampere (sm_80: INT8 and INT4 Tensor Cores)", "sm_80"),
+    "h100": _gpu("h100", "NVIDIA H100 / Hopper (sm_90: INT8 Tensor Cores; INT4 layers run on them unpacked)",
+                 "sm_90"),
+    "cuda": _gpu("cuda", "this machine's NVIDIA GPU (its own sm_XY)", None),
 }
 
 
@@ -100,6 +133,12 @@ def resolve_target(name: str | TargetPreset) -> TargetPreset:
         return name
     if name not in PRESETS:
         known = ", ".join(f"{k} ({v.description})" for k, v in PRESETS.items())
-        raise IntforgeError(f"unknown target {name!r}. Available presets: {known}. CUDA presets are planned "
-                            "(see the README's roadmap).")
-    return PRESETS[name]
+        raise IntforgeError(f"unknown target {name!r}. Available presets: {known}.")
+    preset = PRESETS[name]
+    if preset.is_cuda and preset.cuda_arch is None:  # 'cuda': the local GPU, found now
+        from dataclasses import replace
+
+        from intforge.cuda_env import local_arch
+
+        preset = replace(preset, cuda_arch=local_arch())
+    return preset

@@ -9,6 +9,7 @@ dequantize epilogue; with boundary="int" it is integer-only end to end.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -116,10 +117,20 @@ def _emit_avg_pool2d(ops: RelaxOps, op: IntOp, x: relax.Expr, out_dtype: str) ->
                              out_dtype)
 
 
-def emit_op(ops: RelaxOps, program: IntegerProgram, op: IntOp, args: list[relax.Expr]) -> relax.Expr:
+#: A target's own fused kernel for a conv2d / linear op: (ops, program, op, input) -> output, or None to
+#: leave the op to the generic Relax lowering.
+GemmKernel = Callable[[RelaxOps, IntegerProgram, IntOp, relax.Expr], "relax.Expr | None"]
+
+
+def emit_op(ops: RelaxOps, program: IntegerProgram, op: IntOp, args: list[relax.Expr],
+            gemm_kernel: GemmKernel | None = None) -> relax.Expr:
     """Emit one integer op; returns the Relax value of its output."""
     out_t = program.tensors[op.output]
     a = op.attrs
+    if gemm_kernel is not None and op.kind in ("conv2d", "linear"):
+        got = gemm_kernel(ops, program, op, args[0])
+        if got is not None:
+            return got
     if op.kind == "conv2d":
         return _emit_conv2d(ops, op, args[0], out_t.dtype)
     if op.kind == "linear":
@@ -146,8 +157,10 @@ def emit_op(ops: RelaxOps, program: IntegerProgram, op: IntOp, args: list[relax.
     raise IntforgeError(f"the Relax emitter has no rule for op kind {op.kind!r} ({op.name})")
 
 
-def emit_program(program: IntegerProgram, boundary: str = "float", func_name: str = "main") -> Any:
-    """Build the IRModule whose `func_name` computes `program` (see the module docstring)."""
+def emit_program(program: IntegerProgram, boundary: str = "float", func_name: str = "main",
+                 gemm_kernel: GemmKernel | None = None) -> Any:
+    """Build the IRModule whose `func_name` computes `program` (see the module docstring). `gemm_kernel`
+    lets a target emit its own fused kernels for conv2d / linear (the GPU's Tensor Core kernels)."""
     if boundary not in BOUNDARIES:
         raise IntforgeError(f"boundary must be one of {BOUNDARIES}, got {boundary!r}")
     bb = relax.BlockBuilder()
@@ -165,7 +178,7 @@ def emit_program(program: IntegerProgram, boundary: str = "float", func_name: st
                 env[name] = dyadic.quantize_float(ops, var, t.scale, t.qmin, t.qmax, t.dtype) \
                     if boundary == "float" else var
             for op in program.ops:
-                env[op.output] = emit_op(ops, program, op, [env[i] for i in op.inputs])
+                env[op.output] = emit_op(ops, program, op, [env[i] for i in op.inputs], gemm_kernel)
             outs = []
             for name in program.outputs:
                 q = env[name]

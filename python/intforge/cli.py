@@ -300,21 +300,22 @@ def predict(model: Any, x: np.ndarray) -> tuple[np.ndarray, float]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .relay_passes import emit_program, find_float_values
-    from .runtime import load
+    from .runtime import program_of, read_checked
 
-    model = load(args.library, emulate=True)  # nothing runs: a cross-compiled library is inspectable too
-    m = model.manifest
-    program = model.program()
+    library, m = read_checked(args.library)  # nothing runs: cross-compiled and GPU libraries are inspectable
+    program = program_of(library, m)
     floats = find_float_values(emit_program(program, boundary=m["boundary"]))
     verdict = "yes" if not floats else f"NO ({len(floats)} float values inside the integer graph)"
     if args.json:
         print(json.dumps({**m, "integer_only_verified": not floats}, indent=2))
         return 0
-    print(f"{model.library}  ({model.library.stat().st_size / 1e6:.2f} MB, sha256 {m['library_sha256'][:16]}...)")
+    print(f"{library}  ({library.stat().st_size / 1e6:.2f} MB, sha256 {m['library_sha256'][:16]}...)")
     t = m["target"]
-    print(f"target: {t['preset']} (llvm -mcpu={t['mcpu']}" + (f" -mtriple={t['mtriple']}" if t["mtriple"] != "host"
-                                                                 else "")
+    gpu = f"cuda -arch={t['cuda_arch']}, host " if t.get("device") == "cuda" else ""
+    print(f"target: {t['preset']} ({gpu}llvm -mcpu={t['mcpu']}"
+          + (f" -mtriple={t['mtriple']}" if t["mtriple"] != "host" else "")
           + (f" -mattr={','.join(t['mattr'])}" if t["mattr"] else "") + f")   boundary: {m['boundary']}")
+    print(f"kernels: {m.get('kernels', '?')}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     for kind in ("inputs", "outputs"):
         for spec in m[kind]:

@@ -71,18 +71,42 @@ def random_inputs(specs: list[dict[str, Any]], seed: int = 0) -> list[np.ndarray
     return ins
 
 
+def _device_for(library: Path, target: dict[str, Any]):
+    """The device a library runs on: the CPU, or GPU 0 after checking there is one that can run its code
+    (SASS for sm_XY runs on sm_XZ with Z >= Y, same major)."""
+    import tvm
+
+    if target.get("device") != "cuda":
+        return tvm.cpu()
+    from . import cuda_env
+
+    cuda_env.ensure_runtime()
+    built = str(target.get("cuda_arch", "sm_?"))
+    where = f"{library} was compiled for an NVIDIA GPU ({target.get('preset')}, {built})"
+    if not cuda_env.gpu_available():
+        raise ArtifactError(f"{where} and this machine has no CUDA GPU (or no NVIDIA driver). Run it on a machine "
+                            "with that GPU; building it needed none.")
+    have = "sm_" + str(tvm.cuda(0).compute_version).replace(".", "")
+    b, h = built.removeprefix("sm_"), have.removeprefix("sm_")
+    if not (b[:-1] == h[:-1] and int(b[-1]) <= int(h[-1])):
+        raise ArtifactError(f"{where}, but GPU 0 here is {have} ({tvm.cuda(0).device_name}), which cannot run "
+                            f"{built} code. Recompile with --target cuda (this GPU) on this machine.")
+    return tvm.cuda(0)
+
+
 class CompiledModel:
     """A loaded model.so: call it with numpy arrays, get numpy arrays back."""
 
     def __init__(self, library: Path, manifest: dict[str, Any]) -> None:
-        import tvm
         from tvm import relax
 
         self.library = library
         self.manifest = manifest
+        self.device = _device_for(library, manifest.get("target", {}))
+        self.on_gpu = manifest.get("target", {}).get("device") == "cuda"
         try:
             self._lib = _load_fresh(library)
-            self._vm = relax.VirtualMachine(self._lib, tvm.cpu())
+            self._vm = relax.VirtualMachine(self._lib, self.device)
         except Exception as exc:  # noqa: BLE001 - any load failure means an unusable library
             raise ArtifactError(
                 f"cannot load {library} as a TVM library: {str(exc).strip().splitlines()[-1]}. Was it built "
@@ -108,16 +132,26 @@ class CompiledModel:
     def __call__(self, *args: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
         import tvm
 
-        res = self._fn(*[tvm.runtime.tensor(a) for a in self._check(args)])
+        res = self._fn(*[tvm.runtime.tensor(a, self.device) for a in self._check(args)])
         if len(self.outputs) == 1:
             return res.numpy()
         return tuple(r.numpy() for r in res)
 
     def time(self, repeat: int = 50, warmup: int = 5) -> dict[str, float]:
-        """Latency statistics in milliseconds (median, mean, std, min, p10, p90) on random inputs."""
+        """Latency statistics in milliseconds (median, mean, std, min, p10, p90) on random inputs. On a GPU
+        the inputs stay on the device and TVM's time evaluator synchronizes around each run."""
         import time as _time
 
+        import tvm
+
         ins = random_inputs(self.inputs)
+        if self.on_gpu:
+            args = [tvm.runtime.tensor(a, self.device) for a in self._check(tuple(ins))]
+            for _ in range(warmup):
+                self._fn(*args)
+            timer = self._vm.time_evaluator(self.manifest.get("function", "main"), self.device, number=1,
+                                            repeat=repeat)
+            return latency_stats([t * 1e3 for t in timer(*args).results], repeat, warmup)
         for _ in range(warmup):
             self(*ins)
         ts = []
@@ -129,14 +163,19 @@ class CompiledModel:
 
     def program(self) -> IntegerProgram:
         """The integer program this library was built from (checked against the manifest)."""
-        from intforge.compiler.manifest import sha256_file
+        return program_of(self.library, self.manifest)
 
-        path = self.library.parent / self.manifest["program"]
-        if not path.exists():
-            raise ArtifactError(f"the integer program {path} named by the manifest is missing")
-        if sha256_file(path) != self.manifest["program_sha256"]:
-            raise ArtifactError(f"{path} does not match the sha256 recorded in its manifest")
-        return IntegerProgram.load(path)
+
+def program_of(library: Path, manifest: dict[str, Any]) -> IntegerProgram:
+    """The integer program beside `library`, checked against the sha256 in its manifest."""
+    from intforge.compiler.manifest import sha256_file
+
+    path = library.parent / manifest["program"]
+    if not path.exists():
+        raise ArtifactError(f"the integer program {path} named by the manifest is missing")
+    if sha256_file(path) != manifest["program_sha256"]:
+        raise ArtifactError(f"{path} does not match the sha256 recorded in its manifest")
+    return IntegerProgram.load(path)
 
 
 def read_checked(path: str | Path) -> tuple[Path, dict[str, Any]]:
