@@ -14,6 +14,7 @@ from intforge.errors import IntforgeError
 from intforge.kernels import default_schedule_pass
 from intforge.program import IntegerProgram
 from intforge.relay_passes import dot_product_layout_pass, emit_program, verify_integer_only
+from intforge.relay_passes.nhwc_layout import nhwc_layout_pass
 from intforge.relay_passes.tensor_core import tensor_core_kernels
 
 from .manifest import manifest_path_for, sha256_file, versions, write_manifest
@@ -39,7 +40,7 @@ def _kernel_passes(preset: TargetPreset | None, dot_kernels: bool = True) -> lis
         return []
     shift = preset.arch == "aarch64" and preset.has("dotprod") and not preset.has("i8mm")
     vnni = preset.arch == "x86_64" and preset.has("avx512vnni") and preset.has("avx512bw")
-    return [dot_product_layout_pass(shift_unsigned=shift, vnni=vnni)]
+    return ([nhwc_layout_pass()] if vnni else []) + [dot_product_layout_pass(shift_unsigned=shift, vnni=vnni)]
 
 
 def _legalize_passes(preset: TargetPreset | None = None, dot_kernels: bool = True) -> list[tvm.transform.Pass]:

@@ -98,13 +98,15 @@ def apply_database_pass(database, target: tvm.target.Target) -> tvm.transform.Pa
 
 
 def _has_own_schedule(mod: tvm.IRModule) -> bool:
-    """Whether a task's function contains one of our tensorized blocks (scheduled by kernels/, not tuned)."""
+    """Whether a task's function contains one of our hand-scheduled blocks (VNNI conv/dense, NHWC
+    depthwise): kernels/ schedules those, tuning does not."""
     from tvm import s_tir
 
+    from intforge.kernels.depthwise import DW_BLOCK
     from intforge.kernels.x86_vnni import CONV_BLOCK, DENSE_BLOCK
 
     sch = s_tir.Schedule(mod)
-    for name in (CONV_BLOCK, DENSE_BLOCK):
+    for name in (CONV_BLOCK, DENSE_BLOCK, DW_BLOCK):
         try:
             sch.get_sblock(name)
             return True

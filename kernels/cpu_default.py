@@ -10,6 +10,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
+from .depthwise import schedule_depthwise_func
 from .x86_vnni import schedule_vnni_func
 
 MIN_PARALLEL_EXTENT = 4
@@ -22,6 +23,8 @@ def _schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
     except Exception:  # noqa: BLE001 - functions without a root block are left as they are
         return func
     left = schedule_vnni_func(sch)  # our tensorized kernels bring their own schedule
+    if left is None:
+        left = schedule_depthwise_func(sch)
     for block in sch.get_child_blocks(root):
         if left is not None and sch.get(block).name_hint not in left:
             continue

@@ -75,20 +75,34 @@ def _as_unsigned(v, signed: bool):
 
 
 def conv2d_vnni(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out_channels: int,
-                stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]) -> te.Tensor:
-    """x: [N, C, H, W] int8/uint8; wp: [O/16, KH, KW, C/4, 16, 4] int8 (packed); -> [N, O, OH, OW] int32."""
-    n, c, h, wd = (int(d) for d in x.shape)
+                stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                layout: str = "NCHW") -> te.Tensor:
+    """x: [N, C, H, W] (or [N, H, W, C] with layout "NHWC") int8/uint8; wp: [O/16, KH, KW, C/4, 16, 4] int8
+    (packed); -> int32 in the same layout as x.
+
+    In NHWC the channels of a pixel are contiguous, so the packing stage is a plain copy, and it is
+    skipped when there is nothing to do (unsigned input, no padding, channels a multiple of 4): the
+    kernel then reads its input where the previous layer wrote it. The output is written 16 channels at
+    a time."""
+    nhwc = layout == "NHWC"
+    n, c, h, wd = (int(d) for d in ((x.shape[0], x.shape[3], x.shape[1], x.shape[2]) if nhwc else x.shape))
     ob, kh, kw, cb = (int(d) for d in wp.shape[:4])
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     oh, ow = pool_output_size(h, kh, sh, ph, dh, False), pool_output_size(wd, kw, sw, pw, dw, False)
     signed = x.dtype == "int8"
 
+    def _x(b, ch, i, j):
+        return x[b, i, j, ch] if nhwc else x[b, ch, i, j]
+
     def _packed(b, i, j, ch):
         inside = tirx.all(i >= ph, i < h + ph, j >= pw, j < wd + pw, ch < c)
-        v = _as_unsigned(x[b, ch, i - ph, j - pw], signed)
+        v = _as_unsigned(_x(b, ch, i - ph, j - pw), signed)
         return tirx.if_then_else(inside, v, tirx.const(SHIFT if signed else 0, "uint8"))
 
-    xp = te.compute((n, h + 2 * ph, wd + 2 * pw, cb * GROUP), _packed, name="data_vnni")
+    if nhwc and not signed and ph == pw == 0 and c == cb * GROUP:
+        xp = x
+    else:
+        xp = te.compute((n, h + 2 * ph, wd + 2 * pw, cb * GROUP), _packed, name="data_vnni")
     rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
     rcb, rci = te.reduce_axis((0, cb), "rcb"), te.reduce_axis((0, GROUP), "rci")
     conv = te.compute(
@@ -102,6 +116,8 @@ def conv2d_vnni(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out_c
         v = conv[b, o // LANES, i, j, o % LANES]
         return v + correction[o] if correction is not None else v
 
+    if nhwc:
+        return te.compute((n, oh, ow, out_channels), lambda b, i, j, o: _out(b, o, i, j), name="conv_vnni_out")
     return te.compute((n, out_channels, oh, ow), _out, name="conv_vnni_out")
 
 

@@ -16,6 +16,7 @@ import tvm
 from tvm import relax
 from tvm.relax import Call, Expr, PyExprMutator, expr_functor
 
+from intforge.kernels.depthwise import depthwise_nhwc
 from intforge.kernels.dot_product import SHIFT, conv2d_nhwc_dot, dense_dot
 from intforge.kernels.int4 import UNPACK_SYMBOL, pack_int4, unpack_int4
 from intforge.kernels.x86_vnni import GROUP, LANES, blocks, conv2d_vnni, dense_vnni
@@ -66,10 +67,18 @@ class _KernelRewriter(PyExprMutator):
         return e
 
     def _weight_value(self, w: Expr) -> tuple[np.ndarray, relax.GlobalVar | None] | None:
-        """The weight's int8 values if known at compile time, and the INT4 unpack kernel it came through."""
-        if isinstance(w, tvm.ir.Constant):
-            return w.value.numpy(), None
-        reshape = self._bound(w)
+        """The weight's int8 values if known at compile time, and the INT4 unpack kernel it came through
+        (seen through a permute_dims, which ConvertLayout puts on weights)."""
+        bound = self._bound(w)
+        if isinstance(bound, tvm.ir.Constant):
+            return bound.value.numpy(), None
+        if isinstance(bound, Call) and getattr(bound.op, "name", "") == "relax.permute_dims":
+            inner = self._weight_value(bound.args[0])
+            if inner is None:
+                return None
+            axes = _ints(bound.attrs.axes) if bound.attrs.axes is not None else None
+            return np.ascontiguousarray(np.transpose(inner[0], axes)), inner[1]
+        reshape = bound
         if not (isinstance(reshape, Call) and getattr(reshape.op, "name", "") == "relax.reshape"):
             return None
         unpack = self._bound(reshape.args[0])
@@ -105,11 +114,15 @@ class _KernelRewriter(PyExprMutator):
     def _conv2d(self, call: Call) -> Expr | None:
         a = call.attrs
         x, w = self.visit_expr(call.args[0]), self.visit_expr(call.args[1])
-        if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "OIHW", "NCHW"):
+        layouts = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout))
+        nhwc = layouts == ("NHWC", "OHWI", "NHWC")
+        if layouts != ("NCHW", "OIHW", "NCHW") and not (nhwc and self.vnni):
             return None
         if _dtype(x) not in _INT_IN or _dtype(w) != "int8" or str(a.out_dtype) != "int32":
             return None
-        if int(w.ty.shape[1]) == 1:  # depthwise: no channel reduction for a dot product to run over
+        channels = int(x.ty.shape[3 if nhwc else 1])
+        depthwise = int(w.ty.shape[3 if nhwc else 1]) == 1 and int(a.groups) == channels == int(w.ty.shape[0])
+        if depthwise and not nhwc:  # no channel reduction for a dot product to run over: TOPI's lowering
             return None
         pad = _ints(a.padding)
         if len(pad) == 4 and (pad[0], pad[1]) != (pad[2], pad[3]):
@@ -119,12 +132,21 @@ class _KernelRewriter(PyExprMutator):
             return None
         value, unpack = known
         stride, dilation, groups = _ints(a.strides)[:2], _ints(a.dilation)[:2], int(a.groups)
+        if depthwise:  # NHWC: vectorized across channels; weights [C, KH, KW, 1] -> [KH, KW, C]
+            w_hwc = np.ascontiguousarray(value[..., 0].transpose(1, 2, 0))
+            self.rewritten += 1
+            return self.builder_.call_te(lambda xx, ww: depthwise_nhwc(xx, ww, stride, pad[:2], dilation), x,
+                                         self._emit_weight(w_hwc, unpack), primfunc_name_hint="depthwise_nhwc")
+        if nhwc:
+            value = np.ascontiguousarray(value.transpose(0, 3, 1, 2))  # OHWI -> OIHW
         if self.vnni and groups == 1:
             # vpdpbusd is u8 x s8: signed activations run as a + 128, corrected by -128 * sum(w)
             corr = self._correction(value, (1, 2, 3), -1) if _dtype(x) == "int8" else None
-            o = value.shape[0]
-            return self._call(lambda xx, ww, cc: conv2d_vnni(xx, ww, cc, o, stride, pad[:2], dilation),
+            o, layout = value.shape[0], layouts[0]
+            return self._call(lambda xx, ww, cc: conv2d_vnni(xx, ww, cc, o, stride, pad[:2], dilation, layout),
                               "conv2d_vnni", x, self._emit_weight(_vnni_conv_layout(value), unpack), corr)
+        if nhwc:  # a grouped conv in NHWC (only ConvertLayout makes these): TOPI's lowering
+            return None
         shift = self.shift_unsigned and _dtype(x) == "uint8"
         corr = self._correction(value, (1, 2, 3), 1) if shift else None
         w_ohwi = np.ascontiguousarray(value.transpose(0, 2, 3, 1))
@@ -154,6 +176,12 @@ class _KernelRewriter(PyExprMutator):
     def visit_call_(self, call: Call) -> Expr:
         name = getattr(call.op, "name", "")
         out = None
+        if name == "relax.permute_dims":  # a constant ConvertLayout re-laid out: fold it here, once
+            arg = self._bound(self.visit_expr(call.args[0]))
+            if isinstance(arg, tvm.ir.Constant):
+                axes = _ints(call.attrs.axes) if call.attrs.axes is not None else None
+                value = np.ascontiguousarray(np.transpose(arg.value.numpy(), axes))
+                return relax.const(value, str(value.dtype))
         if name == "relax.nn.conv2d":
             out = self._conv2d(call)
         elif name == "relax.matmul":

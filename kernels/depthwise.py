@@ -1,0 +1,65 @@
+"""Depthwise conv2d in NHWC for CPUs: the channels of a pixel are contiguous, so one vector holds the
+same tap of many channels and the multiply-adds vectorize across channels.
+
+TOPI's depthwise conv with our default schedule runs one channel at a time (the reduction over the
+kernel window is innermost). Here the KH x KW window is written out as one sum (the window is known at
+compile time), so the conv is a purely spatial block: the requantize chain after it is inlined into the
+same expression, and the innermost loop runs over `lanes` channels as one vector. Padding is zero on
+the integers, like the reference's.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, te, tirx
+
+from intforge.reference import pool_output_size
+
+DW_BLOCK = "dwconv_nhwc"
+
+
+def depthwise_nhwc(x: te.Tensor, w: te.Tensor, stride: tuple[int, int], padding: tuple[int, int],
+                   dilation: tuple[int, int]) -> te.Tensor:
+    """x: [N, H, W, C] int8/uint8, w: [KH, KW, C] int8 -> [N, OH, OW, C] int32."""
+    n, h, wd, c = (int(d) for d in x.shape)
+    kh, kw = int(w.shape[0]), int(w.shape[1])
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    oh, ow = pool_output_size(h, kh, sh, ph, dh, False), pool_output_size(wd, kw, sw, pw, dw, False)
+    if ph or pw:
+        xp = te.compute((n, h + 2 * ph, wd + 2 * pw, c), lambda b, i, j, ch: tirx.if_then_else(
+            tirx.all(i >= ph, i < h + ph, j >= pw, j < wd + pw), x[b, i - ph, j - pw, ch],
+            tirx.const(0, x.dtype)), name="data_dw")
+    else:
+        xp = x
+
+    def window_sum(b, i, j, ch):  # the window written out: a spatial block, vectorizable across channels
+        terms = [xp[b, i * sh + rh * dh, j * sw + rw * dw, ch].astype("int32") * w[rh, rw, ch].astype("int32")
+                 for rh in range(kh) for rw in range(kw)]
+        total = terms[0]
+        for t in terms[1:]:
+            total = total + t
+        return total
+
+    return te.compute((n, oh, ow, c), window_sum, name=DW_BLOCK)
+
+
+def _lanes(c: int) -> int:
+    return next(v for v in (32, 16, 8, 4, 2, 1) if c % v == 0)
+
+
+def schedule_depthwise_func(sch: s_tir.Schedule) -> set[str] | None:
+    """Schedule a fused function built around a dwconv_nhwc block; None when it has none. Returns the
+    names of the blocks left for the default rule (the padding stage)."""
+    root = sch.get_sblock("root")
+    blocks = sch.get_child_blocks(root)
+    names = [sch.get(b).name_hint for b in blocks]
+    if DW_BLOCK not in names:
+        return None
+    k = names.index(DW_BLOCK)
+    block = blocks[k]
+    for b in blocks[k + 1:]:  # the requantize chain folds into the window sum: one expression per output
+        sch.reverse_compute_inline(b)
+    b_, i, j, ch = sch.get_loops(block)
+    co, ci = sch.split(ch, [None, _lanes(int(sch.get(ch).extent))])
+    sch.parallel(sch.fuse(b_, i))
+    sch.vectorize(ci)
+    return set(names[:k])
