@@ -33,14 +33,15 @@ class Artifact:
 
 
 def _kernel_passes(preset: TargetPreset | None, dot_kernels: bool = True) -> list[tvm.transform.Pass]:
-    """The target's own kernels, chosen before TOPI legalizes what is left: integer conv2d and dense in the
-    dot-product layout (aarch64: sdot/usdot where the CPU has them, widening NEON multiply-adds where it
-    does not; x86: AVX-512/AVX2 widening dot products). Off with `dot_kernels=False` (TOPI's NCHW)."""
+    """The target's own kernels, chosen before TOPI legalizes what is left: the graph in NHWC, integer conv2d
+    and dense in the dot-product layout (aarch64: sdot/usdot where the CPU has them, widening NEON
+    multiply-adds where it does not; x86: VNNI, else AVX-512/AVX2 widening dot products) and depthwise
+    convs vectorized across channels. Off with `dot_kernels=False` (TOPI's NCHW)."""
     if preset is None or not dot_kernels:
         return []
     shift = preset.arch == "aarch64" and preset.has("dotprod") and not preset.has("i8mm")
     vnni = preset.arch == "x86_64" and preset.has("avx512vnni") and preset.has("avx512bw")
-    return ([nhwc_layout_pass()] if vnni else []) + [dot_product_layout_pass(shift_unsigned=shift, vnni=vnni)]
+    return [nhwc_layout_pass(), dot_product_layout_pass(shift_unsigned=shift, vnni=vnni)]
 
 
 def _legalize_passes(preset: TargetPreset | None = None, dot_kernels: bool = True) -> list[tvm.transform.Pass]:

@@ -27,10 +27,11 @@ SHIFT = 128
 
 def conv2d_nhwc_dot(x: te.Tensor, w: te.Tensor, correction: te.Tensor | None, stride: tuple[int, int],
                     padding: tuple[int, int], dilation: tuple[int, int], groups: int,
-                    shift_unsigned: bool) -> te.Tensor:
-    """x: [N, C, H, W] int8/uint8 (NCHW, as the rest of the graph), w: [O, KH, KW, C/groups] int8,
-    correction: [O] int32 or None. Returns [N, O, OH, OW] int32 (NCHW)."""
-    n, c, h, wd = (int(d) for d in x.shape)
+                    shift_unsigned: bool, layout: str = "NCHW") -> te.Tensor:
+    """x: [N, C, H, W] int8/uint8 (or [N, H, W, C] with layout "NHWC"), w: [O, KH, KW, C/groups] int8,
+    correction: [O] int32 or None. Returns int32 [N, O, OH, OW] (or [N, OH, OW, O] in NHWC)."""
+    nhwc = layout == "NHWC"
+    n, c, h, wd = (int(d) for d in ((x.shape[0], x.shape[3], x.shape[1], x.shape[2]) if nhwc else x.shape))
     o, kh, kw, cg = (int(d) for d in w.shape)
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     oh, ow = pool_output_size(h, kh, sh, ph, dh, False), pool_output_size(wd, kw, sw, pw, dw, False)
@@ -40,11 +41,14 @@ def conv2d_nhwc_dot(x: te.Tensor, w: te.Tensor, correction: te.Tensor | None, st
 
     def _packed(b, i, j, ch):
         inside = tirx.all(i >= ph, i < h + ph, j >= pw, j < wd + pw)
-        v = x[b, ch, i - ph, j - pw]
+        v = x[b, i - ph, j - pw, ch] if nhwc else x[b, ch, i - ph, j - pw]
         v = (v.astype("int32") - SHIFT).astype("int8") if shift else v
         return tirx.if_then_else(inside, v, tirx.const(pad_value, in_dtype))
 
-    xp = te.compute((n, h + 2 * ph, wd + 2 * pw, c), _packed, name="data_nhwc")
+    if nhwc and not shift and ph == pw == 0:
+        xp = x  # already NHWC, nothing to pad or shift: read it where the previous layer wrote it
+    else:
+        xp = te.compute((n, h + 2 * ph, wd + 2 * pw, c), _packed, name="data_nhwc")
     rh = te.reduce_axis((0, kh), "rh")
     rw = te.reduce_axis((0, kw), "rw")
     rc = te.reduce_axis((0, cg), "rc")
@@ -55,6 +59,11 @@ def conv2d_nhwc_dot(x: te.Tensor, w: te.Tensor, correction: te.Tensor | None, st
         return te.sum(xp[b, i * sh + rh * dh, j * sw + rw * dw, ch].astype("int32")
                       * w[oc, rh, rw, rc].astype("int32"), axis=[rh, rw, rc])
 
+    if nhwc:
+        acc = te.compute((n, oh, ow, o), lambda b, i, j, oc: _acc(b, oc, i, j), name="conv_dot")
+        if correction is None:
+            return acc
+        return te.compute(acc.shape, lambda b, i, j, oc: acc[b, i, j, oc] + correction[oc], name="conv_dot_corr")
     acc = te.compute((n, o, oh, ow), _acc, name="conv_dot")
     if correction is None:
         return acc

@@ -5,8 +5,10 @@ Runs before legalization. On x86 with AVX512-VNNI, conv2d (groups 1) and dense b
 layout kernels of `intforge.kernels.dot_product`. Weights are known at compile time (an INT8 constant, or
 INT4 nibbles that the shared unpack kernel expands from a constant), so they are re-laid out in numpy into
 the kernel's layout and stored that way; INT4 weights are re-packed as nibbles in the new order, so the
-.so stays as small and the unpack kernel now produces the kernel's layout directly. Depthwise
-convolutions and float ops keep TOPI's lowering. The arithmetic is unchanged: the same integer sums.
+.so stays as small and the unpack kernel now produces the kernel's layout directly. Convs arrive in NCHW
+or, after `nhwc_layout_pass`, NHWC with OHWI weights; in NHWC depthwise convs get the channel-vectorized
+kernel of `intforge.kernels.depthwise`. Float ops keep TOPI's lowering. The arithmetic is unchanged: the
+same integer sums.
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ class _KernelRewriter(PyExprMutator):
         x, w = self.visit_expr(call.args[0]), self.visit_expr(call.args[1])
         layouts = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout))
         nhwc = layouts == ("NHWC", "OHWI", "NHWC")
-        if layouts != ("NCHW", "OIHW", "NCHW") and not (nhwc and self.vnni):
+        if layouts != ("NCHW", "OIHW", "NCHW") and not nhwc:
             return None
         if _dtype(x) not in _INT_IN or _dtype(w) != "int8" or str(a.out_dtype) != "int32":
             return None
@@ -139,19 +141,18 @@ class _KernelRewriter(PyExprMutator):
                                          self._emit_weight(w_hwc, unpack), primfunc_name_hint="depthwise_nhwc")
         if nhwc:
             value = np.ascontiguousarray(value.transpose(0, 3, 1, 2))  # OHWI -> OIHW
+        layout = layouts[0]
         if self.vnni and groups == 1:
             # vpdpbusd is u8 x s8: signed activations run as a + 128, corrected by -128 * sum(w)
             corr = self._correction(value, (1, 2, 3), -1) if _dtype(x) == "int8" else None
-            o, layout = value.shape[0], layouts[0]
+            o = value.shape[0]
             return self._call(lambda xx, ww, cc: conv2d_vnni(xx, ww, cc, o, stride, pad[:2], dilation, layout),
                               "conv2d_vnni", x, self._emit_weight(_vnni_conv_layout(value), unpack), corr)
-        if nhwc:  # a grouped conv in NHWC (only ConvertLayout makes these): TOPI's lowering
-            return None
         shift = self.shift_unsigned and _dtype(x) == "uint8"
         corr = self._correction(value, (1, 2, 3), 1) if shift else None
         w_ohwi = np.ascontiguousarray(value.transpose(0, 2, 3, 1))
         return self._call(lambda xx, ww, cc: conv2d_nhwc_dot(xx, ww, cc, stride, pad[:2], dilation, groups,
-                                                             self.shift_unsigned),
+                                                             self.shift_unsigned, layout),
                           "conv2d_dot", x, self._emit_weight(w_ohwi, unpack), corr)
 
     def _matmul(self, call: Call) -> Expr | None:

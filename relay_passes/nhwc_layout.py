@@ -1,5 +1,5 @@
-"""Relax pass: run the integer graph in NHWC on CPUs whose conv kernels read a pixel's channels
-contiguously (x86 AVX512-VNNI).
+"""Relax pass: run the integer graph in NHWC, the layout intforge's CPU kernels read: a pixel's channels
+contiguous (x86 VNNI, the ARM / x86 dot-product kernels, the depthwise kernel).
 
 TVM's own ConvertLayout turns every conv2d into NHWC / OHWI and carries the layout through the
 elementwise requantize chains, residual adds, pooling and concats; it transposes only at the model's
