@@ -2,8 +2,9 @@
 
 TVM's "int4" dtype is read one value per byte by CPU codegen (wrong results), so INT4 weights are
 stored as int8 bytes holding two values and unpacked in TIR before the int8 convolution / matmul.
-The unpack avoids shifts of signed values: high = byte >> 4 (arithmetic, sign-extending), low =
-(byte & 15) - 16 if that is >= 8. numpy and TIR use the same formula.
+The unpack moves the wanted nibble to the top of a 32-bit word (an unsigned shift left, by 28 for the
+low nibble and 24 for the high one) and shifts it back arithmetically by 28, which sign-extends it:
+no branches, no shift of a negative value. numpy and TIR use the same formula.
 """
 
 from __future__ import annotations
@@ -28,12 +29,10 @@ def pack_int4(values: np.ndarray) -> np.ndarray:
 
 def unpack_int4(packed: np.ndarray, count: int) -> np.ndarray:
     """Inverse of `pack_int4`: the first `count` values as int8."""
-    b = np.asarray(packed, dtype=np.int8).astype(np.int32)
-    lo = b & 0xF
-    lo = np.where(lo >= 8, lo - 16, lo)
-    hi = b >> 4
+    b = np.asarray(packed, dtype=np.int8).view(np.uint8).astype(np.uint32)
     out = np.empty(b.size * 2, dtype=np.int32)
-    out[0::2], out[1::2] = lo, hi
+    for k in (0, 1):  # element 2i + k sits in nibble k of byte i
+        out[k::2] = (b << np.uint32(28 - 4 * k)).view(np.int32) >> 28
     return out[:count].astype(np.int8)
 
 
@@ -47,11 +46,9 @@ def unpack_int4_func() -> tirx.PrimFunc:
     packed = te.placeholder((tirx.floordiv(n + 1, 2),), "int8", name="packed")
 
     def fcompute(i):
-        byte = packed[tirx.floordiv(i, 2)].astype("int32")
-        lo = tirx.bitwise_and(byte, tirx.const(15, "int32"))
-        lo = tirx.Select(lo >= 8, lo - 16, lo)
-        hi = tirx.shift_right(byte, tirx.const(4, "int32"))
-        return tirx.Select(tirx.floormod(i, 2) == 0, lo, hi).astype("int8")
+        byte = tirx.reinterpret("uint8", packed[tirx.floordiv(i, 2)]).astype("uint32")
+        up = tirx.shift_left(byte, (28 - 4 * tirx.floormod(i, 2)).astype("uint32"))
+        return tirx.shift_right(tirx.reinterpret("int32", up), tirx.const(28, "int32")).astype("int8")
 
     out = te.compute((n,), fcompute, name="unpacked")
     func = te.create_prim_func([packed, out])
