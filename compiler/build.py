@@ -166,19 +166,23 @@ def cuda_source(executable) -> str:
     return "\n".join(found)
 
 
-def _io_spec(program: IntegerProgram, names: list[str], boundary: str) -> list[dict[str, Any]]:
+def _io_spec(program: IntegerProgram, names: list[str], boundary: str, io_layout: str = "NCHW") -> list[dict[str, Any]]:
+    from intforge.relay_passes.emit import boundary_shape
+
     rows = []
     for n in names:
         t = program.tensors[n]
-        rows.append({"name": n, "shape": list(t.shape), "dtype": "float32" if boundary == "float" else t.dtype,
+        rows.append({"name": n, "shape": list(boundary_shape(t.shape, io_layout)),
+                     "dtype": "float32" if boundary == "float" else t.dtype,
                      "quantized_dtype": t.dtype, "scale": t.scale, "zero_point": t.zero_point})
     return rows
 
 
 def build(program: IntegerProgram, output: str | Path, target: str | TargetPreset = "x86",
           boundary: str = "float", extra: dict[str, Any] | None = None, tuned: bool = True,
-          default_schedule: bool = True, dot_kernels: bool = True) -> Artifact:
-    """Compile `program` into `output` (a path ending in .so, or a directory that gets model.so)."""
+          default_schedule: bool = True, dot_kernels: bool = True, io_layout: str = "NCHW") -> Artifact:
+    """Compile `program` into `output` (a path ending in .so, or a directory that gets model.so).
+    `io_layout="NHWC"` makes 4-D inputs and outputs NHWC at the library's boundary (see emit_program)."""
     output = Path(output)
     so_path = output if output.suffix == ".so" else output / "model.so"
     so_path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +203,7 @@ def build(program: IntegerProgram, output: str | Path, target: str | TargetPrese
         from .tuning import open_database
 
         fcompile = preset.fcompile()
-        mod = emit_program(program, boundary=boundary)
+        mod = emit_program(program, boundary=boundary, io_layout=io_layout)
         database = open_database(preset) if tuned else None  # None also when a corrupt one was set aside
         ex = _compile(mod, preset, database, default_schedule, dot_kernels)
         kernels = "dot-product layout (conv2d, dense)" if dot_kernels else "TOPI"
@@ -225,8 +229,9 @@ def build(program: IntegerProgram, output: str | Path, target: str | TargetPrese
         "integer_only": True,
         "float_boundary": (["input quantize (x * 1/scale, round half to even, clamp)",
                             "output dequantize (q * scale)"] if boundary == "float" else []),
-        "inputs": _io_spec(program, program.inputs, boundary),
-        "outputs": _io_spec(program, program.outputs, boundary),
+        "inputs": _io_spec(program, program.inputs, boundary, io_layout),
+        "outputs": _io_spec(program, program.outputs, boundary, io_layout),
+        "io_layout": io_layout,
         "layers": program.layers(),
         "weight_bytes": sum(r["weight_bytes"] for r in program.layers()),
         "target": preset.describe(),

@@ -177,12 +177,21 @@ class _KernelRewriter(PyExprMutator):
     def visit_call_(self, call: Call) -> Expr:
         name = getattr(call.op, "name", "")
         out = None
-        if name == "relax.permute_dims":  # a constant ConvertLayout re-laid out: fold it here, once
+        if name == "relax.permute_dims" and call.attrs.axes is not None:
+            axes = _ints(call.attrs.axes)
+            if list(axes) == sorted(axes):  # the identity (ConvertLayout leaves these at outputs)
+                return self.visit_expr(call.args[0])
             arg = self._bound(self.visit_expr(call.args[0]))
-            if isinstance(arg, tvm.ir.Constant):
-                axes = _ints(call.attrs.axes) if call.attrs.axes is not None else None
+            if isinstance(arg, tvm.ir.Constant):  # a constant ConvertLayout re-laid out: fold it, once
                 value = np.ascontiguousarray(np.transpose(arg.value.numpy(), axes))
                 return relax.const(value, str(value.dtype))
+            if (isinstance(arg, Call) and getattr(arg.op, "name", "") == "relax.permute_dims"
+                    and arg.attrs.axes is not None):  # two transposes in a row: one, or none
+                inner = _ints(arg.attrs.axes)
+                composed = [inner[i] for i in axes]
+                if composed == sorted(composed):
+                    return arg.args[0]
+                return relax.op.permute_dims(arg.args[0], composed)
         if name == "relax.nn.conv2d":
             out = self._conv2d(call)
         elif name == "relax.matmul":

@@ -157,24 +157,39 @@ def emit_op(ops: RelaxOps, program: IntegerProgram, op: IntOp, args: list[relax.
     raise IntforgeError(f"the Relax emitter has no rule for op kind {op.kind!r} ({op.name})")
 
 
+def boundary_shape(shape: tuple[int, ...], io_layout: str) -> tuple[int, ...]:
+    """A tensor's shape at the function boundary: NCHW as in the program, or NHWC for 4-D tensors."""
+    if io_layout == "NHWC" and len(shape) == 4:
+        return (shape[0], shape[2], shape[3], shape[1])
+    return tuple(shape)
+
+
 def emit_program(program: IntegerProgram, boundary: str = "float", func_name: str = "main",
-                 gemm_kernel: GemmKernel | None = None) -> Any:
+                 gemm_kernel: GemmKernel | None = None, io_layout: str = "NCHW") -> Any:
     """Build the IRModule whose `func_name` computes `program` (see the module docstring). `gemm_kernel`
-    lets a target emit its own fused kernels for conv2d / linear (the GPU's Tensor Core kernels)."""
+    lets a target emit its own fused kernels for conv2d / linear (the GPU's Tensor Core kernels).
+    `io_layout="NHWC"`: 4-D inputs and outputs are NHWC at the function's boundary (the program itself
+    stays NCHW); on NHWC targets the layout passes then cancel the transposes, which is how one layer is
+    timed alone without transposes the whole model would not have."""
     if boundary not in BOUNDARIES:
         raise IntforgeError(f"boundary must be one of {BOUNDARIES}, got {boundary!r}")
+    if io_layout not in ("NCHW", "NHWC"):
+        raise IntforgeError(f"io_layout must be NCHW or NHWC, got {io_layout!r}")
+    nhwc = io_layout == "NHWC"
     bb = relax.BlockBuilder()
     ops = RelaxOps(bb)
     params = []
     for name in program.inputs:
         t = program.tensors[name]
         dtype = "float32" if boundary == "float" else t.dtype
-        params.append(relax.Var(name, relax.TensorType(t.shape, dtype)))
+        params.append(relax.Var(name, relax.TensorType(boundary_shape(t.shape, io_layout), dtype)))
     with bb.function(func_name, params, attrs={"intforge.boundary": boundary}):
         with bb.dataflow():
             env: dict[str, relax.Expr] = {}
             for name, var in zip(program.inputs, params, strict=True):
                 t = program.tensors[name]
+                if nhwc and len(t.shape) == 4:
+                    var = bb.emit(relax.op.permute_dims(var, [0, 3, 1, 2]))
                 env[name] = dyadic.quantize_float(ops, var, t.scale, t.qmin, t.qmax, t.dtype) \
                     if boundary == "float" else var
             for op in program.ops:
@@ -182,6 +197,8 @@ def emit_program(program: IntegerProgram, boundary: str = "float", func_name: st
             outs = []
             for name in program.outputs:
                 q = env[name]
+                if nhwc and len(program.tensors[name].shape) == 4:
+                    q = bb.emit(relax.op.permute_dims(q, [0, 2, 3, 1]))
                 outs.append(dyadic.dequantize_int(ops, q, program.tensors[name].scale) if boundary == "float"
                             else q)
             result = outs[0] if len(outs) == 1 else relax.Tuple(outs)

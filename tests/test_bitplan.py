@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,3 +87,36 @@ def test_read_plan_bits_errors(tmp_path):
         read_plan_bits(tmp_path / "bad.json")
 
 
+
+
+def test_layers_are_timed_in_the_layout_they_run_in_a_model(tmp_path):
+    """A layer timed alone takes and returns NHWC, like inside a model on the NHWC CPU kernels: no
+    transposes are left in what is timed, and the integers are the reference's."""
+    import collections
+
+    import tvm
+    from tvm import relax
+
+    from intforge import load, reference
+    from intforge.capture import FloatOp
+    from intforge.compiler import build
+    from intforge.compiler.build import _kernel_passes
+    from intforge.compiler.targets import resolve_target
+    from intforge.latency import layer_program
+    from intforge.relay_passes import emit_program
+
+    op = FloatOp("conv2d", "c", ["x"], "y", {"stride": [2, 2], "padding": [1, 1], "dilation": [1, 1], "groups": 1},
+                 {"weight": np.zeros((24, 8, 3, 3), np.float32), "bias": np.zeros(24, np.float32)})
+    prog = layer_program(op, (1, 8, 14, 14), (1, 24, 7, 7), 8)
+    preset = resolve_target("x86")
+    with preset.tvm_target():
+        mod = tvm.transform.Sequential(_kernel_passes(preset))(emit_program(prog, boundary="int", io_layout="NHWC"))
+    ops = collections.Counter()
+    relax.analysis.post_order_visit(mod["main"], lambda e: isinstance(e, relax.Call) and ops.update(
+        [getattr(e.op, "name", "")]))
+    assert ops["relax.permute_dims"] == 0 and ops["relax.call_tir"] == 1
+    lib = load(build(prog, tmp_path / "m", boundary="int", io_layout="NHWC").library)
+    assert lib.inputs[0]["shape"] == [1, 14, 14, 8] and lib.manifest["io_layout"] == "NHWC"
+    x = np.random.default_rng(0).integers(0, 256, (1, 8, 14, 14)).astype(np.uint8)
+    got = lib(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+    np.testing.assert_array_equal(got.transpose(0, 3, 1, 2), reference.run_int(prog, x)[0])

@@ -27,9 +27,14 @@ def cache_path() -> Path:
     return cache_root() / "latency.json"
 
 
+#: Bumped when the kernels or the way a layer is timed change, so older cached times are not reused.
+TIMING_VERSION = 2  # 2: NHWC kernels, layers timed with NHWC inputs and outputs
+
+
 def _signature(op: FloatOp, in_shape: tuple[int, ...], bits: int, target: str) -> str:
     attrs = {k: op.attrs[k] for k in ("stride", "padding", "dilation", "groups") if k in op.attrs}
-    return json.dumps([target, op.kind, list(in_shape), list(op.params["weight"].shape), attrs, bits])
+    return json.dumps([TIMING_VERSION, target, op.kind, list(in_shape), list(op.params["weight"].shape), attrs,
+                       bits])
 
 
 def layer_program(op: FloatOp, in_shape: tuple[int, ...], out_shape: tuple[int, ...], bits: int) -> IntegerProgram:
@@ -51,10 +56,15 @@ def layer_program(op: FloatOp, in_shape: tuple[int, ...], out_shape: tuple[int, 
 
 def time_layer_program(program: IntegerProgram, workdir: Path, target: str = "x86", repeat: int = 30,
                        **build_options: Any) -> float:
-    """Build a one-layer program (integer boundary) into `workdir` and return its median ms."""
+    """Build a one-layer program (integer boundary) into `workdir` and return its median ms. CPU layers are
+    timed with NHWC inputs and outputs, the layout they have inside a model on our CPU kernels, so the
+    time has no transposes the model does not have."""
     from .compiler import build
+    from .compiler.targets import resolve_target
     from .runtime import load
 
+    if not resolve_target(target).is_cuda and build_options.get("dot_kernels", True):
+        build_options.setdefault("io_layout", "NHWC")
     art = build(program, workdir, target=target, boundary="int", **build_options)
     return load(art.library).time(repeat=repeat, warmup=3)["median_ms"]
 
