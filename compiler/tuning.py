@@ -127,6 +127,10 @@ def tune(program: IntegerProgram, target: str | TargetPreset = "x86", trials: in
     if trials < 1:
         raise IntforgeError(f"trials must be at least 1, got {trials}")
     preset = resolve_target(target)
+    if preset.is_cuda:
+        raise IntforgeError(f"target '{preset.name}' is a GPU: its conv and dense layers run in intforge's "
+                            "Tensor Core kernels, whose tile sizes are fixed, and `tune` searches CPU schedules "
+                            "only. Compile for it without tuning.")
     if preset.is_cross:
         raise IntforgeError(f"target '{preset.name}' is {preset.arch}: tuning measures candidates on the target, "
                             "and tuning on a board over RPC is not implemented yet. Compile untuned (the "

@@ -160,6 +160,14 @@ def test_cli_compile_mnist_for_t4(tmp_path):
         assert run.returncode == 2 and "no CUDA GPU" in run.stderr and "Traceback" not in run.stderr
 
 
+def test_tune_and_schedules_refuse_gpu_targets_clearly():
+    for cmd in (["tune", "intforge.zoo:mnist_net", "--input-shape", "1,1,28,28", "--calib", "mnist:20", "--trials",
+                 "1", "--target", "t4"],
+                ["schedules", "intforge.zoo:mnist_net", "--input-shape", "1,1,28,28", "--target", "a100"]):
+        proc = cli(*cmd, check=False)
+        assert proc.returncode == 2 and "is a GPU" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 # ---------------------------------------------------------------- on a GPU
 
 

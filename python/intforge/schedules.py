@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .capture import FloatGraph
+from .errors import IntforgeError
 from .latency import layer_program, time_layer_program
 
 VARIANTS = ("plain", "default", "tensorized", "tuned")
@@ -31,7 +32,13 @@ BUILD_OPTIONS = {
 def compare_schedules(graph: FloatGraph, target: str = "x86", bits: dict[str, int] | None = None,
                       repeat: int = 10, progress: bool = True) -> list[dict[str, Any]]:
     """One row per conv/linear layer: MACs, and for each schedule its median ms and GOPS (2 ops per MAC)."""
+    from .compiler.targets import resolve_target
     from .compiler.tuning import database_dir
+
+    if resolve_target(target).is_cuda:
+        raise IntforgeError(f"`schedules` compares CPU schedules (plain, default, tensorized, tuned); '{target}' "
+                            "is a GPU, where every conv and dense layer has one schedule, the Tensor Core kernel. "
+                            "Time a GPU build with `intforge bench` on the GPU.")
 
     have_db = (database_dir(target) / "database_tuning_record.json").exists()
     variants = [v for v in VARIANTS if v != "tuned" or have_db]
