@@ -11,11 +11,12 @@ lowering (DLight).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
-from tvm import relax
+from tvm import relax, tirx
 
-from intforge.kernels.cuda_tensorcore import GemmShape, epilogue_constants, gemm_kernel, pack_weight
+from intforge.kernels.cuda_tensorcore import BM, BN, GemmShape, epilogue_constants, gemm_kernel, pack_weight
 from intforge.program import IntegerProgram, IntOp
 
 from .emit import GemmKernel, RelaxOps
@@ -25,33 +26,60 @@ def _symbol(op: IntOp) -> str:
     return "intforge_tc_" + re.sub(r"[^0-9A-Za-z_]", "_", op.name)
 
 
+@dataclass
+class LayerKernel:
+    """One layer's Tensor Core kernel and the compile-time arrays it takes after its input: the packed
+    weights, the padded bias and the requantize constants, in argument order (name -> array, dtype)."""
+
+    func: tirx.PrimFunc
+    shape: GemmShape
+    constants: dict[str, tuple[np.ndarray, str]]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(blockIdx.x, blockIdx.y) extents of the launch."""
+        return -(-self.shape.m // BM), self.constants["bias"][0].shape[0] // BN
+
+
+def layer_kernel(program: IntegerProgram, op: IntOp, int4_tensor_cores: bool) -> LayerKernel | None:
+    """The fused kernel for a conv2d (groups 1) or linear op, or None when the op stays generic."""
+    if op.kind not in ("conv2d", "linear"):
+        return None
+    a, p = op.attrs, op.params
+    x_t, y_t = program.tensors[op.inputs[0]], program.tensors[op.output]
+    w = p["weight"]
+    if op.kind == "conv2d":
+        if int(a["groups"]) != 1:
+            return None
+        n, c, h, wd = x_t.shape
+        shape = GemmShape(n, c, h, wd, w.shape[0], tuple(w.shape[2:]), tuple(a["stride"]),
+                          tuple(a["padding"]), tuple(a["dilation"]))
+    elif op.kind == "linear" and len(x_t.shape) == 2:
+        shape = GemmShape(x_t.shape[0], x_t.shape[1], 1, 1, w.shape[0], dense=True)
+    else:
+        return None
+    int4 = int4_tensor_cores and int(a.get("weight_bits", 8)) == 4 and x_t.bits <= 4
+    func = gemm_kernel(shape, x_t.dtype, y_t.dtype, int(a["qmin"]), int(a["qmax"]), int4)
+    consts = epilogue_constants(p["multiplier"], p["shift"], int(a["qmin"]), int(a["qmax"]), y_t.dtype,
+                                shape.out_channels)
+    bias = np.zeros(consts[0][0].shape[0], np.int32)
+    bias[: shape.out_channels] = np.asarray(p["bias"], np.int32).ravel()
+    constants = {"wp": (pack_weight(w, int4), "int8"), "bias": (bias, "int32"),
+                 **{f"c{i}": c for i, c in enumerate(consts)}}
+    return LayerKernel(func, shape, constants)
+
+
 def tensor_core_kernels(int4_tensor_cores: bool) -> GemmKernel:
     """The `emit_program` hook for a GPU; `int4_tensor_cores` says whether it has INT4 mma."""
 
     def emit(ops: RelaxOps, program: IntegerProgram, op: IntOp, x: relax.Expr) -> relax.Expr | None:
-        a, p = op.attrs, op.params
+        kernel = layer_kernel(program, op, int4_tensor_cores)
+        if kernel is None:
+            return None
         x_t, y_t = program.tensors[op.inputs[0]], program.tensors[op.output]
-        w = p["weight"]
-        if op.kind == "conv2d":
-            if int(a["groups"]) != 1:
-                return None
-            n, c, h, wd = x_t.shape
-            shape = GemmShape(n, c, h, wd, w.shape[0], tuple(w.shape[2:]), tuple(a["stride"]),
-                              tuple(a["padding"]), tuple(a["dilation"]))
-        else:
-            if len(x_t.shape) != 2:
-                return None
-            shape = GemmShape(x_t.shape[0], x_t.shape[1], 1, 1, w.shape[0], dense=True)
-        int4 = int4_tensor_cores and int(a.get("weight_bits", 8)) == 4 and x_t.bits <= 4
-        func = gemm_kernel(shape, x_t.dtype, y_t.dtype, int(a["qmin"]), int(a["qmax"]), int4)
-        gv = ops.bb.add_func(func, _symbol(op))
-        consts = epilogue_constants(p["multiplier"], p["shift"], int(a["qmin"]), int(a["qmax"]), y_t.dtype,
-                                    shape.out_channels)
-        bias = np.zeros(consts[0][0].shape[0], np.int32)
-        bias[: shape.out_channels] = np.asarray(p["bias"], np.int32).ravel()
+        gv = ops.bb.add_func(kernel.func, _symbol(op))
         args = [ops.bb.emit(relax.op.reshape(x, (int(np.prod(x_t.shape)),))),
-                relax.const(pack_weight(w, int4), "int8"), relax.const(bias, "int32"),
-                *[relax.const(arr, dtype) for arr, dtype in consts]]
+                *[relax.const(arr, dtype) for arr, dtype in kernel.constants.values()]]
         flat = ops.bb.emit(relax.call_tir(gv, args, relax.TensorType((int(np.prod(y_t.shape)),), y_t.dtype)))
         return ops.bb.emit(relax.op.reshape(flat, tuple(int(d) for d in y_t.shape)))
 

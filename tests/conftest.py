@@ -51,6 +51,18 @@ def so_of(tmp_path):
     return _build
 
 
+def intforge_cli(*args, check=True, env=None):
+    """Run `python -m intforge.cli ARGS` as a user would; fail with its output unless it succeeds."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "intforge.cli", *args], capture_output=True, text=True,
+                          timeout=900, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"intforge {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
 def assert_bit_exact_int(program, lib, seed: int = 0) -> None:
     """The .so (integer boundary) equals the reference on random and extreme integer inputs."""
     rng = np.random.default_rng(seed)

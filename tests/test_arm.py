@@ -18,6 +18,7 @@ from torch import nn
 
 import intforge
 from conftest import extreme_int_inputs, quantize_module
+from conftest import intforge_cli as cli
 from intforge import reference, zoo
 from intforge.compiler import PRESETS, build, resolve_target
 from intforge.emulate import free_port
@@ -188,13 +189,6 @@ def test_int4_weights_on_arm_bit_exact(board, tmp_path):
     cases = extreme_int_inputs(program, np.random.default_rng(2))
     got = intforge.load(art.library, emulate=True).run_many(np.concatenate([c[0] for c in cases]))[0]
     np.testing.assert_array_equal(got, np.concatenate([reference.run_int(program, *c)[0] for c in cases]))
-
-
-def cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "intforge.cli", *args], capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"intforge {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.fixture(scope="module")

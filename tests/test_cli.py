@@ -1,21 +1,12 @@
 """The CLI end to end on the real MNIST model: compile, run (npy and labelled set), inspect."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from conftest import intforge_cli
 from intforge import zoo
-
-
-def intforge_cli(*args, check=True, env=None):
-    proc = subprocess.run([sys.executable, "-m", "intforge.cli", *args], capture_output=True, text=True,
-                          timeout=900, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"intforge {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from torch import nn
 
 import intforge
 from conftest import extreme_int_inputs, quantize_module
+from conftest import intforge_cli as cli
 from intforge import cuda_env, reference, zoo
 from intforge.compiler import build
 from intforge.compiler.targets import resolve_target
@@ -140,13 +140,6 @@ def test_missing_nvcc_is_an_instruction(stack_programs, tmp_path, monkeypatch):
         build(stack_programs[8], tmp_path / "m", target="a100")
 
 
-def cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "intforge.cli", *args], capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"intforge {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
 def test_cli_compile_mnist_for_t4(tmp_path):
     out = tmp_path / "mnist"
     proc = cli("compile", "intforge.zoo:mnist_net", "--input-shape", "1,1,28,28", "--calib", "mnist:200",
@@ -225,45 +218,27 @@ def test_tensor_core_kernels_bit_exact_under_cpu_emulation(stack_programs, tmp_p
     from cuda_emulator import build_emulator
 
     from intforge.compiler.build import cuda_source
-    from intforge.kernels.cuda_tensorcore import BM, BN, THREADS, epilogue_constants, pack_weight
-    from intforge.relay_passes.emit import emit_program
-    from intforge.relay_passes.tensor_core import _symbol, tensor_core_kernels
+    from intforge.kernels.cuda_tensorcore import THREADS
+    from intforge.relay_passes.tensor_core import layer_kernel
 
     program = stack_programs[bits]
     cuda_env.ensure_runtime()
     os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
-    hook, kernels = tensor_core_kernels(int4_tensor_cores=True), {}
-
-    def spy(ops, prog, op, x):  # the kernels exactly as the emitter made them for this program
-        got = hook(ops, prog, op, x)
-        if got is not None:
-            mod = ops.bb.get()
-            kernels[op.name] = mod[mod.get_global_var(_symbol(op))]
-        return got
-
-    emit_program(program, boundary="int", gemm_kernel=spy)
+    # the kernels and their compile-time arguments exactly as the GPU emitter makes them for this program
+    kernels = {op.name: k for op in program.ops if (k := layer_kernel(program, op, int4_tensor_cores=True))}
     assert set(kernels) == {"c1", "c2", "c3", "fc"}
     target = resolve_target("t4").tvm_target()
     cases = extreme_int_inputs(program, np.random.default_rng(bits))
-    for name, func in kernels.items():
+    for name, kernel in kernels.items():
         op = next(o for o in program.ops if o.name == name)
         with target:
-            ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+            ex = tvm.compile(tvm.IRModule({"main": kernel.func.with_attr("global_symbol", "main")}), target=target)
         launch, params = build_emulator(cuda_source(ex), "main_kernel", tmp_path)
-        x_t, y_t = program.tensors[op.inputs[0]], program.tensors[op.output]
-        int4 = bits == 4 and x_t.bits <= 4
-        w = op.params["weight"]
-        consts = epilogue_constants(op.params["multiplier"], op.params["shift"], op.attrs["qmin"], op.attrs["qmax"],
-                                    y_t.dtype, w.shape[0])
-        bias = np.zeros(consts[0][0].shape[0], np.int32)
-        bias[: w.shape[0]] = op.params["bias"]
         for case in cases[:3] + cases[4:5]:  # two random, all-min, all-max inputs to the model
             env = _layer_io(program, case)
-            x = np.ascontiguousarray(env[op.inputs[0]]).ravel()
             want = env[op.output]
             y = np.zeros(want.size, want.dtype)
-            arrays = {"x": x, "wp": pack_weight(w, int4), "bias": bias, "y": y,
-                      **{f"c{i}": arr for i, (arr, _) in enumerate(consts)}}
-            m = int(np.prod(want.shape)) // w.shape[0]
-            launch(-(-m // BM), consts[0][0].shape[0] // BN, THREADS, arrays)
+            arrays = {"x": np.ascontiguousarray(env[op.inputs[0]]).ravel(), "y": y,
+                      **{arg: arr for arg, (arr, _) in kernel.constants.items()}}
+            launch(*kernel.grid, THREADS, arrays)
             np.testing.assert_array_equal(y.reshape(want.shape), want, err_msg=f"layer {name}, {bits}-bit")
