@@ -187,6 +187,22 @@ def schedule_vnni_func(sch: s_tir.Schedule) -> set[str] | None:
     for loop in (o1i, ji):
         if loop is not None:
             sch.unroll(loop)
-    sch.vectorize(sch.get_loops(acc)[-1])
     sch.vectorize(sch.get_loops(init)[-1])
+    try:  # the epilogue reads the accumulators where the kernel left them: no copy of the tile
+        sch.compute_inline(acc)
+    except s_tir.ScheduleError:
+        sch.vectorize(sch.get_loops(acc)[-1])
+    _vectorize_epilogue(sch, last)
     return set(names[:k])
+
+
+def _vectorize_epilogue(sch: s_tir.Schedule, block) -> None:
+    """The requantize epilogue runs over the tile's channels 16 at a time (NHWC: channels innermost), so the
+    int64 multiply, rounding shift and clamp are AVX-512 vector ops instead of scalar ones per output."""
+    inner = sch.get_loops(block)[-1]
+    extent = sch.get(inner).extent
+    if not isinstance(extent, tirx.IntImm) or int(extent) % LANES:
+        return
+    if int(extent) > LANES:
+        inner = sch.split(inner, [None, LANES])[1]
+    sch.vectorize(inner)
