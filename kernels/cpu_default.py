@@ -11,10 +11,10 @@ import tvm
 from tvm import s_tir, tirx
 
 from .depthwise import schedule_depthwise_func
+from .stages import vectorize_inner
 from .x86_vnni import schedule_vnni_func
 
 MIN_PARALLEL_EXTENT = 4
-VECTOR_LANES = 64  # elements per vectorized piece
 
 
 def _schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -53,24 +53,8 @@ def _schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
         fused = sch.fuse(*take) if len(take) > 1 else take[0]
         sch.parallel(fused)
         if len(take) < len(spatial) == len(loops):
-            _vectorize_inner(sch, spatial[-1])
+            vectorize_inner(sch, spatial[-1])
     return sch.mod["main"]
-
-
-def _vectorize_inner(sch: s_tir.Schedule, loop) -> None:
-    """Vectorize a purely spatial block's innermost loop (NHWC: channels), in pieces of at most
-    VECTOR_LANES, when its extent is known: elementwise integer chains, paddings and layout changes then
-    run as AVX-512/NEON vector ops."""
-    ext = sch.get(loop).extent
-    if not isinstance(ext, tirx.IntImm) or int(ext) < MIN_PARALLEL_EXTENT:
-        return
-    n = int(ext)
-    lanes = next((v for v in (VECTOR_LANES, 32, 16, 8, 4) if v <= n and n % v == 0), None)
-    if lanes is None:
-        return
-    if lanes < n:
-        loop = sch.split(loop, [None, lanes])[1]
-    sch.vectorize(loop)
 
 
 def default_schedule_pass(target: tvm.target.Target) -> tvm.transform.Pass:

@@ -14,6 +14,8 @@ from tvm import s_tir, te, tirx
 
 from intforge.reference import pool_output_size
 
+from .stages import compute_inputs_at
+
 DW_BLOCK = "dwconv_nhwc"
 
 
@@ -60,6 +62,8 @@ def schedule_depthwise_func(sch: s_tir.Schedule) -> set[str] | None:
         sch.reverse_compute_inline(b)
     b_, i, j, ch = sch.get_loops(block)
     co, ci = sch.split(ch, [None, _lanes(int(sch.get(ch).extent))])
-    sch.parallel(sch.fuse(b_, i))
+    sch.reorder(b_, i, co, j, ci)  # a channel block sweeps the row: its KH x KW weights stay in registers
+    par = sch.fuse(b_, i)
+    sch.parallel(par)
     sch.vectorize(ci)
-    return set(names[:k])
+    return compute_inputs_at(sch, list(blocks[:k]), par)

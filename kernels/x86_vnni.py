@@ -20,6 +20,7 @@ from tvm.script import tirx as T
 from intforge.reference import pool_output_size
 
 from .dot_product import SHIFT
+from .stages import compute_inputs_at
 
 LANES = 16  # int32 accumulators per zmm register
 GROUP = 4  # bytes reduced per lane
@@ -172,14 +173,15 @@ def schedule_vnni_func(sch: s_tir.Schedule) -> set[str] | None:
         o1o, o1i = sch.split(o1, [None, ob])
         jo, ji = sch.split(j, [None, _spatial_block(int(sch.get(j).extent))])
         sch.reorder(n, o1o, i, jo, rh, rw, rcb, ji, o1i, o2, rci)
-        sch.parallel(sch.fuse(n, o1o, i))
+        par = sch.fuse(n, o1o, i)
+        sch.parallel(par)
         tile, first_reduce = jo, rh
     else:
         i, o1, o2, rkb, rki = sch.get_loops(block)
         sch.reorder(i, o1, rkb, o2, rki)
         tile = sch.fuse(i, o1)
         sch.parallel(tile)
-        first_reduce, ji, o1i = rkb, None, None
+        first_reduce, ji, o1i, par = rkb, None, None, None
     sch.reverse_compute_at(acc, tile)
     sch.reverse_compute_at(last, tile)
     init = sch.decompose_reduction(block, first_reduce)
@@ -193,7 +195,9 @@ def schedule_vnni_func(sch: s_tir.Schedule) -> set[str] | None:
     except s_tir.ScheduleError:
         sch.vectorize(sch.get_loops(acc)[-1])
     _vectorize_epilogue(sch, last)
-    return set(names[:k])
+    if par is None:  # dense: its input is one row, packed once rather than once per output block
+        return set(names[:k])
+    return compute_inputs_at(sch, list(blocks[:k]), par)
 
 
 def _vectorize_epilogue(sch: s_tir.Schedule, block) -> None:

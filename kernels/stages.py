@@ -1,0 +1,47 @@
+"""Schedule steps shared by the CPU kernels: where an input stage runs, and vectorizing a stage.
+
+TVM's thread pool starts and joins its workers once per parallel loop. A padding or packing stage given
+its own parallel loop costs one more of those per layer, which on a small layer (MobileNetV2's 14x14 and
+7x7 blocks) is as long as the layer's arithmetic. Computed inside the kernel's own parallel loop, each
+thread pads the rows it reads, right before it reads them (a few rows computed twice where windows
+overlap), and the layer runs as one parallel region.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+
+VECTOR_LANES = 64  # elements per vectorized piece: one 512-bit register of bytes
+
+
+def vectorize_inner(sch: s_tir.Schedule, loop, least: int = 4) -> bool:
+    """Vectorize `loop` (a spatial block's innermost loop, channels in NHWC) in pieces of at most
+    VECTOR_LANES when its extent is a known multiple of 4 or more; returns whether it did."""
+    ext = sch.get(loop).extent
+    if not isinstance(ext, tirx.IntImm) or int(ext) < least:
+        return False
+    n = int(ext)
+    lanes = next((v for v in (VECTOR_LANES, 32, 16, 8, 4) if v <= n and n % v == 0), None)
+    if lanes is None:
+        return False
+    if lanes < n:
+        loop = sch.split(loop, [None, lanes])[1]
+    sch.vectorize(loop)
+    return True
+
+
+def compute_inputs_at(sch: s_tir.Schedule, producers: list, loop) -> set[str]:
+    """Move each input stage (padding, packing) under the kernel's parallel `loop`, vectorized over its
+    innermost loop. Returns the names of the stages that could not move (left to the default rule)."""
+    left = set()
+    for block in reversed(producers):  # the one feeding the kernel first, so its own inputs can follow
+        name = sch.get(block).name_hint
+        try:
+            sch.compute_at(block, loop, preserve_unit_loops=True)
+        except s_tir.ScheduleError:
+            left.add(name)
+            continue
+        loops = sch.get_loops(block)
+        if loops and loops[-1] != loop:
+            vectorize_inner(sch, loops[-1])
+    return left
