@@ -15,10 +15,11 @@ Models are torchvision's with random seeded weights (`intforge.zoo`): latency do
 weights' values, and no ImageNet data is reachable here. The timing loop is the one in bench_resnet18.py
 (warm-up, then `--repeat` perf_counter calls on the same input, engine I/O conversion included).
 
-It also reports, for the largest convolutions of each model, the achieved fraction of the CPU's INT8
-peak: MACs of the layer / its time alone (intforge's kernel, batch 1) / peak MAC rate, where the peak is
-64 MACs per cycle per core (one 512-bit vpdpbusd per cycle; Zen 4 and Ice Lake and later server cores)
-times the cores used times the clock from /proc/cpuinfo.
+It also reports the achieved fraction of the CPU's INT8 peak: for the largest convolutions of each model
+(MACs of the layer / its time alone, intforge's kernel, batch 1), and for whole models (each INT8 engine's
+MACs / latency, and the rate that 0.75x ORT INT8's latency would take). The peak is measured
+(`vnni_peak.c`: register-only vpdpbusd on every thread, at whatever clock the CPU boosts to); the nominal
+one (64 MACs per cycle per core x cores x /proc/cpuinfo's base clock) is recorded beside it.
 
 Writes JSON (`--out`) and a grouped bar chart beside it. Takes 10-20 minutes on 2 cores.
 """
@@ -70,6 +71,32 @@ def cpu_ghz() -> float:
     mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
            if line.startswith("cpu MHz")]
     return max(mhz) / 1e3 if mhz else float("nan")
+
+
+def nominal_int8_peak(threads: int) -> float:
+    """GMAC/s from the spec sheet's arithmetic: MACs per cycle x cores x /proc/cpuinfo's clock."""
+    return MACS_PER_CYCLE_PER_CORE * threads * cpu_ghz()
+
+
+def measured_int8_peak(threads: int) -> float | None:
+    """GMAC/s of `threads` threads issuing register-only vpdpbusd (vnni_peak.c): the rate the dot-product
+    units reach at the clock the CPU really runs at. None without a C compiler or AVX512-VNNI."""
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "vnni_peak"
+        try:
+            subprocess.run([cc, "-O2", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-pthread",
+                            str(ROOT / "vnni_peak.c"), "-o", str(exe)], check=True, capture_output=True)
+            runs = [float(subprocess.run([str(exe), str(threads)], check=True, capture_output=True,
+                                         text=True).stdout) for _ in range(3)]
+        except (subprocess.CalledProcessError, ValueError, OSError):
+            return None
+    return max(runs)
 
 
 def export_onnx_dynamic(model: Any, x: np.ndarray, path: Path) -> None:
@@ -125,7 +152,8 @@ def mixed_bits(model: Any, calib: np.ndarray) -> dict[str, int]:
                 pin_first_last=True).bits
 
 
-def peak_fraction(model: Any, shape: tuple[int, ...], top: int, threads: int) -> list[dict[str, Any]]:
+def peak_fraction(model: Any, shape: tuple[int, ...], top: int, threads: int,
+                  peak_gmacs: float) -> list[dict[str, Any]]:
     """The largest convolutions, each compiled alone with intforge's kernels and timed."""
     import torch
 
@@ -137,7 +165,7 @@ def peak_fraction(model: Any, shape: tuple[int, ...], top: int, threads: int) ->
         return int(np.prod(op.params["weight"].shape)) * int(np.prod(graph.shapes[op.output][2:]))
 
     convs = sorted((op for op in graph.ops if op.kind == "conv2d"), key=lambda op: -size(op))
-    peak = MACS_PER_CYCLE_PER_CORE * threads * cpu_ghz() * 1e9
+    peak = peak_gmacs * 1e9
     rows, seen = [], set()
     with tempfile.TemporaryDirectory() as tmp:
         for op in convs:
@@ -196,6 +224,7 @@ def run_model(name: str, batch: int, args: argparse.Namespace, engines: list[str
                 program, _ = intforge.quantize_model(model, (torch.from_numpy(x),), calib,
                                                      quant=QuantConfig(layer_bits=bits))
                 art = build(program, work / f"{name}_b{batch}_{eng}", tuned=False)
+                res["macs"] = sum(layer["macs"] for layer in program.layers())
                 res.setdefault("details", {})[eng] = {
                     "int4_layers": sum(b == 4 for b in bits.values()), "weight_bytes": art.manifest["weight_bytes"]}
                 fns[eng] = intforge.load(art.library)
@@ -216,6 +245,24 @@ def run_model(name: str, batch: int, args: argparse.Namespace, engines: list[str
         res["ratio_intforge_int8_over_ort_int8"] = round(res["intforge_int8"]["median_ms"]
                                                          / res["ort_int8"]["median_ms"], 3)
     return res
+
+
+def peak_rates(res: dict[str, Any], peak_gmacs: float | None) -> dict[str, Any]:
+    """Whole-model MAC rates: each INT8 engine's, and the rate 0.75x ORT INT8's latency would take, as
+    GMAC/s and as a fraction of the measured INT8 peak."""
+    out: dict[str, Any] = {}
+    macs = res.get("macs")
+    if not macs:
+        return out
+    for eng in ("ort_int8", "intforge_int8"):
+        if "median_ms" in res.get(eng, {}):
+            out[f"{eng}_gmacs_per_s"] = round(macs / res[eng]["median_ms"] / 1e6, 1)
+    if "median_ms" in res.get("ort_int8", {}):
+        out["gmacs_per_s_needed_for_0.75x_ort_int8"] = round(macs / (0.75 * res["ort_int8"]["median_ms"]) / 1e6, 1)
+    if peak_gmacs:
+        out.update({k.replace("gmacs_per_s", "fraction_of_measured_peak"): round(v / peak_gmacs, 3)
+                    for k, v in list(out.items())})
+    return out
 
 
 def plot(result: dict[str, Any], path: Path, title: str | None = None) -> None:
@@ -254,21 +301,30 @@ def main(argv: list[str] | None = None) -> int:
                                                                                           time.gmtime()),
                               "machine": {**machine_info(), "cpu_ghz": cpu_ghz()}, "versions": versions(),
                               "threads": args.threads, "engines": engines, "results": {}, "peak_fraction": {},
-                              "peak_assumption": f"{MACS_PER_CYCLE_PER_CORE} int8 MACs/cycle/core (one 512-bit "
-                                                 "vpdpbusd per cycle) x threads x cpu MHz"}
+                              "int8_peak_gmacs": {"measured": measured_int8_peak(args.threads),
+                                                  "nominal": round(nominal_int8_peak(args.threads), 1)},
+                              "peak_note": "measured: vnni_peak.c, register-only vpdpbusd on every thread; nominal: "
+                                           f"{MACS_PER_CYCLE_PER_CORE} int8 MACs/cycle/core x threads x cpu MHz "
+                                           "(the base clock; the CPU boosts above it)"}
+    peak_gmacs = result["int8_peak_gmacs"]["measured"] or result["int8_peak_gmacs"]["nominal"]
+    print(f"INT8 peak: {result['int8_peak_gmacs']} GMAC/s", flush=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cpu_suite_") as tmp:
         for name in args.models.split(","):
             result["results"][name] = {}
             for batch in (int(b) for b in args.batches.split(",")):
                 print(f"[{name} batch {batch}]", flush=True)
-                result["results"][name][batch] = run_model(name, batch, args, engines, Path(tmp))
+                res = result["results"][name][batch] = run_model(name, batch, args, engines, Path(tmp))
+                res["rates"] = peak_rates(res, peak_gmacs)
+                if res["rates"]:
+                    print(f"    rates: {res['rates']}", flush=True)
             if args.top_convs:
                 from intforge import zoo
 
                 try:
                     result["peak_fraction"][name] = peak_fraction(getattr(zoo, name)(seed=0).eval(),
-                                                                  (1, 3, 224, 224), args.top_convs, args.threads)
+                                                                  (1, 3, 224, 224), args.top_convs, args.threads,
+                                                                  peak_gmacs)
                 except Exception as exc:  # noqa: BLE001 - keep the latency numbers if this part fails
                     result["peak_fraction"][name] = []
                     print(f"    peak fraction failed: {type(exc).__name__}: {exc}", flush=True)
