@@ -40,9 +40,20 @@ def database_dir(target: str | TargetPreset) -> Path:
     return tuning_root() / hashlib.sha256(desc.encode()).hexdigest()[:16]
 
 
+#: Cores assumed for a board (a cross target) in the tuning target: MetaSchedule requires a core count for
+#: CPU targets, and the database key must be the same when `tune` writes and `compile` reads. Raspberry Pi 4
+#: and 5 have four.
+BOARD_CORES = 4
+
+#: Per candidate on a board over RPC: measurements, and seconds before the run counts as failed (qemu
+#: boards are slow to start a session).
+RPC_NUMBER = 3
+RPC_SESSION_TIMEOUT_S = 120
+
+
 def _tuning_target(preset: TargetPreset) -> tvm.target.Target:
     spec = dict(preset.tvm_target().export())
-    spec["num-cores"] = os.cpu_count() or 1  # MetaSchedule requires it for CPU targets
+    spec["num-cores"] = BOARD_CORES if preset.is_cross else (os.cpu_count() or 1)  # MetaSchedule requires it
     return tvm.target.Target({k: v for k, v in spec.items() if k in ("kind", "mcpu", "mtriple", "mattr",
                                                                         "num-cores")})
 
@@ -115,9 +126,82 @@ def _has_own_schedule(mod: tvm.IRModule) -> bool:
     return False
 
 
+def _rpc_session(rpc: str | None, tracker: str | None, key: str | None, _config):
+    """MetaSchedule's session factory, in its runner worker: straight to a board's server, or through a
+    tracker (TVM's own RPCConfig knows trackers only)."""
+    from intforge.remote import connect
+
+    return connect(rpc=rpc, tracker=tracker, key=key, timeout=RPC_SESSION_TIMEOUT_S // 10)
+
+
+def _rpc_upload(session, local_path: str, remote_path: str):
+    """Upload a candidate under a name of its own: a board process that dlopens two candidates at one
+    path would run the first again."""
+    import uuid
+
+    name = f"{uuid.uuid4().hex}_{remote_path}"
+    session.upload(local_path, name)
+    return session.load_module(name)
+
+
+def _rpc_alloc(session, device, args_info, alloc_repeat: int):
+    """Random arguments made here and copied to the board: boards' runtimes need not have TVM's
+    random-fill function, which MetaSchedule's default asks the board for."""
+    import numpy as np
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+
+    rng = np.random.default_rng(0)
+
+    def fill(tensor) -> None:
+        dtype = str(tensor.dtype)
+        if dtype.startswith(("int", "uint")):
+            info = np.iinfo(dtype)
+            value = rng.integers(max(info.min, -128), min(info.max, 127) + 1, tensor.shape).astype(dtype)
+        else:
+            value = rng.standard_normal(tensor.shape).astype(dtype)
+        tensor.copyfrom(value)
+
+    return alloc_argument_common(fill, device, args_info, alloc_repeat)
+
+
+def _export_for(preset_name: str, mod) -> str:
+    """MetaSchedule's export step, in its builder worker: a shared library linked by the target's own
+    (cross) compiler, which a board loads without a compiler of its own (the default, a .tar of objects,
+    needs one on the board)."""
+    path = os.path.join(tempfile.mkdtemp(prefix="intforge-cand-"), "candidate.so")
+    mod.export_library(path, fcompile=resolve_target(preset_name).fcompile())
+    return path
+
+
+def _remote_runner(preset: TargetPreset, rpc: str | None, tracker: str | None, key: str | None):
+    """A MetaSchedule RPCRunner measuring candidates on the board, after checking here that the board can
+    be reached (a clear error now rather than every trial failing later)."""
+    import functools
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from intforge.remote import connect, parse_hostport
+
+    connect(rpc=rpc, tracker=tracker, key=key)  # raises IntforgeError naming the address and what to check
+    host, port = parse_hostport(tracker or rpc, "--tracker" if tracker else "--rpc")
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key or "server",
+                                 session_timeout_sec=RPC_SESSION_TIMEOUT_S)
+    evaluator = ms.runner.EvaluatorConfig(number=RPC_NUMBER, repeat=1, min_repeat_ms=0,
+                                          enable_cpu_cache_flush=False)
+    return ms.runner.RPCRunner(config, evaluator, max_workers=1,
+                               f_create_session=functools.partial(_rpc_session, rpc, tracker, key),
+                               f_upload_module=_rpc_upload, f_alloc_argument=_rpc_alloc)
+
+
 def tune(program: IntegerProgram, target: str | TargetPreset = "x86", trials: int = 64,
-         boundary: str = "float", progress: bool = True) -> Path:
-    """Tune the program's kernels for `target` with MetaSchedule; records go to the target's database."""
+         boundary: str = "float", progress: bool = True, rpc: str | None = None, tracker: str | None = None,
+         key: str | None = None) -> Path:
+    """Tune the program's kernels for `target` with MetaSchedule; records go to the target's database.
+    Candidates run on this machine, or with `rpc` (a board's TVM RPC server, HOST:PORT) or `tracker` and
+    `key` (TVM's RPC tracker and the key its boards registered with) on a remote board; a cross target
+    (an ARM board) needs one of those."""
+    import functools
+
     from tvm.s_tir import meta_schedule as ms
 
     from intforge.relay_passes import emit_program
@@ -131,21 +215,28 @@ def tune(program: IntegerProgram, target: str | TargetPreset = "x86", trials: in
         raise IntforgeError(f"target '{preset.name}' is a GPU: its conv and dense layers run in intforge's "
                             "Tensor Core kernels, whose tile sizes are fixed, and `tune` searches CPU schedules "
                             "only. Compile for it without tuning.")
-    if preset.is_cross:
-        raise IntforgeError(f"target '{preset.name}' is {preset.arch}: tuning measures candidates on the target, "
-                            "and tuning on a board over RPC is not implemented yet. Compile untuned (the "
-                            "dot-product kernels need no tuning) or tune on the board itself.")
+    remote = bool(rpc or tracker)
+    if preset.is_cross and not remote:
+        raise IntforgeError(f"target '{preset.name}' is {preset.arch}: tuning measures candidates on the target. "
+                            "Give the board's TVM RPC server (--rpc HOST:PORT; on the board: `python3 -m "
+                            "tvm.exec.rpc_server --host 0.0.0.0 --port 9090`) or a tracker (--tracker HOST:PORT "
+                            "--key KEY), or compile untuned: the dot-product kernels need no tuning.")
+    if remote:
+        preset.fcompile()  # a missing cross compiler is an instruction now, not a failure in every build
+    runner = _remote_runner(preset, rpc, tracker, key) if remote else "local"
     tgt = _tuning_target(preset)
     mod = emit_program(program, boundary=boundary)
     with tgt:
         mod = tvm.transform.Sequential(_legalize_passes(preset))(mod)
     out = database_dir(preset)
     out.mkdir(parents=True, exist_ok=True)
-    builder = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S, initializer=_warm_worker)
+    builder = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S, initializer=_warm_worker,
+                                      f_export=functools.partial(_export_for, preset.name) if remote else None)
     with tempfile.TemporaryDirectory(prefix="intforge-tune-") as work:
         if progress:
-            print(f"tuning {trials} trials for target {preset.name} (logs in {work}; first builds wait for "
-                  "workers to start)...", flush=True)
+            where = f" on the board at {tracker or rpc}" + (f" (key {key})" if key else "") if remote else ""
+            print(f"tuning {trials} trials for target {preset.name}{where} (logs in {work}; first builds wait "
+                  "for workers to start)...", flush=True)
         # Our tensorized kernels bring their own schedule (kernels/x86_vnni.py): tuning them with generic
         # rules could only replace vpdpbusd with something slower, so they are not tasks. The search space
         # is MetaSchedule's plain LLVM one: its x86 VNNI rules use TVM's dot_16x4_vnni intrinsic, which
@@ -161,7 +252,7 @@ def tune(program: IntegerProgram, target: str | TargetPreset = "x86", trials: in
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, work, space=space, seed=0)
         db = ms.tune.tune_tasks(
             tasks=contexts, task_weights=weights, work_dir=work, max_trials_global=trials,
-            num_trials_per_iter=min(16, trials), builder=builder, cost_model="random",
+            num_trials_per_iter=min(16, trials), builder=builder, runner=runner, cost_model="random",
             database=ms.database.JSONDatabase(str(out / "database_workload.json"),
                                               str(out / "database_tuning_record.json"), allow_missing=True))
     del db

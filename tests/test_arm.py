@@ -1,6 +1,7 @@
 """ARM: every aarch64 preset cross-compiles real models, which run under qemu-user (each preset's own CPU
 model) bit for bit equal to the reference; the dot-product kernels really use sdot/usdot; and a board's
-RPC server (emulated on loopback) is reachable by `bench --rpc` and `--tracker`."""
+RPC server (emulated on loopback) is reachable by `bench --rpc` and `--tracker`, and `tune --tracker` measures
+its candidates there."""
 
 from __future__ import annotations
 
@@ -229,9 +230,19 @@ def test_bench_over_rpc_against_an_emulated_board(rpi5_cli_build, tmp_path):
         np.testing.assert_array_equal(remote(x[:1]), reference.run_float(program, x[:1])[0])
 
 
-def test_bench_through_an_rpc_tracker(rpi5_cli_build):
-    from intforge.emulate import EmulatedRPCServer, stop_process_group
+def test_tune_and_bench_through_an_rpc_tracker(rpi5_cli_build, tmp_path, monkeypatch):
+    """The fleet path: `tune` measures MetaSchedule's candidates on the board a tracker hands out, the rpi5
+    build then takes its schedules from those records and stays bit-exact, and `bench` times through the
+    same tracker."""
+    import tvm
 
+    from intforge.compiler import tuning
+    from intforge.compiler.build import _legalize_passes
+    from intforge.emulate import EmulatedRPCServer, stop_process_group
+    from intforge.relay_passes import emit_program
+
+    monkeypatch.setattr(tuning, "tuning_root", lambda: tmp_path / "tuning")  # the board stays in the cache
+    program = intforge.load(rpi5_cli_build, emulate=True).program()
     port = free_port()
     tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
                                 str(port), "--port-end", str(port + 1)], stdout=subprocess.DEVNULL,
@@ -245,11 +256,38 @@ def test_bench_through_an_rpc_tracker(rpi5_cli_build):
             time.sleep(0.5)
         with EmulatedRPCServer("cortex-a76", tracker=f"127.0.0.1:{port}", key="rpi5"):
             time.sleep(3)  # the server registers with the tracker after it starts listening
-            proc = cli("bench", str(rpi5_cli_build), "--tracker", f"127.0.0.1:{port}", "--key", "rpi5",
+            db_dir = tuning.tune(program, "rpi5", trials=2, progress=False, tracker=f"127.0.0.1:{port}",
+                                 key="rpi5")
+            # the candidates ran on the board: measured times, not MetaSchedule's failure marker
+            records = [json.loads(line) for line in (db_dir / "database_tuning_record.json").read_text().splitlines()]
+            times = [t for r in records for t in (r[1][1] or [])]
+            assert times and all(0 < t < 1 for t in times), times
+            preset = resolve_target("rpi5")
+            tgt = tuning._tuning_target(preset)
+            with tgt:
+                fused = tvm.transform.Sequential(_legalize_passes(preset))(emit_program(program))
+                applied = tuning.apply_database_pass(tuning.open_database(preset), tgt)(fused)
+            assert any(isinstance(f, tvm.tirx.PrimFunc) and f.attrs.get("tir.is_scheduled", False)
+                       for f in applied.functions.values()), "no kernel found in the board's tuning records"
+            art = build(program, tmp_path / "tuned", target="rpi5")
+            assert art.manifest["schedule"].startswith("tuned")
+            x, _ = zoo.mnist_digits()
+            np.testing.assert_array_equal(intforge.load(art.library, emulate=True)(x[:1]),
+                                          reference.run_float(program, x[:1])[0])
+            proc = cli("bench", str(art.library), "--tracker", f"127.0.0.1:{port}", "--key", "rpi5",
                        "--repeat", "5", "--warmup", "1")
             assert "median" in proc.stdout and "key rpi5" in proc.stdout
     finally:
         stop_process_group(tracker)
+
+
+def test_tune_for_a_board_needs_its_rpc_server(rpi5_cli_build):
+    proc = cli("tune", "intforge.zoo:mnist_net", "--input-shape", "1,1,28,28", "--calib", "mnist:16", "--target",
+               "rpi5", "--trials", "1", check=False)
+    assert proc.returncode == 2 and "--rpc HOST:PORT" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli("tune", "intforge.zoo:mnist_net", "--input-shape", "1,1,28,28", "--calib", "mnist:16", "--target",
+               "rpi5", "--trials", "1", "--rpc", f"127.0.0.1:{free_port()}", check=False)
+    assert proc.returncode == 2 and "cannot reach the RPC server" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bench_rpc_to_nothing_is_a_clear_error(rpi5_cli_build):

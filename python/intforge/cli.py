@@ -112,8 +112,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .compiler.tuning import tune
 
     t0 = time.perf_counter()
-    db = tune(_program_from_args(args), target=args.target, trials=args.trials, boundary=args.boundary)
-    print(f"tuned {args.model} ({args.trials} trials) in {time.perf_counter() - t0:.0f}s -> database {db}")
+    db = tune(_program_from_args(args), target=args.target, trials=args.trials, boundary=args.boundary,
+              rpc=args.rpc, tracker=args.tracker, key=args.key)
+    where = f" on {args.tracker or args.rpc}" if args.rpc or args.tracker else ""
+    print(f"tuned {args.model} ({args.trials} trials{where}) in {time.perf_counter() - t0:.0f}s -> database {db}")
     print(f"  `intforge compile` for target {args.target} now uses it automatically (--untuned to ignore it)")
     return 0
 
@@ -431,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu = sub.add_parser("tune", help="MetaSchedule-tune the model's kernels into the target's database")
     _model_args(tu)
     tu.add_argument("--trials", type=int, default=64, help="measured candidates in all (default 64)")
+    tu.add_argument("--rpc", metavar="HOST:PORT", help="measure candidates on a board running TVM's RPC server")
+    tu.add_argument("--tracker", metavar="HOST:PORT", help="measure on a board handed out by a TVM RPC tracker")
+    tu.add_argument("--key", help="device key to request from the tracker (e.g. rpi5)")
     tu.set_defaults(func=cmd_tune)
 
     a = sub.add_parser("analyze", help="per-layer Hessian sensitivity (trace, top eigenvalue): JSON + plot")
