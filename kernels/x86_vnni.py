@@ -7,12 +7,18 @@ with zero weights. `vpdpbusd` multiplies unsigned by signed bytes: signed activa
 unsigned (a + 128) in the packing stage and `correction[o] = -128 * sum(w[o])` restores the exact sum.
 The int32 lanes wrap like the reference's int32 arithmetic, so the result is bit-exact.
 
+INT4 weights stay packed in the kernel: each 64-weight block (16 channels x 4) is 32 bytes, weight t in
+the low nibble of byte t and weight t + 32 in the high one ([O/16, KH, KW, C/4, 32]; dense [N/16, K/4, 32]).
+A small stage unpacks one block into 64 int8 right before the `vpdpbusd`s that use it (vector and, xor,
+subtract on bytes: ((n ^ 8) - 8) sign-extends a nibble n), so no int8 copy of the weights is ever made.
+
 TVM ships a `dot_16x4_vnni` intrinsic, but its LLVM call passes <16 x i32> operands where LLVM 22's
 `llvm.x86.avx512.vpdpbusd.512` takes <64 x i8>, and the module fails verification; ours passes bytes.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from tvm import s_tir, te, tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
@@ -27,6 +33,8 @@ GROUP = 4  # bytes reduced per lane
 VNNI_INTRIN = "intforge_dot_16x4_u8s8s32_vnni"
 CONV_BLOCK = "conv_vnni"
 DENSE_BLOCK = "dense_vnni"
+INT4_BLOCK = "weight_int4"  # the in-kernel unpack stage of packed INT4 weights
+BLOCK = LANES * GROUP  # weights per vpdpbusd: 64, packed INT4 in 32 bytes
 
 
 @T.prim_func(s_tir=True)
@@ -71,6 +79,27 @@ def blocks(n: int, size: int) -> int:
     return -(-n // size)
 
 
+def pack_vnni_int4(w: np.ndarray) -> np.ndarray:
+    """VNNI-laid-out INT4 weights [..., 16, 4] (values in [-8, 7]) -> [..., 32] bytes: weight t of each
+    64-block in the low nibble of byte t, weight t + 32 in the high nibble."""
+    flat = w.reshape(*w.shape[:-2], BLOCK).astype(np.int64) & 0xF
+    return (flat[..., :BLOCK // 2] | (flat[..., BLOCK // 2:] << 4)).astype(np.uint8).view(np.int8)
+
+
+def _unpacked(wq: te.Tensor, lead: int) -> te.Tensor:
+    """The in-kernel unpack stage: packed [..., 32] int8 -> [..., 16, 4] int8 (`lead` leading axes)."""
+
+    def fcompute(*idx):
+        *head, o2, rci = idx
+        t = o2 * GROUP + rci
+        byte = tirx.reinterpret("uint8", wq[(*head, tirx.floormod(t, BLOCK // 2))])
+        nibble = tirx.if_then_else(t < BLOCK // 2, byte & tirx.const(0xF, "uint8"),
+                                   tirx.shift_right(byte, tirx.const(4, "uint8")))
+        return tirx.reinterpret("int8", nibble ^ tirx.const(8, "uint8")) - tirx.const(8, "int8")
+
+    return te.compute((*wq.shape[:lead], LANES, GROUP), fcompute, name=INT4_BLOCK)
+
+
 def _as_unsigned(v, signed: bool):
     return (v.astype("int32") + SHIFT).astype("uint8") if signed else v
 
@@ -86,6 +115,8 @@ def conv2d_vnni(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out_c
     kernel then reads its input where the previous layer wrote it. The output is written 16 channels at
     a time."""
     nhwc = layout == "NHWC"
+    if len(wp.shape) == 5:  # packed INT4: unpacked block by block inside the kernel
+        wp = _unpacked(wp, 4)
     n, c, h, wd = (int(d) for d in ((x.shape[0], x.shape[3], x.shape[1], x.shape[2]) if nhwc else x.shape))
     ob, kh, kw, cb = (int(d) for d in wp.shape[:4])
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
@@ -123,7 +154,9 @@ def conv2d_vnni(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out_c
 
 
 def dense_vnni(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out_features: int) -> te.Tensor:
-    """x: [M, K] int8/uint8; wp: [N/16, K/4, 16, 4] int8 (packed); -> [M, N] int32."""
+    """x: [M, K] int8/uint8; wp: [N/16, K/4, 16, 4] int8, or [N/16, K/4, 32] packed INT4; -> [M, N] int32."""
+    if len(wp.shape) == 3:
+        wp = _unpacked(wp, 2)
     m, k = (int(d) for d in x.shape)
     nb, kb = (int(d) for d in wp.shape[:2])
     signed = x.dtype == "int8"
@@ -181,9 +214,12 @@ def schedule_vnni_func(sch: s_tir.Schedule) -> set[str] | None:
         sch.reorder(i, o1, rkb, o2, rki)
         tile = sch.fuse(i, o1)
         sch.parallel(tile)
-        first_reduce, ji, o1i, par = rkb, None, None, None
+        first_reduce, ji, o1i, par, rcb = rkb, None, None, None, None
     sch.reverse_compute_at(acc, tile)
     sch.reverse_compute_at(last, tile)
+    producers = [b for b, name in zip(blocks[:k], names[:k], strict=True) if name != INT4_BLOCK]
+    if INT4_BLOCK in names:  # unpack each weight block right before the vpdpbusds that use it
+        _unpack_at(sch, blocks[names.index(INT4_BLOCK)], rcb if kind == CONV_BLOCK else first_reduce)
     init = sch.decompose_reduction(block, first_reduce)
     sch.tensorize(o2, VNNI_INTRIN)
     for loop in (o1i, ji):
@@ -196,8 +232,18 @@ def schedule_vnni_func(sch: s_tir.Schedule) -> set[str] | None:
         sch.vectorize(sch.get_loops(acc)[-1])
     _vectorize_epilogue(sch, last)
     if par is None:  # dense: its input is one row, packed once rather than once per output block
-        return set(names[:k])
-    return compute_inputs_at(sch, list(blocks[:k]), par)
+        return {sch.get(b).name_hint for b in producers}
+    return compute_inputs_at(sch, producers, par)
+
+
+def _unpack_at(sch: s_tir.Schedule, block, loop) -> None:
+    """Compute the INT4 unpack stage under `loop` (one reduction step): 64 weights per 16 output channels,
+    as two 32-byte vector halves (low nibbles, then high), each a few byte-wide vector ops."""
+    sch.compute_at(block, loop, preserve_unit_loops=False)
+    *outer, o2, rci = sch.get_loops(block)
+    half, o2i = sch.split(o2, [2, None])
+    sch.vectorize(sch.fuse(o2i, rci))
+    sch.unroll(half)
 
 
 def _vectorize_epilogue(sch: s_tir.Schedule, block) -> None:

@@ -21,7 +21,7 @@ from tvm.relax import Call, Expr, PyExprMutator, expr_functor
 from intforge.kernels.depthwise import depthwise_nhwc
 from intforge.kernels.dot_product import SHIFT, conv2d_nhwc_dot, dense_dot
 from intforge.kernels.int4 import UNPACK_SYMBOL, pack_int4, unpack_int4
-from intforge.kernels.x86_vnni import GROUP, LANES, blocks, conv2d_vnni, dense_vnni
+from intforge.kernels.x86_vnni import GROUP, LANES, blocks, conv2d_vnni, dense_vnni, pack_vnni_int4
 
 _INT_IN = ("int8", "uint8")
 
@@ -102,6 +102,11 @@ class _KernelRewriter(PyExprMutator):
         return self.builder_.emit(relax.op.reshape(flat, arr.shape))
 
     @staticmethod
+    def _vnni_weight(arr: np.ndarray, unpack: relax.GlobalVar | None) -> Expr:
+        """VNNI-laid-out weights: int8, or INT4 kept packed for the kernel to unpack block by block."""
+        return relax.const(arr if unpack is None else pack_vnni_int4(arr), "int8")
+
+    @staticmethod
     def _correction(value: np.ndarray | None, axes: tuple[int, ...], sign: int) -> Expr | None:
         if value is None:
             return None
@@ -147,7 +152,7 @@ class _KernelRewriter(PyExprMutator):
             corr = self._correction(value, (1, 2, 3), -1) if _dtype(x) == "int8" else None
             o = value.shape[0]
             return self._call(lambda xx, ww, cc: conv2d_vnni(xx, ww, cc, o, stride, pad[:2], dilation, layout),
-                              "conv2d_vnni", x, self._emit_weight(_vnni_conv_layout(value), unpack), corr)
+                              "conv2d_vnni", x, self._vnni_weight(_vnni_conv_layout(value), unpack), corr)
         shift = self.shift_unsigned and _dtype(x) == "uint8"
         corr = self._correction(value, (1, 2, 3), 1) if shift else None
         w_ohwi = np.ascontiguousarray(value.transpose(0, 2, 3, 1))
@@ -169,7 +174,7 @@ class _KernelRewriter(PyExprMutator):
             corr = self._correction(value, (1,), -1) if _dtype(x) == "int8" else None
             n = value.shape[0]
             return self._call(lambda xx, ww, cc: dense_vnni(xx, ww, cc, n), "dense_vnni", x,
-                              self._emit_weight(_vnni_dense_layout(value), unpack), corr)
+                              self._vnni_weight(_vnni_dense_layout(value), unpack), corr)
         corr = self._correction(value, (1,), 1) if self.shift_unsigned and _dtype(x) == "uint8" else None
         return self._call(lambda xx, ww, cc: dense_dot(xx, ww, cc, self.shift_unsigned), "dense_dot", x,
                           self._emit_weight(value, unpack), corr)

@@ -52,6 +52,42 @@ def test_tir_unpack_kernel_matches_numpy_on_every_byte():
     np.testing.assert_array_equal(out[1].numpy(), values[:7])
 
 
+def test_vnni_int4_packing_puts_weight_t_low_and_t_plus_32_high():
+    from intforge.kernels.x86_vnni import pack_vnni_int4
+
+    w = np.random.default_rng(0).integers(-8, 8, (3, 2, 16, 4)).astype(np.int8)
+    w[0, 0, 0] = [-8, 7, 0, -1]
+    packed = pack_vnni_int4(w).view(np.uint8).astype(np.int32)
+    assert packed.shape == (3, 2, 32)
+    nibbles = np.concatenate([packed & 0xF, packed >> 4], axis=-1)  # weights 0..31, then 32..63
+    np.testing.assert_array_equal(((nibbles ^ 8) - 8).reshape(w.shape), w)  # the kernel's sign extension
+
+
+def test_vnni_int4_weights_stay_packed_inside_the_kernels():
+    """On AVX512-VNNI the conv and dense kernels take the 32-byte packed blocks and unpack them in
+    registers: the model has no int8 copy of the weights and no call to the shared unpack kernel."""
+    from intforge.compiler.build import _kernel_passes
+    from intforge.kernels.int4 import UNPACK_SYMBOL
+
+    preset = intforge.compiler.resolve_target("x86")
+    if not (preset.has("avx512vnni") and preset.has("avx512bw")):
+        pytest.skip("this CPU has no AVX512-VNNI: its INT4 layers use the shared unpack kernel")
+    make, shape = CASES["mean_flatten_linear"]
+    torch.manual_seed(0)
+    program = quantize_module(make(), shape, quant=QuantConfig(bits=4))
+    with preset.tvm_target():
+        mod = tvm.transform.Sequential(_kernel_passes(preset))(intforge.relay_passes.emit_program(program))
+    called = set()
+    relax.analysis.post_order_visit(mod["main"], lambda e: called.add(e.args[0].name_hint) if isinstance(
+        e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir" else None)
+    calls = {gv.name_hint: f for gv, f in mod.functions.items() if gv.name_hint in called}
+    assert UNPACK_SYMBOL not in calls and any("vnni" in n for n in calls)
+    for name, f in calls.items():
+        if "vnni" in name:
+            w = f.params[1].ty  # the weight: [..., 32] packed bytes
+            assert str(w.dtype) == "int8" and int(w.shape[-1]) == 32, (name, w.shape)
+
+
 INT4_CASES = ["conv_plain", "conv_stride_pad", "conv_depthwise", "conv_groups", "conv_bn_relu", "linear",
               "linear_relu", "add_relu", "concat", "max_pool", "mean_flatten_linear"]
 
