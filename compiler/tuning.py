@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -230,6 +231,11 @@ def tune(program: IntegerProgram, target: str | TargetPreset = "x86", trials: in
         mod = tvm.transform.Sequential(_legalize_passes(preset))(mod)
     out = database_dir(preset)
     out.mkdir(parents=True, exist_ok=True)
+    # TVM's MetaSchedule logging setup lists its logger's handlers by name, and a handler without a name
+    # makes it fail (pytest's log capture leaves one after a first tune in the same process): drop those.
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for handler in [h for h in ms_logger.handlers if h.get_name() is None]:
+        ms_logger.removeHandler(handler)
     builder = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S, initializer=_warm_worker,
                                       f_export=functools.partial(_export_for, preset.name) if remote else None)
     with tempfile.TemporaryDirectory(prefix="intforge-tune-") as work:

@@ -231,9 +231,12 @@ def test_bench_over_rpc_against_an_emulated_board(rpi5_cli_build, tmp_path):
 
 
 def test_tune_and_bench_through_an_rpc_tracker(rpi5_cli_build, tmp_path, monkeypatch):
-    """The fleet path: `tune` measures MetaSchedule's candidates on the board a tracker hands out, the rpi5
-    build then takes its schedules from those records and stays bit-exact, and `bench` times through the
-    same tracker."""
+    """The fleet path, from the command line: `tune` measures MetaSchedule's candidates on the board a
+    tracker hands out, `compile --target rpi5` then takes its schedules from those records (and
+    `--untuned` does not), the tuned library stays bit-exact, and `bench` times it through the same
+    tracker."""
+    import os
+
     import tvm
 
     from intforge.compiler import tuning
@@ -241,8 +244,8 @@ def test_tune_and_bench_through_an_rpc_tracker(rpi5_cli_build, tmp_path, monkeyp
     from intforge.emulate import EmulatedRPCServer, stop_process_group
     from intforge.relay_passes import emit_program
 
-    monkeypatch.setattr(tuning, "tuning_root", lambda: tmp_path / "tuning")  # the board stays in the cache
-    program = intforge.load(rpi5_cli_build, emulate=True).program()
+    env = {**os.environ, "INTFORGE_CACHE": str(tmp_path / "cache")}  # a private database; the board stays
+    model = ("intforge.zoo:mnist_net", "--input-shape", "1,1,28,28", "--calib", "mnist:300", "--target", "rpi5")
     port = free_port()
     tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
                                 str(port), "--port-end", str(port + 1)], stdout=subprocess.DEVNULL,
@@ -256,25 +259,31 @@ def test_tune_and_bench_through_an_rpc_tracker(rpi5_cli_build, tmp_path, monkeyp
             time.sleep(0.5)
         with EmulatedRPCServer("cortex-a76", tracker=f"127.0.0.1:{port}", key="rpi5"):
             time.sleep(3)  # the server registers with the tracker after it starts listening
-            db_dir = tuning.tune(program, "rpi5", trials=2, progress=False, tracker=f"127.0.0.1:{port}",
-                                 key="rpi5")
+            proc = cli("tune", *model, "--trials", "2", "--tracker", f"127.0.0.1:{port}", "--key", "rpi5", env=env)
+            assert f"on 127.0.0.1:{port}" in proc.stdout and "-> database" in proc.stdout
+            monkeypatch.setattr(tuning, "tuning_root", lambda: tmp_path / "cache" / "tuning")
+            preset = resolve_target("rpi5")
             # the candidates ran on the board: measured times, not MetaSchedule's failure marker
-            records = [json.loads(line) for line in (db_dir / "database_tuning_record.json").read_text().splitlines()]
+            records = [json.loads(line) for line in
+                       (tuning.database_dir(preset) / "database_tuning_record.json").read_text().splitlines()]
             times = [t for r in records for t in (r[1][1] or [])]
             assert times and all(0 < t < 1 for t in times), times
-            preset = resolve_target("rpi5")
+            proc = cli("compile", *model, "-o", str(tmp_path / "tuned"), env=env)
+            assert "schedule: tuned" in proc.stdout
+            assert "schedule: default" in cli("compile", *model, "--untuned", "-o", str(tmp_path / "u"),
+                                              env=env).stdout
+            library = tmp_path / "tuned" / "model.so"
+            program = intforge.load(library, emulate=True).program()
             tgt = tuning._tuning_target(preset)
             with tgt:
                 fused = tvm.transform.Sequential(_legalize_passes(preset))(emit_program(program))
                 applied = tuning.apply_database_pass(tuning.open_database(preset), tgt)(fused)
             assert any(isinstance(f, tvm.tirx.PrimFunc) and f.attrs.get("tir.is_scheduled", False)
                        for f in applied.functions.values()), "no kernel found in the board's tuning records"
-            art = build(program, tmp_path / "tuned", target="rpi5")
-            assert art.manifest["schedule"].startswith("tuned")
             x, _ = zoo.mnist_digits()
-            np.testing.assert_array_equal(intforge.load(art.library, emulate=True)(x[:1]),
+            np.testing.assert_array_equal(intforge.load(library, emulate=True)(x[:1]),
                                           reference.run_float(program, x[:1])[0])
-            proc = cli("bench", str(art.library), "--tracker", f"127.0.0.1:{port}", "--key", "rpi5",
+            proc = cli("bench", str(library), "--tracker", f"127.0.0.1:{port}", "--key", "rpi5",
                        "--repeat", "5", "--warmup", "1")
             assert "median" in proc.stdout and "key rpi5" in proc.stdout
     finally:

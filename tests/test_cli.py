@@ -119,6 +119,7 @@ def test_cli_plan_reports_the_smallest_feasible_budget(tmp_path):
     assert "cannot be met" in proc.stderr and "210.704 kB" in proc.stderr
 
 
+@pytest.mark.slow  # covered by test_arm's `tune --tracker` then `compile` (CLI) and test_tuning (x86, API)
 def test_cli_tune_then_compile_reuses_the_database(tmp_path):
     import os
 
