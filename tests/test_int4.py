@@ -61,6 +61,8 @@ def test_vnni_int4_packing_puts_weight_t_low_and_t_plus_32_high():
     assert packed.shape == (3, 2, 32)
     nibbles = np.concatenate([packed & 0xF, packed >> 4], axis=-1)  # weights 0..31, then 32..63
     np.testing.assert_array_equal(((nibbles ^ 8) - 8).reshape(w.shape), w)  # the kernel's sign extension
+    every = np.arange(-8, 8)  # ... is the shared unpack's, on every nibble
+    np.testing.assert_array_equal(((every & 0xF) ^ 8) - 8, unpack_int4(pack_int4(every), 16))
 
 
 def test_vnni_int4_weights_stay_packed_inside_the_kernels():
