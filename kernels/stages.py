@@ -14,14 +14,14 @@ from tvm import s_tir, tirx
 VECTOR_LANES = 64  # elements per vectorized piece: one 512-bit register of bytes
 
 
-def vectorize_inner(sch: s_tir.Schedule, loop, least: int = 4) -> bool:
-    """Vectorize `loop` (a spatial block's innermost loop, channels in NHWC) in pieces of at most
-    VECTOR_LANES when its extent is a known multiple of 4 or more; returns whether it did."""
+def vectorize_inner(sch: s_tir.Schedule, loop, least: int = 4, most: int = VECTOR_LANES) -> bool:
+    """Vectorize `loop` (a spatial block's innermost loop, channels in NHWC) in pieces of at most `most`
+    lanes when its extent is a known multiple of 4 or more; returns whether it did."""
     ext = sch.get(loop).extent
     if not isinstance(ext, tirx.IntImm) or int(ext) < least:
         return False
     n = int(ext)
-    lanes = next((v for v in (VECTOR_LANES, 32, 16, 8, 4) if v <= n and n % v == 0), None)
+    lanes = next((v for v in (most, 32, 16, 8, 4) if v <= min(n, most) and n % v == 0), None)
     if lanes is None:
         return False
     if lanes < n:

@@ -26,7 +26,7 @@ from tvm.script import tirx as T
 from intforge.reference import pool_output_size
 
 from .dot_product import SHIFT
-from .stages import compute_inputs_at
+from .stages import compute_inputs_at, vectorize_inner
 
 LANES = 16  # int32 accumulators per zmm register
 GROUP = 4  # bytes reduced per lane
@@ -232,7 +232,9 @@ def schedule_vnni_func(sch: s_tir.Schedule) -> set[str] | None:
         sch.compute_inline(acc)
     except s_tir.ScheduleError:
         sch.vectorize(sch.get_loops(acc)[-1])
-    _vectorize_epilogue(sch, last)
+    # the requantize epilogue 16 channels at a time: its int64 multiply, rounding shift and clamp as AVX-512
+    # vector ops instead of scalar ones per output
+    vectorize_inner(sch, sch.get_loops(last)[-1], most=LANES)
     if par is None:  # dense: its input is one row, packed once rather than once per output block
         return {sch.get(b).name_hint for b in producers}
     return compute_inputs_at(sch, producers, par)
@@ -242,19 +244,7 @@ def _unpack_at(sch: s_tir.Schedule, block, loop) -> None:
     """Compute the INT4 unpack stage under `loop` (one reduction step): 64 weights per 16 output channels,
     as two 32-byte vector halves (low nibbles, then high), each a few byte-wide vector ops."""
     sch.compute_at(block, loop, preserve_unit_loops=False)
-    *outer, o2, rci = sch.get_loops(block)
+    *_, o2, rci = sch.get_loops(block)
     half, o2i = sch.split(o2, [2, None])
     sch.vectorize(sch.fuse(o2i, rci))
     sch.unroll(half)
-
-
-def _vectorize_epilogue(sch: s_tir.Schedule, block) -> None:
-    """The requantize epilogue runs over the tile's channels 16 at a time (NHWC: channels innermost), so the
-    int64 multiply, rounding shift and clamp are AVX-512 vector ops instead of scalar ones per output."""
-    inner = sch.get_loops(block)[-1]
-    extent = sch.get(inner).extent
-    if not isinstance(extent, tirx.IntImm) or int(extent) % LANES:
-        return
-    if int(extent) > LANES:
-        inner = sch.split(inner, [None, LANES])[1]
-    sch.vectorize(inner)
