@@ -34,14 +34,30 @@ class Artifact:
 
 def _kernel_passes(preset: TargetPreset | None, dot_kernels: bool = True) -> list[tvm.transform.Pass]:
     """The target's own kernels, chosen before TOPI legalizes what is left: the graph in NHWC, integer conv2d
-    and dense in the dot-product layout (aarch64: sdot/usdot where the CPU has them, widening NEON
-    multiply-adds where it does not; x86: VNNI, else AVX-512/AVX2 widening dot products) and depthwise
+    and dense tensorized to the CPU's dot-product instruction (x86 vpdpbusd; aarch64 usmmla/smmla with
+    i8mm, else sdot, else NEON widening multiplies), or on x86 without VNNI in the dot-product layout
+    (widening multiply-adds from LLVM's vectorizer), and depthwise
     convs vectorized across channels. Off with `dot_kernels=False` (TOPI's NCHW)."""
     if preset is None or not dot_kernels:
         return []
-    shift = preset.arch == "aarch64" and preset.has("dotprod") and not preset.has("i8mm")
-    vnni = preset.arch == "x86_64" and preset.has("avx512vnni") and preset.has("avx512bw")
-    return [nhwc_layout_pass(), dot_product_layout_pass(shift_unsigned=shift, vnni=vnni)]
+    return [nhwc_layout_pass(), dot_product_layout_pass(shift_unsigned=shift_unsigned(preset),
+                                                        blocked=blocked_kernels(preset))]
+
+
+def shift_unsigned(preset: TargetPreset) -> bool:
+    """Whether the contiguous-layout kernels (grouped convs) run u8 activations as s8: sdot without usdot."""
+    return preset.arch == "aarch64" and preset.has("dotprod") and not preset.has("i8mm")
+
+
+def blocked_kernels(preset: TargetPreset) -> str | None:
+    """The instruction family of the target's tensorized conv/dense kernels, None where it has none."""
+    if preset.arch == "x86_64" and preset.has("avx512vnni") and preset.has("avx512bw"):
+        return "vnni"
+    if preset.arch == "aarch64" and preset.has("i8mm"):
+        return "i8mm"
+    if preset.arch == "aarch64":
+        return "sdot" if preset.has("dotprod") else "neon"
+    return None
 
 
 def _legalize_passes(preset: TargetPreset | None = None, dot_kernels: bool = True) -> list[tvm.transform.Pass]:

@@ -110,15 +110,16 @@ def apply_database_pass(database, target: tvm.target.Target) -> tvm.transform.Pa
 
 
 def _has_own_schedule(mod: tvm.IRModule) -> bool:
-    """Whether a task's function contains one of our hand-scheduled blocks (VNNI conv/dense, NHWC
+    """Whether a task's function contains one of our hand-scheduled blocks (tensorized conv/dense, NHWC
     depthwise): kernels/ schedules those, tuning does not."""
     from tvm import s_tir
 
+    from intforge.kernels import cpu_default  # noqa: F401 - registers every instruction's blocks
+    from intforge.kernels.blocked_dot import kernel_block_names
     from intforge.kernels.depthwise import DW_BLOCK
-    from intforge.kernels.x86_vnni import CONV_BLOCK, DENSE_BLOCK
 
     sch = s_tir.Schedule(mod)
-    for name in (CONV_BLOCK, DENSE_BLOCK, DW_BLOCK):
+    for name in sorted(kernel_block_names()) + [DW_BLOCK]:
         try:
             sch.get_sblock(name)
             return True

@@ -10,9 +10,10 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
+from . import arm_dot, x86_vnni  # noqa: F401 - registers their instructions with blocked_dot
+from .blocked_dot import schedule_blocked_func
 from .depthwise import schedule_depthwise_func
 from .stages import vectorize_inner
-from .x86_vnni import schedule_vnni_func
 
 MIN_PARALLEL_EXTENT = 4
 
@@ -23,7 +24,7 @@ def _schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
         root = sch.get_sblock("root")
     except Exception:  # noqa: BLE001 - functions without a root block are left as they are
         return func
-    left = schedule_vnni_func(sch)  # our tensorized kernels bring their own schedule
+    left = schedule_blocked_func(sch)  # our tensorized kernels bring their own schedule
     if left is None:
         left = schedule_depthwise_func(sch)
     for block in sch.get_child_blocks(root):

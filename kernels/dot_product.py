@@ -11,9 +11,10 @@ Unsigned activations on a CPU with sdot but without usdot are made signed exactl
 with a - 128 (padding becomes -128, i.e. an original 0), and `correction[o] = 128 * sum(w[o])`, added to
 the accumulator, restores sum(a * w). The accumulator bound is unchanged: |a - 128| <= 128.
 
-We write these with TE rather than TVM's `dot_4x4_i8i8s32_sdot` tensor intrinsic: that intrinsic wants a
-4x4-blocked layout and a MetaSchedule rule to reach it, while the contiguous layout gets the same
-instruction from LLVM with the default schedule (checked by a disassembly test).
+Where the CPU has a dot-product instruction, groups-1 convs and dense run in the tensorized, register-
+blocked kernels of `blocked_dot` instead; these kernels remain for grouped convs and for x86 CPUs
+without VNNI, where LLVM's vectorizer emits what the CPU has (sdot on an ARM with it, checked by a
+disassembly test).
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """Relax pass: integer conv2d / matmul -> intforge's CPU kernels, with weights re-laid out at compile time.
 
-Runs before legalization. On x86 with AVX512-VNNI, conv2d (groups 1) and dense become the tensorized
-`vpdpbusd` kernels of `intforge.kernels.x86_vnni`; elsewhere (ARM, and grouped convs) the dot-product
-layout kernels of `intforge.kernels.dot_product`. Weights are known at compile time (an INT8 constant, or
-INT4 nibbles that the shared unpack kernel expands from a constant), so they are re-laid out in numpy into
-the kernel's layout and stored that way; INT4 weights are re-packed as nibbles in the new order, so the
-.so stays as small and the unpack kernel now produces the kernel's layout directly. Convs arrive in NCHW
-or, after `nhwc_layout_pass`, NHWC with OHWI weights; in NHWC depthwise convs get the channel-vectorized
-kernel of `intforge.kernels.depthwise`. Float ops keep TOPI's lowering. The arithmetic is unchanged: the
-same integer sums.
+Runs before legalization. Where the CPU has a dot-product instruction (x86 AVX512-VNNI `vpdpbusd`,
+ARM `sdot`, ARM i8mm `usmmla`/`smmla`, or on any ARM plain NEON widening multiplies in the same shape),
+conv2d (groups 1) and dense become the tensorized kernels of `intforge.kernels.blocked_dot`; elsewhere
+(x86 without VNNI, and grouped convs) the dot-product layout kernels of `intforge.kernels.dot_product`.
+Weights are known at compile time (an INT8 constant, or INT4 nibbles that the shared unpack kernel
+expands from a constant), so they are re-laid out in numpy into the kernel's layout and stored that way.
+INT4 weights stay nibbles: packed per instruction block for the tensorized kernels, which unpack them
+in registers, and re-packed in the new order for the others, whose shared unpack kernel then produces
+their layout directly. Convs arrive in NCHW or, after `nhwc_layout_pass`, NHWC with OHWI weights; in
+NHWC depthwise convs get the channel-vectorized kernel of `intforge.kernels.depthwise`. Float ops keep
+TOPI's lowering. The arithmetic is unchanged: the same integer sums.
 """
 
 from __future__ import annotations
@@ -18,10 +20,23 @@ import tvm
 from tvm import relax
 from tvm.relax import Call, Expr, PyExprMutator, expr_functor
 
+from intforge.kernels.arm_dot import NEON, SDOT, SMMLA, USMMLA
+from intforge.kernels.blocked_dot import (
+    DotIsa,
+    conv2d_blocked,
+    conv_weight_layout,
+    dense_blocked,
+    dense_weight_layout,
+    pack_int4_blocks,
+)
 from intforge.kernels.depthwise import depthwise_nhwc
 from intforge.kernels.dot_product import SHIFT, conv2d_nhwc_dot, dense_dot
 from intforge.kernels.int4 import UNPACK_SYMBOL, pack_int4, unpack_int4
-from intforge.kernels.x86_vnni import GROUP, LANES, blocks, conv2d_vnni, dense_vnni, pack_vnni_int4
+from intforge.kernels.x86_vnni import VNNI
+
+# instruction families of the blocked kernels: activation dtype -> the instruction that takes it
+BLOCKED = {"vnni": {"uint8": VNNI, "int8": VNNI}, "sdot": {"uint8": SDOT, "int8": SDOT},
+           "i8mm": {"uint8": USMMLA, "int8": SMMLA}, "neon": {"uint8": NEON, "int8": NEON}}
 
 _INT_IN = ("int8", "uint8")
 
@@ -34,30 +49,12 @@ def _ints(v) -> tuple[int, ...]:
     return tuple(int(i) for i in v)
 
 
-def _vnni_conv_layout(w: np.ndarray) -> np.ndarray:
-    """[O, C, KH, KW] -> [O/16, KH, KW, C/4, 16, 4], channels zero-padded to the blocks."""
-    o, c, kh, kw = w.shape
-    ob, cb = blocks(o, LANES), blocks(c, GROUP)
-    wpad = np.zeros((ob * LANES, cb * GROUP, kh, kw), np.int8)
-    wpad[:o, :c] = w
-    return np.ascontiguousarray(wpad.reshape(ob, LANES, cb, GROUP, kh, kw).transpose(0, 4, 5, 2, 1, 3))
-
-
-def _vnni_dense_layout(w: np.ndarray) -> np.ndarray:
-    """[N, K] -> [N/16, K/4, 16, 4], zero-padded."""
-    n, k = w.shape
-    nb, kb = blocks(n, LANES), blocks(k, GROUP)
-    wpad = np.zeros((nb * LANES, kb * GROUP), np.int8)
-    wpad[:n, :k] = w
-    return np.ascontiguousarray(wpad.reshape(nb, LANES, kb, GROUP).transpose(0, 2, 1, 3))
-
-
 @expr_functor.mutator
 class _KernelRewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, shift_unsigned: bool, vnni: bool) -> None:
+    def __init__(self, mod: tvm.IRModule, shift_unsigned: bool, blocked: str | None) -> None:
         super().__init__(mod)
         self.shift_unsigned = shift_unsigned
-        self.vnni = vnni
+        self.blocked = BLOCKED[blocked] if blocked else None
         self.rewritten = 0
 
     def _bound(self, e: Expr) -> Expr:
@@ -102,9 +99,12 @@ class _KernelRewriter(PyExprMutator):
         return self.builder_.emit(relax.op.reshape(flat, arr.shape))
 
     @staticmethod
-    def _vnni_weight(arr: np.ndarray, unpack: relax.GlobalVar | None) -> Expr:
-        """VNNI-laid-out weights: int8, or INT4 kept packed for the kernel to unpack block by block."""
-        return relax.const(arr if unpack is None else pack_vnni_int4(arr), "int8")
+    def _blocked_weight(arr: np.ndarray, unpack: relax.GlobalVar | None) -> Expr:
+        """Blocked weights: int8, or INT4 kept packed for the kernel to unpack block by block."""
+        return relax.const(arr if unpack is None else pack_int4_blocks(arr), "int8")
+
+    def _isa(self, x: Expr) -> DotIsa | None:
+        return self.blocked[_dtype(x)] if self.blocked else None
 
     @staticmethod
     def _correction(value: np.ndarray | None, axes: tuple[int, ...], sign: int) -> Expr | None:
@@ -147,12 +147,16 @@ class _KernelRewriter(PyExprMutator):
         if nhwc:
             value = np.ascontiguousarray(value.transpose(0, 3, 1, 2))  # OHWI -> OIHW
         layout = layouts[0]
-        if self.vnni and groups == 1:
-            # vpdpbusd is u8 x s8: signed activations run as a + 128, corrected by -128 * sum(w)
-            corr = self._correction(value, (1, 2, 3), -1) if _dtype(x) == "int8" else None
+        isa = self._isa(x)
+        if isa is not None and groups == 1:
+            # an instruction of the other signedness: activations shifted by 128, corrected by the weight sums
+            sign = isa.correction_sign(_dtype(x))
+            corr = self._correction(value, (1, 2, 3), sign) if sign else None
             o = value.shape[0]
-            return self._call(lambda xx, ww, cc: conv2d_vnni(xx, ww, cc, o, stride, pad[:2], dilation, layout),
-                              "conv2d_vnni", x, self._vnni_weight(_vnni_conv_layout(value), unpack), corr)
+            return self._call(lambda xx, ww, cc: conv2d_blocked(xx, ww, cc, o, stride, pad[:2], dilation, isa,
+                                                                layout),
+                              f"conv2d_{isa.name}", x, self._blocked_weight(conv_weight_layout(value, isa), unpack),
+                              corr)
         shift = self.shift_unsigned and _dtype(x) == "uint8"
         corr = self._correction(value, (1, 2, 3), 1) if shift else None
         w_ohwi = np.ascontiguousarray(value.transpose(0, 2, 3, 1))
@@ -170,11 +174,13 @@ class _KernelRewriter(PyExprMutator):
         if known is None:
             return None
         value, unpack = np.ascontiguousarray(known[0].T), known[1]  # emitted as x @ W^T; the kernels take W
-        if self.vnni:
-            corr = self._correction(value, (1,), -1) if _dtype(x) == "int8" else None
+        isa = self._isa(x)
+        if isa is not None:
+            sign = isa.correction_sign(_dtype(x))
+            corr = self._correction(value, (1,), sign) if sign else None
             n = value.shape[0]
-            return self._call(lambda xx, ww, cc: dense_vnni(xx, ww, cc, n), "dense_vnni", x,
-                              self._vnni_weight(_vnni_dense_layout(value), unpack), corr)
+            return self._call(lambda xx, ww, cc: dense_blocked(xx, ww, cc, n, isa), f"dense_{isa.name}", x,
+                              self._blocked_weight(dense_weight_layout(value, isa), unpack), corr)
         corr = self._correction(value, (1,), 1) if self.shift_unsigned and _dtype(x) == "uint8" else None
         return self._call(lambda xx, ww, cc: dense_dot(xx, ww, cc, self.shift_unsigned), "dense_dot", x,
                           self._emit_weight(value, unpack), corr)
@@ -204,14 +210,17 @@ class _KernelRewriter(PyExprMutator):
         return out if out is not None else super().visit_call_(call)
 
 
-def dot_product_layout_pass(shift_unsigned: bool, vnni: bool = False) -> tvm.transform.Pass:
+def dot_product_layout_pass(shift_unsigned: bool, blocked: str | None = None) -> tvm.transform.Pass:
     """The rewrite as a module pass, followed by dead-code elimination (the original weights and their
     unpacking go). `shift_unsigned`: the CPU multiplies s8 x s8 but not u8 x s8 (sdot without usdot), so
-    unsigned activations run shifted by -128 with a weight-sum correction. `vnni`: x86 with AVX512-VNNI."""
+    unsigned activations of the contiguous-layout kernels run shifted by -128 with a weight-sum
+    correction. `blocked`: the instruction family of the tensorized kernels, "vnni" (x86 AVX512-VNNI),
+    "sdot" (ARM dot product), "i8mm" (ARM usmmla/smmla) or "neon" (ARM without either), or None for the
+    contiguous-layout kernels."""
 
     @tvm.transform.module_pass(opt_level=0, name="intforge.DotProductLayout")
     def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _KernelRewriter(mod, shift_unsigned, vnni)
+        rewriter = _KernelRewriter(mod, shift_unsigned, blocked)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))

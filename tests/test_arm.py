@@ -1,5 +1,5 @@
 """ARM: every aarch64 preset cross-compiles real models, which run under qemu-user (each preset's own CPU
-model) bit for bit equal to the reference; the dot-product kernels really use sdot/usdot; and a board's
+model) bit for bit equal to the reference; the tensorized kernels really use sdot and smmla/usmmla; and a board's
 RPC server (emulated on loopback) is reachable by `bench --rpc` and `--tracker`, and `tune --tracker` measures
 its candidates there."""
 
@@ -114,21 +114,29 @@ def test_dot_product_kernels_bit_exact_on_extreme_inputs(board, tmp_path, preset
     np.testing.assert_array_equal(got, want)
 
 
-def test_dotprod_convolutions_use_sdot_and_i8mm_uses_usdot(board, tmp_path):
+def test_dotprod_convolutions_use_sdot_and_i8mm_uses_smmla(board, tmp_path):
+    """The tensorized kernels really run the instruction: sdot on the rpi5, usmmla for unsigned and smmla
+    for signed activations on Graviton, no dot product on the rpi4."""
     program = quantize_module(UnsignedStack(), (1, 3, 10, 10))
     found = {}
     for preset in ("rpi5", "graviton", "rpi4"):
         funcs = disassemble(build(program, tmp_path / preset, target=preset).library)
-        kernels = {n: body for n, body in funcs.items()
-                   if n.startswith(("fused_conv2d_dot", "fused_dense_dot")) and n.endswith("_compute_")}
-        assert len(kernels) == 5, f"{preset}: expected the 4 convs and the dense as dot kernels: {list(kernels)}"
-        found[preset] = {op: sum(f"\t{op}\t" in b for b in kernels.values()) for op in ("sdot", "usdot", "udot")}
-    # every kernel but the stem: its 3 input channels give no 4-byte group for sdot in NHWC (u8 activations
-    # are shifted to s8 first)
-    assert found["rpi5"]["sdot"] == 4
-    # Neoverse V1: usdot for u8 x s8; LLVM's cost model keeps widening multiply-adds for the 16-channel 3x3s
-    assert found["graviton"]["usdot"] >= 2
-    assert sum(found["rpi4"].values()) == 0  # the Cortex-A72 has no dot product (and qemu would trap it)
+        kernels = {n.split("_add")[0].removeprefix("fused_"): body for n, body in funcs.items()
+                   if n.startswith(("fused_conv2d", "fused_dense")) and n.endswith("_compute_")}
+        assert len(kernels) == 5, f"{preset}: expected the 4 convs and the dense as kernels: {list(kernels)}"
+        found[preset] = {name: {op for op in ("sdot", "usdot", "udot", "smmla", "usmmla") if f"\t{op}\t" in body}
+                         for name, body in kernels.items()}
+    # the 3 groups-1 convs and the dense: the stem (signed input) too, its 3 channels padded to the group
+    assert sorted(found["rpi5"]) == ["conv2d_dot", "conv2d_sdot", "conv2d_sdot1", "conv2d_sdot2", "dense_sdot"]
+    assert all(ops == {"sdot"} for ops in found["rpi5"].values())
+    assert found["graviton"]["conv2d_smmla"] == {"smmla"}  # the stem: int8 input
+    assert sorted(n for n, ops in found["graviton"].items() if ops == {"usmmla"}) == [
+        "conv2d_usmmla", "conv2d_usmmla1", "dense_usmmla"]
+    # the grouped conv keeps the contiguous-layout kernel (on the rpi5, sdot from LLVM's vectorizer)
+    assert "conv2d_dot" in found["graviton"]
+    # the Cortex-A72 has no dot product (and qemu would trap it): plain NEON widening multiplies instead
+    assert sorted(found["rpi4"]) == ["conv2d_dot", "conv2d_neon", "conv2d_neon1", "conv2d_neon2", "dense_neon"]
+    assert not any(found["rpi4"].values())
 
 
 def test_foreign_library_refuses_to_load_natively_and_names_the_ways_to_run_it(board, tmp_path):
@@ -181,12 +189,15 @@ def test_imagenet_models_cross_compiled_and_bit_exact_under_emulation(board, ima
     np.testing.assert_array_equal(intforge.load(art.library, emulate=True).run_many(x)[0], want)
 
 
-def test_int4_weights_on_arm_bit_exact(board, tmp_path):
+@pytest.mark.parametrize("preset", ["rpi5", "graviton", "rpi4"])
+def test_int4_weights_on_arm_bit_exact(board, tmp_path, preset):
+    """INT4 weights unpacked in registers by the sdot, i8mm and NEON kernels (the grouped conv: by the shared
+    unpack kernel), on extreme inputs."""
     from intforge.quantize import QuantConfig
 
     program = quantize_module(UnsignedStack(), (1, 3, 10, 10), quant=QuantConfig(bits=4))
     assert any(op.attrs.get("weight_bits") == 4 for op in program.ops)
-    art = build(program, tmp_path / "m", target="rpi5", boundary="int")
+    art = build(program, tmp_path / "m", target=preset, boundary="int")
     cases = extreme_int_inputs(program, np.random.default_rng(2))
     got = intforge.load(art.library, emulate=True).run_many(np.concatenate([c[0] for c in cases]))[0]
     np.testing.assert_array_equal(got, np.concatenate([reference.run_int(program, *c)[0] for c in cases]))

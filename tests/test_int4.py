@@ -53,11 +53,11 @@ def test_tir_unpack_kernel_matches_numpy_on_every_byte():
 
 
 def test_vnni_int4_packing_puts_weight_t_low_and_t_plus_32_high():
-    from intforge.kernels.x86_vnni import pack_vnni_int4
+    from intforge.kernels.blocked_dot import pack_int4_blocks
 
     w = np.random.default_rng(0).integers(-8, 8, (3, 2, 16, 4)).astype(np.int8)
     w[0, 0, 0] = [-8, 7, 0, -1]
-    packed = pack_vnni_int4(w).view(np.uint8).astype(np.int32)
+    packed = pack_int4_blocks(w).view(np.uint8).astype(np.int32)
     assert packed.shape == (3, 2, 32)
     nibbles = np.concatenate([packed & 0xF, packed >> 4], axis=-1)  # weights 0..31, then 32..63
     np.testing.assert_array_equal(((nibbles ^ 8) - 8).reshape(w.shape), w)  # the kernel's sign extension
@@ -65,14 +65,17 @@ def test_vnni_int4_packing_puts_weight_t_low_and_t_plus_32_high():
     np.testing.assert_array_equal(((every & 0xF) ^ 8) - 8, unpack_int4(pack_int4(every), 16))
 
 
-def test_vnni_int4_weights_stay_packed_inside_the_kernels():
-    """On AVX512-VNNI the conv and dense kernels take the 32-byte packed blocks and unpack them in
-    registers: the model has no int8 copy of the weights and no call to the shared unpack kernel."""
+@pytest.mark.parametrize("target,kernel,block_bytes", [("x86", "vnni", 32), ("rpi5", "sdot", 8),
+                                                      ("graviton", "mmla", 8), ("rpi4", "neon", 8)])
+def test_int4_weights_stay_packed_inside_the_tensorized_kernels(target, kernel, block_bytes):
+    """With a dot-product instruction (VNNI, sdot, i8mm, and plain NEON on ARM) the conv and dense kernels
+    take the packed blocks and unpack them in registers: the model has no int8 copy of the weights and no
+    call to the shared unpack kernel. (Only the Relax passes run: no compiler needed.)"""
     from intforge.compiler.build import _kernel_passes
     from intforge.kernels.int4 import UNPACK_SYMBOL
 
-    preset = intforge.compiler.resolve_target("x86")
-    if not (preset.has("avx512vnni") and preset.has("avx512bw")):
+    preset = intforge.compiler.resolve_target(target)
+    if target == "x86" and not (preset.has("avx512vnni") and preset.has("avx512bw")):
         pytest.skip("this CPU has no AVX512-VNNI: its INT4 layers use the shared unpack kernel")
     make, shape = CASES["mean_flatten_linear"]
     torch.manual_seed(0)
@@ -83,11 +86,11 @@ def test_vnni_int4_weights_stay_packed_inside_the_kernels():
     relax.analysis.post_order_visit(mod["main"], lambda e: called.add(e.args[0].name_hint) if isinstance(
         e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir" else None)
     calls = {gv.name_hint: f for gv, f in mod.functions.items() if gv.name_hint in called}
-    assert UNPACK_SYMBOL not in calls and any("vnni" in n for n in calls)
+    assert UNPACK_SYMBOL not in calls and any(kernel in n for n in calls)
     for name, f in calls.items():
-        if "vnni" in name:
-            w = f.params[1].ty  # the weight: [..., 32] packed bytes
-            assert str(w.dtype) == "int8" and int(w.shape[-1]) == 32, (name, w.shape)
+        if kernel in name:
+            w = f.params[1].ty  # the weight: [..., block_bytes] packed bytes
+            assert str(w.dtype) == "int8" and int(w.shape[-1]) == block_bytes, (name, w.shape)
 
 
 INT4_CASES = ["conv_plain", "conv_stride_pad", "conv_depthwise", "conv_groups", "conv_bn_relu", "linear",

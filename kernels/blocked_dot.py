@@ -1,0 +1,365 @@
+"""Integer conv2d and dense as register-blocked dot products, tensorized to one CPU instruction.
+
+One kernel, several instructions (`DotIsa`): x86 `vpdpbusd` (kernels/x86_vnni.py), ARM `sdot`, and ARM
+i8mm `usmmla`/`smmla` (kernels/arm_dot.py). Each instruction multiplies `rows` output pixels by `lanes`
+output channels, reducing `group` input channels per lane: vpdpbusd is 1 x 16 x 4, sdot 1 x 4 x 4, and
+the smmla 2 x 2 tile is 2 x 2 x 8.
+
+Layout: weights are pre-packed at compile time to [O/lanes, KH, KW, C/group, lanes, group] (dense:
+[N/lanes, K/group, lanes, group]), so one contiguous load feeds one instruction; channels are padded to
+the blocks with zero weights. The input is padded (and, from NCHW, transposed) to NHWC by a packing stage,
+which also converts it to the activation type the instruction takes: signed activations run as a + 128
+on an instruction that wants unsigned bytes (vpdpbusd), unsigned ones as a - 128 on one that wants signed
+bytes (sdot), and `correction[o] = -/+128 * sum(w[o])` restores the exact sum. The int32 lanes wrap like
+the reference's int32 arithmetic, so the result is bit-exact.
+
+INT4 weights stay packed in the kernel: each weight block (lanes x group) is half as many bytes, weight t
+in the low nibble of byte t and weight t + block/2 in the high one. A small stage unpacks one block right
+before the instructions that use it (vector and, xor, subtract on bytes: ((n ^ 8) - 8) sign-extends a
+nibble n), so no int8 copy of the weights is ever made.
+
+The schedule keeps a tile of accumulators (pixels x channels) in registers for the whole reduction,
+tensorizes the innermost product to the instruction, and computes the requantize epilogue per tile
+inside the same parallel loop, so the int32 accumulators never make a round trip through memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from tvm import s_tir, te, tirx
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+from intforge.reference import pool_output_size
+
+from .stages import compute_inputs_at, vectorize_inner
+
+SHIFT = 128  # unsigned <-> signed bytes: a + 128 or a - 128, corrected by the weight sums
+INT4_BLOCK = "weight_int4"  # the in-kernel unpack stage of packed INT4 weights
+
+
+@dataclass(frozen=True)
+class DotIsa:
+    """One dot-product instruction and the register tile built around it."""
+
+    name: str  # block names: conv_<name>, dense_<name>
+    intrin: str  # the TensorIntrin the innermost product is tensorized to
+    # (description, implementation) of that intrinsic: parsed on first use, since each TVMScript parse
+    # costs a fraction of a second in every process that imports the kernels
+    intrin_funcs: Callable[[], tuple] = field(compare=False, repr=False)
+    act_dtype: str  # the activation bytes the instruction takes: "uint8" or "int8"
+    lanes: int  # output channels per instruction
+    group: int  # input channels reduced per lane
+    rows: int = 1  # output pixels per instruction
+    channel_tile: int = 2  # instruction-wide channel blocks per register tile
+    pixel_tile: int = 8  # output pixels per register tile, at most
+    epilogue_lanes: int = 16  # vector width of the requantize epilogue (int64 arithmetic)
+
+    @property
+    def block(self) -> int:
+        """Weights per instruction: lanes x group."""
+        return self.lanes * self.group
+
+    @property
+    def conv_block(self) -> str:
+        return f"conv_{self.name}"
+
+    @property
+    def dense_block(self) -> str:
+        return f"dense_{self.name}"
+
+    def correction_sign(self, x_dtype: str) -> int:
+        """0 when activations of `x_dtype` go in as they are; else the sign of the 128 * sum(w) correction."""
+        if x_dtype == self.act_dtype:
+            return 0
+        return -1 if self.act_dtype == "uint8" else 1
+
+
+def broadcast_dot_intrin(llvm_intrinsic: str, act_dtype: str, lanes: int, group: int) -> tuple:
+    """(description, implementation) of a dot-product instruction of `lanes` int32 lanes, each the sum of
+    `group` byte products, the activation's `group` bytes broadcast to every lane: C[i] += sum_k A[k] *
+    B[i, k]. x86 vpdpbusd (16 x 4, u8 x s8) and ARM sdot (4 x 4, s8 x s8) are both this shape. The LLVM
+    intrinsic takes (accumulators, activations, weights) as <lanes x i32>, <lanes*group x i8> twice."""
+    n = lanes * group
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (group,), act_dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, group), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, group):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (group,), act_dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, group), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
+            T.writes(C[0:lanes])
+            word = T.reinterpret(A.vload([0], f"{act_dtype}x{group}"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_intrinsic),
+                C.vload([0], dtype=f"int32x{lanes}"),
+                T.reinterpret(T.broadcast(word, lanes), dtype=f"{act_dtype}x{n}"),
+                B.vload([0, 0], dtype=f"int8x{n}"),
+                dtype=f"int32x{lanes}",
+            )
+
+    return desc, impl
+
+
+_ISAS: dict[str, DotIsa] = {}
+
+
+def _ensure_intrin(isa: DotIsa) -> None:
+    if TensorIntrin.get(isa.intrin, allow_missing=True) is None:
+        TensorIntrin.register(isa.intrin, *isa.intrin_funcs())
+
+
+def register_isa(isa: DotIsa) -> DotIsa:
+    """Make an instruction's blocks known to `schedule_blocked_func` (and to tuning, which skips them)."""
+    _ISAS[isa.name] = isa
+    return isa
+
+
+def kernel_block_names() -> set[str]:
+    """The block names of every registered instruction's conv and dense kernels."""
+    return {n for isa in _ISAS.values() for n in (isa.conv_block, isa.dense_block)}
+
+
+def blocks(n: int, size: int) -> int:
+    return -(-n // size)
+
+
+def conv_weight_layout(w: np.ndarray, isa: DotIsa) -> np.ndarray:
+    """[O, C, KH, KW] -> [O/lanes, KH, KW, C/group, lanes, group], channels zero-padded to the blocks."""
+    o, c, kh, kw = w.shape
+    ob, cb = blocks(o, isa.lanes), blocks(c, isa.group)
+    wpad = np.zeros((ob * isa.lanes, cb * isa.group, kh, kw), np.int8)
+    wpad[:o, :c] = w
+    return np.ascontiguousarray(wpad.reshape(ob, isa.lanes, cb, isa.group, kh, kw).transpose(0, 4, 5, 2, 1, 3))
+
+
+def dense_weight_layout(w: np.ndarray, isa: DotIsa) -> np.ndarray:
+    """[N, K] -> [N/lanes, K/group, lanes, group], zero-padded."""
+    n, k = w.shape
+    nb, kb = blocks(n, isa.lanes), blocks(k, isa.group)
+    wpad = np.zeros((nb * isa.lanes, kb * isa.group), np.int8)
+    wpad[:n, :k] = w
+    return np.ascontiguousarray(wpad.reshape(nb, isa.lanes, kb, isa.group).transpose(0, 2, 1, 3))
+
+
+def pack_int4_blocks(w: np.ndarray) -> np.ndarray:
+    """Blocked INT4 weights [..., lanes, group] (values in [-8, 7]) -> [..., lanes * group / 2] bytes: weight
+    t of each block in the low nibble of byte t, weight t + block/2 in the high nibble."""
+    block = w.shape[-1] * w.shape[-2]
+    flat = w.reshape(*w.shape[:-2], block).astype(np.int64) & 0xF
+    return (flat[..., :block // 2] | (flat[..., block // 2:] << 4)).astype(np.uint8).view(np.int8)
+
+
+def _unpacked(wq: te.Tensor, lead: int, isa: DotIsa) -> te.Tensor:
+    """The in-kernel unpack stage: packed [..., block/2] int8 -> [..., lanes, group] int8 (`lead` leading
+    axes). (n ^ 8) - 8 on a byte is the same sign extension as `int4.unpack_int4`'s shift pair, written on
+    bytes so LLVM vectorizes it; test_int4 checks the two against each other on every nibble."""
+    half = isa.block // 2
+
+    def fcompute(*idx):
+        *head, o2, rci = idx
+        t = o2 * isa.group + rci
+        byte = tirx.reinterpret("uint8", wq[(*head, tirx.floormod(t, half))])
+        nibble = tirx.if_then_else(t < half, byte & tirx.const(0xF, "uint8"),
+                                   tirx.shift_right(byte, tirx.const(4, "uint8")))
+        return tirx.reinterpret("int8", nibble ^ tirx.const(8, "uint8")) - tirx.const(8, "int8")
+
+    return te.compute((*wq.shape[:lead], isa.lanes, isa.group), fcompute, name=INT4_BLOCK)
+
+
+def _as_act(v, x_dtype: str, isa: DotIsa):
+    """An activation in the instruction's byte type: shifted by 128 where the signedness differs."""
+    sign = isa.correction_sign(x_dtype)
+    if sign == 0:
+        return v
+    return (v.astype("int32") + (SHIFT if sign < 0 else -SHIFT)).astype(isa.act_dtype)
+
+
+def _round_up(n: int, m: int) -> int:
+    return blocks(n, m) * m
+
+
+def conv2d_blocked(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out_channels: int,
+                   stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                   isa: DotIsa, layout: str = "NCHW") -> te.Tensor:
+    """x: [N, C, H, W] (or [N, H, W, C] with layout "NHWC") int8/uint8; wp: [O/lanes, KH, KW, C/group,
+    lanes, group] int8, or [..., C/group, block/2] packed INT4; -> int32 in the same layout as x.
+
+    In NHWC the channels of a pixel are contiguous, so the packing stage is a plain copy, and it is
+    skipped when there is nothing to do (activations already the instruction's type, no padding, channels
+    a multiple of the group, the row wide enough for whole instructions): the kernel then reads its input
+    where the previous layer wrote it."""
+    nhwc = layout == "NHWC"
+    if len(wp.shape) == 5:  # packed INT4: unpacked block by block inside the kernel
+        wp = _unpacked(wp, 4, isa)
+    n, c, h, wd = (int(d) for d in ((x.shape[0], x.shape[3], x.shape[1], x.shape[2]) if nhwc else x.shape))
+    ob, kh, kw, cb = (int(d) for d in wp.shape[:4])
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    oh, ow = pool_output_size(h, kh, sh, ph, dh, False), pool_output_size(wd, kw, sw, pw, dw, False)
+    owc = _round_up(ow, isa.rows)  # whole instructions: an odd row computes one pixel more, never stored
+    width = max(wd + 2 * pw, (owc - 1) * sw + (kw - 1) * dw + 1)
+    pad_value = _as_act(tirx.const(0, x.dtype), x.dtype, isa)
+
+    def _x(b, ch, i, j):
+        return x[b, i, j, ch] if nhwc else x[b, ch, i, j]
+
+    def _packed(b, i, j, ch):
+        inside = tirx.all(i >= ph, i < h + ph, j >= pw, j < wd + pw, ch < c)
+        return tirx.if_then_else(inside, _as_act(_x(b, ch, i - ph, j - pw), x.dtype, isa), pad_value)
+
+    cp = cb * isa.group
+    if isa.rows > 1 and sw > 1:
+        # The pixels of one instruction must be adjacent rows of its activation block: with a stride, the
+        # input row is split into its sw phases (column q * sw + p at [p, q]), and neighbouring output
+        # pixels read neighbouring columns of one phase.
+        wq = blocks(width, sw)
+        xs = te.compute((n, h + 2 * ph, sw, wq, cp), lambda b, i, p, q, ch: _packed(b, i, q * sw + p, ch),
+                        name=f"data_{isa.name}")
+
+        def _tap(b, i, j, ch, rw):
+            col = rw * dw
+            return xs[b, i, col % sw, j + col // sw, ch]
+    else:
+        if nhwc and isa.correction_sign(x.dtype) == 0 and ph == pw == 0 and c == cp and width == wd:
+            xp = x
+        else:
+            xp = te.compute((n, h + 2 * ph, width, cp), _packed, name=f"data_{isa.name}")
+
+        def _tap(b, i, j, ch, rw):
+            return xp[b, i, j * sw + rw * dw, ch]
+
+    rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
+    rcb, rci = te.reduce_axis((0, cb), "rcb"), te.reduce_axis((0, isa.group), "rci")
+    conv = te.compute(
+        (n, ob, oh, owc, isa.lanes),
+        lambda b, o1, i, j, o2: te.sum(
+            _tap(b, i * sh + rh * dh, j, rcb * isa.group + rci, rw).astype("int32")
+            * wp[o1, rh, rw, rcb, o2, rci].astype("int32"), axis=[rh, rw, rcb, rci]),
+        name=isa.conv_block)
+
+    def _out(b, o, i, j):
+        v = conv[b, o // isa.lanes, i, j, o % isa.lanes]
+        return v + correction[o] if correction is not None else v
+
+    if nhwc:
+        return te.compute((n, oh, ow, out_channels), lambda b, i, j, o: _out(b, o, i, j), name=f"{isa.conv_block}_out")
+    return te.compute((n, out_channels, oh, ow), _out, name=f"{isa.conv_block}_out")
+
+
+def dense_blocked(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out_features: int,
+                  isa: DotIsa) -> te.Tensor:
+    """x: [M, K] int8/uint8; wp: [N/lanes, K/group, lanes, group] int8, or [N/lanes, K/group, block/2]
+    packed INT4; -> [M, N] int32."""
+    if len(wp.shape) == 3:
+        wp = _unpacked(wp, 2, isa)
+    m, k = (int(d) for d in x.shape)
+    nb, kb = (int(d) for d in wp.shape[:2])
+    mc = _round_up(m, isa.rows)
+    xp = te.compute((mc, kb * isa.group), lambda i, j: tirx.if_then_else(
+        tirx.all(i < m, j < k), _as_act(x[i, j], x.dtype, isa), tirx.const(0, isa.act_dtype)),
+        name=f"data_{isa.name}")
+    rkb, rki = te.reduce_axis((0, kb), "rkb"), te.reduce_axis((0, isa.group), "rki")
+    # rows then lanes innermost: the accumulators of one instruction are contiguous
+    acc = te.compute((nb, mc, isa.lanes), lambda o1, i, o2: te.sum(
+        xp[i, rkb * isa.group + rki].astype("int32") * wp[o1, rkb, o2, rki].astype("int32"), axis=[rkb, rki]),
+        name=isa.dense_block)
+
+    def _out(i, o):
+        v = acc[o // isa.lanes, i, o % isa.lanes]
+        return v + correction[o] if correction is not None else v
+
+    return te.compute((m, out_features), _out, name=f"{isa.dense_block}_out")
+
+
+def _largest_divisor(extent: int, most: int) -> int:
+    return max(d for d in range(1, most + 1) if extent % d == 0)
+
+
+def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
+    """Schedule a fused function built around one of our conv/dense blocks. Returns None when the
+    function has none of ours, else the names of the blocks left for the default rule (input packing).
+
+    The accumulator tile (pixels x channel_tile * lanes channels for conv, one channel block for dense)
+    lives in a local buffer, which LLVM keeps in vector registers for the whole reduction; the innermost
+    product is tensorized to the instruction; and the requantize epilogue is inlined into one block
+    computed per tile, inside the same parallel loop.
+    """
+    root = sch.get_sblock("root")
+    blocks_ = sch.get_child_blocks(root)
+    names = [sch.get(b).name_hint for b in blocks_]
+    found = [(isa, n) for isa in _ISAS.values() for n in (isa.conv_block, isa.dense_block) if n in names]
+    if not found:
+        return None
+    isa, kind = found[0]
+    k = names.index(kind)
+    block, epilogue = blocks_[k], blocks_[k + 1:]
+    for b in epilogue[:-1]:  # the _out stage, bias add, dyadic multiply, shift, clamp, cast: one block
+        sch.compute_inline(b)
+    last = epilogue[-1]
+    acc = sch.cache_write(block, 0, "local")
+    if kind == isa.conv_block:
+        n, o1, i, j, o2, rh, rw, rcb, rci = sch.get_loops(block)
+        # several channel blocks per tile: each activation load feeds channel_tile instructions
+        o1o, o1i = sch.split(o1, [None, _largest_divisor(int(sch.get(o1).extent), isa.channel_tile)])
+        pairs = int(sch.get(j).extent) // isa.rows
+        jo, ji, jr = sch.split(j, [None, _largest_divisor(pairs, max(1, isa.pixel_tile // isa.rows)), isa.rows])
+        sch.reorder(n, o1o, i, jo, rh, rw, rcb, ji, o1i, jr, o2, rci)
+        par = sch.fuse(n, o1o, i)
+        sch.parallel(par)
+        tile, first_reduce, rblock = jo, rh, rcb
+    else:
+        o1, i, o2, rkb, rki = sch.get_loops(block)
+        io, jr = sch.split(i, [None, isa.rows])
+        sch.reorder(o1, io, rkb, jr, o2, rki)
+        tile = sch.fuse(o1, io)
+        sch.parallel(tile)
+        first_reduce, rblock, ji, o1i, par = rkb, rkb, None, None, None
+    sch.reverse_compute_at(acc, tile)
+    sch.reverse_compute_at(last, tile)
+    producers = [b for b, name in zip(blocks_[:k], names[:k], strict=True) if name != INT4_BLOCK]
+    if INT4_BLOCK in names:  # unpack each weight block right before the instructions that use it
+        _unpack_at(sch, blocks_[names.index(INT4_BLOCK)], rblock)
+    init = sch.decompose_reduction(block, first_reduce)
+    _ensure_intrin(isa)
+    sch.tensorize(jr if isa.rows > 1 else o2, isa.intrin)
+    for loop in (o1i, ji):
+        if loop is not None:
+            sch.unroll(loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+    try:  # the epilogue reads the accumulators where the kernel left them: no copy of the tile
+        sch.compute_inline(acc)
+    except s_tir.ScheduleError:
+        sch.vectorize(sch.get_loops(acc)[-1])
+    # the requantize epilogue several channels at a time: its int64 multiply, rounding shift and clamp as
+    # vector ops instead of scalar ones per output
+    vectorize_inner(sch, sch.get_loops(last)[-1], most=isa.epilogue_lanes)
+    if par is None:  # dense: its input is a few rows, packed once rather than once per output block
+        return {sch.get(b).name_hint for b in producers}
+    return compute_inputs_at(sch, producers, par)
+
+
+def _unpack_at(sch: s_tir.Schedule, block, loop) -> None:
+    """Compute the INT4 unpack stage under `loop` (one reduction step): one weight block as two vector
+    halves (low nibbles, then high), each a few byte-wide vector ops."""
+    sch.compute_at(block, loop, preserve_unit_loops=False)
+    *_, o2, rci = sch.get_loops(block)
+    half, o2i = sch.split(o2, [2, None])
+    sch.vectorize(sch.fuse(o2i, rci))
+    sch.unroll(half)
