@@ -39,6 +39,7 @@ from .stages import compute_inputs_at, vectorize_inner
 
 SHIFT = 128  # unsigned <-> signed bytes: a + 128 or a - 128, corrected by the weight sums
 INT4_BLOCK = "weight_int4"  # the in-kernel unpack stage of packed INT4 weights
+MIN_INT4_BLOCKS = 8  # channel blocks (x batch) for an INT4 conv to unpack its weights once per block
 
 
 @dataclass(frozen=True)
@@ -321,16 +322,21 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         pairs = int(sch.get(j).extent) // isa.rows
         jo, ji, jr = sch.split(j, [None, _largest_divisor(pairs, max(1, isa.pixel_tile // isa.rows)), isa.rows])
         sch.reorder(n, o1o, i, jo, rh, rw, rcb, ji, o1i, jr, o2, rci)
-        par = sch.fuse(n, o1o, i)
+        # Packed INT4 weights: with enough channel blocks to share among threads, a thread takes whole
+        # channel blocks, unpacks the block's weights once and runs every output row over them, instead
+        # of unpacking each weight again for every tile of pixels (as costly as the tile's products).
+        whole = INT4_BLOCK in names and int(sch.get(n).extent) * int(sch.get(o1o).extent) >= MIN_INT4_BLOCKS
+        par = sch.fuse(n, o1o) if whole else sch.fuse(n, o1o, i)
         sch.parallel(par)
-        tile, first_reduce, rblock = jo, rh, rcb
+        tile, first_reduce, rblock = jo, rh, (par if whole else rcb)
+        inputs_at = i if whole else par
     else:
         o1, i, o2, rkb, rki = sch.get_loops(block)
         io, jr = sch.split(i, [None, isa.rows])
         sch.reorder(o1, io, rkb, jr, o2, rki)
         tile = sch.fuse(o1, io)
         sch.parallel(tile)
-        first_reduce, rblock, ji, o1i, par = rkb, rkb, None, None, None
+        first_reduce, rblock, ji, o1i, par, inputs_at = rkb, rkb, None, None, None, None
     sch.reverse_compute_at(acc, tile)
     sch.reverse_compute_at(last, tile)
     producers = [b for b, name in zip(blocks_[:k], names[:k], strict=True) if name != INT4_BLOCK]
@@ -350,14 +356,14 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
     # the requantize epilogue several channels at a time: its int64 multiply, rounding shift and clamp as
     # vector ops instead of scalar ones per output
     vectorize_inner(sch, sch.get_loops(last)[-1], most=isa.epilogue_lanes)
-    if par is None:  # dense: its input is a few rows, packed once rather than once per output block
+    if inputs_at is None:  # dense: its input is a few rows, packed once rather than once per output block
         return {sch.get(b).name_hint for b in producers}
-    return compute_inputs_at(sch, producers, par)
+    return compute_inputs_at(sch, producers, inputs_at)
 
 
 def _unpack_at(sch: s_tir.Schedule, block, loop) -> None:
-    """Compute the INT4 unpack stage under `loop` (one reduction step): one weight block as two vector
-    halves (low nibbles, then high), each a few byte-wide vector ops."""
+    """Compute the INT4 unpack stage under `loop` (one reduction step, or a thread's whole channel block):
+    each weight block as two vector halves (low nibbles, then high), each a few byte-wide vector ops."""
     sch.compute_at(block, loop, preserve_unit_loops=False)
     *_, o2, rci = sch.get_loops(block)
     half, o2i = sch.split(o2, [2, None])

@@ -189,18 +189,34 @@ def test_imagenet_models_cross_compiled_and_bit_exact_under_emulation(board, ima
     np.testing.assert_array_equal(intforge.load(art.library, emulate=True).run_many(x)[0], want)
 
 
+class WideStack(nn.Module):
+    """Convs with enough output channels (128, 64) that an INT4 layer's threads take whole channel blocks
+    and unpack each block's weights once for all its rows."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.c1 = nn.Conv2d(8, 128, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(128, 64, 1)
+        self.fc = nn.Linear(64 * 5 * 5, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).flatten(1))
+
+
 @pytest.mark.parametrize("preset", ["rpi5", "graviton", "rpi4"])
 def test_int4_weights_on_arm_bit_exact(board, tmp_path, preset):
     """INT4 weights unpacked in registers by the sdot, i8mm and NEON kernels (the grouped conv: by the shared
     unpack kernel), on extreme inputs."""
     from intforge.quantize import QuantConfig
 
-    program = quantize_module(UnsignedStack(), (1, 3, 10, 10), quant=QuantConfig(bits=4))
-    assert any(op.attrs.get("weight_bits") == 4 for op in program.ops)
-    art = build(program, tmp_path / "m", target=preset, boundary="int")
-    cases = extreme_int_inputs(program, np.random.default_rng(2))
-    got = intforge.load(art.library, emulate=True).run_many(np.concatenate([c[0] for c in cases]))[0]
-    np.testing.assert_array_equal(got, np.concatenate([reference.run_int(program, *c)[0] for c in cases]))
+    for i, (module, shape) in enumerate([(UnsignedStack(), (1, 3, 10, 10)), (WideStack(), (1, 8, 9, 9))]):
+        program = quantize_module(module, shape, quant=QuantConfig(bits=4))
+        assert any(op.attrs.get("weight_bits") == 4 for op in program.ops)
+        art = build(program, tmp_path / f"m{i}", target=preset, boundary="int")
+        cases = extreme_int_inputs(program, np.random.default_rng(2))
+        got = intforge.load(art.library, emulate=True).run_many(np.concatenate([c[0] for c in cases]))[0]
+        np.testing.assert_array_equal(got, np.concatenate([reference.run_int(program, *c)[0] for c in cases]))
 
 
 @pytest.fixture(scope="module")
