@@ -336,7 +336,7 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         sch.reorder(o1, io, rkb, jr, o2, rki)
         tile = sch.fuse(o1, io)
         sch.parallel(tile)
-        first_reduce, rblock, ji, o1i, par, inputs_at = rkb, rkb, None, None, None, None
+        first_reduce, rblock, ji, o1i, inputs_at = rkb, rkb, None, None, None
     sch.reverse_compute_at(acc, tile)
     sch.reverse_compute_at(last, tile)
     producers = [b for b, name in zip(blocks_[:k], names[:k], strict=True) if name != INT4_BLOCK]
