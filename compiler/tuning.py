@@ -244,8 +244,8 @@ def tune(program: IntegerProgram, target: str | TargetPreset = "x86", trials: in
             where = f" on the board at {tracker or rpc}" + (f" (key {key})" if key else "") if remote else ""
             print(f"tuning {trials} trials for target {preset.name}{where} (logs in {work}; first builds wait "
                   "for workers to start)...", flush=True)
-        # Our tensorized kernels bring their own schedule (kernels/x86_vnni.py): tuning them with generic
-        # rules could only replace vpdpbusd with something slower, so they are not tasks. The search space
+        # Our tensorized kernels bring their own schedule (kernels/blocked_dot.py): tuning them with generic
+        # rules could only replace the instruction with something slower, so they are not tasks. The search space
         # is MetaSchedule's plain LLVM one: its x86 VNNI rules use TVM's dot_16x4_vnni intrinsic, which
         # LLVM 22 rejects, and records naming it make the database unreadable without that registry.
         tasks = [t for t in ms.relax_integration.extract_tasks(mod, tgt) if not _has_own_schedule(t.dispatched[0])]

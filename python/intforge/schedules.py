@@ -3,8 +3,9 @@
 This is how a user "compares TVM schedules": the same layer, same integers, under
 - plain: TOPI's NCHW kernels, plain lowering (no schedule: one thread),
 - default: TOPI's kernels with intforge's default CPU schedule (outer loops in parallel),
-- tensorized: intforge's own kernels, what `compile` uses: on AVX512-VNNI CPUs `vpdpbusd` through TVM
-  tensorization (kernels/x86_vnni.py), elsewhere the dot-product layout (kernels/dot_product.py),
+- tensorized: intforge's own kernels, what `compile` uses: the register-blocked kernel tensorized to the
+  CPU's dot-product instruction (kernels/blocked_dot.py: `vpdpbusd` on AVX512-VNNI, `sdot`, i8mm or
+  NEON on ARM), elsewhere the dot-product layout (kernels/dot_product.py),
 - tuned: intforge's kernels with the target's MetaSchedule database, when `intforge tune` made one (the
   tensorized kernels keep their own schedule; tuning covers the rest).
 """
