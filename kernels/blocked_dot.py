@@ -35,9 +35,9 @@ from tvm.script import tirx as T
 
 from intforge.reference import pool_output_size
 
+from .dot_product import SHIFT  # unsigned <-> signed bytes: one definition, shared with the weight-sum corrections
 from .stages import compute_inputs_at, vectorize_inner
 
-SHIFT = 128  # unsigned <-> signed bytes: a + 128 or a - 128, corrected by the weight sums
 INT4_BLOCK = "weight_int4"  # the in-kernel unpack stage of packed INT4 weights
 MIN_INT4_BLOCKS = 8  # channel blocks (x batch) for an INT4 conv to unpack its weights once per block
 
