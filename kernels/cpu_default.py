@@ -18,6 +18,19 @@ from .stages import vectorize_inner
 MIN_PARALLEL_EXTENT = 4
 
 
+def _inline_elementwise(sch: s_tir.Schedule, root) -> None:
+    """Fold every elementwise stage into its consumer, so that a fused chain (a standalone requantize,
+    a residual add's rescale-add-clamp) is one loop nest computing each output from its inputs, not a
+    loop per stage writing a full-size int64 intermediate. At batch 8 the intermediates of one INT4
+    input requantize in ResNet50 were 51 MB a stage and the function took 8 ms instead of well under 1.
+    Stages that cannot be inlined (reductions, the output block) stay as they are."""
+    for block in sch.get_child_blocks(root)[:-1]:
+        try:
+            sch.compute_inline(block)
+        except s_tir.ScheduleError:
+            continue
+
+
 def _schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
     try:
@@ -27,6 +40,8 @@ def _schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
     left = schedule_blocked_func(sch)  # our tensorized kernels bring their own schedule
     if left is None:
         left = schedule_depthwise_func(sch)
+    if left is None:
+        _inline_elementwise(sch, root)
     for block in sch.get_child_blocks(root):
         if left is not None and sch.get(block).name_hint not in left:
             continue
