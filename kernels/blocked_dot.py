@@ -40,6 +40,8 @@ from .stages import compute_inputs_at, vectorize_inner
 
 INT4_BLOCK = "weight_int4"  # the in-kernel unpack stage of packed INT4 weights
 MIN_INT4_BLOCKS = 8  # channel blocks (x batch) for an INT4 conv to unpack its weights once per block
+ROW_UNPACK_BYTES = 16 * 1024  # an INT4 conv with fewer blocks and at most this many weights a tile
+# unpacks its tile's weights once per output row (they stay in L1), not once per pixel tile
 
 
 @dataclass(frozen=True)
@@ -321,15 +323,27 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         o1o, o1i = sch.split(o1, [None, _largest_divisor(int(sch.get(o1).extent), isa.channel_tile)])
         pairs = int(sch.get(j).extent) // isa.rows
         jo, ji, jr = sch.split(j, [None, _largest_divisor(pairs, max(1, isa.pixel_tile // isa.rows)), isa.rows])
-        sch.reorder(n, o1o, i, jo, rh, rw, rcb, ji, o1i, jr, o2, rci)
+        batch, nblk = int(sch.get(n).extent), int(sch.get(o1o).extent)
         # Packed INT4 weights: with enough channel blocks to share among threads, a thread takes whole
         # channel blocks, unpacks the block's weights once and runs every output row over them, instead
         # of unpacking each weight again for every tile of pixels (as costly as the tile's products).
-        whole = INT4_BLOCK in names and int(sch.get(n).extent) * int(sch.get(o1o).extent) >= MIN_INT4_BLOCKS
-        par = sch.fuse(n, o1o) if whole else sch.fuse(n, o1o, i)
+        whole = INT4_BLOCK in names and batch * nblk >= MIN_INT4_BLOCKS
+        if whole:  # a thread's channel blocks serve every image of the batch: unpacked once
+            sch.reorder(o1o, n, i, jo, rh, rw, rcb, ji, o1i, jr, o2, rci)
+            par = o1o if nblk >= MIN_INT4_BLOCKS else sch.fuse(o1o, n)
+            inputs_at = i
+        else:
+            # The images of a batch run inside a task, one row of each: a tile's weights (channel_tile
+            # blocks) are read from cache for all of them, not fetched again for each image.
+            sch.reorder(o1o, i, n, jo, rh, rw, rcb, ji, o1i, jr, o2, rci)
+            par = sch.fuse(o1o, i)
+            inputs_at = par
         sch.parallel(par)
         tile, first_reduce, rblock = jo, rh, (par if whole else rcb)
-        inputs_at = i if whole else par
+        if INT4_BLOCK in names and not whole:
+            tile_weights = int(sch.get(o1i).extent) * isa.block * kh_kw_cb(sch, block)
+            if tile_weights <= ROW_UNPACK_BYTES:
+                rblock = par
     else:
         o1, i, o2, rkb, rki = sch.get_loops(block)
         io, jr = sch.split(i, [None, isa.rows])
@@ -359,6 +373,12 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
     if inputs_at is None:  # dense: its input is a few rows, packed once rather than once per output block
         return {sch.get(b).name_hint for b in producers}
     return compute_inputs_at(sch, producers, inputs_at)
+
+
+def kh_kw_cb(sch: s_tir.Schedule, block) -> int:
+    """Reduction steps of a conv tile (KH x KW x C/group): how many weight blocks one channel block has."""
+    *_, rh, rw, rcb, _ji, _o1i, _jr, _o2, _rci = sch.get_loops(block)
+    return int(sch.get(rh).extent) * int(sch.get(rw).extent) * int(sch.get(rcb).extent)
 
 
 def _unpack_at(sch: s_tir.Schedule, block, loop) -> None:

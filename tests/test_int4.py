@@ -93,7 +93,8 @@ def test_int4_weights_stay_packed_inside_the_tensorized_kernels(target, kernel, 
             assert str(w.dtype) == "int8" and int(w.shape[-1]) == block_bytes, (name, w.shape)
 
 
-INT4_CASES = ["conv_plain", "conv_stride_pad", "conv_depthwise", "conv_groups", "conv_bn_relu", "linear",
+INT4_CASES = ["conv_plain", "conv_stride_pad", "conv_stride_pad_batch3", "conv_1x1_batch4", "conv_wide_batch2",
+              "conv_depthwise", "conv_groups", "conv_bn_relu", "linear",
               "linear_relu", "add_relu", "concat", "max_pool", "mean_flatten_linear"]
 
 

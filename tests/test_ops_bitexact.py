@@ -71,6 +71,11 @@ CASES = {
     "conv_groups": (lambda: nn.Conv2d(8, 12, 3, padding=1, groups=4), (1, 8, 7, 7)),
     "conv_depthwise": (lambda: nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), (1, 8, 9, 9)),
     "conv_1x1_batch2": (lambda: nn.Conv2d(16, 8, 1), (2, 16, 5, 5)),
+    # batches run image by image inside a task: a strided padded conv, and channel-block counts on both
+    # sides of the INT4 kernels' once-per-block unpack (kernels.blocked_dot.MIN_INT4_BLOCKS)
+    "conv_stride_pad_batch3": (lambda: nn.Conv2d(16, 40, 3, stride=2, padding=1), (3, 16, 9, 9)),
+    "conv_1x1_batch4": (lambda: nn.Conv2d(16, 40, 1), (4, 16, 5, 5)),
+    "conv_wide_batch2": (lambda: nn.Conv2d(32, 144, 3, padding=1), (2, 32, 6, 6)),
     "conv_rect_kernel": (lambda: nn.Conv2d(3, 4, (1, 5), padding=(0, 2)), (1, 3, 6, 6)),
     "conv_bn_relu": (lambda: nn.Sequential(bn_conv(3, 8, kernel_size=3, padding=1), nn.ReLU()), (1, 3, 8, 8)),
     "conv_bn_relu6": (lambda: nn.Sequential(bn_conv(3, 8, kernel_size=3), nn.ReLU6()), (1, 3, 8, 8)),
