@@ -17,12 +17,29 @@ from intforge.reference import pool_output_size
 from .stages import compute_inputs_at
 
 DW_BLOCK = "dwconv_nhwc"
+DW_INT4_BLOCK = "dw_weight_int4"  # the in-kernel unpack of packed INT4 depthwise weights
+
+
+def _unpacked(wq: te.Tensor, kh: int, kw: int, c: int) -> te.Tensor:
+    """INT4 weights packed flat in [KH, KW, C] order (`int4.pack_int4`: element f in nibble f % 2 of byte
+    f // 2) -> [KH, KW, C] int8. (n ^ 8) - 8 is `int4.unpack_int4`'s sign extension, written on bytes."""
+    def fcompute(rh, rw, ch):
+        f = (rh * kw + rw) * c + ch
+        byte = tirx.reinterpret("uint8", wq[f // 2])
+        nibble = tirx.if_then_else(f % 2 == 0, byte & tirx.const(0xF, "uint8"),
+                                   tirx.shift_right(byte, tirx.const(4, "uint8")))
+        return tirx.reinterpret("int8", nibble ^ tirx.const(8, "uint8")) - tirx.const(8, "int8")
+
+    return te.compute((kh, kw, c), fcompute, name=DW_INT4_BLOCK)
 
 
 def depthwise_nhwc(x: te.Tensor, w: te.Tensor, stride: tuple[int, int], padding: tuple[int, int],
-                   dilation: tuple[int, int]) -> te.Tensor:
-    """x: [N, H, W, C] int8/uint8, w: [KH, KW, C] int8 -> [N, OH, OW, C] int32."""
+                   dilation: tuple[int, int], kernel: tuple[int, int] | None = None) -> te.Tensor:
+    """x: [N, H, W, C] int8/uint8, w: [KH, KW, C] int8, or INT4 packed flat (`kernel` then gives KH, KW)
+    -> [N, OH, OW, C] int32."""
     n, h, wd, c = (int(d) for d in x.shape)
+    if len(w.shape) == 1:
+        w = _unpacked(w, int(kernel[0]), int(kernel[1]), c)
     kh, kw = int(w.shape[0]), int(w.shape[1])
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     oh, ow = pool_output_size(h, kh, sh, ph, dh, False), pool_output_size(wd, kw, sw, pw, dw, False)
@@ -66,4 +83,8 @@ def schedule_depthwise_func(sch: s_tir.Schedule) -> set[str] | None:
     par = sch.fuse(b_, i)
     sch.parallel(par)
     sch.vectorize(ci)
-    return compute_inputs_at(sch, list(blocks[:k]), par)
+    producers = list(blocks[:k])
+    if DW_INT4_BLOCK in names[:k]:  # a channel block's window, unpacked right before its row sweep
+        unpack = producers.pop(names.index(DW_INT4_BLOCK))
+        sch.compute_at(unpack, co, preserve_unit_loops=False)
+    return compute_inputs_at(sch, producers, par)

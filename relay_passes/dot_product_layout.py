@@ -39,6 +39,7 @@ BLOCKED = {"vnni": {"uint8": VNNI, "int8": VNNI}, "sdot": {"uint8": SDOT, "int8"
            "i8mm": {"uint8": USMMLA, "int8": SMMLA}, "neon": {"uint8": NEON, "int8": NEON}}
 
 _INT_IN = ("int8", "uint8")
+OUT_ELEMWISE_FUSABLE = 4  # TVM's OpPatternKind kOutEWiseFusable
 
 
 def _dtype(e: Expr) -> str:
@@ -142,8 +143,14 @@ class _KernelRewriter(PyExprMutator):
         if depthwise:  # NHWC: vectorized across channels; weights [C, KH, KW, 1] -> [KH, KW, C]
             w_hwc = np.ascontiguousarray(value[..., 0].transpose(1, 2, 0))
             self.rewritten += 1
-            return self.builder_.call_te(lambda xx, ww: depthwise_nhwc(xx, ww, stride, pad[:2], dilation), x,
-                                         self._emit_weight(w_hwc, unpack), primfunc_name_hint="depthwise_nhwc")
+            # INT4 stays packed: the kernel unpacks a channel block's window once per row it sweeps
+            wk = relax.const(w_hwc if unpack is None else pack_int4(w_hwc), "int8")
+            kernel = w_hwc.shape[:2]
+            return self.builder_.call_te(lambda xx, ww: depthwise_nhwc(xx, ww, stride, pad[:2], dilation, kernel),
+                                         x, wk, primfunc_name_hint="depthwise_nhwc",
+                                         # a conv to fusion (its sum has no reduce axis, which would make
+                                         # it elementwise): requantize fuses after it, another conv not
+                                         primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
         if nhwc:
             value = np.ascontiguousarray(value.transpose(0, 3, 1, 2))  # OHWI -> OIHW
         layout = layouts[0]

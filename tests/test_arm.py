@@ -207,10 +207,14 @@ class WideStack(nn.Module):
 @pytest.mark.parametrize("preset", ["rpi5", "graviton", "rpi4"])
 def test_int4_weights_on_arm_bit_exact(board, tmp_path, preset):
     """INT4 weights unpacked in registers by the sdot, i8mm and NEON kernels (the grouped conv: by the shared
-    unpack kernel), on extreme inputs."""
+    unpack kernel) and by the depthwise kernel, on extreme inputs."""
     from intforge.quantize import QuantConfig
 
-    for i, (module, shape) in enumerate([(UnsignedStack(), (1, 3, 10, 10)), (WideStack(), (1, 8, 9, 9))]):
+    torch.manual_seed(3)
+    depthwise = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+                              nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16))
+    for i, (module, shape) in enumerate([(UnsignedStack(), (1, 3, 10, 10)), (WideStack(), (1, 8, 9, 9)),
+                                         (depthwise.eval(), (1, 16, 9, 9))]):
         program = quantize_module(module, shape, quant=QuantConfig(bits=4))
         assert any(op.attrs.get("weight_bits") == 4 for op in program.ops)
         art = build(program, tmp_path / f"m{i}", target=preset, boundary="int")

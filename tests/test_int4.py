@@ -93,8 +93,34 @@ def test_int4_weights_stay_packed_inside_the_tensorized_kernels(target, kernel, 
             assert str(w.dtype) == "int8" and int(w.shape[-1]) == block_bytes, (name, w.shape)
 
 
+def test_int4_depthwise_weights_stay_packed_inside_the_kernel():
+    """The depthwise kernel (every CPU target) takes INT4 weights packed two to a byte and unpacks a
+    channel block's window in the kernel: no call to the shared unpack kernel, no int8 copy."""
+    from intforge.compiler.build import _kernel_passes
+    from intforge.kernels.int4 import UNPACK_SYMBOL
+
+    make, shape = CASES["conv_depthwise"]
+    torch.manual_seed(0)
+    program = quantize_module(make(), shape, quant=QuantConfig(bits=4))
+    preset = intforge.compiler.resolve_target("x86")
+    with preset.tvm_target():
+        mod = tvm.transform.Sequential(_kernel_passes(preset))(intforge.relay_passes.emit_program(program))
+    called = set()
+    relax.analysis.post_order_visit(mod["main"], lambda e: called.add(e.args[0].name_hint) if isinstance(
+        e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir" else None)
+    assert UNPACK_SYMBOL not in called
+    dw = [mod[n] for n in called if "depthwise" in n]
+    assert len(dw) == 1
+    w = dw[0].params[1].ty
+    assert str(w.dtype) == "int8" and _shape(w) == [3 * 3 * 8 // 2], _shape(w)  # [KH*KW*C/2] packed
+
+
+def _shape(t) -> list[int]:
+    return [int(d) for d in t.shape]
+
+
 INT4_CASES = ["conv_plain", "conv_stride_pad", "conv_stride_pad_batch3", "conv_1x1_batch4", "conv_wide_batch2",
-              "conv_depthwise", "conv_groups", "conv_bn_relu", "linear",
+              "conv_depthwise", "depthwise_stack", "conv_groups", "conv_bn_relu", "linear",
               "linear_relu", "add_relu", "concat", "max_pool", "mean_flatten_linear"]
 
 

@@ -70,6 +70,10 @@ CASES = {
     "conv_dilation": (lambda: nn.Conv2d(4, 6, 3, padding=2, dilation=2), (1, 4, 9, 9)),
     "conv_groups": (lambda: nn.Conv2d(8, 12, 3, padding=1, groups=4), (1, 8, 7, 7)),
     "conv_depthwise": (lambda: nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), (1, 8, 9, 9)),
+    # two depthwise convs back to back: each its own kernel, not fused into the other's epilogue
+    "depthwise_stack": (lambda: nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+                                              nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16)),
+                        (1, 16, 9, 9)),
     "conv_1x1_batch2": (lambda: nn.Conv2d(16, 8, 1), (2, 16, 5, 5)),
     # batches run image by image inside a task: a strided padded conv, and channel-block counts on both
     # sides of the INT4 kernels' once-per-block unpack (kernels.blocked_dot.MIN_INT4_BLOCKS)
