@@ -15,6 +15,7 @@ from intforge.kernels import default_schedule_pass
 from intforge.program import IntegerProgram
 from intforge.relay_passes import dot_product_layout_pass, emit_program, verify_integer_only
 from intforge.relay_passes.nhwc_layout import nhwc_layout_pass
+from intforge.relay_passes.residual_add import residual_add_pass
 from intforge.relay_passes.tensor_core import tensor_core_kernels
 
 from .manifest import manifest_path_for, sha256_file, versions, write_manifest
@@ -41,7 +42,8 @@ def _kernel_passes(preset: TargetPreset | None, dot_kernels: bool = True) -> lis
     if preset is None or not dot_kernels:
         return []
     return [nhwc_layout_pass(), dot_product_layout_pass(shift_unsigned=shift_unsigned(preset),
-                                                        blocked=blocked_kernels(preset))]
+                                                        blocked=blocked_kernels(preset)),
+            residual_add_pass()]
 
 
 def shift_unsigned(preset: TargetPreset) -> bool:

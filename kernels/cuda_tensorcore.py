@@ -30,6 +30,8 @@ from tvm.script import tirx as T
 
 from intforge import dyadic
 
+from .tir_ops import TirChannelOps
+
 #: CTA tile (rows of the GEMM x output channels), K step in bytes, and the 2 x 2 warps that share it.
 BM, BN, BKB = 64, 64, 32
 WARPS_M, WARPS_N = 2, 2
@@ -89,49 +91,6 @@ def pack_weight(w: np.ndarray, int4: bool) -> np.ndarray:
         return vals.astype(np.int8)
     lo, hi = vals[:, 0::2] & 0xF, vals[:, 1::2] & 0xF
     return (lo | (hi << 4)).astype(np.uint8).view(np.int8)
-
-
-def _dtype(x: tirx.PrimExpr) -> str:
-    return str(x.ty)
-
-
-class TirChannelOps:
-    """`dyadic.IntOps` on TIR scalars for one output channel `n`: a per-channel constant becomes a load
-    from the next kernel argument buffer (in the order `dyadic` asks for them), a scalar a literal."""
-
-    def __init__(self, buffers: list[tirx.Buffer] | None = None, channel: tirx.PrimExpr | None = None) -> None:
-        self.buffers = buffers
-        self.channel = channel
-        self.recorded: list[tuple[np.ndarray, str]] = []
-
-    def const(self, value, dtype: str):
-        arr = np.asarray(value)
-        if arr.size == 1:
-            return tirx.const(int(arr.ravel()[0]), dtype)
-        if self.buffers is None:  # recording pass: which per-channel arrays the epilogue needs
-            self.recorded.append((arr.ravel().astype(dtype), dtype))
-            return tirx.const(0, dtype)
-        buf = self.buffers[len(self.recorded)]
-        self.recorded.append((arr, dtype))
-        return buf[self.channel]
-
-    def cast(self, x, dtype: str):
-        return x if _dtype(x) == dtype else x.astype(dtype)
-
-    def add(self, a, b):
-        return a + b
-
-    def mul(self, a, b):
-        return a * b
-
-    def right_shift(self, a, b):
-        return tirx.shift_right(a, b)
-
-    def clip(self, x, lo, hi):
-        return tirx.max(tirx.min(x, tirx.const(int(hi), _dtype(x))), tirx.const(int(lo), _dtype(x)))
-
-    def round(self, x):  # pragma: no cover - the integer epilogue never rounds floats
-        raise NotImplementedError("no float rounding inside an integer kernel")
 
 
 def epilogue_constants(multiplier: np.ndarray, shift: np.ndarray, qmin: int, qmax: int,

@@ -33,6 +33,7 @@ from intforge.kernels.depthwise import depthwise_nhwc
 from intforge.kernels.dot_product import SHIFT, conv2d_nhwc_dot, dense_dot
 from intforge.kernels.int4 import UNPACK_SYMBOL, pack_int4, unpack_int4
 from intforge.kernels.x86_vnni import VNNI
+from intforge.relay_passes.bindings import bound_value
 
 # instruction families of the blocked kernels: activation dtype -> the instruction that takes it
 BLOCKED = {"vnni": {"uint8": VNNI, "int8": VNNI}, "sdot": {"uint8": SDOT, "int8": SDOT},
@@ -59,12 +60,7 @@ class _KernelRewriter(PyExprMutator):
         self.rewritten = 0
 
     def _bound(self, e: Expr) -> Expr:
-        while isinstance(e, relax.Var):
-            value = self.lookup_binding(e)
-            if value is None:
-                break
-            e = value
-        return e
+        return bound_value(self, e)
 
     def _weight_value(self, w: Expr) -> tuple[np.ndarray, relax.GlobalVar | None] | None:
         """The weight's int8 values if known at compile time, and the INT4 unpack kernel it came through

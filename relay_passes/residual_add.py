@@ -1,0 +1,113 @@
+"""Relax pass: each residual add as one elementwise kernel over its two 8-bit inputs.
+
+The emitter writes a residual add as Relax ops: each term cast to int64 and multiplied by its dyadic
+multiplier, then the sum's rounding shift and clamp (`dyadic.rescale_sum`). FuseOps then puts a term's
+cast and multiply into the function of the conv that produces it whenever that conv has no other
+consumer, as a ResNet downsample branch has none: that conv wrote its output as an int64 tensor (8x the
+bytes) for the add to read back. Here the whole chain becomes one `residual_add` kernel, computed by the
+same `dyadic.rescale_sum` on TIR expressions, which fuses after one conv and reads the other's int8
+output. It runs after the NHWC layout pass: ConvertLayout cannot see into a call_tir, and would wrap it
+in transposes.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, te
+from tvm.relax import Call, Expr, PyExprMutator, expr_functor
+
+from intforge import dyadic
+from intforge.kernels.tir_ops import TirChannelOps
+from intforge.relay_passes.bindings import bound_value
+
+_BYTES = ("int8", "uint8")
+
+
+def _op(e: Expr, name: str) -> bool:
+    return isinstance(e, Call) and getattr(e.op, "name", "") == name
+
+
+def _scalar(e: Expr) -> int | None:
+    if isinstance(e, tvm.ir.Constant) and e.value.numpy().ndim == 0:
+        return int(e.value.numpy())
+    return None
+
+
+@expr_functor.mutator
+class _ResidualAdd(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.rewritten = 0
+
+    def _bound(self, e: Expr) -> Expr:
+        return bound_value(self, e)
+
+    def _term(self, e: Expr) -> tuple[Expr, int] | None:
+        """x * m with x an 8-bit tensor cast to int64 and m a scalar constant."""
+        mul = self._bound(e)
+        if not _op(mul, "relax.multiply"):
+            return None
+        cast, m = self._bound(mul.args[0]), _scalar(self._bound(mul.args[1]))
+        if m is None or not _op(cast, "relax.astype") or str(cast.attrs.dtype) != "int64":
+            return None
+        x = cast.args[0]
+        return (x, m) if str(x.ty.dtype) in _BYTES else None
+
+    def _match(self, call: Call) -> tuple[list[Expr], list[int], int, int, int, str] | None:
+        """astype(clip(right_shift(add(add(t1, t2), r), n), lo, hi)): what rescale_sum emits for two terms."""
+        if not _op(call, "relax.astype") or str(call.attrs.dtype) not in _BYTES:
+            return None
+        clip = self._bound(call.args[0])
+        if not _op(clip, "relax.clip"):
+            return None
+        shift = self._bound(clip.args[0])
+        if not _op(shift, "relax.right_shift"):
+            return None
+        n = _scalar(self._bound(shift.args[1]))
+        rounded = self._bound(shift.args[0])
+        if n is None or not _op(rounded, "relax.add"):
+            return None
+        r = _scalar(self._bound(rounded.args[1]))
+        total = self._bound(rounded.args[0])
+        if r != int(dyadic.rounding_offset(n)) or not _op(total, "relax.add"):
+            return None
+        terms = [self._term(t) for t in total.args]
+        if any(t is None for t in terms) or terms[0][0].ty.shape is None:
+            return None
+        shapes = {tuple(int(d) for d in t[0].ty.shape) for t in terms}
+        if len(shapes) != 1:
+            return None
+        lo, hi = (int(v.value) for v in clip.args[1:3])
+        return [t[0] for t in terms], [t[1] for t in terms], n, lo, hi, str(call.attrs.dtype)
+
+    def visit_call_(self, call: Call) -> Expr:
+        matched = self._match(call)
+        if matched is None:
+            return super().visit_call_(call)
+        xs, ms, n, lo, hi, out_dtype = matched
+        tir_ops = TirChannelOps()
+
+        def compute(*ts: te.Tensor) -> te.Tensor:
+            return te.compute(ts[0].shape, lambda *i: dyadic.rescale_sum(
+                tir_ops, [(t(*i), m) for t, m in zip(ts, ms, strict=True)], n, lo, hi, out_dtype),
+                name="residual_add")
+
+        self.rewritten += 1
+        return self.builder_.call_te(compute, *[self.visit_expr(x) for x in xs], primfunc_name_hint="residual_add")
+
+
+def residual_add_pass() -> tvm.transform.Pass:
+    """The rewrite as a module pass, then dead-code elimination of the Relax ops it replaced."""
+
+    @tvm.transform.module_pass(opt_level=0, name="intforge.ResidualAdd")
+    def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        rewriter = _ResidualAdd(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+
+    return _run
+
+
+__all__ = ["residual_add_pass"]
