@@ -51,12 +51,17 @@ def depthwise_nhwc(x: te.Tensor, w: te.Tensor, stride: tuple[int, int], padding:
         xp = x
 
     def window_sum(b, i, j, ch):  # the window written out: a spatial block, vectorizable across channels
-        terms = [xp[b, i * sh + rh * dh, j * sw + rw * dw, ch].astype("int32") * w[rh, rw, ch].astype("int32")
+        # The sum runs on uint32, whose adds wrap, and is read back as int32: the same bits, as no 8-bit
+        # window overflows int32. On int32 LLVM sees `add nsw`, sign-extends the products one by one into
+        # the int64 requantize and sums half the window on int64 lanes (57 instructions per 16 channels,
+        # not 39: the 56x56x144 depthwise conv of MobileNetV2 took 0.168 ms, now 0.131).
+        terms = [tirx.reinterpret("uint32", xp[b, i * sh + rh * dh, j * sw + rw * dw, ch].astype("int32")
+                                  * w[rh, rw, ch].astype("int32"))
                  for rh in range(kh) for rw in range(kw)]
         total = terms[0]
         for t in terms[1:]:
             total = total + t
-        return total
+        return tirx.reinterpret("int32", total)
 
     return te.compute((n, oh, ow, c), window_sum, name=DW_BLOCK)
 
