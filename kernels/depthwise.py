@@ -18,6 +18,7 @@ from .stages import compute_inputs_at
 
 DW_BLOCK = "dwconv_nhwc"
 DW_INT4_BLOCK = "dw_weight_int4"  # the in-kernel unpack of packed INT4 depthwise weights
+J_UNROLL = 4  # output pixels of a row per unrolled step of the depthwise kernel
 
 
 def _unpacked(wq: te.Tensor, kh: int, kw: int, c: int) -> te.Tensor:
@@ -85,6 +86,10 @@ def schedule_depthwise_func(sch: s_tir.Schedule) -> set[str] | None:
     b_, i, j, ch = sch.get_loops(block)
     co, ci = sch.split(ch, [None, _lanes(int(sch.get(ch).extent))])
     sch.reorder(b_, i, co, j, ci)  # a channel block sweeps the row: its KH x KW weights stay in registers
+    # Neighbouring outputs of a row share input pixels (two of three per window row at stride 1):
+    # unrolled, LLVM loads and widens each pixel once for all of them (18 loads for 4 outputs, not 36).
+    if int(sch.get(j).extent) % J_UNROLL == 0:  # (by 2, a 14-wide row measured 15% slower)
+        sch.unroll(sch.split(j, [None, J_UNROLL])[1])
     par = sch.fuse(b_, i)
     sch.parallel(par)
     sch.vectorize(ci)

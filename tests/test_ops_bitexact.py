@@ -86,6 +86,10 @@ CASES = {
     "depthwise_stack": (lambda: nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
                                               nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16)),
                         (1, 16, 9, 9)),
+    # rows 4k wide: the depthwise kernel unrolls 4 outputs and shares their input pixels (stride 1 and 2)
+    "depthwise_rows": (lambda: nn.Sequential(nn.Conv2d(48, 48, 3, padding=1, groups=48), nn.ReLU(),
+                                             nn.Conv2d(48, 48, 3, stride=2, padding=1, groups=48)),
+                       (2, 48, 6, 8)),
     "conv_1x1_batch2": (lambda: nn.Conv2d(16, 8, 1), (2, 16, 5, 5)),
     # batches run image by image inside a task: a strided padded conv, and channel-block counts on both
     # sides of the INT4 kernels' once-per-block unpack (kernels.blocked_dot.MIN_INT4_BLOCKS)
