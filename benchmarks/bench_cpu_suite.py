@@ -12,8 +12,10 @@ Engines, all timed in ONE process on the same machine with the same thread count
                     of the size range, first/last layer pinned to INT8, residual branches tied
 
 Models are torchvision's with random seeded weights (`intforge.zoo`): latency does not depend on the
-weights' values, and no ImageNet data is reachable here. The timing loop is the one in bench_resnet18.py
-(warm-up, then `--repeat` perf_counter calls on the same input, engine I/O conversion included).
+weights' values, and no ImageNet data is reachable here. The timing loops are bench_resnet18.py's
+(warm-up, then `--repeat` perf_counter calls on the same input, engine I/O conversion included). All
+engines but TVM FP32 are timed side by side in `--rounds` rounds (`time_interleaved`): this VM has slow
+phases of tens of seconds, which used to land on one engine and skew its ratio by up to 1.7x.
 
 It also reports the achieved fraction of the CPU's INT8 peak: for the largest convolutions of each model
 (MACs of the layer / its time alone, intforge's kernel, batch 1), and for whole models (each INT8 engine's
@@ -44,6 +46,7 @@ from bench_resnet18 import (  # noqa: E402 - the shared timing loop and engines
     quantize_onnx,
     set_thread_env,
     time_engine,
+    time_interleaved,
     versions,
 )
 
@@ -61,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5,
+                   help="engines are timed in turn, this many rounds of repeat/rounds calls each")
     p.add_argument("--calib", type=int, default=16)
     p.add_argument("--top-convs", type=int, default=3, help="largest convolutions per model for the peak fraction")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "cpu_suite.json")
@@ -236,11 +241,18 @@ def run_model(name: str, batch: int, args: argparse.Namespace, engines: list[str
             res[eng] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             print(f"    {eng}: FAILED {res[eng]['error']}", flush=True)
             continue
-        setup_s = time.perf_counter() - t0
-        repeat = args.repeat if eng != "tvm_fp32" else max(3, args.repeat // 5)
-        res[eng] = {**time_engine(fns[eng], x, repeat, args.warmup if eng != "tvm_fp32" else 1),
-                    "setup_seconds": round(setup_s, 1)}
-        print(f"    {name} b{batch} {eng:15s} median {res[eng]['median_ms']:9.2f} ms", flush=True)
+        res[eng] = {"setup_seconds": round(time.perf_counter() - t0, 1)}
+    # TVM FP32 (seconds a call) alone, then the others side by side, round by round (`time_interleaved`)
+    timed = {}
+    if "tvm_fp32" in fns:
+        timed["tvm_fp32"] = time_engine(fns["tvm_fp32"], x, max(3, args.repeat // 5), 1)
+    fast = {eng: fn for eng, fn in fns.items() if eng != "tvm_fp32"}
+    if fast:
+        timed.update(time_interleaved(fast, x, args.repeat, args.warmup, args.rounds))
+    for eng in engines:
+        if eng in timed:
+            res[eng] = {**timed[eng], **res[eng]}
+            print(f"    {name} b{batch} {eng:15s} median {res[eng]['median_ms']:9.2f} ms", flush=True)
     if "intforge_int8" in fns and "torch_fp32" in fns:  # a fast but wrong engine must not pass unnoticed
         a, b = fns["intforge_int8"](x), fns["torch_fp32"](x)
         res["intforge_int8_top1_agreement_vs_torch"] = float(np.mean(a.argmax(1) == b.argmax(1)))

@@ -116,6 +116,37 @@ def time_engine(fn: Callable[[np.ndarray], Any], x: np.ndarray, repeat: int, war
             "other_cpu_load": other_cpu_load(ticks, cpu_ticks())}
 
 
+SWITCH_PAUSE_S = 0.2  # between two engines' blocks: the last one's spinning threads park
+
+
+def time_interleaved(fns: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray, repeat: int, warmup: int,
+                     rounds: int = 5) -> dict[str, dict[str, Any]]:
+    """`time_engine` for several engines at once, round by round: each round times a block of
+    repeat / rounds calls of every engine in turn, so a slow phase of a shared machine (this VM's
+    timings are bimodal over tens of seconds) lands on every engine alike instead of on whichever
+    engine's turn it was. Each block starts with one untimed call, which refills the caches and lets the
+    previous engine's idle threads (ORT's and OpenMP's spin a while) go to sleep. Statistics pool all of
+    an engine's timed calls."""
+    per_round = max(1, -(-repeat // rounds))
+    ts: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn(x)
+    ticks = cpu_ticks()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            time.sleep(SWITCH_PAUSE_S)
+            fn(x)
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn(x)
+                ts[name].append((time.perf_counter() - t0) * 1e3)
+    load = other_cpu_load(ticks, cpu_ticks())
+    return {name: {"median_ms": round(statistics.median(t), 3), "min_ms": round(min(t), 3),
+                   "p90_ms": round(float(np.percentile(t, 90)), 3), "repeat": len(t), "warmup": warmup,
+                   "rounds": rounds, "other_cpu_load": load} for name, t in ts.items()}
+
+
 def predict_all(fn: Callable[[np.ndarray], Any], images: np.ndarray) -> np.ndarray:
     """Logits for each image, one batch-1 call at a time: (N, classes)."""
     return np.concatenate([np.asarray(fn(images[i:i + 1])).reshape(1, -1) for i in range(len(images))])
