@@ -400,7 +400,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "machine": machine_info(),
         "versions": versions(),
         "threads": args.threads,
-        "thread_env": {k: os.environ.get(k) for k in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")},
+        "thread_env": {k: os.environ.get(k) for k in ("TVM_NUM_THREADS", "TVM_BIND_THREADS", "OMP_NUM_THREADS")},
         "batch": 1,
         "input_shape": list(x.shape),
         "seed": args.seed,

@@ -1,0 +1,56 @@
+"""The runtime's thread pool: intforge leaves TVM's workers unpinned unless the user asks otherwise."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import quantize_module
+from intforge.compiler import build
+
+# Runs a built library in a fresh process (TVM's pool starts on the first parallel kernel and reads its
+# settings then), and reports which cores each of the process's threads may run on.
+PROBE = """
+import json, os, sys
+import numpy as np
+import intforge
+lib = intforge.load(sys.argv[1])
+x = np.zeros(lib.inputs[0]["shape"], dtype=lib.inputs[0]["dtype"])
+for _ in range(5):
+    lib(x)
+tasks = os.listdir("/proc/self/task")
+print(json.dumps({"threads": len(tasks), "allowed": sorted(len(os.sched_getaffinity(int(t))) for t in tasks),
+                  "bind": os.environ.get("TVM_BIND_THREADS")}))
+"""
+
+
+def _probe(library, **env) -> dict:
+    base = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(library)], capture_output=True, text=True,
+                          timeout=300, env={**base, "TVM_NUM_THREADS": "2", **env}, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to tell pinned from free")
+def test_pool_workers_are_unpinned_unless_the_user_binds_them(tmp_path):
+    torch.manual_seed(0)
+    program = quantize_module(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU()), (1, 16, 32, 32))
+    library = build(program, tmp_path / "conv", boundary="int").library
+    cores = len(os.sched_getaffinity(0))
+
+    free = _probe(library)  # the user set nothing: intforge's default
+    assert free["bind"] == "0"
+    assert free["threads"] >= 2  # the pool started a worker
+    assert free["allowed"] == [cores] * free["threads"]
+
+    # TVM's own default, when the user sets it: a worker pinned to one core (so the check above can fail)
+    pinned = _probe(library, TVM_BIND_THREADS="1")
+    assert pinned["bind"] == "1"
+    assert 1 in pinned["allowed"]
