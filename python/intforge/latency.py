@@ -28,7 +28,8 @@ def cache_path() -> Path:
 
 
 #: Bumped when the kernels or the way a layer is timed change, so older cached times are not reused.
-TIMING_VERSION = 3  # 2: NHWC kernels, layers timed with NHWC inputs and outputs; 3: inputs resident
+TIMING_VERSION = 4  # 2: NHWC kernels, layers timed with NHWC inputs and outputs; 3: inputs resident;
+# 4: TVM workers unpinned (pinned, some layers were timed at single-core speed)
 
 
 def _signature(op: FloatOp, in_shape: tuple[int, ...], bits: int, target: str) -> str:
