@@ -54,3 +54,41 @@ def test_pool_workers_are_unpinned_unless_the_user_binds_them(tmp_path):
     pinned = _probe(library, TVM_BIND_THREADS="1")
     assert pinned["bind"] == "1"
     assert 1 in pinned["allowed"]
+
+
+def test_concurrent_calls_each_get_their_own_inputs_result(so_of):
+    """Calls from two threads at once: each gets its own input's result (a model keeps its input tensors
+    between calls, and TVM's VM runs one call at a time), and none fails inside TVM."""
+    import threading
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    program = quantize_module(nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()), (1, 8, 16, 16))
+    lib = so_of(program, "float")
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((1, 8, 16, 16)).astype(np.float32) for _ in range(2)]
+    want = [lib(x) for x in xs]
+    assert not np.array_equal(want[0], want[1])
+    assert np.array_equal(lib(xs[0]), want[0])  # the second input does not linger
+    failures: list[str] = []
+
+    def worker(k: int) -> None:
+        try:
+            for _ in range(500):
+                if not np.array_equal(lib(xs[k]), want[k]):
+                    failures.append(f"thread {k} got the other input's result")
+        except Exception as exc:  # noqa: BLE001 - unlocked, TVM's VM fails inside when entered twice at once
+            failures.append(f"thread {k}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL over between any two steps of a call
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert not failures

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,11 @@ class CompiledModel:
                 f"for this machine (target {manifest.get('target', {}).get('mcpu')})?"
             ) from None
         self._fn = self._vm[manifest.get("function", "main")]
+        # Input tensors made once and refilled on every call: a fresh tensor a call cost MobileNetV2 85 us
+        # against 35 us for a copy into this one (new pages each time), in a 2.0 ms call. The lock keeps
+        # two threads from refilling them at once (the VM runs one call at a time anyway).
+        self._inputs: list | None = None
+        self._call_lock = threading.Lock()
 
     @property
     def inputs(self) -> list[dict[str, Any]]:
@@ -132,10 +138,17 @@ class CompiledModel:
     def __call__(self, *args: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
         import tvm
 
-        res = self._fn(*[tvm.runtime.tensor(a, self.device) for a in self._check(args)])
-        if len(self.outputs) == 1:
-            return res.numpy()
-        return tuple(r.numpy() for r in res)
+        arrays = self._check(args)
+        with self._call_lock:
+            if self._inputs is None:
+                self._inputs = [tvm.runtime.tensor(a, self.device) for a in arrays]
+            else:
+                for t, a in zip(self._inputs, arrays, strict=True):
+                    t.copyfrom(a)
+            res = self._fn(*self._inputs)
+            if len(self.outputs) == 1:
+                return res.numpy()
+            return tuple(r.numpy() for r in res)
 
     def time(self, repeat: int = 50, warmup: int = 5, resident: bool = False) -> dict[str, float]:
         """Latency statistics in milliseconds (median, mean, std, min, p10, p90) on random inputs, each call
