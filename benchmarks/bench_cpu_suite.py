@@ -63,9 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--repeat", type=int, default=40)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=5,
+    p.add_argument("--rounds", type=int, default=10,
                    help="engines are timed in turn, this many rounds of repeat/rounds calls each")
     p.add_argument("--calib", type=int, default=16)
     p.add_argument("--top-convs", type=int, default=3, help="largest convolutions per model for the peak fraction")
@@ -243,10 +243,11 @@ def run_model(name: str, batch: int, args: argparse.Namespace, engines: list[str
             print(f"    {eng}: FAILED {res[eng]['error']}", flush=True)
             continue
         res[eng] = {"setup_seconds": round(time.perf_counter() - t0, 1)}
-    # TVM FP32 (seconds a call) alone, then the others side by side, round by round (`time_interleaved`)
+    # TVM FP32 (seconds a call: repeat / 10 calls) alone, then the others side by side, round by round
+    # (`time_interleaved`; 10 rounds of 4 calls: the VM's slow phases last seconds, so many short blocks)
     timed = {}
     if "tvm_fp32" in fns:
-        timed["tvm_fp32"] = time_engine(fns["tvm_fp32"], x, max(3, args.repeat // 5), 1)
+        timed["tvm_fp32"] = time_engine(fns["tvm_fp32"], x, max(3, args.repeat // 10), 1)
     fast = {eng: fn for eng, fn in fns.items() if eng != "tvm_fp32"}
     if fast:
         timed.update(time_interleaved(fast, x, args.repeat, args.warmup, args.rounds))
