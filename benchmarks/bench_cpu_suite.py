@@ -160,13 +160,22 @@ def mixed_bits(model: Any, calib: np.ndarray) -> dict[str, int]:
                 pin_first_last=True).bits
 
 
+def time_layer_alone(graph: Any, op: Any, workdir: Path, repeat: int = 30) -> tuple[Any, float]:
+    """Layer `op` of `graph` compiled alone at INT8 with intforge's kernels: its one-layer program and its
+    time in ms, the best of three medians of `repeat` runs (on a shared machine noise only adds time)."""
+    from intforge.latency import layer_program, time_layer_program
+
+    prog = layer_program(op, tuple(graph.shapes[op.inputs[0]]), tuple(graph.shapes[op.output]), 8)
+    ms = min(time_layer_program(prog, workdir / f"{op.name}_{k}", "x86", repeat, tuned=False) for k in range(3))
+    return prog, ms
+
+
 def peak_fraction(model: Any, shape: tuple[int, ...], top: int, threads: int,
                   peak_gmacs: float) -> list[dict[str, Any]]:
     """The largest convolutions, each compiled alone with intforge's kernels and timed."""
     import torch
 
     from intforge.capture import capture
-    from intforge.latency import layer_program, time_layer_program
 
     graph = capture(model, (torch.zeros(shape),))
     def size(op: Any) -> int:
@@ -181,11 +190,8 @@ def peak_fraction(model: Any, shape: tuple[int, ...], top: int, threads: int,
             if key in seen:
                 continue
             seen.add(key)
-            prog = layer_program(op, tuple(graph.shapes[op.inputs[0]]), tuple(graph.shapes[op.output]), 8)
+            prog, ms = time_layer_alone(graph, op, Path(tmp))
             macs = prog.layers()[0]["macs"]
-            # best of three medians: on a shared machine, noise only ever adds time
-            ms = min(time_layer_program(prog, Path(tmp) / f"{len(rows)}_{k}", "x86", 30, tuned=False)
-                     for k in range(3))
             rows.append({"layer": op.name, "weight_shape": list(op.params["weight"].shape),
                          "output_shape": list(graph.shapes[op.output]), "macs": macs, "ms": round(ms, 4),
                          "gmacs_per_s": round(macs / ms / 1e6, 2),

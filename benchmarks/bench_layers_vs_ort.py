@@ -84,9 +84,9 @@ def ort_node_times(onnx_path: Path, x: np.ndarray, threads: int, runs: int, work
 def intforge_layer_times(model: Any, shape: tuple[int, ...], repeat: int) -> dict[str, dict]:
     """Each conv/linear layer of `model` compiled alone at INT8 and timed (best of three medians)."""
     import torch
+    from bench_cpu_suite import time_layer_alone
 
     from intforge.capture import capture
-    from intforge.latency import layer_program, time_layer_program
 
     graph = capture(model, (torch.zeros(shape),))
     out: dict[str, dict] = {}
@@ -95,9 +95,7 @@ def intforge_layer_times(model: Any, shape: tuple[int, ...], repeat: int) -> dic
             if op.kind not in ("conv2d", "linear"):
                 continue
             w = op.params["weight"]
-            prog = layer_program(op, tuple(graph.shapes[op.inputs[0]]), tuple(graph.shapes[op.output]), 8)
-            ms = min(time_layer_program(prog, Path(tmp) / f"{len(out)}_{k}", "x86", repeat, tuned=False)
-                     for k in range(3))
+            prog, ms = time_layer_alone(graph, op, Path(tmp), repeat)
             groups = int(op.attrs.get("groups", 1)) if op.kind == "conv2d" else 1
             out[op.name] = {"kind": "depthwise" if groups > 1 and groups == w.shape[0] else op.kind,
                             "ms": ms, "macs": prog.layers()[0]["macs"],

@@ -101,6 +101,13 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def timing_stats(ts: list[float], warmup: int, load: float | None) -> dict[str, Any]:
+    """What every timing loop reports for an engine's timed calls (ms)."""
+    return {"median_ms": round(statistics.median(ts), 3), "min_ms": round(min(ts), 3),
+            "p90_ms": round(float(np.percentile(ts, 90)), 3), "repeat": len(ts), "warmup": warmup,
+            "other_cpu_load": load}
+
+
 def time_engine(fn: Callable[[np.ndarray], Any], x: np.ndarray, repeat: int, warmup: int) -> dict[str, Any]:
     """The one timing loop every engine goes through: warmup, then `repeat` timed calls on `x`."""
     for _ in range(warmup):
@@ -111,9 +118,7 @@ def time_engine(fn: Callable[[np.ndarray], Any], x: np.ndarray, repeat: int, war
         t0 = time.perf_counter()
         fn(x)
         ts.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": round(statistics.median(ts), 3), "min_ms": round(min(ts), 3),
-            "p90_ms": round(float(np.percentile(ts, 90)), 3), "repeat": repeat, "warmup": warmup,
-            "other_cpu_load": other_cpu_load(ticks, cpu_ticks())}
+    return timing_stats(ts, warmup, other_cpu_load(ticks, cpu_ticks()))
 
 
 SWITCH_PAUSE_S = 0.2  # between two engines' blocks: the last one's spinning threads park
@@ -142,9 +147,7 @@ def time_interleaved(fns: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray,
                 fn(x)
                 ts[name].append((time.perf_counter() - t0) * 1e3)
     load = other_cpu_load(ticks, cpu_ticks())
-    return {name: {"median_ms": round(statistics.median(t), 3), "min_ms": round(min(t), 3),
-                   "p90_ms": round(float(np.percentile(t, 90)), 3), "repeat": len(t), "warmup": warmup,
-                   "rounds": rounds, "other_cpu_load": load} for name, t in ts.items()}
+    return {name: {**timing_stats(t, warmup, load), "rounds": rounds} for name, t in ts.items()}
 
 
 def predict_all(fn: Callable[[np.ndarray], Any], images: np.ndarray) -> np.ndarray:

@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -59,10 +61,6 @@ def test_pool_workers_are_unpinned_unless_the_user_binds_them(tmp_path):
 def test_concurrent_calls_each_get_their_own_inputs_result(so_of):
     """Calls from two threads at once: each gets its own input's result (a model keeps its input tensors
     between calls, and TVM's VM runs one call at a time), and none fails inside TVM."""
-    import threading
-
-    import numpy as np
-
     torch.manual_seed(0)
     program = quantize_module(nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()), (1, 8, 16, 16))
     lib = so_of(program, "float")
