@@ -15,6 +15,7 @@ import torch
 import intforge
 from intforge import reference, zoo
 from intforge.cli import predict
+from intforge.threads import pool_threads
 
 
 def main() -> None:
@@ -53,7 +54,7 @@ def main() -> None:
     print(f"  INT8 integer-only accuracy (.so)    {int_acc:.4f}   ({(int_acc - float_acc) * 100:+.2f} points)")
     print(f"  .so size                            {art.library.stat().st_size / 1e6:.2f} MB  ({art.library})")
     print(f"  latency, batch 1 (median)           {timing['median_ms']:.3f} ms  (PyTorch FP32: "
-          f"{float(np.median(ts)):.3f} ms)")
+          f"{float(np.median(ts)):.3f} ms; {pool_threads()} / {torch.get_num_threads()} threads)")
     print(f"  bit-exact with the integer reference on 32 digits: {'yes' if exact else 'NO'}")
     print(f"  compile time                        {build_s:.1f} s")
     print(f"  integer-only graph: {'yes' if art.manifest['integer_only'] else 'NO'} "

@@ -1,4 +1,5 @@
-"""The runtime's thread pool: intforge leaves TVM's workers unpinned unless the user asks otherwise."""
+"""The runtime's thread pool: one thread per physical core this process may use, workers unpinned, unless
+the user asks otherwise."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from conftest import quantize_module
 from intforge.compiler import build
+from intforge.threads import physical_cores
 
 # Runs a built library in a fresh process (TVM's pool starts on the first parallel kernel and reads its
 # settings then), and reports which cores each of the process's threads may run on.
@@ -90,3 +92,49 @@ def test_concurrent_calls_each_get_their_own_inputs_result(so_of):
     finally:
         sys.setswitchinterval(switch)
     assert not failures
+
+
+def _fake_topology(root, siblings: dict[int, str]):
+    for cpu, sib in siblings.items():
+        d = root / f"cpu{cpu}" / "topology"
+        d.mkdir(parents=True)
+        (d / "thread_siblings_list").write_text(sib + "\n")
+    return root
+
+
+def test_physical_cores_counts_sibling_sets_among_the_allowed_cpus(tmp_path):
+    smt = _fake_topology(tmp_path / "smt", {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"})
+    assert physical_cores([0, 1, 2, 3], smt) == 2  # 4 hardware threads on 2 cores
+    assert physical_cores([0, 2], smt) == 1  # both threads of one core
+    assert physical_cores([0, 1], smt) == 2
+    no_smt = _fake_topology(tmp_path / "vm", {0: "0", 1: "1"})
+    assert physical_cores([0, 1], no_smt) == 2  # a VM's vCPUs: TVM's default would run one thread
+    assert physical_cores([0, 5], no_smt) is None  # topology hidden: the caller falls back
+
+
+# The pool size a fresh process gets (TVM reads its settings when the pool starts).
+POOL = """
+import json, os
+import intforge
+from intforge.threads import physical_cores, pool_threads
+print(json.dumps({"pool": pool_threads(), "cores": physical_cores(), "env": os.environ.get("TVM_NUM_THREADS")}))
+"""
+
+
+def _pool(affinity: set[int] | None = None, **env) -> dict:
+    base = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    proc = subprocess.run([sys.executable, "-c", POOL], capture_output=True, text=True, timeout=300,
+                          env={**base, **env}, check=False,
+                          preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_pool_runs_one_thread_per_physical_core_unless_the_user_sets_a_count():
+    default = _pool()
+    assert default["cores"] is not None  # Linux exposes the topology here
+    assert default["pool"] == default["cores"] == int(default["env"])
+    cpu = min(os.sched_getaffinity(0))
+    assert _pool({cpu})["pool"] == 1  # taskset to one CPU: one thread, whatever the machine has
+    assert _pool(TVM_NUM_THREADS="1")["pool"] == 1  # the user's count wins
+    assert _pool(OMP_NUM_THREADS="1") == {"pool": 1, "cores": default["cores"], "env": None}

@@ -11,6 +11,12 @@ __version__ = "0.1.0"
 # the user set wins.
 _os.environ.setdefault("TVM_BIND_THREADS", "0")
 
+# One pool thread per physical core this process may use, unless the user chose (TVM's own default is
+# half the CPUs on x86, one thread on a 2-core VM: see threads.py).
+from .threads import set_default_threads as _set_default_threads  # noqa: E402
+
+_set_default_threads()
+
 from .api import compile, quantize_model  # noqa: E402
 from .errors import IntforgeError  # noqa: E402
 from .program import IntegerProgram  # noqa: E402

@@ -366,10 +366,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.threads:  # read by TVM's thread pool when it starts, so set before the library loads
             os.environ["TVM_NUM_THREADS"] = str(args.threads)
         from .runtime import load
+        from .threads import pool_threads
 
         model = load(args.library)
         where = "on this machine"
-        threads = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
+        threads = pool_threads()  # what TVM's pool really runs, not what the environment asked for
     stats = model.time(repeat=args.repeat, warmup=args.warmup)
     stats.update({"library": str(model.library), "batch": model.batch_size, "threads": threads, "where": where,
                   "throughput_per_s": model.batch_size * 1e3 / stats["median_ms"],
@@ -501,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("library")
     b.add_argument("--repeat", type=int, default=100)
     b.add_argument("--warmup", type=int, default=10)
-    b.add_argument("--threads", type=int, help="worker threads (TVM_NUM_THREADS; default: all cores)")
+    b.add_argument("--threads", type=int,
+                   help="worker threads (TVM_NUM_THREADS; default: one per physical core this process may use)")
     b.add_argument("--json", help="also write the numbers to this JSON file")
     b.add_argument("--rpc", metavar="HOST:PORT", help="time on a board running TVM's RPC server")
     b.add_argument("--tracker", metavar="HOST:PORT", help="time on a board handed out by a TVM RPC tracker")

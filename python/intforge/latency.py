@@ -28,8 +28,9 @@ def cache_path() -> Path:
 
 
 #: Bumped when the kernels or the way a layer is timed change, so older cached times are not reused.
-TIMING_VERSION = 4  # 2: NHWC kernels, layers timed with NHWC inputs and outputs; 3: inputs resident;
-# 4: TVM workers unpinned (pinned, some layers were timed at single-core speed)
+TIMING_VERSION = 5  # 2: NHWC kernels, layers timed with NHWC inputs and outputs; 3: inputs resident;
+# 4: TVM workers unpinned (pinned, some layers were timed at single-core speed); 5: the thread count is
+# part of the key (TVM's default had been half the cores: one thread on 2 cores)
 
 
 def _signature(op: FloatOp, in_shape: tuple[int, ...], bits: int, target: str) -> str:
@@ -77,7 +78,12 @@ def measure_layer_latency(graph: FloatGraph, bits: Iterable[int] = (4, 8), targe
     from .compiler.targets import resolve_target
 
     preset = resolve_target(target)
-    tkey = json.dumps(preset.describe(), sort_keys=True)
+    where = preset.describe()
+    if not preset.is_cuda:  # a CPU layer's time depends on how many threads run it
+        from .threads import pool_threads
+
+        where = {**where, "threads": pool_threads()}
+    tkey = json.dumps(where, sort_keys=True)
     path = cache_path()
     try:
         cache = json.loads(path.read_text()) if path.exists() else {}
