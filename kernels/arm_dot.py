@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from .blocked_dot import DotIsa, broadcast_dot_intrin, register_isa
+from .blocked_dot import ACC_SCOPE, DotIsa, broadcast_dot_intrin, register_isa
 
 SDOT_INTRIN = "intforge_dot_4x4_s8s8s32_sdot"
 
@@ -47,7 +47,7 @@ def _neon_intrin() -> tuple:
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), "int8", offset_factor=1)
         B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope=ACC_SCOPE)
         with T.sblock("root"):
             T.reads(C[0:4], A[0:4], B[0:4, 0:4])
             T.writes(C[0:4])
@@ -77,7 +77,7 @@ def _mmla_intrin(act_dtype: str):
         s0 = T.int32()
         A = T.match_buffer(a, (2, 8), act_dtype, offset_factor=1, strides=[s0, 1])
         B = T.match_buffer(b, (2, 8), "int8", offset_factor=1)
-        C = T.match_buffer(c, (2, 2), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (2, 2), "int32", offset_factor=1, scope=ACC_SCOPE)
         with T.sblock("root"):
             T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
             T.writes(C[0:2, 0:2])
@@ -91,7 +91,7 @@ def _mmla_intrin(act_dtype: str):
         s0 = T.int32()
         A = T.match_buffer(a, (2, 8), act_dtype, offset_factor=1, strides=[s0, 1])
         B = T.match_buffer(b, (2, 8), "int8", offset_factor=1)
-        C = T.match_buffer(c, (2, 2), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (2, 2), "int32", offset_factor=1, scope=ACC_SCOPE)
         with T.sblock("root"):
             T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
             T.writes(C[0:2, 0:2])

@@ -38,6 +38,13 @@ from intforge.reference import pool_output_size
 from .dot_product import SHIFT  # unsigned <-> signed bytes: one definition, shared with the weight-sum corrections
 from .stages import compute_inputs_at, vectorize_inner
 
+# TVM (LowerTVMBuiltin) keeps a CPU buffer on the stack only if its scope is "global" and it is smaller
+# than kMaxStackAlloca (1024 bytes); any other buffer, every "local" one included, costs a
+# TVMBackendAllocWorkspace and a TVMBackendFreeWorkspace call in each parallel task. The accumulator
+# tile is therefore "global", and at most STACK_BYTES - 1 bytes where that costs the tile little. On the
+# stack LLVM also keeps the whole tile in registers: no store and reload before the epilogue.
+ACC_SCOPE = "global"
+STACK_BYTES = 1024
 INT4_BLOCK = "weight_int4"  # the in-kernel unpack stage of packed INT4 weights
 MIN_INT4_BLOCKS = 8  # channel blocks (x batch) for an INT4 conv to unpack its weights once per block
 HOIST_BELOW_CHANNELS = 16  # a conv's packing stage with fewer input channels runs once, before the kernel
@@ -93,7 +100,7 @@ def broadcast_dot_intrin(llvm_intrinsic: str, act_dtype: str, lanes: int, group:
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (group,), act_dtype, offset_factor=1)
         B = T.match_buffer(b, (lanes, group), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope=ACC_SCOPE)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
             T.writes(C[0:lanes])
@@ -106,15 +113,15 @@ def broadcast_dot_intrin(llvm_intrinsic: str, act_dtype: str, lanes: int, group:
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (group,), act_dtype, offset_factor=1)
         B = T.match_buffer(b, (lanes, group), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope=ACC_SCOPE)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
             T.writes(C[0:lanes])
-            word = T.reinterpret(A.vload([0], f"{act_dtype}x{group}"), dtype="int32")
             C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(llvm_intrinsic),
                 C.vload([0], dtype=f"int32x{lanes}"),
-                T.reinterpret(T.broadcast(word, lanes), dtype=f"{act_dtype}x{n}"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], f"{act_dtype}x{group}"), dtype="int32"), lanes),
+                              dtype=f"{act_dtype}x{n}"),
                 B.vload([0, 0], dtype=f"int8x{n}"),
                 dtype=f"int32x{lanes}",
             )
@@ -296,6 +303,17 @@ def _largest_divisor(extent: int, most: int) -> int:
     return max(d for d in range(1, most + 1) if extent % d == 0)
 
 
+def _pixel_pairs(pairs: int, isa: DotIsa, channel_blocks: int) -> int:
+    """Instructions' worth of pixels (`rows` each) per register tile: the largest divisor of the row whose
+    accumulators stay on the stack (STACK_BYTES), unless the largest up to `pixel_tile` is more than
+    a third bigger (a 32-wide row: 4 on the stack against 8), then that one, in a workspace."""
+    most = max(1, isa.pixel_tile // isa.rows)
+    tile_bytes = isa.rows * channel_blocks * isa.lanes * 4  # int32 accumulators per instruction's pixels
+    on_stack = _largest_divisor(pairs, max(1, min(most, (STACK_BYTES - 1) // tile_bytes)))
+    best = _largest_divisor(pairs, most)
+    return on_stack if 4 * on_stack >= 3 * best else best
+
+
 def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
     """Schedule a fused function built around one of our conv/dense blocks. Returns None when the
     function has none of ours, else the names of the blocks left for the default rule (input packing).
@@ -317,13 +335,14 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
     for b in epilogue[:-1]:  # the _out stage, bias add, dyadic multiply, shift, clamp, cast: one block
         sch.compute_inline(b)
     last = epilogue[-1]
-    acc = sch.cache_write(block, 0, "local")
+    acc = sch.cache_write(block, 0, ACC_SCOPE)
     if kind == isa.conv_block:
         n, o1, i, j, o2, rh, rw, rcb, rci = sch.get_loops(block)
         # several channel blocks per tile: each activation load feeds channel_tile instructions
         o1o, o1i = sch.split(o1, [None, _largest_divisor(int(sch.get(o1).extent), isa.channel_tile)])
         pairs = int(sch.get(j).extent) // isa.rows
-        jo, ji, jr = sch.split(j, [None, _largest_divisor(pairs, max(1, isa.pixel_tile // isa.rows)), isa.rows])
+        tile_pairs = _pixel_pairs(pairs, isa, int(sch.get(o1i).extent))
+        jo, ji, jr = sch.split(j, [None, tile_pairs, isa.rows])
         batch, nblk = int(sch.get(n).extent), int(sch.get(o1o).extent)
         few_channels = int(sch.get(rcb).extent) * isa.group < HOIST_BELOW_CHANNELS
         # Packed INT4 weights: with enough channel blocks to share among threads, a thread takes whole

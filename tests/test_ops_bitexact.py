@@ -210,3 +210,52 @@ def test_residual_add_of_two_convs_passes_no_int64_tensor_between_kernels():
         e.ty.dtype))) if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir" else None)
     assert any("residual_add" in name for name, _ in outputs), outputs
     assert all(dtype != "int64" for _, dtype in outputs), outputs
+
+
+def _workspace_buffers(program) -> list[str]:
+    """The buffers a compiled conv takes from TVM's workspace pool (TVMBackendAllocWorkspace), by name."""
+    import re
+
+    from intforge.compiler.build import compile_module
+    from intforge.relay_passes import emit_program
+
+    ex = compile_module(emit_program(program, boundary="int", io_layout="NHWC"), "x86")
+    found: list[str] = []
+
+    def walk(m) -> None:
+        if m.kind == "llvm":
+            # an allocation is `%name = call ptr %fn(...)`, %fn the loaded TVMBackendAllocWorkspace
+            found.extend(re.findall(r"%([A-Za-z_][\w.]*) = (?:tail )?call (?:noalias )?ptr %\d+\(",
+                                    m.inspect_source("ll")))
+        for i in m.imports:
+            walk(i)
+
+    walk(ex.mod)
+    return found
+
+
+@pytest.mark.skipif(not __import__("intforge.compiler", fromlist=["resolve_target"]).resolve_target("x86")
+                    .has("avx512vnni"), reason="the VNNI kernels' buffers")
+def test_conv_accumulators_live_in_registers_not_in_the_workspace_pool():
+    """A "local" accumulator tile (or one of 1024 bytes or more) went through TVMBackendAllocWorkspace and
+    TVMBackendFreeWorkspace in every parallel task, and LLVM stored and reloaded it around the epilogue.
+    The tile is now a "global" stack buffer under 1024 bytes (blocked_dot.STACK_BYTES), which LLVM keeps
+    in registers; only the signed input's packing stage (a + 128, one row per task) is left in the pool."""
+    torch.manual_seed(0)
+    signed = quantize_module(nn.Sequential(nn.Conv2d(64, 256, 1), nn.ReLU()), (1, 64, 56, 56))
+    assert _workspace_buffers(signed) == ["data_vnni"]
+    unsigned = quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)), (1, 64, 28, 28))
+    assert [b for b in _workspace_buffers(unsigned) if "vnni" in b and b != "data_vnni"] == []
+
+
+def test_pixel_tile_keeps_accumulators_on_the_stack_unless_that_costs_a_third_of_the_tile():
+    from intforge.kernels.blocked_dot import STACK_BYTES, _pixel_pairs
+    from intforge.kernels.x86_vnni import VNNI
+
+    tile = VNNI.lanes * 4 * VNNI.channel_tile  # bytes of accumulators per pixel
+    assert 8 * tile >= STACK_BYTES > 7 * tile  # the full 8-pixel tile does not fit, 7 pixels do
+    assert _pixel_pairs(56, VNNI, VNNI.channel_tile) == 7  # ResNet's rows: 7 on the stack
+    assert _pixel_pairs(112, VNNI, VNNI.channel_tile) == 7
+    assert _pixel_pairs(24, VNNI, VNNI.channel_tile) == 6  # 6 of 8: on the stack
+    assert _pixel_pairs(32, VNNI, VNNI.channel_tile) == 8  # 4 of 8 would halve the tile: workspace
+    assert _pixel_pairs(56, VNNI, 1) == 8  # one channel block: 8 pixels fit
