@@ -359,6 +359,11 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
             sch.reorder(o1o, i, n, jo, rh, rw, rcb, ji, o1i, jr, o2, rci)
             par = sch.fuse(o1o, i)
             inputs_at = par
+            if int(sch.get(rh).extent) * int(sch.get(rw).extent) == 1:
+                # A 1x1 conv's tiles share no input pixels: each packs its own (the same work as one
+                # row per task), in a buffer small enough for the stack (STACK_BYTES) instead of a
+                # workspace-pool row per task. MobileNetV2's signed-input expand convs: 1% of the model.
+                inputs_at = jo
         sch.parallel(par)
         tile, first_reduce, rblock = jo, rh, (par if whole else rcb)
         if INT4_BLOCK in names and not whole:
