@@ -170,18 +170,24 @@ def _compile(mod: tvm.IRModule, preset: TargetPreset, database, default_schedule
         ) from exc
 
 
-def cuda_source(executable) -> str:
-    """The CUDA C of every GPU kernel in a compiled executable (what nvcc compiled into the .so)."""
+def module_source(executable, kind: str, fmt: str = "") -> str:
+    """The source (`fmt`, as TVM's inspect_source takes it) of every module of `kind` in a compiled
+    executable: "cuda" gives the CUDA C nvcc compiled into the .so, ("llvm", "ll") the host's LLVM IR."""
     found = []
 
     def walk(m) -> None:
-        if m.kind == "cuda":
-            found.append(m.inspect_source(""))
+        if m.kind == kind:
+            found.append(m.inspect_source(fmt))
         for i in m.imports:
             walk(i)
 
     walk(executable.mod)
     return "\n".join(found)
+
+
+def cuda_source(executable) -> str:
+    """The CUDA C of every GPU kernel in a compiled executable (what nvcc compiled into the .so)."""
+    return module_source(executable, "cuda")
 
 
 def _io_spec(program: IntegerProgram, names: list[str], boundary: str, io_layout: str = "NCHW") -> list[dict[str, Any]]:

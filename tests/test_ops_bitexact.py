@@ -7,6 +7,7 @@ from torch import nn
 
 from conftest import assert_bit_exact_int, quantize_module
 from intforge import reference
+from intforge.compiler import resolve_target
 
 
 class Residual(nn.Module):
@@ -216,26 +217,15 @@ def _workspace_buffers(program) -> list[str]:
     """The buffers a compiled conv takes from TVM's workspace pool (TVMBackendAllocWorkspace), by name."""
     import re
 
-    from intforge.compiler.build import compile_module
+    from intforge.compiler.build import compile_module, module_source
     from intforge.relay_passes import emit_program
 
     ex = compile_module(emit_program(program, boundary="int", io_layout="NHWC"), "x86")
-    found: list[str] = []
-
-    def walk(m) -> None:
-        if m.kind == "llvm":
-            # an allocation is `%name = call ptr %fn(...)`, %fn the loaded TVMBackendAllocWorkspace
-            found.extend(re.findall(r"%([A-Za-z_][\w.]*) = (?:tail )?call (?:noalias )?ptr %\d+\(",
-                                    m.inspect_source("ll")))
-        for i in m.imports:
-            walk(i)
-
-    walk(ex.mod)
-    return found
+    # an allocation is `%name = call ptr %fn(...)`, %fn the loaded TVMBackendAllocWorkspace
+    return re.findall(r"%([A-Za-z_][\w.]*) = (?:tail )?call (?:noalias )?ptr %\d+\(", module_source(ex, "llvm", "ll"))
 
 
-@pytest.mark.skipif(not __import__("intforge.compiler", fromlist=["resolve_target"]).resolve_target("x86")
-                    .has("avx512vnni"), reason="the VNNI kernels' buffers")
+@pytest.mark.skipif(not resolve_target("x86").has("avx512vnni"), reason="the VNNI kernels' buffers")
 def test_conv_accumulators_live_in_registers_not_in_the_workspace_pool():
     """A "local" accumulator tile (or one of 1024 bytes or more) went through TVMBackendAllocWorkspace and
     TVMBackendFreeWorkspace in every parallel task, and LLVM stored and reloaded it around the epilogue.

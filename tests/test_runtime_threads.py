@@ -34,12 +34,20 @@ print(json.dumps({"threads": len(tasks), "allowed": sorted(len(os.sched_getaffin
 """
 
 
-def _probe(library, **env) -> dict:
-    base = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
-    proc = subprocess.run([sys.executable, "-c", PROBE, str(library)], capture_output=True, text=True,
-                          timeout=300, env={**base, "TVM_NUM_THREADS": "2", **env}, check=False)
+def _fresh(script: str, *args: str, unset: tuple[str, ...] = (), affinity: set[int] | None = None,
+           **env: str) -> dict:
+    """Run `script` in a fresh Python process (the variables `unset` removed from the environment, `env`
+    added, CPU affinity `affinity`) and return the JSON its last line prints."""
+    base = {k: v for k, v in os.environ.items() if k not in unset}
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300,
+                          env={**base, **env}, check=False,
+                          preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _probe(library, **env) -> dict:
+    return _fresh(PROBE, str(library), unset=("TVM_BIND_THREADS",), **{"TVM_NUM_THREADS": "2", **env})
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to tell pinned from free")
@@ -122,12 +130,7 @@ print(json.dumps({"pool": pool_threads(), "cores": physical_cores(), "env": os.e
 
 
 def _pool(affinity: set[int] | None = None, **env) -> dict:
-    base = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
-    proc = subprocess.run([sys.executable, "-c", POOL], capture_output=True, text=True, timeout=300,
-                          env={**base, **env}, check=False,
-                          preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _fresh(POOL, unset=("TVM_NUM_THREADS", "OMP_NUM_THREADS"), affinity=affinity, **env)
 
 
 def test_pool_runs_one_thread_per_physical_core_unless_the_user_sets_a_count():

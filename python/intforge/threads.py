@@ -1,10 +1,15 @@
-"""How many threads a compiled model runs on: by default one per physical core this process may use.
+"""TVM's thread pool as intforge sets it up: one unpinned worker per physical core this process may use.
 
-TVM's own default is `std::thread::hardware_concurrency() / 2` on x86 ("ignore hyper-threading"), which
+How many: TVM's own default is `std::thread::hardware_concurrency() / 2` on x86 ("ignore hyper-threading"), which
 assumes two hardware threads per core and ignores the process's CPU affinity. On a machine without SMT,
 such as a cloud VM whose vCPUs are whole cores, that is half the cores: on 2 cores TVM ran one thread and
 MobileNetV2 took 4.2 ms instead of 2.0. Under `taskset` or a cgroup cpuset it is the opposite, more threads
 than the process may run on. We count the cores from the CPU topology instead (TVM has no such count).
+
+Pinned or not: TVM pins each worker to a core and leaves the calling thread free. When the scheduler put
+the caller on a worker's core, the two shared it until the kernel's load balancer moved one: after each
+library load we measured 15-50 ms at half speed on 2 cores (a layer timed alone came out 2x slow, which
+skewed latency budgets). Unpinned threads never showed it.
 """
 
 from __future__ import annotations
@@ -42,9 +47,11 @@ def default_threads() -> int | None:
     return cores
 
 
-def set_default_threads() -> None:
-    """Set TVM_NUM_THREADS to `default_threads()` unless the user set it (or OMP_NUM_THREADS, which TVM also
-    reads). TVM reads it when its pool starts, on the first parallel kernel, so this runs at import."""
+def configure_thread_pool() -> None:
+    """intforge's defaults for TVM's pool, each unless the user set its variable: TVM_BIND_THREADS=0, and
+    TVM_NUM_THREADS=`default_threads()` (unless OMP_NUM_THREADS, which TVM also reads, is set). TVM reads
+    them when its pool starts, on the first parallel kernel, so this runs at `import intforge`."""
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
     if "TVM_NUM_THREADS" in os.environ or "OMP_NUM_THREADS" in os.environ:
         return
     n = default_threads()
