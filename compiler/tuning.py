@@ -117,9 +117,10 @@ def _has_own_schedule(mod: tvm.IRModule) -> bool:
     from intforge.kernels import cpu_default  # noqa: F401 - registers every instruction's blocks
     from intforge.kernels.blocked_dot import kernel_block_names
     from intforge.kernels.depthwise import DW_BLOCK
+    from intforge.kernels.depthwise_dot import DWDOT_BLOCK
 
     sch = s_tir.Schedule(mod)
-    for name in sorted(kernel_block_names()) + [DW_BLOCK]:
+    for name in sorted(kernel_block_names()) + [DW_BLOCK, DWDOT_BLOCK]:
         try:
             sch.get_sblock(name)
             return True

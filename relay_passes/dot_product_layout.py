@@ -11,6 +11,8 @@ in registers, and re-packed in the new order for the others, whose shared unpack
 their layout directly. Convs arrive in NCHW or, after `nhwc_layout_pass`, NHWC with OHWI weights; in
 NHWC depthwise convs get the channel-vectorized kernel of `intforge.kernels.depthwise`. Float ops keep
 TOPI's lowering. The arithmetic is unchanged: the same integer sums.
+With VNNI, depthwise convs of whole 16-channel blocks and at most 4 kernel rows run on `vpdpbusd` instead,
+the window's rows as the 4 bytes of a lane (`intforge.kernels.depthwise_dot`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tvm
 from tvm import relax
 from tvm.relax import Call, Expr, PyExprMutator, expr_functor
 
+from intforge.kernels import depthwise_dot as dwdot
 from intforge.kernels.arm_dot import NEON, SDOT, SMMLA, USMMLA
 from intforge.kernels.blocked_dot import (
     DotIsa,
@@ -57,6 +60,7 @@ class _KernelRewriter(PyExprMutator):
         super().__init__(mod)
         self.shift_unsigned = shift_unsigned
         self.blocked = BLOCKED[blocked] if blocked else None
+        self.depthwise_dot = blocked == "vnni"  # vpdpbusd over the window's rows: kernels/depthwise_dot.py
         self.rewritten = 0
 
     def _bound(self, e: Expr) -> Expr:
@@ -139,6 +143,15 @@ class _KernelRewriter(PyExprMutator):
         if depthwise:  # NHWC: vectorized across channels; weights [C, KH, KW, 1] -> [KH, KW, C]
             w_hwc = np.ascontiguousarray(value[..., 0].transpose(1, 2, 0))
             self.rewritten += 1
+            if self.depthwise_dot and unpack is None and dwdot.supported(channels, w_hwc.shape[0]):
+                kh = w_hwc.shape[0]
+                args = [x, relax.const(dwdot.weight_layout(w_hwc), "int8")]
+                if _dtype(x) == "int8":
+                    args.append(relax.const(dwdot.correction(w_hwc), "int32"))
+                return self.builder_.call_te(
+                    lambda xx, ww, *cc: dwdot.depthwise_dot(xx, ww, cc[0] if cc else None, stride, pad[:2],
+                                                            dilation, kh),
+                    *args, primfunc_name_hint="depthwise_dot", primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
             # INT4 stays packed: the kernel unpacks a channel block's window once per row it sweeps
             wk = relax.const(w_hwc if unpack is None else pack_int4(w_hwc), "int8")
             kernel = w_hwc.shape[:2]

@@ -91,6 +91,11 @@ CASES = {
     "depthwise_rows": (lambda: nn.Sequential(nn.Conv2d(48, 48, 3, padding=1, groups=48), nn.ReLU(),
                                              nn.Conv2d(48, 48, 3, stride=2, padding=1, groups=48)),
                        (2, 48, 6, 8)),
+    # the window-rows dot-product kernel (kernels/depthwise_dot.py): fewer than 3 rows, dilated, strided
+    # in one direction; and a 5-row window, which that kernel cannot take (the channel-vectorized one does)
+    "depthwise_dot_rect_dilated": (lambda: nn.Conv2d(32, 32, (2, 3), stride=(1, 2), padding=(1, 2),
+                                                     dilation=(2, 1), groups=32), (1, 32, 9, 11)),
+    "depthwise_5x5": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(16, 16, 5, padding=2, groups=16)), (1, 16, 8, 8)),
     "conv_1x1_batch2": (lambda: nn.Conv2d(16, 8, 1), (2, 16, 5, 5)),
     # batches run image by image inside a task: a strided padded conv, and channel-block counts on both
     # sides of the INT4 kernels' once-per-block unpack (kernels.blocked_dot.MIN_INT4_BLOCKS)
@@ -223,6 +228,29 @@ def _workspace_buffers(program) -> list[str]:
     ex = compile_module(emit_program(program, boundary="int", io_layout="NHWC"), "x86")
     # an allocation is `%name = call ptr %fn(...)`, %fn the loaded TVMBackendAllocWorkspace
     return re.findall(r"%([A-Za-z_][\w.]*) = (?:tail )?call (?:noalias )?ptr %\d+\(", module_source(ex, "llvm", "ll"))
+
+
+@pytest.mark.skipif(not resolve_target("x86").has("avx512vnni"), reason="the VNNI depthwise kernel")
+def test_depthwise_convs_run_on_vpdpbusd_over_the_window_rows_where_they_fit():
+    """Whole 16-channel blocks and at most 4 kernel rows: the window-rows kernel, its accumulators and
+    packed columns on the stack (no workspace buffer, stride 1 and 2); else the channel-vectorized one."""
+    from intforge.compiler.build import compile_module, module_source
+    from intforge.relay_passes import emit_program
+
+    def kernels(program) -> set[str]:
+        ex = compile_module(emit_program(program, boundary="int", io_layout="NHWC"), "x86")
+        source = module_source(ex, "llvm", "ll")
+        return {k for k in ("depthwise_dot", "depthwise_nhwc", "vpdpbusd") if k in source}
+
+    torch.manual_seed(0)
+    mbv2 = quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(96, 96, 3, padding=1, groups=96), nn.ReLU(),
+                                         nn.Conv2d(96, 96, 3, stride=2, padding=1, groups=96)), (1, 96, 28, 28))
+    assert kernels(mbv2) == {"depthwise_dot", "vpdpbusd"}
+    assert _workspace_buffers(mbv2) == []
+    five = quantize_module(nn.Conv2d(16, 16, 5, padding=2, groups=16), (1, 16, 8, 8))
+    assert kernels(five) == {"depthwise_nhwc"}
+    odd_channels = quantize_module(nn.Conv2d(24, 24, 3, padding=1, groups=24), (1, 24, 8, 8))
+    assert kernels(odd_channels) == {"depthwise_nhwc"}
 
 
 @pytest.mark.skipif(not resolve_target("x86").has("avx512vnni"), reason="the VNNI kernels' buffers")

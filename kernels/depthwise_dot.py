@@ -1,0 +1,192 @@
+"""Depthwise conv2d in NHWC as per-lane dot products: x86 `vpdpbusd` with the kernel's rows as the 4 bytes.
+
+`vpdpbusd` sums 4 byte products into each of 16 int32 lanes. In a depthwise conv there is no channel
+reduction, so the 4 bytes of a lane are taken from the window instead: for output row i, a packing stage
+builds P[j, c] = x[i*sh, j, c] | x[i*sh + dh, j, c] << 8 | x[i*sh + 2*dh, j, c] << 16 (one uint32 a
+channel: the kernel's KH <= 4 rows at input column j), and the weights are laid out at compile time as
+Wr[rw, c] = w[0, rw, c] | w[1, rw, c] << 8 | w[2, rw, c] << 16. Output (i, j) of 16 channels is then KW
+instructions: acc += dot4(P[j*sw + rw*dw], Wr[rw]). A 3x3 window is 3 `vpdpbusd` per 16 outputs where
+the channel-vectorized kernel (kernels/depthwise.py) widens and multiplies 9 times and adds 8.
+
+The packing stage is three zero-extending loads, two shifts and two ors per 16 channels of a column, run
+per tile of output pixels (a column feeds KW/sw outputs). Signed activations go in as a + 128 (padding:
+128, an original 0) and `correction[c] = -128 * sum(w[:, :, c])` restores the exact sum, as in
+`blocked_dot`; the fourth byte pairs with a zero weight. The int32 lanes wrap like the reference's int32
+arithmetic, so the result is bit-exact. Only x86 with VNNI takes this path (channels a multiple of 16,
+KH <= 4, INT8 weights); other depthwise convs keep kernels/depthwise.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import s_tir, te, tirx
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+from intforge.reference import pool_output_size
+
+from .blocked_dot import ACC_SCOPE, STACK_BYTES
+from .dot_product import SHIFT
+from .stages import vectorize_inner
+
+DWDOT_BLOCK = "dwconv_dot"
+PACK_BLOCK = "dw_rows"  # the packing stage: KH input rows -> one uint32 per channel and column
+LANES = 16  # int32 accumulators of one vpdpbusd
+ROWS = 4  # bytes reduced per lane: the window rows one instruction takes
+INTRIN = "intforge_dot_16x4_lanes_u8s8s32_vnni"
+TILE_PIXELS = 8  # output pixels per register tile, at most
+
+
+def supported(channels: int, kh: int) -> bool:
+    """Whether a depthwise conv fits this kernel: whole 16-channel blocks, at most 4 kernel rows."""
+    return channels % LANES == 0 and kh <= ROWS
+
+
+def weight_layout(w_hwc: np.ndarray) -> np.ndarray:
+    """[KH, KW, C] int8 -> [KW, C, 4] int8: row t of the window in byte t of a lane, zero past KH."""
+    kh, kw, c = w_hwc.shape
+    out = np.zeros((kw, c, ROWS), np.int8)
+    out[:, :, :kh] = w_hwc.transpose(1, 2, 0)
+    return out
+
+
+def _byte(p, t):
+    """Byte t of a packed uint32 column, as int32: the expression the intrinsic's description matches."""
+    return tirx.Cast("int32", tirx.bitwise_and(tirx.shift_right(p, tirx.Cast("uint32", t * 8)),
+                                               tirx.const(255, "uint32")))
+
+
+def depthwise_dot(x: te.Tensor, w: te.Tensor, correction: te.Tensor | None, stride: tuple[int, int],
+                  padding: tuple[int, int], dilation: tuple[int, int], kh: int) -> te.Tensor:
+    """x: [N, H, W, C] int8/uint8, w: [KW, C, 4] int8 (`weight_layout`), correction: [C] int32 for signed
+    x -> [N, OH, OW, C] int32."""
+    n, h, wd, c = (int(d) for d in x.shape)
+    kw = int(w.shape[0])
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    oh, ow = pool_output_size(h, kh, sh, ph, dh, False), pool_output_size(wd, kw, sw, pw, dw, False)
+    wp = wd + 2 * pw
+    signed = x.dtype == "int8"
+
+    def act(b, r, col, ch):  # an input byte as the instruction's unsigned byte, zero outside the image
+        v = x[b, r, col, ch].astype("int32")
+        if signed:
+            v = v + SHIFT
+        inside = tirx.all(r >= 0, r < h, col >= 0, col < wd)
+        return tirx.if_then_else(inside, v.astype("uint32"), tirx.const(SHIFT if signed else 0, "uint32"))
+
+    def pack(b, i, j, ch):
+        total = None
+        for t in range(kh):
+            v = act(b, i * sh + t * dh - ph, j - pw, ch)
+            v = v if t == 0 else tirx.shift_left(v, tirx.const(8 * t, "uint32"))
+            total = v if total is None else tirx.bitwise_or(total, v)
+        return total
+
+    packed = te.compute((n, oh, wp, c), pack, name=PACK_BLOCK)
+    rw, rt = te.reduce_axis((0, kw), "rw"), te.reduce_axis((0, ROWS), "rt")
+    acc = te.compute((n, oh, ow, c), lambda b, i, j, ch: te.sum(
+        _byte(packed[b, i, j * sw + rw * dw, ch], rt) * w[rw, ch, rt].astype("int32"), axis=[rw, rt]),
+        name=DWDOT_BLOCK, attrs={"dw_stride": sw, "dw_span": (kw - 1) * dw + 1})  # for the tile size
+    if correction is None:
+        return acc
+    return te.compute((n, oh, ow, c), lambda b, i, j, ch: acc[b, i, j, ch] + correction[ch], name=f"{DWDOT_BLOCK}_out")
+
+
+def correction(w_hwc: np.ndarray) -> np.ndarray:
+    """-128 * sum of each channel's window: what the + 128 on signed activations added."""
+    return (-SHIFT * w_hwc.astype(np.int64).sum(axis=(0, 1))).astype(np.int32)
+
+
+def _intrin() -> tuple:
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (LANES,), "uint32", offset_factor=1)
+        B = T.match_buffer(b, (LANES, ROWS), "int8", offset_factor=1)
+        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1, scope=ACC_SCOPE)
+        with T.sblock("root"):
+            T.reads(C[0:LANES], A[0:LANES], B[0:LANES, 0:ROWS])
+            T.writes(C[0:LANES])
+            for i, k in T.grid(LANES, ROWS):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.Cast("int32", T.bitwise_and(
+                        T.shift_right(A[vi], T.Cast("uint32", vk * 8)), T.uint32(255))) * T.Cast("int32", B[vi, vk])
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (LANES,), "uint32", offset_factor=1)
+        B = T.match_buffer(b, (LANES, ROWS), "int8", offset_factor=1)
+        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1, scope=ACC_SCOPE)
+        with T.sblock("root"):
+            T.reads(C[0:LANES], A[0:LANES], B[0:LANES, 0:ROWS])
+            T.writes(C[0:LANES])
+            C[T.ramp(T.int32(0), 1, LANES)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(A.vload([0], "uint32x16"), dtype="uint8x64"),
+                B.vload([0, 0], dtype="int8x64"),
+                dtype="int32x16",
+            )
+
+    return desc, impl
+
+
+def _ensure_intrin() -> None:
+    if TensorIntrin.get(INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(INTRIN, *_intrin())
+
+
+def _largest_divisor(extent: int, most: int) -> int:
+    return max(d for d in range(1, most + 1) if extent % d == 0)
+
+
+def _tile_pixels(width: int, block) -> int:
+    """Output pixels per register tile: the largest divisor of the row, at most TILE_PIXELS, whose
+    accumulators and packed input columns (16 channels x 4 bytes each) both stay under STACK_BYTES, so
+    both live on the stack (the accumulators in registers), not in TVM's workspace pool."""
+    stride, span = (int(block.annotations[k]) for k in ("dw_stride", "dw_span"))
+
+    def fits(d: int) -> bool:
+        return d * LANES * 4 < STACK_BYTES and ((d - 1) * stride + span) * LANES * 4 < STACK_BYTES
+
+    return max((d for d in range(1, TILE_PIXELS + 1) if width % d == 0 and fits(d)), default=1)
+
+
+def schedule_depthwise_dot_func(sch: s_tir.Schedule) -> set[str] | None:
+    """Schedule a fused function built around a dwconv_dot block; None when it has none. Returns the
+    names of the blocks left for the default rule (none)."""
+    root = sch.get_sblock("root")
+    blocks = sch.get_child_blocks(root)
+    names = [sch.get(b).name_hint for b in blocks]
+    if DWDOT_BLOCK not in names:
+        return None
+    k = names.index(DWDOT_BLOCK)
+    block, epilogue = blocks[k], blocks[k + 1:]
+    for b in epilogue[:-1]:  # correction, dyadic multiply, shift, clamp, cast: one block per tile
+        sch.compute_inline(b)
+    last = epilogue[-1]
+    acc = sch.cache_write(block, 0, ACC_SCOPE)
+    b_, i, j, ch, rw, rt = sch.get_loops(block)
+    co, ci = sch.split(ch, [None, LANES])
+    tile = _tile_pixels(int(sch.get(j).extent), sch.get(block))
+    jo, ji = sch.split(j, [None, tile])
+    sch.reorder(b_, i, co, jo, rw, ji, ci, rt)
+    par = sch.fuse(b_, i)
+    sch.parallel(par)
+    sch.reverse_compute_at(acc, jo)
+    sch.reverse_compute_at(last, jo)
+    init = sch.decompose_reduction(block, rw)
+    _ensure_intrin()
+    sch.tensorize(ci, INTRIN)
+    sch.unroll(ji)
+    sch.vectorize(sch.get_loops(init)[-1])
+    try:
+        sch.compute_inline(acc)
+    except s_tir.ScheduleError:
+        sch.vectorize(sch.get_loops(acc)[-1])
+    vectorize_inner(sch, sch.get_loops(last)[-1], most=LANES)
+    # the packed columns a tile reads, built right before it: a few bytes a column, on the stack
+    pack = blocks[names.index(PACK_BLOCK)]
+    sch.compute_at(pack, jo, preserve_unit_loops=True)
+    vectorize_inner(sch, sch.get_loops(pack)[-1], most=LANES)
+    return set()
