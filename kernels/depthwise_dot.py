@@ -12,8 +12,9 @@ The packing stage is three zero-extending loads, two shifts and two ors per 16 c
 per tile of output pixels (a column feeds KW/sw outputs). Signed activations go in as a + 128 (padding:
 128, an original 0) and `correction[c] = -128 * sum(w[:, :, c])` restores the exact sum, as in
 `blocked_dot`; the fourth byte pairs with a zero weight. The int32 lanes wrap like the reference's int32
-arithmetic, so the result is bit-exact. Only x86 with VNNI takes this path (channels a multiple of 16,
-KH <= 4, INT8 weights); other depthwise convs keep kernels/depthwise.py.
+arithmetic, so the result is bit-exact. INT4 weights stay packed, 64 to a 32-byte block, and each row
+unpacks a channel block's KW blocks in registers (`blocked_dot`'s unpack stage). Only x86 with VNNI takes
+this path (channels a multiple of 16, KH <= 4); other depthwise convs keep kernels/depthwise.py.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from tvm.script import tirx as T
 
 from intforge.reference import pool_output_size
 
-from .blocked_dot import ACC_SCOPE, STACK_BYTES
+from .blocked_dot import ACC_SCOPE, INT4_BLOCK, STACK_BYTES, _unpack_at, _unpacked
 from .dot_product import SHIFT
 from .stages import vectorize_inner
+from .x86_vnni import VNNI
 
 DWDOT_BLOCK = "dwconv_dot"
 PACK_BLOCK = "dw_rows"  # the packing stage: KH input rows -> one uint32 per channel and column
@@ -43,11 +45,13 @@ def supported(channels: int, kh: int) -> bool:
 
 
 def weight_layout(w_hwc: np.ndarray) -> np.ndarray:
-    """[KH, KW, C] int8 -> [KW, C, 4] int8: row t of the window in byte t of a lane, zero past KH."""
+    """[KH, KW, C] int8 -> [KW, C/16, 16, 4] int8: row t of the window in byte t of a lane, zero past KH;
+    one 64-byte block per instruction, the layout of `blocked_dot`'s VNNI weights (INT4 weights are
+    packed from it with `blocked_dot.pack_int4_blocks` and unpacked by its in-kernel stage)."""
     kh, kw, c = w_hwc.shape
     out = np.zeros((kw, c, ROWS), np.int8)
     out[:, :, :kh] = w_hwc.transpose(1, 2, 0)
-    return out
+    return out.reshape(kw, c // LANES, LANES, ROWS)
 
 
 def _byte(p, t):
@@ -58,8 +62,10 @@ def _byte(p, t):
 
 def depthwise_dot(x: te.Tensor, w: te.Tensor, correction: te.Tensor | None, stride: tuple[int, int],
                   padding: tuple[int, int], dilation: tuple[int, int], kh: int) -> te.Tensor:
-    """x: [N, H, W, C] int8/uint8, w: [KW, C, 4] int8 (`weight_layout`), correction: [C] int32 for signed
-    x -> [N, OH, OW, C] int32."""
+    """x: [N, H, W, C] int8/uint8, w: [KW, C/16, 16, 4] int8 (`weight_layout`), or INT4 packed per block
+    [KW, C/16, 32], correction: [C] int32 for signed x -> [N, OH, OW, C] int32."""
+    if len(w.shape) == 3:  # packed INT4: a row's channel block unpacks its KW weight blocks in registers
+        w = _unpacked(w, 2, VNNI)
     n, h, wd, c = (int(d) for d in x.shape)
     kw = int(w.shape[0])
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
@@ -85,7 +91,8 @@ def depthwise_dot(x: te.Tensor, w: te.Tensor, correction: te.Tensor | None, stri
     packed = te.compute((n, oh, wp, c), pack, name=PACK_BLOCK)
     rw, rt = te.reduce_axis((0, kw), "rw"), te.reduce_axis((0, ROWS), "rt")
     acc = te.compute((n, oh, ow, c), lambda b, i, j, ch: te.sum(
-        _byte(packed[b, i, j * sw + rw * dw, ch], rt) * w[rw, ch, rt].astype("int32"), axis=[rw, rt]),
+        _byte(packed[b, i, j * sw + rw * dw, ch], rt) * w[rw, ch // LANES, ch % LANES, rt].astype("int32"),
+        axis=[rw, rt]),
         name=DWDOT_BLOCK, attrs={"dw_stride": sw, "dw_span": (kw - 1) * dw + 1})  # for the tile size
     if correction is None:
         return acc
@@ -189,4 +196,6 @@ def schedule_depthwise_dot_func(sch: s_tir.Schedule) -> set[str] | None:
     pack = blocks[names.index(PACK_BLOCK)]
     sch.compute_at(pack, jo, preserve_unit_loops=True)
     vectorize_inner(sch, sch.get_loops(pack)[-1], most=LANES)
+    if INT4_BLOCK in names:  # a channel block's KW weight blocks, unpacked once per output row
+        _unpack_at(sch, blocks[names.index(INT4_BLOCK)], co)
     return set()

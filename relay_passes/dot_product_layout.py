@@ -143,9 +143,9 @@ class _KernelRewriter(PyExprMutator):
         if depthwise:  # NHWC: vectorized across channels; weights [C, KH, KW, 1] -> [KH, KW, C]
             w_hwc = np.ascontiguousarray(value[..., 0].transpose(1, 2, 0))
             self.rewritten += 1
-            if self.depthwise_dot and unpack is None and dwdot.supported(channels, w_hwc.shape[0]):
+            if self.depthwise_dot and dwdot.supported(channels, w_hwc.shape[0]):
                 kh = w_hwc.shape[0]
-                args = [x, relax.const(dwdot.weight_layout(w_hwc), "int8")]
+                args = [x, self._blocked_weight(dwdot.weight_layout(w_hwc), unpack)]
                 if _dtype(x) == "int8":
                     args.append(relax.const(dwdot.correction(w_hwc), "int32"))
                 return self.builder_.call_te(

@@ -113,6 +113,18 @@ def test_int4_depthwise_weights_stay_packed_inside_the_kernel():
     assert len(dw) == 1
     w = dw[0].params[1].ty
     assert str(w.dtype) == "int8" and _shape(w) == [3 * 3 * 8 // 2], _shape(w)  # [KH*KW*C/2] packed
+    # whole 16-channel blocks: the window-rows kernel (VNNI), its weights packed per 64-weight block
+    program = quantize_module(torch.nn.Conv2d(32, 32, 3, padding=1, groups=32), (1, 32, 6, 6),
+                              quant=QuantConfig(bits=4))
+    with preset.tvm_target():
+        mod = tvm.transform.Sequential(_kernel_passes(preset))(intforge.relay_passes.emit_program(program))
+    called = set()
+    relax.analysis.post_order_visit(mod["main"], lambda e: called.add(e.args[0].name_hint) if isinstance(
+        e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir" else None)
+    assert UNPACK_SYMBOL not in called
+    dw = [mod[n] for n in called if "depthwise_dot" in n]
+    assert len(dw) == 1
+    assert _shape(dw[0].params[1].ty) == [3, 32 // 16, 16 * 4 // 2]  # [KW, C/16, 64 weights / 2]
 
 
 def _shape(t) -> list[int]:
@@ -120,8 +132,9 @@ def _shape(t) -> list[int]:
 
 
 INT4_CASES = ["conv_plain", "conv_stride_pad", "conv_stride_pad_batch3", "conv_1x1_batch4", "conv_wide_batch2",
-              "conv_depthwise", "depthwise_stack", "depthwise_rows", "conv_groups", "conv_bn_relu", "linear",
-              "linear_relu", "add_relu", "add_downsample", "concat", "max_pool", "mean_flatten_linear"]
+              "conv_depthwise", "depthwise_stack", "depthwise_rows", "depthwise_dot_rect_dilated", "conv_groups",
+              "conv_bn_relu", "linear", "linear_relu", "add_relu", "add_downsample", "concat", "max_pool",
+              "mean_flatten_linear"]
 
 
 @pytest.mark.parametrize("case", INT4_CASES)
