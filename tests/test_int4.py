@@ -65,13 +65,26 @@ def test_vnni_int4_packing_puts_weight_t_low_and_t_plus_32_high():
     np.testing.assert_array_equal(((every & 0xF) ^ 8) - 8, unpack_int4(pack_int4(every), 16))
 
 
+def _lowered_kernels(program, target: str = "x86") -> tuple[tvm.IRModule, set[str]]:
+    """The program after `target`'s kernel passes (Relax only, no compiler), and the names of the TIR
+    functions its main calls."""
+    from intforge.compiler.build import _kernel_passes
+
+    preset = intforge.compiler.resolve_target(target)
+    with preset.tvm_target():
+        mod = tvm.transform.Sequential(_kernel_passes(preset))(intforge.relay_passes.emit_program(program))
+    called = set()
+    relax.analysis.post_order_visit(mod["main"], lambda e: called.add(e.args[0].name_hint) if isinstance(
+        e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir" else None)
+    return mod, called
+
+
 @pytest.mark.parametrize("target,kernel,block_bytes", [("x86", "vnni", 32), ("rpi5", "sdot", 8),
                                                       ("graviton", "mmla", 8), ("rpi4", "neon", 8)])
 def test_int4_weights_stay_packed_inside_the_tensorized_kernels(target, kernel, block_bytes):
     """With a dot-product instruction (VNNI, sdot, i8mm, and plain NEON on ARM) the conv and dense kernels
     take the packed blocks and unpack them in registers: the model has no int8 copy of the weights and no
     call to the shared unpack kernel. (Only the Relax passes run: no compiler needed.)"""
-    from intforge.compiler.build import _kernel_passes
     from intforge.kernels.int4 import UNPACK_SYMBOL
 
     preset = intforge.compiler.resolve_target(target)
@@ -79,12 +92,7 @@ def test_int4_weights_stay_packed_inside_the_tensorized_kernels(target, kernel, 
         pytest.skip("this CPU has no AVX512-VNNI: its INT4 layers use the shared unpack kernel")
     make, shape = CASES["mean_flatten_linear"]
     torch.manual_seed(0)
-    program = quantize_module(make(), shape, quant=QuantConfig(bits=4))
-    with preset.tvm_target():
-        mod = tvm.transform.Sequential(_kernel_passes(preset))(intforge.relay_passes.emit_program(program))
-    called = set()
-    relax.analysis.post_order_visit(mod["main"], lambda e: called.add(e.args[0].name_hint) if isinstance(
-        e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir" else None)
+    mod, called = _lowered_kernels(quantize_module(make(), shape, quant=QuantConfig(bits=4)), target)
     calls = {gv.name_hint: f for gv, f in mod.functions.items() if gv.name_hint in called}
     assert UNPACK_SYMBOL not in calls and any(kernel in n for n in calls)
     for name, f in calls.items():
@@ -94,33 +102,23 @@ def test_int4_weights_stay_packed_inside_the_tensorized_kernels(target, kernel, 
 
 
 def test_int4_depthwise_weights_stay_packed_inside_the_kernel():
-    """The depthwise kernel (every CPU target) takes INT4 weights packed two to a byte and unpacks a
-    channel block's window in the kernel: no call to the shared unpack kernel, no int8 copy."""
-    from intforge.compiler.build import _kernel_passes
+    """The depthwise kernels take INT4 weights packed two to a byte and unpack a channel block's window
+    in the kernel: no call to the shared unpack kernel, no int8 copy."""
     from intforge.kernels.int4 import UNPACK_SYMBOL
 
     make, shape = CASES["conv_depthwise"]
     torch.manual_seed(0)
-    program = quantize_module(make(), shape, quant=QuantConfig(bits=4))
-    preset = intforge.compiler.resolve_target("x86")
-    with preset.tvm_target():
-        mod = tvm.transform.Sequential(_kernel_passes(preset))(intforge.relay_passes.emit_program(program))
-    called = set()
-    relax.analysis.post_order_visit(mod["main"], lambda e: called.add(e.args[0].name_hint) if isinstance(
-        e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir" else None)
+    mod, called = _lowered_kernels(quantize_module(make(), shape, quant=QuantConfig(bits=4)))
     assert UNPACK_SYMBOL not in called
     dw = [mod[n] for n in called if "depthwise" in n]
     assert len(dw) == 1
     w = dw[0].params[1].ty
     assert str(w.dtype) == "int8" and _shape(w) == [3 * 3 * 8 // 2], _shape(w)  # [KH*KW*C/2] packed
+    if not intforge.compiler.resolve_target("x86").has("avx512vnni"):
+        return
     # whole 16-channel blocks: the window-rows kernel (VNNI), its weights packed per 64-weight block
-    program = quantize_module(torch.nn.Conv2d(32, 32, 3, padding=1, groups=32), (1, 32, 6, 6),
-                              quant=QuantConfig(bits=4))
-    with preset.tvm_target():
-        mod = tvm.transform.Sequential(_kernel_passes(preset))(intforge.relay_passes.emit_program(program))
-    called = set()
-    relax.analysis.post_order_visit(mod["main"], lambda e: called.add(e.args[0].name_hint) if isinstance(
-        e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir" else None)
+    mod, called = _lowered_kernels(quantize_module(torch.nn.Conv2d(32, 32, 3, padding=1, groups=32),
+                                                   (1, 32, 6, 6), quant=QuantConfig(bits=4)))
     assert UNPACK_SYMBOL not in called
     dw = [mod[n] for n in called if "depthwise_dot" in n]
     assert len(dw) == 1
