@@ -203,6 +203,16 @@ def _as_act(v, x_dtype: str, isa: DotIsa):
     return (v.astype("int32") + (SHIFT if sign < 0 else -SHIFT)).astype(isa.act_dtype)
 
 
+def add_correction(v, correction: te.Tensor | None, channel):
+    """v + correction[channel] on wrapping 32-bit lanes (the same bits as int32). On int32, LLVM reads
+    `add nsw` as licence to sign-extend both operands into the int64 requantize that follows and adds
+    on int64 lanes: two instructions per 16 outputs instead of one."""
+    if correction is None:
+        return v
+    total = tirx.reinterpret("uint32", v) + tirx.reinterpret("uint32", correction[channel])
+    return tirx.reinterpret("int32", total)
+
+
 def _round_up(n: int, m: int) -> int:
     return blocks(n, m) * m
 
@@ -266,8 +276,7 @@ def conv2d_blocked(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, ou
         name=isa.conv_block)
 
     def _out(b, o, i, j):
-        v = conv[b, o // isa.lanes, i, j, o % isa.lanes]
-        return v + correction[o] if correction is not None else v
+        return add_correction(conv[b, o // isa.lanes, i, j, o % isa.lanes], correction, o)
 
     if nhwc:
         return te.compute((n, oh, ow, out_channels), lambda b, i, j, o: _out(b, o, i, j), name=f"{isa.conv_block}_out")
@@ -293,8 +302,7 @@ def dense_blocked(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out
         name=isa.dense_block)
 
     def _out(i, o):
-        v = acc[o // isa.lanes, i, o % isa.lanes]
-        return v + correction[o] if correction is not None else v
+        return add_correction(acc[o // isa.lanes, i, o % isa.lanes], correction, o)
 
     return te.compute((m, out_features), _out, name=f"{isa.dense_block}_out")
 

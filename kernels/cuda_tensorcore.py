@@ -93,15 +93,17 @@ def pack_weight(w: np.ndarray, int4: bool) -> np.ndarray:
     return (lo | (hi << 4)).astype(np.uint8).view(np.int8)
 
 
-def epilogue_constants(multiplier: np.ndarray, shift: np.ndarray, qmin: int, qmax: int,
+def epilogue_constants(multiplier: np.ndarray, shift: np.ndarray, bias: np.ndarray, qmin: int, qmax: int,
                        out_dtype: str, channels: int) -> list[tuple[np.ndarray, str]]:
-    """The per-channel arrays (padded to the CTA tile) the fused requantize reads, in argument order."""
+    """The per-channel arrays (padded to the CTA tile) the fused requantize reads, in argument order: the
+    multiplier, bias * multiplier + the rounding offset, and the shift."""
     rec = TirChannelOps()
     m = np.broadcast_to(np.asarray(multiplier).ravel(), (channels,))
     n = np.broadcast_to(np.asarray(shift).ravel(), (channels,))
+    b = np.broadcast_to(np.asarray(bias).ravel(), (channels,))
     if channels == 1:  # keep them arrays so they stay kernel arguments
-        m, n = np.concatenate([m, m]), np.concatenate([n, n])
-    dyadic.requantize(rec, tirx.Var("acc", "int32"), m, n, qmin, qmax, out_dtype)
+        m, n, b = np.concatenate([m, m]), np.concatenate([n, n]), np.concatenate([b, b])
+    dyadic.requantize(rec, tirx.Var("acc", "int32"), m, n, qmin, qmax, out_dtype, bias=b)
     n_pad = -(-channels // BN) * BN
     out = []
     for arr, dtype in rec.recorded:
@@ -115,8 +117,8 @@ def gemm_kernel(shape: GemmShape, in_dtype: str, out_dtype: str, qmin: int, qmax
                 n_consts: int = 3) -> tirx.PrimFunc:
     """The fused Tensor Core kernel for one layer.
 
-    Arguments: x (flat NCHW or [batch, in]), w (packed), bias (int32 [N_pad]), the `n_consts` per-channel
-    requantize constants of `epilogue_constants` (int64 [N_pad]), y (flat NCHW or [batch, out]).
+    Arguments: x (flat NCHW or [batch, in]), w (packed), the `n_consts` per-channel requantize constants
+    of `epilogue_constants` (int64 [N_pad], the bias folded in), y (flat NCHW or [batch, out]).
     """
     c_in, h, w_in, n_out = shape.in_channels, shape.height, shape.width, shape.out_channels
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = shape.kernel, shape.stride, shape.padding, shape.dilation
@@ -163,10 +165,10 @@ def gemm_kernel(shape: GemmShape, in_dtype: str, out_dtype: str, qmin: int, qmax
         img, pix = m // (oh * ow), m % (oh * ow)
         return (img * n_out + n) * (oh * ow) + pix
 
-    def requant(acc, n, bias, consts):
+    def requant(acc, n, consts):  # the constants' values are in the buffers: only their order counts here
         ops = TirChannelOps(list(consts), n)
-        got = dyadic.requantize(ops, acc + bias[n], np.zeros(2, np.int64), np.zeros(2, np.int64), qmin, qmax,
-                                out_dtype)
+        zeros = np.zeros(2, np.int64)
+        got = dyadic.requantize(ops, acc, zeros, zeros, qmin, qmax, out_dtype, bias=zeros)
         if len(ops.recorded) != n_consts:  # pragma: no cover - dyadic changed shape: rebuild constants
             raise AssertionError("epilogue constants out of step with intforge.dyadic.requantize")
         return got
@@ -178,7 +180,7 @@ def gemm_kernel(shape: GemmShape, in_dtype: str, out_dtype: str, qmin: int, qmax
 
     @T.prim_func(private=True)
     def kernel(x: T.Buffer((x_size,), in_dtype), wp: T.Buffer((n_pad, kb_pad), "int8"),
-               bias: T.Buffer((n_pad,), "int32"), c0: T.Buffer((n_pad,), "int64"),
+               c0: T.Buffer((n_pad,), "int64"),
                c1: T.Buffer((n_pad,), "int64"), c2: T.Buffer((n_pad,), "int64"),
                y: T.Buffer((y_size,), out_dtype)):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
@@ -228,6 +230,6 @@ def gemm_kernel(shape: GemmShape, in_dtype: str, out_dtype: str, qmin: int, qmax
                                               + (tx % 4) * 2 + e)] = requant(
                                         acc[(mi * NI + ni) * 2 + e],
                                         bn * BN + (tx // 32) % WARPS_N * warp_cols + ni * 8 + (tx % 4) * 2 + e,
-                                        bias, [c0, c1, c2])
+                                        [c0, c1, c2])
 
     return kernel

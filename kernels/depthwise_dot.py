@@ -26,7 +26,7 @@ from tvm.script import tirx as T
 
 from intforge.reference import pool_output_size
 
-from .blocked_dot import ACC_SCOPE, INT4_BLOCK, STACK_BYTES, _unpack_at, _unpacked
+from .blocked_dot import ACC_SCOPE, INT4_BLOCK, STACK_BYTES, _unpack_at, _unpacked, add_correction
 from .dot_product import SHIFT
 from .stages import vectorize_inner
 from .x86_vnni import VNNI
@@ -96,7 +96,8 @@ def depthwise_dot(x: te.Tensor, w: te.Tensor, correction: te.Tensor | None, stri
         name=DWDOT_BLOCK, attrs={"dw_stride": sw, "dw_span": (kw - 1) * dw + 1})  # for the tile size
     if correction is None:
         return acc
-    return te.compute((n, oh, ow, c), lambda b, i, j, ch: acc[b, i, j, ch] + correction[ch], name=f"{DWDOT_BLOCK}_out")
+    return te.compute((n, oh, ow, c), lambda b, i, j, ch: add_correction(acc[b, i, j, ch], correction, ch),
+                      name=f"{DWDOT_BLOCK}_out")
 
 
 def correction(w_hwc: np.ndarray) -> np.ndarray:

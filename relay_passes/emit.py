@@ -87,18 +87,16 @@ def _emit_conv2d(ops: RelaxOps, op: IntOp, x: relax.Expr, out_dtype: str) -> rel
     w = _weight(ops, p["weight"], int(a.get("weight_bits", 8)))
     acc = ops.bb.emit(rnn.conv2d(x, w, strides=a["stride"], padding=a["padding"],
                                  dilation=a["dilation"], groups=a["groups"], out_dtype="int32"))
-    acc = ops.add(acc, ops.const(_per_channel(p["bias"], 4), "int32"))
     return dyadic.requantize(ops, acc, _per_channel(p["multiplier"], 4), _per_channel(p["shift"], 4),
-                             a["qmin"], a["qmax"], out_dtype)
+                             a["qmin"], a["qmax"], out_dtype, bias=_per_channel(p["bias"], 4))
 
 
 def _emit_linear(ops: RelaxOps, op: IntOp, x: relax.Expr, out_dtype: str) -> relax.Expr:
     a, p = op.attrs, op.params
     wt = _weight(ops, np.ascontiguousarray(p["weight"].T), int(a.get("weight_bits", 8)))
     acc = ops.bb.emit(relax.op.matmul(x, wt, out_dtype="int32"))
-    acc = ops.add(acc, ops.const(p["bias"].reshape(1, -1), "int32"))
     return dyadic.requantize(ops, acc, p["multiplier"].reshape(1, -1), p["shift"].reshape(1, -1),
-                             a["qmin"], a["qmax"], out_dtype)
+                             a["qmin"], a["qmax"], out_dtype, bias=p["bias"].reshape(1, -1))
 
 
 def _emit_avg_pool2d(ops: RelaxOps, op: IntOp, x: relax.Expr, out_dtype: str) -> relax.Expr:

@@ -29,7 +29,7 @@ def _symbol(op: IntOp) -> str:
 @dataclass
 class LayerKernel:
     """One layer's Tensor Core kernel and the compile-time arrays it takes after its input: the packed
-    weights, the padded bias and the requantize constants, in argument order (name -> array, dtype)."""
+    weights and the requantize constants (the bias folded in), in argument order (name -> array, dtype)."""
 
     func: tirx.PrimFunc
     shape: GemmShape
@@ -38,7 +38,7 @@ class LayerKernel:
     @property
     def grid(self) -> tuple[int, int]:
         """(blockIdx.x, blockIdx.y) extents of the launch."""
-        return -(-self.shape.m // BM), self.constants["bias"][0].shape[0] // BN
+        return -(-self.shape.m // BM), self.constants["c0"][0].shape[0] // BN
 
 
 def layer_kernel(program: IntegerProgram, op: IntOp, int4_tensor_cores: bool) -> LayerKernel | None:
@@ -60,12 +60,9 @@ def layer_kernel(program: IntegerProgram, op: IntOp, int4_tensor_cores: bool) ->
         return None
     int4 = int4_tensor_cores and int(a.get("weight_bits", 8)) == 4 and x_t.bits <= 4
     func = gemm_kernel(shape, x_t.dtype, y_t.dtype, int(a["qmin"]), int(a["qmax"]), int4)
-    consts = epilogue_constants(p["multiplier"], p["shift"], int(a["qmin"]), int(a["qmax"]), y_t.dtype,
-                                shape.out_channels)
-    bias = np.zeros(consts[0][0].shape[0], np.int32)
-    bias[: shape.out_channels] = np.asarray(p["bias"], np.int32).ravel()
-    constants = {"wp": (pack_weight(w, int4), "int8"), "bias": (bias, "int32"),
-                 **{f"c{i}": c for i, c in enumerate(consts)}}
+    consts = epilogue_constants(p["multiplier"], p["shift"], p["bias"], int(a["qmin"]), int(a["qmax"]),
+                                y_t.dtype, shape.out_channels)
+    constants = {"wp": (pack_weight(w, int4), "int8"), **{f"c{i}": c for i, c in enumerate(consts)}}
     return LayerKernel(func, shape, constants)
 
 

@@ -62,3 +62,18 @@ def test_quantize_float_is_round_half_even_and_clamped():
     x = np.array([0.5, 1.5, 2.5, -0.5, -1000.0, 1000.0], dtype=np.float32)
     got = dyadic.quantize_float(NUMPY_OPS, x, 1.0, -128, 127, "int8")
     np.testing.assert_array_equal(got, [0, 2, 2, 0, -128, 127])
+
+
+def test_bias_joins_the_rounding_offset_exactly_and_never_wraps_in_int32():
+    """requantize(acc, bias=b) is round_shift((acc + b) * m, n) on exact integers: the same as adding the
+    bias to the accumulator first wherever that sum fits int32, and still exact where it does not."""
+    rng = np.random.default_rng(0)
+    acc = rng.integers(-(2**24), 2**24, (64, 8)).astype(np.int32)
+    bias = rng.integers(-(2**20), 2**20, (1, 8)).astype(np.int32)
+    m, n = dyadic.quantize_multipliers(rng.uniform(1e-4, 0.9, 8))
+    m, n = m.reshape(1, 8), n.reshape(1, 8)
+    folded = dyadic.requantize(NUMPY_OPS, acc, m, n, -128, 127, "int8", bias=bias)
+    np.testing.assert_array_equal(folded, dyadic.requantize(NUMPY_OPS, acc + bias, m, n, -128, 127, "int8"))
+    top = np.array([2**31 - 1], dtype=np.int32)  # acc + bias would wrap to a large negative int32
+    got = dyadic.requantize(NUMPY_OPS, top, 1 << 30, 62, -(2**31), 2**31 - 1, "int64", bias=np.int32(1000))
+    np.testing.assert_array_equal(got, [((2**31 - 1 + 1000) * (1 << 30) + (1 << 61)) >> 62])

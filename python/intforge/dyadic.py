@@ -109,27 +109,34 @@ def rescale_sum(
     qmin: int,
     qmax: int,
     out_dtype: str,
+    offset: np.ndarray | int = 0,
 ) -> Any:
-    """clamp(round_shift(sum_i x_i * m_i, n), qmin, qmax), computed in int64.
+    """clamp(round_shift(sum_i x_i * m_i + offset, n), qmin, qmax), computed in int64.
 
     Every requantization in intforge is this function: one term for conv/linear/pooling,
-    two for a residual add.
+    two for a residual add. `offset` (int64, per channel) joins the rounding offset in one constant.
     """
     acc = None
     for x, m in terms:
         t = ops.mul(ops.cast(x, "int64"), ops.const(np.asarray(m, dtype=np.int64), "int64"))
         acc = t if acc is None else ops.add(acc, t)
-    acc = ops.add(acc, ops.const(rounding_offset(shift), "int64"))
+    acc = ops.add(acc, ops.const(rounding_offset(shift) + np.asarray(offset, dtype=np.int64), "int64"))
     acc = ops.right_shift(acc, ops.const(np.asarray(shift, dtype=np.int64), "int64"))
     acc = ops.clip(acc, qmin, qmax)
     return ops.cast(acc, out_dtype)
 
 
 def requantize(
-    ops: IntOps, acc: Any, m: np.ndarray | int, n: np.ndarray | int, qmin: int, qmax: int, out_dtype: str
+    ops: IntOps, acc: Any, m: np.ndarray | int, n: np.ndarray | int, qmin: int, qmax: int, out_dtype: str,
+    bias: np.ndarray | int | None = None,
 ) -> Any:
-    """Dyadic requantization of one int32 accumulator: clamp(round_shift(acc * m, n))."""
-    return rescale_sum(ops, [(acc, m)], n, qmin, qmax, out_dtype)
+    """Dyadic requantization of one int32 accumulator: clamp(round_shift((acc + bias) * m, n)).
+
+    The bias (int32, per channel) is not added to the accumulator: bias * m joins the rounding offset in
+    one int64 constant, so each output costs one add instead of two, and acc + bias never wraps in int32.
+    (|acc * m|, |bias * m| < 2^62: the int64 sum cannot overflow.)"""
+    offset = 0 if bias is None else np.asarray(bias, dtype=np.int64) * np.asarray(m, dtype=np.int64)
+    return rescale_sum(ops, [(acc, m)], n, qmin, qmax, out_dtype, offset)
 
 
 def quantize_float(ops: IntOps, x: Any, scale: float, qmin: int, qmax: int, out_dtype: str) -> Any:

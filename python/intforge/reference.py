@@ -59,19 +59,19 @@ def conv2d_acc(x: np.ndarray, w: np.ndarray, stride, padding, dilation, groups: 
 def _conv2d(op: IntOp, x: np.ndarray, out_t) -> np.ndarray:
     a = op.attrs
     acc = conv2d_acc(x, op.params["weight"], a["stride"], a["padding"], a["dilation"], a["groups"])
-    acc = (acc + op.params["bias"].astype(np.int64).reshape(1, -1, 1, 1)).astype(np.int32)
     m = op.params["multiplier"].reshape(1, -1, 1, 1)
     n = op.params["shift"].reshape(1, -1, 1, 1)
-    return dyadic.requantize(OPS, acc, m, n, op.attrs["qmin"], op.attrs["qmax"], out_t.dtype)
+    return dyadic.requantize(OPS, acc.astype(np.int32), m, n, op.attrs["qmin"], op.attrs["qmax"], out_t.dtype,
+                             bias=op.params["bias"].reshape(1, -1, 1, 1))
 
 
 def _linear(op: IntOp, x: np.ndarray, out_t) -> np.ndarray:
     w = op.params["weight"]
     acc = np.rint(x.astype(np.float64) @ w.astype(np.float64).T).astype(np.int64)
-    acc = (acc + op.params["bias"].astype(np.int64)).astype(np.int32)
     m = op.params["multiplier"].reshape(1, -1)
     n = op.params["shift"].reshape(1, -1)
-    return dyadic.requantize(OPS, acc, m, n, op.attrs["qmin"], op.attrs["qmax"], out_t.dtype)
+    return dyadic.requantize(OPS, acc.astype(np.int32), m, n, op.attrs["qmin"], op.attrs["qmax"], out_t.dtype,
+                             bias=op.params["bias"].reshape(1, -1))
 
 
 def _max_pool2d(op: IntOp, x: np.ndarray) -> np.ndarray:
