@@ -278,3 +278,22 @@ def test_pixel_tile_keeps_accumulators_on_the_stack_unless_that_costs_a_third_of
     assert _pixel_pairs(24, VNNI, VNNI.channel_tile) == 6  # 6 of 8: on the stack
     assert _pixel_pairs(32, VNNI, VNNI.channel_tile) == 8  # 4 of 8 would halve the tile: workspace
     assert _pixel_pairs(56, VNNI, 1) == 8  # one channel block: 8 pixels fit
+
+
+def test_each_call_returns_arrays_of_its_own(so_of):
+    """Outputs leave the library through DLPack plus one copy: a later call leaves an earlier result as it
+    was, and results share no memory with each other (float and integer boundaries)."""
+    make, shape = CASES["conv_bn_relu"]
+    torch.manual_seed(0)
+    program = quantize_module(make(), shape)
+    rng = np.random.default_rng(5)
+    for boundary in ("float", "int"):
+        lib = so_of(program, boundary=boundary)
+        spec = lib.inputs[0]
+        xs = [rng.integers(-100, 100, spec["shape"]).astype(spec["dtype"]) for _ in range(2)]
+        first = lib(xs[0])
+        kept = first.copy()
+        second = lib(xs[1])
+        assert not np.shares_memory(first, second) and first.flags.writeable
+        np.testing.assert_array_equal(first, kept)
+        np.testing.assert_array_equal(lib(xs[0]), kept)
