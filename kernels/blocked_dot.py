@@ -132,9 +132,10 @@ def broadcast_dot_intrin(llvm_intrinsic: str, act_dtype: str, lanes: int, group:
 _ISAS: dict[str, DotIsa] = {}
 
 
-def _ensure_intrin(isa: DotIsa) -> None:
-    if TensorIntrin.get(isa.intrin, allow_missing=True) is None:
-        TensorIntrin.register(isa.intrin, *isa.intrin_funcs())
+def ensure_intrin(name: str, make: Callable[[], tuple]) -> None:
+    """Register tensor intrinsic `name` from `make()` (its description and implementation) on first use."""
+    if TensorIntrin.get(name, allow_missing=True) is None:
+        TensorIntrin.register(name, *make())
 
 
 def register_isa(isa: DotIsa) -> DotIsa:
@@ -392,7 +393,7 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
     if INT4_BLOCK in names:  # unpack each weight block right before the instructions that use it
         _unpack_at(sch, blocks_[names.index(INT4_BLOCK)], rblock)
     init = sch.decompose_reduction(block, first_reduce)
-    _ensure_intrin(isa)
+    ensure_intrin(isa.intrin, isa.intrin_funcs)
     sch.tensorize(jr if isa.rows > 1 else o2, isa.intrin)
     for loop in (o1i, ji):
         if loop is not None:

@@ -14,7 +14,7 @@ from tvm import s_tir, te, tirx
 
 from intforge.reference import pool_output_size
 
-from .stages import compute_inputs_at
+from .stages import compute_inputs_at, find_block
 
 DW_BLOCK = "dwconv_nhwc"
 DW_INT4_BLOCK = "dw_weight_int4"  # the in-kernel unpack of packed INT4 depthwise weights
@@ -74,12 +74,10 @@ def _lanes(c: int) -> int:
 def schedule_depthwise_func(sch: s_tir.Schedule) -> set[str] | None:
     """Schedule a fused function built around a dwconv_nhwc block; None when it has none. Returns the
     names of the blocks left for the default rule (the padding stage)."""
-    root = sch.get_sblock("root")
-    blocks = sch.get_child_blocks(root)
-    names = [sch.get(b).name_hint for b in blocks]
-    if DW_BLOCK not in names:
+    found = find_block(sch, DW_BLOCK)
+    if found is None:
         return None
-    k = names.index(DW_BLOCK)
+    blocks, names, k = found
     block = blocks[k]
     for b in blocks[k + 1:]:  # the requantize chain folds into the window sum: one expression per output
         sch.reverse_compute_inline(b)

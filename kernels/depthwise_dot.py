@@ -21,20 +21,27 @@ from __future__ import annotations
 
 import numpy as np
 from tvm import s_tir, te, tirx
-from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 from intforge.reference import pool_output_size
 
-from .blocked_dot import ACC_SCOPE, INT4_BLOCK, STACK_BYTES, _unpack_at, _unpacked, add_correction
-from .dot_product import SHIFT
-from .stages import vectorize_inner
+from .blocked_dot import (
+    ACC_SCOPE,
+    INT4_BLOCK,
+    STACK_BYTES,
+    _as_act,
+    _unpack_at,
+    _unpacked,
+    add_correction,
+    ensure_intrin,
+)
+from .stages import find_block, vectorize_inner
 from .x86_vnni import VNNI
 
 DWDOT_BLOCK = "dwconv_dot"
 PACK_BLOCK = "dw_rows"  # the packing stage: KH input rows -> one uint32 per channel and column
-LANES = 16  # int32 accumulators of one vpdpbusd
-ROWS = 4  # bytes reduced per lane: the window rows one instruction takes
+LANES = VNNI.lanes  # int32 accumulators of one vpdpbusd
+ROWS = VNNI.group  # bytes reduced per lane: the window rows one instruction takes
 INTRIN = "intforge_dot_16x4_lanes_u8s8s32_vnni"
 TILE_PIXELS = 8  # output pixels per register tile, at most
 
@@ -71,14 +78,11 @@ def depthwise_dot(x: te.Tensor, w: te.Tensor, correction: te.Tensor | None, stri
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     oh, ow = pool_output_size(h, kh, sh, ph, dh, False), pool_output_size(wd, kw, sw, pw, dw, False)
     wp = wd + 2 * pw
-    signed = x.dtype == "int8"
+    pad_value = _as_act(tirx.const(0, x.dtype), x.dtype, VNNI).astype("uint32")
 
     def act(b, r, col, ch):  # an input byte as the instruction's unsigned byte, zero outside the image
-        v = x[b, r, col, ch].astype("int32")
-        if signed:
-            v = v + SHIFT
         inside = tirx.all(r >= 0, r < h, col >= 0, col < wd)
-        return tirx.if_then_else(inside, v.astype("uint32"), tirx.const(SHIFT if signed else 0, "uint32"))
+        return tirx.if_then_else(inside, _as_act(x[b, r, col, ch], x.dtype, VNNI).astype("uint32"), pad_value)
 
     def pack(b, i, j, ch):
         total = None
@@ -98,11 +102,6 @@ def depthwise_dot(x: te.Tensor, w: te.Tensor, correction: te.Tensor | None, stri
         return acc
     return te.compute((n, oh, ow, c), lambda b, i, j, ch: add_correction(acc[b, i, j, ch], correction, ch),
                       name=f"{DWDOT_BLOCK}_out")
-
-
-def correction(w_hwc: np.ndarray) -> np.ndarray:
-    """-128 * sum of each channel's window: what the + 128 on signed activations added."""
-    return (-SHIFT * w_hwc.astype(np.int64).sum(axis=(0, 1))).astype(np.int32)
 
 
 def _intrin() -> tuple:
@@ -139,15 +138,6 @@ def _intrin() -> tuple:
     return desc, impl
 
 
-def _ensure_intrin() -> None:
-    if TensorIntrin.get(INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(INTRIN, *_intrin())
-
-
-def _largest_divisor(extent: int, most: int) -> int:
-    return max(d for d in range(1, most + 1) if extent % d == 0)
-
-
 def _tile_pixels(width: int, block) -> int:
     """Output pixels per register tile: the largest divisor of the row, at most TILE_PIXELS, whose
     accumulators and packed input columns (16 channels x 4 bytes each) both stay under STACK_BYTES, so
@@ -163,12 +153,10 @@ def _tile_pixels(width: int, block) -> int:
 def schedule_depthwise_dot_func(sch: s_tir.Schedule) -> set[str] | None:
     """Schedule a fused function built around a dwconv_dot block; None when it has none. Returns the
     names of the blocks left for the default rule (none)."""
-    root = sch.get_sblock("root")
-    blocks = sch.get_child_blocks(root)
-    names = [sch.get(b).name_hint for b in blocks]
-    if DWDOT_BLOCK not in names:
+    found = find_block(sch, DWDOT_BLOCK)
+    if found is None:
         return None
-    k = names.index(DWDOT_BLOCK)
+    blocks, names, k = found
     block, epilogue = blocks[k], blocks[k + 1:]
     for b in epilogue[:-1]:  # correction, dyadic multiply, shift, clamp, cast: one block per tile
         sch.compute_inline(b)
@@ -184,7 +172,7 @@ def schedule_depthwise_dot_func(sch: s_tir.Schedule) -> set[str] | None:
     sch.reverse_compute_at(acc, jo)
     sch.reverse_compute_at(last, jo)
     init = sch.decompose_reduction(block, rw)
-    _ensure_intrin()
+    ensure_intrin(INTRIN, _intrin)
     sch.tensorize(ci, INTRIN)
     sch.unroll(ji)
     sch.vectorize(sch.get_loops(init)[-1])

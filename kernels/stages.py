@@ -14,6 +14,16 @@ from tvm import s_tir, tirx
 VECTOR_LANES = 64  # elements per vectorized piece: one 512-bit register of bytes
 
 
+def find_block(sch: s_tir.Schedule, name: str) -> tuple[list, list[str], int] | None:
+    """The root's child blocks, their names, and the index of the block called `name`; None when the
+    function has no such block (it is not the kernel a schedule rule is for)."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    if name not in names:
+        return None
+    return blocks, names, names.index(name)
+
+
 def vectorize_inner(sch: s_tir.Schedule, loop, least: int = 4, most: int = VECTOR_LANES) -> bool:
     """Vectorize `loop` (a spatial block's innermost loop, channels in NHWC) in pieces of at most `most`
     lanes when its extent is a known multiple of 4 or more; returns whether it did."""

@@ -146,8 +146,9 @@ class _KernelRewriter(PyExprMutator):
             if self.depthwise_dot and dwdot.supported(channels, w_hwc.shape[0]):
                 kh = w_hwc.shape[0]
                 args = [x, self._blocked_weight(dwdot.weight_layout(w_hwc), unpack)]
-                if _dtype(x) == "int8":
-                    args.append(relax.const(dwdot.correction(w_hwc), "int32"))
+                sign = VNNI.correction_sign(_dtype(x))  # signed activations run as a + 128
+                if sign:
+                    args.append(self._correction(w_hwc, (0, 1), sign))
                 return self.builder_.call_te(
                     lambda xx, ww, *cc: dwdot.depthwise_dot(xx, ww, cc[0] if cc else None, stride, pad[:2],
                                                             dilation, kh),

@@ -218,28 +218,28 @@ def test_residual_add_of_two_convs_passes_no_int64_tensor_between_kernels():
     assert all(dtype != "int64" for _, dtype in outputs), outputs
 
 
+def _host_ir(program) -> str:
+    """The LLVM IR of a program compiled for x86 with NHWC integer boundaries."""
+    from intforge.compiler.build import compile_module, module_source
+    from intforge.relay_passes import emit_program
+
+    return module_source(compile_module(emit_program(program, boundary="int", io_layout="NHWC"), "x86"), "llvm", "ll")
+
+
 def _workspace_buffers(program) -> list[str]:
     """The buffers a compiled conv takes from TVM's workspace pool (TVMBackendAllocWorkspace), by name."""
     import re
 
-    from intforge.compiler.build import compile_module, module_source
-    from intforge.relay_passes import emit_program
-
-    ex = compile_module(emit_program(program, boundary="int", io_layout="NHWC"), "x86")
     # an allocation is `%name = call ptr %fn(...)`, %fn the loaded TVMBackendAllocWorkspace
-    return re.findall(r"%([A-Za-z_][\w.]*) = (?:tail )?call (?:noalias )?ptr %\d+\(", module_source(ex, "llvm", "ll"))
+    return re.findall(r"%([A-Za-z_][\w.]*) = (?:tail )?call (?:noalias )?ptr %\d+\(", _host_ir(program))
 
 
 @pytest.mark.skipif(not resolve_target("x86").has("avx512vnni"), reason="the VNNI depthwise kernel")
 def test_depthwise_convs_run_on_vpdpbusd_over_the_window_rows_where_they_fit():
     """Whole 16-channel blocks and at most 4 kernel rows: the window-rows kernel, its accumulators and
     packed columns on the stack (no workspace buffer, stride 1 and 2); else the channel-vectorized one."""
-    from intforge.compiler.build import compile_module, module_source
-    from intforge.relay_passes import emit_program
-
     def kernels(program) -> set[str]:
-        ex = compile_module(emit_program(program, boundary="int", io_layout="NHWC"), "x86")
-        source = module_source(ex, "llvm", "ll")
+        source = _host_ir(program)
         return {k for k in ("depthwise_dot", "depthwise_nhwc", "vpdpbusd") if k in source}
 
     torch.manual_seed(0)
