@@ -42,7 +42,7 @@ def _kernel_passes(preset: TargetPreset | None, dot_kernels: bool = True) -> lis
     if preset is None or not dot_kernels:
         return []
     return [nhwc_layout_pass(), dot_product_layout_pass(shift_unsigned=shift_unsigned(preset),
-                                                        blocked=blocked_kernels(preset)),
+                                                        blocked=blocked_kernels(preset), ifma=ifma_epilogues(preset)),
             residual_add_pass()]
 
 
@@ -60,6 +60,12 @@ def blocked_kernels(preset: TargetPreset) -> str | None:
     if preset.arch == "aarch64":
         return "sdot" if preset.has("dotprod") else "neon"
     return None
+
+
+def ifma_epilogues(preset: TargetPreset) -> bool:
+    """Whether the VNNI convs' requantize runs as 52-bit multiply-adds (kernels/x86_ifma.py): AVX512-IFMA
+    for `vpmadd52luq` and AVX512-VBMI for `vpermi2b` (Ice Lake, Sapphire Rapids, Zen 4 and later)."""
+    return blocked_kernels(preset) == "vnni" and preset.has("avx512ifma") and preset.has("avx512vbmi")
 
 
 def _legalize_passes(preset: TargetPreset | None = None, dot_kernels: bool = True) -> list[tvm.transform.Pass]:

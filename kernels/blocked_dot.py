@@ -214,15 +214,41 @@ def add_correction(v, correction: te.Tensor | None, channel):
     return tirx.reinterpret("int32", total)
 
 
+@dataclass(frozen=True)
+class Narrow:
+    """The per-channel constants of a `dyadic.ClampFirst` epilogue fused into a conv kernel (the
+    correction argument carries its -lo), and the 8-bit type it writes."""
+
+    span: te.Tensor  # int32
+    mul: te.Tensor  # int64
+    add: te.Tensor  # int64
+    shift: te.Tensor  # int64
+    out_dtype: str
+
+
+def narrow_block(isa: DotIsa) -> str:
+    return f"{isa.conv_block}_narrow"
+
+
+def narrow_value(acc, corr, span, mul, add, shift, out_dtype: str):
+    """One output of the `ClampFirst` epilogue: t = acc + corr (wrapping 32-bit lanes; corr includes -lo),
+    u = clip(t, 0, span), then (u * mul + add) >> shift, which is in the output's range already. x86_ifma's
+    intrinsic describes exactly this expression (tensorize matches it structurally)."""
+    t = tirx.reinterpret("int32", tirx.reinterpret("uint32", acc) + tirx.reinterpret("uint32", corr))
+    u = tirx.min(tirx.max(t, tirx.const(0, "int32")), span)
+    return tirx.shift_right(u.astype("int64") * mul + add, shift).astype(out_dtype)
+
+
 def _round_up(n: int, m: int) -> int:
     return blocks(n, m) * m
 
 
 def conv2d_blocked(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out_channels: int,
                    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
-                   isa: DotIsa, layout: str = "NCHW") -> te.Tensor:
+                   isa: DotIsa, layout: str = "NCHW", narrow: Narrow | None = None) -> te.Tensor:
     """x: [N, C, H, W] (or [N, H, W, C] with layout "NHWC") int8/uint8; wp: [O/lanes, KH, KW, C/group,
-    lanes, group] int8, or [..., C/group, block/2] packed INT4; -> int32 in the same layout as x.
+    lanes, group] int8, or [..., C/group, block/2] packed INT4; -> int32 in the same layout as x, or with
+    `narrow` (NHWC only) the requantized 8-bit output of its `dyadic.ClampFirst` epilogue.
 
     In NHWC the channels of a pixel are contiguous, so the packing stage is a plain copy, and it is
     skipped when there is nothing to do (activations already the instruction's type, no padding, channels
@@ -279,6 +305,12 @@ def conv2d_blocked(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, ou
     def _out(b, o, i, j):
         return add_correction(conv[b, o // isa.lanes, i, j, o % isa.lanes], correction, o)
 
+    if narrow is not None:
+        if not nhwc or correction is None:
+            raise ValueError("the ClampFirst epilogue needs NHWC and its correction (which holds -lo)")
+        return te.compute((n, oh, ow, out_channels), lambda b, i, j, o: narrow_value(
+            conv[b, o // isa.lanes, i, j, o % isa.lanes], correction[o], narrow.span[o], narrow.mul[o],
+            narrow.add[o], narrow.shift[o], narrow.out_dtype), name=narrow_block(isa))
     if nhwc:
         return te.compute((n, oh, ow, out_channels), lambda b, i, j, o: _out(b, o, i, j), name=f"{isa.conv_block}_out")
     return te.compute((n, out_channels, oh, ow), _out, name=f"{isa.conv_block}_out")
@@ -403,9 +435,16 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         sch.compute_inline(acc)
     except s_tir.ScheduleError:
         sch.vectorize(sch.get_loops(acc)[-1])
-    # the requantize epilogue several channels at a time: its int64 multiply, rounding shift and clamp as
-    # vector ops instead of scalar ones per output
-    vectorize_inner(sch, sch.get_loops(last)[-1], most=isa.epilogue_lanes)
+    if sch.get(last).name_hint == narrow_block(isa):
+        # the ClampFirst epilogue alone (nothing fused after it): 16 channels at a time as one intrinsic
+        from .x86_ifma import LANES, narrow_intrin
+
+        _, lanes = sch.split(sch.get_loops(last)[-1], [None, LANES])
+        sch.tensorize(lanes, narrow_intrin(str(sch.get(last).writes[0].source.dtype)))
+    else:
+        # the requantize epilogue several channels at a time: its int64 multiply, rounding shift and clamp
+        # as vector ops instead of scalar ones per output
+        vectorize_inner(sch, sch.get_loops(last)[-1], most=isa.epilogue_lanes)
     if inputs_at is None:  # dense: its input is a few rows, packed once rather than once per output block
         return {sch.get(b).name_hint for b in producers}
     if few_channels:

@@ -22,10 +22,12 @@ import tvm
 from tvm import relax
 from tvm.relax import Call, Expr, PyExprMutator, expr_functor
 
+from intforge import dyadic
 from intforge.kernels import depthwise_dot as dwdot
 from intforge.kernels.arm_dot import NEON, SDOT, SMMLA, USMMLA
 from intforge.kernels.blocked_dot import (
     DotIsa,
+    Narrow,
     conv2d_blocked,
     conv_weight_layout,
     dense_blocked,
@@ -56,12 +58,15 @@ def _ints(v) -> tuple[int, ...]:
 
 @expr_functor.mutator
 class _KernelRewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, shift_unsigned: bool, blocked: str | None) -> None:
+    def __init__(self, mod: tvm.IRModule, shift_unsigned: bool, blocked: str | None, ifma: bool = False) -> None:
         super().__init__(mod)
         self.shift_unsigned = shift_unsigned
         self.blocked = BLOCKED[blocked] if blocked else None
         self.depthwise_dot = blocked == "vnni"  # vpdpbusd over the window's rows: kernels/depthwise_dot.py
+        self.ifma = ifma and blocked == "vnni"  # requantize epilogues as 52-bit multiply-adds: kernels/x86_ifma.py
+        self.original: dict = {}  # var -> value in the function as it came (set per function by the pass)
         self.rewritten = 0
+        self.narrowed = 0
 
     def _bound(self, e: Expr) -> Expr:
         return bound_value(self, e)
@@ -202,9 +207,88 @@ class _KernelRewriter(PyExprMutator):
         return self._call(lambda xx, ww, cc: dense_dot(xx, ww, cc, self.shift_unsigned), "dense_dot", x,
                           self._emit_weight(value, unpack), corr)
 
+    def _orig(self, e: Expr) -> Expr:
+        """What `e` is bound to in the function as it came, through chains of variables."""
+        while isinstance(e, relax.Var) and e in self.original:
+            e = self.original[e]
+        return e
+
+    def _channel_const(self, e: Expr, channels: int) -> np.ndarray | None:
+        """A constant (seen through a permute_dims) as one int64 value per channel, else None."""
+        e = self._orig(e)
+        axes = None
+        if isinstance(e, Call) and getattr(e.op, "name", "") == "relax.permute_dims":
+            axes = _ints(e.attrs.axes) if e.attrs.axes is not None else None
+            e = self._orig(e.args[0])
+        if not isinstance(e, tvm.ir.Constant):
+            return None
+        value = e.value.numpy()
+        if value.ndim and axes is not None:
+            value = np.transpose(value, axes)
+        if value.size == 1:
+            return np.full(channels, int(value.ravel()[0]), dtype=np.int64)
+        if value.ndim != 4 or value.shape[:3] != (1, 1, 1) or value.shape[3] != channels:
+            return None  # per-channel along NHWC's last axis only
+        return value.reshape(channels).astype(np.int64)
+
+    def _narrow(self, call: Call) -> Expr | None:
+        """astype(clip(right_shift(add(multiply(astype(conv2d, int64), m), total), n), lo, hi)), the
+        requantize of a VNNI conv, as one kernel whose epilogue is `dyadic.clamp_first`'s form."""
+        out_dtype = str(call.attrs.dtype)
+        if out_dtype not in _INT_IN:
+            return None
+        chain, names = [], ("relax.clip", "relax.right_shift", "relax.add", "relax.multiply", "relax.astype",
+                            "relax.nn.conv2d")
+        e = call
+        for name in names:
+            e = self._orig(e.args[0])
+            if not (isinstance(e, Call) and getattr(e.op, "name", "") == name):
+                return None
+            chain.append(e)
+        clip, shift, add, mul, wide, conv = chain
+        a = conv.attrs
+        if str(wide.attrs.dtype) != "int64" or (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != (
+                "NHWC", "OHWI", "NHWC") or int(a.groups) != 1 or str(a.out_dtype) != "int32":
+            return None
+        x, w = self.visit_expr(conv.args[0]), self.visit_expr(conv.args[1])
+        isa = self._isa(x) if _dtype(x) in _INT_IN else None
+        channels = int(w.ty.shape[0])
+        pad = _ints(a.padding)
+        if isa is None or _dtype(w) != "int8" or channels % 16 or (len(pad) == 4 and pad[:2] != pad[2:]):
+            return None
+        consts = [self._channel_const(v, channels) for v in (mul.args[1], add.args[1], shift.args[1])]
+        known = self._weight_value(w)
+        if any(c is None for c in consts) or known is None:
+            return None
+        m, total, n = consts
+        value, unpack = np.ascontiguousarray(known[0].transpose(0, 3, 1, 2)), known[1]  # OHWI -> OIHW
+        wsum = value.astype(np.int64).sum(axis=(1, 2, 3))
+        bound = np.abs(value.astype(np.int64)).sum(axis=(1, 2, 3)) * (255 if _dtype(x) == "uint8" else 128)
+        form = dyadic.clamp_first(m, n, total, int(clip.args[1].value), int(clip.args[2].value), bound)
+        if form is None:
+            return None
+        # The kernel's correction (signed activations: -/+128 * sum(w)) and the form's -lo, as one int32
+        # added on wrapping lanes: the sum is exact because |acc - lo| < 2^31 (clamp_first checked).
+        corr = isa.correction_sign(_dtype(x)) * SHIFT * wsum - form.lo
+        corr = ((corr + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32)
+        args = [x, self._blocked_weight(conv_weight_layout(value, isa), unpack), relax.const(corr, "int32"),
+                relax.const(form.span.astype(np.int32), "int32"), relax.const(form.mul, "int64"),
+                relax.const(form.add, "int64"), relax.const(form.shift, "int64")]
+        stride, dilation = _ints(a.strides)[:2], _ints(a.dilation)[:2]
+        self.rewritten += 1
+        self.narrowed += 1
+        return self.builder_.call_te(
+            lambda xx, ww, cc, ss, mm, kk, nn: conv2d_blocked(
+                xx, ww, cc, channels, stride, pad[:2], dilation, isa, "NHWC", Narrow(ss, mm, kk, nn, out_dtype)),
+            *args, primfunc_name_hint=f"conv2d_{isa.name}_ifma")
+
     def visit_call_(self, call: Call) -> Expr:
         name = getattr(call.op, "name", "")
         out = None
+        if name == "relax.astype" and self.ifma:
+            out = self._narrow(call)
+            if out is not None:
+                return out
         if name == "relax.permute_dims" and call.attrs.axes is not None:
             axes = _ints(call.attrs.axes)
             if list(axes) == sorted(axes):  # the identity (ConvertLayout leaves these at outputs)
@@ -227,19 +311,22 @@ class _KernelRewriter(PyExprMutator):
         return out if out is not None else super().visit_call_(call)
 
 
-def dot_product_layout_pass(shift_unsigned: bool, blocked: str | None = None) -> tvm.transform.Pass:
+def dot_product_layout_pass(shift_unsigned: bool, blocked: str | None = None, ifma: bool = False
+                            ) -> tvm.transform.Pass:
     """The rewrite as a module pass, followed by dead-code elimination (the original weights and their
     unpacking go). `shift_unsigned`: the CPU multiplies s8 x s8 but not u8 x s8 (sdot without usdot), so
     unsigned activations of the contiguous-layout kernels run shifted by -128 with a weight-sum
     correction. `blocked`: the instruction family of the tensorized kernels, "vnni" (x86 AVX512-VNNI),
     "sdot" (ARM dot product), "i8mm" (ARM usmmla/smmla) or "neon" (ARM without either), or None for the
-    contiguous-layout kernels."""
+    contiguous-layout kernels. `ifma` (with "vnni"): the requantize of a conv with whole 16-channel
+    blocks runs as 52-bit multiply-adds inside the conv kernel (x86 AVX512-IFMA and VBMI)."""
 
     @tvm.transform.module_pass(opt_level=0, name="intforge.DotProductLayout")
     def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _KernelRewriter(mod, shift_unsigned, blocked)
+        rewriter = _KernelRewriter(mod, shift_unsigned, blocked, ifma)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
+                rewriter.original = dict(relax.analysis.get_var2val(func))
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
         return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
 

@@ -77,3 +77,41 @@ def test_bias_joins_the_rounding_offset_exactly_and_never_wraps_in_int32():
     top = np.array([2**31 - 1], dtype=np.int32)  # acc + bias would wrap to a large negative int32
     got = dyadic.requantize(NUMPY_OPS, top, 1 << 30, 62, -(2**31), 2**31 - 1, "int64", bias=np.int32(1000))
     np.testing.assert_array_equal(got, [((2**31 - 1 + 1000) * (1 << 30) + (1 << 61)) >> 62])
+
+
+@pytest.mark.parametrize("qmin, qmax", [(0, 255), (-128, 127), (0, 127), (-8, 7)])
+def test_clamp_first_form_equals_requantize_at_and_around_every_bound(qmin, qmax):
+    """dyadic.ClampFirst (the x86 IFMA epilogue's arithmetic) equals requantize on random accumulators,
+    on each side of its clamp bounds, at the accumulator's proven bound, and on the step into every
+    output value; its product fits 52 bits and acc - lo fits int32."""
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        channels = 6
+        m, n = dyadic.quantize_multipliers(np.exp(rng.uniform(np.log(1e-4), 0.0, channels)))
+        bias = rng.integers(-2**22, 2**22, channels)
+        bound = rng.integers(1, 2**26, channels)
+        form = dyadic.clamp_first(m, n, dyadic.requantize_total(m, n, bias), qmin, qmax, bound)
+        if form is None:
+            continue
+        assert (form.span * form.mul < 2**dyadic.IFMA_BITS).all()
+        assert (np.abs(form.lo) + bound < 2**31).all()
+        edges = np.concatenate([form.lo + d for d in range(-2, 3)] + [form.lo + form.span + d for d in range(-2, 3)])
+        steps = form.lo + ((np.arange(qmax - qmin + 1)[:, None] << n) // m).astype(np.int64)  # each value's start
+        acc = np.concatenate([rng.integers(-bound, bound + 1, (500, channels)), edges.reshape(-1, channels),
+                              steps, steps - 1, steps + 1, -bound[None], bound[None]])
+        acc = np.clip(acc, -bound, bound).astype(np.int32)
+        want = dyadic.requantize(NUMPY_OPS, acc, m, n, qmin, qmax, "int64", bias=bias)
+        np.testing.assert_array_equal(form(acc), want)
+
+
+def test_clamp_first_declines_what_it_cannot_do_exactly():
+    """A multiplier above 1 (the result steps over values), a product over 52 bits (a multiplier so small
+    that the accumulator's useful range is huge) and an accumulator bound near 2^31 give None."""
+    total = lambda m, n: dyadic.requantize_total(m, n)  # noqa: E731
+    m, n = dyadic.quantize_multipliers([1.5])
+    assert dyadic.clamp_first(m, n, total(m, n), 0, 255, [1000]) is None
+    m, n = dyadic.quantize_multipliers([1e-6])
+    assert dyadic.clamp_first(m, n, total(m, n), 0, 255, [1000]) is None
+    m, n = dyadic.quantize_multipliers([0.01])
+    assert dyadic.clamp_first(m, n, total(m, n), 0, 255, [1000]) is not None
+    assert dyadic.clamp_first(m, n, total(m, n), 0, 255, [2**31 - 10]) is None

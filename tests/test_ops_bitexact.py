@@ -13,9 +13,9 @@ from intforge.compiler import resolve_target
 class Residual(nn.Module):
     """conv -> (+ shortcut) -> relu: the residual add with a fused ReLU."""
 
-    def __init__(self, relu: bool = True):
+    def __init__(self, relu: bool = True, channels: int = 8):
         super().__init__()
-        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.relu = relu
 
     def forward(self, x):
@@ -102,6 +102,11 @@ CASES = {
     "conv_stride_pad_batch3": (lambda: nn.Conv2d(16, 40, 3, stride=2, padding=1), (3, 16, 9, 9)),
     "conv_1x1_batch4": (lambda: nn.Conv2d(16, 40, 1), (4, 16, 5, 5)),
     "conv_wide_batch2": (lambda: nn.Conv2d(32, 144, 3, padding=1), (2, 32, 6, 6)),
+    # whole 16-channel blocks: the requantize as 52-bit multiply-adds (kernels/x86_ifma.py), from signed
+    # and from unsigned inputs to unsigned and signed outputs, and with a residual add fused after it
+    "conv_ifma_signed_in": (lambda: nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU()), (1, 8, 7, 9)),
+    "conv_ifma_signed_out": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(16, 16, 1)), (2, 16, 5, 5)),
+    "conv_ifma_residual": (lambda: Residual(relu=True, channels=16), (1, 16, 6, 6)),
     "conv_rect_kernel": (lambda: nn.Conv2d(3, 4, (1, 5), padding=(0, 2)), (1, 3, 6, 6)),
     "conv_bn_relu": (lambda: nn.Sequential(bn_conv(3, 8, kernel_size=3, padding=1), nn.ReLU()), (1, 3, 8, 8)),
     "conv_bn_relu6": (lambda: nn.Sequential(bn_conv(3, 8, kernel_size=3), nn.ReLU6()), (1, 3, 8, 8)),
@@ -265,6 +270,21 @@ def test_conv_accumulators_live_in_registers_not_in_the_workspace_pool():
     assert _workspace_buffers(signed) == []
     padded = quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)), (1, 64, 28, 28))
     assert _workspace_buffers(padded) == ["data_vnni"]
+
+
+@pytest.mark.skipif(not (resolve_target("x86").has("avx512ifma") and resolve_target("x86").has("avx512vbmi")),
+                    reason="the IFMA requantize epilogue")
+def test_conv_requantize_runs_as_52_bit_multiply_adds_in_whole_16_channel_blocks():
+    """A conv with whole 16-channel blocks requantizes inside its kernel in dyadic.ClampFirst's form:
+    vpmadd52luq for the multiply-add (and vpermi2b for the bytes, which LLVM's IR shows as a shuffle;
+    kernels/x86_ifma.py); one with 24 channels keeps the int64 epilogue. (Bit-exactness: the conv_ifma_*
+    CASES, the residual one computing the same form without the intrinsic.)"""
+    def uses_ifma(program) -> bool:
+        return "llvm.x86.avx512.vpmadd52l.uq.512" in _host_ir(program)
+
+    torch.manual_seed(0)
+    assert uses_ifma(quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(16, 96, 1), nn.ReLU()), (1, 16, 8, 8)))
+    assert not uses_ifma(quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(16, 24, 1)), (1, 16, 8, 8)))
 
 
 def test_pixel_tile_keeps_accumulators_on_the_stack_unless_that_costs_a_third_of_the_tile():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -126,6 +127,13 @@ def rescale_sum(
     return ops.cast(acc, out_dtype)
 
 
+def requantize_total(m: np.ndarray | int, n: np.ndarray | int, bias: np.ndarray | int | None = None) -> np.ndarray:
+    """The int64 constant `requantize` adds before its shift (what `rescale_sum` adds): the rounding
+    offset plus bias * m."""
+    bias_m = 0 if bias is None else np.asarray(bias, dtype=np.int64) * np.asarray(m, dtype=np.int64)
+    return rounding_offset(n) + bias_m
+
+
 def requantize(
     ops: IntOps, acc: Any, m: np.ndarray | int, n: np.ndarray | int, qmin: int, qmax: int, out_dtype: str,
     bias: np.ndarray | int | None = None,
@@ -137,6 +145,63 @@ def requantize(
     (|acc * m|, |bias * m| < 2^62: the int64 sum cannot overflow.)"""
     offset = 0 if bias is None else np.asarray(bias, dtype=np.int64) * np.asarray(m, dtype=np.int64)
     return rescale_sum(ops, [(acc, m)], n, qmin, qmax, out_dtype, offset)
+
+
+#: Bits of the unsigned product a 52-bit multiply-add (x86 AVX512-IFMA `vpmadd52luq`) keeps.
+IFMA_BITS = 52
+
+
+@dataclass(frozen=True)
+class ClampFirst:
+    """`requantize` rewritten so that its int64 part needs no clamp and its product has at most 52 bits.
+
+    For each channel, with u = clip(acc - lo, 0, span) (an int32, at most `span`):
+        requantize(acc) == (u * mul + add) >> shift      (int64, exact; the result is in [qmin, qmax])
+    lo is the largest accumulator that requantizes to qmin, lo + span the smallest that gives qmax, so
+    clamping the accumulator first clamps the result, and u * mul < 2^52 is an unsigned 52-bit product.
+    A kernel then needs no 64-bit clamp and can do the multiply-add as one `vpmadd52luq` (8 lanes).
+    Arrays are int64, one entry per channel."""
+
+    lo: np.ndarray
+    span: np.ndarray
+    mul: np.ndarray
+    add: np.ndarray
+    shift: np.ndarray
+
+    def __call__(self, acc: np.ndarray) -> np.ndarray:
+        """The rewritten requantize on numpy int32 accumulators (channels last): what a kernel computes."""
+        u = np.clip(acc.astype(np.int64) - self.lo, 0, self.span)
+        return (u * self.mul + self.add) >> self.shift
+
+
+def clamp_first(m: np.ndarray, n: np.ndarray, total: np.ndarray, qmin: int, qmax: int,
+                acc_bound: np.ndarray) -> ClampFirst | None:
+    """Derive the `ClampFirst` form of a one-term `rescale_sum`: clamp((acc * m + total) >> n, qmin,
+    qmax), where total is the constant it adds (rounding offset and bias * m; `requantize_total`),
+    per channel, or None where one channel has none: a multiplier above 1 (m > 2^n, the result could
+    skip qmin, so a clamped accumulator would not clamp the result), a product over 52 bits, or clamp
+    bounds that acc - lo could overflow int32 with (|acc| <= acc_bound, the accumulator's proven bound)."""
+    m, n, total, acc_bound = (np.broadcast_to(np.asarray(v, dtype=np.int64), np.shape(m)).ravel()
+                              for v in (m, n, total, acc_bound))
+    lo, span, add = [], [], []
+    for mc, nc, tc, bc in zip(m.tolist(), n.tolist(), total.tolist(), acc_bound.tolist(), strict=True):
+        if mc <= 0 or mc > (1 << nc):
+            return None
+
+        def first_at_least(q: int, mc=mc, nc=nc, tc=tc) -> int:
+            """The smallest accumulator a with (a * m + total) >> n >= q."""
+            return -((tc - (q << nc)) // mc)  # ceil((q * 2^n - total) / m)
+
+        low = first_at_least(qmin + 1) - 1
+        high = first_at_least(qmax)
+        if ((high - low) * mc + mc >= (1 << IFMA_BITS) or max(abs(low), abs(high)) + bc >= (1 << 31)
+                or high - low >= (1 << 31) or max(abs(qmin), abs(qmax) + 1) << nc >= (1 << 63)):
+            return None  # (the last: u * mul + add, at most (qmax + 1) * 2^n, must fit int64)
+        lo.append(low)
+        span.append(high - low)
+        add.append(low * mc + tc)
+    as64 = lambda v: np.array(v, dtype=np.int64)  # noqa: E731
+    return ClampFirst(as64(lo), as64(span), m.copy(), as64(add), n.copy())
 
 
 def quantize_float(ops: IntOps, x: Any, scale: float, qmin: int, qmax: int, out_dtype: str) -> Any:
