@@ -29,16 +29,19 @@ from .blocked_dot import (
     ACC_SCOPE,
     INT4_BLOCK,
     STACK_BYTES,
+    Narrow,
     _as_act,
     _unpack_at,
     _unpacked,
     add_correction,
     ensure_intrin,
+    narrow_value,
 )
 from .stages import find_block, vectorize_inner
 from .x86_vnni import VNNI
 
 DWDOT_BLOCK = "dwconv_dot"
+NARROW_BLOCK = f"{DWDOT_BLOCK}_narrow"  # the output stage in dyadic.ClampFirst's form (kernels/x86_ifma.py)
 PACK_BLOCK = "dw_rows"  # the packing stage: KH input rows -> one uint32 per channel and column
 LANES = VNNI.lanes  # int32 accumulators of one vpdpbusd
 ROWS = VNNI.group  # bytes reduced per lane: the window rows one instruction takes
@@ -68,9 +71,11 @@ def _byte(p, t):
 
 
 def depthwise_dot(x: te.Tensor, w: te.Tensor, correction: te.Tensor | None, stride: tuple[int, int],
-                  padding: tuple[int, int], dilation: tuple[int, int], kh: int) -> te.Tensor:
+                  padding: tuple[int, int], dilation: tuple[int, int], kh: int, narrow: Narrow | None = None
+                  ) -> te.Tensor:
     """x: [N, H, W, C] int8/uint8, w: [KW, C/16, 16, 4] int8 (`weight_layout`), or INT4 packed per block
-    [KW, C/16, 32], correction: [C] int32 for signed x -> [N, OH, OW, C] int32."""
+    [KW, C/16, 32], correction: [C] int32 for signed x -> [N, OH, OW, C] int32; with `narrow`, the 8-bit
+    output of the `dyadic.ClampFirst` epilogue (its -lo in `correction`), as `blocked_dot.conv2d_blocked`."""
     if len(w.shape) == 3:  # packed INT4: a row's channel block unpacks its KW weight blocks in registers
         w = _unpacked(w, 2, VNNI)
     n, h, wd, c = (int(d) for d in x.shape)
@@ -98,6 +103,10 @@ def depthwise_dot(x: te.Tensor, w: te.Tensor, correction: te.Tensor | None, stri
         _byte(packed[b, i, j * sw + rw * dw, ch], rt) * w[rw, ch // LANES, ch % LANES, rt].astype("int32"),
         axis=[rw, rt]),
         name=DWDOT_BLOCK, attrs={"dw_stride": sw, "dw_span": (kw - 1) * dw + 1})  # for the tile size
+    if narrow is not None:
+        return te.compute((n, oh, ow, c), lambda b, i, j, ch: narrow_value(
+            acc[b, i, j, ch], correction[ch], narrow.span[ch], narrow.mul[ch], narrow.add[ch], narrow.shift[ch],
+            narrow.out_dtype), name=NARROW_BLOCK)
     if correction is None:
         return acc
     return te.compute((n, oh, ow, c), lambda b, i, j, ch: add_correction(acc[b, i, j, ch], correction, ch),
@@ -180,7 +189,12 @@ def schedule_depthwise_dot_func(sch: s_tir.Schedule) -> set[str] | None:
         sch.compute_inline(acc)
     except s_tir.ScheduleError:
         sch.vectorize(sch.get_loops(acc)[-1])
-    vectorize_inner(sch, sch.get_loops(last)[-1], most=LANES)
+    if sch.get(last).name_hint == NARROW_BLOCK:  # alone: its 16 channels as one intrinsic
+        from .x86_ifma import narrow_intrin
+
+        sch.tensorize(sch.get_loops(last)[-1], narrow_intrin(str(sch.get(last).writes[0].source.dtype)))
+    else:
+        vectorize_inner(sch, sch.get_loops(last)[-1], most=LANES)
     # the packed columns a tile reads, built right before it: a few bytes a column, on the stack
     pack = blocks[names.index(PACK_BLOCK)]
     sch.compute_at(pack, jo, preserve_unit_loops=True)

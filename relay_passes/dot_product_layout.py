@@ -233,7 +233,8 @@ class _KernelRewriter(PyExprMutator):
 
     def _narrow(self, call: Call) -> Expr | None:
         """astype(clip(right_shift(add(multiply(astype(conv2d, int64), m), total), n), lo, hi)), the
-        requantize of a VNNI conv, as one kernel whose epilogue is `dyadic.clamp_first`'s form."""
+        requantize of a VNNI conv or window-rows depthwise conv, as one kernel whose epilogue is
+        `dyadic.clamp_first`'s form."""
         out_dtype = str(call.attrs.dtype)
         if out_dtype not in _INT_IN:
             return None
@@ -248,20 +249,22 @@ class _KernelRewriter(PyExprMutator):
         clip, shift, add, mul, wide, conv = chain
         a = conv.attrs
         if str(wide.attrs.dtype) != "int64" or (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != (
-                "NHWC", "OHWI", "NHWC") or int(a.groups) != 1 or str(a.out_dtype) != "int32":
+                "NHWC", "OHWI", "NHWC") or str(a.out_dtype) != "int32":
             return None
         x, w = self.visit_expr(conv.args[0]), self.visit_expr(conv.args[1])
         isa = self._isa(x) if _dtype(x) in _INT_IN else None
         channels = int(w.ty.shape[0])
+        depthwise = int(a.groups) == channels == int(x.ty.shape[3]) and int(w.ty.shape[3]) == 1
         pad = _ints(a.padding)
-        if isa is None or _dtype(w) != "int8" or channels % 16 or (len(pad) == 4 and pad[:2] != pad[2:]):
+        if (isa is None or _dtype(w) != "int8" or channels % 16 or (len(pad) == 4 and pad[:2] != pad[2:])
+                or not (int(a.groups) == 1 or depthwise and dwdot.supported(channels, int(w.ty.shape[1])))):
             return None
         consts = [self._channel_const(v, channels) for v in (mul.args[1], add.args[1], shift.args[1])]
         known = self._weight_value(w)
         if any(c is None for c in consts) or known is None:
             return None
         m, total, n = consts
-        value, unpack = np.ascontiguousarray(known[0].transpose(0, 3, 1, 2)), known[1]  # OHWI -> OIHW
+        value, unpack = known  # OHWI
         wsum = value.astype(np.int64).sum(axis=(1, 2, 3))
         bound = np.abs(value.astype(np.int64)).sum(axis=(1, 2, 3)) * (255 if _dtype(x) == "uint8" else 128)
         form = dyadic.clamp_first(m, n, total, int(clip.args[1].value), int(clip.args[2].value), bound)
@@ -270,17 +273,26 @@ class _KernelRewriter(PyExprMutator):
         # The kernel's correction (signed activations: -/+128 * sum(w)) and the form's -lo, as one int32
         # added on wrapping lanes: the sum is exact because |acc - lo| < 2^31 (clamp_first checked).
         corr = isa.correction_sign(_dtype(x)) * SHIFT * wsum - form.lo
-        corr = ((corr + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32)
-        args = [x, self._blocked_weight(conv_weight_layout(value, isa), unpack), relax.const(corr, "int32"),
-                relax.const(form.span.astype(np.int32), "int32"), relax.const(form.mul, "int64"),
-                relax.const(form.add, "int64"), relax.const(form.shift, "int64")]
+        corr = relax.const(((corr + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32), "int32")
+        narrow = [relax.const(form.span.astype(np.int32), "int32"), relax.const(form.mul, "int64"),
+                  relax.const(form.add, "int64"), relax.const(form.shift, "int64")]
         stride, dilation = _ints(a.strides)[:2], _ints(a.dilation)[:2]
         self.rewritten += 1
         self.narrowed += 1
+        if depthwise:
+            w_hwc = np.ascontiguousarray(value[..., 0].transpose(1, 2, 0))
+            kh = w_hwc.shape[0]
+            return self.builder_.call_te(
+                lambda xx, ww, cc, ss, mm, kk, nn: dwdot.depthwise_dot(
+                    xx, ww, cc, stride, pad[:2], dilation, kh, Narrow(ss, mm, kk, nn, out_dtype)),
+                x, self._blocked_weight(dwdot.weight_layout(w_hwc), unpack), corr, *narrow,
+                primfunc_name_hint="depthwise_dot_ifma", primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
+        value = np.ascontiguousarray(value.transpose(0, 3, 1, 2))  # OHWI -> OIHW
         return self.builder_.call_te(
             lambda xx, ww, cc, ss, mm, kk, nn: conv2d_blocked(
                 xx, ww, cc, channels, stride, pad[:2], dilation, isa, "NHWC", Narrow(ss, mm, kk, nn, out_dtype)),
-            *args, primfunc_name_hint=f"conv2d_{isa.name}_ifma")
+            x, self._blocked_weight(conv_weight_layout(value, isa), unpack), corr, *narrow,
+            primfunc_name_hint=f"conv2d_{isa.name}_ifma")
 
     def visit_call_(self, call: Call) -> Expr:
         name = getattr(call.op, "name", "")
