@@ -222,8 +222,18 @@ class Narrow:
     span: te.Tensor  # int32
     mul: te.Tensor  # int64
     add: te.Tensor  # int64
-    shift: te.Tensor  # int64
+    shift: te.Tensor | int  # int64 per channel, or one shift for all (x86_ifma.BYTE_SHIFT: no shift at all)
     out_dtype: str
+
+    def value(self, acc, corr, ch):
+        """Output channel `ch` of this epilogue for accumulator `acc` and correction `corr`."""
+        shift = tirx.const(self.shift, "int64") if isinstance(self.shift, int) else self.shift[ch]
+        return narrow_value(acc, corr, self.span[ch], self.mul[ch], self.add[ch], shift, self.out_dtype)
+
+    @property
+    def attrs(self) -> dict:
+        """The output stage's block annotation: the shift shared by all channels (0: one per channel)."""
+        return {"narrow_shift": self.shift if isinstance(self.shift, int) else 0}
 
 
 def narrow_block(isa: DotIsa) -> str:
@@ -308,9 +318,9 @@ def conv2d_blocked(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, ou
     if narrow is not None:
         if not nhwc or correction is None:
             raise ValueError("the ClampFirst epilogue needs NHWC and its correction (which holds -lo)")
-        return te.compute((n, oh, ow, out_channels), lambda b, i, j, o: narrow_value(
-            conv[b, o // isa.lanes, i, j, o % isa.lanes], correction[o], narrow.span[o], narrow.mul[o],
-            narrow.add[o], narrow.shift[o], narrow.out_dtype), name=narrow_block(isa))
+        return te.compute((n, oh, ow, out_channels), lambda b, i, j, o: narrow.value(
+            conv[b, o // isa.lanes, i, j, o % isa.lanes], correction[o], o), name=narrow_block(isa),
+            attrs=narrow.attrs)
     if nhwc:
         return te.compute((n, oh, ow, out_channels), lambda b, i, j, o: _out(b, o, i, j), name=f"{isa.conv_block}_out")
     return te.compute((n, out_channels, oh, ow), _out, name=f"{isa.conv_block}_out")
@@ -440,7 +450,7 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         from .x86_ifma import LANES, narrow_intrin
 
         _, lanes = sch.split(sch.get_loops(last)[-1], [None, LANES])
-        sch.tensorize(lanes, narrow_intrin(str(sch.get(last).writes[0].source.dtype)))
+        sch.tensorize(lanes, narrow_intrin(sch.get(last)))
     else:
         # the requantize epilogue several channels at a time: its int64 multiply, rounding shift and clamp
         # as vector ops instead of scalar ones per output

@@ -35,7 +35,6 @@ from .blocked_dot import (
     _unpacked,
     add_correction,
     ensure_intrin,
-    narrow_value,
 )
 from .stages import find_block, vectorize_inner
 from .x86_vnni import VNNI
@@ -104,9 +103,8 @@ def depthwise_dot(x: te.Tensor, w: te.Tensor, correction: te.Tensor | None, stri
         axis=[rw, rt]),
         name=DWDOT_BLOCK, attrs={"dw_stride": sw, "dw_span": (kw - 1) * dw + 1})  # for the tile size
     if narrow is not None:
-        return te.compute((n, oh, ow, c), lambda b, i, j, ch: narrow_value(
-            acc[b, i, j, ch], correction[ch], narrow.span[ch], narrow.mul[ch], narrow.add[ch], narrow.shift[ch],
-            narrow.out_dtype), name=NARROW_BLOCK)
+        return te.compute((n, oh, ow, c), lambda b, i, j, ch: narrow.value(acc[b, i, j, ch], correction[ch], ch),
+                          name=NARROW_BLOCK, attrs=narrow.attrs)
     if correction is None:
         return acc
     return te.compute((n, oh, ow, c), lambda b, i, j, ch: add_correction(acc[b, i, j, ch], correction, ch),
@@ -192,7 +190,7 @@ def schedule_depthwise_dot_func(sch: s_tir.Schedule) -> set[str] | None:
     if sch.get(last).name_hint == NARROW_BLOCK:  # alone: its 16 channels as one intrinsic
         from .x86_ifma import narrow_intrin
 
-        sch.tensorize(sch.get_loops(last)[-1], narrow_intrin(str(sch.get(last).writes[0].source.dtype)))
+        sch.tensorize(sch.get_loops(last)[-1], narrow_intrin(sch.get(last)))
     else:
         vectorize_inner(sch, sch.get_loops(last)[-1], most=LANES)
     # the packed columns a tile reads, built right before it: a few bytes a column, on the stack

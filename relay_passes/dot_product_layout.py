@@ -37,6 +37,7 @@ from intforge.kernels.blocked_dot import (
 from intforge.kernels.depthwise import depthwise_nhwc
 from intforge.kernels.dot_product import SHIFT, conv2d_nhwc_dot, dense_dot
 from intforge.kernels.int4 import UNPACK_SYMBOL, pack_int4, unpack_int4
+from intforge.kernels.x86_ifma import BYTE_SHIFT
 from intforge.kernels.x86_vnni import VNNI
 from intforge.relay_passes.bindings import bound_value
 
@@ -274,8 +275,15 @@ class _KernelRewriter(PyExprMutator):
         # added on wrapping lanes: the sum is exact because |acc - lo| < 2^31 (clamp_first checked).
         corr = isa.correction_sign(_dtype(x)) * SHIFT * wsum - form.lo
         corr = relax.const(((corr + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32), "int32")
+        # every channel's shift raised to BYTE_SHIFT where that is exact: the kernel then picks bytes, no shifts
+        byte = form.with_shift(BYTE_SHIFT)
+        form = byte or form
         narrow = [relax.const(form.span.astype(np.int32), "int32"), relax.const(form.mul, "int64"),
-                  relax.const(form.add, "int64"), relax.const(form.shift, "int64")]
+                  relax.const(form.add, "int64")] + ([] if byte else [relax.const(form.shift, "int64")])
+
+        def epilogue(ss, mm, kk, *nn) -> Narrow:
+            return Narrow(ss, mm, kk, nn[0] if nn else BYTE_SHIFT, out_dtype)
+
         stride, dilation = _ints(a.strides)[:2], _ints(a.dilation)[:2]
         self.rewritten += 1
         self.narrowed += 1
@@ -283,14 +291,13 @@ class _KernelRewriter(PyExprMutator):
             w_hwc = np.ascontiguousarray(value[..., 0].transpose(1, 2, 0))
             kh = w_hwc.shape[0]
             return self.builder_.call_te(
-                lambda xx, ww, cc, ss, mm, kk, nn: dwdot.depthwise_dot(
-                    xx, ww, cc, stride, pad[:2], dilation, kh, Narrow(ss, mm, kk, nn, out_dtype)),
+                lambda xx, ww, cc, *ep: dwdot.depthwise_dot(xx, ww, cc, stride, pad[:2], dilation, kh, epilogue(*ep)),
                 x, self._blocked_weight(dwdot.weight_layout(w_hwc), unpack), corr, *narrow,
                 primfunc_name_hint="depthwise_dot_ifma", primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
         value = np.ascontiguousarray(value.transpose(0, 3, 1, 2))  # OHWI -> OIHW
         return self.builder_.call_te(
-            lambda xx, ww, cc, ss, mm, kk, nn: conv2d_blocked(
-                xx, ww, cc, channels, stride, pad[:2], dilation, isa, "NHWC", Narrow(ss, mm, kk, nn, out_dtype)),
+            lambda xx, ww, cc, *ep: conv2d_blocked(xx, ww, cc, channels, stride, pad[:2], dilation, isa, "NHWC",
+                                                   epilogue(*ep)),
             x, self._blocked_weight(conv_weight_layout(value, isa), unpack), corr, *narrow,
             primfunc_name_hint=f"conv2d_{isa.name}_ifma")
 

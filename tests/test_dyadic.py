@@ -115,3 +115,17 @@ def test_clamp_first_declines_what_it_cannot_do_exactly():
     m, n = dyadic.quantize_multipliers([0.01])
     assert dyadic.clamp_first(m, n, total(m, n), 0, 255, [1000]) is not None
     assert dyadic.clamp_first(m, n, total(m, n), 0, 255, [2**31 - 10]) is None
+
+
+def test_clamp_first_with_a_raised_shift_is_the_same_function():
+    """Raising every channel's shift to 40 (the x86 kernel then reads byte 5 instead of shifting) scales
+    mul and add exactly; a channel whose shift is already larger declines."""
+    rng = np.random.default_rng(11)
+    m, n = dyadic.quantize_multipliers([0.02, 0.005, 0.0031])
+    form = dyadic.clamp_first(m, n, dyadic.requantize_total(m, n, [5, -7, 0]), -128, 127, [10**6] * 3)
+    raised = form.with_shift(40)
+    assert raised is not None and (raised.shift == 40).all() and (n < 40).all()
+    acc = np.concatenate([rng.integers(-10**6, 10**6, (5000, 3)), form.lo + np.arange(-3, 4)[:, None],
+                          form.lo + form.span + np.arange(-3, 4)[:, None]]).astype(np.int32)
+    np.testing.assert_array_equal(raised(acc), form(acc))
+    assert form.with_shift(int(n.max()) - 1) is None

@@ -168,6 +168,17 @@ class ClampFirst:
     add: np.ndarray
     shift: np.ndarray
 
+    def with_shift(self, shift: int) -> ClampFirst | None:
+        """The same function with every channel's shift raised to `shift` (mul and add scaled by the same
+        power of 2: exact), or None where a channel's shift is larger or its product would pass 52 bits.
+        With shift 40, a kernel reads the result as byte 5 of the 64-bit lane instead of shifting."""
+        if (self.shift > shift).any():
+            return None
+        k = shift - self.shift
+        if (self.span * (self.mul << k) >= (1 << IFMA_BITS)).any() or (np.abs(self.add) >= (1 << (62 - k))).any():
+            return None
+        return ClampFirst(self.lo, self.span, self.mul << k, self.add << k, np.full_like(self.shift, shift))
+
     def __call__(self, acc: np.ndarray) -> np.ndarray:
         """The rewritten requantize on numpy int32 accumulators (channels last): what a kernel computes."""
         u = np.clip(acc.astype(np.int64) - self.lo, 0, self.span)
