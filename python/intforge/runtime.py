@@ -119,6 +119,7 @@ class CompiledModel:
         # one call in at a time: TVM's VM is not reentrant (entered twice at once, it fails inside), and
         # two calls would refill each other's inputs.
         self._inputs: list | None = None
+        self._input_views: list[np.ndarray] | None = None
         self._call_lock = threading.Lock()
 
     @property
@@ -143,6 +144,12 @@ class CompiledModel:
         with self._call_lock:
             if self._inputs is None:
                 self._inputs = [tvm.runtime.tensor(a, self.device) for a in arrays]
+                # On the CPU, numpy views of the input tensors (DLPack, no copy): np.copyto refills one
+                # at memcpy speed, 14 us for MobileNetV2's 224x224x3 floats where Tensor.copyfrom takes 22.
+                self._input_views = None if self.on_gpu else [np.from_dlpack(t) for t in self._inputs]
+            elif self._input_views is not None:
+                for view, a in zip(self._input_views, arrays, strict=True):
+                    np.copyto(view, a)
             else:
                 for t, a in zip(self._inputs, arrays, strict=True):
                     t.copyfrom(a)
