@@ -151,13 +151,14 @@ class _KernelRewriter(PyExprMutator):
             self.rewritten += 1
             if self.depthwise_dot and dwdot.supported(channels, w_hwc.shape[0]):
                 kh = w_hwc.shape[0]
-                args = [x, self._blocked_weight(dwdot.weight_layout(w_hwc), unpack)]
+                pairs = dwdot.row_pairs(int(x.ty.shape[1]), kh, stride, pad[:2], dilation)
+                args = [x, self._blocked_weight(dwdot.weight_layout(w_hwc, pairs), unpack)]
                 sign = VNNI.correction_sign(_dtype(x))  # signed activations run as a + 128
                 if sign:
                     args.append(self._correction(w_hwc, (0, 1), sign))
                 return self.builder_.call_te(
                     lambda xx, ww, *cc: dwdot.depthwise_dot(xx, ww, cc[0] if cc else None, stride, pad[:2],
-                                                            dilation, kh),
+                                                            dilation, kh, pairs=pairs),
                     *args, primfunc_name_hint="depthwise_dot", primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
             # INT4 stays packed: the kernel unpacks a channel block's window once per row it sweeps
             wk = relax.const(w_hwc if unpack is None else pack_int4(w_hwc), "int8")
@@ -290,9 +291,11 @@ class _KernelRewriter(PyExprMutator):
         if depthwise:
             w_hwc = np.ascontiguousarray(value[..., 0].transpose(1, 2, 0))
             kh = w_hwc.shape[0]
+            pairs = dwdot.row_pairs(int(x.ty.shape[1]), kh, stride, pad[:2], dilation)
             return self.builder_.call_te(
-                lambda xx, ww, cc, *ep: dwdot.depthwise_dot(xx, ww, cc, stride, pad[:2], dilation, kh, epilogue(*ep)),
-                x, self._blocked_weight(dwdot.weight_layout(w_hwc), unpack), corr, *narrow,
+                lambda xx, ww, cc, *ep: dwdot.depthwise_dot(xx, ww, cc, stride, pad[:2], dilation, kh, epilogue(*ep),
+                                                            pairs),
+                x, self._blocked_weight(dwdot.weight_layout(w_hwc, pairs), unpack), corr, *narrow,
                 primfunc_name_hint="depthwise_dot_ifma", primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
         value = np.ascontiguousarray(value.transpose(0, 3, 1, 2))  # OHWI -> OIHW
         return self.builder_.call_te(

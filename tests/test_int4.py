@@ -122,7 +122,8 @@ def test_int4_depthwise_weights_stay_packed_inside_the_kernel():
     assert UNPACK_SYMBOL not in called
     dw = [mod[n] for n in called if "depthwise_dot" in n]
     assert len(dw) == 1
-    assert _shape(dw[0].params[1].ty) == [3, 32 // 16, 16 * 4 // 2]  # [KW, C/16, 64 weights / 2]
+    # [2 rows of a pair, KW, C/16, 64 weights / 2] (6 output rows: in pairs, kernels/depthwise_dot.row_pairs)
+    assert _shape(dw[0].params[1].ty) == [2, 3, 32 // 16, 16 * 4 // 2]
 
 
 def _shape(t) -> list[int]:
@@ -130,9 +131,9 @@ def _shape(t) -> list[int]:
 
 
 INT4_CASES = ["conv_plain", "conv_stride_pad", "conv_stride_pad_batch3", "conv_1x1_batch4", "conv_wide_batch2",
-              "conv_depthwise", "depthwise_stack", "depthwise_rows", "depthwise_dot_rect_dilated", "conv_groups",
-              "conv_bn_relu", "linear", "linear_relu", "add_relu", "add_downsample", "concat", "max_pool",
-              "mean_flatten_linear"]
+              "conv_depthwise", "depthwise_stack", "depthwise_rows", "depthwise_dot_rect_dilated",
+              "depthwise_row_pairs", "conv_groups", "conv_bn_relu", "linear", "linear_relu", "add_relu",
+              "add_downsample", "concat", "max_pool", "mean_flatten_linear"]
 
 
 @pytest.mark.parametrize("case", INT4_CASES)

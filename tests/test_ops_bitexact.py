@@ -95,6 +95,9 @@ CASES = {
     # in one direction; and a 5-row window, which that kernel cannot take (the channel-vectorized one does)
     "depthwise_dot_rect_dilated": (lambda: nn.Conv2d(32, 32, (2, 3), stride=(1, 2), padding=(1, 2),
                                                      dilation=(2, 1), groups=32), (1, 32, 9, 11)),
+    # output rows in pairs sharing packed columns (stride 1, KH < 4, an even number of rows), signed input
+    "depthwise_row_pairs": (lambda: nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),
+                                                  nn.Conv2d(32, 32, (2, 3), padding=1, groups=32)), (1, 32, 8, 10)),
     "depthwise_5x5": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(16, 16, 5, padding=2, groups=16)), (1, 16, 8, 8)),
     "conv_1x1_batch2": (lambda: nn.Conv2d(16, 8, 1), (2, 16, 5, 5)),
     # batches run image by image inside a task: a strided padded conv, and channel-block counts on both
