@@ -46,6 +46,7 @@ from .stages import compute_inputs_at, vectorize_inner
 ACC_SCOPE = "global"
 STACK_BYTES = 1024
 INT4_BLOCK = "weight_int4"  # the in-kernel unpack stage of packed INT4 weights
+FOLD_BLOCK = "data_rows"  # a folded conv's input rows as runs of bytes, packed once before the kernel
 MIN_INT4_BLOCKS = 8  # channel blocks (x batch) for an INT4 conv to unpack its weights once per block
 HOIST_BELOW_CHANNELS = 16  # a conv's packing stage with fewer input channels runs once, before the kernel
 ROW_UNPACK_BYTES = 16 * 1024  # an INT4 conv with fewer blocks and at most this many weights a tile
@@ -253,9 +254,28 @@ def _round_up(n: int, m: int) -> int:
     return blocks(n, m) * m
 
 
+def fold_columns(channels: int, kernel: tuple[int, int], dilation: tuple[int, int], isa: DotIsa) -> bool:
+    """Whether a conv with fewer input channels than a lane's bytes (an RGB stem) takes each window row's
+    KW x C bytes as its channels (`conv2d_blocked`'s `fold`): ResNet's 7x7x3 stem then reduces 6 groups
+    of 4 bytes a row where one group a tap, 3 of its 4 bytes used, made 7."""
+    kw = kernel[1]
+    return (channels < isa.group and dilation[1] == 1
+            and blocks(kw * channels, isa.group) < kw * blocks(channels, isa.group))
+
+
+def fold_weight(w: np.ndarray, isa: DotIsa) -> np.ndarray:
+    """OIHW weights of a conv whose window rows are folded into its channels: [O, KW * C padded to the
+    group, KH, 1], tap (rw, c) at channel rw * C + c, zero weights in the padding."""
+    o, c, kh, kw = w.shape
+    out = np.zeros((o, _round_up(kw * c, isa.group), kh, 1), w.dtype)
+    out[:, :kw * c, :, 0] = w.transpose(0, 3, 1, 2).reshape(o, kw * c, kh)
+    return out
+
+
 def conv2d_blocked(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out_channels: int,
                    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
-                   isa: DotIsa, layout: str = "NCHW", narrow: Narrow | None = None) -> te.Tensor:
+                   isa: DotIsa, layout: str = "NCHW", narrow: Narrow | None = None,
+                   fold: int | None = None) -> te.Tensor:
     """x: [N, C, H, W] (or [N, H, W, C] with layout "NHWC") int8/uint8; wp: [O/lanes, KH, KW, C/group,
     lanes, group] int8, or [..., C/group, block/2] packed INT4; -> int32 in the same layout as x, or with
     `narrow` (NHWC only) the requantized 8-bit output of its `dyadic.ClampFirst` epilogue.
@@ -263,14 +283,18 @@ def conv2d_blocked(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, ou
     In NHWC the channels of a pixel are contiguous, so the packing stage is a plain copy, and it is
     skipped when there is nothing to do (activations already the instruction's type, no padding, channels
     a multiple of the group, the row wide enough for whole instructions): the kernel then reads its input
-    where the previous layer wrote it."""
+    where the previous layer wrote it.
+
+    `fold` (NHWC, few input channels): wp holds `fold_weight`'s layout for a window `fold` columns wide,
+    and the packing stage lays each padded input row out as one run of bytes (FOLD_BLOCK), pixel after
+    pixel, so that the KW x C bytes of a window row are contiguous and read as the channels."""
     nhwc = layout == "NHWC"
     if len(wp.shape) == 5:  # packed INT4: unpacked block by block inside the kernel
         wp = _unpacked(wp, 4, isa)
     n, c, h, wd = (int(d) for d in ((x.shape[0], x.shape[3], x.shape[1], x.shape[2]) if nhwc else x.shape))
     ob, kh, kw, cb = (int(d) for d in wp.shape[:4])
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    oh, ow = pool_output_size(h, kh, sh, ph, dh, False), pool_output_size(wd, kw, sw, pw, dw, False)
+    oh, ow = pool_output_size(h, kh, sh, ph, dh, False), pool_output_size(wd, fold or kw, sw, pw, dw, False)
     owc = _round_up(ow, isa.rows)  # whole instructions: an odd row computes one pixel more, never stored
     width = max(wd + 2 * pw, (owc - 1) * sw + (kw - 1) * dw + 1)
     pad_value = _as_act(tirx.const(0, x.dtype), x.dtype, isa)
@@ -283,7 +307,21 @@ def conv2d_blocked(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, ou
         return tirx.if_then_else(inside, _as_act(_x(b, ch, i - ph, j - pw), x.dtype, isa), pad_value)
 
     cp = cb * isa.group
-    if isa.rows > 1 and sw > 1:
+    if fold is not None:
+        if not nhwc or kw != 1 or dw != 1:
+            raise ValueError("a folded conv takes NHWC input, fold_weight's [.., KH, 1] weights, no column dilation")
+
+        def _flat(b, r, q):  # byte q of padded row r: pixel q // C, channel q % C; zeros past the row's end
+            col = q // c
+            inside = tirx.all(r >= ph, r < h + ph, col >= pw, col < wd + pw)
+            return tirx.if_then_else(inside, _as_act(x[b, r - ph, col - pw, q % c], x.dtype, isa), pad_value)
+
+        # one row's bytes, plus a group's slack: a window row's last group reads past the last pixel
+        xf = te.compute((n, h + 2 * ph, (wd + 2 * pw) * c + cp), _flat, name=FOLD_BLOCK)
+
+        def _tap(b, i, j, ch, rw):
+            return xf[b, i, j * sw * c + ch]
+    elif isa.rows > 1 and sw > 1:
         # The pixels of one instruction must be adjacent rows of its activation block: with a stride, the
         # input row is split into its sw phases (column q * sw + p at [p, q]), and neighbouring output
         # pixels read neighbouring columns of one phase.
@@ -457,7 +495,7 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         vectorize_inner(sch, sch.get_loops(last)[-1], most=isa.epilogue_lanes)
     if inputs_at is None:  # dense: its input is a few rows, packed once rather than once per output block
         return {sch.get(b).name_hint for b in producers}
-    if few_channels:
+    if few_channels or FOLD_BLOCK in names:
         # The 3-channel stem: its packing stage vectorizes over only 4 channels, and inside the kernel
         # each input row would be packed again for every row of the window and every channel block
         # (7 x 2 times for ResNet's 7x7 stem). Packed once, by the default rule, the stem runs 20% faster.

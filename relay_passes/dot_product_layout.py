@@ -32,6 +32,8 @@ from intforge.kernels.blocked_dot import (
     conv_weight_layout,
     dense_blocked,
     dense_weight_layout,
+    fold_columns,
+    fold_weight,
     pack_int4_blocks,
 )
 from intforge.kernels.depthwise import depthwise_nhwc
@@ -119,6 +121,19 @@ class _KernelRewriter(PyExprMutator):
             return None
         return relax.const((sign * SHIFT * value.astype(np.int64).sum(axis=axes)).astype(np.int32), "int32")
 
+    @staticmethod
+    def _blocked_conv(value: np.ndarray, stride, pad, dilation, isa: DotIsa, layout: str):
+        """(te function of (x, weights, correction, epilogue), the OIHW weights it takes) of a groups-1
+        conv on the blocked kernel; an RGB stem in NHWC on VNNI with its window rows folded into the
+        channels (`blocked_dot.fold_columns`)."""
+        o, c, kh, kw = value.shape
+        fold = layout == "NHWC" and isa.name == "vnni" and fold_columns(c, (kh, kw), dilation, isa)
+
+        def conv(xx, ww, cc, narrow):
+            return conv2d_blocked(xx, ww, cc, o, stride, pad, dilation, isa, layout, narrow, kw if fold else None)
+
+        return conv, (fold_weight(value, isa) if fold else value)
+
     def _call(self, fn, name: str, x: Expr, w: Expr, corr: Expr | None) -> Expr:
         self.rewritten += 1
         args = [x, w] + ([corr] if corr is not None else [])
@@ -176,11 +191,9 @@ class _KernelRewriter(PyExprMutator):
             # an instruction of the other signedness: activations shifted by 128, corrected by the weight sums
             sign = isa.correction_sign(_dtype(x))
             corr = self._correction(value, (1, 2, 3), sign) if sign else None
-            o = value.shape[0]
-            return self._call(lambda xx, ww, cc: conv2d_blocked(xx, ww, cc, o, stride, pad[:2], dilation, isa,
-                                                                layout),
-                              f"conv2d_{isa.name}", x, self._blocked_weight(conv_weight_layout(value, isa), unpack),
-                              corr)
+            conv, value = self._blocked_conv(value, stride, pad[:2], dilation, isa, layout)
+            return self._call(lambda xx, ww, cc: conv(xx, ww, cc, None), f"conv2d_{isa.name}", x,
+                              self._blocked_weight(conv_weight_layout(value, isa), unpack), corr)
         shift = self.shift_unsigned and _dtype(x) == "uint8"
         corr = self._correction(value, (1, 2, 3), 1) if shift else None
         w_ohwi = np.ascontiguousarray(value.transpose(0, 2, 3, 1))
@@ -297,10 +310,10 @@ class _KernelRewriter(PyExprMutator):
                                                             pairs),
                 x, self._blocked_weight(dwdot.weight_layout(w_hwc, pairs), unpack), corr, *narrow,
                 primfunc_name_hint="depthwise_dot_ifma", primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
-        value = np.ascontiguousarray(value.transpose(0, 3, 1, 2))  # OHWI -> OIHW
+        conv, value = self._blocked_conv(np.ascontiguousarray(value.transpose(0, 3, 1, 2)), stride, pad[:2],
+                                         dilation, isa, "NHWC")  # OHWI -> OIHW
         return self.builder_.call_te(
-            lambda xx, ww, cc, *ep: conv2d_blocked(xx, ww, cc, channels, stride, pad[:2], dilation, isa, "NHWC",
-                                                   epilogue(*ep)),
+            lambda xx, ww, cc, *ep: conv(xx, ww, cc, epilogue(*ep)),
             x, self._blocked_weight(conv_weight_layout(value, isa), unpack), corr, *narrow,
             primfunc_name_hint=f"conv2d_{isa.name}_ifma")
 

@@ -110,6 +110,10 @@ CASES = {
     "conv_ifma_signed_in": (lambda: nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU()), (1, 8, 7, 9)),
     "conv_ifma_signed_out": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(16, 16, 1)), (2, 16, 5, 5)),
     "conv_ifma_residual": (lambda: Residual(relu=True, channels=16), (1, 16, 6, 6)),
+    # fewer input channels than vpdpbusd's 4 bytes and a wide window: each window row's KW x C bytes folded
+    # into the channels (blocked_dot.fold_columns), with a stride, an odd width, padding, a batch
+    "conv_stem_7x7": (lambda: nn.Conv2d(3, 16, 7, stride=2, padding=3), (2, 3, 19, 17)),
+    "conv_fold_2ch": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(2, 32, (3, 5), padding=(1, 2))), (1, 2, 7, 9)),
     "conv_rect_kernel": (lambda: nn.Conv2d(3, 4, (1, 5), padding=(0, 2)), (1, 3, 6, 6)),
     "conv_bn_relu": (lambda: nn.Sequential(bn_conv(3, 8, kernel_size=3, padding=1), nn.ReLU()), (1, 3, 8, 8)),
     "conv_bn_relu6": (lambda: nn.Sequential(bn_conv(3, 8, kernel_size=3), nn.ReLU6()), (1, 3, 8, 8)),
@@ -288,6 +292,21 @@ def test_conv_requantize_runs_as_52_bit_multiply_adds_in_whole_16_channel_blocks
     torch.manual_seed(0)
     assert uses_ifma(quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(16, 96, 1), nn.ReLU()), (1, 16, 8, 8)))
     assert not uses_ifma(quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(16, 24, 1)), (1, 16, 8, 8)))
+
+
+def test_rgb_stems_fold_their_window_rows_into_the_channels_where_that_saves_groups():
+    """An RGB stem uses 3 of vpdpbusd's 4 bytes per tap. ResNet's 7x7x3 window rows are 21 bytes, 6 groups
+    instead of 7 taps' worth, so they are folded (blocked_dot.fold_columns); MobileNetV2's 3x3x3 rows are
+    9 bytes, 3 groups either way, so not. (Bit-exactness: conv_stem_7x7, conv_fold_2ch.)"""
+    from intforge.kernels.blocked_dot import fold_columns, fold_weight
+    from intforge.kernels.x86_vnni import VNNI
+
+    assert fold_columns(3, (7, 7), (1, 1), VNNI) and not fold_columns(3, (3, 3), (1, 1), VNNI)
+    assert not fold_columns(4, (7, 7), (1, 1), VNNI) and not fold_columns(3, (7, 7), (1, 2), VNNI)
+    w = np.arange(2 * 3 * 7 * 7).reshape(2, 3, 7, 7)
+    folded = fold_weight(w, VNNI)
+    assert folded.shape == (2, 24, 7, 1) and folded[1, 4 * 3 + 2, 5, 0] == w[1, 2, 5, 4]
+    assert not folded[:, 21:].any()
 
 
 def test_pixel_tile_keeps_accumulators_on_the_stack_unless_that_costs_a_third_of_the_tile():
