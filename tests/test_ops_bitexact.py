@@ -294,6 +294,29 @@ def test_conv_requantize_runs_as_52_bit_multiply_adds_in_whole_16_channel_blocks
     assert not uses_ifma(quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(16, 24, 1)), (1, 16, 8, 8)))
 
 
+@pytest.mark.skipif(not resolve_target("x86").has("avx512ifma"), reason="this CPU runs the IFMA epilogue")
+def test_vnni_cpus_without_ifma_keep_the_int64_epilogue_and_stay_bit_exact(tmp_path):
+    """On this CPU every whole-16-channel conv takes the IFMA epilogue, so the int64 one that VNNI CPUs
+    without IFMA (Cascade Lake) run is built here for cascadelake, which this CPU can run: no
+    vpmadd52luq, the same integers (depthwise row pairs and the folded stem included)."""
+    from dataclasses import replace
+
+    import intforge
+    from intforge.compiler import build
+    from intforge.compiler.build import compile_module, ifma_epilogues, module_source
+    from intforge.relay_passes import emit_program
+
+    clx = replace(resolve_target("x86"), name="x86-cascadelake", mcpu="cascadelake")
+    assert clx.has("avx512vnni") and not ifma_epilogues(clx)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 7, stride=2, padding=3), nn.ReLU(), nn.Conv2d(16, 32, 1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(), nn.Conv2d(32, 16, 1))
+    program = quantize_module(model, (1, 3, 20, 20))
+    ir = module_source(compile_module(emit_program(program, boundary="int", io_layout="NHWC"), clx), "llvm", "ll")
+    assert "vpmadd52l" not in ir and "vpdpbusd" in ir
+    assert_bit_exact_int(program, intforge.load(build(program, tmp_path / "clx", target=clx, boundary="int").library))
+
+
 def test_rgb_stems_fold_their_window_rows_into_the_channels_where_that_saves_groups():
     """An RGB stem uses 3 of vpdpbusd's 4 bytes per tap. ResNet's 7x7x3 window rows are 21 bytes, 6 groups
     instead of 7 taps' worth, so they are folded (blocked_dot.fold_columns); MobileNetV2's 3x3x3 rows are
