@@ -218,23 +218,24 @@ def add_correction(v, correction: te.Tensor | None, channel):
 @dataclass(frozen=True)
 class Narrow:
     """The per-channel constants of a `dyadic.ClampFirst` epilogue fused into a conv kernel (the
-    correction argument carries its -lo), and the 8-bit type it writes."""
+    correction argument carries its -lo), and the 8-bit type it writes. `whole_bytes`: every shift is
+    x86_ifma.BYTE_SHIFT, so the kernel picks the result's byte instead of shifting."""
 
     span: te.Tensor  # int32
     mul: te.Tensor  # int64
     add: te.Tensor  # int64
-    shift: te.Tensor | int  # int64 per channel, or one shift for all (x86_ifma.BYTE_SHIFT: no shift at all)
+    shift: te.Tensor  # int64
     out_dtype: str
+    whole_bytes: bool = False
 
     def value(self, acc, corr, ch):
         """Output channel `ch` of this epilogue for accumulator `acc` and correction `corr`."""
-        shift = tirx.const(self.shift, "int64") if isinstance(self.shift, int) else self.shift[ch]
-        return narrow_value(acc, corr, self.span[ch], self.mul[ch], self.add[ch], shift, self.out_dtype)
+        return narrow_value(acc, corr, self.span[ch], self.mul[ch], self.add[ch], self.shift[ch], self.out_dtype)
 
     @property
     def attrs(self) -> dict:
-        """The output stage's block annotation: the shift shared by all channels (0: one per channel)."""
-        return {"narrow_shift": self.shift if isinstance(self.shift, int) else 0}
+        """The output stage's block annotation, which picks the intrinsic."""
+        return {"narrow_bytes": int(self.whole_bytes)}
 
 
 def narrow_block(isa: DotIsa) -> str:

@@ -25,68 +25,19 @@ LANES = 16
 BYTE_SHIFT = 40  # a shift the kernel takes as a byte offset: the result is byte 5 of the 64-bit lane
 
 
-def _intrin(out_dtype: str, byte_shift: bool) -> tuple:
-    """(description, implementation) for 16 outputs of `out_dtype`; with `byte_shift` every channel shifts
-    by BYTE_SHIFT (a constant in the description, no shift buffer), else each by its own."""
+def _intrin(out_dtype: str, whole_bytes: bool) -> tuple:
+    """(description, implementation) for 16 outputs of `out_dtype`. The description is
+    `blocked_dot.narrow_value` with each channel's shift; with `whole_bytes` (every shift is BYTE_SHIFT)
+    the implementation picks each lane's byte 5 instead of shifting."""
     bytes_ = f"{out_dtype}x64"
-    first = BYTE_SHIFT // 8 if byte_shift else 0  # the result's byte within its 64-bit lane
-
-    def _value(A, C, S, M, K, vi, shift):
-        return T.Cast(out_dtype, T.shift_right(T.Cast("int64", T.min(T.max(T.reinterpret(
-            "int32", T.reinterpret("uint32", A[vi]) + T.reinterpret("uint32", C[vi])), 0), S[vi])) * M[vi] + K[vi],
-            shift))
+    first = BYTE_SHIFT // 8 if whole_bytes else 0  # the result's byte within its 64-bit lane
 
     def _half(u, K, M, N, at):
         """(u * mul + add) for 8 lanes: vpmadd52luq adds the low 52 bits of u * mul, which are all of it;
         then each lane's shift, unless the bytes are picked at BYTE_SHIFT."""
         v = T.call_llvm_pure_intrin("int64x8", "llvm.x86.avx512.vpmadd52l.uq.512", K.vload([at], "int64x8"),
                                     T.Shuffle([u], list(range(at, at + 8))), M.vload([at], "int64x8"))
-        return v if N is None else T.shift_right(v, N.vload([at], "int64x8"))
-
-    def _impl_body(A, C, S, M, K, N, Out):
-        # u = clip(acc + corr, 0, span) on 16 int32 lanes, then widened (u >= 0: sign = zero extension)
-        u = T.Cast("int64x16", T.min(T.max(T.reinterpret("int32x16", T.reinterpret(
-            "uint32x16", A.vload([0], "int32x16")) + T.reinterpret("uint32x16", C.vload([0], "int32x16"))),
-            T.broadcast(0, LANES)), S.vload([0], "int32x16")))
-        # byte `first` of each 64-bit lane, the low half's 8 then the high half's: one vpermi2b
-        index = T.Shuffle([T.ramp(T.int8(first), T.int8(8), LANES), T.broadcast(T.int8(0), 64 - LANES)],
-                          list(range(64)))
-        picked = T.call_llvm_pure_intrin("int8x64", "llvm.x86.avx512.vpermi2var.qi.512",
-                                         T.reinterpret("int8x64", _half(u, K, M, N, 0)), index,
-                                         T.reinterpret("int8x64", _half(u, K, M, N, 8)))
-        return T.Shuffle([T.reinterpret(bytes_, picked)], list(range(LANES)))
-
-    if byte_shift:
-        @T.prim_func(s_tir=True)
-        def desc(a: T.handle, c: T.handle, s: T.handle, m: T.handle, k: T.handle, o: T.handle) -> None:
-            A = T.match_buffer(a, (LANES,), "int32", offset_factor=1, scope=ACC_SCOPE)
-            C = T.match_buffer(c, (LANES,), "int32", offset_factor=1)
-            S = T.match_buffer(s, (LANES,), "int32", offset_factor=1)
-            M = T.match_buffer(m, (LANES,), "int64", offset_factor=1)
-            K = T.match_buffer(k, (LANES,), "int64", offset_factor=1)
-            Out = T.match_buffer(o, (LANES,), out_dtype, offset_factor=1)
-            with T.sblock("root"):
-                T.reads(A[0:LANES], C[0:LANES], S[0:LANES], M[0:LANES], K[0:LANES])
-                T.writes(Out[0:LANES])
-                for i in range(LANES):
-                    with T.sblock("narrow"):
-                        vi = T.axis.remap("S", [i])
-                        Out[vi] = _value(A, C, S, M, K, vi, T.int64(BYTE_SHIFT))
-
-        @T.prim_func(s_tir=True)
-        def impl(a: T.handle, c: T.handle, s: T.handle, m: T.handle, k: T.handle, o: T.handle) -> None:
-            A = T.match_buffer(a, (LANES,), "int32", offset_factor=1, scope=ACC_SCOPE)
-            C = T.match_buffer(c, (LANES,), "int32", offset_factor=1)
-            S = T.match_buffer(s, (LANES,), "int32", offset_factor=1)
-            M = T.match_buffer(m, (LANES,), "int64", offset_factor=1)
-            K = T.match_buffer(k, (LANES,), "int64", offset_factor=1)
-            Out = T.match_buffer(o, (LANES,), out_dtype, offset_factor=1)
-            with T.sblock("root"):
-                T.reads(A[0:LANES], C[0:LANES], S[0:LANES], M[0:LANES], K[0:LANES])
-                T.writes(Out[0:LANES])
-                Out[T.ramp(0, 1, LANES)] = _impl_body(A, C, S, M, K, None, Out)
-
-        return desc, impl
+        return v if whole_bytes else T.shift_right(v, N.vload([at], "int64x8"))
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, c: T.handle, s: T.handle, m: T.handle, k: T.handle, n: T.handle, o: T.handle) -> None:
@@ -103,7 +54,9 @@ def _intrin(out_dtype: str, byte_shift: bool) -> tuple:
             for i in range(LANES):
                 with T.sblock("narrow"):
                     vi = T.axis.remap("S", [i])
-                    Out[vi] = _value(A, C, S, M, K, vi, N[vi])
+                    Out[vi] = T.Cast(out_dtype, T.shift_right(T.Cast("int64", T.min(T.max(T.reinterpret(
+                        "int32", T.reinterpret("uint32", A[vi]) + T.reinterpret("uint32", C[vi])), 0), S[vi]))
+                        * M[vi] + K[vi], N[vi]))
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, c: T.handle, s: T.handle, m: T.handle, k: T.handle, n: T.handle, o: T.handle) -> None:
@@ -117,16 +70,25 @@ def _intrin(out_dtype: str, byte_shift: bool) -> tuple:
         with T.sblock("root"):
             T.reads(A[0:LANES], C[0:LANES], S[0:LANES], M[0:LANES], K[0:LANES], N[0:LANES])
             T.writes(Out[0:LANES])
-            Out[T.ramp(0, 1, LANES)] = _impl_body(A, C, S, M, K, N, Out)
+            # u = clip(acc + corr, 0, span) on 16 int32 lanes, then widened (u >= 0: sign = zero extension)
+            u = T.bind(T.Cast("int64x16", T.min(T.max(T.reinterpret("int32x16", T.reinterpret(
+                "uint32x16", A.vload([0], "int32x16")) + T.reinterpret("uint32x16", C.vload([0], "int32x16"))),
+                T.broadcast(0, LANES)), S.vload([0], "int32x16"))))
+            # byte `first` of each 64-bit lane, the low half's 8 then the high half's: one vpermi2b
+            Out[T.ramp(0, 1, LANES)] = T.Shuffle([T.reinterpret(bytes_, T.call_llvm_pure_intrin(
+                "int8x64", "llvm.x86.avx512.vpermi2var.qi.512", T.reinterpret("int8x64", _half(u, K, M, N, 0)),
+                T.Shuffle([T.ramp(T.int8(first), T.int8(8), LANES), T.broadcast(T.int8(0), 64 - LANES)],
+                          list(range(64))),
+                T.reinterpret("int8x64", _half(u, K, M, N, 8))))], list(range(LANES)))
 
     return desc, impl
 
 
 def narrow_intrin(block: s_tir.SBlock) -> str:
     """The intrinsic (registered on first use) for an epilogue block of `blocked_dot.Narrow`: its output
-    type, and whether all its channels shift by BYTE_SHIFT (its "narrow_shift" annotation)."""
+    type, and whether it picks bytes instead of shifting (its "narrow_bytes" annotation)."""
     out_dtype = str(block.writes[0].source.dtype)
-    byte_shift = int(block.annotations.get("narrow_shift", 0)) == BYTE_SHIFT
-    name = f"intforge_requantize_16_ifma_{out_dtype}" + ("_byte5" if byte_shift else "")
-    ensure_intrin(name, lambda: _intrin(out_dtype, byte_shift))
+    whole_bytes = bool(int(block.annotations.get("narrow_bytes", 0)))
+    name = f"intforge_requantize_16_ifma_{out_dtype}" + ("_byte5" if whole_bytes else "")
+    ensure_intrin(name, lambda: _intrin(out_dtype, whole_bytes))
     return name

@@ -17,6 +17,9 @@ the window's rows as the 4 bytes of a lane (`intforge.kernels.depthwise_dot`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -40,6 +43,7 @@ from intforge.kernels.depthwise import depthwise_nhwc
 from intforge.kernels.dot_product import SHIFT, conv2d_nhwc_dot, dense_dot
 from intforge.kernels.int4 import UNPACK_SYMBOL, pack_int4, unpack_int4
 from intforge.kernels.x86_ifma import BYTE_SHIFT
+from intforge.kernels.x86_ifma import LANES as IFMA_LANES
 from intforge.kernels.x86_vnni import VNNI
 from intforge.relay_passes.bindings import bound_value
 
@@ -59,6 +63,18 @@ def _ints(v) -> tuple[int, ...]:
     return tuple(int(i) for i in v)
 
 
+@dataclass(frozen=True)
+class _Requant:
+    """A conv's requantize as `_narrow` found it after the conv: clamp((acc * m + total) >> n)."""
+
+    m: np.ndarray
+    total: np.ndarray
+    n: np.ndarray
+    qmin: int
+    qmax: int
+    out_dtype: str
+
+
 @expr_functor.mutator
 class _KernelRewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, shift_unsigned: bool, blocked: str | None, ifma: bool = False) -> None:
@@ -69,7 +85,6 @@ class _KernelRewriter(PyExprMutator):
         self.ifma = ifma and blocked == "vnni"  # requantize epilogues as 52-bit multiply-adds: kernels/x86_ifma.py
         self.original: dict = {}  # var -> value in the function as it came (set per function by the pass)
         self.rewritten = 0
-        self.narrowed = 0
 
     def _bound(self, e: Expr) -> Expr:
         return bound_value(self, e)
@@ -116,10 +131,39 @@ class _KernelRewriter(PyExprMutator):
         return self.blocked[_dtype(x)] if self.blocked else None
 
     @staticmethod
-    def _correction(value: np.ndarray | None, axes: tuple[int, ...], sign: int) -> Expr | None:
+    def _correction_sums(value: np.ndarray, axes: tuple[int, ...], sign: int) -> np.ndarray:
+        """sign * 128 * sum(w) per output channel (int64): what the other signedness's +/-128 added."""
+        return sign * SHIFT * value.astype(np.int64).sum(axis=axes)
+
+    @classmethod
+    def _correction(cls, value: np.ndarray | None, axes: tuple[int, ...], sign: int) -> Expr | None:
         if value is None:
             return None
-        return relax.const((sign * SHIFT * value.astype(np.int64).sum(axis=axes)).astype(np.int32), "int32")
+        return relax.const(cls._correction_sums(value, axes, sign).astype(np.int32), "int32")
+
+    def _clamp_first(self, requant: _Requant, value: np.ndarray, axes: tuple[int, ...], x_dtype: str,
+                     isa: DotIsa) -> tuple[Expr, list[Expr], Callable[..., Narrow]] | None:
+        """A conv's requantize in `dyadic.clamp_first`'s form, for its kernel's epilogue: (its correction,
+        which also holds -lo; the epilogue's per-channel constants; a function of their te tensors to the
+        `Narrow`), or None where the form would not be exact or the channels are not whole 16-blocks.
+        `value`'s `axes` are the ones each output channel sums over."""
+        bound = np.abs(value.astype(np.int64)).sum(axis=axes) * (255 if x_dtype == "uint8" else 128)
+        if bound.size % IFMA_LANES:  # the intrinsic takes whole 16-channel blocks
+            return None
+        form = dyadic.clamp_first(requant.m, requant.n, requant.total, requant.qmin, requant.qmax, bound)
+        if form is None:
+            return None
+        # The correction (signed activations) and -lo as one int32, added on wrapping lanes: exact, as
+        # |acc - lo| < 2^31 (clamp_first checked it against the accumulator's bound).
+        corr = self._correction_sums(value, axes, isa.correction_sign(x_dtype)) - form.lo
+        corr = ((corr + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32)
+        # every channel's shift raised to BYTE_SHIFT where that is exact: the kernel then picks bytes, no shifts
+        byte = form.with_shift(BYTE_SHIFT)
+        form = byte or form
+        consts = [relax.const(form.span.astype(np.int32), "int32"), relax.const(form.mul, "int64"),
+                  relax.const(form.add, "int64"), relax.const(form.shift, "int64")]
+        return (relax.const(corr, "int32"), consts,
+                lambda ss, mm, kk, nn: Narrow(ss, mm, kk, nn, requant.out_dtype, whole_bytes=byte is not None))
 
     @staticmethod
     def _blocked_conv(value: np.ndarray, stride, pad, dilation, isa: DotIsa, layout: str):
@@ -134,13 +178,25 @@ class _KernelRewriter(PyExprMutator):
 
         return conv, (fold_weight(value, isa) if fold else value)
 
+    def _epilogue(self, requant: _Requant | None, value: np.ndarray, axes: tuple[int, ...], x: Expr, isa: DotIsa
+                  ) -> tuple[Expr | None, list[Expr], Callable[..., Narrow] | None]:
+        """A blocked kernel's correction (activations of the other signedness run shifted by 128, corrected
+        by the weight sums), and with `requant` its `_clamp_first` epilogue: (correction or None, the
+        epilogue's constants, the function to its `Narrow`, or None without one)."""
+        if requant is not None and (found := self._clamp_first(requant, value, axes, _dtype(x), isa)) is not None:
+            return found
+        sign = isa.correction_sign(_dtype(x))
+        return (self._correction(value, axes, sign) if sign else None), [], None
+
     def _call(self, fn, name: str, x: Expr, w: Expr, corr: Expr | None) -> Expr:
         self.rewritten += 1
         args = [x, w] + ([corr] if corr is not None else [])
         return self.builder_.call_te(lambda xx, ww, *cc: fn(xx, ww, cc[0] if cc else None), *args,
                                      primfunc_name_hint=name)
 
-    def _conv2d(self, call: Call) -> Expr | None:
+    def _conv2d(self, call: Call, requant: _Requant | None = None) -> Expr | None:
+        """The conv's kernel; with `requant`, the kernel that also requantizes (x86 IFMA), or None where
+        there is none for this conv."""
         a = call.attrs
         x, w = self.visit_expr(call.args[0]), self.visit_expr(call.args[1])
         layouts = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout))
@@ -167,14 +223,19 @@ class _KernelRewriter(PyExprMutator):
             if self.depthwise_dot and dwdot.supported(channels, w_hwc.shape[0]):
                 kh = w_hwc.shape[0]
                 pairs = dwdot.row_pairs(int(x.ty.shape[1]), kh, stride, pad[:2], dilation)
-                args = [x, self._blocked_weight(dwdot.weight_layout(w_hwc, pairs), unpack)]
-                sign = VNNI.correction_sign(_dtype(x))  # signed activations run as a + 128
-                if sign:
-                    args.append(self._correction(w_hwc, (0, 1), sign))
+                corr, consts, epilogue = self._epilogue(requant, w_hwc, (0, 1), x, VNNI)
+                if requant is not None and epilogue is None:
+                    return None
                 return self.builder_.call_te(
-                    lambda xx, ww, *cc: dwdot.depthwise_dot(xx, ww, cc[0] if cc else None, stride, pad[:2],
-                                                            dilation, kh, pairs=pairs),
-                    *args, primfunc_name_hint="depthwise_dot", primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
+                    lambda xx, ww, *rest: dwdot.depthwise_dot(
+                        xx, ww, rest[0] if corr is not None else None, stride, pad[:2], dilation, kh,
+                        epilogue(*rest[1:]) if epilogue else None, pairs),
+                    x, self._blocked_weight(dwdot.weight_layout(w_hwc, pairs), unpack),
+                    *([corr] if corr is not None else []), *consts,
+                    primfunc_name_hint="depthwise_dot_ifma" if epilogue else "depthwise_dot",
+                    primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
+            if requant is not None:
+                return None
             # INT4 stays packed: the kernel unpacks a channel block's window once per row it sweeps
             wk = relax.const(w_hwc if unpack is None else pack_int4(w_hwc), "int8")
             kernel = w_hwc.shape[:2]
@@ -188,12 +249,19 @@ class _KernelRewriter(PyExprMutator):
         layout = layouts[0]
         isa = self._isa(x)
         if isa is not None and groups == 1:
-            # an instruction of the other signedness: activations shifted by 128, corrected by the weight sums
-            sign = isa.correction_sign(_dtype(x))
-            corr = self._correction(value, (1, 2, 3), sign) if sign else None
+            corr, consts, epilogue = self._epilogue(requant, value, (1, 2, 3), x, isa)
+            if requant is not None and epilogue is None:
+                return None
             conv, value = self._blocked_conv(value, stride, pad[:2], dilation, isa, layout)
-            return self._call(lambda xx, ww, cc: conv(xx, ww, cc, None), f"conv2d_{isa.name}", x,
-                              self._blocked_weight(conv_weight_layout(value, isa), unpack), corr)
+            self.rewritten += 1
+            return self.builder_.call_te(
+                lambda xx, ww, *rest: conv(xx, ww, rest[0] if corr is not None else None,
+                                           epilogue(*rest[1:]) if epilogue else None),
+                x, self._blocked_weight(conv_weight_layout(value, isa), unpack),
+                *([corr] if corr is not None else []), *consts,
+                primfunc_name_hint=f"conv2d_{isa.name}" + ("_ifma" if epilogue else ""))
+        if requant is not None:
+            return None
         shift = self.shift_unsigned and _dtype(x) == "uint8"
         corr = self._correction(value, (1, 2, 3), 1) if shift else None
         w_ohwi = np.ascontiguousarray(value.transpose(0, 2, 3, 1))
@@ -248,8 +316,8 @@ class _KernelRewriter(PyExprMutator):
 
     def _narrow(self, call: Call) -> Expr | None:
         """astype(clip(right_shift(add(multiply(astype(conv2d, int64), m), total), n), lo, hi)), the
-        requantize of a VNNI conv or window-rows depthwise conv, as one kernel whose epilogue is
-        `dyadic.clamp_first`'s form."""
+        requantize of an NHWC conv, as one kernel that also requantizes (`_conv2d` with the `_Requant`),
+        or None where there is none."""
         out_dtype = str(call.attrs.dtype)
         if out_dtype not in _INT_IN:
             return None
@@ -264,58 +332,14 @@ class _KernelRewriter(PyExprMutator):
         clip, shift, add, mul, wide, conv = chain
         a = conv.attrs
         if str(wide.attrs.dtype) != "int64" or (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != (
-                "NHWC", "OHWI", "NHWC") or str(a.out_dtype) != "int32":
+                "NHWC", "OHWI", "NHWC"):
             return None
-        x, w = self.visit_expr(conv.args[0]), self.visit_expr(conv.args[1])
-        isa = self._isa(x) if _dtype(x) in _INT_IN else None
-        channels = int(w.ty.shape[0])
-        depthwise = int(a.groups) == channels == int(x.ty.shape[3]) and int(w.ty.shape[3]) == 1
-        pad = _ints(a.padding)
-        if (isa is None or _dtype(w) != "int8" or channels % 16 or (len(pad) == 4 and pad[:2] != pad[2:])
-                or not (int(a.groups) == 1 or depthwise and dwdot.supported(channels, int(w.ty.shape[1])))):
-            return None
+        channels = int(conv.args[1].ty.shape[0])
         consts = [self._channel_const(v, channels) for v in (mul.args[1], add.args[1], shift.args[1])]
-        known = self._weight_value(w)
-        if any(c is None for c in consts) or known is None:
+        if any(c is None for c in consts):
             return None
         m, total, n = consts
-        value, unpack = known  # OHWI
-        wsum = value.astype(np.int64).sum(axis=(1, 2, 3))
-        bound = np.abs(value.astype(np.int64)).sum(axis=(1, 2, 3)) * (255 if _dtype(x) == "uint8" else 128)
-        form = dyadic.clamp_first(m, n, total, int(clip.args[1].value), int(clip.args[2].value), bound)
-        if form is None:
-            return None
-        # The kernel's correction (signed activations: -/+128 * sum(w)) and the form's -lo, as one int32
-        # added on wrapping lanes: the sum is exact because |acc - lo| < 2^31 (clamp_first checked).
-        corr = isa.correction_sign(_dtype(x)) * SHIFT * wsum - form.lo
-        corr = relax.const(((corr + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32), "int32")
-        # every channel's shift raised to BYTE_SHIFT where that is exact: the kernel then picks bytes, no shifts
-        byte = form.with_shift(BYTE_SHIFT)
-        form = byte or form
-        narrow = [relax.const(form.span.astype(np.int32), "int32"), relax.const(form.mul, "int64"),
-                  relax.const(form.add, "int64")] + ([] if byte else [relax.const(form.shift, "int64")])
-
-        def epilogue(ss, mm, kk, *nn) -> Narrow:
-            return Narrow(ss, mm, kk, nn[0] if nn else BYTE_SHIFT, out_dtype)
-
-        stride, dilation = _ints(a.strides)[:2], _ints(a.dilation)[:2]
-        self.rewritten += 1
-        self.narrowed += 1
-        if depthwise:
-            w_hwc = np.ascontiguousarray(value[..., 0].transpose(1, 2, 0))
-            kh = w_hwc.shape[0]
-            pairs = dwdot.row_pairs(int(x.ty.shape[1]), kh, stride, pad[:2], dilation)
-            return self.builder_.call_te(
-                lambda xx, ww, cc, *ep: dwdot.depthwise_dot(xx, ww, cc, stride, pad[:2], dilation, kh, epilogue(*ep),
-                                                            pairs),
-                x, self._blocked_weight(dwdot.weight_layout(w_hwc, pairs), unpack), corr, *narrow,
-                primfunc_name_hint="depthwise_dot_ifma", primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
-        conv, value = self._blocked_conv(np.ascontiguousarray(value.transpose(0, 3, 1, 2)), stride, pad[:2],
-                                         dilation, isa, "NHWC")  # OHWI -> OIHW
-        return self.builder_.call_te(
-            lambda xx, ww, cc, *ep: conv(xx, ww, cc, epilogue(*ep)),
-            x, self._blocked_weight(conv_weight_layout(value, isa), unpack), corr, *narrow,
-            primfunc_name_hint=f"conv2d_{isa.name}_ifma")
+        return self._conv2d(conv, _Requant(m, total, n, int(clip.args[1].value), int(clip.args[2].value), out_dtype))
 
     def visit_call_(self, call: Call) -> Expr:
         name = getattr(call.op, "name", "")

@@ -130,8 +130,12 @@ def rescale_sum(
 def requantize_total(m: np.ndarray | int, n: np.ndarray | int, bias: np.ndarray | int | None = None) -> np.ndarray:
     """The int64 constant `requantize` adds before its shift (what `rescale_sum` adds): the rounding
     offset plus bias * m."""
-    bias_m = 0 if bias is None else np.asarray(bias, dtype=np.int64) * np.asarray(m, dtype=np.int64)
-    return rounding_offset(n) + bias_m
+    return rounding_offset(n) + _bias_offset(m, bias)
+
+
+def _bias_offset(m: np.ndarray | int, bias: np.ndarray | int | None) -> np.ndarray | int:
+    """bias * m in int64, the part of the requantize's constant that the bias brings (0 without one)."""
+    return 0 if bias is None else np.asarray(bias, dtype=np.int64) * np.asarray(m, dtype=np.int64)
 
 
 def requantize(
@@ -143,8 +147,7 @@ def requantize(
     The bias (int32, per channel) is not added to the accumulator: bias * m joins the rounding offset in
     one int64 constant, so each output costs one add instead of two, and acc + bias never wraps in int32.
     (|acc * m|, |bias * m| < 2^62: the int64 sum cannot overflow.)"""
-    offset = 0 if bias is None else np.asarray(bias, dtype=np.int64) * np.asarray(m, dtype=np.int64)
-    return rescale_sum(ops, [(acc, m)], n, qmin, qmax, out_dtype, offset)
+    return rescale_sum(ops, [(acc, m)], n, qmin, qmax, out_dtype, _bias_offset(m, bias))
 
 
 #: Bits of the unsigned product a 52-bit multiply-add (x86 AVX512-IFMA `vpmadd52luq`) keeps.
