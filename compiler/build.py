@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,8 @@ def _kernel_passes(preset: TargetPreset | None, dot_kernels: bool = True) -> lis
     if preset is None or not dot_kernels:
         return []
     return [nhwc_layout_pass(), dot_product_layout_pass(shift_unsigned=shift_unsigned(preset),
-                                                        blocked=blocked_kernels(preset), ifma=ifma_epilogues(preset)),
+                                                        blocked=blocked_kernels(preset), ifma=ifma_epilogues(preset),
+                                                        winograd_convs=winograd_convs(preset)),
             residual_add_pass()]
 
 
@@ -66,6 +68,12 @@ def ifma_epilogues(preset: TargetPreset) -> bool:
     """Whether the VNNI convs' requantize runs as 52-bit multiply-adds (kernels/x86_ifma.py): AVX512-IFMA
     for `vpmadd52luq` and AVX512-VBMI for `vpermi2b` (Ice Lake, Sapphire Rapids, Zen 4 and later)."""
     return blocked_kernels(preset) == "vnni" and preset.has("avx512ifma") and preset.has("avx512vbmi")
+
+
+def winograd_convs(preset: TargetPreset) -> bool:
+    """Whether 3x3 stride-1 convs run as exact integer Winograd F(4x4, 3x3) on `vpdpwssd`
+    (kernels/winograd.py): on AVX512-VNNI, unless INTFORGE_WINOGRAD=0 (to compare with the direct kernel)."""
+    return blocked_kernels(preset) == "vnni" and os.environ.get("INTFORGE_WINOGRAD", "1") != "0"
 
 
 def _legalize_passes(preset: TargetPreset | None = None, dot_kernels: bool = True) -> list[tvm.transform.Pass]:

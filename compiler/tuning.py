@@ -120,7 +120,9 @@ def _has_own_schedule(mod: tvm.IRModule) -> bool:
     from intforge.kernels.depthwise_dot import DWDOT_BLOCK
 
     sch = s_tir.Schedule(mod)
-    for name in sorted(kernel_block_names()) + [DW_BLOCK, DWDOT_BLOCK]:
+    from intforge.kernels.winograd import BLOCK as WINOGRAD_BLOCK
+
+    for name in sorted(kernel_block_names()) + [DW_BLOCK, DWDOT_BLOCK, WINOGRAD_BLOCK]:
         try:
             sch.get_sblock(name)
             return True

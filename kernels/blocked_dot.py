@@ -90,17 +90,19 @@ class DotIsa:
         return -1 if self.act_dtype == "uint8" else 1
 
 
-def broadcast_dot_intrin(llvm_intrinsic: str, act_dtype: str, lanes: int, group: int) -> tuple:
+def broadcast_dot_intrin(llvm_intrinsic: str, act_dtype: str, lanes: int, group: int,
+                         weight_dtype: str = "int8") -> tuple:
     """(description, implementation) of a dot-product instruction of `lanes` int32 lanes, each the sum of
-    `group` byte products, the activation's `group` bytes broadcast to every lane: C[i] += sum_k A[k] *
-    B[i, k]. x86 vpdpbusd (16 x 4, u8 x s8) and ARM sdot (4 x 4, s8 x s8) are both this shape. The LLVM
-    intrinsic takes (accumulators, activations, weights) as <lanes x i32>, <lanes*group x i8> twice."""
+    `group` products, the activation's `group` elements (32 bits in all) broadcast to every lane:
+    C[i] += sum_k A[k] * B[i, k]. x86 vpdpbusd (16 x 4, u8 x s8), x86 vpdpwssd (16 x 2, s16 x s16) and
+    ARM sdot (4 x 4, s8 x s8) are all this shape. The LLVM intrinsic takes (accumulators, activations,
+    weights) as <lanes x i32>, then <lanes*group x i8> (or i16) twice."""
     n = lanes * group
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (group,), act_dtype, offset_factor=1)
-        B = T.match_buffer(b, (lanes, group), "int8", offset_factor=1)
+        B = T.match_buffer(b, (lanes, group), weight_dtype, offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope=ACC_SCOPE)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
@@ -113,7 +115,7 @@ def broadcast_dot_intrin(llvm_intrinsic: str, act_dtype: str, lanes: int, group:
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (group,), act_dtype, offset_factor=1)
-        B = T.match_buffer(b, (lanes, group), "int8", offset_factor=1)
+        B = T.match_buffer(b, (lanes, group), weight_dtype, offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope=ACC_SCOPE)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
@@ -123,7 +125,7 @@ def broadcast_dot_intrin(llvm_intrinsic: str, act_dtype: str, lanes: int, group:
                 C.vload([0], dtype=f"int32x{lanes}"),
                 T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], f"{act_dtype}x{group}"), dtype="int32"), lanes),
                               dtype=f"{act_dtype}x{n}"),
-                B.vload([0, 0], dtype=f"int8x{n}"),
+                B.vload([0, 0], dtype=f"{weight_dtype}x{n}"),
                 dtype=f"int32x{lanes}",
             )
 

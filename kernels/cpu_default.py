@@ -15,6 +15,7 @@ from .blocked_dot import schedule_blocked_func
 from .depthwise import schedule_depthwise_func
 from .depthwise_dot import schedule_depthwise_dot_func
 from .stages import vectorize_inner
+from .winograd import schedule_winograd_func
 
 MIN_PARALLEL_EXTENT = 4
 
@@ -38,7 +39,9 @@ def _schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
         root = sch.get_sblock("root")
     except Exception:  # noqa: BLE001 - functions without a root block are left as they are
         return func
-    left = schedule_blocked_func(sch)  # our tensorized kernels bring their own schedule
+    left = schedule_winograd_func(sch)  # our tensorized kernels bring their own schedule
+    if left is None:
+        left = schedule_blocked_func(sch)
     if left is None:
         left = schedule_depthwise_func(sch)
     if left is None:

@@ -27,6 +27,7 @@ from tvm.relax import Call, Expr, PyExprMutator, expr_functor
 
 from intforge import dyadic
 from intforge.kernels import depthwise_dot as dwdot
+from intforge.kernels import winograd
 from intforge.kernels.arm_dot import NEON, SDOT, SMMLA, USMMLA
 from intforge.kernels.blocked_dot import (
     DotIsa,
@@ -77,12 +78,14 @@ class _Requant:
 
 @expr_functor.mutator
 class _KernelRewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, shift_unsigned: bool, blocked: str | None, ifma: bool = False) -> None:
+    def __init__(self, mod: tvm.IRModule, shift_unsigned: bool, blocked: str | None, ifma: bool = False,
+                 winograd_convs: bool = False) -> None:
         super().__init__(mod)
         self.shift_unsigned = shift_unsigned
         self.blocked = BLOCKED[blocked] if blocked else None
         self.depthwise_dot = blocked == "vnni"  # vpdpbusd over the window's rows: kernels/depthwise_dot.py
         self.ifma = ifma and blocked == "vnni"  # requantize epilogues as 52-bit multiply-adds: kernels/x86_ifma.py
+        self.winograd = winograd_convs and blocked == "vnni"  # 3x3 convs on vpdpwssd: kernels/winograd.py
         self.original: dict = {}  # var -> value in the function as it came (set per function by the pass)
         self.rewritten = 0
 
@@ -246,6 +249,20 @@ class _KernelRewriter(PyExprMutator):
                                          primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
         if nhwc:
             value = np.ascontiguousarray(value.transpose(0, 3, 1, 2))  # OHWI -> OIHW
+            if (self.winograd and groups == 1 and unpack is None
+                    and winograd.supported(*(int(x.ty.shape[i]) for i in range(3)), channels, value.shape[0],
+                                           value.shape[2:], stride, pad[:2], dilation)
+                    and winograd.exact(value)):
+                if requant is not None:
+                    return None  # its requantize stays a separate chain, fused after the kernel below
+                sign = winograd.WINOGRAD.correction_sign(_dtype(x))
+                corr = self._correction(value, (1, 2, 3), sign) if sign else None
+                o = value.shape[0]
+                self.rewritten += 1
+                return self.builder_.call_te(
+                    lambda xx, ww, *cc: winograd.conv2d_winograd(xx, ww, cc[0] if cc else None, o),
+                    x, relax.const(winograd.weight_layout(value), "int16"), *([corr] if corr is not None else []),
+                    primfunc_name_hint="conv2d_winograd", primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
         layout = layouts[0]
         isa = self._isa(x)
         if isa is not None and groups == 1:
@@ -370,19 +387,20 @@ class _KernelRewriter(PyExprMutator):
         return out if out is not None else super().visit_call_(call)
 
 
-def dot_product_layout_pass(shift_unsigned: bool, blocked: str | None = None, ifma: bool = False
-                            ) -> tvm.transform.Pass:
+def dot_product_layout_pass(shift_unsigned: bool, blocked: str | None = None, ifma: bool = False,
+                            winograd_convs: bool = False) -> tvm.transform.Pass:
     """The rewrite as a module pass, followed by dead-code elimination (the original weights and their
     unpacking go). `shift_unsigned`: the CPU multiplies s8 x s8 but not u8 x s8 (sdot without usdot), so
     unsigned activations of the contiguous-layout kernels run shifted by -128 with a weight-sum
     correction. `blocked`: the instruction family of the tensorized kernels, "vnni" (x86 AVX512-VNNI),
     "sdot" (ARM dot product), "i8mm" (ARM usmmla/smmla) or "neon" (ARM without either), or None for the
     contiguous-layout kernels. `ifma` (with "vnni"): the requantize of a conv with whole 16-channel
-    blocks runs as 52-bit multiply-adds inside the conv kernel (x86 AVX512-IFMA and VBMI)."""
+    blocks runs as 52-bit multiply-adds inside the conv kernel (x86 AVX512-IFMA and VBMI). `winograd_convs`
+    (with "vnni"): 3x3 stride-1 convs that gain on it run as exact Winograd F(4x4, 3x3) on vpdpwssd."""
 
     @tvm.transform.module_pass(opt_level=0, name="intforge.DotProductLayout")
     def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _KernelRewriter(mod, shift_unsigned, blocked, ifma)
+        rewriter = _KernelRewriter(mod, shift_unsigned, blocked, ifma, winograd_convs)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.original = dict(relax.analysis.get_var2val(func))

@@ -110,6 +110,12 @@ CASES = {
     "conv_ifma_signed_in": (lambda: nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU()), (1, 8, 7, 9)),
     "conv_ifma_signed_out": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(16, 16, 1)), (2, 16, 5, 5)),
     "conv_ifma_residual": (lambda: Residual(relu=True, channels=16), (1, 16, 6, 6)),
+    # 3x3 stride-1 convs as exact Winograd F(4x4, 3x3) on vpdpwssd (kernels/winograd.py): unsigned input,
+    # signed input with partial tiles at the right and bottom edges and a residual add fused after, a batch
+    "conv_winograd": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)), (1, 32, 16, 16)),
+    "conv_winograd_residual_ragged": (lambda: Residual(relu=True, channels=32), (1, 32, 10, 14)),
+    "conv_winograd_batch2": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU()),
+                             (2, 32, 8, 8)),
     # fewer input channels than vpdpbusd's 4 bytes and a wide window: each window row's KW x C bytes folded
     # into the channels (blocked_dot.fold_columns), with a stride, an odd width, padding, a batch
     "conv_stem_7x7": (lambda: nn.Conv2d(3, 16, 7, stride=2, padding=3), (2, 3, 19, 17)),
@@ -266,17 +272,54 @@ def test_depthwise_convs_run_on_vpdpbusd_over_the_window_rows_where_they_fit():
 
 
 @pytest.mark.skipif(not resolve_target("x86").has("avx512vnni"), reason="the VNNI kernels' buffers")
-def test_conv_accumulators_live_in_registers_not_in_the_workspace_pool():
+def test_conv_accumulators_live_in_registers_not_in_the_workspace_pool(monkeypatch):
     """A "local" accumulator tile (or one of 1024 bytes or more) went through TVMBackendAllocWorkspace and
     TVMBackendFreeWorkspace in every parallel task, and LLVM stored and reloaded it around the epilogue.
     The tile is now a "global" stack buffer under 1024 bytes (blocked_dot.STACK_BYTES), which LLVM keeps
     in registers. A 1x1 conv packs its signed input (a + 128) per tile, also on the stack; a padded 3x3
     conv packs rows of input per task, and only those stay in the pool."""
+    monkeypatch.setenv("INTFORGE_WINOGRAD", "0")  # the direct kernel's buffers (a 3x3 conv would be Winograd's)
     torch.manual_seed(0)
     signed = quantize_module(nn.Sequential(nn.Conv2d(64, 256, 1), nn.ReLU()), (1, 64, 56, 56))
     assert _workspace_buffers(signed) == []
     padded = quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)), (1, 64, 28, 28))
     assert _workspace_buffers(padded) == ["data_vnni"]
+
+
+def _saturated_conv(channels: int) -> nn.Module:
+    """ReLU then a 3x3 conv whose weights all quantize to 127 (its accumulators at their proven bound)."""
+    conv = nn.Conv2d(channels, 32, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    return nn.Sequential(nn.ReLU(), conv)
+
+
+@pytest.mark.skipif(not resolve_target("x86").has("avx512vnni"), reason="the VNNI Winograd kernel")
+def test_3x3_convs_run_as_exact_winograd_where_it_pays_and_its_bound_holds(so_of):
+    """Winograd F(4x4, 3x3) takes 3x3 stride-1 convs with enough output tiles for its int16 weights, and
+    only where 128 * sum|w| < 2^25 proves the accumulator is recovered exactly from 576 * acc mod 2^32:
+    224 input channels of weights at 127 are under that bound (exact on extreme inputs, the accumulators
+    within 4% of 2^25), 256 channels are over it and run on the direct kernel (taken by Winograd, they
+    come out wrong: checked by hand)."""
+    from intforge.kernels import winograd
+
+    def uses(program) -> bool:
+        return "llvm.x86.avx512.vpdpwssd.512" in _host_ir(program)
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1))
+    assert uses(quantize_module(conv, (1, 64, 28, 28)))
+    assert not uses(quantize_module(conv, (1, 64, 4, 4)))  # one tile for 295 KB of int16 weights
+    strided = nn.Sequential(nn.ReLU(), nn.Conv2d(64, 64, 3, stride=2, padding=1))
+    assert not uses(quantize_module(strided, (1, 64, 28, 28)))
+    for channels, inside in ((224, True), (256, False)):
+        program = quantize_module(_saturated_conv(channels), (1, channels, 20, 20))
+        weights = program.ops[-1].params["weight"]
+        assert int(np.abs(weights).min()) == 127
+        assert winograd.exact(weights) is inside
+        assert winograd.supported(1, 20, 20, channels, 32, (3, 3), (1, 1), (1, 1), (1, 1))
+        assert uses(program) is inside
+        assert_bit_exact_int(program, so_of(program, boundary="int"))
 
 
 @pytest.mark.skipif(not (resolve_target("x86").has("avx512ifma") and resolve_target("x86").has("avx512vbmi")),
