@@ -5,7 +5,8 @@ This is how a user "compares TVM schedules": the same layer, same integers, unde
 - default: TOPI's kernels with intforge's default CPU schedule (outer loops in parallel),
 - tensorized: intforge's own kernels, what `compile` uses: the register-blocked kernel tensorized to the
   CPU's dot-product instruction (kernels/blocked_dot.py: `vpdpbusd` on AVX512-VNNI, `sdot`, i8mm or
-  NEON on ARM), elsewhere the dot-product layout (kernels/dot_product.py),
+  NEON on ARM; 3x3 stride-1 convs as Winograd on `vpdpwssd`, kernels/winograd.py, where it pays),
+  elsewhere the dot-product layout (kernels/dot_product.py),
 - tuned: intforge's kernels with the target's MetaSchedule database, when `intforge tune` made one (the
   tensorized kernels keep their own schedule; tuning covers the rest).
 """
