@@ -94,23 +94,36 @@ def weight_layout(weights: np.ndarray) -> np.ndarray:
                                 ).astype(np.int16)
 
 
-def _combine(row: np.ndarray, terms: list, dtype: str) -> tirx.PrimExpr:
-    """sum(row[k] * terms[k]) with the zero coefficients left out and the +-1 ones as adds."""
-    out = None
-    for coef, t in zip(row.tolist(), terms, strict=True):
-        if coef == 0:
-            continue
-        v = t if abs(coef) == 1 else t * tirx.const(abs(coef), dtype)
-        out = (v if coef > 0 else tirx.const(0, dtype) - v) if out is None else (out + v if coef > 0 else out - v)
-    return out
+def _scale(dtype: str | None):
+    """x * c for a constant c: in `dtype` for TIR expressions (a Python int would widen them to int32)."""
+    if dtype is None:
+        return lambda x, c: x * c
+    return lambda x, c: x * tirx.const(c, dtype)
 
 
-def _select(index, rows: np.ndarray, terms: list, dtype: str) -> tirx.PrimExpr:
-    """rows[index] combined with `terms` (of `dtype`), for a loop variable `index` the schedule unrolls
-    (the selects then fold away)."""
-    out = _combine(rows[-1], terms, dtype)
-    for r in range(len(rows) - 2, -1, -1):
-        out = tirx.Select(index == r, _combine(rows[r], terms, dtype), out)
+def transform_input(d: list, dtype: str | None = None) -> list:
+    """B^T d for the 6 values d of a tile's column (or row): BT's rows with their common terms shared
+    (LLVM computes each once per unrolled tile). numpy arrays, or TIR expressions of `dtype`."""
+    k = _scale(dtype)
+    t4, t3 = d[4] - k(d[2], 4), d[3] - k(d[1], 4)
+    u, v = d[4] - d[2], k(d[3] - d[1], 2)
+    return [k(d[0], 4) - k(d[2], 5) + d[4], t4 + t3, t4 - t3, u + v, u - v, k(d[1], 4) - k(d[3], 5) + d[5]]
+
+
+def transform_output(m: list, dtype: str | None = None) -> list:
+    """A'^T m for the 6 values m of a column (or row) of channel sums, common terms shared."""
+    k = _scale(dtype)
+    s12, d12 = m[1] + m[2], m[1] - m[2]
+    s34, d34 = m[3] + m[4], m[3] - m[4]
+    return [k(m[0], 6) + k(s12, 4) + s34, k(d12, 4) + k(d34, 2), k(s12 + s34, 4),
+            k(d12, 4) + k(d34, 8) + k(m[5], 24)]
+
+
+def _select(index, values: list) -> tirx.PrimExpr:
+    """values[index] for a loop variable `index` the schedule unrolls (the selects then fold away)."""
+    out = values[-1]
+    for r in range(len(values) - 2, -1, -1):
+        out = tirx.Select(index == r, values[r], out)
     return out
 
 
@@ -142,19 +155,23 @@ def conv2d_winograd(x: te.Tensor, up: te.Tensor, correction: te.Tensor | None, o
     xp = te.compute((n, th * TILE + 2, tw * TILE + 2, c), _x, name="winograd_data")
     # input transform, rows then columns: V[p = 6i + j] = (B^T d B)[i, j]
     rows = te.compute((n, th, tw, WINDOW, WINDOW, c), lambda b, y, z, i, col, ch: _select(
-        i, BT, [xp[b, y * TILE + a, z * TILE + col, ch] for a in range(WINDOW)], "int16"), name="winograd_rows")
+        i, transform_input([xp[b, y * TILE + a, z * TILE + col, ch] for a in range(WINDOW)], "int16")),
+        name="winograd_rows")
     v = te.compute((n, th, tw, POS, c), lambda b, y, z, p, ch: _select(
-        p % WINDOW, BT, [rows[b, y, z, p // WINDOW, col, ch] for col in range(WINDOW)], "int16"), name="winograd_input")
+        p % WINDOW, transform_input([rows[b, y, z, p // WINDOW, col, ch] for col in range(WINDOW)], "int16")),
+        name="winograd_input")
     rc, ri = te.reduce_axis((0, c // GROUP), "rc"), te.reduce_axis((0, GROUP), "ri")
     m = te.compute((n, th, tw, POS, out_channels // LANES, LANES), lambda b, y, z, p, ob, ol: te.sum(
         v[b, y, z, p, rc * GROUP + ri].astype("int32") * up[p, rc, ob, ol, ri].astype("int32"), axis=[rc, ri]),
         name=BLOCK)
     # inverse transform on wrapping uint32 lanes: rows A'^T M, then columns
     inv = te.compute((n, th, tw, TILE, WINDOW, out_channels), lambda b, y, z, a, col, o: _select(
-        a, AT, [_u32(m[b, y, z, i * WINDOW + col, o // LANES, o % LANES]) for i in range(WINDOW)], "uint32"),
+        a, transform_output([_u32(m[b, y, z, i * WINDOW + col, o // LANES, o % LANES]) for i in range(WINDOW)],
+                            "uint32")),
         name="winograd_inverse")
     acc = te.compute((n, h, w, out_channels), lambda b, i, j, o: add_correction(_recover(_select(
-        j % TILE, AT, [inv[b, i // TILE, j // TILE, i % TILE, col, o] for col in range(WINDOW)], "uint32")),
+        j % TILE, transform_output([inv[b, i // TILE, j // TILE, i % TILE, col, o] for col in range(WINDOW)],
+                                        "uint32"))),
         correction, o),
         name="winograd_out")
     return acc

@@ -294,6 +294,26 @@ def _saturated_conv(channels: int) -> nn.Module:
     return nn.Sequential(nn.ReLU(), conv)
 
 
+def test_winograd_transforms_compute_576_times_the_3x3_correlation_in_integers():
+    """kernels/winograd.py's factored transforms are its matrices (B^T, A'^T), and with G' they give
+    576 x the 4x4 outputs of a 3x3 correlation over a 6x6 tile, exactly, for extreme and random int8."""
+    from intforge.kernels import winograd as wg
+
+    rng = np.random.default_rng(0)
+    d = rng.integers(-128, 128, (6, 6)).astype(np.int64)
+    d[0] = -128  # extremes
+    np.testing.assert_array_equal(np.array(wg.transform_input(list(d))), wg.BT @ d)
+    m = rng.integers(-(1 << 20), 1 << 20, (6, 5)).astype(np.int64)
+    np.testing.assert_array_equal(np.array(wg.transform_output(list(m))), wg.AT @ m)
+    for g in (rng.integers(-127, 128, (3, 3)), np.full((3, 3), -127), np.full((3, 3), 127)):
+        v = wg.BT @ d @ wg.BT.T
+        u = wg.GP @ g.astype(np.int64) @ wg.GP.T
+        assert np.abs(v).max() < 1 << 15 and np.abs(u).max() < 1 << 15  # both fit int16
+        y = wg.AT @ (u * v) @ wg.AT.T
+        want = np.array([[(d[i:i + 3, j:j + 3] * g).sum() for j in range(4)] for i in range(4)])
+        np.testing.assert_array_equal(y, 576 * want)
+
+
 @pytest.mark.skipif(not resolve_target("x86").has("avx512vnni"), reason="the VNNI Winograd kernel")
 def test_3x3_convs_run_as_exact_winograd_where_it_pays_and_its_bound_holds(so_of):
     """Winograd F(4x4, 3x3) takes 3x3 stride-1 convs with enough output tiles for its int16 weights, and
