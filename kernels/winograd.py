@@ -18,9 +18,10 @@ gives acc mod 2^26, and sign-extending its 26 bits gives acc itself wherever |ac
 uint8 correction +128 * sum(w) comes after, with the epilogue (one definition: blocked_dot's).
 
 Only where it pays: stride 1, dilation 1, padding 1, input channels in 32-channel blocks and output
-channels in pairs of 16-lane instructions, and at most MAX_WEIGHT_BYTES_PER_TILE of int16 weights per
-4x4 output tile of the batch (ResNet18's 7x7 layers, 4 tiles of 512 channels, would stream 19 MB of
-weights for one image). Rows and columns that are not multiples of 4 end in a partial tile.
+channels in pairs of 16-lane instructions, rows of tiles that split into runs of 4 to 7, and at most
+MAX_WEIGHT_BYTES_PER_TILE of int16 weights per 4x4 output tile of the batch (ResNet18's 7x7 layers, 4
+tiles of 512 channels, would stream 19 MB of weights for one image). Rows and columns that are not
+multiples of 4 end in a partial tile.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ INTRIN = "intforge_dot_16x2_s16s16s32_vnni"
 TILE, WINDOW, POS = 4, 6, 36  # output tile side, input tile side, elementwise products per channel
 CHANNEL_TILE = 2  # instruction-wide output channel blocks per register tile
 MAX_TILE_ROW = 7  # tiles per register tile: 7 x 2 x 16 int32 accumulators (896 bytes, on the stack)
+MIN_TILE_ROW = 4  # fewer tiles a register tile (a row of 9, 11 or 13 tiles): the loads would set the pace
 # The int16 weights are 8x the int8 ones (36 x 2 bytes against 9), and a model's weights do not stay in
 # cache from one call to the next: a layer with few tiles a weight streams more than it computes. In
 # ResNet18 at batch 1, 14x14 x 256 channels (295 KB a tile) took 0.45 ms against the direct kernel's 0.26,
@@ -69,12 +71,17 @@ def supported(batch: int, h: int, w: int, channels: int, out_channels: int, kern
     tiles = batch * _tiles(h) * _tiles(w)
     return (tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
             and tuple(pad) == (1, 1) and channels % (2 * LANES) == 0
-            and out_channels % (CHANNEL_TILE * LANES) == 0
+            and out_channels % (CHANNEL_TILE * LANES) == 0 and _tile_row(_tiles(w)) >= MIN_TILE_ROW
             and POS * channels * out_channels * 2 <= MAX_WEIGHT_BYTES_PER_TILE * tiles)
 
 
 def _tiles(n: int) -> int:
     return -(-n // TILE)
+
+
+def _tile_row(tiles: int) -> int:
+    """Tiles per register tile: the largest divisor of a row's tiles up to MAX_TILE_ROW."""
+    return max(d for d in range(1, MAX_TILE_ROW + 1) if tiles % d == 0)
 
 
 def exact(weights: np.ndarray) -> bool:
@@ -194,8 +201,7 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     last = tail[-1]
     b_, y, x, o = sch.get_loops(last)
     ty, a = sch.split(y, [None, TILE])
-    tw = -(-int(sch.get(x).extent) // TILE)
-    run = max(d for d in range(1, MAX_TILE_ROW + 1) if tw % d == 0)
+    run = _tile_row(_tiles(int(sch.get(x).extent)))
     bx, tx, cx = sch.split(x, [None, run, TILE])
     ol = sch.split(o, [None, LANES])[1]
     sch.reorder(b_, ty, bx, a, tx, cx)

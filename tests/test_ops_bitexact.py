@@ -115,7 +115,7 @@ CASES = {
     "conv_winograd": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)), (1, 32, 16, 16)),
     "conv_winograd_residual_ragged": (lambda: Residual(relu=True, channels=32), (1, 32, 10, 14)),
     "conv_winograd_batch2": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU()),
-                             (2, 32, 8, 8)),
+                             (2, 32, 8, 16)),
     # fewer input channels than vpdpbusd's 4 bytes and a wide window: each window row's KW x C bytes folded
     # into the channels (blocked_dot.fold_columns), with a stride, an odd width, padding, a batch
     "conv_stem_7x7": (lambda: nn.Conv2d(3, 16, 7, stride=2, padding=3), (2, 3, 19, 17)),
@@ -327,9 +327,13 @@ def test_3x3_convs_run_as_exact_winograd_where_it_pays_and_its_bound_holds(so_of
         return "llvm.x86.avx512.vpdpwssd.512" in _host_ir(program)
 
     torch.manual_seed(0)
+    for case in ("conv_winograd", "conv_winograd_residual_ragged", "conv_winograd_batch2"):  # bit-exact above
+        make, shape = CASES[case]
+        assert uses(quantize_module(make(), shape)), case
     conv = nn.Sequential(nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1))
     assert uses(quantize_module(conv, (1, 64, 28, 28)))
     assert not uses(quantize_module(conv, (1, 64, 4, 4)))  # one tile for 295 KB of int16 weights
+    assert not uses(quantize_module(conv, (1, 64, 52, 52)))  # rows of 13 tiles: one tile a register tile
     strided = nn.Sequential(nn.ReLU(), nn.Conv2d(64, 64, 3, stride=2, padding=1))
     assert not uses(quantize_module(strided, (1, 64, 28, 28)))
     for channels, inside in ((224, True), (256, False)):
