@@ -40,11 +40,11 @@ CHANNEL_TILE = 2  # instruction-wide output channel blocks per register tile
 MAX_TILE_ROW = 7  # tiles per register tile: 7 x 2 x 16 int32 accumulators (896 bytes, on the stack)
 MIN_TILE_ROW = 4  # fewer tiles a register tile (a row of 9, 11 or 13 tiles): the loads would set the pace
 # The int16 weights are 8x the int8 ones (36 x 2 bytes against 9), and a model's weights do not stay in
-# cache from one call to the next: a layer with few tiles a weight streams more than it computes. In
-# ResNet18 at batch 1, 14x14 x 256 channels (295 KB a tile) took 0.45 ms against the direct kernel's 0.26,
-# while 28x28 x 128 (24 KB a tile) took 0.19 against 0.27; at batch 8, 14x14 x 256 (37 KB a tile) gains
-# (the model 32.0 ms against 32.7 with a 32 KB limit).
-MAX_WEIGHT_BYTES_PER_TILE = 48 * 1024
+# cache from one call to the next: a layer with few tiles a weight streams more than it computes. Laid out
+# so that a register tile reads one contiguous run, ResNet's 14x14 x 256 channels at batch 1 (295 KB of
+# weights a tile) gains even with every cache flushed (0.249 ms against 0.292; it was 0.38-0.48 with the
+# weights strided); 7x7 x 512 (4.7 MB a tile) would not.
+MAX_WEIGHT_BYTES_PER_TILE = 320 * 1024
 ACC_LIMIT = 1 << 25  # |acc| below this is recovered exactly from 576 * acc mod 2^32
 BLOCK = "winograd_gemm"  # the products' block: the schedule rule and tuning look for it
 
@@ -91,14 +91,15 @@ def exact(weights: np.ndarray) -> bool:
 
 
 def weight_layout(weights: np.ndarray) -> np.ndarray:
-    """[O, C, 3, 3] int8 -> G' g G'^T as int16 [36, C/2, O/16, 16, 2]: position, channel pair, output
-    block, lane, channel in the pair (one 64-byte load feeds one vpdpwssd)."""
+    """[O, C, 3, 3] int8 -> G' g G'^T as int16 [36, O/32, C/2, 2, 16, 2]: position, pair of output blocks
+    (a register tile's channels), channel pair, output block in the pair, lane, channel in the pair. One
+    64-byte load feeds one vpdpwssd, and a register tile reads its weights as one contiguous run."""
     o, c = weights.shape[:2]
     u = np.einsum("ia,ocab,jb->ijco", GP, weights.astype(np.int64), GP).reshape(POS, c, o)
     if np.abs(u).max() >= 1 << 15:
         raise ValueError("transformed weights outgrow int16: weights must be int8")
-    return np.ascontiguousarray(u.reshape(POS, c // 2, GROUP, o // LANES, LANES).transpose(0, 1, 3, 4, 2)
-                                ).astype(np.int16)
+    u = u.reshape(POS, c // 2, GROUP, o // (CHANNEL_TILE * LANES), CHANNEL_TILE, LANES)
+    return np.ascontiguousarray(u.transpose(0, 3, 1, 4, 5, 2)).astype(np.int16)
 
 
 def _scale(dtype: str | None):
@@ -169,7 +170,8 @@ def conv2d_winograd(x: te.Tensor, up: te.Tensor, correction: te.Tensor | None, o
         name="winograd_input")
     rc, ri = te.reduce_axis((0, c // GROUP), "rc"), te.reduce_axis((0, GROUP), "ri")
     m = te.compute((n, th, tw, POS, out_channels // LANES, LANES), lambda b, y, z, p, ob, ol: te.sum(
-        v[b, y, z, p, rc * GROUP + ri].astype("int32") * up[p, rc, ob, ol, ri].astype("int32"), axis=[rc, ri]),
+        v[b, y, z, p, rc * GROUP + ri].astype("int32")
+        * up[p, ob // CHANNEL_TILE, rc, ob % CHANNEL_TILE, ol, ri].astype("int32"), axis=[rc, ri]),
         name=BLOCK)
     # inverse transform on wrapping uint32 lanes: rows A'^T M, then columns
     inv = te.compute((n, th, tw, TILE, WINDOW, out_channels), lambda b, y, z, a, col, o: _select(
