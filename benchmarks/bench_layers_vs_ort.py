@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_resnet18 import machine_info, quantize_onnx, set_thread_env, versions  # noqa: E402
+from bench_resnet18 import quantize_onnx, result_header, set_thread_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 
@@ -163,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     set_thread_env(args.threads)
     t0 = time.time()
-    result: dict[str, Any] = {"benchmark": "layers_vs_ort", "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-                              "machine": machine_info(), "versions": versions(), "threads": args.threads,
-                              "models": {}}
+    result: dict[str, Any] = {**result_header("layers_vs_ort", args.threads), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             res = compare(name, args, Path(tmp))

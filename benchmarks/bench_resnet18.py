@@ -305,6 +305,12 @@ def versions() -> dict[str, str]:
             "tvm": tvm.__version__, "intforge": intforge.__version__, "numpy": np.__version__}
 
 
+def result_header(benchmark: str, threads: int) -> dict[str, Any]:
+    """The fields every benchmark JSON starts with: what ran, when, where, with which versions."""
+    return {"benchmark": benchmark, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "machine": machine_info(), "versions": versions(), "threads": threads}
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 

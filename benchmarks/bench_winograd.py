@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_resnet18 import machine_info, set_thread_env, versions  # noqa: E402
+from bench_resnet18 import result_header, set_thread_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 SHAPES = [(1, 56, 64), (1, 28, 128), (1, 14, 256), (1, 7, 512), (8, 14, 256)]  # batch, side, channels
@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                   + f" | bit-exact {row['bit_exact']}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "winograd_vs_direct", "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-              "machine": machine_info(), "versions": versions(), "threads": args.threads, "shapes": rows,
+    result = {**result_header("winograd_vs_direct", args.threads), "shapes": rows,
               "total_seconds": round(time.time() - t0, 1)}
     out.write_text(json.dumps(result, indent=2))
     plot(rows, out.with_suffix(".png"))

@@ -31,7 +31,7 @@ from tvm import s_tir, te, tirx
 
 from .blocked_dot import ACC_SCOPE, DotIsa, add_correction, broadcast_dot_intrin, ensure_intrin
 from .dot_product import SHIFT
-from .stages import find_block
+from .stages import find_block, vectorize_inner
 
 LANES, GROUP = 16, 2  # vpdpwssd: 16 int32 lanes, each the sum of 2 int16 products
 INTRIN = "intforge_dot_16x2_s16s16s32_vnni"
@@ -205,18 +205,17 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     ty, a = sch.split(y, [None, TILE])
     run = _tile_row(_tiles(int(sch.get(x).extent)))
     bx, tx, cx = sch.split(x, [None, run, TILE])
-    ol = sch.split(o, [None, LANES])[1]
     sch.reorder(b_, ty, bx, a, tx, cx)
     par = sch.fuse(b_, ty, bx)
     sch.parallel(par)
     sch.unroll(cx)
-    sch.vectorize(ol)
+    vectorize_inner(sch, o, most=LANES)
     for blk in (inverse, gemm, inp, rows, data):
         sch.compute_at(blk, par, preserve_unit_loops=True)
     # inverse: [tiles, a, col, o]: a unrolled (folds the selects), 16 lanes a vector
     *_, itx, ia, icol, io = sch.get_loops(inverse)
     sch.unroll(ia)
-    sch.vectorize(sch.split(io, [None, LANES])[1])
+    vectorize_inner(sch, io, most=LANES)
     # products: per position and pair of channel blocks, the run's tiles x 2 x 16 accumulators in registers
     acc = sch.cache_write(gemm, 0, ACC_SCOPE)
     *_, gb, gy, gz, gp, gob, gol, grc, gri = sch.get_loops(gemm)
@@ -224,8 +223,8 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     sch.reorder(gp, obo, grc, gz, obi, gol, gri)
     sch.reverse_compute_at(acc, obo)
     init = sch.decompose_reduction(gemm, grc)
-    ensure_intrin(INTRIN, _intrin)
-    sch.tensorize(gol, INTRIN)
+    ensure_intrin(WINOGRAD.intrin, WINOGRAD.intrin_funcs)
+    sch.tensorize(gol, WINOGRAD.intrin)
     sch.unroll(gz)
     sch.unroll(obi)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -234,6 +233,6 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     for blk, unrolled in ((inp, -2), (rows, -3)):
         loops = sch.get_loops(blk)
         sch.unroll(loops[unrolled])
-        sch.vectorize(sch.split(loops[-1], [None, 2 * LANES])[1])
-    sch.vectorize(sch.split(sch.get_loops(data)[-1], [None, 2 * LANES])[1])
+        vectorize_inner(sch, loops[-1], most=2 * LANES)
+    vectorize_inner(sch, sch.get_loops(data)[-1], most=2 * LANES)
     return set()

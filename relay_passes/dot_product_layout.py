@@ -253,16 +253,9 @@ class _KernelRewriter(PyExprMutator):
                     and winograd.supported(*(int(x.ty.shape[i]) for i in range(3)), channels, value.shape[0],
                                            value.shape[2:], stride, pad[:2], dilation)
                     and winograd.exact(value)):
-                if requant is not None:
-                    return None  # its requantize stays a separate chain, fused after the kernel below
-                sign = winograd.WINOGRAD.correction_sign(_dtype(x))
-                corr = self._correction(value, (1, 2, 3), sign) if sign else None
-                o = value.shape[0]
-                self.rewritten += 1
-                return self.builder_.call_te(
-                    lambda xx, ww, *cc: winograd.conv2d_winograd(xx, ww, cc[0] if cc else None, o),
-                    x, relax.const(winograd.weight_layout(value), "int16"), *([corr] if corr is not None else []),
-                    primfunc_name_hint="conv2d_winograd", primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
+                # its requantize stays a separate chain (None here), fused after the kernel when the conv
+                # itself is visited
+                return None if requant is not None else self._winograd_conv(x, value)
         layout = layouts[0]
         isa = self._isa(x)
         if isa is not None and groups == 1:
@@ -285,6 +278,17 @@ class _KernelRewriter(PyExprMutator):
         return self._call(lambda xx, ww, cc: conv2d_nhwc_dot(xx, ww, cc, stride, pad[:2], dilation, groups,
                                                              self.shift_unsigned, layout),
                           "conv2d_dot", x, self._emit_weight(w_ohwi, unpack), corr)
+
+    def _winograd_conv(self, x: Expr, value: np.ndarray) -> Expr:
+        """A 3x3 stride-1 conv (OIHW weights `value`) on the Winograd kernel, its int32 output corrected
+        like the blocked kernels' (uint8 input runs centred: +128 * sum(w))."""
+        corr, _, _ = self._epilogue(None, value, (1, 2, 3), x, winograd.WINOGRAD)
+        o = value.shape[0]
+        self.rewritten += 1
+        return self.builder_.call_te(
+            lambda xx, ww, *cc: winograd.conv2d_winograd(xx, ww, cc[0] if cc else None, o),
+            x, relax.const(winograd.weight_layout(value), "int16"), *([corr] if corr is not None else []),
+            primfunc_name_hint="conv2d_winograd", primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
 
     def _matmul(self, call: Call) -> Expr | None:
         x, wt = self.visit_expr(call.args[0]), self.visit_expr(call.args[1])
