@@ -424,9 +424,14 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
     isa, kind = found[0]
     k = names.index(kind)
     block, epilogue = blocks_[k], blocks_[k + 1:]
+    # A ClampFirst epilogue that something fuses after (a residual add) keeps its own block, computed per
+    # tile into a small buffer and tensorized like a lone one; what follows reads its 8-bit results.
+    staged = next((b for b in epilogue[:-1] if sch.get(b).name_hint == narrow_block(isa)), None)
     for b in epilogue[:-1]:  # the _out stage, bias add, dyadic multiply, shift, clamp, cast: one block
-        sch.compute_inline(b)
+        if b != staged:
+            sch.compute_inline(b)
     last = epilogue[-1]
+    last_name = sch.get(last).name_hint
     acc = sch.cache_write(block, 0, ACC_SCOPE)
     if kind == isa.conv_block:
         n, o1, i, j, o2, rh, rw, rcb, rci = sch.get_loops(block)
@@ -471,6 +476,8 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         first_reduce, rblock, ji, o1i, inputs_at = rkb, rkb, None, None, None
         few_channels = False
     sch.reverse_compute_at(acc, tile)
+    if staged is not None:
+        sch.reverse_compute_at(staged, tile)
     sch.reverse_compute_at(last, tile)
     producers = [b for b, name in zip(blocks_[:k], names[:k], strict=True) if name != INT4_BLOCK]
     if INT4_BLOCK in names:  # unpack each weight block right before the instructions that use it
@@ -486,13 +493,17 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         sch.compute_inline(acc)
     except s_tir.ScheduleError:
         sch.vectorize(sch.get_loops(acc)[-1])
-    if sch.get(last).name_hint == narrow_block(isa):
-        # the ClampFirst epilogue alone (nothing fused after it): 16 channels at a time as one intrinsic
-        from .x86_ifma import LANES, narrow_intrin
+    if staged is not None:  # (inlining the accumulators replaced the blocks: found again by name)
+        staged, last = sch.get_sblock(narrow_block(isa)), sch.get_sblock(last_name)
+    for narrow in (staged, last):
+        if narrow is not None and sch.get(narrow).name_hint == narrow_block(isa):
+            # the ClampFirst epilogue: 16 channels at a time as one intrinsic
+            from .x86_ifma import LANES, narrow_intrin
 
-        _, lanes = sch.split(sch.get_loops(last)[-1], [None, LANES])
-        sch.tensorize(lanes, narrow_intrin(sch.get(last)))
-    else:
+            _, lanes = sch.split(sch.get_loops(narrow)[-1], [None, LANES])
+            sch.tensorize(lanes, narrow_intrin(sch.get(narrow)))
+    if last_name != narrow_block(isa):
+        last = sch.get_sblock(last_name)
         # the requantize epilogue several channels at a time: its int64 multiply, rounding shift and clamp
         # as vector ops instead of scalar ones per output
         vectorize_inner(sch, sch.get_loops(last)[-1], most=isa.epilogue_lanes)

@@ -40,11 +40,13 @@ CHANNEL_TILE = 2  # instruction-wide output channel blocks per register tile
 MAX_TILE_ROW = 7  # tiles per register tile: 7 x 2 x 16 int32 accumulators (896 bytes, on the stack)
 MIN_TILE_ROW = 4  # fewer tiles a register tile (a row of 9, 11 or 13 tiles): the loads would set the pace
 # The int16 weights are 8x the int8 ones (36 x 2 bytes against 9), and a model's weights do not stay in
-# cache from one call to the next: a layer with few tiles a weight streams more than it computes. Laid out
-# so that a register tile reads one contiguous run, ResNet's 14x14 x 256 channels at batch 1 (295 KB of
-# weights a tile) gains even with every cache flushed (0.249 ms against 0.292; it was 0.38-0.48 with the
-# weights strided); 7x7 x 512 (4.7 MB a tile) would not.
-MAX_WEIGHT_BYTES_PER_TILE = 320 * 1024
+# cache from one call to the next: a layer with few tiles a weight streams more than it computes. Alone,
+# with every cache flushed, ResNet's 14x14 x 256 channels at batch 1 (295 KB of weights a tile, 4.7 MB a
+# layer) gained (0.249 ms against 0.292), but inside ResNet18, three such layers back to back took
+# 0.45-0.63 ms each against 0.30 direct on 2026-12-03, when this shared VM's memory was busy: streamed
+# weights cost what memory bandwidth the neighbours leave. 48 KB a tile keeps 56x56 x 64 (1.5 KB) and
+# 28x28 x 128 (24 KB) at batch 1, and 14x14 x 256 from batch 8 on (37 KB); 7x7 x 512 never.
+MAX_WEIGHT_BYTES_PER_TILE = 48 * 1024
 ACC_LIMIT = 1 << 25  # |acc| below this is recovered exactly from 576 * acc mod 2^32
 BLOCK = "winograd_gemm"  # the products' block: the schedule rule and tuning look for it
 

@@ -86,11 +86,16 @@ class _ResidualAdd(PyExprMutator):
             return super().visit_call_(call)
         xs, ms, n, lo, hi, out_dtype = matched
         tir_ops = TirChannelOps()
+        # on int32 lanes where that is provably exact (twice the lanes of the int64 form), else in int64
+        form = dyadic.split32(ms, n, lo, hi, [dyadic.int_range(8, str(x.ty.dtype) == "int8") for x in xs])
+
+        def value(*vs: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
+            if form is not None:
+                return form.apply(tir_ops, vs, out_dtype)
+            return dyadic.rescale_sum(tir_ops, list(zip(vs, ms, strict=True)), n, lo, hi, out_dtype)
 
         def compute(*ts: te.Tensor) -> te.Tensor:
-            return te.compute(ts[0].shape, lambda *i: dyadic.rescale_sum(
-                tir_ops, [(t(*i), m) for t, m in zip(ts, ms, strict=True)], n, lo, hi, out_dtype),
-                name="residual_add")
+            return te.compute(ts[0].shape, lambda *i: value(*(t(*i) for t in ts)), name="residual_add")
 
         self.rewritten += 1
         return self.builder_.call_te(compute, *[self.visit_expr(x) for x in xs], primfunc_name_hint="residual_add")

@@ -129,3 +129,29 @@ def test_clamp_first_with_a_raised_shift_is_the_same_function():
                           form.lo + form.span + np.arange(-3, 4)[:, None]]).astype(np.int32)
     np.testing.assert_array_equal(raised(acc), form(acc))
     assert form.with_shift(int(n.max()) - 1) is None
+
+
+@pytest.mark.parametrize("dtypes", [("int8", "uint8", "uint8"), ("uint8", "uint8", "int8"), ("int8", "int8", "int8")])
+def test_split32_residual_add_equals_rescale_sum_on_every_pair_of_inputs(dtypes):
+    """The residual add's int32 form gives rescale_sum's integers for all 256 x 256 input pairs, over
+    multiplier ratios from 1/400 to 20 (shared shifts 25 to 40), both output signednesses."""
+    a_t, b_t, out_t = dtypes
+    a = np.arange(256).astype(np.uint8).view(a_t).astype(np.int64).reshape(-1, 1).repeat(256, 1).astype(a_t)
+    b = np.arange(256).astype(np.uint8).view(b_t).astype(np.int64).reshape(1, -1).repeat(256, 0).astype(b_t)
+    qmin, qmax = dyadic.int_range(8, out_t == "int8")
+    ranges = [dyadic.int_range(8, t == "int8") for t in (a_t, b_t)]
+    rng = np.random.default_rng(0)
+    for reals in [(1.0, 1.0), (0.0025, 20.0), (20.0, 0.05), *np.exp(rng.uniform(-6, 3, (40, 2)))]:
+        ms, n = dyadic.shared_shift_multipliers([float(r) for r in reals])
+        form = dyadic.split32(ms, n, qmin, qmax, ranges)
+        assert form is not None, (reals, ms, n)
+        want = dyadic.rescale_sum(NUMPY_OPS, [(a, ms[0]), (b, ms[1])], n, qmin, qmax, out_t)
+        got = form.apply(NUMPY_OPS, [a, b], out_t)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
+def test_split32_declines_sums_that_could_leave_int32():
+    """A shift of 50 puts the rounding constant's high part at 2^33: no int32 form."""
+    assert dyadic.split32([1 << 30, 1 << 30], 50, -128, 127, [(-128, 127), (0, 255)]) is None
+    assert dyadic.split32([1 << 30, 1 << 30], 31, -128, 127, [(-128, 127), (0, 255)]) is not None

@@ -221,7 +221,7 @@ def test_residual_add_of_two_convs_passes_no_int64_tensor_between_kernels():
     from tvm import relax
 
     import intforge
-    from intforge.compiler.build import _legalize_passes
+    from intforge.compiler.build import _kernel_passes, _legalize_passes
 
     make, shape = CASES["add_downsample"]
     torch.manual_seed(0)
@@ -234,6 +234,11 @@ def test_residual_add_of_two_convs_passes_no_int64_tensor_between_kernels():
         e.ty.dtype))) if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir" else None)
     assert any("residual_add" in name for name, _ in outputs), outputs
     assert all(dtype != "int64" for _, dtype in outputs), outputs
+    # and its rescale-add-clamp runs on int32 lanes (dyadic.Split32): no int64 inside the add either
+    with preset.tvm_target():
+        kernels = tvm.transform.Sequential(_kernel_passes(preset))(intforge.relay_passes.emit_program(program))
+    adds = [f for gv, f in kernels.functions_items() if gv.name_hint.startswith("residual_add")]
+    assert len(adds) == 1 and 'T.Cast("int32"' in adds[0].script() and 'T.Cast("int64"' not in adds[0].script()
 
 
 def _host_ir(program) -> str:
@@ -351,13 +356,15 @@ def test_3x3_convs_run_as_exact_winograd_where_it_pays_and_its_bound_holds(so_of
 def test_conv_requantize_runs_as_52_bit_multiply_adds_in_whole_16_channel_blocks():
     """A conv with whole 16-channel blocks requantizes inside its kernel in dyadic.ClampFirst's form:
     vpmadd52luq for the multiply-add (and vpermi2b for the bytes, which LLVM's IR shows as a shuffle;
-    kernels/x86_ifma.py); one with 24 channels keeps the int64 epilogue. (Bit-exactness: the conv_ifma_*
-    CASES, the residual one computing the same form without the intrinsic.)"""
+    kernels/x86_ifma.py); so does one with a residual add fused after it, whose add then reads the 8-bit
+    results from a per-tile buffer; one with 24 channels keeps the int64 epilogue. (Bit-exactness: the
+    conv_ifma_* CASES.)"""
     def uses_ifma(program) -> bool:
         return "llvm.x86.avx512.vpmadd52l.uq.512" in _host_ir(program)
 
     torch.manual_seed(0)
     assert uses_ifma(quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(16, 96, 1), nn.ReLU()), (1, 16, 8, 8)))
+    assert uses_ifma(quantize_module(Residual(relu=True, channels=16), (1, 16, 6, 6)))
     assert not uses_ifma(quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(16, 24, 1)), (1, 16, 8, 8)))
 
 
