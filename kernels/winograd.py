@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import s_tir, te, tirx
 
-from .blocked_dot import ACC_SCOPE, DotIsa, add_correction, broadcast_dot_intrin, ensure_intrin
+from .blocked_dot import ACC_SCOPE, DotIsa, Narrow, add_correction, broadcast_dot_intrin, ensure_intrin, narrow_block
 from .dot_product import SHIFT
 from .stages import find_block, vectorize_inner
 
@@ -49,6 +49,7 @@ MIN_TILE_ROW = 4  # fewer tiles a register tile (a row of 9, 11 or 13 tiles): th
 MAX_WEIGHT_BYTES_PER_TILE = 48 * 1024
 ACC_LIMIT = 1 << 25  # |acc| below this is recovered exactly from 576 * acc mod 2^32
 BLOCK = "winograd_gemm"  # the products' block: the schedule rule and tuning look for it
+OUT_BLOCK = "winograd_out"  # the recovered conv sums
 
 # B^T, G' (G with its rows scaled to integers) and A'^T for F(4x4, 3x3) at the points 0, +-1, +-2, inf
 BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
@@ -75,6 +76,12 @@ def supported(batch: int, h: int, w: int, channels: int, out_channels: int, kern
             and tuple(pad) == (1, 1) and channels % (2 * LANES) == 0
             and out_channels % (CHANNEL_TILE * LANES) == 0 and _tile_row(_tiles(w)) >= MIN_TILE_ROW
             and POS * channels * out_channels * 2 <= MAX_WEIGHT_BYTES_PER_TILE * tiles)
+
+
+def whole_tiles(h: int, w: int) -> bool:
+    """Whether the output is whole 4x4 tiles, which the ClampFirst epilogue's intrinsic needs (a partial
+    tile's predicate would sit on the block it is tensorized into)."""
+    return h % TILE == 0 and w % TILE == 0
 
 
 def _tiles(n: int) -> int:
@@ -149,9 +156,12 @@ def _recover(t) -> tirx.PrimExpr:
     return tirx.shift_right(tirx.reinterpret("int32", v), tirx.const(SCALE_SHIFT, "int32"))
 
 
-def conv2d_winograd(x: te.Tensor, up: te.Tensor, correction: te.Tensor | None, out_channels: int) -> te.Tensor:
+def conv2d_winograd(x: te.Tensor, up: te.Tensor, correction: te.Tensor | None, out_channels: int,
+                    narrow: Narrow | None = None) -> te.Tensor:
     """x: [N, H, W, C] int8/uint8, up: `weight_layout`'s int16 weights -> [N, H, W, O] int32, the exact
-    conv sum (3x3, stride 1, padding 1) plus `correction` (+128 * sum(w) for uint8 input)."""
+    conv sum (3x3, stride 1, padding 1) plus `correction` (+128 * sum(w) for uint8 input); with `narrow`,
+    the 8-bit output of its `dyadic.ClampFirst` epilogue (the correction then also holds -lo), computed
+    from the recovered sums (OUT_BLOCK) by the blocked kernels' intrinsic."""
     n, h, w, c = (int(d) for d in x.shape)
     th, tw = _tiles(h), _tiles(w)  # the last tiles of a row or column may run past the output's edge
     centered = x.dtype == "uint8"
@@ -180,12 +190,19 @@ def conv2d_winograd(x: te.Tensor, up: te.Tensor, correction: te.Tensor | None, o
         a, transform_output([_u32(m[b, y, z, i * WINDOW + col, o // LANES, o % LANES]) for i in range(WINDOW)],
                             "uint32")),
         name="winograd_inverse")
-    acc = te.compute((n, h, w, out_channels), lambda b, i, j, o: add_correction(_recover(_select(
-        j % TILE, transform_output([inv[b, i // TILE, j // TILE, i % TILE, col, o] for col in range(WINDOW)],
-                                        "uint32"))),
-        correction, o),
-        name="winograd_out")
-    return acc
+
+    def _sum(b, i, j, o):
+        return _recover(_select(j % TILE, transform_output(
+            [inv[b, i // TILE, j // TILE, i % TILE, col, o] for col in range(WINDOW)], "uint32")))
+
+    if narrow is not None:
+        if correction is None:
+            raise ValueError("the ClampFirst epilogue needs its correction (which holds -lo)")
+        acc = te.compute((n, h, w, out_channels), _sum, name=OUT_BLOCK)
+        return te.compute((n, h, w, out_channels), lambda b, i, j, o: narrow.value(acc[b, i, j, o], correction[o], o),
+                          name=narrow_block(WINOGRAD), attrs=narrow.attrs)
+    return te.compute((n, h, w, out_channels), lambda b, i, j, o: add_correction(_sum(b, i, j, o), correction, o),
+                      name=OUT_BLOCK)
 
 
 def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
@@ -199,21 +216,39 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     blocks, names, k = found
     data, rows, inp = (blocks[names.index(nm)] for nm in ("winograd_data", "winograd_rows", "winograd_input"))
     gemm, inverse = blocks[k], blocks[names.index("winograd_inverse")]
-    tail = blocks[names.index("winograd_out"):]
-    for b in tail[:-1]:  # winograd_out, then the requantize (and residual add) fused after it: one block
-        sch.compute_inline(b)
-    last = tail[-1]
+    tail = blocks[names.index(OUT_BLOCK):]
+    tail_names = [sch.get(b).name_hint for b in tail]
+    narrow_name = narrow_block(WINOGRAD)
+    # With the ClampFirst epilogue, the recovered sums and the narrow stage stay blocks of their own,
+    # 16 channels at a time (the intrinsic reads the sums from a 64-byte buffer on the stack); whatever
+    # fuses after (a residual add) joins the last block. Else the whole chain is one block.
+    keep = {OUT_BLOCK, narrow_name} if narrow_name in tail_names else set()
+    for b, name in zip(tail[:-1], tail_names[:-1], strict=True):
+        if name not in keep:
+            sch.compute_inline(b)
+    last, last_name = tail[-1], tail_names[-1]
     b_, y, x, o = sch.get_loops(last)
     ty, a = sch.split(y, [None, TILE])
     run = _tile_row(_tiles(int(sch.get(x).extent)))
     bx, tx, cx = sch.split(x, [None, run, TILE])
-    sch.reorder(b_, ty, bx, a, tx, cx)
+    oo, oi = sch.split(o, [None, LANES])
+    sch.reorder(b_, ty, bx, a, tx, cx, oo, oi)
     par = sch.fuse(b_, ty, bx)
     sch.parallel(par)
     sch.unroll(cx)
-    vectorize_inner(sch, o, most=LANES)
+    staged = [sch.get_sblock(nm) for nm in (narrow_name, OUT_BLOCK) if nm in keep and nm != last_name]
+    for blk in staged:
+        sch.compute_at(blk, oo, preserve_unit_loops=True)
     for blk in (inverse, gemm, inp, rows, data):
         sch.compute_at(blk, par, preserve_unit_loops=True)
+    if keep:
+        from .x86_ifma import narrow_intrin
+
+        narrow = sch.get_sblock(narrow_name)
+        sch.tensorize(sch.get_loops(narrow)[-1], narrow_intrin(sch.get(narrow)))
+        sch.vectorize(sch.get_loops(sch.get_sblock(OUT_BLOCK))[-1])
+    if last_name != narrow_name:
+        sch.vectorize(sch.get_loops(sch.get_sblock(last_name))[-1])
     # inverse: [tiles, a, col, o]: a unrolled (folds the selects), 16 lanes a vector
     *_, itx, ia, icol, io = sch.get_loops(inverse)
     sch.unroll(ia)

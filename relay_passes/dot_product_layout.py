@@ -253,9 +253,9 @@ class _KernelRewriter(PyExprMutator):
                     and winograd.supported(*(int(x.ty.shape[i]) for i in range(3)), channels, value.shape[0],
                                            value.shape[2:], stride, pad[:2], dilation)
                     and winograd.exact(value)):
-                # its requantize stays a separate chain (None here), fused after the kernel when the conv
-                # itself is visited
-                return None if requant is not None else self._winograd_conv(x, value)
+                # with the CPU's IFMA epilogue, the requantize in the kernel; else it stays a separate
+                # chain (None here), fused after the kernel when the conv itself is visited
+                return self._winograd_conv(x, value, requant)
         layout = layouts[0]
         isa = self._isa(x)
         if isa is not None and groups == 1:
@@ -279,16 +279,23 @@ class _KernelRewriter(PyExprMutator):
                                                              self.shift_unsigned, layout),
                           "conv2d_dot", x, self._emit_weight(w_ohwi, unpack), corr)
 
-    def _winograd_conv(self, x: Expr, value: np.ndarray) -> Expr:
+    def _winograd_conv(self, x: Expr, value: np.ndarray, requant: _Requant | None = None) -> Expr | None:
         """A 3x3 stride-1 conv (OIHW weights `value`) on the Winograd kernel, its int32 output corrected
-        like the blocked kernels' (uint8 input runs centred: +128 * sum(w))."""
-        corr, _, _ = self._epilogue(None, value, (1, 2, 3), x, winograd.WINOGRAD)
+        like the blocked kernels' (uint8 input runs centred: +128 * sum(w)); with `requant`, the kernel
+        that also requantizes in `_clamp_first`'s form, or None where that form would not be exact."""
+        if requant is not None and not winograd.whole_tiles(*(int(x.ty.shape[i]) for i in (1, 2))):
+            return None  # (partial tiles: the epilogue stays a separate chain)
+        corr, consts, epilogue = self._epilogue(requant, value, (1, 2, 3), x, winograd.WINOGRAD)
+        if requant is not None and epilogue is None:
+            return None
         o = value.shape[0]
         self.rewritten += 1
         return self.builder_.call_te(
-            lambda xx, ww, *cc: winograd.conv2d_winograd(xx, ww, cc[0] if cc else None, o),
-            x, relax.const(winograd.weight_layout(value), "int16"), *([corr] if corr is not None else []),
-            primfunc_name_hint="conv2d_winograd", primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
+            lambda xx, ww, *rest: winograd.conv2d_winograd(
+                xx, ww, rest[0] if corr is not None else None, o, epilogue(*rest[1:]) if epilogue else None),
+            x, relax.const(winograd.weight_layout(value), "int16"), *([corr] if corr is not None else []), *consts,
+            primfunc_name_hint="conv2d_winograd" + ("_ifma" if epilogue else ""),
+            primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
 
     def _matmul(self, call: Call) -> Expr | None:
         x, wt = self.visit_expr(call.args[0]), self.visit_expr(call.args[1])

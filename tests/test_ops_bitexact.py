@@ -114,6 +114,8 @@ CASES = {
     # signed input with partial tiles at the right and bottom edges and a residual add fused after, a batch
     "conv_winograd": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)), (1, 32, 16, 16)),
     "conv_winograd_residual_ragged": (lambda: Residual(relu=True, channels=32), (1, 32, 10, 14)),
+    # whole tiles: the requantize in the kernel (the IFMA intrinsic), with something fused after it
+    "conv_winograd_residual": (lambda: Residual(relu=True, channels=32), (1, 32, 8, 16)),
     "conv_winograd_batch2": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU()),
                              (2, 32, 8, 16)),
     # fewer input channels than vpdpbusd's 4 bytes and a wide window: each window row's KW x C bytes folded
@@ -332,9 +334,14 @@ def test_3x3_convs_run_as_exact_winograd_where_it_pays_and_its_bound_holds(so_of
         return "llvm.x86.avx512.vpdpwssd.512" in _host_ir(program)
 
     torch.manual_seed(0)
-    for case in ("conv_winograd", "conv_winograd_residual_ragged", "conv_winograd_batch2"):  # bit-exact above
+    for case in ("conv_winograd", "conv_winograd_residual_ragged", "conv_winograd_batch2",
+                 "conv_winograd_residual"):  # bit-exact above
         make, shape = CASES[case]
         assert uses(quantize_module(make(), shape)), case
+    # at most 48 KB of int16 weights a 4x4 output tile: ResNet's 14x14x256 from batch 8 on, 7x7x512 never
+    assert not winograd.supported(1, 14, 14, 256, 256, (3, 3), (1, 1), (1, 1), (1, 1))
+    assert winograd.supported(8, 14, 14, 256, 256, (3, 3), (1, 1), (1, 1), (1, 1))
+    assert not winograd.supported(8, 7, 7, 512, 512, (3, 3), (1, 1), (1, 1), (1, 1))
     conv = nn.Sequential(nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1))
     assert uses(quantize_module(conv, (1, 64, 28, 28)))
     assert not uses(quantize_module(conv, (1, 64, 4, 4)))  # one tile for 295 KB of int16 weights
@@ -365,6 +372,12 @@ def test_conv_requantize_runs_as_52_bit_multiply_adds_in_whole_16_channel_blocks
     torch.manual_seed(0)
     assert uses_ifma(quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(16, 96, 1), nn.ReLU()), (1, 16, 8, 8)))
     assert uses_ifma(quantize_module(Residual(relu=True, channels=16), (1, 16, 6, 6)))
+    # Winograd convs too, alone and with an add fused after, where the output is whole 4x4 tiles (the
+    # ragged case keeps the int64 chain); conv_winograd has no other conv that could bring the intrinsic
+    for case, ifma in (("conv_winograd", True), ("conv_winograd_residual", True),
+                       ("conv_winograd_residual_ragged", False)):
+        make, shape = CASES[case]
+        assert uses_ifma(quantize_module(make(), shape)) is ifma, case
     assert not uses_ifma(quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(16, 24, 1)), (1, 16, 8, 8)))
 
 
