@@ -1,0 +1,153 @@
+"""Each kernel's time inside the running model: where an intforge build spends a call, layer by layer.
+
+`bench_layers_vs_ort.py` times each layer compiled alone, with its weights and input hot in cache.
+Inside a model a layer can take much longer: its weights were last read a whole call ago, and a layer
+whose weights stream from memory (Winograd's int16 weights at 14x14x256: 4.7 MB) costs whatever memory
+bandwidth the machine has at that moment. On 2026-12-03 this script showed those convs at 0.45-0.63 ms
+each inside ResNet18 against 0.19 alone and 0.30 on the direct kernel, which set Winograd's weight limit.
+
+How: the model's own library is run through TVM's Relax VM with an instrument callback (TVM's
+`VirtualMachine.set_instrument`) that reads the clock before and after each call instruction; a
+kernel's time is its median per model call over `--runs` calls. The callback adds a few microseconds
+between kernels (the sum of kernels exceeds the uninstrumented call by that), not inside them. Each
+kernel is listed with its argument shapes and, for the blocked and Winograd conv kernels, its
+multiply-accumulates per model call and rate, so the rows can be compared with the CPU's INT8 peak
+(`vnni_peak.c`): direct-conv MACs for Winograd, and the MACs the blocked kernel issues, input channels
+padded to its 4-byte groups (a folded RGB stem counts 168 where the layer has 147).
+
+Usage: python benchmarks/profile_in_model.py resnet50 [--batch 1] [--runs 30] [--out JSON]
+Builds the zoo model (random seeded weights, 16 random calibration images) at INT8, untuned; or
+`--library model.so` profiles an existing build (its input shape from the manifest). About a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_resnet18 import result_header  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", nargs="?", default="resnet18", help="an intforge.zoo model name")
+    p.add_argument("--library", type=Path, help="profile this model.so instead of building the zoo model")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--top", type=int, default=30, help="rows printed")
+    p.add_argument("--out", type=Path, help="JSON (default results/profile_<model>_b<batch>.json)")
+    return p.parse_args(argv)
+
+
+def build_zoo(name: str, batch: int, workdir: Path) -> Path:
+    import torch
+
+    import intforge
+    from intforge import zoo
+    from intforge.compiler import build
+    from intforge.quantize import QuantConfig
+
+    torch.manual_seed(0)
+    model = getattr(zoo, name)(seed=0).eval()
+    images = zoo.random_images(16 + batch, seed=0)
+    x, calib = np.ascontiguousarray(images[:batch]), np.ascontiguousarray(images[batch:batch + 16])
+    program, _ = intforge.quantize_model(model, (torch.from_numpy(x),), calib, quant=QuantConfig())
+    return build(program, workdir / name, tuned=False).library
+
+
+def conv_macs(shapes: list[tuple[int, ...]]) -> int | None:
+    """MACs of one call of a blocked conv kernel (x [N, H, W, C], weights [O/16, KH, KW, C/4, 16, 4], ...,
+    out) or a Winograd one (weights [36, O/32, C/2, 2, 16, 2]), from its argument shapes; None for other
+    kernels."""
+    if len(shapes) < 3 or len(shapes[0]) != 4 or len(shapes[-1]) != 4:
+        return None
+    w, out = shapes[1], shapes[-1]
+    n, oh, ow, o = out
+    if len(w) == 6 and w[0] == 36:  # Winograd: a 3x3 conv's multiplies, as the direct kernel does them
+        return n * oh * ow * o * 9 * w[2] * w[3]
+    if len(w) == 6:
+        return n * oh * ow * o * w[1] * w[2] * w[3] * w[5]
+    return None
+
+
+def profile(library: Path, runs: int) -> tuple[list[dict[str, Any]], float]:
+    """Per-kernel rows (median ms per model call, calls per model call, argument shapes) and the median
+    uninstrumented call in ms."""
+    import tvm
+    from tvm import relax
+
+    import intforge
+
+    model = intforge.load(library)
+    x = np.random.default_rng(0).standard_normal(model.inputs[0]["shape"]).astype(np.float32)
+    plain = model.time(repeat=runs, warmup=5, resident=True)["median_ms"]
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
+    arg = tvm.runtime.tensor(x, tvm.cpu())
+    for _ in range(5):
+        vm["main"](arg)
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    start = [0.0]
+
+    def instrument(_func, symbol, before, _ret, *args) -> int:
+        if before:
+            if symbol not in shapes:
+                shapes[symbol] = [tuple(int(d) for d in a.shape) for a in args if hasattr(a, "shape")]
+            start[0] = time.perf_counter()
+        else:
+            times[symbol].append(time.perf_counter() - start[0])
+        return 0  # VMInstrumentReturnKind.kNoOp: run the call as usual
+
+    vm.set_instrument(instrument)
+    for _ in range(runs):
+        vm["main"](arg)
+    rows = []
+    for symbol, ts in times.items():
+        if symbol.startswith("vm.builtin"):
+            continue
+        per = len(ts) // runs
+        ms = float(np.median(np.asarray(ts[:per * runs]).reshape(runs, per).sum(axis=1))) * 1e3
+        macs = conv_macs(shapes.get(symbol, []))
+        macs = macs * per if macs else None
+        rows.append({"kernel": symbol, "calls": per, "ms": round(ms, 4), "shapes": shapes.get(symbol, []),
+                     "macs": macs, "gmacs_per_s": round(macs / ms / 1e6, 1) if macs else None})
+    rows.sort(key=lambda r: -r["ms"])
+    return rows, plain
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import intforge  # noqa: F401 - sets TVM's thread pool (TVM_NUM_THREADS) before anything runs
+    from intforge.threads import pool_threads
+
+    with tempfile.TemporaryDirectory() as tmp:
+        library = args.library or build_zoo(args.model, args.batch, Path(tmp))
+        rows, plain = profile(library, args.runs)
+    total = sum(r["ms"] for r in rows)
+    name = args.library.stem if args.library else f"{args.model}_b{args.batch}"
+    out = args.out or ROOT / "results" / f"profile_{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {**result_header("profile_in_model", pool_threads()), "model": name, "runs": args.runs,
+              "call_ms_uninstrumented": round(plain, 4), "sum_of_kernels_ms": round(total, 4), "kernels": rows}
+    out.write_text(json.dumps(result, indent=1))
+    print(f"{name}: {plain:.3f} ms a call (resident, uninstrumented); kernels sum to {total:.3f} ms")
+    for r in rows[:args.top]:
+        rate = f"{r['gmacs_per_s']:7.1f} GMAC/s" if r["gmacs_per_s"] else " " * 14
+        print(f"{r['ms']:8.3f} ms {100 * r['ms'] / total:5.1f}%  x{r['calls']:<2d} {rate}  {r['kernel'][:56]}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
