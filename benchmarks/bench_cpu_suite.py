@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_resnet18 import (  # noqa: E402 - the shared timing loop and engines
     machine_info,
     ort_session,
+    paired_ratio,
     quantize_onnx,
     set_thread_env,
     time_engine,
@@ -268,6 +269,9 @@ def run_model(name: str, batch: int, args: argparse.Namespace, engines: list[str
             and "median_ms" in res["ort_int8"]:
         res["ratio_intforge_int8_over_ort_int8"] = round(res["intforge_int8"]["median_ms"]
                                                          / res["ort_int8"]["median_ms"], 3)
+        res["paired_ratio_intforge_int8_over_ort_int8"] = paired_ratio(res["intforge_int8"], res["ort_int8"])
+        print(f"    {name} b{batch} intforge INT8 / ORT INT8: {res['ratio_intforge_int8_over_ort_int8']} "
+              f"(medians), {res['paired_ratio_intforge_int8_over_ort_int8']} (round by round)", flush=True)
     return res
 
 

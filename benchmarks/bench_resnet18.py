@@ -131,7 +131,8 @@ def time_interleaved(fns: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray,
     timings are bimodal over tens of seconds) lands on every engine alike instead of on whichever
     engine's turn it was. Each block starts with one untimed call, which refills the caches and lets the
     previous engine's idle threads (ORT's and OpenMP's spin a while) go to sleep. Statistics pool all of
-    an engine's timed calls."""
+    an engine's timed calls; `round_medians_ms` keeps each round's median, so that two engines can be
+    compared round by round (`paired_ratio`)."""
     per_round = max(1, -(-repeat // rounds))
     ts: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
@@ -147,7 +148,19 @@ def time_interleaved(fns: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray,
                 fn(x)
                 ts[name].append((time.perf_counter() - t0) * 1e3)
     load = other_cpu_load(ticks, cpu_ticks())
-    return {name: {**timing_stats(t, warmup, load), "rounds": rounds} for name, t in ts.items()}
+    return {name: {**timing_stats(t, warmup, load), "rounds": rounds, "round_medians_ms": [
+        round(statistics.median(t[r * per_round:(r + 1) * per_round]), 3) for r in range(rounds)]}
+        for name, t in ts.items()}
+
+
+def paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """The median over rounds of engine a's round median / engine b's (both from one `time_interleaved`):
+    each round's two blocks ran seconds apart, so a slow phase of the machine that spans a round divides
+    out, where the ratio of the two overall medians keeps whatever the phases did to each."""
+    ra, rb = a.get("round_medians_ms"), b.get("round_medians_ms")
+    if not ra or not rb or len(ra) != len(rb):
+        return None
+    return round(statistics.median(x / y for x, y in zip(ra, rb, strict=True)), 3)
 
 
 def predict_all(fn: Callable[[np.ndarray], Any], images: np.ndarray) -> np.ndarray:
