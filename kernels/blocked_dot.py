@@ -426,12 +426,13 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
     block, epilogue = blocks_[k], blocks_[k + 1:]
     # A ClampFirst epilogue that something fuses after (a residual add) keeps its own block, computed per
     # tile into a small buffer and tensorized like a lone one; what follows reads its 8-bit results.
-    staged = next((b for b in epilogue[:-1] if sch.get(b).name_hint == narrow_block(isa)), None)
+    narrow = narrow_block(isa)
+    epilogue_names = [sch.get(b).name_hint for b in epilogue]
+    staged = next((b for b in epilogue[:-1] if sch.get(b).name_hint == narrow), None)
     for b in epilogue[:-1]:  # the _out stage, bias add, dyadic multiply, shift, clamp, cast: one block
         if b != staged:
             sch.compute_inline(b)
-    last = epilogue[-1]
-    last_name = sch.get(last).name_hint
+    last, last_name = epilogue[-1], epilogue_names[-1]
     acc = sch.cache_write(block, 0, ACC_SCOPE)
     if kind == isa.conv_block:
         n, o1, i, j, o2, rh, rw, rcb, rci = sch.get_loops(block)
@@ -493,20 +494,15 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         sch.compute_inline(acc)
     except s_tir.ScheduleError:
         sch.vectorize(sch.get_loops(acc)[-1])
-    if staged is not None:  # (inlining the accumulators replaced the blocks: found again by name)
-        staged, last = sch.get_sblock(narrow_block(isa)), sch.get_sblock(last_name)
-    for narrow in (staged, last):
-        if narrow is not None and sch.get(narrow).name_hint == narrow_block(isa):
-            # the ClampFirst epilogue: 16 channels at a time as one intrinsic
-            from .x86_ifma import LANES, narrow_intrin
+    # (blocks by name from here: inlining the accumulators replaced the handles)
+    if narrow in epilogue_names:  # the ClampFirst epilogue: 16 channels at a time as one intrinsic
+        from .x86_ifma import tensorize_narrow
 
-            _, lanes = sch.split(sch.get_loops(narrow)[-1], [None, LANES])
-            sch.tensorize(lanes, narrow_intrin(sch.get(narrow)))
-    if last_name != narrow_block(isa):
-        last = sch.get_sblock(last_name)
-        # the requantize epilogue several channels at a time: its int64 multiply, rounding shift and clamp
-        # as vector ops instead of scalar ones per output
-        vectorize_inner(sch, sch.get_loops(last)[-1], most=isa.epilogue_lanes)
+        tensorize_narrow(sch, narrow)
+    if last_name != narrow:
+        # the requantize epilogue (or what fuses after the ClampFirst one) several channels at a time: its
+        # integer arithmetic as vector ops instead of scalar ones per output
+        vectorize_inner(sch, sch.get_loops(sch.get_sblock(last_name))[-1], most=isa.epilogue_lanes)
     if inputs_at is None:  # dense: its input is a few rows, packed once rather than once per output block
         return {sch.get(b).name_hint for b in producers}
     if few_channels or FOLD_BLOCK in names:

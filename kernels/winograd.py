@@ -242,10 +242,9 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     for blk in (inverse, gemm, inp, rows, data):
         sch.compute_at(blk, par, preserve_unit_loops=True)
     if keep:
-        from .x86_ifma import narrow_intrin
+        from .x86_ifma import tensorize_narrow
 
-        narrow = sch.get_sblock(narrow_name)
-        sch.tensorize(sch.get_loops(narrow)[-1], narrow_intrin(sch.get(narrow)))
+        tensorize_narrow(sch, narrow_name)
         sch.vectorize(sch.get_loops(sch.get_sblock(OUT_BLOCK))[-1])
     if last_name != narrow_name:
         sch.vectorize(sch.get_loops(sch.get_sblock(last_name))[-1])

@@ -84,6 +84,14 @@ def _intrin(out_dtype: str, whole_bytes: bool) -> tuple:
     return desc, impl
 
 
+def tensorize_narrow(sch: s_tir.Schedule, name: str) -> None:
+    """Tensorize the `blocked_dot.Narrow` epilogue block called `name`, 16 channels (its innermost loop)
+    at a time: what the blocked and the Winograd conv kernels do with it."""
+    block = sch.get_sblock(name)
+    _, lanes = sch.split(sch.get_loops(block)[-1], [None, LANES])
+    sch.tensorize(lanes, narrow_intrin(sch.get(block)))
+
+
 def narrow_intrin(block: s_tir.SBlock) -> str:
     """The intrinsic (registered on first use) for an epilogue block of `blocked_dot.Narrow`: its output
     type, and whether it picks bytes instead of shifting (its "narrow_bytes" annotation)."""

@@ -167,14 +167,14 @@ class Split32:
 
 
 def split32(multipliers: Sequence[int], shift: int, qmin: int, qmax: int,
-            term_ranges: Sequence[tuple[int, int]], offset: int = 0) -> Split32 | None:
-    """The `Split32` form of rescale_sum(terms, shift, qmin, qmax, offset=offset) for terms whose
-    values lie in `term_ranges` (inclusive, one (lo, hi) a term), or None where some intermediate could
-    leave int32 (then the int64 form stays)."""
+            term_ranges: Sequence[tuple[int, int]]) -> Split32 | None:
+    """The `Split32` form of rescale_sum(terms, shift, qmin, qmax) for terms whose values lie in
+    `term_ranges` (inclusive, one (lo, hi) a term), or None where some intermediate could leave int32
+    (then the int64 form stays)."""
     if shift < 1 or any(m < 0 for m in multipliers):
         return None
     s = min(SPLIT_BITS, shift)
-    total = int(rounding_offset(shift)) + int(offset)
+    total = int(rounding_offset(shift))
     high = tuple(int(m) >> s for m in multipliers)
     low = tuple(int(m) & ((1 << s) - 1) for m in multipliers)
     rh, rl = total >> s, total & ((1 << s) - 1)
