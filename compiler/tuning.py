@@ -9,11 +9,14 @@ warning instead of failing the build.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -25,9 +28,10 @@ from intforge.program import IntegerProgram
 
 from .targets import TargetPreset, resolve_target
 
-#: Builder workers import tvm.s_tir.tensor_intrin (it parses hundreds of TVMScript intrinsics: ~25 s
-#: on 2 cores) before their first build; MetaSchedule's 30 s default timeout kills every build.
+#: Seconds per candidate build. MetaSchedule's 30 s default once killed every first build, when each worker
+#: parsed TVM's intrinsic catalogue before it (see `_skip_intrinsic_catalogue`); a cross build is slow too.
 BUILD_TIMEOUT_S = 180.0
+INTRINSIC_CATALOGUE = "tvm.s_tir.tensor_intrin"
 
 
 def tuning_root() -> Path:
@@ -59,8 +63,28 @@ def _tuning_target(preset: TargetPreset) -> tvm.target.Target:
                                                                         "num-cores")})
 
 
+def _skip_intrinsic_catalogue() -> None:
+    """Stand in for tvm.s_tir.tensor_intrin, which MetaSchedule imports in every TuneContext and in every
+    builder worker: it parses TVM's whole catalogue of TVMScript tensor intrinsics, 30-40 s on 2 cores
+    (19 s of it CUDA's), and tuning uses none of them: the search space is MetaSchedule's plain LLVM one,
+    and our tensorized kernels bring their own intrinsics and are not tasks. The stand-in is an empty
+    package over the same directory, so a submodule (tensor_intrin.x86, say) still imports by name.
+    Ours, not TVM's: TVM has no switch for this."""
+    if INTRINSIC_CATALOGUE in sys.modules:
+        return
+    import tvm.s_tir
+
+    spec = importlib.util.find_spec(INTRINSIC_CATALOGUE)
+    stand_in = types.ModuleType(INTRINSIC_CATALOGUE, "TVM's tensor intrinsics, not loaded (intforge tuning)")
+    stand_in.__path__ = list(spec.submodule_search_locations or [])
+    stand_in.__package__ = INTRINSIC_CATALOGUE
+    sys.modules[INTRINSIC_CATALOGUE] = stand_in
+    tvm.s_tir.tensor_intrin = stand_in
+
+
 def _warm_worker() -> None:
-    import tvm.s_tir.tensor_intrin  # noqa: F401 - pay the intrinsic parsing once per worker
+    """A builder worker's initializer."""
+    _skip_intrinsic_catalogue()
 
 
 def open_database(target: str | TargetPreset):
@@ -229,6 +253,7 @@ def tune(program: IntegerProgram, target: str | TargetPreset = "x86", trials: in
     if remote:
         preset.fcompile()  # a missing cross compiler is an instruction now, not a failure in every build
     runner = _remote_runner(preset, rpc, tracker, key) if remote else "local"
+    _skip_intrinsic_catalogue()
     tgt = _tuning_target(preset)
     mod = emit_program(program, boundary=boundary)
     with tgt:
