@@ -6,10 +6,10 @@ more than the 4 `vpdpbusd`s of a 1x1 conv with 16 input channels. In its `dyadic
 clamp happens on the int32 accumulators (16 lanes at a time) and the product has at most 52 bits, so
 the multiply and the add are one `vpmadd52luq`, and as the result needs no clamp, one `vpermi2b` picks
 the 16 result bytes out of the two 8-lane halves: 12 instructions, all told. Where every channel's shift
-can be raised to 40 (`ClampFirst.with_shift`; MobileNetV2's expand convs), the result is byte 5 of
-each 64-bit lane and the two shifts go too. The description is the form's exact integer arithmetic
-(`blocked_dot.narrow_value`), which is what the kernel computes wherever the intrinsic is not applied
-(an epilogue that a residual add fuses after).
+can be raised to 40 (`ClampFirst.with_shift`; the quantizer holds conv shifts to `dyadic.CAPPED_SHIFT`
+for this), the result is byte 5 of each 64-bit lane and the two shifts go too. The description is the
+form's exact integer arithmetic (`blocked_dot.narrow_value`), which is what the kernel computes wherever
+the intrinsic is not applied.
 
 TVM has no such intrinsic; this one is ours, tensorized onto the epilogue's innermost 16 channels.
 """
@@ -19,10 +19,13 @@ from __future__ import annotations
 from tvm import s_tir
 from tvm.script import tirx as T
 
+from intforge.dyadic import CAPPED_SHIFT
+
 from .blocked_dot import ACC_SCOPE, ensure_intrin
 
 LANES = 16
-BYTE_SHIFT = 40  # a shift the kernel takes as a byte offset: the result is byte 5 of the 64-bit lane
+BYTE_SHIFT = CAPPED_SHIFT  # a shift the kernel takes as a byte offset: the result is byte 5 of the 64-bit
+# lane (the quantizer holds conv requantize shifts to it)
 
 
 def _intrin(out_dtype: str, whole_bytes: bool) -> tuple:

@@ -18,6 +18,22 @@ def test_multiplier_is_31_bit_and_accurate(real):
     assert abs(m / 2**n - real) <= real * 2**-30
 
 
+def test_capped_shift_keeps_at_least_24_bits_and_leaves_tiny_multipliers_alone():
+    """Conv requantizes hold their shift to CAPPED_SHIFT (the x86 epilogue then picks a byte instead of
+    shifting) where the multiplier keeps CAPPED_MIN_BITS bits; others keep their own 31-bit multiplier."""
+    reals = [0.3, 0.0009, 1e-4, 7.7e-6, 3e-6, 1e-8]
+    m, n = dyadic.quantize_multipliers(reals, max_shift=dyadic.CAPPED_SHIFT)
+    m0, n0 = dyadic.quantize_multipliers(reals)
+    capped = [False, True, True, True, False, False]
+    for r, mc, nc, mo, no, cap in zip(reals, m, n, m0, n0, capped, strict=True):
+        assert (nc == dyadic.CAPPED_SHIFT < no) == cap
+        if cap:
+            assert (1 << (dyadic.CAPPED_MIN_BITS - 1)) <= mc < (1 << 30)
+            assert abs(mc / 2**nc - r) <= r * 2**-dyadic.CAPPED_MIN_BITS
+        else:
+            assert (mc, nc) == (mo, no)
+
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf])
 def test_zero_negative_and_nonfinite_multipliers_are_refused(bad):
     with pytest.raises(QuantizationError, match="positive finite"):

@@ -229,7 +229,7 @@ def _quantize_matmul_like(op: FloatOp, x: QTensor, out: QTensor, act: FloatOp | 
             f"{acc_scale[worst]:.3g}; its input scale is too small for its bias. Calibrate on more "
             f"representative data.\n  at {op.source}"
         )
-    m, n = dyadic.quantize_multipliers(acc_scale / out.scale)
+    m, n = dyadic.quantize_multipliers(acc_scale / out.scale, max_shift=dyadic.CAPPED_SHIFT)
     lo, hi = _act_bounds(act, out)
     attrs = {"qmin": lo, "qmax": hi, "weight_bits": wbits}
     if op.kind == "conv2d":
