@@ -381,6 +381,29 @@ def test_conv_requantize_runs_as_52_bit_multiply_adds_in_whole_16_channel_blocks
     assert not uses_ifma(quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(16, 24, 1)), (1, 16, 8, 8)))
 
 
+@pytest.mark.skipif(not (resolve_target("x86").has("avx512ifma") and resolve_target("x86").has("avx512vbmi")),
+                    reason="the IFMA requantize epilogue")
+def test_a_conv_with_small_multipliers_takes_the_result_byte_instead_of_shifting(so_of):
+    """A 256-channel reduction of positive inputs by positive weights has a wide output range, so
+    requantize multipliers under 2^-9, whose own shifts pass 40: the quantizer holds them at
+    dyadic.CAPPED_SHIFT, so the IFMA epilogue picks byte 5 of each 64-bit lane and the kernel has no
+    64-bit shift at all; bit-exact with the reference on extreme inputs."""
+    from intforge import dyadic
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ReLU(), nn.Conv2d(256, 32, 1), nn.ReLU())
+    with torch.no_grad():
+        model[1].weight.abs_()
+    program = quantize_module(model, (1, 256, 4, 4))
+    conv = next(op for op in program.ops if op.kind == "conv2d")
+    real = conv.params["multiplier"] / 2.0 ** conv.params["shift"]
+    assert (dyadic.quantize_multipliers(real)[1] > dyadic.CAPPED_SHIFT).all()
+    assert (conv.params["shift"] == dyadic.CAPPED_SHIFT).all()
+    ir = _host_ir(program)
+    assert "llvm.x86.avx512.vpmadd52l.uq.512" in ir and "ashr <8 x i64>" not in ir
+    assert_bit_exact_int(program, so_of(program, boundary="int"))
+
+
 @pytest.mark.skipif(not resolve_target("x86").has("avx512ifma"), reason="this CPU runs the IFMA epilogue")
 def test_vnni_cpus_without_ifma_keep_the_int64_epilogue_and_stay_bit_exact(tmp_path):
     """On this CPU every whole-16-channel conv takes the IFMA epilogue, so the int64 one that VNNI CPUs
