@@ -74,6 +74,22 @@ def test_shared_shift_keeps_relative_multipliers():
     assert ms[0] < (1 << 31)
 
 
+@pytest.mark.parametrize("reals", [(0.75, 0.25), (1.0, 1.0), (0.999999, 0.3), (1.7, 0.004), (3e-5, 1e-3),
+                                   (40000.0, 1.0)])
+def test_add_multipliers_keep_15_bits_within_2_to_the_minus_15_of_the_largest(reals):
+    """An add's multipliers (bits=ADD_MULTIPLIER_BITS) have their low 16 bits zero and the shared shift
+    of the full-precision ones, each within 2^-15 of the largest (a largest one of 2^15 or more keeps
+    all its bits)."""
+    full, n_full = dyadic.shared_shift_multipliers(list(reals))
+    ms, n = dyadic.shared_shift_multipliers(list(reals), bits=dyadic.ADD_MULTIPLIER_BITS)
+    if max(reals) >= 2**15:
+        assert (ms, n) == (full, n_full)
+        return
+    assert n in (n_full, n_full - 1) and all(m % (1 << dyadic.SPLIT_BITS) == 0 and 0 <= m < (1 << 31) for m in ms)
+    for r, m in zip(reals, ms, strict=True):
+        assert abs(m / 2**n - r) <= max(reals) * 2**-15
+
+
 def test_quantize_float_is_round_half_even_and_clamped():
     x = np.array([0.5, 1.5, 2.5, -0.5, -1000.0, 1000.0], dtype=np.float32)
     got = dyadic.quantize_float(NUMPY_OPS, x, 1.0, -128, 127, "int8")
@@ -147,10 +163,12 @@ def test_clamp_first_with_a_raised_shift_is_the_same_function():
     assert form.with_shift(int(n.max()) - 1) is None
 
 
+@pytest.mark.parametrize("bits", [dyadic.MULTIPLIER_BITS, dyadic.ADD_MULTIPLIER_BITS])
 @pytest.mark.parametrize("dtypes", [("int8", "uint8", "uint8"), ("uint8", "uint8", "int8"), ("int8", "int8", "int8")])
-def test_split32_residual_add_equals_rescale_sum_on_every_pair_of_inputs(dtypes):
+def test_split32_residual_add_equals_rescale_sum_on_every_pair_of_inputs(dtypes, bits):
     """The residual add's int32 form gives rescale_sum's integers for all 256 x 256 input pairs, over
-    multiplier ratios from 1/400 to 20 (shared shifts 25 to 40), both output signednesses."""
+    multiplier ratios from 1/400 to 20 (shared shifts 25 to 40), both output signednesses; with an add's
+    15-bit multipliers, without low-part products."""
     a_t, b_t, out_t = dtypes
     a = np.arange(256).astype(np.uint8).view(a_t).astype(np.int64).reshape(-1, 1).repeat(256, 1).astype(a_t)
     b = np.arange(256).astype(np.uint8).view(b_t).astype(np.int64).reshape(1, -1).repeat(256, 0).astype(b_t)
@@ -158,9 +176,10 @@ def test_split32_residual_add_equals_rescale_sum_on_every_pair_of_inputs(dtypes)
     ranges = [dyadic.int_range(8, t == "int8") for t in (a_t, b_t)]
     rng = np.random.default_rng(0)
     for reals in [(1.0, 1.0), (0.0025, 20.0), (20.0, 0.05), *np.exp(rng.uniform(-6, 3, (40, 2)))]:
-        ms, n = dyadic.shared_shift_multipliers([float(r) for r in reals])
+        ms, n = dyadic.shared_shift_multipliers([float(r) for r in reals], bits=bits)
         form = dyadic.split32(ms, n, qmin, qmax, ranges)
         assert form is not None, (reals, ms, n)
+        assert form.low == (0, 0) or bits == dyadic.MULTIPLIER_BITS
         want = dyadic.rescale_sum(NUMPY_OPS, [(a, ms[0]), (b, ms[1])], n, qmin, qmax, out_t)
         got = form.apply(NUMPY_OPS, [a, b], out_t)
         assert got.dtype == want.dtype

@@ -185,7 +185,8 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
                 raise UnsupportedOpError(f"add of shapes {in_ts[0].shape} and {in_ts[1].shape} in '{op.name}' "
                                          f"(broadcasting) is not supported\n  at {op.source}")
             out = new_tensor(out_name, signed=not unsigned)
-            ms, shift = dyadic.shared_shift_multipliers([t.scale / out.scale for t in in_ts])
+            ms, shift = dyadic.shared_shift_multipliers([t.scale / out.scale for t in in_ts],
+                                                         bits=dyadic.ADD_MULTIPLIER_BITS)
             lo, hi = _act_bounds(act, out)
             ops.append(IntOp("add", op.name, ins, out_name, {"shift": shift, "qmin": lo, "qmax": hi},
                              {"multipliers": np.array(ms, dtype=np.int64)}, op.source))
