@@ -82,11 +82,6 @@ def _skip_intrinsic_catalogue() -> None:
     tvm.s_tir.tensor_intrin = stand_in
 
 
-def _warm_worker() -> None:
-    """A builder worker's initializer."""
-    _skip_intrinsic_catalogue()
-
-
 def open_database(target: str | TargetPreset):
     """The target's JSONDatabase, or None if there is none; a corrupt one is moved aside with a warning."""
     from tvm.s_tir import meta_schedule as ms
@@ -265,7 +260,7 @@ def tune(program: IntegerProgram, target: str | TargetPreset = "x86", trials: in
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
     for handler in [h for h in ms_logger.handlers if h.get_name() is None]:
         ms_logger.removeHandler(handler)
-    builder = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S, initializer=_warm_worker,
+    builder = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S, initializer=_skip_intrinsic_catalogue,
                                       f_export=functools.partial(_export_for, preset.name) if remote else None)
     with tempfile.TemporaryDirectory(prefix="intforge-tune-") as work:
         if progress:

@@ -24,8 +24,9 @@ from intforge.dyadic import CAPPED_SHIFT
 from .blocked_dot import ACC_SCOPE, ensure_intrin
 
 LANES = 16
-BYTE_SHIFT = CAPPED_SHIFT  # a shift the kernel takes as a byte offset: the result is byte 5 of the 64-bit
-# lane (the quantizer holds conv requantize shifts to it)
+# the shift the kernel takes as a byte offset (the result is byte 5 of the 64-bit lane): the one the
+# quantizer holds conv requantize shifts to
+BYTE_SHIFT = CAPPED_SHIFT
 
 
 def _intrin(out_dtype: str, whole_bytes: bool) -> tuple:
