@@ -1,0 +1,122 @@
+"""intforge INT8 against ONNX Runtime INT8 when one of the CPUs is busy with something else.
+
+The CPU suite's intforge / ORT INT8 ratio on this shared 2-vCPU VM moves between runs (ResNet50 0.81x
+to 1.0x at batch 1): in slow phases intforge lost more than ORT. The cause this script isolates: TVM
+splits a parallel loop statically, one equal chunk of iterations per thread, so a layer takes as long as
+its slowest thread; ORT's thread pool hands out work in small pieces to whichever thread is free. When
+one CPU runs at a fraction of its speed (a noisy neighbour, a co-scheduled vCPU, a hybrid CPU's slow
+core), intforge runs at the slow thread's pace for every layer.
+
+How: both engines are built as in `bench_cpu_suite.py` (zoo model, random seeded weights, 16 random
+calibration images; ORT static QDQ per-channel), then timed side by side (`time_interleaved`) twice:
+quiet, and with a busy-loop process pinned to the last CPU (`os.sched_setaffinity`) for the whole
+block. Writes JSON (`--out`).
+
+Usage: python benchmarks/bench_contention.py [--models resnet50] [--threads 2] [--repeat 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu_suite import export_onnx_dynamic  # noqa: E402
+from bench_resnet18 import (  # noqa: E402
+    ort_session,
+    paired_ratio,
+    quantize_onnx,
+    result_header,
+    set_thread_env,
+    time_interleaved,
+)
+
+ROOT = Path(__file__).resolve().parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet50")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "contention.json")
+    return p.parse_args(argv)
+
+
+def _busy(cpu: int, seconds: float) -> None:
+    """A competitor: spin on one CPU for `seconds`."""
+    os.sched_setaffinity(0, {cpu})
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def engines(name: str, threads: int, work: Path) -> tuple[dict[str, Any], np.ndarray]:
+    """ORT INT8 and intforge INT8 of zoo model `name` at batch 1, and the input they are timed on."""
+    import torch
+
+    import intforge
+    from intforge import zoo
+    from intforge.compiler import build
+    from intforge.quantize import QuantConfig
+
+    torch.manual_seed(0)
+    model = getattr(zoo, name)(seed=0).eval()
+    images = zoo.random_images(17, seed=0)
+    x, calib = np.ascontiguousarray(images[:1]), np.ascontiguousarray(images[1:17])
+    fp32 = work / f"{name}_fp32.onnx"
+    export_onnx_dynamic(model, x, fp32)
+    int8 = quantize_onnx(fp32, calib, work)[0]
+    program, _ = intforge.quantize_model(model, (torch.from_numpy(x),), calib, quant=QuantConfig())
+    lib = intforge.load(build(program, work / name, tuned=False).library)
+    return {"ort_int8": ort_session(int8, threads), "intforge_int8": lib}, x
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    set_thread_env(args.threads)
+    cpus = sorted(os.sched_getaffinity(0))
+    result: dict[str, Any] = {**result_header("bench_contention", args.threads), "busy_cpu": cpus[-1],
+                              "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            fns, x = engines(name, args.threads, Path(tmp))
+            rows: dict[str, Any] = {}
+            for condition in ("quiet", "one_cpu_busy"):
+                busy = None
+                if condition == "one_cpu_busy":
+                    busy = mp.get_context("spawn").Process(target=_busy, args=(cpus[-1], 600.0), daemon=True)
+                    busy.start()
+                    time.sleep(0.5)
+                try:
+                    t = time_interleaved(fns, x, args.repeat, warmup=3, rounds=args.rounds)
+                finally:
+                    if busy is not None:
+                        busy.terminate()
+                        busy.join()
+                ratio = paired_ratio(t["intforge_int8"], t["ort_int8"])
+                rows[condition] = {"timings": t, "intforge_over_ort_round_by_round": ratio}
+                print(f"{name} {condition:13s} ORT INT8 {t['ort_int8']['median_ms']:7.2f} ms   intforge INT8 "
+                      f"{t['intforge_int8']['median_ms']:7.2f} ms   ratio {ratio:.3f}", flush=True)
+            q, b = rows["quiet"]["timings"], rows["one_cpu_busy"]["timings"]
+            rows["slowdown_when_busy"] = {e: round(b[e]["median_ms"] / q[e]["median_ms"], 3) for e in q}
+            print(f"{name} slowdown with one CPU busy: {rows['slowdown_when_busy']}", flush=True)
+            result["models"][name] = rows
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
