@@ -221,7 +221,9 @@ def add_correction(v, correction: te.Tensor | None, channel):
 class Narrow:
     """The per-channel constants of a `dyadic.ClampFirst` epilogue fused into a conv kernel (the
     correction argument carries its -lo), and the 8-bit type it writes. `whole_bytes`: every shift is
-    x86_ifma.BYTE_SHIFT, so the kernel picks the result's byte instead of shifting."""
+    x86_ifma.BYTE_SHIFT, so the kernel picks the result's byte instead of shifting. `bounds` (with
+    whole_bytes only): the correction argument holds the clamp's low bound on the raw accumulator, `span`
+    its high bound, and `add` the constant with the correction folded in (`narrow_value`)."""
 
     span: te.Tensor  # int32
     mul: te.Tensor  # int64
@@ -229,25 +231,37 @@ class Narrow:
     shift: te.Tensor  # int64
     out_dtype: str
     whole_bytes: bool = False
+    bounds: bool = False
 
     def value(self, acc, corr, ch):
         """Output channel `ch` of this epilogue for accumulator `acc` and correction `corr`."""
-        return narrow_value(acc, corr, self.span[ch], self.mul[ch], self.add[ch], self.shift[ch], self.out_dtype)
+        return narrow_value(acc, corr, self.span[ch], self.mul[ch], self.add[ch], self.shift[ch], self.out_dtype,
+                            self.bounds)
 
     @property
     def attrs(self) -> dict:
         """The output stage's block annotation, which picks the intrinsic."""
-        return {"narrow_bytes": int(self.whole_bytes)}
+        return {"narrow_bytes": int(self.whole_bytes), "narrow_bounds": int(self.bounds)}
 
 
 def narrow_block(isa: DotIsa) -> str:
     return f"{isa.conv_block}_narrow"
 
 
-def narrow_value(acc, corr, span, mul, add, shift, out_dtype: str):
+def narrow_value(acc, corr, span, mul, add, shift, out_dtype: str, bounds: bool = False):
     """One output of the `ClampFirst` epilogue: t = acc + corr (wrapping 32-bit lanes; corr includes -lo),
     u = clip(t, 0, span), then (u * mul + add) >> shift, which is in the output's range already. x86_ifma's
-    intrinsic describes exactly this expression (tensorize matches it structurally)."""
+    intrinsic describes exactly this expression (tensorize matches it structurally).
+
+    With `bounds` (`Narrow.bounds`; corr = lo - c, span = lo - c + span, add = add + (c - lo) * mul mod
+    2^64, c the correction): u' = clip(acc, corr, span) = u + lo - c, and u' * mul + add is the same
+    value, so one 32-bit add fewer per 16 outputs. u' * mul can pass 64 bits, so this form runs on
+    wrapping uint64 lanes: the output is the byte at BYTE_SHIFT of the true value, which wrapping leaves
+    alone (and IFMA's 52-bit products too)."""
+    if bounds:
+        u = tirx.min(tirx.max(acc, corr), span).astype("int64")
+        v = tirx.reinterpret("uint64", u) * tirx.reinterpret("uint64", mul) + tirx.reinterpret("uint64", add)
+        return tirx.shift_right(v, tirx.reinterpret("uint64", shift)).astype(out_dtype)
     t = tirx.reinterpret("int32", tirx.reinterpret("uint32", acc) + tirx.reinterpret("uint32", corr))
     u = tirx.min(tirx.max(t, tirx.const(0, "int32")), span)
     return tirx.shift_right(u.astype("int64") * mul + add, shift).astype(out_dtype)

@@ -7,9 +7,10 @@ clamp happens on the int32 accumulators (16 lanes at a time) and the product has
 the multiply and the add are one `vpmadd52luq`, and as the result needs no clamp, one `vpermi2b` picks
 the 16 result bytes out of the two 8-lane halves: 12 instructions, all told. Where every channel's shift
 can be raised to 40 (`ClampFirst.with_shift`; the quantizer holds conv shifts to `dyadic.CAPPED_SHIFT`
-for this), the result is byte 5 of each 64-bit lane and the two shifts go too. The description is the
-form's exact integer arithmetic (`blocked_dot.narrow_value`), which is what the kernel computes wherever
-the intrinsic is not applied.
+for this), the result is byte 5 of each 64-bit lane and the two shifts go too, and so does the add of
+the correction: `ClampFirst.with_bounds` clamps the raw sum to bounds that hold it (`Narrow.bounds`).
+The description is the form's exact integer arithmetic (`blocked_dot.narrow_value`), which is what the
+kernel computes wherever the intrinsic is not applied.
 
 TVM has no such intrinsic; this one is ours, tensorized onto the epilogue's innermost 16 channels.
 """
@@ -29,11 +30,27 @@ LANES = 16
 BYTE_SHIFT = CAPPED_SHIFT
 
 
-def _intrin(out_dtype: str, whole_bytes: bool) -> tuple:
+def _intrin(out_dtype: str, whole_bytes: bool, bounds: bool = False) -> tuple:
     """(description, implementation) for 16 outputs of `out_dtype`. The description is
     `blocked_dot.narrow_value` with each channel's shift; with `whole_bytes` (every shift is BYTE_SHIFT)
-    the implementation picks each lane's byte 5 instead of shifting."""
+    the implementation picks each lane's byte 5 instead of shifting; with `bounds` (`Narrow.bounds`,
+    whole bytes only) it clamps the raw accumulator to per-channel bounds instead of adding a correction
+    first. vpmadd52luq's product is then exact only below 2^52, which is all the byte at BYTE_SHIFT
+    needs."""
+    if bounds and not whole_bytes:
+        raise ValueError("the bounds form of the ClampFirst epilogue needs whole bytes (every shift BYTE_SHIFT)")
     bytes_ = f"{out_dtype}x64"
+
+    def _clamped(A, C, S):
+        """u = clip(acc + corr, 0, span) on 16 int32 lanes (u >= 0: its sign extension is its zero
+        extension); with bounds, u = clip(acc, lo, hi), which can be negative: sign-extended, its low 52
+        bits are u mod 2^52, and so is vpmadd52luq's product below bit 52."""
+        acc, corr, span = A.vload([0], "int32x16"), C.vload([0], "int32x16"), S.vload([0], "int32x16")
+        if bounds:
+            return T.min(T.max(acc, corr), span)
+        t = T.reinterpret("int32x16", T.reinterpret("uint32x16", acc) + T.reinterpret("uint32x16", corr))
+        return T.min(T.max(t, T.broadcast(0, LANES)), span)
+
     first = BYTE_SHIFT // 8 if whole_bytes else 0  # the result's byte within its 64-bit lane
 
     def _half(u, K, M, N, at):
@@ -58,9 +75,15 @@ def _intrin(out_dtype: str, whole_bytes: bool) -> tuple:
             for i in range(LANES):
                 with T.sblock("narrow"):
                     vi = T.axis.remap("S", [i])
-                    Out[vi] = T.Cast(out_dtype, T.shift_right(T.Cast("int64", T.min(T.max(T.reinterpret(
-                        "int32", T.reinterpret("uint32", A[vi]) + T.reinterpret("uint32", C[vi])), 0), S[vi]))
-                        * M[vi] + K[vi], N[vi]))
+                    if bounds:
+                        Out[vi] = T.Cast(out_dtype, T.shift_right(
+                            T.reinterpret("uint64", T.Cast("int64", T.min(T.max(A[vi], C[vi]), S[vi])))
+                            * T.reinterpret("uint64", M[vi]) + T.reinterpret("uint64", K[vi]),
+                            T.reinterpret("uint64", N[vi])))
+                    else:
+                        Out[vi] = T.Cast(out_dtype, T.shift_right(T.Cast("int64", T.min(T.max(T.reinterpret(
+                            "int32", T.reinterpret("uint32", A[vi]) + T.reinterpret("uint32", C[vi])), 0), S[vi]))
+                            * M[vi] + K[vi], N[vi]))
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, c: T.handle, s: T.handle, m: T.handle, k: T.handle, n: T.handle, o: T.handle) -> None:
@@ -74,10 +97,7 @@ def _intrin(out_dtype: str, whole_bytes: bool) -> tuple:
         with T.sblock("root"):
             T.reads(A[0:LANES], C[0:LANES], S[0:LANES], M[0:LANES], K[0:LANES], N[0:LANES])
             T.writes(Out[0:LANES])
-            # u = clip(acc + corr, 0, span) on 16 int32 lanes, then widened (u >= 0: sign = zero extension)
-            u = T.bind(T.Cast("int64x16", T.min(T.max(T.reinterpret("int32x16", T.reinterpret(
-                "uint32x16", A.vload([0], "int32x16")) + T.reinterpret("uint32x16", C.vload([0], "int32x16"))),
-                T.broadcast(0, LANES)), S.vload([0], "int32x16"))))
+            u = T.bind(T.Cast("int64x16", _clamped(A, C, S)))
             # byte `first` of each 64-bit lane, the low half's 8 then the high half's: one vpermi2b
             Out[T.ramp(0, 1, LANES)] = T.Shuffle([T.reinterpret(bytes_, T.call_llvm_pure_intrin(
                 "int8x64", "llvm.x86.avx512.vpermi2var.qi.512", T.reinterpret("int8x64", _half(u, K, M, N, 0)),
@@ -101,6 +121,8 @@ def narrow_intrin(block: s_tir.SBlock) -> str:
     type, and whether it picks bytes instead of shifting (its "narrow_bytes" annotation)."""
     out_dtype = str(block.writes[0].source.dtype)
     whole_bytes = bool(int(block.annotations.get("narrow_bytes", 0)))
-    name = f"intforge_requantize_16_ifma_{out_dtype}" + ("_byte5" if whole_bytes else "")
-    ensure_intrin(name, lambda: _intrin(out_dtype, whole_bytes))
+    bounds = bool(int(block.annotations.get("narrow_bounds", 0)))
+    name = (f"intforge_requantize_16_ifma_{out_dtype}" + ("_byte5" if whole_bytes else "")
+            + ("_bounds" if bounds else ""))
+    ensure_intrin(name, lambda: _intrin(out_dtype, whole_bytes, bounds))
     return name

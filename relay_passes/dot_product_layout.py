@@ -147,8 +147,9 @@ class _KernelRewriter(PyExprMutator):
     def _clamp_first(self, requant: _Requant, value: np.ndarray, axes: tuple[int, ...], x_dtype: str,
                      isa: DotIsa) -> tuple[Expr, list[Expr], Callable[..., Narrow]] | None:
         """A conv's requantize in `dyadic.clamp_first`'s form, for its kernel's epilogue: (its correction,
-        which also holds -lo; the epilogue's per-channel constants; a function of their te tensors to the
-        `Narrow`), or None where the form would not be exact or the channels are not whole 16-blocks.
+        which also holds -lo, or where the result byte is picked the clamp's low bound (`Narrow.bounds`);
+        the epilogue's per-channel constants; a function of their te tensors to the `Narrow`), or None
+        where the form would not be exact or the channels are not whole 16-blocks.
         `value`'s `axes` are the ones each output channel sums over."""
         bound = np.abs(value.astype(np.int64)).sum(axis=axes) * (255 if x_dtype == "uint8" else 128)
         if bound.size % IFMA_LANES:  # the intrinsic takes whole 16-channel blocks
@@ -156,12 +157,20 @@ class _KernelRewriter(PyExprMutator):
         form = dyadic.clamp_first(requant.m, requant.n, requant.total, requant.qmin, requant.qmax, bound)
         if form is None:
             return None
-        # The correction (signed activations) and -lo as one int32, added on wrapping lanes: exact, as
-        # |acc - lo| < 2^31 (clamp_first checked it against the accumulator's bound).
-        corr = self._correction_sums(value, axes, isa.correction_sign(x_dtype)) - form.lo
-        corr = ((corr + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32)
+        signed_corr = self._correction_sums(value, axes, isa.correction_sign(x_dtype))
         # every channel's shift raised to BYTE_SHIFT where that is exact: the kernel then picks bytes, no shifts
         byte = form.with_shift(BYTE_SHIFT)
+        if byte is not None and (bounds := byte.with_bounds(signed_corr)) is not None:
+            # the correction folded into the clamp's bounds and the constant (`Narrow.bounds`)
+            low, high, add = bounds
+            consts = [relax.const(high, "int32"), relax.const(byte.mul, "int64"), relax.const(add, "int64"),
+                      relax.const(byte.shift, "int64")]
+            return (relax.const(low, "int32"), consts, lambda ss, mm, kk, nn: Narrow(
+                ss, mm, kk, nn, requant.out_dtype, whole_bytes=True, bounds=True))
+        # The correction (signed activations) and -lo as one int32, added on wrapping lanes: exact, as
+        # |acc - lo| < 2^31 (clamp_first checked it against the accumulator's bound).
+        corr = signed_corr - form.lo
+        corr = ((corr + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32)
         form = byte or form
         consts = [relax.const(form.span.astype(np.int32), "int32"), relax.const(form.mul, "int64"),
                   relax.const(form.add, "int64"), relax.const(form.shift, "int64")]

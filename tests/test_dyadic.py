@@ -163,6 +163,56 @@ def test_clamp_first_with_a_raised_shift_is_the_same_function():
     assert form.with_shift(int(n.max()) - 1) is None
 
 
+def _ifma_byte(raw: np.ndarray, low, high, mul, add, shift: int, signed: bool) -> np.ndarray:
+    """What the x86 kernel computes in `ClampFirst.with_bounds`' form, in Python integers: clamp the raw
+    int32 sum, sign-extend, let vpmadd52luq add the low 52 bits of the product to the 64-bit constant
+    (wrapping), and read the byte at `shift`."""
+    out = np.empty(raw.shape, dtype=np.int64)
+    for idx in np.ndindex(raw.shape):
+        ch = idx[-1]
+        u = min(max(int(raw[idx]), int(low[ch])), int(high[ch]))
+        product = ((u % 2**64) % 2**52) * int(mul[ch]) % 2**52
+        byte = ((int(add[ch]) % 2**64 + product) % 2**64 >> shift) & 0xFF
+        out[idx] = byte - 256 if signed and byte >= 128 else byte
+    return out
+
+
+@pytest.mark.parametrize("qmin, qmax", [(0, 255), (-128, 127)])
+def test_clamp_first_with_its_correction_in_the_bounds_gives_the_same_bytes(qmin, qmax):
+    """`ClampFirst.with_bounds`: the raw sum (before the signed-input correction c) clamped to
+    [lo - c, lo - c + span] with c folded into the constant gives, on IFMA's wrapping 52-bit products,
+    the same output byte as the form with the correction added first: at random sums, around both bounds
+    and at the accumulator's bound, with corrections of both signs that make the clamped value negative
+    and the product pass 64 bits."""
+    rng = np.random.default_rng(13)
+    checked = 0
+    for _ in range(150):
+        channels = 4
+        m, n = dyadic.quantize_multipliers(np.exp(rng.uniform(np.log(1e-4), np.log(0.5), channels)))
+        bias = rng.integers(-2**20, 2**20, channels)
+        bound = rng.integers(1, 2**24, channels)
+        form = dyadic.clamp_first(m, n, dyadic.requantize_total(m, n, bias), qmin, qmax, bound)
+        byte = form.with_shift(40) if form is not None else None
+        if byte is None:
+            continue
+        c = rng.integers(-2**26, 2**26, channels)  # 128 * sum(w) of a conv with signed inputs
+        low, high, add = byte.with_bounds(c)
+        assert (high.astype(np.int64) - low == byte.span).all()
+        raw = np.concatenate([rng.integers(-bound, bound + 1, (300, channels)) - c,
+                              low + np.arange(-2, 3)[:, None], high + np.arange(-2, 3)[:, None],
+                              (-bound - c)[None], (bound - c)[None]]).astype(np.int64)
+        raw = np.clip(raw, -2**31, 2**31 - 1)
+        want = byte(raw + c)  # the correction added first, exactly (int64)
+        got = _ifma_byte(raw, low, high, byte.mul, add, 40, qmin < 0)
+        np.testing.assert_array_equal(got, want)
+        checked += 1
+    assert checked >= 20
+    m, n = dyadic.quantize_multipliers([0.01])
+    form = dyadic.clamp_first(m, n, dyadic.requantize_total(m, n), 0, 255, [1000])
+    assert form.with_bounds([-(2**31)]) is None  # the low bound would leave int32
+    assert form.with_shift(45) is None or form.with_shift(45).with_bounds([0]) is None  # byte past bit 52
+
+
 @pytest.mark.parametrize("bits", [dyadic.MULTIPLIER_BITS, dyadic.ADD_MULTIPLIER_BITS])
 @pytest.mark.parametrize("dtypes", [("int8", "uint8", "uint8"), ("uint8", "uint8", "int8"), ("int8", "int8", "int8")])
 def test_split32_residual_add_equals_rescale_sum_on_every_pair_of_inputs(dtypes, bits):

@@ -282,6 +282,28 @@ class ClampFirst:
             return None
         return ClampFirst(self.lo, self.span, self.mul << k, self.add << k, np.full_like(self.shift, shift))
 
+    def with_bounds(self, correction: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The same function on a raw accumulator r = acc - correction (a kernel's sum before its
+        per-channel correction: signed activations run shifted by 128), with no add on r:
+            u' = clip(r, low, high),  v = u' * mul + add'   (low = lo - c, high = low + span,
+                                                            add' = add + (c - lo) * mul)
+        Then v = u * mul + add exactly (u' = u + lo - c), but u' can be negative and u' * mul can pass 64
+        bits, so a kernel computes v on wrapping lanes, where only bits below 52 (vpmadd52luq) or 64 are
+        right: enough for the result when it is the byte at `shift` and shift + 8 <= 52. Returns (low,
+        high as int32, add' as int64 mod 2^64), or None where a shift is too large or a bound leaves int32."""
+        if (self.shift + 8 > IFMA_BITS).any():
+            return None
+        c = np.asarray(correction, dtype=np.int64)
+        low = self.lo - c
+        high = low + self.span
+        if (np.abs(low) >= (1 << 31)).any() or (np.abs(high) >= (1 << 31)).any():
+            return None
+        wrapped = [(int(a) + (int(cc) - int(lo)) * int(m)) % (1 << 64)
+                   for a, cc, lo, m in zip(self.add.tolist(), c.tolist(), self.lo.tolist(), self.mul.tolist(),
+                                           strict=True)]
+        add = np.array([w - (1 << 64) if w >= (1 << 63) else w for w in wrapped], dtype=np.int64)
+        return low.astype(np.int32), high.astype(np.int32), add
+
     def __call__(self, acc: np.ndarray) -> np.ndarray:
         """The rewritten requantize on numpy int32 accumulators (channels last): what a kernel computes."""
         u = np.clip(acc.astype(np.int64) - self.lo, 0, self.span)
