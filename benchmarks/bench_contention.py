@@ -1,16 +1,15 @@
 """intforge INT8 against ONNX Runtime INT8 when one of the CPUs is busy with something else.
 
 The CPU suite's intforge / ORT INT8 ratio on this shared 2-vCPU VM moves between runs (ResNet50 0.81x
-to 1.0x at batch 1): in slow phases intforge lost more than ORT. The cause this script isolates: TVM
-splits a parallel loop statically, one equal chunk of iterations per thread, so a layer takes as long as
-its slowest thread; ORT's thread pool hands out work in small pieces to whichever thread is free. When
-one CPU runs at a fraction of its speed (a noisy neighbour, a co-scheduled vCPU, a hybrid CPU's slow
-core), intforge runs at the slow thread's pace for every layer.
+to 1.0x at batch 1): in slow phases intforge lost more than ORT. This script tests one suspected cause:
+TVM splits a parallel loop statically, one equal chunk of iterations per thread, so a layer takes as
+long as its slowest thread, where ORT's thread pool hands out work in small pieces to whichever thread
+is free. (Measured on 2026-12-03: it is not the cause; intforge slows down less than ORT.)
 
 How: both engines are built as in `bench_cpu_suite.py` (zoo model, random seeded weights, 16 random
-calibration images; ORT static QDQ per-channel), then timed side by side (`time_interleaved`) twice:
-quiet, and with a busy-loop process pinned to the last CPU (`os.sched_setaffinity`) for the whole
-block. Writes JSON (`--out`).
+calibration images; ORT static QDQ per-channel; intforge through `profile_in_model.build_zoo`), then
+timed side by side (`time_interleaved`) twice: quiet, and with a busy-loop process pinned to the last
+CPU (`os.sched_setaffinity`) for the whole block. Writes JSON (`--out`).
 
 Usage: python benchmarks/bench_contention.py [--models resnet50] [--threads 2] [--repeat 40]
 """
@@ -39,6 +38,7 @@ from bench_resnet18 import (  # noqa: E402
     set_thread_env,
     time_interleaved,
 )
+from profile_in_model import build_zoo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 
@@ -63,22 +63,15 @@ def _busy(cpu: int, seconds: float) -> None:
 
 def engines(name: str, threads: int, work: Path) -> tuple[dict[str, Any], np.ndarray]:
     """ORT INT8 and intforge INT8 of zoo model `name` at batch 1, and the input they are timed on."""
-    import torch
-
     import intforge
     from intforge import zoo
-    from intforge.compiler import build
-    from intforge.quantize import QuantConfig
 
-    torch.manual_seed(0)
-    model = getattr(zoo, name)(seed=0).eval()
-    images = zoo.random_images(17, seed=0)
+    images = zoo.random_images(17, seed=0)  # build_zoo's: the first image timed, the next 16 calibrate
     x, calib = np.ascontiguousarray(images[:1]), np.ascontiguousarray(images[1:17])
     fp32 = work / f"{name}_fp32.onnx"
-    export_onnx_dynamic(model, x, fp32)
+    export_onnx_dynamic(getattr(zoo, name)(seed=0).eval(), x, fp32)
     int8 = quantize_onnx(fp32, calib, work)[0]
-    program, _ = intforge.quantize_model(model, (torch.from_numpy(x),), calib, quant=QuantConfig())
-    lib = intforge.load(build(program, work / name, tuned=False).library)
+    lib = intforge.load(build_zoo(name, 1, work))
     return {"ort_int8": ort_session(int8, threads), "intforge_int8": lib}, x
 
 

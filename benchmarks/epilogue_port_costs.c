@@ -7,7 +7,9 @@
  * On the Zen 4 EPYC of the README (2026-12-03, two runs): vpmadd52luq, vpmaddwd, vpdpwssd and vpmulld
  * cost 0.75 to 1 vpdpbusd each (the integer multiply pipes), vpermt2b 0.4 to 0.6, vpsravd 0 to 0.5;
  * adds, min/max, logic, shifts by an immediate, sign/zero extensions, vextracti64x4, saturating narrows
- * and register moves 0 to 0.17. So a requantize epilogue's cost is mostly its multiplies.
+ * and register moves 0 to 0.17. These are prices for instructions that run alongside the dot products.
+ * A conv's epilogue does not: it runs after its tile's vpdpbusd, at about 2 instructions a cycle
+ * whatever they are (README, Limitations), so there its instruction count is what it costs.
  *
  * Build and run: cc -O2 -mavx512f -o /tmp/epilogue_port_costs benchmarks/epilogue_port_costs.c && /tmp/epilogue_port_costs */
 #include <stdio.h>

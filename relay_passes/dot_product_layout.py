@@ -160,22 +160,21 @@ class _KernelRewriter(PyExprMutator):
         signed_corr = self._correction_sums(value, axes, isa.correction_sign(x_dtype))
         # every channel's shift raised to BYTE_SHIFT where that is exact: the kernel then picks bytes, no shifts
         byte = form.with_shift(BYTE_SHIFT)
-        if byte is not None and (bounds := byte.with_bounds(signed_corr)) is not None:
-            # the correction folded into the clamp's bounds and the constant (`Narrow.bounds`)
-            low, high, add = bounds
-            consts = [relax.const(high, "int32"), relax.const(byte.mul, "int64"), relax.const(add, "int64"),
-                      relax.const(byte.shift, "int64")]
-            return (relax.const(low, "int32"), consts, lambda ss, mm, kk, nn: Narrow(
-                ss, mm, kk, nn, requant.out_dtype, whole_bytes=True, bounds=True))
-        # The correction (signed activations) and -lo as one int32, added on wrapping lanes: exact, as
-        # |acc - lo| < 2^31 (clamp_first checked it against the accumulator's bound).
-        corr = signed_corr - form.lo
-        corr = ((corr + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32)
+        # and then the correction folded into the clamp's bounds and the constant (`Narrow.bounds`)
+        folded = byte.with_bounds(signed_corr) if byte is not None else None
         form = byte or form
-        consts = [relax.const(form.span.astype(np.int32), "int32"), relax.const(form.mul, "int64"),
-                  relax.const(form.add, "int64"), relax.const(form.shift, "int64")]
-        return (relax.const(corr, "int32"), consts,
-                lambda ss, mm, kk, nn: Narrow(ss, mm, kk, nn, requant.out_dtype, whole_bytes=byte is not None))
+        if folded is not None:
+            first, span, add = folded
+        else:
+            # The correction (signed activations) and -lo as one int32, added on wrapping lanes: exact, as
+            # |acc - lo| < 2^31 (clamp_first checked it against the accumulator's bound).
+            corr = signed_corr - form.lo
+            first = ((corr + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32)
+            span, add = form.span.astype(np.int32), form.add
+        consts = [relax.const(span, "int32"), relax.const(form.mul, "int64"), relax.const(add, "int64"),
+                  relax.const(form.shift, "int64")]
+        return (relax.const(first, "int32"), consts, lambda ss, mm, kk, nn: Narrow(
+            ss, mm, kk, nn, requant.out_dtype, whole_bytes=byte is not None, bounds=folded is not None))
 
     @staticmethod
     def _blocked_conv(value: np.ndarray, stride, pad, dilation, isa: DotIsa, layout: str):

@@ -298,10 +298,8 @@ class ClampFirst:
         high = low + self.span
         if (np.abs(low) >= (1 << 31)).any() or (np.abs(high) >= (1 << 31)).any():
             return None
-        wrapped = [(int(a) + (int(cc) - int(lo)) * int(m)) % (1 << 64)
-                   for a, cc, lo, m in zip(self.add.tolist(), c.tolist(), self.lo.tolist(), self.mul.tolist(),
-                                           strict=True)]
-        add = np.array([w - (1 << 64) if w >= (1 << 63) else w for w in wrapped], dtype=np.int64)
+        u64 = lambda v: np.asarray(v, dtype=np.int64).view(np.uint64)  # noqa: E731 - two's complement
+        add = (u64(self.add) + u64(c - self.lo) * u64(self.mul)).view(np.int64)  # wraps mod 2^64
         return low.astype(np.int32), high.astype(np.int32), add
 
     def __call__(self, acc: np.ndarray) -> np.ndarray:
