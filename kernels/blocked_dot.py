@@ -420,6 +420,22 @@ def _pixel_pairs(pairs: int, isa: DotIsa, channel_blocks: int) -> int:
     return on_stack if 4 * on_stack >= 3 * best else best
 
 
+def _rows_outer(sch: s_tir.Schedule, block) -> bool:
+    """Whether a conv's threads split its output rows (each thread all channel blocks of its rows)
+    rather than its channel blocks (each thread every row of its blocks). The static split hands each
+    thread one contiguous half of the parallel loop. Split by channel blocks, a thread reads all of the
+    activations and half of the weights; split by rows, half of the activations (the rows the same
+    thread wrote in the layer before, where that one was split the same way) and all of the weights.
+    So rows where the activations outweigh the weights: the early layers, and at batch 8 nearly all.
+    At batch 8 ResNet50's 56x56 and 28x28 1x1 convs, whose activations (0.8-6.4 MB) no longer fit a
+    core's L2 while their weights (16-64 KB) do, ran 6-24% faster split by rows, and the model 3.6-7%
+    (2026-12-04)."""
+    n, ob, oh, owc, lanes, kh, kw, cb, group = (int(sch.get(loop).extent) for loop in sch.get_loops(block))
+    activation_bytes = n * oh * owc * cb * group  # the input a tap reads, over the whole output
+    weight_bytes = ob * kh * kw * cb * lanes * group
+    return activation_bytes > weight_bytes
+
+
 def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
     """Schedule a fused function built around one of our conv/dense blocks. Returns None when the
     function has none of ours, else the names of the blocks left for the default rule (input packing).
@@ -450,6 +466,7 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
     acc = sch.cache_write(block, 0, ACC_SCOPE)
     if kind == isa.conv_block:
         n, o1, i, j, o2, rh, rw, rcb, rci = sch.get_loops(block)
+        rows_outer = _rows_outer(sch, block)
         # several channel blocks per tile: each activation load feeds channel_tile instructions
         o1o, o1i = sch.split(o1, [None, _largest_divisor(int(sch.get(o1).extent), isa.channel_tile)])
         pairs = int(sch.get(j).extent) // isa.rows
@@ -468,8 +485,12 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         else:
             # The images of a batch run inside a task, one row of each: a tile's weights (channel_tile
             # blocks) are read from cache for all of them, not fetched again for each image.
-            sch.reorder(o1o, i, n, jo, rh, rw, rcb, ji, o1i, jr, o2, rci)
-            par = sch.fuse(o1o, i)
+            if rows_outer:
+                sch.reorder(i, o1o, n, jo, rh, rw, rcb, ji, o1i, jr, o2, rci)
+                par = sch.fuse(i, o1o)
+            else:
+                sch.reorder(o1o, i, n, jo, rh, rw, rcb, ji, o1i, jr, o2, rci)
+                par = sch.fuse(o1o, i)
             inputs_at = par
             if int(sch.get(rh).extent) * int(sch.get(rw).extent) == 1:
                 # A 1x1 conv's tiles share no input pixels: each packs its own (the same work as one

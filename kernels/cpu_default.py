@@ -14,7 +14,7 @@ from . import arm_dot, x86_vnni  # noqa: F401 - registers their instructions wit
 from .blocked_dot import schedule_blocked_func
 from .depthwise import schedule_depthwise_func
 from .depthwise_dot import schedule_depthwise_dot_func
-from .stages import vectorize_inner
+from .stages import VECTOR_LANES, vectorize_inner
 from .winograd import schedule_winograd_func
 
 MIN_PARALLEL_EXTENT = 4
@@ -62,6 +62,9 @@ def _schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
             spatial.append(loop)
         if not spatial or len(loops) != len(block_stmt.iter_vars):
             continue
+        lanes = None
+        if len(spatial) < len(loops) and _contiguous_channels(block_stmt):
+            spatial, lanes = _channels_inside_reduction(sch, spatial, loops[len(spatial):])
         extent = 1
         take = []
         for loop in spatial:
@@ -70,13 +73,43 @@ def _schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
             extent *= int(ext) if isinstance(ext, tirx.IntImm) else 1 << 16  # symbolic: assume large
             if extent >= 64:
                 break
-        if extent < MIN_PARALLEL_EXTENT:
-            continue
-        fused = sch.fuse(*take) if len(take) > 1 else take[0]
-        sch.parallel(fused)
-        if len(take) < len(spatial) == len(loops):
+        if extent >= MIN_PARALLEL_EXTENT:
+            sch.parallel(sch.fuse(*take) if len(take) > 1 else take[0])
+        if lanes is not None:
+            # (the block keeps its init: once decomposed, the update block under the reduction loops is
+            # neither a complete nor a reduction block, and `vectorize` refuses it)
+            sch.vectorize(lanes)
+        elif len(take) < len(spatial) == len(loops):
             vectorize_inner(sch, spatial[-1])
     return sch.mod["main"]
+
+
+def _contiguous_channels(block: s_tir.SBlock) -> bool:
+    """Whether the block's innermost spatial axis is the innermost index of everything it reads and
+    writes, as it is for the channels of an NHWC pooling window: a vector along it is a contiguous load."""
+    last = [iv.var for iv in block.iter_vars if iv.iter_type == tirx.IterVar.DataPar][-1]
+    regions = list(block.reads) + list(block.writes)
+    return all(r.region and r.region[-1].min.same_as(last) and int(r.region[-1].extent) == 1 for r in regions)
+
+
+def _channels_inside_reduction(sch: s_tir.Schedule, spatial: list, reduction: list) -> tuple[list, object]:
+    """A reduction over the outer axes of an NHWC tensor (a pooling window, a global average's sum): its
+    innermost spatial loop, the channels, split into vector-wide pieces that go inside the reduction
+    loops, so each window position adds or compares one vector of contiguous channels. Left as it was,
+    each output walks its window scalar by scalar at a stride of a whole row: ResNet50's global sum at
+    batch 8 (8 x 7 x 7 x 2048 int32) took 0.7 ms. Returns the spatial loops left outside and the vector
+    loop, or (spatial, None) where the channels are too few or not a multiple of 4."""
+    inner = spatial[-1]
+    ext = sch.get(inner).extent
+    if not isinstance(ext, tirx.IntImm):
+        return spatial, None
+    n = int(ext)
+    lanes = next((v for v in (VECTOR_LANES, 8, 4) if n % v == 0), None)
+    if lanes is None:
+        return spatial, None
+    outer, vec = sch.split(inner, [None, lanes])
+    sch.reorder(*spatial[:-1], outer, *reduction, vec)
+    return [*spatial[:-1], outer], vec
 
 
 def default_schedule_pass(target: tvm.target.Target) -> tvm.transform.Pass:

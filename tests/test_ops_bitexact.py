@@ -137,6 +137,11 @@ CASES = {
     "max_pool": (lambda: nn.MaxPool2d(2), (1, 3, 8, 8)),
     "max_pool_pad_stride": (lambda: nn.MaxPool2d(3, stride=2, padding=1), (1, 3, 9, 9)),
     "max_pool_ceil_dilation": (lambda: nn.MaxPool2d(3, stride=2, dilation=2, ceil_mode=True), (1, 2, 10, 10)),
+    # pooling in NHWC after a conv: channels in vectors inside the window loops
+    # (cpu_default._channels_inside_reduction), 64 and 8 at a time, with padding and a batch
+    "max_pool_nhwc": (lambda: nn.Sequential(nn.Conv2d(8, 72, 1), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1)),
+                      (2, 8, 9, 9)),
+    "adaptive_avg_pool_nhwc": (lambda: nn.Sequential(nn.Conv2d(8, 128, 3), nn.AdaptiveAvgPool2d(1)), (2, 8, 9, 9)),
     "avg_pool": (lambda: nn.AvgPool2d(2), (1, 3, 8, 8)),
     "avg_pool_pad_include": (lambda: nn.AvgPool2d(3, stride=2, padding=1), (1, 3, 9, 9)),
     "avg_pool_pad_exclude": (lambda: nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False), (1, 3, 9, 9)),
@@ -453,6 +458,37 @@ def test_pixel_tile_keeps_accumulators_on_the_stack_unless_that_costs_a_third_of
     assert _pixel_pairs(24, VNNI, VNNI.channel_tile) == 6  # 6 of 8: on the stack
     assert _pixel_pairs(32, VNNI, VNNI.channel_tile) == 8  # 4 of 8 would halve the tile: workspace
     assert _pixel_pairs(56, VNNI, 1) == 8  # one channel block: 8 pixels fit
+
+
+def test_threads_split_a_conv_by_rows_where_its_activations_outweigh_its_weights():
+    """Two threads take one contiguous half each of a conv's parallel loop: split by output rows, each
+    reads half the activations and all the weights; split by channel blocks, all the activations and
+    half the weights. ResNet50's 56x56 1x1 convs (800 KB of activations, 16 KB of weights) go by rows,
+    its 14x14 and 7x7 3x3 convs (50-100 KB against 0.6-2.4 MB) by channel blocks, except that at batch
+    8 the 14x14 1x1 convs' activations (1.6 MB) outweigh their weights too. (Bit-exactness of both orders:
+    conv_1x1_batch4 goes by rows, conv_wide_batch2 by channel blocks.)"""
+    import re
+
+    from tvm import s_tir, te
+
+    from intforge.kernels.blocked_dot import conv2d_blocked, schedule_blocked_func
+    from intforge.kernels.x86_vnni import VNNI
+
+    def outer(batch: int, hw: int, cin: int, cout: int, k: int) -> str:
+        x = te.placeholder((batch, hw, hw, cin), "uint8", name="x")
+        wp = te.placeholder((cout // 16, k, k, cin // 4, 16, 4), "int8", name="w")
+        out = conv2d_blocked(x, wp, None, cout, (1, 1), (k // 2, k // 2), (1, 1), VNNI, layout="NHWC")
+        sch = s_tir.Schedule(te.create_prim_func([x, wp, out]))
+        schedule_blocked_func(sch)
+        fused = re.search(r"for (\w+) in T.parallel", sch.mod.script()).group(1)
+        return {"i_o1_0_fused": "rows", "o1_0_i_fused": "channels"}[fused]
+
+    assert outer(1, 56, 256, 64, 1) == "rows"
+    assert outer(1, 14, 256, 256, 3) == "channels"
+    assert outer(1, 7, 512, 512, 3) == "channels"
+    assert outer(1, 14, 1024, 256, 1) == "channels"
+    assert outer(8, 14, 1024, 256, 1) == "rows"
+    assert outer(4, 5, 16, 48, 1) == "rows" and outer(2, 6, 32, 144, 3) == "channels"
 
 
 def test_each_call_returns_arrays_of_its_own(so_of):
