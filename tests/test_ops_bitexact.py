@@ -464,7 +464,7 @@ def test_threads_split_a_conv_by_rows_where_its_activations_outweigh_its_weights
     """Two threads take one contiguous half each of a conv's parallel loop: split by output rows, each
     reads half the activations and all the weights; split by channel blocks, all the activations and
     half the weights. ResNet50's 56x56 1x1 convs (800 KB of activations, 16 KB of weights) go by rows,
-    its 14x14 and 7x7 3x3 convs (50-100 KB against 0.6-2.4 MB) by channel blocks, except that at batch
+    its 14x14 and 7x7 3x3 convs (25-50 KB against 0.6-2.4 MB) by channel blocks, except that at batch
     8 the 14x14 1x1 convs' activations (1.6 MB) outweigh their weights too. (Bit-exactness of both orders:
     conv_1x1_batch4 goes by rows, conv_wide_batch2 by channel blocks.)"""
     import re
