@@ -485,12 +485,9 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         else:
             # The images of a batch run inside a task, one row of each: a tile's weights (channel_tile
             # blocks) are read from cache for all of them, not fetched again for each image.
-            if rows_outer:
-                sch.reorder(i, o1o, n, jo, rh, rw, rcb, ji, o1i, jr, o2, rci)
-                par = sch.fuse(i, o1o)
-            else:
-                sch.reorder(o1o, i, n, jo, rh, rw, rcb, ji, o1i, jr, o2, rci)
-                par = sch.fuse(o1o, i)
+            outer = (i, o1o) if rows_outer else (o1o, i)
+            sch.reorder(*outer, n, jo, rh, rw, rcb, ji, o1i, jr, o2, rci)
+            par = sch.fuse(*outer)
             inputs_at = par
             if int(sch.get(rh).extent) * int(sch.get(rw).extent) == 1:
                 # A 1x1 conv's tiles share no input pixels: each packs its own (the same work as one

@@ -14,7 +14,7 @@ from . import arm_dot, x86_vnni  # noqa: F401 - registers their instructions wit
 from .blocked_dot import schedule_blocked_func
 from .depthwise import schedule_depthwise_func
 from .depthwise_dot import schedule_depthwise_dot_func
-from .stages import VECTOR_LANES, vectorize_inner
+from .stages import split_vector, vectorize_inner
 from .winograd import schedule_winograd_func
 
 MIN_PARALLEL_EXTENT = 4
@@ -100,17 +100,13 @@ def _channels_inside_reduction(sch: s_tir.Schedule, spatial: list, reduction: li
     each output walks its window scalar by scalar at a stride of a whole row: ResNet50's global sum at
     batch 8 (8 x 7 x 7 x 2048 int32) took 0.7-1.1 ms, 0.065 so. Returns the spatial loops left outside and the vector
     loop, or (spatial, None) where the channels are too few or not a multiple of 4."""
-    inner = spatial[-1]
-    ext = sch.get(inner).extent
-    if not isinstance(ext, tirx.IntImm):
+    pieces = split_vector(sch, spatial[-1])
+    if pieces is None:
         return spatial, None
-    n = int(ext)
-    lanes = next((v for v in (VECTOR_LANES, 8, 4) if n % v == 0), None)
-    if lanes is None:
-        return spatial, None
-    outer, vec = sch.split(inner, [None, lanes])
-    sch.reorder(*spatial[:-1], outer, *reduction, vec)
-    return [*spatial[:-1], outer], vec
+    outer, vec = pieces
+    kept = [*spatial[:-1], *([outer] if outer is not None else [])]
+    sch.reorder(*kept, *reduction, vec)
+    return kept, vec
 
 
 def default_schedule_pass(target: tvm.target.Target) -> tvm.transform.Pass:

@@ -24,19 +24,29 @@ def find_block(sch: s_tir.Schedule, name: str) -> tuple[list, list[str], int] | 
     return blocks, names, names.index(name)
 
 
-def vectorize_inner(sch: s_tir.Schedule, loop, least: int = 4, most: int = VECTOR_LANES) -> bool:
-    """Vectorize `loop` (a spatial block's innermost loop, channels in NHWC) in pieces of at most `most`
-    lanes when its extent is a known multiple of 4 or more; returns whether it did."""
+def split_vector(sch: s_tir.Schedule, loop, least: int = 4, most: int = VECTOR_LANES) -> tuple | None:
+    """Split `loop` (channels in NHWC) into (outer, vector) with a vector piece of at most `most` lanes,
+    when its extent is a known multiple of 4 and at least `least`; outer is None when the whole loop is
+    one piece. None when it cannot be vectorized."""
     ext = sch.get(loop).extent
     if not isinstance(ext, tirx.IntImm) or int(ext) < least:
-        return False
+        return None
     n = int(ext)
     lanes = next((v for v in (most, 32, 16, 8, 4) if v <= min(n, most) and n % v == 0), None)
     if lanes is None:
-        return False
+        return None
     if lanes < n:
-        loop = sch.split(loop, [None, lanes])[1]
-    sch.vectorize(loop)
+        return tuple(sch.split(loop, [None, lanes]))
+    return None, loop
+
+
+def vectorize_inner(sch: s_tir.Schedule, loop, least: int = 4, most: int = VECTOR_LANES) -> bool:
+    """Vectorize `loop` (a spatial block's innermost loop, channels in NHWC) in pieces of at most `most`
+    lanes when its extent is a known multiple of 4 or more; returns whether it did."""
+    pieces = split_vector(sch, loop, least, most)
+    if pieces is None:
+        return False
+    sch.vectorize(pieces[1])
     return True
 
 
