@@ -491,6 +491,41 @@ def test_threads_split_a_conv_by_rows_where_its_activations_outweigh_its_weights
     assert outer(4, 5, 16, 48, 1) == "rows" and outer(2, 6, 32, 144, 3) == "channels"
 
 
+def test_a_conv_prefetches_the_next_channel_tiles_weights_once_a_task():
+    """Each reduction step of a conv tile prefetches the same step's weight lines of the channel tile its
+    task runs next, on one visit of the tile in V (`blocked_dot._prefetch_next_tile`): every line once,
+    the requests spread over the tile's work. Split by channel blocks the next tile is the next block
+    pair (task o1o * rows + i); split by rows the row's next pair, wrapping to the first. A conv of one
+    channel tile has nothing to prefetch. (Outputs: the bit-exact cases run these schedules.)"""
+    import re
+
+    from tvm import s_tir, te
+
+    from intforge.kernels.blocked_dot import conv2d_blocked, schedule_blocked_func
+    from intforge.kernels.x86_vnni import VNNI
+
+    def script(batch: int, hw: int, cin: int, cout: int, k: int) -> str:
+        x = te.placeholder((batch, hw, hw, cin), "uint8", name="x")
+        wp = te.placeholder((cout // 16, k, k, cin // 4, 16, 4), "int8", name="w")
+        out = conv2d_blocked(x, wp, None, cout, (1, 1), (k // 2, k // 2), (1, 1), VNNI, layout="NHWC")
+        sch = s_tir.Schedule(te.create_prim_func([x, wp, out]))
+        schedule_blocked_func(sch)
+        return re.sub(r"T\.int64\((\d+)\)", r"\1", sch.mod.script())  # loop extents: int32 or int64
+
+    def prefetches(text: str) -> tuple[str, list[str]]:
+        cond = re.findall(r"if (.*) == (.*):\n\s*T.prefetch", text)
+        return cond, re.findall(r"T.prefetch\(T.address_of\(w\[(.*?), rh, rw, rcb", text)
+
+    # ResNet50's layer4 3x3: 16 tiles of 2 blocks, by channel blocks; 7 visits (rows) of 1152 steps
+    cond, lines = prefetches(script(1, 7, 512, 512, 3))
+    assert cond == [("((rh * 3 + rw) * 128 + rcb) * 7 // 1152", "o1_0_i_fused % 7 + b + j_0")]
+    assert lines == ["(o1_0_i_fused // 7 + 1) % 16 * 2", "(o1_0_i_fused // 7 + 1) % 16 * 2 + 1"]
+    # ResNet50's 56x56 64-channel 1x1: by rows, 2 tiles, each task 7 (or 8) pixel-tile visits
+    cond, lines = prefetches(script(1, 56, 256, 64, 1))
+    assert len(cond) == 1 and "(i_o1_0_fused % 2 + 1) % 2 * 2" in lines[0]
+    assert "T.prefetch" not in script(1, 14, 64, 32, 1)  # one tile of 2 blocks
+
+
 def test_each_call_returns_arrays_of_its_own(so_of):
     """Outputs leave the library through DLPack plus one copy: a later call leaves an earlier result as it
     was, and results share no memory with each other (float and integer boundaries)."""
