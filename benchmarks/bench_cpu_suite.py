@@ -22,7 +22,8 @@ It also reports the achieved fraction of the CPU's INT8 peak: for the largest co
 after the latency runs), and for whole models (each INT8 engine's
 MACs / latency, and the rate that 0.75x ORT INT8's latency would take). The peak is measured
 (`vnni_peak.c`: register-only vpdpbusd on every thread, at whatever clock the CPU boosts to); the nominal
-one (64 MACs per cycle per core x cores x /proc/cpuinfo's base clock) is recorded beside it.
+one (MACs per cycle per core for the CPU's family x cores x /proc/cpuinfo's base clock) is recorded beside
+it.
 
 Writes JSON (`--out`) and a grouped bar chart beside it. Takes 10-20 minutes on 2 cores.
 """
@@ -55,7 +56,10 @@ from bench_resnet18 import (  # noqa: E402 - the shared timing loop and engines
 ROOT = Path(__file__).resolve().parent
 MODELS = ("resnet18", "resnet50", "mobilenet_v2")
 ENGINES = ("torch_fp32", "ort_fp32", "ort_int8", "tvm_fp32", "intforge_int8", "intforge_mixed")
+# int8 MACs a cycle a core: one 64-MAC vpdpbusd (Zen 4, 512-bit ops on 256-bit units), or two (Zen 5,
+# family 26, with full 512-bit units: vnni_peak.c measures 968-1006 GMAC/s on 2 cores at ~3.8-3.9 GHz)
 MACS_PER_CYCLE_PER_CORE = 64
+MACS_PER_CYCLE_BY_FAMILY = {("AuthenticAMD", 26): 128}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,9 +86,21 @@ def cpu_ghz() -> float:
     return max(mhz) / 1e3 if mhz else float("nan")
 
 
+def macs_per_cycle() -> int:
+    """int8 MACs a cycle a core for this CPU (MACS_PER_CYCLE_BY_FAMILY, else MACS_PER_CYCLE_PER_CORE)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ":" in line and line.split(":")[0].strip() in ("vendor_id", "cpu family"))
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    try:
+        key = (fields.get("vendor_id", ""), int(fields.get("cpu family", "0")))
+    except ValueError:
+        key = ("", 0)
+    return MACS_PER_CYCLE_BY_FAMILY.get(key, MACS_PER_CYCLE_PER_CORE)
+
+
 def nominal_int8_peak(threads: int) -> float:
     """GMAC/s from the spec sheet's arithmetic: MACs per cycle x cores x /proc/cpuinfo's clock."""
-    return MACS_PER_CYCLE_PER_CORE * threads * cpu_ghz()
+    return macs_per_cycle() * threads * cpu_ghz()
 
 
 def measured_int8_peak(threads: int) -> float | None:
@@ -360,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                               "int8_peak_gmacs": {"measured": measured_int8_peak(args.threads),
                                                   "nominal": round(nominal_int8_peak(args.threads), 1)},
                               "peak_note": "measured: vnni_peak.c, register-only vpdpbusd on every thread; nominal: "
-                                           f"{MACS_PER_CYCLE_PER_CORE} int8 MACs/cycle/core x threads x cpu MHz "
+                                           f"{macs_per_cycle()} int8 MACs/cycle/core x threads x cpu MHz "
                                            "(the base clock; the CPU boosts above it)"}
     peak_gmacs = result["int8_peak_gmacs"]["measured"] or result["int8_peak_gmacs"]["nominal"]
     print(f"INT8 peak: {result['int8_peak_gmacs']} GMAC/s", flush=True)
