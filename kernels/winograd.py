@@ -47,7 +47,6 @@ MIN_TILE_ROW = 4  # fewer tiles a register tile (a row of 9, 11 or 13 tiles): th
 # weights cost what memory bandwidth the neighbours leave. 48 KB a tile keeps 56x56 x 64 (1.5 KB) and
 # 28x28 x 128 (24 KB) at batch 1, and 14x14 x 256 from batch 8 on (37 KB); 7x7 x 512 never.
 MAX_WEIGHT_BYTES_PER_TILE = 48 * 1024
-WEIGHT_GROUP_BYTES = 768 * 1024  # a task's share of a layer's int16 weights that stays in a core's L2
 ACC_LIMIT = 1 << 25  # |acc| below this is recovered exactly from 576 * acc mod 2^32
 BLOCK = "winograd_gemm"  # the products' block: the schedule rule and tuning look for it
 OUT_BLOCK = "winograd_out"  # the recovered conv sums
@@ -87,20 +86,6 @@ def whole_tiles(h: int, w: int) -> bool:
 
 def _tiles(n: int) -> int:
     return -(-n // TILE)
-
-
-def _channel_groups(channels: int, out_channels: int) -> int:
-    """Output channel groups a Winograd conv's tasks split into (tasks ordered group, then row of tiles,
-    so each thread's tasks share one group's weights): 2 where the layer's int16 weights are over
-    WEIGHT_GROUP_BYTES and half of them are not, else 1. Each task reads all of its group's weights,
-    once per row of tiles; ResNet50's 28x28 x 128 convs at batch 1 (1.18 MB, over a core's L2) then
-    stream them from L3 for every row, and in halves of 590 KB from L2 after the first: 6% faster per
-    conv (interleaved in-model A/B, 2026-12-04). Each group transforms the row's input again, so more
-    groups cost more than they save: 4 groups of 295 KB made the same convs 7% slower, 8 groups of
-    590 KB ResNet50's 14x14 x 256 convs at batch 8 (4.7 MB) 13% slower."""
-    pairs = out_channels // (CHANNEL_TILE * LANES)
-    weights = POS * channels * out_channels * 2
-    return 2 if pairs % 2 == 0 and WEIGHT_GROUP_BYTES < weights <= 2 * WEIGHT_GROUP_BYTES else 1
 
 
 def _tile_row(tiles: int) -> int:
@@ -246,11 +231,9 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     ty, a = sch.split(y, [None, TILE])
     run = _tile_row(_tiles(int(sch.get(x).extent)))
     bx, tx, cx = sch.split(x, [None, run, TILE])
-    weights = next(r.source for r in sch.get(gemm).reads if len(r.source.shape) == 6)
-    groups = _channel_groups(int(weights.shape[2]) * GROUP, int(sch.get(o).extent))
-    og, oo, oi = sch.split(o, [groups, None, LANES])
-    sch.reorder(og, b_, ty, bx, a, tx, cx, oo, oi)
-    par = sch.fuse(og, b_, ty, bx)
+    oo, oi = sch.split(o, [None, LANES])
+    sch.reorder(b_, ty, bx, a, tx, cx, oo, oi)
+    par = sch.fuse(b_, ty, bx)
     sch.parallel(par)
     sch.unroll(cx)
     staged = [sch.get_sblock(nm) for nm in (narrow_name, OUT_BLOCK) if nm in keep and nm != last_name]
