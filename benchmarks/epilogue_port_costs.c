@@ -7,7 +7,10 @@
  * On the Zen 4 EPYC of the README (2026-12-03, two runs): vpmadd52luq, vpmaddwd, vpdpwssd and vpmulld
  * cost 0.75 to 1 vpdpbusd each (the integer multiply pipes), vpermt2b 0.4 to 0.6, vpsravd 0 to 0.5;
  * adds, min/max, logic, shifts by an immediate, sign/zero extensions, vextracti64x4, saturating narrows
- * and register moves 0 to 0.17. These are prices for instructions that run alongside the dot products.
+ * and register moves 0 to 0.17. On the Zen 5 EPYC (2026-12-04, twice the vpdpbusd rate): the multiplies
+ * 0.73 to 0.81, vpmovsxdq, vpmovzxbd and vpmovusdb 0.42 to 0.5, vextracti64x4 0.7, vpermt2b 0.79, adds,
+ * min/max, logic and immediate shifts 0.05 to 0.13, moves 0.18, vpsravd 0.2.
+ * These are prices for instructions that run alongside the dot products.
  * A conv's epilogue does not: it runs after its tile's vpdpbusd, at about 2 instructions a cycle
  * whatever they are (README, Limitations), so there its instruction count is what it costs.
  *

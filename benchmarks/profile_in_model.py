@@ -18,6 +18,12 @@ padded to its 4-byte groups (a folded RGB stem counts 168 where the layer has 14
 Usage: python benchmarks/profile_in_model.py resnet50 [--batch 1] [--runs 30] [--out JSON]
 Builds the zoo model (random seeded weights, 16 random calibration images) at INT8, untuned; or
 `--library model.so` profiles an existing build (its input shape from the manifest). About a minute.
+
+`--library A.so --against B.so` compares two builds of one model kernel by kernel: their calls
+alternate, A then B, so a slow phase of this shared VM (seconds long, up to 2x) lands on both alike, and
+each kernel's row gives A's median, B's and the median over calls of B's time over A's. Two profiles run
+one after the other cannot show a 5% change on this machine; this can (how the weight prefetch and the
+Winograd channel groups were measured, 2026-12-04).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--top", type=int, default=30, help="rows printed")
+    p.add_argument("--against", type=Path, help="a second build of the same model: an interleaved A/B")
     p.add_argument("--out", type=Path, help="JSON (default results/profile_<model>_b<batch>.json)")
     return p.parse_args(argv)
 
@@ -126,8 +133,94 @@ def profile(library: Path, runs: int) -> tuple[list[dict[str, Any]], float]:
     return rows, plain
 
 
+def _instrumented(library: Path, arg, shapes: dict) -> tuple[Any, dict[str, list[float]]]:
+    """A Relax VM of `library` whose calls record each kernel's time (and first-seen argument shapes)."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
+    for _ in range(5):
+        vm["main"](arg)
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    start = [0.0]
+
+    def instrument(_func, symbol, before, _ret, *args) -> int:
+        if before:
+            if symbol not in shapes:
+                shapes[symbol] = [tuple(int(d) for d in a.shape) for a in args if hasattr(a, "shape")]
+            start[0] = time.perf_counter()
+        else:
+            times[symbol].append(time.perf_counter() - start[0])
+        return 0
+
+    vm.set_instrument(instrument)
+    return vm, times
+
+
+def compare(a: Path, b: Path, runs: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Per-kernel rows of an interleaved A/B of two builds of one model (see the module docstring), and
+    the instrumented calls' medians and paired ratio."""
+    import tvm
+
+    import intforge
+
+    model = intforge.load(a)
+    x = np.random.default_rng(0).standard_normal(model.inputs[0]["shape"]).astype(np.float32)
+    arg = tvm.runtime.tensor(x, tvm.cpu())
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    (vm_a, ta), (vm_b, tb) = _instrumented(a, arg, shapes), _instrumented(b, arg, shapes)
+    calls: list[list[float]] = [[], []]
+    for _ in range(runs):
+        for k, vm in enumerate((vm_a, vm_b)):
+            t0 = time.perf_counter()
+            vm["main"](arg)
+            calls[k].append(time.perf_counter() - t0)
+
+    def per_call(times: dict[str, list[float]], symbol: str) -> tuple[np.ndarray, int]:
+        ts = times[symbol]
+        per = len(ts) // runs
+        return np.asarray(ts[:per * runs]).reshape(runs, per).sum(axis=1), per
+
+    rows = []
+    for symbol in ta:
+        if symbol.startswith("vm.builtin") or symbol not in tb:
+            continue
+        (sa, per), (sb, _) = per_call(ta, symbol), per_call(tb, symbol)
+        rows.append({"kernel": symbol, "calls": per, "a_ms": round(float(np.median(sa)) * 1e3, 4),
+                     "b_ms": round(float(np.median(sb)) * 1e3, 4), "b_over_a": round(float(np.median(sb / sa)), 3),
+                     "shapes": shapes.get(symbol, [])})
+    rows.sort(key=lambda r: -r["a_ms"])
+    ca, cb = np.asarray(calls[0]), np.asarray(calls[1])
+    summary = {"a_call_ms": round(float(np.median(ca)) * 1e3, 4), "b_call_ms": round(float(np.median(cb)) * 1e3, 4),
+               "b_over_a": round(float(np.median(cb / ca)), 3)}
+    return rows, summary
+
+
+def main_against(args: argparse.Namespace) -> int:
+    from intforge.threads import pool_threads
+
+    rows, summary = compare(args.library, args.against, args.runs)
+    out = args.out or ROOT / "results" / f"profile_ab_{args.library.stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**result_header("profile_in_model A/B", pool_threads()), "a": str(args.library),
+                               "b": str(args.against), "runs": args.runs, **summary, "kernels": rows}, indent=1))
+    print(f"calls (instrumented): A {summary['a_call_ms']:.3f} ms, B {summary['b_call_ms']:.3f} ms, "
+          f"B/A {summary['b_over_a']:.3f}; kernels sum A {sum(r['a_ms'] for r in rows):.3f}, "
+          f"B {sum(r['b_ms'] for r in rows):.3f}")
+    for r in rows[:args.top]:
+        print(f"{r['a_ms']:8.4f} -> {r['b_ms']:8.4f} ms ({r['b_over_a']:.2f}) x{r['calls']:<2d} {r['kernel'][:56]}")
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.against is not None:
+        if args.library is None:
+            raise SystemExit("--against compares two builds: give the first with --library")
+        import intforge  # noqa: F401 - sets TVM's thread pool (TVM_NUM_THREADS) before anything runs
+
+        return main_against(args)
     import intforge  # noqa: F401 - sets TVM's thread pool (TVM_NUM_THREADS) before anything runs
     from intforge.threads import pool_threads
 
