@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parent
 MODELS = ("resnet18", "resnet50", "mobilenet_v2")
 ENGINES = ("torch_fp32", "ort_fp32", "ort_int8", "tvm_fp32", "intforge_int8", "intforge_mixed")
 # int8 MACs a cycle a core: one 64-MAC vpdpbusd (Zen 4, 512-bit ops on 256-bit units), or two (Zen 5,
-# family 26, with full 512-bit units: vnni_peak.c measures 968-1006 GMAC/s on 2 cores at ~3.8-3.9 GHz)
+# family 26, with full 512-bit units: vnni_peak.c measures 968-1031 GMAC/s on 2 cores at ~3.8-4.0 GHz)
 MACS_PER_CYCLE_PER_CORE = 64
 MACS_PER_CYCLE_BY_FAMILY = {("AuthenticAMD", 26): 128}
 

@@ -22,8 +22,8 @@ Builds the zoo model (random seeded weights, 16 random calibration images) at IN
 `--library A.so --against B.so` compares two builds of one model kernel by kernel: their calls
 alternate, A then B, so a slow phase of this shared VM (seconds long, up to 2x) lands on both alike, and
 each kernel's row gives A's median, B's and the median over calls of B's time over A's. Two profiles run
-one after the other cannot show a 5% change on this machine; this can (how the weight prefetch and the
-Winograd channel groups were measured, 2026-12-04).
+one after the other cannot show a 5% change on this machine; this can (2026-12-04: how the conv weight
+prefetch was measured, and how a Winograd change that one run showed 6% faster was found 1-7% slower).
 """
 
 from __future__ import annotations

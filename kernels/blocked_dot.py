@@ -49,7 +49,7 @@ INT4_BLOCK = "weight_int4"  # the in-kernel unpack stage of packed INT4 weights
 FOLD_BLOCK = "data_rows"  # a folded conv's input rows as runs of bytes, packed once before the kernel
 MIN_INT4_BLOCKS = 8  # channel blocks (x batch) for an INT4 conv to unpack its weights once per block
 HOIST_BELOW_CHANNELS = 16  # a conv's packing stage with fewer input channels runs once, before the kernel
-PREFETCH_LOCALITY = 3  # llvm.prefetch's: 3 is prefetcht0 (into L1), 1-2% faster in ResNet50's layer4 than 2 (t1)
+PREFETCH_LOCALITY = 3  # llvm.prefetch's: 3 is prefetcht0 (into L1); ResNet50's layer4 convs ran 2-7% faster than with 2
 ROW_UNPACK_BYTES = 16 * 1024  # an INT4 conv with fewer blocks and at most this many weights a tile
 # unpacks its tile's weights once per output row (they stay in L1), not once per pixel tile
 
@@ -499,7 +499,8 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
                 inputs_at = jo
         sch.parallel(par)
         prefetch = None
-        if not whole and INT4_BLOCK not in names and nblk > 1:  # (INT4: its packed weights, unpacked per step)
+        # (not for INT4: what the kernel reads there is the in-kernel unpack stage, not the packed weights)
+        if not whole and INT4_BLOCK not in names and nblk > 1:
             tiling = _Tiling(oh_ext, nblk, int(sch.get(o1i).extent), rows_outer)
             prefetch = ([par, n, jo, rh, rw, rcb], tiling, weights)
         tile, first_reduce, rblock = jo, rh, (par if whole else rcb)
@@ -577,7 +578,7 @@ def _prefetch_next_tile(sch: s_tir.Schedule, loops: list, tile: _Tiling, weights
     (`PREFETCH_LOCALITY`), the same step's lines of the next tile, on just one of the tile's visits:
     step s of S on visit floor(s * V / S) of V, so the next tile's lines are requested once each,
     spread evenly over the work before it. On Zen 5 (2026-12-04, interleaved per-kernel A/B) ResNet50's
-    7x7 and 14x14 1x1 convs ran 7-30% faster, the model 4-6% at batch 1 and 2% at batch 8, ResNet18 4%.
+    7x7 and 14x14 1x1 convs ran 7-30% faster, the model 4-6% at batch 1 and 2% at batch 8, ResNet18 3-4%.
 
     TVM's schedule language has no statement to put inside a loop (TE's `prefetch` went with TE
     schedules), so this rebuilds the reduction-step loop with a `tirx.prefetch` call in front of its
