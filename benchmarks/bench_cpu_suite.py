@@ -59,7 +59,7 @@ ENGINES = ("torch_fp32", "ort_fp32", "ort_int8", "tvm_fp32", "intforge_int8", "i
 # int8 MACs a cycle a core: one 64-MAC vpdpbusd (Zen 4, 512-bit ops on 256-bit units), or two (Zen 5,
 # family 26, with full 512-bit units: vnni_peak.c measures 968-1031 GMAC/s on 2 cores at ~3.8-4.0 GHz)
 MACS_PER_CYCLE_PER_CORE = 64
-MACS_PER_CYCLE_BY_FAMILY = {("AuthenticAMD", 26): 128}
+MACS_PER_CYCLE_BY_FAMILY = {("AuthenticAMD", "26"): 128}  # (vendor_id, cpu family) as /proc/cpuinfo says
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,14 +88,11 @@ def cpu_ghz() -> float:
 
 def macs_per_cycle() -> int:
     """int8 MACs a cycle a core for this CPU (MACS_PER_CYCLE_BY_FAMILY, else MACS_PER_CYCLE_PER_CORE)."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ":" in line and line.split(":")[0].strip() in ("vendor_id", "cpu family"))
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    try:
-        key = (fields.get("vendor_id", ""), int(fields.get("cpu family", "0")))
-    except ValueError:
-        key = ("", 0)
-    return MACS_PER_CYCLE_BY_FAMILY.get(key, MACS_PER_CYCLE_PER_CORE)
+    info: dict[str, str] = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    return MACS_PER_CYCLE_BY_FAMILY.get((info.get("vendor_id"), info.get("cpu family")), MACS_PER_CYCLE_PER_CORE)
 
 
 def nominal_int8_peak(threads: int) -> float:

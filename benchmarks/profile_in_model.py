@@ -92,45 +92,36 @@ def profile(library: Path, runs: int) -> tuple[list[dict[str, Any]], float]:
     """Per-kernel rows (median ms per model call, calls per model call, argument shapes) and the median
     uninstrumented call in ms."""
     import tvm
-    from tvm import relax
 
     import intforge
 
     model = intforge.load(library)
     x = np.random.default_rng(0).standard_normal(model.inputs[0]["shape"]).astype(np.float32)
     plain = model.time(repeat=runs, warmup=5, resident=True)["median_ms"]
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
     arg = tvm.runtime.tensor(x, tvm.cpu())
-    for _ in range(5):
-        vm["main"](arg)
-    times: dict[str, list[float]] = collections.defaultdict(list)
     shapes: dict[str, list[tuple[int, ...]]] = {}
-    start = [0.0]
-
-    def instrument(_func, symbol, before, _ret, *args) -> int:
-        if before:
-            if symbol not in shapes:
-                shapes[symbol] = [tuple(int(d) for d in a.shape) for a in args if hasattr(a, "shape")]
-            start[0] = time.perf_counter()
-        else:
-            times[symbol].append(time.perf_counter() - start[0])
-        return 0  # VMInstrumentReturnKind.kNoOp: run the call as usual
-
-    vm.set_instrument(instrument)
+    vm, times = _instrumented(library, arg, shapes)
     for _ in range(runs):
         vm["main"](arg)
     rows = []
     for symbol, ts in times.items():
         if symbol.startswith("vm.builtin"):
             continue
-        per = len(ts) // runs
-        ms = float(np.median(np.asarray(ts[:per * runs]).reshape(runs, per).sum(axis=1))) * 1e3
+        sums, per = _per_call(ts, runs)
+        ms = float(np.median(sums)) * 1e3
         macs = conv_macs(shapes.get(symbol, []))
         macs = macs * per if macs else None
         rows.append({"kernel": symbol, "calls": per, "ms": round(ms, 4), "shapes": shapes.get(symbol, []),
                      "macs": macs, "gmacs_per_s": round(macs / ms / 1e6, 1) if macs else None})
     rows.sort(key=lambda r: -r["ms"])
     return rows, plain
+
+
+def _per_call(ts: list[float], runs: int) -> tuple[np.ndarray, int]:
+    """One kernel's recorded times summed per model call (it may run several times a call), and how many
+    times a call it runs."""
+    per = len(ts) // runs
+    return np.asarray(ts[:per * runs]).reshape(runs, per).sum(axis=1), per
 
 
 def _instrumented(library: Path, arg, shapes: dict) -> tuple[Any, dict[str, list[float]]]:
@@ -176,16 +167,11 @@ def compare(a: Path, b: Path, runs: int) -> tuple[list[dict[str, Any]], dict[str
             vm["main"](arg)
             calls[k].append(time.perf_counter() - t0)
 
-    def per_call(times: dict[str, list[float]], symbol: str) -> tuple[np.ndarray, int]:
-        ts = times[symbol]
-        per = len(ts) // runs
-        return np.asarray(ts[:per * runs]).reshape(runs, per).sum(axis=1), per
-
     rows = []
     for symbol in ta:
         if symbol.startswith("vm.builtin") or symbol not in tb:
             continue
-        (sa, per), (sb, _) = per_call(ta, symbol), per_call(tb, symbol)
+        (sa, per), (sb, _) = _per_call(ta[symbol], runs), _per_call(tb[symbol], runs)
         rows.append({"kernel": symbol, "calls": per, "a_ms": round(float(np.median(sa)) * 1e3, 4),
                      "b_ms": round(float(np.median(sb)) * 1e3, 4), "b_over_a": round(float(np.median(sb / sa)), 3),
                      "shapes": shapes.get(symbol, [])})

@@ -465,6 +465,7 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
             sch.compute_inline(b)
     last, last_name = epilogue[-1], epilogue_names[-1]
     acc = sch.cache_write(block, 0, ACC_SCOPE)
+    prefetch = None  # (the loops, tiling and weights of a conv whose tiles prefetch their successor's weights)
     if kind == isa.conv_block:
         n, o1, i, j, o2, rh, rw, rcb, rci = sch.get_loops(block)
         rows_outer = _rows_outer(sch, block)
@@ -498,7 +499,6 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
                 # workspace-pool row per task. MobileNetV2's signed-input expand convs: 1% of the model.
                 inputs_at = jo
         sch.parallel(par)
-        prefetch = None
         # (not for INT4: what the kernel reads there is the in-kernel unpack stage, not the packed weights)
         if not whole and INT4_BLOCK not in names and nblk > 1:
             tiling = _Tiling(oh_ext, nblk, int(sch.get(o1i).extent), rows_outer)
@@ -515,7 +515,6 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         tile = sch.fuse(o1, io)
         sch.parallel(tile)
         first_reduce, rblock, ji, o1i, inputs_at = rkb, rkb, None, None, None
-        prefetch = None
         few_channels = False
     sch.reverse_compute_at(acc, tile)
     if staged is not None:

@@ -460,6 +460,24 @@ def test_pixel_tile_keeps_accumulators_on_the_stack_unless_that_costs_a_third_of
     assert _pixel_pairs(56, VNNI, 1) == 8  # one channel block: 8 pixels fit
 
 
+def _blocked_conv_script(batch: int, hw: int, cin: int, cout: int, k: int) -> str:
+    """The scheduled TVMScript of a blocked VNNI conv (NHWC, stride 1, same padding), loop extents written
+    as plain numbers whether they are int32 or int64."""
+    import re
+
+    from tvm import s_tir, te
+
+    from intforge.kernels.blocked_dot import conv2d_blocked, schedule_blocked_func
+    from intforge.kernels.x86_vnni import VNNI
+
+    x = te.placeholder((batch, hw, hw, cin), "uint8", name="x")
+    wp = te.placeholder((cout // 16, k, k, cin // 4, 16, 4), "int8", name="w")
+    out = conv2d_blocked(x, wp, None, cout, (1, 1), (k // 2, k // 2), (1, 1), VNNI, layout="NHWC")
+    sch = s_tir.Schedule(te.create_prim_func([x, wp, out]))
+    schedule_blocked_func(sch)
+    return re.sub(r"T\.int64\((\d+)\)", r"\1", sch.mod.script())
+
+
 def test_threads_split_a_conv_by_rows_where_its_activations_outweigh_its_weights():
     """Two threads take one contiguous half each of a conv's parallel loop: split by output rows, each
     reads half the activations and all the weights; split by channel blocks, all the activations and
@@ -469,18 +487,8 @@ def test_threads_split_a_conv_by_rows_where_its_activations_outweigh_its_weights
     conv_1x1_batch4 goes by rows, conv_wide_batch2 by channel blocks.)"""
     import re
 
-    from tvm import s_tir, te
-
-    from intforge.kernels.blocked_dot import conv2d_blocked, schedule_blocked_func
-    from intforge.kernels.x86_vnni import VNNI
-
     def outer(batch: int, hw: int, cin: int, cout: int, k: int) -> str:
-        x = te.placeholder((batch, hw, hw, cin), "uint8", name="x")
-        wp = te.placeholder((cout // 16, k, k, cin // 4, 16, 4), "int8", name="w")
-        out = conv2d_blocked(x, wp, None, cout, (1, 1), (k // 2, k // 2), (1, 1), VNNI, layout="NHWC")
-        sch = s_tir.Schedule(te.create_prim_func([x, wp, out]))
-        schedule_blocked_func(sch)
-        fused = re.search(r"for (\w+) in T.parallel", sch.mod.script()).group(1)
+        fused = re.search(r"for (\w+) in T.parallel", _blocked_conv_script(batch, hw, cin, cout, k)).group(1)
         return {"i_o1_0_fused": "rows", "o1_0_i_fused": "channels"}[fused]
 
     assert outer(1, 56, 256, 64, 1) == "rows"
@@ -499,18 +507,7 @@ def test_a_conv_prefetches_the_next_channel_tiles_weights_once_a_task():
     channel tile has nothing to prefetch. (Outputs: the bit-exact cases run these schedules.)"""
     import re
 
-    from tvm import s_tir, te
-
-    from intforge.kernels.blocked_dot import conv2d_blocked, schedule_blocked_func
-    from intforge.kernels.x86_vnni import VNNI
-
-    def script(batch: int, hw: int, cin: int, cout: int, k: int) -> str:
-        x = te.placeholder((batch, hw, hw, cin), "uint8", name="x")
-        wp = te.placeholder((cout // 16, k, k, cin // 4, 16, 4), "int8", name="w")
-        out = conv2d_blocked(x, wp, None, cout, (1, 1), (k // 2, k // 2), (1, 1), VNNI, layout="NHWC")
-        sch = s_tir.Schedule(te.create_prim_func([x, wp, out]))
-        schedule_blocked_func(sch)
-        return re.sub(r"T\.int64\((\d+)\)", r"\1", sch.mod.script())  # loop extents: int32 or int64
+    script = _blocked_conv_script
 
     def prefetches(text: str) -> tuple[str, list[str]]:
         cond = re.findall(r"if (.*) == (.*):\n\s*T.prefetch", text)
