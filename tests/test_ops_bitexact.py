@@ -509,13 +509,23 @@ def test_a_conv_prefetches_the_next_channel_tiles_weights_once_a_task():
 
     script = _blocked_conv_script
 
-    def prefetches(text: str) -> tuple[str, list[str]]:
-        cond = re.findall(r"if (.*) == (.*):\n\s*T.prefetch", text)
+    def prefetches(text: str) -> tuple[list[str], list[str]]:
+        cond = re.findall(r"if (.*):\n\s*T.prefetch", text)
         return cond, re.findall(r"T.prefetch\(T.address_of\(w\[(.*?), rh, rw, rcb", text)
 
-    # ResNet50's layer4 3x3: 16 tiles of 2 blocks, by channel blocks; 7 visits (rows) of 1152 steps
+    def visits_of_each_step(cond: str, visits: int, task: str, **extents: int) -> list[list[int]]:
+        """Evaluate the printed condition: the visits (pixel-tile loop j_0) on which each step prefetches."""
+        test = cond.replace('T.Cast("uint32", ', "u32(")
+        return [[v for v in range(visits)
+                 if eval(test, {"u32": lambda x: x % 2**32, task: v, "b": 0, "j_0": 0, "rh": rh, "rw": rw, "rcb": rcb})]
+                for rh in range(extents["rh"]) for rw in range(extents["rw"]) for rcb in range(extents["rcb"])]
+
+    # ResNet50's layer4 3x3: 16 tiles of 2 blocks, by channel blocks; 7 visits (rows) of 1152 steps,
+    # each step on exactly one of them, steps s of S on visit floor(s * V / S)
     cond, lines = prefetches(script(1, 7, 512, 512, 3))
-    assert cond == [("((rh * 3 + rw) * 128 + rcb) * 7 // 1152", "o1_0_i_fused % 7 + b + j_0")]
+    assert len(cond) == 1
+    on = visits_of_each_step(cond[0], 7, "o1_0_i_fused", rh=3, rw=3, rcb=128)
+    assert on == [[s * 7 // 1152] for s in range(1152)]
     assert lines == ["(o1_0_i_fused // 7 + 1) % 16 * 2", "(o1_0_i_fused // 7 + 1) % 16 * 2 + 1"]
     # ResNet50's 56x56 64-channel 1x1: by rows, 2 tiles, each task 7 (or 8) pixel-tile visits
     cond, lines = prefetches(script(1, 56, 256, 64, 1))
