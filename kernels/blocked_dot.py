@@ -602,11 +602,10 @@ def _prefetch_next_tile(sch: s_tir.Schedule, loops: list, tile: _Tiling, weights
         tirx.BufferLoad(weights, [first + c(b), rhv, rwv, rcbv, c(0), c(0)])), 0, PREFETCH_LOCALITY, 1))
         for b in range(tile.blocks)]
     # step s is this visit's when floor(s * V / S) == v, that is when ceil(v * S / V) <= s < ceil((v + 1) * S / V):
-    # the bounds are the task's (LLVM computes them outside the reduction), each step only subtracts and
-    # compares, unsigned so one comparison checks both ends (per-step multiplies and divisions cost the
-    # hot 3x3 convs 2-7%)
+    # the bounds are the task's (LLVM computes them outside the reduction), each step only compares
+    # (per-step multiplies and divisions cost the hot 3x3 convs 2-7%)
     lo, hi = (tirx.floordiv(v * c(steps) + c(visits - 1), c(visits)) for v in (visit, visit + c(1)))
-    mine = tirx.Cast("uint32", step - lo) < tirx.Cast("uint32", hi - lo)
+    mine = tirx.all(lo <= step, step < hi)
     body = tirx.SeqStmt([tirx.IfThenElse(mine, tirx.SeqStmt(calls) if len(calls) > 1 else calls[0], None), rcb.body])
     loop = tirx.For(rcb.loop_var, rcb.min, rcb.extent, rcb.kind, body, rcb.thread_binding, rcb.annotations)
     sch.state.replace(sch.get_sref(loops[-1]), loop, {})
