@@ -15,7 +15,7 @@ multiply-accumulates per model call and rate, so the rows can be compared with t
 (`vnni_peak.c`): direct-conv MACs for Winograd, and the MACs the blocked kernel issues, input channels
 padded to its 4-byte groups (a folded RGB stem counts 168 where the layer has 147).
 
-Usage: python benchmarks/profile_in_model.py resnet50 [--batch 1] [--runs 30] [--out JSON]
+Usage: python benchmarks/profile_in_model.py resnet50 [--batch 1] [--runs 30] [--scaling] [--out JSON]
 Builds the zoo model (random seeded weights, 16 random calibration images) at INT8, untuned; or
 `--library model.so` profiles an existing build (its input shape from the manifest). About a minute.
 
@@ -24,6 +24,11 @@ alternate, A then B, so a slow phase of this shared VM (seconds long, up to 2x) 
 each kernel's row gives A's median, B's and the median over calls of B's time over A's. Two profiles run
 one after the other cannot show a 5% change on this machine; this can (2026-12-04: how the conv weight
 prefetch was measured, and how a Winograd change that one run showed 6% faster was found 1-7% slower).
+
+`--scaling` profiles the library twice, in a process whose TVM pool runs one thread and in one with the
+default pool, and gives each kernel's speedup and the time it loses against a perfect one: the fixed
+cost of starting a kernel's threads, the bytes they pass between their caches, an uneven split of the
+tasks (ResNet's 28x28 x 128 Winograd convs run a task per row of tiles, 7 rows on 2 threads, x1.7).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import sys
 import tempfile
 import time
@@ -53,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--top", type=int, default=30, help="rows printed")
     p.add_argument("--against", type=Path, help="a second build of the same model: an interleaved A/B")
+    p.add_argument("--scaling", action="store_true",
+                   help="each kernel on one thread against the pool's threads (two processes)")
     p.add_argument("--out", type=Path, help="JSON (default results/profile_<model>_b<batch>.json)")
     return p.parse_args(argv)
 
@@ -76,12 +84,12 @@ def build_zoo(name: str, batch: int, workdir: Path) -> Path:
 def conv_macs(shapes: list[tuple[int, ...]]) -> int | None:
     """MACs of one call of a blocked conv kernel (x [N, H, W, C], weights [O/16, KH, KW, C/4, 16, 4], ...,
     out) or a Winograd one (weights [36, O/32, C/2, 2, 16, 2]), from its argument shapes; None for other
-    kernels."""
+    kernels. (A blocked 1x1 conv to 576 channels has 36 blocks too: the group of 4 or 2 tells them apart.)"""
     if len(shapes) < 3 or len(shapes[0]) != 4 or len(shapes[-1]) != 4:
         return None
     w, out = shapes[1], shapes[-1]
     n, oh, ow, o = out
-    if len(w) == 6 and w[0] == 36:  # Winograd: a 3x3 conv's multiplies, as the direct kernel does them
+    if len(w) == 6 and w[0] == 36 and w[5] == 2:  # Winograd: a 3x3 conv's multiplies, as the direct kernel does them
         return n * oh * ow * o * 9 * w[2] * w[3]
     if len(w) == 6:
         return n * oh * ow * o * w[1] * w[2] * w[3] * w[5]
@@ -199,8 +207,67 @@ def main_against(args: argparse.Namespace) -> int:
     return 0
 
 
+def scaling(one: list[dict[str, Any]], many: list[dict[str, Any]], threads: int) -> list[dict[str, Any]]:
+    """Per-kernel rows of two profiles of one library, on 1 thread and on `threads`: the speedup, and the
+    time lost against a perfect one (the many-thread time less the 1-thread time / threads), most first."""
+    alone = {r["kernel"]: r for r in one}
+    rows = []
+    for r in many:
+        a = alone.get(r["kernel"])
+        if a is None or not r["ms"]:
+            continue
+        rows.append({"kernel": r["kernel"], "calls": r["calls"], "one_thread_ms": a["ms"], "ms": r["ms"],
+                     "speedup": round(a["ms"] / r["ms"], 3), "lost_ms": round(r["ms"] - a["ms"] / threads, 4),
+                     "shapes": r["shapes"]})
+    rows.sort(key=lambda r: -r["lost_ms"])
+    return rows
+
+
+def main_scaling(args: argparse.Namespace) -> int:
+    """How far each kernel is from using every thread: the library profiled (`profile`) in a process whose
+    pool runs one thread and in one with the default pool, each kernel's speedup and the time it loses
+    against a perfect one. What it finds: a kernel's fixed cost of starting its threads (about 1 us on
+    the Zen 5, 2026-12-04), the bytes its threads pass between their caches, an uneven split of its
+    tasks. ResNet50 lost 0.47 ms of 5.0 that way at batch 1 on 2 threads, ResNet18 0.14 of 1.9."""
+    import subprocess
+
+    def run(threads: int | None) -> dict[str, Any]:
+        env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+        if threads:
+            env["TVM_NUM_THREADS"] = str(threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "profile.json"
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--library", str(library), "--runs",
+                            str(args.runs), "--out", str(out)], env=env, check=True, capture_output=True)
+            return json.loads(out.read_text())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        library = args.library or build_zoo(args.model, args.batch, Path(tmp))
+        one, many = run(1), run(None)
+    threads = many["threads"]
+    rows = scaling(one["kernels"], many["kernels"], threads)
+    lost = sum(max(0.0, r["lost_ms"]) for r in rows)
+    name = args.library.stem if args.library else f"{args.model}_b{args.batch}"
+    out = args.out or ROOT / "results" / f"profile_scaling_{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**{k: many[k] for k in ("benchmark", "date_utc", "machine", "versions")},
+                               "benchmark": "profile_in_model scaling", "threads": threads, "model": name,
+                               "runs": args.runs, "one_thread_call_ms": one["call_ms_uninstrumented"],
+                               "call_ms": many["call_ms_uninstrumented"], "lost_ms": round(lost, 4),
+                               "kernels": rows}, indent=1))
+    print(f"{name}: {one['call_ms_uninstrumented']:.3f} ms a call on 1 thread, {many['call_ms_uninstrumented']:.3f} "
+          f"on {threads}; kernels lose {lost:.3f} ms against a perfect {threads}x")
+    for r in rows[:args.top]:
+        print(f"{r['one_thread_ms']:8.4f} -> {r['ms']:8.4f} ms  x{r['speedup']:.2f}  lost {r['lost_ms']:+.4f}  "
+              f"x{r['calls']:<2d} {r['kernel'][:50]}")
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.scaling:
+        return main_scaling(args)
     if args.against is not None:
         if args.library is None:
             raise SystemExit("--against compares two builds: give the first with --library")
