@@ -228,7 +228,8 @@ def main_scaling(args: argparse.Namespace) -> int:
     pool runs one thread and in one with the default pool, each kernel's speedup and the time it loses
     against a perfect one. What it finds: a kernel's fixed cost of starting its threads (about 1 us on
     the Zen 5, 2026-12-04), the bytes its threads pass between their caches, an uneven split of its
-    tasks. ResNet50 lost 0.47 ms of 5.0 that way at batch 1 on 2 threads, ResNet18 0.14 of 1.9."""
+    tasks. At batch 1 on 2 threads (2026-12-04) ResNet50 lost 0.25-0.47 ms of 4.5-5.0 that way, ResNet18
+    0.14-0.18 of 1.8-1.9."""
     import subprocess
 
     def run(threads: int | None) -> dict[str, Any]:
@@ -250,7 +251,7 @@ def main_scaling(args: argparse.Namespace) -> int:
     name = args.library.stem if args.library else f"{args.model}_b{args.batch}"
     out = args.out or ROOT / "results" / f"profile_scaling_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**{k: many[k] for k in ("benchmark", "date_utc", "machine", "versions")},
+    out.write_text(json.dumps({**{k: many[k] for k in ("date_utc", "machine", "versions")},
                                "benchmark": "profile_in_model scaling", "threads": threads, "model": name,
                                "runs": args.runs, "one_thread_call_ms": one["call_ms_uninstrumented"],
                                "call_ms": many["call_ms_uninstrumented"], "lost_ms": round(lost, 4),

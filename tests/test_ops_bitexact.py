@@ -517,7 +517,8 @@ def test_a_conv_prefetches_the_next_channel_tiles_weights_once_a_task():
         return cond, re.findall(r"T.prefetch\(T.address_of\(w\[(.*?), rh, rw, rcb", text)
 
     def visits_of_each_step(cond: str, visits: int, task: str, **extents: int) -> list[list[int]]:
-        """Evaluate the printed condition: the visits (pixel-tile loop j_0) on which each step prefetches."""
+        """Evaluate the printed condition: for each step, the visits on which it prefetches (a visit is
+        here one output row of the tile, the `task` loop's value mod rows, with one pixel tile a row)."""
         return [[v for v in range(visits)
                  if eval(cond, {task: v, "b": 0, "j_0": 0, "rh": rh, "rw": rw, "rcb": rcb})]
                 for rh in range(extents["rh"]) for rw in range(extents["rw"]) for rcb in range(extents["rcb"])]
