@@ -99,14 +99,8 @@ def conv_macs(shapes: list[tuple[int, ...]]) -> int | None:
 def profile(library: Path, runs: int) -> tuple[list[dict[str, Any]], float]:
     """Per-kernel rows (median ms per model call, calls per model call, argument shapes) and the median
     uninstrumented call in ms."""
-    import tvm
-
-    import intforge
-
-    model = intforge.load(library)
-    x = np.random.default_rng(0).standard_normal(model.inputs[0]["shape"]).astype(np.float32)
+    model, arg = _model_input(library)
     plain = model.time(repeat=runs, warmup=5, resident=True)["median_ms"]
-    arg = tvm.runtime.tensor(x, tvm.cpu())
     shapes: dict[str, list[tuple[int, ...]]] = {}
     vm, times = _instrumented(library, arg, shapes)
     for _ in range(runs):
@@ -123,6 +117,17 @@ def profile(library: Path, runs: int) -> tuple[list[dict[str, Any]], float]:
                      "macs": macs, "gmacs_per_s": round(macs / ms / 1e6, 1) if macs else None})
     rows.sort(key=lambda r: -r["ms"])
     return rows, plain
+
+
+def _model_input(library: Path) -> tuple[Any, Any]:
+    """The loaded model and one seeded random input for it, as a TVM tensor (what the VM calls take)."""
+    import tvm
+
+    import intforge
+
+    model = intforge.load(library)
+    x = np.random.default_rng(0).standard_normal(model.inputs[0]["shape"]).astype(np.float32)
+    return model, tvm.runtime.tensor(x, tvm.cpu())
 
 
 def _per_call(ts: list[float], runs: int) -> tuple[np.ndarray, int]:
@@ -150,7 +155,7 @@ def _instrumented(library: Path, arg, shapes: dict) -> tuple[Any, dict[str, list
             start[0] = time.perf_counter()
         else:
             times[symbol].append(time.perf_counter() - start[0])
-        return 0
+        return 0  # VMInstrumentReturnKind.kNoOp: run the call as usual
 
     vm.set_instrument(instrument)
     return vm, times
@@ -159,13 +164,7 @@ def _instrumented(library: Path, arg, shapes: dict) -> tuple[Any, dict[str, list
 def compare(a: Path, b: Path, runs: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Per-kernel rows of an interleaved A/B of two builds of one model (see the module docstring), and
     the instrumented calls' medians and paired ratio."""
-    import tvm
-
-    import intforge
-
-    model = intforge.load(a)
-    x = np.random.default_rng(0).standard_normal(model.inputs[0]["shape"]).astype(np.float32)
-    arg = tvm.runtime.tensor(x, tvm.cpu())
+    _, arg = _model_input(a)
     shapes: dict[str, list[tuple[int, ...]]] = {}
     (vm_a, ta), (vm_b, tb) = _instrumented(a, arg, shapes), _instrumented(b, arg, shapes)
     calls: list[list[float]] = [[], []]
@@ -269,13 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.scaling:
         return main_scaling(args)
-    if args.against is not None:
-        if args.library is None:
-            raise SystemExit("--against compares two builds: give the first with --library")
-        import intforge  # noqa: F401 - sets TVM's thread pool (TVM_NUM_THREADS) before anything runs
-
-        return main_against(args)
+    if args.against is not None and args.library is None:
+        raise SystemExit("--against compares two builds: give the first with --library")
     import intforge  # noqa: F401 - sets TVM's thread pool (TVM_NUM_THREADS) before anything runs
+
+    if args.against is not None:
+        return main_against(args)
     from intforge.threads import pool_threads
 
     with tempfile.TemporaryDirectory() as tmp:

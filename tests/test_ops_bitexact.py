@@ -510,8 +510,6 @@ def test_a_conv_prefetches_the_next_channel_tiles_weights_once_a_task():
     channel tile has nothing to prefetch. (Outputs: the bit-exact cases run these schedules.)"""
     import re
 
-    script = _blocked_conv_script
-
     def prefetches(text: str) -> tuple[list[str], list[str]]:
         cond = re.findall(r"if (.*):\n\s*T.prefetch", text)
         return cond, re.findall(r"T.prefetch\(T.address_of\(w\[(.*?), rh, rw, rcb", text)
@@ -525,15 +523,15 @@ def test_a_conv_prefetches_the_next_channel_tiles_weights_once_a_task():
 
     # ResNet50's layer4 3x3: 16 tiles of 2 blocks, by channel blocks; 7 visits (rows) of 1152 steps,
     # each step on exactly one of them, steps s of S on visit floor(s * V / S)
-    cond, lines = prefetches(script(1, 7, 512, 512, 3))
+    cond, lines = prefetches(_blocked_conv_script(1, 7, 512, 512, 3))
     assert len(cond) == 1
     on = visits_of_each_step(cond[0], 7, "o1_0_i_fused", rh=3, rw=3, rcb=128)
     assert on == [[s * 7 // 1152] for s in range(1152)]
     assert lines == ["(o1_0_i_fused // 7 + 1) % 16 * 2", "(o1_0_i_fused // 7 + 1) % 16 * 2 + 1"]
     # ResNet50's 56x56 64-channel 1x1: by rows, 2 tiles, each task 7 (or 8) pixel-tile visits
-    cond, lines = prefetches(script(1, 56, 256, 64, 1))
+    cond, lines = prefetches(_blocked_conv_script(1, 56, 256, 64, 1))
     assert len(cond) == 1 and "(i_o1_0_fused % 2 + 1) % 2 * 2" in lines[0]
-    assert "T.prefetch" not in script(1, 14, 64, 32, 1)  # one tile of 2 blocks
+    assert "T.prefetch" not in _blocked_conv_script(1, 14, 64, 32, 1)  # one tile of 2 blocks
 
 
 def test_each_call_returns_arrays_of_its_own(so_of):
