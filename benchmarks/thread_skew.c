@@ -4,7 +4,7 @@
  * lockstep rounds: a barrier, then both time their loop. A kernel whose tasks are split into one fixed
  * share per thread (TVM's parallel loops) lasts as long as the slower thread of each round, against the
  * mean of the two had the work gone to whichever thread was free; `static_loss` is that ratio over all
- * rounds. On a dedicated machine it is about 1.00; on this project's shared 2-vCPU VM it was 1.01-1.11
+ * rounds. Threads that run at one speed give 1.00; on this project's shared 2-vCPU VM it was 1.003-1.11
  * within minutes on 2026-12-04, vCPU 0 up to 20% slower than vCPU 1 for a whole run.
  *
  * Build and run: cc -O2 -mavx512f -mavx512vnni -pthread benchmarks/thread_skew.c -o /tmp/skew && /tmp/skew [rounds]
