@@ -23,7 +23,8 @@ after the latency runs), and for whole models (each INT8 engine's
 MACs / latency, and the rate that 0.75x ORT INT8's latency would take). The peak is measured
 (`vnni_peak.c`: register-only vpdpbusd on every thread, at whatever clock the CPU boosts to); the nominal
 one (MACs per cycle per core for the CPU's family x cores x /proc/cpuinfo's base clock) is recorded beside
-it.
+it. Before and after the latency runs it records `thread_skew.c`'s reading of how unevenly the CPUs run
+(what a statically split kernel loses to its slower thread), so a run says how noisy its minutes were.
 
 Writes JSON (`--out`) and a grouped bar chart beside it. Takes 10-20 minutes on 2 cores.
 """
@@ -119,6 +120,26 @@ def measured_int8_peak(threads: int) -> float | None:
         except (subprocess.CalledProcessError, ValueError, OSError):
             return None
     return max(runs)
+
+
+def thread_skew() -> dict[str, Any] | None:
+    """thread_skew.c's reading of how unevenly the CPUs run right now (`static_loss`: what a statically
+    split kernel loses to its slower thread), so that a run's JSON says how noisy its minutes were. None
+    without a C compiler, AVX512-VNNI or a second CPU."""
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or len(os.sched_getaffinity(0)) < 2:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "thread_skew"
+        try:
+            subprocess.run([cc, "-O2", "-mavx512f", "-mavx512vnni", "-pthread", str(ROOT / "thread_skew.c"),
+                            "-o", str(exe)], check=True, capture_output=True)
+            return json.loads(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout)
+        except (subprocess.CalledProcessError, ValueError, OSError):
+            return None
 
 
 def export_onnx_dynamic(model: Any, x: np.ndarray, path: Path) -> None:
@@ -377,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
                                            "(the base clock; the CPU boosts above it)"}
     peak_gmacs = result["int8_peak_gmacs"]["measured"] or result["int8_peak_gmacs"]["nominal"]
     print(f"INT8 peak: {result['int8_peak_gmacs']} GMAC/s", flush=True)
+    result["thread_skew"] = {"before": thread_skew()}
+    print(f"thread skew before: {result['thread_skew']['before']}", flush=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cpu_suite_") as tmp:
         for name in args.models.split(","):
@@ -388,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                 if res["rates"]:
                     print(f"    rates: {res['rates']}", flush=True)
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
+    result["thread_skew"]["after"] = thread_skew()
+    print(f"thread skew after: {result['thread_skew']['after']}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.top_convs:
