@@ -1,7 +1,7 @@
 /* How unevenly this machine's cores run at one moment, and what that costs a statically split kernel.
  *
- * Two threads, each pinned to its own CPU, run the same register-only vpdpbusd loop (about 80 us) in
- * lockstep rounds: a barrier, then both time their loop. A kernel whose tasks are split into one fixed
+ * Two threads, each pinned to its own CPU (the first two this process may use), run the same
+ * register-only vpdpbusd loop (about 80 us) in lockstep rounds: a barrier, then both time their loop. A kernel whose tasks are split into one fixed
  * share per thread (TVM's parallel loops) lasts as long as the slower thread of each round, against the
  * mean of the two had the work gone to whichever thread was free; `static_loss` is that ratio over all
  * rounds. Threads that run at one speed give 1.00; on this project's shared 2-vCPU VM it was 1.003-1.11
@@ -21,11 +21,11 @@
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
 static pthread_barrier_t barrier;
 static double took[2][MAX_ROUNDS];
-static int rounds = 2000;
+static int rounds = 2000, cpus[2];  /* the first two CPUs this process may run on */
 
 static void *run(void *arg) {
-  int cpu = (int)(long)arg;
-  cpu_set_t set; CPU_ZERO(&set); CPU_SET(cpu, &set);
+  int me = (int)(long)arg;
+  cpu_set_t set; CPU_ZERO(&set); CPU_SET(cpus[me], &set);
   pthread_setaffinity_np(pthread_self(), sizeof set, &set);
   __m512i acc[8], a = _mm512_set1_epi32(3), b = _mm512_set1_epi32(5);
   for (int i = 0; i < 8; i++) acc[i] = _mm512_set1_epi32(i);
@@ -34,7 +34,7 @@ static void *run(void *arg) {
     double t0 = now();
     for (int k = 0; k < 20000; k++)
       for (int i = 0; i < 8; i++) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
-    took[cpu][r] = now() - t0;
+    took[me][r] = now() - t0;
   }
   int sum = 0;
   for (int i = 0; i < 8; i++) sum += _mm512_reduce_add_epi32(acc[i]);
@@ -44,6 +44,11 @@ static void *run(void *arg) {
 int main(int argc, char **argv) {
   if (argc > 1) rounds = atoi(argv[1]);
   if (rounds < 1 || rounds > MAX_ROUNDS) { fprintf(stderr, "rounds: 1 to %d\n", MAX_ROUNDS); return 2; }
+  cpu_set_t allowed; int found = 0;
+  if (sched_getaffinity(0, sizeof allowed, &allowed) == 0)
+    for (int c = 0; c < CPU_SETSIZE && found < 2; c++)
+      if (CPU_ISSET(c, &allowed)) cpus[found++] = c;
+  if (found < 2) { fprintf(stderr, "needs two CPUs\n"); return 2; }
   pthread_barrier_init(&barrier, NULL, 2);
   pthread_t th[2];
   for (long i = 0; i < 2; i++) pthread_create(&th[i], NULL, run, (void *)i);
