@@ -1,11 +1,12 @@
 /* How unevenly this machine's cores run at one moment, and what that costs a statically split kernel.
  *
  * Two threads, each pinned to its own CPU (the first two this process may use), run the same
- * register-only vpdpbusd loop (about 80 us) in lockstep rounds: a barrier, then both time their loop. A kernel whose tasks are split into one fixed
- * share per thread (TVM's parallel loops) lasts as long as the slower thread of each round, against the
- * mean of the two had the work gone to whichever thread was free; `static_loss` is that ratio over all
- * rounds. Threads that run at one speed give 1.00; on this project's shared 2-vCPU VM it was 1.003-1.11
- * within minutes on 2026-12-04, vCPU 0 up to 20% slower than vCPU 1 for a whole run.
+ * register-only vpdpbusd loop (about 80 us) in lockstep rounds: a barrier, then both time their loop. A
+ * kernel whose tasks are split into one fixed share per thread (TVM's parallel loops) lasts as long as
+ * the slower thread of each round, against the mean of the two had the work gone to whichever thread
+ * was free; `static_loss` is that ratio over all rounds. Threads that run at one speed give 1.00; on
+ * this project's shared 2-vCPU VM it was 1.003-1.11 within minutes on 2026-12-04, one vCPU up to 20%
+ * slower than the other for a whole run.
  *
  * Build and run: cc -O2 -mavx512f -mavx512vnni -pthread benchmarks/thread_skew.c -o /tmp/skew && /tmp/skew [rounds]
  * Prints one JSON object. */
