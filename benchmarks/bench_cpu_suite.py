@@ -101,9 +101,9 @@ def nominal_int8_peak(threads: int) -> float:
     return macs_per_cycle() * threads * cpu_ghz()
 
 
-def measured_int8_peak(threads: int) -> float | None:
-    """GMAC/s of `threads` threads issuing register-only vpdpbusd (vnni_peak.c): the rate the dot-product
-    units reach at the clock the CPU really runs at. None without a C compiler or AVX512-VNNI."""
+def _c_tool(source: str, flags: list[str], args: list[str], runs: int = 1) -> list[str] | None:
+    """Build benchmarks/`source` with the system C compiler and run it `runs` times with `args`: each run's
+    stdout. None without a compiler, or where it does not build (no AVX512-VNNI) or fails to run."""
     import shutil
     import subprocess
 
@@ -111,35 +111,37 @@ def measured_int8_peak(threads: int) -> float | None:
     if cc is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        exe = Path(tmp) / "vnni_peak"
+        exe = Path(tmp) / Path(source).stem
         try:
-            subprocess.run([cc, "-O2", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-pthread",
-                            str(ROOT / "vnni_peak.c"), "-o", str(exe)], check=True, capture_output=True)
-            runs = [float(subprocess.run([str(exe), str(threads)], check=True, capture_output=True,
-                                         text=True).stdout) for _ in range(3)]
-        except (subprocess.CalledProcessError, ValueError, OSError):
+            subprocess.run([cc, "-O2", *flags, "-pthread", str(ROOT / source), "-o", str(exe)], check=True,
+                           capture_output=True)
+            return [subprocess.run([str(exe), *args], check=True, capture_output=True, text=True).stdout
+                    for _ in range(runs)]
+        except (subprocess.CalledProcessError, OSError):
             return None
-    return max(runs)
+
+
+def measured_int8_peak(threads: int) -> float | None:
+    """GMAC/s of `threads` threads issuing register-only vpdpbusd (vnni_peak.c): the rate the dot-product
+    units reach at the clock the CPU really runs at. None without a C compiler or AVX512-VNNI."""
+    runs = _c_tool("vnni_peak.c", ["-mavx512f", "-mavx512bw", "-mavx512vnni"], [str(threads)], runs=3)
+    try:
+        return max(float(out) for out in runs) if runs else None
+    except ValueError:
+        return None
 
 
 def thread_skew() -> dict[str, Any] | None:
     """thread_skew.c's reading of how unevenly the CPUs run right now (`static_loss`: what a statically
     split kernel loses to its slower thread), so that a run's JSON says how noisy its minutes were. None
     without a C compiler, AVX512-VNNI or a second CPU."""
-    import shutil
-    import subprocess
-
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None or len(os.sched_getaffinity(0)) < 2:
+    if len(os.sched_getaffinity(0)) < 2:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        exe = Path(tmp) / "thread_skew"
-        try:
-            subprocess.run([cc, "-O2", "-mavx512f", "-mavx512vnni", "-pthread", str(ROOT / "thread_skew.c"),
-                            "-o", str(exe)], check=True, capture_output=True)
-            return json.loads(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout)
-        except (subprocess.CalledProcessError, ValueError, OSError):
-            return None
+    runs = _c_tool("thread_skew.c", ["-mavx512f", "-mavx512vnni"], [])
+    try:
+        return json.loads(runs[0]) if runs else None
+    except ValueError:
+        return None
 
 
 def export_onnx_dynamic(model: Any, x: np.ndarray, path: Path) -> None:
