@@ -99,12 +99,15 @@ def conv_macs(shapes: list[tuple[int, ...]]) -> int | None:
 def profile(library: Path, runs: int) -> tuple[list[dict[str, Any]], float]:
     """Per-kernel rows (median ms per model call, calls per model call, argument shapes) and the median
     uninstrumented call in ms."""
+    from intforge.threads import off_worker_cores
+
     model, arg = _model_input(library)
     plain = model.time(repeat=runs, warmup=5, resident=True)["median_ms"]
     shapes: dict[str, list[tuple[int, ...]]] = {}
     vm, times = _instrumented(library, arg, shapes)
-    for _ in range(runs):
-        vm["main"](arg)
+    with off_worker_cores():  # where a model call runs (`CompiledModel`)
+        for _ in range(runs):
+            vm["main"](arg)
     rows = []
     for symbol, ts in times.items():
         if symbol.startswith("vm.builtin"):
@@ -142,9 +145,12 @@ def _instrumented(library: Path, arg, shapes: dict) -> tuple[Any, dict[str, list
     import tvm
     from tvm import relax
 
+    from intforge.threads import off_worker_cores
+
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
-    for _ in range(5):
-        vm["main"](arg)
+    with off_worker_cores():
+        for _ in range(5):
+            vm["main"](arg)
     times: dict[str, list[float]] = collections.defaultdict(list)
     start = [0.0]
 
@@ -164,15 +170,18 @@ def _instrumented(library: Path, arg, shapes: dict) -> tuple[Any, dict[str, list
 def compare(a: Path, b: Path, runs: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Per-kernel rows of an interleaved A/B of two builds of one model (see the module docstring), and
     the instrumented calls' medians and paired ratio."""
+    from intforge.threads import off_worker_cores
+
     _, arg = _model_input(a)
     shapes: dict[str, list[tuple[int, ...]]] = {}
     (vm_a, ta), (vm_b, tb) = _instrumented(a, arg, shapes), _instrumented(b, arg, shapes)
     calls: list[list[float]] = [[], []]
     for _ in range(runs):
         for k, vm in enumerate((vm_a, vm_b)):
-            t0 = time.perf_counter()
-            vm["main"](arg)
-            calls[k].append(time.perf_counter() - t0)
+            with off_worker_cores():
+                t0 = time.perf_counter()
+                vm["main"](arg)
+                calls[k].append(time.perf_counter() - t0)
 
     rows = []
     for symbol in ta:

@@ -1,5 +1,6 @@
-"""The runtime's thread pool: one thread per physical core this process may use, workers unpinned, unless
-the user asks otherwise."""
+"""The runtime's thread pool: one thread per physical core this process may use, each worker pinned to a
+core of its own and the calling thread kept off those cores during a call, unless the user asks
+otherwise."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from conftest import quantize_module
 from intforge.compiler import build
-from intforge.threads import physical_cores
+from intforge.threads import core_cpus, physical_cores
 
 # Runs a built library in a fresh process (TVM's pool starts on the first parallel kernel and reads its
 # settings then), and reports which cores each of the process's threads may run on.
@@ -28,8 +29,10 @@ lib = intforge.load(sys.argv[1])
 x = np.zeros(lib.inputs[0]["shape"], dtype=lib.inputs[0]["dtype"])
 for _ in range(5):
     lib(x)
+me = str(os.getpid())
 tasks = os.listdir("/proc/self/task")
-print(json.dumps({"threads": len(tasks), "allowed": sorted(len(os.sched_getaffinity(int(t))) for t in tasks),
+print(json.dumps({"threads": len(tasks), "caller": sorted(os.sched_getaffinity(0)),
+                  "others": sorted(sorted(os.sched_getaffinity(int(t))) for t in tasks if t != me),
                   "bind": os.environ.get("TVM_BIND_THREADS")}))
 """
 
@@ -50,22 +53,72 @@ def _probe(library, **env) -> dict:
     return _fresh(PROBE, str(library), unset=("TVM_BIND_THREADS",), **{"TVM_NUM_THREADS": "2", **env})
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to tell pinned from free")
-def test_pool_workers_are_unpinned_unless_the_user_binds_them(tmp_path):
+def _two_cores() -> bool:
+    cores = core_cpus(os.sched_getaffinity(0))
+    return bool(cores) and len(cores) >= 2
+
+
+@pytest.mark.skipif(not _two_cores(), reason="needs 2 physical cores to tell pinned from free")
+def test_pool_workers_are_pinned_and_the_caller_left_free_unless_the_user_binds_them(tmp_path):
     torch.manual_seed(0)
     program = quantize_module(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU()), (1, 16, 32, 32))
     library = build(program, tmp_path / "conv", boundary="int").library
-    cores = len(os.sched_getaffinity(0))
+    allowed = sorted(os.sched_getaffinity(0))
+    cores = core_cpus(allowed)
+    second = sorted(cores[1])
 
-    free = _probe(library)  # the user set nothing: intforge's default
-    assert free["bind"] == "0"
-    assert free["threads"] >= 2  # the pool started a worker
-    assert free["allowed"] == [cores] * free["threads"]
+    ours = _probe(library)  # the user set nothing: intforge pins the worker to the second core
+    assert ours["bind"] == "0"  # (TVM's own pinning stays off)
+    assert second in ours["others"]
+    assert ours["caller"] == allowed  # TVM confined the caller to the pool's CPUs: undone
 
-    # TVM's own default, when the user sets it: a worker pinned to one core (so the check above can fail)
-    pinned = _probe(library, TVM_BIND_THREADS="1")
-    assert pinned["bind"] == "1"
-    assert 1 in pinned["allowed"]
+    free = _probe(library, TVM_BIND_THREADS="0")  # the user's choice: nobody pinned
+    assert free["caller"] == allowed
+    assert all(t == allowed for t in free["others"])
+
+    # TVM's own pinning, when the user asks for it: a worker on one CPU
+    tvm_pinned = _probe(library, TVM_BIND_THREADS="1")
+    assert tvm_pinned["bind"] == "1"
+    assert any(len(t) == 1 for t in tvm_pinned["others"])
+
+
+# A thread parked on the worker's core before a call: moved off it for the call, its affinity given back
+# after. (The scheduler leaves a running thread where it is, so it stays on the worker's core until the call.)
+OFF_CORES = """
+import json, os
+import intforge
+from intforge.threads import _current_cpu, off_worker_cores, pin_workers
+allowed = os.sched_getaffinity(0)
+busy = pin_workers()
+w = min(busy)
+for _ in range(100):  # the load balancer may move it back at once: park it again until it stays
+    os.sched_setaffinity(0, {w}); os.sched_setaffinity(0, allowed)
+    before = _current_cpu()
+    if before in busy:
+        break
+with off_worker_cores():
+    during, during_allowed = _current_cpu(), sorted(os.sched_getaffinity(0))
+print(json.dumps({"busy": sorted(busy), "before": before, "during": during, "during_allowed": during_allowed,
+                  "after": sorted(os.sched_getaffinity(0)), "allowed": sorted(allowed)}))
+"""
+
+
+@pytest.mark.skipif(not _two_cores(), reason="needs 2 physical cores")
+def test_a_call_moves_its_thread_off_the_workers_cores_and_back():
+    r = _fresh(OFF_CORES, unset=("TVM_BIND_THREADS",), TVM_NUM_THREADS="2")
+    assert r["before"] in r["busy"]
+    assert r["during"] not in r["busy"]
+    assert not set(r["during_allowed"]) & set(r["busy"])
+    assert r["after"] == r["allowed"]
+
+
+def test_core_cpus_groups_hardware_threads_by_core(tmp_path):
+    smt = _fake_topology(tmp_path / "smt", {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"})
+    assert core_cpus([0, 1, 2, 3], smt) == [frozenset({0, 2}), frozenset({1, 3})]
+    assert core_cpus([3, 1], smt) == [frozenset({1, 3})]
+    ranges = _fake_topology(tmp_path / "ranges", {0: "0-1", 1: "0-1", 2: "2-3", 3: "2-3"})
+    assert core_cpus([0, 1, 2], ranges) == [frozenset({0, 1}), frozenset({2})]
+    assert core_cpus([0, 9], ranges) is None  # topology hidden
 
 
 def test_concurrent_calls_each_get_their_own_inputs_result(so_of):
@@ -124,7 +177,7 @@ def test_physical_cores_counts_sibling_sets_among_the_allowed_cpus(tmp_path):
 POOL = """
 import json, os
 import intforge
-from intforge.threads import physical_cores, pool_threads
+from intforge.threads import core_cpus, physical_cores, pool_threads
 print(json.dumps({"pool": pool_threads(), "cores": physical_cores(), "env": os.environ.get("TVM_NUM_THREADS")}))
 """
 

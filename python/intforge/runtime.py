@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import numpy as np
 
 from .errors import ArtifactError, IntforgeError
 from .program import IntegerProgram
+from .threads import off_worker_cores
 
 
 def _load_fresh(library: Path):
@@ -153,10 +155,19 @@ class CompiledModel:
             else:
                 for t, a in zip(self._inputs, arrays, strict=True):
                     t.copyfrom(a)
-            res = self._fn(*self._inputs)
+            with self._placed():
+                res = self._fn(*self._inputs)
             if len(self.outputs) == 1:
                 return self._numpy(res)
             return tuple(self._numpy(r) for r in res)
+
+    def _placed(self):
+        """On the CPU, TVM's pool workers pinned and this thread off their cores for the call
+        (`threads.off_worker_cores`): each kernel splits its work evenly, so one core shared by two of
+        its threads halves the speed."""
+        if self.on_gpu:
+            return contextlib.nullcontext()
+        return off_worker_cores()
 
     def _numpy(self, t) -> np.ndarray:
         """A result as a numpy array of its own. On the CPU through DLPack and one copy: 1 us for
@@ -179,7 +190,7 @@ class CompiledModel:
         ins = random_inputs(self.inputs)
         if self.on_gpu or resident:
             args = [tvm.runtime.tensor(a, self.device) for a in self._check(tuple(ins))]
-            with self._call_lock:
+            with self._call_lock, self._placed():
                 for _ in range(warmup):
                     self._fn(*args)
                 timer = self._vm.time_evaluator(self.manifest.get("function", "main"), self.device, number=1,

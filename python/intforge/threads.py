@@ -1,4 +1,5 @@
-"""TVM's thread pool as intforge sets it up: one unpinned worker per physical core this process may use.
+"""TVM's thread pool as intforge sets it up: one worker per physical core this process may use, each
+pinned to its own core, and the calling thread kept off those cores while a model runs.
 
 How many: TVM's own default is `std::thread::hardware_concurrency() / 2` on x86 ("ignore hyper-threading"), which
 assumes two hardware threads per core and ignores the process's CPU affinity. On a machine without SMT,
@@ -6,19 +7,34 @@ such as a cloud VM whose vCPUs are whole cores, that is half the cores: on 2 cor
 MobileNetV2 took 4.2 ms instead of 2.0. Under `taskset` or a cgroup cpuset it is the opposite, more threads
 than the process may run on. We count the cores from the CPU topology instead (TVM has no such count).
 
-Pinned or not: TVM pins each worker to a core and leaves the calling thread free. When the scheduler put
-the caller on a worker's core, the two shared it until the kernel's load balancer moved one: after each
-library load we measured 15-50 ms at half speed on 2 cores (a layer timed alone came out 2x slow, which
-skewed latency budgets). Unpinned threads never showed it.
+Where: a kernel's tasks are split evenly and statically, so the calling thread (which runs task 0) and
+the workers must each have a core of their own. TVM pins each worker to a core and leaves the caller
+free, and the scheduler put the caller on a worker's core: the two shared it, at half speed, until the
+load balancer moved one (15-50 ms after each library load on 2 cores). Unpinned workers share the same
+fate, for longer: a worker that spins between kernels is always "cache hot", so the balancer leaves it
+where it is. MobileNetV2 with ONNX Runtime in the same process ran 2x slow (1.35-1.45 ms against
+0.66-0.8) for seconds at a time, caller and worker on one vCPU, the other idle. So intforge pins the
+workers itself, one per physical core after the first (`pin_workers`), and a call that finds its thread
+on a worker's core moves it off for the call (`off_worker_cores`). TVM has no such placement: it only
+pins workers, and sets the caller free on all cores.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _SYS_CPU = Path("/sys/devices/system/cpu")
+# What the user set TVM_BIND_THREADS to before `configure_thread_pool` (None: left to intforge)
+_USER_BIND: str | None = os.environ.get("TVM_BIND_THREADS")
+# TVM's pool is per calling thread (a thread_local in its runtime): so is what `pin_workers` did to it
+_PINNED = threading.local()
+# TVM's AffinityMode for one listed CPU per thread (threading_backend.h: kSpecifyOneCorePerThread)
+_ONE_CORE_PER_THREAD = -2
 
 
 def physical_cores(cpus: Iterable[int] | None = None, sys_cpu: Path = _SYS_CPU) -> int | None:
@@ -29,13 +45,33 @@ def physical_cores(cpus: Iterable[int] | None = None, sys_cpu: Path = _SYS_CPU) 
         if not hasattr(os, "sched_getaffinity"):
             return None
         cpus = os.sched_getaffinity(0)
-    cores = set()
-    for cpu in cpus:
-        try:
-            cores.add((sys_cpu / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text().strip())
-        except OSError:
+    cores = core_cpus(cpus, sys_cpu)
+    return len(cores) if cores else None
+
+
+def _siblings(cpu: int, sys_cpu: Path) -> frozenset[int] | None:
+    """The hardware threads of `cpu`'s core ("0,2" or "0-1" in sysfs), None where hidden."""
+    try:
+        text = (sys_cpu / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text().strip()
+    except OSError:
+        return None
+    ids: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        ids.update(range(int(lo), int(hi or lo) + 1))
+    return frozenset(ids)
+
+
+def core_cpus(cpus: Iterable[int], sys_cpu: Path = _SYS_CPU) -> list[frozenset[int]] | None:
+    """`cpus` grouped by physical core (each group: the given CPUs of one core), in the order of each
+    core's lowest CPU; None where the topology cannot be read."""
+    cores: dict[frozenset[int], set[int]] = {}
+    for cpu in sorted(cpus):
+        sib = _siblings(cpu, sys_cpu)
+        if sib is None:
             return None
-    return len(cores) or None
+        cores.setdefault(sib, set()).add(cpu)
+    return [frozenset(group) for group in cores.values()]
 
 
 def default_threads() -> int | None:
@@ -64,3 +100,65 @@ def pool_threads() -> int:
     import tvm
 
     return int(tvm.get_global_func("runtime.NumThreads")())
+
+
+def pin_workers() -> frozenset[int]:
+    """Pin the calling thread's TVM pool workers, one to each physical core after the first of those this
+    thread may run on, and return the CPUs of those cores (empty where nothing was pinned: one thread,
+    more threads than cores, topology hidden, or TVM_BIND_THREADS set by the user, whose choice stands).
+    Done once per calling thread; TVM also confines the caller to the listed CPUs, which is undone here."""
+    done = getattr(_PINNED, "cores", None)
+    if done is not None:
+        return done
+    busy: frozenset[int] = frozenset()
+    if _USER_BIND is None and hasattr(os, "sched_getaffinity"):
+        allowed = os.sched_getaffinity(0)
+        cores = core_cpus(allowed)
+        n = pool_threads()
+        if cores and 2 <= n <= len(cores):
+            import tvm
+
+            cpus = [min(group) for group in cores[:n]]  # the caller's core first, then one a worker
+            os.environ["TVM_BIND_THREADS"] = "1"  # TVM reads it inside the call below
+            try:
+                tvm.get_global_func("runtime.config_threadpool")(_ONE_CORE_PER_THREAD, n, [str(c) for c in cpus])
+            finally:
+                os.environ["TVM_BIND_THREADS"] = "0"
+                os.sched_setaffinity(0, allowed)
+            busy = frozenset().union(*cores[1:n])
+    _PINNED.cores = busy
+    return busy
+
+
+_sched_getcpu = None
+
+
+def _current_cpu() -> int:
+    """The CPU this thread runs on now (glibc's sched_getcpu: a fraction of a microsecond)."""
+    global _sched_getcpu
+    if _sched_getcpu is None:
+        fn = ctypes.CDLL(None).sched_getcpu
+        fn.restype, fn.argtypes = ctypes.c_int, []
+        _sched_getcpu = fn
+    return int(_sched_getcpu())
+
+
+@contextmanager
+def off_worker_cores() -> Iterator[None]:
+    """Run the body (a model call) with this thread off the pinned workers' cores where it is on one now,
+    its CPU affinity as before afterwards. A thread already elsewhere is left alone: while a call runs it
+    never sleeps, so the scheduler has no reason to move it onto a busy core."""
+    busy = pin_workers()
+    if not busy or _current_cpu() not in busy:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    during = before - busy
+    if not during:
+        yield
+        return
+    os.sched_setaffinity(0, during)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
