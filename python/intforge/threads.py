@@ -122,10 +122,12 @@ def pin_workers() -> frozenset[int]:
             os.environ["TVM_BIND_THREADS"] = "1"  # TVM reads it inside the call below
             try:
                 tvm.get_global_func("runtime.config_threadpool")(_ONE_CORE_PER_THREAD, n, [str(c) for c in cpus])
+                busy = frozenset().union(*cores[1:n])
+            except Exception:  # noqa: BLE001 - placement only speeds calls up: unpinned, they still run right
+                busy = frozenset()
             finally:
                 os.environ["TVM_BIND_THREADS"] = "0"
                 os.sched_setaffinity(0, allowed)
-            busy = frozenset().union(*cores[1:n])
     _PINNED.cores = busy
     return busy
 
