@@ -1,0 +1,147 @@
+"""AMX through TVM: a 1x1 conv's int8 GEMM (u8 activations x s8 weights -> int32) written in TIR with LLVM's AMX
+intrinsics (tileloadd64, tdpbusd, tilestored64), built by TVM, checked bit-exact against numpy.
+
+TVM 0.27 has no AMX tensor intrinsics; LLVM 22 (TVM's) has the intrinsics with immediate tile numbers. Each
+parallel task computes 32 pixels x 32 channels in 4 accumulator tiles (tmm0-3): per 64 input channels, two
+16x64 activation tiles straight from the NHWC rows (stride = channels) and two 16-row weight tiles from the
+existing VNNI layout [O/16, C/4, 16, 4] (stride 64 bytes), then 4 tdpbusd (16384 MACs each).
+
+  build DIR   (any x86 machine with TVM's compiler) libraries for `-mcpu=sapphirerapids`, inputs, expected
+  run DIR     (a CPU with AMX-INT8; TVM's runtime only) asks Linux for the tile data, runs, checks, times
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# (pixels, input channels, output channels) of ResNet50's 1x1 convs at batch 1, pixels rounded to a multiple
+# of 32 (the task's rows: 784 -> 768, 196 -> 192, 49 -> 64)
+SHAPES = [(3136, 64, 256), (768, 128, 512), (768, 512, 128), (192, 1024, 256), (192, 256, 1024), (64, 2048, 512)]
+
+
+def gemm_func(P: int, K: int, N: int):
+    from tvm.script import tirx as T
+
+    if P % 32 or N % 32 or K % 64:
+        raise ValueError(f"pixels and output channels must be multiples of 32, input channels of 64: {P, K, N}")
+
+    tasks = (P // 32) * (N // 32)
+    ob_n = N // 32
+
+    @T.prim_func
+    def amx_gemm(a: T.handle, b: T.handle, c: T.handle):
+        T.func_attr({"global_symbol": "amx_gemm", "tir.noalias": True})
+        A = T.match_buffer(a, (P, K), "uint8")
+        B = T.match_buffer(b, (N // 16, K // 4, 16, 4), "int8")
+        C = T.match_buffer(c, (P, N), "int32")
+        for t in T.parallel(tasks):
+            cfg = T.alloc_buffer((64,), "uint8", scope="local")
+            for i in range(64):
+                cfg[i] = T.uint8(0)
+            cfg[0] = T.uint8(1)  # palette 1
+            for r in range(8):
+                cfg[16 + 2 * r] = T.uint8(64)  # colsb[r] = 64 bytes (little-endian uint16)
+                cfg[48 + r] = T.uint8(16)  # rows[r] = 16
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3)))
+            for k in range(K // 64):
+                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4),
+                                              T.address_of(A[(t // ob_n) * 32, k * 64]), T.int64(K)))
+                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
+                                              T.address_of(A[(t // ob_n) * 32 + 16, k * 64]), T.int64(K)))
+                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6),
+                                              T.address_of(B[(t % ob_n) * 2, k * 16, 0, 0]), T.int64(64)))
+                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(7),
+                                              T.address_of(B[(t % ob_n) * 2 + 1, k * 16, 0, 0]), T.int64(64)))
+                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.int8(0), T.int8(4), T.int8(6)))
+                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.int8(1), T.int8(4), T.int8(7)))
+                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.int8(2), T.int8(5), T.int8(6)))
+                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.int8(3), T.int8(5), T.int8(7)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0),
+                                          T.address_of(C[(t // ob_n) * 32, (t % ob_n) * 32]), T.int64(N * 4)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1),
+                                          T.address_of(C[(t // ob_n) * 32, (t % ob_n) * 32 + 16]), T.int64(N * 4)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2),
+                                          T.address_of(C[(t // ob_n) * 32 + 16, (t % ob_n) * 32]), T.int64(N * 4)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3),
+                                          T.address_of(C[(t // ob_n) * 32 + 16, (t % ob_n) * 32 + 16]),
+                                          T.int64(N * 4)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
+
+    return amx_gemm
+
+
+def build(out: Path) -> None:
+    import tvm
+
+    out.mkdir(parents=True, exist_ok=True)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
+    rng = np.random.default_rng(0)
+    index = []
+    for P, K, N in SHAPES:
+        name = f"gemm_{P}_{K}_{N}"
+        lib = tvm.compile(tvm.IRModule({"amx_gemm": gemm_func(P, K, N)}), target=target)
+        lib.export_library(str(out / f"{name}.so"))
+        a = rng.integers(0, 256, (P, K), dtype=np.uint8)
+        w = rng.integers(-128, 128, (N, K), dtype=np.int8)
+        w[0, :] = -128  # extremes: the largest products
+        a[0, :] = 255
+        b = np.ascontiguousarray(w.reshape(N // 16, 16, K // 4, 4).transpose(0, 2, 1, 3))
+        c = a.astype(np.int64) @ w.astype(np.int64).T
+        np.save(out / f"{name}_a.npy", a)
+        np.save(out / f"{name}_b.npy", b)
+        np.save(out / f"{name}_c.npy", c.astype(np.int32))
+        index.append({"name": name, "P": P, "K": K, "O": N})
+        print(name, "built", flush=True)
+    (out / "index.json").write_text(json.dumps(index))
+
+
+def request_amx() -> bool:
+    """Linux hands out AMX tile data only on request (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(158, 0x1023, 18) == 0
+
+
+def run(out: Path) -> dict:
+    import tvm
+
+    res = {"amx_permission": request_amx(), "threads": int(tvm.get_global_func("runtime.NumThreads")()), "shapes": []}
+    for s in json.loads((out / "index.json").read_text()):
+        name, P, K, N = s["name"], s["P"], s["K"], s["O"]
+        f = tvm.runtime.load_module(str(out / f"{name}.so"))["amx_gemm"]
+        a = tvm.runtime.tensor(np.load(out / f"{name}_a.npy"))
+        b = tvm.runtime.tensor(np.load(out / f"{name}_b.npy"))
+        c = tvm.runtime.tensor(np.zeros((P, N), np.int32))
+        f(a, b, c)
+        exact = bool(np.array_equal(c.numpy(), np.load(out / f"{name}_c.npy")))
+        for _ in range(20):
+            f(a, b, c)
+        ts = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            f(a, b, c)
+            ts.append(time.perf_counter() - t0)
+        ms = float(np.median(ts) * 1e3)
+        row = {**s, "bit_exact": exact, "median_ms": round(ms, 4), "gmacs_per_s": round(P * K * N / ms / 1e6, 1)}
+        print(row, flush=True)
+        res["shapes"].append(row)
+    return res
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "build":
+        build(Path(sys.argv[2]))
+    else:
+        sys.modules.setdefault("torch", None)  # tvm_ffi imports torch where installed: not needed here
+        r = run(Path(sys.argv[2]))
+        Path(os.environ.get("OUT", "."), f"amx_gemm_{r['threads']}t.json").write_text(json.dumps(r, indent=1))
