@@ -6,6 +6,9 @@ parallel task computes 32 pixels x 32 channels in 4 accumulator tiles (tmm0-3): 
 16x64 activation tiles straight from the NHWC rows (stride = channels) and two 16-row weight tiles from the
 existing VNNI layout [O/16, C/4, 16, 4] (stride 64 bytes), then 4 tdpbusd (16384 MACs each).
 
+With `narrow`, each task stores its tiles to a 4 KB scratch on the stack and writes int8 (each sum's low
+byte): the data flow of a conv kernel whose requantize reads the tiles back from L1.
+
   build DIR   (any x86 machine with TVM's compiler) libraries for `-mcpu=sapphirerapids`, inputs, expected
   run DIR     (a CPU with AMX-INT8; TVM's runtime only) asks Linux for the tile data, runs, checks, times
 """
@@ -26,7 +29,11 @@ import numpy as np
 SHAPES = [(3136, 64, 256), (768, 128, 512), (768, 512, 128), (192, 1024, 256), (192, 256, 1024), (64, 2048, 512)]
 
 
-def gemm_func(P: int, K: int, N: int):
+def gemm_func(P: int, K: int, N: int, narrow: bool = False):
+    """The GEMM as a PrimFunc `amx_gemm(A, B, C)`. Plain, the int32 tiles go straight to C [P, N] int32.
+    With `narrow`, each task stores its 4 tiles to a 4 KB scratch buffer on the stack and writes C [P, N]
+    int8, each sum's low byte (vpmovdb): the data flow of a conv kernel whose requantize reads the tiles
+    back from L1, without the requantize's arithmetic."""
     from tvm.script import tirx as T
 
     if P % 32 or N % 32 or K % 64:
@@ -35,6 +42,45 @@ def gemm_func(P: int, K: int, N: int):
     tasks = (P // 32) * (N // 32)
     ob_n = N // 32
 
+    @T.macro
+    def products(A, B, t):
+        cfg = T.alloc_buffer((64,), "uint8", scope="local")
+        for i in range(64):
+            cfg[i] = T.uint8(0)
+        cfg[0] = T.uint8(1)  # palette 1
+        for r in range(8):
+            cfg[16 + 2 * r] = T.uint8(64)  # colsb[r] = 64 bytes (little-endian uint16)
+            cfg[48 + r] = T.uint8(16)  # rows[r] = 16
+        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
+        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0)))
+        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1)))
+        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2)))
+        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3)))
+        for k in range(K // 64):
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4),
+                                          T.address_of(A[(t // ob_n) * 32, k * 64]), T.int64(K)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
+                                          T.address_of(A[(t // ob_n) * 32 + 16, k * 64]), T.int64(K)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6),
+                                          T.address_of(B[(t % ob_n) * 2, k * 16, 0, 0]), T.int64(64)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(7),
+                                          T.address_of(B[(t % ob_n) * 2 + 1, k * 16, 0, 0]), T.int64(64)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.int8(0), T.int8(4), T.int8(6)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.int8(1), T.int8(4), T.int8(7)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.int8(2), T.int8(5), T.int8(6)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.int8(3), T.int8(5), T.int8(7)))
+
+    @T.macro
+    def store(C, p0, o0, stride):
+        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0), T.address_of(C[p0, o0]), stride))
+        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1), T.address_of(C[p0, o0 + 16]),
+                                      stride))
+        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2), T.address_of(C[p0 + 16, o0]),
+                                      stride))
+        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3),
+                                      T.address_of(C[p0 + 16, o0 + 16]), stride))
+        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
+
     @T.prim_func
     def amx_gemm(a: T.handle, b: T.handle, c: T.handle):
         T.func_attr({"global_symbol": "amx_gemm", "tir.noalias": True})
@@ -42,43 +88,24 @@ def gemm_func(P: int, K: int, N: int):
         B = T.match_buffer(b, (N // 16, K // 4, 16, 4), "int8")
         C = T.match_buffer(c, (P, N), "int32")
         for t in T.parallel(tasks):
-            cfg = T.alloc_buffer((64,), "uint8", scope="local")
-            for i in range(64):
-                cfg[i] = T.uint8(0)
-            cfg[0] = T.uint8(1)  # palette 1
-            for r in range(8):
-                cfg[16 + 2 * r] = T.uint8(64)  # colsb[r] = 64 bytes (little-endian uint16)
-                cfg[48 + r] = T.uint8(16)  # rows[r] = 16
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3)))
-            for k in range(K // 64):
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4),
-                                              T.address_of(A[(t // ob_n) * 32, k * 64]), T.int64(K)))
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
-                                              T.address_of(A[(t // ob_n) * 32 + 16, k * 64]), T.int64(K)))
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6),
-                                              T.address_of(B[(t % ob_n) * 2, k * 16, 0, 0]), T.int64(64)))
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(7),
-                                              T.address_of(B[(t % ob_n) * 2 + 1, k * 16, 0, 0]), T.int64(64)))
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.int8(0), T.int8(4), T.int8(6)))
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.int8(1), T.int8(4), T.int8(7)))
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.int8(2), T.int8(5), T.int8(6)))
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.int8(3), T.int8(5), T.int8(7)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0),
-                                          T.address_of(C[(t // ob_n) * 32, (t % ob_n) * 32]), T.int64(N * 4)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1),
-                                          T.address_of(C[(t // ob_n) * 32, (t % ob_n) * 32 + 16]), T.int64(N * 4)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2),
-                                          T.address_of(C[(t // ob_n) * 32 + 16, (t % ob_n) * 32]), T.int64(N * 4)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3),
-                                          T.address_of(C[(t // ob_n) * 32 + 16, (t % ob_n) * 32 + 16]),
-                                          T.int64(N * 4)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
+            products(A, B, t)
+            store(C, (t // ob_n) * 32, (t % ob_n) * 32, T.int64(N * 4))
 
-    return amx_gemm
+    @T.prim_func
+    def amx_gemm_narrow(a: T.handle, b: T.handle, c: T.handle):
+        T.func_attr({"global_symbol": "amx_gemm", "tir.noalias": True})
+        A = T.match_buffer(a, (P, K), "uint8")
+        B = T.match_buffer(b, (N // 16, K // 4, 16, 4), "int8")
+        C = T.match_buffer(c, (P, N), "int8")
+        for t in T.parallel(tasks):
+            scratch = T.alloc_buffer((32, 32), "int32", scope="local")
+            products(A, B, t)
+            store(scratch, 0, 0, T.int64(128))
+            for i in range(32):
+                for j in T.vectorized(32):
+                    C[(t // ob_n) * 32 + i, (t % ob_n) * 32 + j] = T.Cast("int8", scratch[i, j])
+
+    return amx_gemm_narrow if narrow else amx_gemm
 
 
 def build(out: Path) -> None:
@@ -92,6 +119,8 @@ def build(out: Path) -> None:
         name = f"gemm_{P}_{K}_{N}"
         lib = tvm.compile(tvm.IRModule({"amx_gemm": gemm_func(P, K, N)}), target=target)
         lib.export_library(str(out / f"{name}.so"))
+        lib = tvm.compile(tvm.IRModule({"amx_gemm": gemm_func(P, K, N, narrow=True)}), target=target)
+        lib.export_library(str(out / f"{name}_narrow.so"))
         a = rng.integers(0, 256, (P, K), dtype=np.uint8)
         w = rng.integers(-128, 128, (N, K), dtype=np.int8)
         w[0, :] = -128  # extremes: the largest products
@@ -112,27 +141,38 @@ def request_amx() -> bool:
     return libc.syscall(158, 0x1023, 18) == 0
 
 
+def _time(f, *args, repeat: int = 200) -> float:
+    for _ in range(20):
+        f(*args)
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        f(*args)
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts) * 1e3)
+
+
 def run(out: Path) -> dict:
+    """Each shape plain (int32 results to memory) and narrowed (tiles through an L1 scratch, int8 out)."""
     import tvm
 
     res = {"amx_permission": request_amx(), "threads": int(tvm.get_global_func("runtime.NumThreads")()), "shapes": []}
     for s in json.loads((out / "index.json").read_text()):
         name, P, K, N = s["name"], s["P"], s["K"], s["O"]
-        f = tvm.runtime.load_module(str(out / f"{name}.so"))["amx_gemm"]
         a = tvm.runtime.tensor(np.load(out / f"{name}_a.npy"))
         b = tvm.runtime.tensor(np.load(out / f"{name}_b.npy"))
-        c = tvm.runtime.tensor(np.zeros((P, N), np.int32))
-        f(a, b, c)
-        exact = bool(np.array_equal(c.numpy(), np.load(out / f"{name}_c.npy")))
-        for _ in range(20):
+        want = np.load(out / f"{name}_c.npy")
+        row = dict(s)
+        for kind, dtype, expect in (("plain", np.int32, want), ("narrow", np.int8, want.astype(np.int8))):
+            so = out / (f"{name}.so" if kind == "plain" else f"{name}_narrow.so")
+            if not so.exists():
+                continue
+            f = tvm.runtime.load_module(str(so))["amx_gemm"]
+            c = tvm.runtime.tensor(np.zeros((P, N), dtype))
             f(a, b, c)
-        ts = []
-        for _ in range(200):
-            t0 = time.perf_counter()
-            f(a, b, c)
-            ts.append(time.perf_counter() - t0)
-        ms = float(np.median(ts) * 1e3)
-        row = {**s, "bit_exact": exact, "median_ms": round(ms, 4), "gmacs_per_s": round(P * K * N / ms / 1e6, 1)}
+            ms = _time(f, a, b, c)
+            row[kind] = {"bit_exact": bool(np.array_equal(c.numpy(), expect)), "median_ms": round(ms, 4),
+                         "gmacs_per_s": round(P * K * N / ms / 1e6, 1)}
         print(row, flush=True)
         res["shapes"].append(row)
     return res

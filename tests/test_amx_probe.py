@@ -30,6 +30,9 @@ def test_the_amx_gemm_compiles_to_tile_instructions():
     asm = lib.mod.inspect_source("asm")
     # 2 pixel blocks x 1 channel block, unrolled over 2 steps of 64 input channels: 4 products a step
     assert asm.count("tdpbusd") >= 4 and "tileloadd" in asm and "tilestored" in asm and "ldtilecfg" in asm
+    narrow = tvm.compile(tvm.IRModule({"amx_gemm": gemm_func(64, 128, 32, narrow=True)}), target=SPR)
+    asm = narrow.mod.inspect_source("asm")
+    assert "tilestored" in asm and "vpmovdb" in asm  # tiles to the stack, their low bytes out
     with pytest.raises(ValueError, match="multiples of 32"):
         gemm_func(784, 128, 32)
 
@@ -43,7 +46,9 @@ def test_the_amx_gemm_is_bit_exact_where_the_cpu_has_amx():
     w = rng.integers(-128, 128, (n, k), dtype=np.int8)
     a[0], w[0] = 255, -128
     b = np.ascontiguousarray(w.reshape(n // 16, 16, k // 4, 4).transpose(0, 2, 1, 3))
-    fn = tvm.compile(tvm.IRModule({"amx_gemm": gemm_func(m, k, n)}), target=SPR)["amx_gemm"]
-    c = tvm.runtime.tensor(np.zeros((m, n), np.int32))
-    fn(tvm.runtime.tensor(a), tvm.runtime.tensor(b), c)
-    assert np.array_equal(c.numpy(), (a.astype(np.int64) @ w.astype(np.int64).T).astype(np.int32))
+    want = (a.astype(np.int64) @ w.astype(np.int64).T).astype(np.int32)
+    for narrow, dtype in ((False, np.int32), (True, np.int8)):
+        fn = tvm.compile(tvm.IRModule({"amx_gemm": gemm_func(m, k, n, narrow)}), target=SPR)["amx_gemm"]
+        c = tvm.runtime.tensor(np.zeros((m, n), dtype))
+        fn(tvm.runtime.tensor(a), tvm.runtime.tensor(b), c)
+        assert np.array_equal(c.numpy(), want.astype(dtype))
