@@ -81,31 +81,46 @@ def gemm_func(P: int, K: int, N: int, narrow: bool = False):
                                       T.address_of(C[p0 + 16, o0 + 16]), stride))
         T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
 
+    @T.macro
+    def to_int32(C, t):  # the tiles straight to C
+        store(C, (t // ob_n) * 32, (t % ob_n) * 32, T.int64(N * 4))
+
+    @T.macro
+    def to_int8(C, t):  # the tiles to a stack scratch, their low bytes to C
+        scratch = T.alloc_buffer((32, 32), "int32", scope="local")
+        store(scratch, 0, 0, T.int64(128))
+        for i in range(32):
+            for j in T.vectorized(32):
+                C[(t // ob_n) * 32 + i, (t % ob_n) * 32 + j] = T.Cast("int8", scratch[i, j])
+
+    out_dtype, finish = ("int8", to_int8) if narrow else ("int32", to_int32)
+
     @T.prim_func
     def amx_gemm(a: T.handle, b: T.handle, c: T.handle):
         T.func_attr({"global_symbol": "amx_gemm", "tir.noalias": True})
         A = T.match_buffer(a, (P, K), "uint8")
         B = T.match_buffer(b, (N // 16, K // 4, 16, 4), "int8")
-        C = T.match_buffer(c, (P, N), "int32")
+        C = T.match_buffer(c, (P, N), out_dtype)
         for t in T.parallel(tasks):
             products(A, B, t)
-            store(C, (t // ob_n) * 32, (t % ob_n) * 32, T.int64(N * 4))
+            finish(C, t)
 
-    @T.prim_func
-    def amx_gemm_narrow(a: T.handle, b: T.handle, c: T.handle):
-        T.func_attr({"global_symbol": "amx_gemm", "tir.noalias": True})
-        A = T.match_buffer(a, (P, K), "uint8")
-        B = T.match_buffer(b, (N // 16, K // 4, 16, 4), "int8")
-        C = T.match_buffer(c, (P, N), "int8")
-        for t in T.parallel(tasks):
-            scratch = T.alloc_buffer((32, 32), "int32", scope="local")
-            products(A, B, t)
-            store(scratch, 0, 0, T.int64(128))
-            for i in range(32):
-                for j in T.vectorized(32):
-                    C[(t // ob_n) * 32 + i, (t % ob_n) * 32 + j] = T.Cast("int8", scratch[i, j])
+    return amx_gemm
 
-    return amx_gemm_narrow if narrow else amx_gemm
+
+def inputs(P: int, K: int, N: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random u8 activations [P, K] (one row all 255), s8 weights (one output channel all -128) in the
+    blocked kernels' dense layout (`blocked_dot.dense_weight_layout`, the B tiles' layout), and numpy's
+    int32 products [P, N]."""
+    from intforge.kernels.blocked_dot import dense_weight_layout
+    from intforge.kernels.x86_vnni import VNNI
+
+    a = rng.integers(0, 256, (P, K), dtype=np.uint8)
+    w = rng.integers(-128, 128, (N, K), dtype=np.int8)
+    w[0, :] = -128  # extremes: the largest products
+    a[0, :] = 255
+    c = a.astype(np.int64) @ w.astype(np.int64).T
+    return a, dense_weight_layout(w, VNNI), c.astype(np.int32)
 
 
 def build(out: Path) -> None:
@@ -121,15 +136,10 @@ def build(out: Path) -> None:
         lib.export_library(str(out / f"{name}.so"))
         lib = tvm.compile(tvm.IRModule({"amx_gemm": gemm_func(P, K, N, narrow=True)}), target=target)
         lib.export_library(str(out / f"{name}_narrow.so"))
-        a = rng.integers(0, 256, (P, K), dtype=np.uint8)
-        w = rng.integers(-128, 128, (N, K), dtype=np.int8)
-        w[0, :] = -128  # extremes: the largest products
-        a[0, :] = 255
-        b = np.ascontiguousarray(w.reshape(N // 16, 16, K // 4, 4).transpose(0, 2, 1, 3))
-        c = a.astype(np.int64) @ w.astype(np.int64).T
+        a, b, c = inputs(P, K, N, rng)
         np.save(out / f"{name}_a.npy", a)
         np.save(out / f"{name}_b.npy", b)
-        np.save(out / f"{name}_c.npy", c.astype(np.int32))
+        np.save(out / f"{name}_c.npy", c)
         index.append({"name": name, "P": P, "K": K, "O": N})
         print(name, "built", flush=True)
     (out / "index.json").write_text(json.dumps(index))

@@ -12,7 +12,7 @@ import pytest
 import tvm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from amx_gemm_tir import gemm_func, request_amx  # noqa: E402
+from amx_gemm_tir import gemm_func, inputs, request_amx  # noqa: E402
 
 SPR = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
 
@@ -41,12 +41,7 @@ def test_the_amx_gemm_compiles_to_tile_instructions():
 def test_the_amx_gemm_is_bit_exact_where_the_cpu_has_amx():
     assert request_amx()
     m, k, n = 96, 256, 64
-    rng = np.random.default_rng(0)
-    a = rng.integers(0, 256, (m, k), dtype=np.uint8)
-    w = rng.integers(-128, 128, (n, k), dtype=np.int8)
-    a[0], w[0] = 255, -128
-    b = np.ascontiguousarray(w.reshape(n // 16, 16, k // 4, 4).transpose(0, 2, 1, 3))
-    want = (a.astype(np.int64) @ w.astype(np.int64).T).astype(np.int32)
+    a, b, want = inputs(m, k, n, np.random.default_rng(0))
     for narrow, dtype in ((False, np.int32), (True, np.int8)):
         fn = tvm.compile(tvm.IRModule({"amx_gemm": gemm_func(m, k, n, narrow)}), target=SPR)["amx_gemm"]
         c = tvm.runtime.tensor(np.zeros((m, n), dtype))

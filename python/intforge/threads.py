@@ -22,6 +22,7 @@ pins workers, and sets the caller free on all cores.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -132,17 +133,16 @@ def pin_workers() -> frozenset[int]:
     return busy
 
 
-_sched_getcpu = None
+@functools.cache
+def _sched_getcpu():
+    fn = ctypes.CDLL(None).sched_getcpu
+    fn.restype, fn.argtypes = ctypes.c_int, []
+    return fn
 
 
 def _current_cpu() -> int:
     """The CPU this thread runs on now (glibc's sched_getcpu: a fraction of a microsecond)."""
-    global _sched_getcpu
-    if _sched_getcpu is None:
-        fn = ctypes.CDLL(None).sched_getcpu
-        fn.restype, fn.argtypes = ctypes.c_int, []
-        _sched_getcpu = fn
-    return int(_sched_getcpu())
+    return int(_sched_getcpu()())
 
 
 @contextmanager
