@@ -50,6 +50,11 @@ FOLD_BLOCK = "data_rows"  # a folded conv's input rows as runs of bytes, packed 
 MIN_INT4_BLOCKS = 8  # channel blocks (x batch) for an INT4 conv to unpack its weights once per block
 HOIST_BELOW_CHANNELS = 16  # a conv's packing stage with fewer input channels runs once, before the kernel
 PREFETCH_LOCALITY = 3  # llvm.prefetch's: 3 is prefetcht0 (into L1); ResNet50's layer4 convs ran 2-7% faster than with 2
+# A conv whose weights are at least SPREAD_WEIGHT_BYTES (more than a core's L2: they come from memory on
+# every call) and at least SPREAD_TILE_BYTES a channel tile spreads its next-tile prefetches evenly over
+# each visit instead of in bursts (`_prefetch_next_tile`)
+SPREAD_WEIGHT_BYTES = 1 << 20
+SPREAD_TILE_BYTES = 32 * 1024
 ROW_UNPACK_BYTES = 16 * 1024  # an INT4 conv with fewer blocks and at most this many weights a tile
 # unpacks its tile's weights once per output row (they stay in L1), not once per pixel tile
 
@@ -564,6 +569,12 @@ class _Tiling:
     blocks: int  # channel blocks a tile
     rows_outer: bool  # tasks ordered (row, tile), else (tile, row)
 
+    def spread(self, steps: int, block_bytes: int) -> bool:
+        """Whether the next tile's prefetches go evenly over each visit (weights that come from memory, in
+        tiles past L1) rather than in one burst a visit."""
+        tile_bytes = self.blocks * steps * block_bytes
+        return tile_bytes >= SPREAD_TILE_BYTES and self.tiles * tile_bytes >= SPREAD_WEIGHT_BYTES
+
 
 def _prefetch_next_tile(sch: s_tir.Schedule, loops: list, tile: _Tiling, weights) -> None:
     """Prefetch the weights of the channel tile a task runs next, a slice on each of this tile's visits.
@@ -578,6 +589,15 @@ def _prefetch_next_tile(sch: s_tir.Schedule, loops: list, tile: _Tiling, weights
     step s of S on visit floor(s * V / S) of V, so the next tile's lines are requested once each,
     spread evenly over the work before it. On Zen 5 (2026-12-04, interleaved per-kernel A/B) ResNet50's
     7x7 and 14x14 1x1 convs ran 7-30% faster, the model 4-6% at batch 1 and 2% at batch 8, ResNet18 3-4%.
+
+    That puts a visit's prefetches in one burst, `blocks` lines a step over 1/V of its steps. Where the
+    weights come from memory (a conv's weights past a core's L2, `SPREAD_WEIGHT_BYTES`) and a tile's
+    stream is long (`SPREAD_TILE_BYTES`), such a burst asks for more lines than the core can have in
+    flight to memory, and the tile's own loads wait behind them. Those convs instead prefetch one line
+    every `every` steps (a power of two, `_spread_stride`), the next tile's lines in order: on Zen 5
+    (2026-12-04 afternoon, interleaved A/Bs) ResNet50's 7x7x512 3x3 convs ran 13-17% faster, its
+    stride-2 14x14x512 3x3 and 2048->512 1x1 14-15%, ResNet18's layer4 convs 6-9%; spread the same way,
+    the smaller convs did not gain (14x14x256 3x3, 0.6 MB: 1-2% slower; a 1x1 of 16 KB tiles, 8-11%).
 
     TVM's schedule language has no statement to put inside a loop (TE's `prefetch` went with TE
     schedules), so this rebuilds the reduction-step loop with a `tirx.prefetch` call in front of its
@@ -598,17 +618,40 @@ def _prefetch_next_tile(sch: s_tir.Schedule, loops: list, tile: _Tiling, weights
     visit = (row * c(batch) + nv) * c(jo_ext) + jv
     step = (rhv * c(kw) + rwv) * c(cb) + rcbv
     first = tirx.floormod(o1o + c(1), c(tile.tiles)) * c(tile.blocks)
-    calls = [tirx.Evaluate(tirx.call_intrin("void", "tirx.prefetch", tirx.address_of(
-        tirx.BufferLoad(weights, [first + c(b), rhv, rwv, rcbv, c(0), c(0)])), 0, PREFETCH_LOCALITY, 1))
-        for b in range(tile.blocks)]
-    # step s is this visit's when floor(s * V / S) == v, that is when ceil(v * S / V) <= s < ceil((v + 1) * S / V):
-    # the bounds are the task's (LLVM computes them outside the reduction), each step only compares
-    # (per-step multiplies and divisions cost the hot 3x3 convs 2-7%)
-    lo, hi = (tirx.floordiv(v * c(steps) + c(visits - 1), c(visits)) for v in (visit, visit + c(1)))
-    mine = tirx.all(lo <= step, step < hi)
-    body = tirx.SeqStmt([tirx.IfThenElse(mine, tirx.SeqStmt(calls) if len(calls) > 1 else calls[0], None), rcb.body])
+
+    def prefetch(block, h, w, cgroup) -> tirx.Stmt:  # the line of channel block `block` at step (h, w, cgroup)
+        at = tirx.address_of(tirx.BufferLoad(weights, [block, h, w, cgroup, c(0), c(0)]))
+        return tirx.Evaluate(tirx.call_intrin("void", "tirx.prefetch", at, 0, PREFETCH_LOCALITY, 1))
+
+    every = _spread_stride(visits, tile.blocks)
+    if every and tile.spread(steps, int(weights.shape[-1]) * int(weights.shape[-2])):
+        # Spread: the next tile's lines in order (block by block), one every `every` steps, visit v taking
+        # lines [v * S / every, (v + 1) * S / every): `every` is a power of two at most V / blocks, so the V
+        # visits cover all blocks * S lines, and at most one prefetch a step is in flight per `every` steps.
+        line = visit * c(-(-steps // every)) + tirx.floordiv(step, c(every))
+        mine = tirx.all(tirx.floormod(step, c(every)) == c(0), line < c(tile.blocks * steps))
+        at = tirx.floormod(line, c(steps))  # (divisions only on the steps that prefetch)
+        then = prefetch(first + tirx.floordiv(line, c(steps)), tirx.floordiv(at, c(kw * cb)),
+                        tirx.floormod(tirx.floordiv(at, c(cb)), c(kw)), tirx.floormod(at, c(cb)))
+    else:
+        # Bursts: step s is this visit's when floor(s * V / S) == v, that is when
+        # ceil(v * S / V) <= s < ceil((v + 1) * S / V), and then each block's line of step s: the bounds are
+        # the task's (LLVM computes them outside the reduction), each step only compares (per-step
+        # multiplies and divisions cost the hot 3x3 convs 2-7%)
+        lo, hi = (tirx.floordiv(v * c(steps) + c(visits - 1), c(visits)) for v in (visit, visit + c(1)))
+        mine = tirx.all(lo <= step, step < hi)
+        calls = [prefetch(first + c(b), rhv, rwv, rcbv) for b in range(tile.blocks)]
+        then = tirx.SeqStmt(calls) if len(calls) > 1 else calls[0]
+    body = tirx.SeqStmt([tirx.IfThenElse(mine, then, None), rcb.body])
     loop = tirx.For(rcb.loop_var, rcb.min, rcb.extent, rcb.kind, body, rcb.thread_binding, rcb.annotations)
     sch.state.replace(sch.get_sref(loops[-1]), loop, {})
+
+
+def _spread_stride(visits: int, blocks: int) -> int:
+    """Steps between two spread prefetches: the largest power of two at most visits / blocks (so a
+    tile's visits cover the next tile's lines), or 0 when a tile has fewer than two visits a block."""
+    most = visits // blocks
+    return 1 << (most.bit_length() - 1) if most >= 2 else 0
 
 
 def kh_kw_cb(sch: s_tir.Schedule, block) -> int:

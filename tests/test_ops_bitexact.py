@@ -108,6 +108,8 @@ CASES = {
     # split by rows, one pixel tile a row and one image: each task is one visit of its channel tile, so
     # every reduction step prefetches the next tile's weights (a condition that folds to constants)
     "conv_1x1_rows_one_visit": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(64, 48, 1)), (1, 64, 7, 7)),
+    # weights past a core's L2 (1.2 MB) in long tile streams: the next tile's prefetches spread evenly
+    "conv_weights_from_memory": (lambda: nn.Conv2d(256, 512, 3, padding=1), (1, 256, 4, 4)),
     # whole 16-channel blocks: the requantize as 52-bit multiply-adds (kernels/x86_ifma.py), from signed
     # and from unsigned inputs to unsigned and signed outputs, and with a residual add fused after it
     "conv_ifma_signed_in": (lambda: nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU()), (1, 8, 7, 9)),
@@ -514,24 +516,50 @@ def test_a_conv_prefetches_the_next_channel_tiles_weights_once_a_task():
         cond = re.findall(r"if (.*):\n\s*T.prefetch", text)
         return cond, re.findall(r"T.prefetch\(T.address_of\(w\[(.*?), rh, rw, rcb", text)
 
-    def visits_of_each_step(cond: str, visits: int, task: str, **extents: int) -> list[list[int]]:
+    def visits_of_each_step(cond: str, rows: int, tiles: int, task: str, **extents: int) -> list[list[int]]:
         """Evaluate the printed condition: for each step, the visits on which it prefetches (a visit is
-        here one output row of the tile, the `task` loop's value mod rows, with one pixel tile a row)."""
-        return [[v for v in range(visits)
-                 if eval(cond, {task: v, "b": 0, "j_0": 0, "rh": rh, "rw": rw, "rcb": rcb})]
+        here one pixel tile j_0 of one output row, the `task` loop's value mod rows: row * tiles + j_0)."""
+        return [[r * tiles + j for r in range(rows) for j in range(tiles)
+                 if eval(cond, {task: r, "b": 0, "j_0": j, "rh": rh, "rw": rw, "rcb": rcb})]
                 for rh in range(extents["rh"]) for rw in range(extents["rw"]) for rcb in range(extents["rcb"])]
 
-    # ResNet50's layer4 3x3: 16 tiles of 2 blocks, by channel blocks; 7 visits (rows) of 1152 steps,
-    # each step on exactly one of them, steps s of S on visit floor(s * V / S)
-    cond, lines = prefetches(_blocked_conv_script(1, 7, 512, 512, 3))
+    # ResNet50's layer3 3x3 (0.6 MB of weights): 8 tiles of 2 blocks, by channel blocks; 28 visits (14
+    # rows of 2 pixel tiles) of 576 steps, each step on exactly one of them, step s on visit floor(s V / S)
+    cond, lines = prefetches(_blocked_conv_script(1, 14, 256, 256, 3))
     assert len(cond) == 1
-    on = visits_of_each_step(cond[0], 7, "o1_0_i_fused", rh=3, rw=3, rcb=128)
-    assert on == [[s * 7 // 1152] for s in range(1152)]
-    assert lines == ["(o1_0_i_fused // 7 + 1) % 16 * 2", "(o1_0_i_fused // 7 + 1) % 16 * 2 + 1"]
+    on = visits_of_each_step(cond[0], 14, 2, "o1_0_i_fused", rh=3, rw=3, rcb=64)
+    assert on == [[s * 28 // 576] for s in range(576)]
+    assert lines == ["(o1_0_i_fused // 14 + 1) % 8 * 2", "(o1_0_i_fused // 14 + 1) % 8 * 2 + 1"]
     # ResNet50's 56x56 64-channel 1x1: by rows, 2 tiles, each task 7 (or 8) pixel-tile visits
     cond, lines = prefetches(_blocked_conv_script(1, 56, 256, 64, 1))
     assert len(cond) == 1 and "(i_o1_0_fused % 2 + 1) % 2 * 2" in lines[0]
     assert "T.prefetch" not in _blocked_conv_script(1, 14, 64, 32, 1)  # one tile of 2 blocks
+
+
+def test_a_conv_whose_weights_come_from_memory_spreads_its_prefetches():
+    """Past a core's L2 (`SPREAD_WEIGHT_BYTES`) with long tile streams, the next tile's lines go out one
+    every `every` steps in order instead of all blocks' lines of a step at once (`_prefetch_next_tile`):
+    ResNet50's layer4 3x3 (2.4 MB, 147 KB a tile, 7 visits of 1152 steps, 2 blocks): every = 2, visit v
+    takes lines [576 v, 576 (v + 1)) of the 2304, so the first 4 visits fetch each line exactly once and
+    no step has more than one request."""
+    import re
+
+    text = _blocked_conv_script(1, 7, 512, 512, 3)
+    found = re.findall(r"if (.*):\n\s*T.prefetch\(T.address_of\(w\[(.*)\]\), 0, 3, 1\)", text)
+    assert len(found) == 1
+    cond, index = found[0]
+    fetched = []
+    for v in range(7):
+        for step in range(1152):
+            env = {"o1_0_i_fused": 5 * 7 + v, "b": 0, "j_0": 0, "rh": step // 384, "rw": step // 128 % 3,
+                   "rcb": step % 128}  # task 5's tile (blocks 10, 11), row v: prefetching tile 6 (blocks 12, 13)
+            if eval(cond, env):
+                fetched.append((v, step, eval(f"({index})", env)))
+    assert all(step % 2 == 0 for _, step, _ in fetched)
+    lines = [(block, (h * 3 + w) * 128 + c) for _, _, (block, h, w, c, _, _) in fetched]
+    assert sorted(lines) == [(blk, s) for blk in (12, 13) for s in range(1152)]  # each line of tile 6 once
+    assert lines == sorted(lines)  # in order, block by block
+    assert {v for v, _, _ in fetched} == {0, 1, 2, 3}
 
 
 def test_each_call_returns_arrays_of_its_own(so_of):
