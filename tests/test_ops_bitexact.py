@@ -368,6 +368,32 @@ def test_3x3_convs_run_as_exact_winograd_where_it_pays_and_its_bound_holds(so_of
         assert_bit_exact_int(program, so_of(program, boundary="int"))
 
 
+def test_winograd_tasks_start_their_products_at_staggered_positions():
+    """Each Winograd task runs its 36 positions' products from position floor(t * 36 / T) on, wrapping
+    around (`winograd._stagger_positions`), so that threads starting together ask for different int16
+    weights first: ResNet's 28x28x128 layer, 7 tasks (rows of 7 tiles), starts them at 0, 5, 10, ..., 30,
+    and each task still runs every position once. (Outputs: the bit-exact Winograd cases.)"""
+    import re
+
+    from tvm import s_tir, te
+
+    from intforge.kernels.winograd import conv2d_winograd, schedule_winograd_func, weight_layout
+
+    x = te.placeholder((1, 28, 28, 128), "uint8", name="x")
+    wp = te.placeholder(weight_layout(np.zeros((128, 128, 3, 3), np.int8)).shape, "int16", name="w")
+    sch = s_tir.Schedule(te.create_prim_func([x, wp, conv2d_winograd(x, wp, None, 128)]))
+    schedule_winograd_func(sch)
+    text = re.sub(r"T\.int64\((\d+)\)", r"\1", sch.mod.script())
+    task = re.search(r"for (\w+) in T.parallel\(7\)", text).group(1)
+    # the position loop (fused by the printer with the unit loops around it) and the position it binds
+    loop, expr = re.search(r"for ax0, ax1, (\w+) in T.grid\(1, 1, 36\):\n\s*\w+: T.let\[T.int\d+\] = (.*)\n",
+                           text).group(1, 2)
+    expr = re.sub(r'T.Cast\("int\d+", ', "(", expr)
+    starts = [eval(expr, {loop: 0, task: t}) for t in range(7)]
+    assert starts == [t * 36 // 7 for t in range(7)] == [0, 5, 10, 15, 20, 25, 30]
+    assert all(sorted(eval(expr, {loop: q, task: t}) for q in range(36)) == list(range(36)) for t in range(7))
+
+
 @pytest.mark.skipif(not (resolve_target("x86").has("avx512ifma") and resolve_target("x86").has("avx512vbmi")),
                     reason="the IFMA requantize epilogue")
 def test_conv_requantize_runs_as_52_bit_multiply_adds_in_whole_16_channel_blocks():
