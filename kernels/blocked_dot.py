@@ -596,7 +596,7 @@ def _prefetch_next_tile(sch: s_tir.Schedule, loops: list, tile: _Tiling, weights
     flight to memory, and the tile's own loads wait behind them. Those convs instead prefetch one line
     every `every` steps (a power of two, `_spread_stride`), the next tile's lines in order: on Zen 5
     (2026-12-04 afternoon, interleaved A/Bs) ResNet50's 7x7x512 3x3 convs ran 13-17% faster, its
-    stride-2 14x14x512 3x3 and 2048->512 1x1 14-15%, ResNet18's layer4 convs 6-9%; spread the same way,
+    stride-2 14x14x512 3x3 and 2048->512 1x1 14-15%, ResNet18's layer4 convs 6-12%; spread the same way,
     the smaller convs did not gain (14x14x256 3x3, 0.6 MB: 1-2% slower; a 1x1 of 16 KB tiles, 8-11%).
 
     TVM's schedule language has no statement to put inside a loop (TE's `prefetch` went with TE
@@ -625,9 +625,9 @@ def _prefetch_next_tile(sch: s_tir.Schedule, loops: list, tile: _Tiling, weights
 
     every = _spread_stride(visits, tile.blocks)
     if every and tile.spread(steps, int(weights.shape[-1]) * int(weights.shape[-2])):
-        # Spread: the next tile's lines in order (block by block), one every `every` steps, visit v taking
-        # lines [v * S / every, (v + 1) * S / every): `every` is a power of two at most V / blocks, so the V
-        # visits cover all blocks * S lines, and at most one prefetch a step is in flight per `every` steps.
+        # Spread: the next tile's lines in order (block by block), one request every `every` steps, visit v
+        # taking lines [v * S / every, (v + 1) * S / every): `every` is a power of two at most V / blocks,
+        # so the V visits cover all blocks * S lines
         line = visit * c(-(-steps // every)) + tirx.floordiv(step, c(every))
         mine = tirx.all(tirx.floormod(step, c(every)) == c(0), line < c(tile.blocks * steps))
         at = tirx.floormod(line, c(steps))  # (divisions only on the steps that prefetch)
