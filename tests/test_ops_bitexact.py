@@ -372,7 +372,8 @@ def test_winograd_tasks_start_their_products_at_staggered_positions():
     """Each Winograd task runs its 36 positions' products from position floor(t * 36 / T) on, wrapping
     around (`winograd._stagger_positions`), so that threads starting together ask for different int16
     weights first: ResNet's 28x28x128 layer, 7 tasks (rows of 7 tiles), starts them at 0, 5, 10, ..., 30,
-    and each task still runs every position once. (Outputs: the bit-exact Winograd cases.)"""
+    and each task still runs every position once; and it prefetches its weight stream a page ahead
+    (`winograd._prefetch_weights_ahead`). (Outputs: the bit-exact Winograd cases.)"""
     import re
 
     from tvm import s_tir, te
@@ -392,6 +393,10 @@ def test_winograd_tasks_start_their_products_at_staggered_positions():
     starts = [eval(expr, {loop: 0, task: t}) for t in range(7)]
     assert starts == [t * 36 // 7 for t in range(7)] == [0, 5, 10, 15, 20, 25, 30]
     assert all(sorted(eval(expr, {loop: q, task: t}) for q in range(36)) == list(range(36)) for t in range(7))
+    # each step of the channel loop prefetches the two weight lines a page (4 KB) past the two it reads
+    ahead = re.findall(r"T.prefetch\(T.handle_add_byte_offset\("
+                       r"T.address_of\(w\[(\w+), (\w+), (\w+), 0, 0, 0\]\), (\d+)\)", text)
+    assert [int(a[3]) for a in ahead] == [4096, 4160] and len({a[:3] for a in ahead}) == 1
 
 
 @pytest.mark.skipif(not (resolve_target("x86").has("avx512ifma") and resolve_target("x86").has("avx512vbmi")),
