@@ -36,7 +36,7 @@ from tvm.script import tirx as T
 from intforge.reference import pool_output_size
 
 from .dot_product import SHIFT  # unsigned <-> signed bytes: one definition, shared with the weight-sum corrections
-from .stages import compute_inputs_at, vectorize_inner
+from .stages import compute_inputs_at, insert_at_loop_top, prefetch, vectorize_inner
 
 # TVM (LowerTVMBuiltin) keeps a CPU buffer on the stack only if its scope is "global" and it is smaller
 # than kMaxStackAlloca (1024 bytes); any other buffer, every "local" one included, costs a
@@ -49,7 +49,6 @@ INT4_BLOCK = "weight_int4"  # the in-kernel unpack stage of packed INT4 weights
 FOLD_BLOCK = "data_rows"  # a folded conv's input rows as runs of bytes, packed once before the kernel
 MIN_INT4_BLOCKS = 8  # channel blocks (x batch) for an INT4 conv to unpack its weights once per block
 HOIST_BELOW_CHANNELS = 16  # a conv's packing stage with fewer input channels runs once, before the kernel
-PREFETCH_LOCALITY = 3  # llvm.prefetch's: 3 is prefetcht0 (into L1); ResNet50's layer4 convs ran 2-7% faster than with 2
 # A conv whose weights are at least SPREAD_WEIGHT_BYTES (more than a core's L2: they come from memory on
 # every call) and at least SPREAD_TILE_BYTES a channel tile spreads its next-tile prefetches evenly over
 # each visit instead of in bursts (`_prefetch_next_tile`)
@@ -599,9 +598,7 @@ def _prefetch_next_tile(sch: s_tir.Schedule, loops: list, tile: _Tiling, weights
     stride-2 14x14x512 3x3 and 2048->512 1x1 14-15%, ResNet18's layer4 convs 6-12%; spread the same way,
     the smaller convs did not gain (14x14x256 3x3, 0.6 MB: 1-2% slower; a 1x1 of 16 KB tiles, 8-11%).
 
-    TVM's schedule language has no statement to put inside a loop (TE's `prefetch` went with TE
-    schedules), so this rebuilds the reduction-step loop with a `tirx.prefetch` call in front of its
-    body and puts it in the schedule's place (`ScheduleState.replace`)."""
+    The prefetch goes in front of the reduction-step loop's body (`stages.insert_at_loop_top`)."""
     par, n, jo, rh, rw, rcb = (sch.get(lp) for lp in loops)
     pv, nv, jv, rhv, rwv, rcbv = (lp.loop_var for lp in (par, n, jo, rh, rw, rcb))
     batch, jo_ext, kh, kw, cb = (int(lp.extent) for lp in (n, jo, rh, rw, rcb))
@@ -619,20 +616,19 @@ def _prefetch_next_tile(sch: s_tir.Schedule, loops: list, tile: _Tiling, weights
     step = (rhv * c(kw) + rwv) * c(cb) + rcbv
     first = tirx.floormod(o1o + c(1), c(tile.tiles)) * c(tile.blocks)
 
-    def prefetch(block, h, w, cgroup) -> tirx.Stmt:  # the line of channel block `block` at step (h, w, cgroup)
-        at = tirx.address_of(tirx.BufferLoad(weights, [block, h, w, cgroup, c(0), c(0)]))
-        return tirx.Evaluate(tirx.call_intrin("void", "tirx.prefetch", at, 0, PREFETCH_LOCALITY, 1))
+    def line(block, h, w, cgroup) -> tirx.Stmt:  # the line of channel block `block` at step (h, w, cgroup)
+        return prefetch(tirx.address_of(tirx.BufferLoad(weights, [block, h, w, cgroup, c(0), c(0)])))
 
     every = _spread_stride(visits, tile.blocks)
     if every and tile.spread(steps, int(weights.shape[-1]) * int(weights.shape[-2])):
         # Spread: the next tile's lines in order (block by block), one request every `every` steps, visit v
         # taking lines [v * S / every, (v + 1) * S / every): `every` is a power of two at most V / blocks,
         # so the V visits cover all blocks * S lines
-        line = visit * c(-(-steps // every)) + tirx.floordiv(step, c(every))
-        mine = tirx.all(tirx.floormod(step, c(every)) == c(0), line < c(tile.blocks * steps))
-        at = tirx.floormod(line, c(steps))  # (divisions only on the steps that prefetch)
-        then = prefetch(first + tirx.floordiv(line, c(steps)), tirx.floordiv(at, c(kw * cb)),
-                        tirx.floormod(tirx.floordiv(at, c(cb)), c(kw)), tirx.floormod(at, c(cb)))
+        nth = visit * c(-(-steps // every)) + tirx.floordiv(step, c(every))
+        mine = tirx.all(tirx.floormod(step, c(every)) == c(0), nth < c(tile.blocks * steps))
+        at = tirx.floormod(nth, c(steps))  # (divisions only on the steps that prefetch)
+        then = line(first + tirx.floordiv(nth, c(steps)), tirx.floordiv(at, c(kw * cb)),
+                    tirx.floormod(tirx.floordiv(at, c(cb)), c(kw)), tirx.floormod(at, c(cb)))
     else:
         # Bursts: step s is this visit's when floor(s * V / S) == v, that is when
         # ceil(v * S / V) <= s < ceil((v + 1) * S / V), and then each block's line of step s: the bounds are
@@ -640,11 +636,9 @@ def _prefetch_next_tile(sch: s_tir.Schedule, loops: list, tile: _Tiling, weights
         # multiplies and divisions cost the hot 3x3 convs 2-7%)
         lo, hi = (tirx.floordiv(v * c(steps) + c(visits - 1), c(visits)) for v in (visit, visit + c(1)))
         mine = tirx.all(lo <= step, step < hi)
-        calls = [prefetch(first + c(b), rhv, rwv, rcbv) for b in range(tile.blocks)]
+        calls = [line(first + c(b), rhv, rwv, rcbv) for b in range(tile.blocks)]
         then = tirx.SeqStmt(calls) if len(calls) > 1 else calls[0]
-    body = tirx.SeqStmt([tirx.IfThenElse(mine, then, None), rcb.body])
-    loop = tirx.For(rcb.loop_var, rcb.min, rcb.extent, rcb.kind, body, rcb.thread_binding, rcb.annotations)
-    sch.state.replace(sch.get_sref(loops[-1]), loop, {})
+    insert_at_loop_top(sch, loops[-1], [tirx.IfThenElse(mine, then, None)])
 
 
 def _spread_stride(visits: int, blocks: int) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 VECTOR_LANES = 64  # elements per vectorized piece: one 512-bit register of bytes
+PREFETCH_LOCALITY = 3  # llvm.prefetch's: 3 is prefetcht0 (into L1); ResNet50's layer4 convs ran 2-7% faster than with 2
 
 
 def find_block(sch: s_tir.Schedule, name: str) -> tuple[list, list[str], int] | None:
@@ -65,3 +66,20 @@ def compute_inputs_at(sch: s_tir.Schedule, producers: list, loop) -> set[str]:
         if loops and loops[-1] != loop:
             vectorize_inner(sch, loops[-1])
     return left
+
+
+def prefetch(address: tirx.PrimExpr) -> tirx.Stmt:
+    """A read prefetch of the cache line at `address` into L1 (`PREFETCH_LOCALITY`)."""
+    return tirx.Evaluate(tirx.call_intrin("void", "tirx.prefetch", address, 0, PREFETCH_LOCALITY, 1))
+
+
+def insert_at_loop_top(sch: s_tir.Schedule, loop, stmts: list, loop_var: tirx.Var | None = None) -> None:
+    """Rebuild `loop` with `stmts` in front of its body, and put it in the schedule's place
+    (`ScheduleState.replace`). TVM's schedule language has no statement to put inside a loop (TE's
+    `prefetch` went with TE schedules), nor can it rotate a loop or substitute a variable from Python:
+    with `loop_var` the loop runs over that new variable, and `stmts` bind the old one (`tirx.Bind`)."""
+    node = sch.get(loop)
+    body = tirx.SeqStmt([*stmts, node.body])
+    sch.state.replace(sch.get_sref(loop), tirx.For(loop_var if loop_var is not None else node.loop_var, node.min,
+                                                   node.extent, node.kind, body, node.thread_binding,
+                                                   node.annotations), {})

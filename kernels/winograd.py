@@ -31,7 +31,7 @@ from tvm import s_tir, te, tirx
 
 from .blocked_dot import ACC_SCOPE, DotIsa, Narrow, add_correction, broadcast_dot_intrin, ensure_intrin, narrow_block
 from .dot_product import SHIFT
-from .stages import find_block, vectorize_inner
+from .stages import find_block, insert_at_loop_top, prefetch, vectorize_inner
 
 LANES, GROUP = 16, 2  # vpdpwssd: 16 int32 lanes, each the sum of 2 int16 products
 INTRIN = "intforge_dot_16x2_s16s16s32_vnni"
@@ -289,16 +289,12 @@ def _prefetch_weights_ahead(sch: s_tir.Schedule, channels, position, pair, weigh
     them. On Zen 5 (2026-12-04, interleaved per-kernel A/Bs) inside ResNet18 the 28x28x128 convs ran
     2-8% faster and the 56x56x64 ones 0-5% (calls 0.963-0.979x in three A/Bs; 8 KB ahead the same,
     2 KB 0.987-1.005x), inside ResNet50, in a quiet minute, unchanged. A prefetch past the end of the
-    weights never faults. The call goes in front of the loop's body, as blocked_dot's prefetch does."""
-    loop = sch.get(channels)
+    weights never faults. The calls go in front of the loop's body (`stages.insert_at_loop_top`)."""
     step = tirx.address_of(tirx.BufferLoad(weights, [sch.get(position).loop_var, sch.get(pair).loop_var,
-                                                     loop.loop_var, 0, 0, 0]))
-    calls = [tirx.Evaluate(tirx.call_intrin("void", "tirx.prefetch", tirx.call_intrin(
-        "handle", "tirx.handle_add_byte_offset", step, tirx.const(WEIGHT_PREFETCH_BYTES + line, "int32")), 0, 3, 1))
-        for line in (0, 64)]
-    body = tirx.SeqStmt([*calls, loop.body])
-    sch.state.replace(sch.get_sref(channels), tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body,
-                                                       loop.thread_binding, loop.annotations), {})
+                                                     sch.get(channels).loop_var, 0, 0, 0]))
+    insert_at_loop_top(sch, channels, [prefetch(tirx.call_intrin(
+        "handle", "tirx.handle_add_byte_offset", step, tirx.const(WEIGHT_PREFETCH_BYTES + line, "int32")))
+        for line in (0, 64)])
 
 
 def _stagger_positions(sch: s_tir.Schedule, position, par) -> None:
@@ -313,9 +309,7 @@ def _stagger_positions(sch: s_tir.Schedule, position, par) -> None:
     the 56x56x64 ones 0-3%; outputs identical (the positions are independent sums).
 
     The position loop's variable becomes a value bound at the top of its body, (q + offset) mod 36 for a
-    new loop variable q: TVM's schedule language cannot rotate a loop, and its Python API has no
-    substitution of a variable, so this rebuilds the loop and puts it in the schedule's place
-    (`ScheduleState.replace`), as blocked_dot's prefetch does."""
+    new loop variable q (`stages.insert_at_loop_top`)."""
     loop, task = sch.get(position), sch.get(par)
     dtype = str(loop.extent.ty)
     tasks = int(task.extent)
@@ -323,6 +317,5 @@ def _stagger_positions(sch: s_tir.Schedule, position, par) -> None:
         return
     offset = tirx.floordiv(tirx.Cast(dtype, task.loop_var) * tirx.const(POS, dtype), tirx.const(tasks, dtype))
     q = tirx.Var("q", dtype)
-    body = tirx.SeqStmt([tirx.Bind(loop.loop_var, tirx.floormod(q + offset, tirx.const(POS, dtype))), loop.body])
-    rotated = tirx.For(q, loop.min, loop.extent, loop.kind, body, loop.thread_binding, loop.annotations)
-    sch.state.replace(sch.get_sref(position), rotated, {})
+    insert_at_loop_top(sch, position, [tirx.Bind(loop.loop_var, tirx.floormod(q + offset, tirx.const(POS, dtype)))],
+                       loop_var=q)
