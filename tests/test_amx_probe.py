@@ -14,15 +14,9 @@ import tvm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from amx_gemm_tir import gemm_func, inputs, request_amx  # noqa: E402
 
+from intforge.compiler.targets import resolve_target  # noqa: E402
+
 SPR = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
-
-
-def _has_amx() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_int8" in flags and "amx_tile" in flags
 
 
 def test_the_amx_gemm_compiles_to_tile_instructions():
@@ -37,7 +31,7 @@ def test_the_amx_gemm_compiles_to_tile_instructions():
         gemm_func(784, 128, 32)
 
 
-@pytest.mark.skipif(not _has_amx(), reason="needs a CPU with AMX-INT8")
+@pytest.mark.skipif(not resolve_target("x86").has("amx-int8"), reason="needs a CPU with AMX-INT8")
 def test_the_amx_gemm_is_bit_exact_where_the_cpu_has_amx():
     assert request_amx()
     m, k, n = 96, 256, 64
