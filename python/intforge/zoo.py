@@ -6,6 +6,7 @@ Usable from the CLI as `intforge.zoo:mnist_net`, `intforge.zoo:resnet18`, `intfo
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,20 +44,28 @@ def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _torchvision():
-    """Import torchvision on a CPU-only torch: its compiled ops cannot load, so the two operator
-    schemas its Python code registers fakes for are defined first."""
-    try:
-        torch.library.Library("torchvision", "FRAGMENT")
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor qdets, Tensor qscores, Tensor det_scales, float iou_threshold) -> Tensor")
-        _torchvision._lib = lib  # keep the definitions alive
-    except RuntimeError:
-        pass  # already defined (torchvision imported before, or a second call)
+    """Import torchvision. Where its compiled ops load (a torchvision built for this torch), plainly. On a
+    CPU-only torch they cannot, and its Python code, registering fakes for them, fails on the first
+    (`operator torchvision::nms does not exist`): then the two operator schemas it needs are defined and
+    the import is tried again. Defining them up front would crash a working torchvision (its library
+    registers them itself, and a second definition aborts the process)."""
     try:
         import torchvision
     except ImportError:
         raise IntforgeError("torchvision models need `pip install --no-deps torchvision==0.28.0`") from None
+    except RuntimeError as exc:
+        if "does not exist" not in str(exc):
+            raise
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]  # the half-imported package, so the retry runs its code again
+        try:
+            lib = torch.library.Library("torchvision", "DEF")
+            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            lib.define("qnms(Tensor qdets, Tensor qscores, Tensor det_scales, float iou_threshold) -> Tensor")
+            _torchvision._lib = lib  # keep the definitions alive
+        except RuntimeError:
+            pass  # defined by an earlier call
+        import torchvision
     return torchvision
 
 
