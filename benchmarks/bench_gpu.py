@@ -6,7 +6,8 @@ and the MNIST net, at batch 1, 8 and 64, on GPU 0, all in one run:
                              build of torch (the pinned CPU build records them as unavailable)
     intforge_int8            `--target cuda` (this GPU's sm_XY): INT8 mma.sync kernels
     intforge_mixed           the same with the first half of the convs (after the stem) at INT4
-Each intforge build is also checked bit for bit against the reference on one batch before it is timed.
+Each intforge build is also checked bit for bit against the reference on the timed batch before it is timed.
+The builds run first, `--jobs` side by side; the timings then run one at a time.
 intforge timing: TVM's time evaluator with inputs resident on the GPU; torch: CUDA events.
 
 Writes JSON (`--out`) and a bar chart beside it. Without a GPU it says so and exits 2.
@@ -35,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,8,64")
     p.add_argument("--repeat", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--jobs", type=int, default=4, help="intforge builds run side by side before timing")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "gpu_suite.json")
     return p.parse_args(argv)
 
@@ -86,7 +88,9 @@ def time_torch(model, x: np.ndarray, half: bool, repeat: int, warmup: int) -> di
     return latency_stats(ts, repeat, warmup)
 
 
-def run_case(name: str, batch: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def build_case(name: str, batch: int, eng: str, work: str, target: str = "cuda") -> dict[str, Any]:
+    """Quantize and build one intforge engine for one model and batch, and compute the reference's output
+    for the batch: the CPU half of a case, run in a worker process."""
     import torch
 
     import intforge
@@ -97,27 +101,65 @@ def run_case(name: str, batch: int, args: argparse.Namespace, work: Path) -> dic
     model = make_model(name)
     x = inputs(name, batch, 32)
     calib, xb = x[:32], x[:batch]
+    bits = mixed_bits(model) if eng == "intforge_mixed" else {}
+    t0 = time.perf_counter()
+    program, _ = intforge.quantize_model(model, (torch.from_numpy(xb.copy()),), calib,
+                                         quant=QuantConfig(layer_bits=bits))
+    out = Path(work) / f"{name}_b{batch}_{eng}"
+    art = build(program, out, target=target)
+    built = time.perf_counter() - t0
+    np.save(out / "reference.npy", reference.run_float(program, xb)[0])
+    return {"library": str(art.library), "int4_layers": len(bits), "weight_bytes": art.manifest["weight_bytes"],
+            "kernels": art.manifest["kernels"], "build_seconds": round(built, 1)}
+
+
+def run_case(name: str, batch: int, built: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Time every engine of one case on the GPU, one after another; intforge's builds come ready from
+    `build_case` and are checked bit for bit against the reference before they are timed."""
+    import intforge
+
+    model = make_model(name)
+    xb = inputs(name, batch, 32)[:batch]
     res: dict[str, Any] = {}
     for eng in ENGINES:
-        t0 = time.perf_counter()
         try:
             if eng.startswith("torch"):
                 res[eng] = time_torch(model, xb, eng == "torch_fp16", args.repeat, args.warmup)
+            elif "error" in built[eng]:
+                res[eng] = dict(built[eng])
             else:
-                bits = mixed_bits(model) if eng == "intforge_mixed" else {}
-                program, _ = intforge.quantize_model(model, (torch.from_numpy(xb.copy()),), calib,
-                                                     quant=QuantConfig(layer_bits=bits))
-                art = build(program, work / f"{name}_b{batch}_{eng}", target="cuda")
-                lib = intforge.load(art.library)
-                exact = bool(np.array_equal(lib(xb), reference.run_float(program, xb)[0]))
-                res[eng] = {**lib.time(args.repeat, args.warmup), "bit_exact": exact, "int4_layers": len(bits),
-                            "weight_bytes": art.manifest["weight_bytes"], "kernels": art.manifest["kernels"]}
+                info = built[eng]
+                lib = intforge.load(info["library"])
+                want = np.load(Path(info["library"]).parent / "reference.npy")
+                exact = bool(np.array_equal(lib(xb), want))
+                res[eng] = {**lib.time(args.repeat, args.warmup), "bit_exact": exact,
+                            **{k: v for k, v in info.items() if k != "library"}}
         except Exception as exc:  # noqa: BLE001 - one engine failing must not lose the others' numbers
             res[eng] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-        res[eng]["setup_seconds"] = round(time.perf_counter() - t0, 1)
         shown = f"{res[eng]['median_ms']:9.3f} ms" if "median_ms" in res[eng] else res[eng]["error"]
         print(f"  {name} b{batch} {eng:15s} {shown}", flush=True)
     return res
+
+
+def build_all(cases: list[tuple[str, int]], work: Path, jobs: int,
+              target: str = "cuda") -> dict[tuple[str, int, str], dict[str, Any]]:
+    """Every intforge build of the run, `jobs` at a time in worker processes (nvcc and the reference are
+    CPU work; running them beside each other leaves the GPU idle for less time than building case by case)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    keys = [(n, b, e) for n, b in cases for e in ENGINES if e.startswith("intforge")]
+    done: dict[tuple[str, int, str], dict[str, Any]] = {}
+    with ProcessPoolExecutor(max(1, jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {k: pool.submit(build_case, *k, str(work), target) for k in keys}
+        for k, fut in futures.items():
+            try:
+                done[k] = fut.result()
+            except Exception as exc:  # noqa: BLE001 - reported in the JSON beside the other engines
+                done[k] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            print(f"  built {k[0]} b{k[1]} {k[2]}: {done[k].get('build_seconds', done[k].get('error'))}",
+                  flush=True)
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,11 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     gpu = f"{tvm.cuda(0).device_name} ({cuda_env.local_arch()})"
     result: dict[str, Any] = {"benchmark": "GPU latency", "gpu": gpu, "engines": list(ENGINES),
                               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": {}}
+    cases = [(n, int(b)) for n in args.models.split(",") for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory(prefix="gpu_suite_") as tmp:
-        for name in args.models.split(","):
-            result["results"][name] = {}
-            for b in (int(v) for v in args.batches.split(",")):
-                result["results"][name][str(b)] = run_case(name, b, args, Path(tmp))
+        t0 = time.perf_counter()
+        built = build_all(cases, Path(tmp), args.jobs)
+        result["build_seconds"] = round(time.perf_counter() - t0, 1)
+        for name, b in cases:
+            mine = {e: built[(name, b, e)] for e in ENGINES if e.startswith("intforge")}
+            result["results"].setdefault(name, {})[str(b)] = run_case(name, b, mine, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     sys.path.insert(0, str(ROOT))
