@@ -110,9 +110,11 @@ def _pipeline(target: tvm.target.Target, database=None, default_schedule: bool =
 def _cuda_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     """TVM's CUDA pipeline, minus FoldConstant (it would unpack INT4 weights at compile time): our Tensor
     Core kernels arrive scheduled; DLight schedules what is left (pooling, residual adds, depthwise convs,
-    the float boundary)."""
+    the float boundary), short reductions such as depthwise convs one thread an output (kernels/cuda_generic)."""
     from tvm.relax.backend.cuda import pipeline as cuda
     from tvm.s_tir import dlight as dl
+
+    from intforge.kernels.cuda_generic import ShortReduction
 
     @tvm.transform.module_pass(opt_level=0, name="intforge.CUDAPipeline")
     def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -121,7 +123,8 @@ def _cuda_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
                 cuda.library_dispatch_passes(target)
                 + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                    relax.transform.FuseOps(), relax.transform.FuseTIR(),
-                   dl.ApplyDefaultSchedule(dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
+                   dl.ApplyDefaultSchedule(ShortReduction(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                                          dl.gpu.Fallback())]
                 + cuda.dataflow_lower_passes(target)
                 + cuda.finalize_passes(target)
             )

@@ -119,6 +119,20 @@ def test_h100_runs_int4_layers_on_int8_tensor_cores(stack_programs, tmp_path):
         assert "IMMA" in sass
 
 
+def test_depthwise_and_grouped_convs_run_one_thread_an_output(stack_programs, tmp_path):
+    """The convs off the Tensor Cores (depthwise: 9 products an output, grouped: 162) sum in one thread
+    each (kernels/cuda_generic.ShortReduction), not one thread block an output summing across threads."""
+    from intforge.kernels.cuda_generic import SHORT_REDUCTION
+
+    art = build(stack_programs[8], tmp_path / "m", target="t4", boundary="int")
+    cu = art.library.with_suffix(".cu").read_text()
+    generic = re.findall(r"__global__ void __launch_bounds__\((\d+)\) (\w*conv2d\w*)\(", cu)
+    names = {name for _, name in generic}
+    assert len(names) >= 2, names  # the grouped and the depthwise conv
+    assert "__shfl_down_sync" not in cu and "red_buf" not in cu
+    assert 9 * 72 // 4 <= SHORT_REDUCTION
+
+
 def test_gpu_library_loads_without_gpu_and_says_what_it_needs(stack_programs, tmp_path):
     import tvm
 
