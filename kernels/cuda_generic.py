@@ -11,10 +11,11 @@ TVM has no such rule (its rules pick by the shape of the computation, not the re
 
 from __future__ import annotations
 
+import math
+
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.gpu import Fallback
-from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.target import Target
 
 #: the longest reduction (elements summed per output) scheduled serially in one thread: 3×3 taps of up to
@@ -26,32 +27,23 @@ SHORT_REDUCTION = 256
 def reduction_lengths(func: tirx.PrimFunc) -> list[int] | None:
     """Elements summed per output by each reduction block of `func` (none: []), or None where a length is
     not a constant or DLight cannot analyse the function."""
-    sch = s_tir.Schedule(func)
-    infos = normalize_prim_func(sch)
+    infos = normalize_prim_func(s_tir.Schedule(func))
     if infos is None:
         return None
-    lengths = []
-    for info in infos:
-        if "R" not in info.dom_kind():
-            continue
-        n = 1
-        for it in info.iters:
-            if it.kind == "R":
-                if not isinstance(it.dom, int | tirx.IntImm):
-                    return None
-                n *= int(it.dom)
-        lengths.append(n)
-    return lengths
+    doms = [[it.dom for it in info.iters if it.kind == "R"] for info in infos]
+    if not all(isinstance(d, int | tirx.IntImm) for ds in doms for d in ds):
+        return None
+    return [math.prod(int(d) for d in ds) for ds in doms if ds]
 
 
-class ShortReduction(GPUScheduleRule):
-    """Functions whose every reduction sums at most SHORT_REDUCTION elements an output: one GPU thread per
-    output (DLight's Fallback). Anything else is left to the rules after this one."""
+class ShortReduction(Fallback):
+    """DLight's Fallback (one GPU thread per output), for functions whose every reduction sums at most
+    SHORT_REDUCTION elements an output. Anything else is left to the rules after this one."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        if not isinstance(func, tirx.PrimFunc):
             return None
         lengths = reduction_lengths(func)
         if not lengths or max(lengths) > SHORT_REDUCTION:
             return None
-        return Fallback().apply(func, target, tunable)
+        return super().apply(func, target, tunable)
