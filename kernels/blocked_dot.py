@@ -474,6 +474,7 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         n, o1, i, j, o2, rh, rw, rcb, rci = sch.get_loops(block)
         rows_outer = _rows_outer(sch, block)
         oh_ext = int(sch.get(i).extent)
+        pack_once = isa.name == "vnni" and _stride_one_window(sch, block, oh_ext, int(sch.get(rh).extent))
         weights = next(r.source for r in sch.get(block).reads if len(r.source.shape) == 6)
         # several channel blocks per tile: each activation load feeds channel_tile instructions
         o1o, o1i = sch.split(o1, [None, _largest_divisor(int(sch.get(o1).extent), isa.channel_tile)])
@@ -519,7 +520,7 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         tile = sch.fuse(o1, io)
         sch.parallel(tile)
         first_reduce, rblock, ji, o1i, inputs_at = rkb, rkb, None, None, None
-        few_channels = False
+        few_channels = pack_once = False
     sch.reverse_compute_at(acc, tile)
     if staged is not None:
         sch.reverse_compute_at(staged, tile)
@@ -551,12 +552,27 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         _prefetch_next_tile(sch, *prefetch)
     if inputs_at is None:  # dense: its input is a few rows, packed once rather than once per output block
         return {sch.get(b).name_hint for b in producers}
-    if few_channels or FOLD_BLOCK in names:
+    if few_channels or FOLD_BLOCK in names or (pack_once and inputs_at is par):
         # The 3-channel stem: its packing stage vectorizes over only 4 channels, and inside the kernel
         # each input row would be packed again for every row of the window and every channel block
         # (7 x 2 times for ResNet's 7x7 stem). Packed once, by the default rule, the stem runs 20% faster.
+        # So do 3x3 stride-1 convs (`_stride_one_window`), by 4%.
         return {sch.get(b).name_hint for b in producers}
     return compute_inputs_at(sch, producers, inputs_at)
+
+
+def _stride_one_window(sch: s_tir.Schedule, block, out_rows: int, window_rows: int) -> bool:
+    """Whether a conv slides a window of several rows one row at a time over an input it packs (3x3
+    stride 1), whose packing stage then runs once, before the kernel. Packed inside each task (a row of
+    one channel tile), every input row is copied again for each row of the window and each channel tile:
+    24 times for ResNet's 14x14x256 convs, about 4% of their time alone (the same conv unpadded, which
+    packs nothing, took 0.954x). Packed once, on the Zen 5 (2026-12-04, interleaved A/Bs inside
+    the models): the 14x14x256 convs 4%, the 7x7x512 ones 4-6% faster, ResNet50 0.988-0.997x, ResNet18
+    0.977-0.991x at batch 1 and 0.986x at batch 8. Not with a stride: two of ResNet50's three stride-2
+    3x3 convs ran 9% and 20% slower packed once (the third 4% faster), as in an earlier session.
+    Measured on AVX512-VNNI only, so the ARM kernels keep packing per task."""
+    data = [r.source for r in sch.get(block).reads if r.source.name.startswith("data_")]
+    return bool(data) and window_rows > 1 and int(data[0].shape[1]) == out_rows + window_rows - 1
 
 
 @dataclass(frozen=True)

@@ -303,6 +303,30 @@ def test_conv_accumulators_live_in_registers_not_in_the_workspace_pool(monkeypat
     assert _workspace_buffers(padded) == ["data_vnni"]
 
 
+def _parallel_loops(program, kernel: str) -> int:
+    """The parallel loops (TVM's `__tvm_parallel_lambda`s) of one compiled kernel, from the LLVM IR, where
+    each kernel's lambdas are defined after its `<kernel>_compute_` and before the next kernel's."""
+    import re
+
+    names = re.findall(r"define [^@]*@([\w.]+)\(", _host_ir(program))
+    start = names.index(f"{kernel}_compute_") + 1
+    end = next((i for i in range(start, len(names)) if names[i].endswith("_compute_")), len(names))
+    return sum(name.startswith("__tvm_parallel_lambda") for name in names[start:end])
+
+
+@pytest.mark.skipif(not resolve_target("x86").has("avx512vnni"), reason="the VNNI direct conv kernel")
+def test_stride_one_3x3_convs_pack_their_input_once_strided_ones_per_task(monkeypatch):
+    """A 3x3 stride-1 conv packs its padded input once, in a parallel loop of its own before the kernel's
+    (inside each task, every input row was copied 3 x channel-tiles times); a stride-2 one keeps packing
+    its rows inside each task, where they stay in L1 (blocked_dot._stride_one_window)."""
+    monkeypatch.setenv("INTFORGE_WINOGRAD", "0")  # the direct kernel (Winograd would take the stride-1 conv)
+    torch.manual_seed(0)
+    for stride, loops in ((1, 2), (2, 1)):
+        conv = quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(64, 64, 3, stride=stride, padding=1)),
+                               (1, 64, 28, 28))
+        assert _parallel_loops(conv, "conv2d_vnni_ifma") == loops, stride
+
+
 def _saturated_conv(channels: int) -> nn.Module:
     """ReLU then a 3x3 conv whose weights all quantize to 127 (its accumulators at their proven bound)."""
     conv = nn.Conv2d(channels, 32, 3, padding=1, bias=False)
