@@ -562,15 +562,16 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
 
 
 def _stride_one_window(sch: s_tir.Schedule, block, out_rows: int, window_rows: int) -> bool:
-    """Whether a conv slides a window of several rows one row at a time over an input it packs (3x3
-    stride 1), whose packing stage then runs once, before the kernel. Packed inside each task (a row of
-    one channel tile), every input row is copied again for each row of the window and each channel tile:
-    24 times for ResNet's 14x14x256 convs, about 4% of their time alone (the same conv unpadded, which
-    packs nothing, took 0.954x). Packed once, on the Zen 5 (2026-12-04, interleaved A/Bs inside
-    the models): the 14x14x256 convs 4%, the 7x7x512 ones 4-6% faster, ResNet50 0.988-0.997x, ResNet18
-    0.977-0.991x at batch 1 and 0.986x at batch 8. Not with a stride: two of ResNet50's three stride-2
-    3x3 convs ran 9% and 20% slower packed once (the third 4% faster), as in an earlier session.
-    Measured on AVX512-VNNI only, so the ARM kernels keep packing per task."""
+    """Whether a conv slides a window of several rows one row at a time over an input it packs (a 3x3
+    conv at stride 1, or any taller window at stride 1 and dilation 1: the packed input then has exactly
+    `out_rows + window_rows - 1` rows), whose packing stage then runs once, before the kernel. Packed
+    inside each task (a row of one channel tile), every input row is copied again for each row of the
+    window and each channel tile: 24 times for ResNet's 14x14x256 convs, about 4% of their time alone
+    (the same conv unpadded, which packs nothing, took 0.954x). Packed once, on the Zen 5 (2026-12-04,
+    interleaved A/Bs inside the models): the 14x14x256 convs 4%, the 7x7x512 ones 4-6% faster,
+    ResNet50 0.988-0.997x, ResNet18 0.977-0.991x at batch 1 and 0.986x at batch 8. Not with a stride:
+    two of ResNet50's three stride-2 3x3 convs ran 9% and 20% slower packed once (the third 4% faster),
+    as in an earlier session. Measured on AVX512-VNNI only, so the ARM kernels keep packing per task."""
     data = [r.source for r in sch.get(block).reads if r.source.name.startswith("data_")]
     return bool(data) and window_rows > 1 and int(data[0].shape[1]) == out_rows + window_rows - 1
 
