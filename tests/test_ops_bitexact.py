@@ -520,9 +520,9 @@ def test_pixel_tile_keeps_accumulators_on_the_stack_unless_that_costs_a_third_of
     assert _pixel_pairs(56, VNNI, 1) == 8  # one channel block: 8 pixels fit
 
 
-def _blocked_conv_script(batch: int, hw: int, cin: int, cout: int, k: int) -> str:
-    """The scheduled TVMScript of a blocked VNNI conv (NHWC, stride 1, same padding), loop extents written
-    as plain numbers whether they are int32 or int64."""
+def _blocked_conv_script(batch: int, hw: int, cin: int, cout: int, k: int, stride: int = 1) -> str:
+    """The scheduled TVMScript of a blocked VNNI conv (NHWC, same padding), loop extents written as plain
+    numbers whether they are int32 or int64."""
     import re
 
     from tvm import s_tir, te
@@ -532,7 +532,7 @@ def _blocked_conv_script(batch: int, hw: int, cin: int, cout: int, k: int) -> st
 
     x = te.placeholder((batch, hw, hw, cin), "uint8", name="x")
     wp = te.placeholder((cout // 16, k, k, cin // 4, 16, 4), "int8", name="w")
-    out = conv2d_blocked(x, wp, None, cout, (1, 1), (k // 2, k // 2), (1, 1), VNNI, layout="NHWC")
+    out = conv2d_blocked(x, wp, None, cout, (stride, stride), (k // 2, k // 2), (1, 1), VNNI, layout="NHWC")
     sch = s_tir.Schedule(te.create_prim_func([x, wp, out]))
     schedule_blocked_func(sch)
     return re.sub(r"T\.int64\((\d+)\)", r"\1", sch.mod.script())
@@ -543,12 +543,14 @@ def test_threads_split_a_conv_by_rows_where_its_activations_outweigh_its_weights
     reads half the activations and all the weights; split by channel blocks, all the activations and
     half the weights. ResNet50's 56x56 1x1 convs (800 KB of activations, 16 KB of weights) go by rows,
     its 14x14 and 7x7 3x3 convs (25-50 KB against 0.6-2.4 MB) by channel blocks, except that at batch
-    8 the 14x14 1x1 convs' activations (1.6 MB) outweigh their weights too. (Bit-exactness of both orders:
+    8 the 14x14 1x1 convs' activations (1.6 MB) outweigh their weights too, and a stride-2 conv counts
+    all of the input its taps read. (Bit-exactness of both orders:
     conv_1x1_batch4 goes by rows, conv_wide_batch2 by channel blocks.)"""
     import re
 
-    def outer(batch: int, hw: int, cin: int, cout: int, k: int) -> str:
-        fused = re.search(r"for (\w+) in T.parallel", _blocked_conv_script(batch, hw, cin, cout, k)).group(1)
+    def outer(batch: int, hw: int, cin: int, cout: int, k: int, stride: int = 1) -> str:
+        script = _blocked_conv_script(batch, hw, cin, cout, k, stride)
+        fused = re.findall(r"for (\w+) in T.parallel", script)[-1]  # (a packed-once input's loop comes first)
         return {"i_o1_0_fused": "rows", "o1_0_i_fused": "channels"}[fused]
 
     assert outer(1, 56, 256, 64, 1) == "rows"
@@ -557,6 +559,9 @@ def test_threads_split_a_conv_by_rows_where_its_activations_outweigh_its_weights
     assert outer(1, 14, 1024, 256, 1) == "channels"
     assert outer(8, 14, 1024, 256, 1) == "rows"
     assert outer(4, 5, 16, 48, 1) == "rows" and outer(2, 6, 32, 144, 3) == "channels"
+    # stride 2: the taps read the whole input (0.4 MB at 56x56x128 against 0.15 MB of weights)
+    assert outer(1, 56, 128, 128, 3, stride=2) == "rows"
+    assert outer(1, 28, 256, 256, 3, stride=2) == "channels"  # 0.2 MB against 0.6 MB
 
 
 def test_a_conv_prefetches_the_next_channel_tiles_weights_once_a_task():
