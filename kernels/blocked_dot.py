@@ -439,9 +439,9 @@ def _rows_outer(sch: s_tir.Schedule, block) -> bool:
     MB of input, 0.15 MB of weights) goes by rows, 3-6% faster in three A/Bs inside the model."""
     n, ob, oh, owc, lanes, kh, kw, cb, group = (int(sch.get(loop).extent) for loop in sch.get_loops(block))
     activation_bytes = n * oh * owc * cb * group  # the input a tap reads, over the whole output
-    packed = [r.source for r in sch.get(block).reads if r.source.name.startswith("data_") and len(r.source.shape) == 4]
-    if packed:  # the whole packed input: a strided conv's taps together read stride^2 times one tap's
-        activation_bytes = max(activation_bytes, int(np.prod([int(d) for d in packed[0].shape])))
+    packed = _packed_input(sch, block)
+    if packed is not None:  # the whole packed input: a strided conv's taps together read stride^2 times one tap's
+        activation_bytes = max(activation_bytes, int(np.prod([int(d) for d in packed.shape])))
     weight_bytes = ob * kh * kw * cb * lanes * group
     return activation_bytes > weight_bytes
 
@@ -577,8 +577,15 @@ def _stride_one_window(sch: s_tir.Schedule, block, out_rows: int, window_rows: i
     ResNet50 0.988-0.997x, ResNet18 0.977-0.991x at batch 1 and 0.986x at batch 8. Not with a stride:
     two of ResNet50's three stride-2 3x3 convs ran 9% and 20% slower packed once (the third 4% faster),
     as in an earlier session. Measured on AVX512-VNNI only, so the ARM kernels keep packing per task."""
-    data = [r.source for r in sch.get(block).reads if r.source.name.startswith("data_")]
-    return bool(data) and window_rows > 1 and int(data[0].shape[1]) == out_rows + window_rows - 1
+    packed = _packed_input(sch, block)
+    return packed is not None and window_rows > 1 and int(packed.shape[1]) == out_rows + window_rows - 1
+
+
+def _packed_input(sch: s_tir.Schedule, block):
+    """The buffer of a conv's packing stage ([N, H, W, C], named `data_<isa>` by `conv2d_blocked`), or None
+    where the conv reads its input where the previous layer wrote it (or packs folded rows)."""
+    return next((r.source for r in sch.get(block).reads
+                 if r.source.name.startswith("data_") and len(r.source.shape) == 4), None)
 
 
 @dataclass(frozen=True)

@@ -318,7 +318,7 @@ def _parallel_loops(program, kernel: str) -> int:
 def test_stride_one_3x3_convs_pack_their_input_once_strided_ones_per_task(monkeypatch):
     """A 3x3 stride-1 conv packs its padded input once, in a parallel loop of its own before the kernel's
     (inside each task, every input row was copied 3 x channel-tiles times); a stride-2 one keeps packing
-    its rows inside each task, where they stay in L1 (blocked_dot._stride_one_window)."""
+    its rows inside each task, which measured faster for it (blocked_dot._stride_one_window)."""
     monkeypatch.setenv("INTFORGE_WINOGRAD", "0")  # the direct kernel (Winograd would take the stride-1 conv)
     torch.manual_seed(0)
     for stride, loops in ((1, 2), (2, 1)):
