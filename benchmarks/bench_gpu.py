@@ -88,7 +88,7 @@ def time_torch(model, x: np.ndarray, half: bool, repeat: int, warmup: int) -> di
     return latency_stats(ts, repeat, warmup)
 
 
-def build_case(name: str, batch: int, eng: str, work: str, target: str = "cuda") -> dict[str, Any]:
+def build_case(name: str, batch: int, eng: str, work: str) -> dict[str, Any]:
     """Quantize and build one intforge engine for one model and batch, and compute the reference's output
     for the batch: the CPU half of a case, run in a worker process."""
     import torch
@@ -106,7 +106,7 @@ def build_case(name: str, batch: int, eng: str, work: str, target: str = "cuda")
     program, _ = intforge.quantize_model(model, (torch.from_numpy(xb.copy()),), calib,
                                          quant=QuantConfig(layer_bits=bits))
     out = Path(work) / f"{name}_b{batch}_{eng}"
-    art = build(program, out, target=target)
+    art = build(program, out, target="cuda")
     built = time.perf_counter() - t0
     np.save(out / "reference.npy", reference.run_float(program, xb)[0])
     return {"library": str(art.library), "int4_layers": len(bits), "weight_bytes": art.manifest["weight_bytes"],
@@ -141,8 +141,7 @@ def run_case(name: str, batch: int, built: dict[str, Any], args: argparse.Namesp
     return res
 
 
-def build_all(cases: list[tuple[str, int]], work: Path, jobs: int,
-              target: str = "cuda") -> dict[tuple[str, int, str], dict[str, Any]]:
+def build_all(cases: list[tuple[str, int]], work: Path, jobs: int) -> dict[tuple[str, int, str], dict[str, Any]]:
     """Every intforge build of the run, `jobs` at a time in worker processes (nvcc and the reference are
     CPU work; running them beside each other leaves the GPU idle for less time than building case by case)."""
     import multiprocessing
@@ -151,7 +150,7 @@ def build_all(cases: list[tuple[str, int]], work: Path, jobs: int,
     keys = [(n, b, e) for n, b in cases for e in ENGINES if e.startswith("intforge")]
     done: dict[tuple[str, int, str], dict[str, Any]] = {}
     with ProcessPoolExecutor(max(1, jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {k: pool.submit(build_case, *k, str(work), target) for k in keys}
+        futures = {k: pool.submit(build_case, *k, str(work)) for k in keys}
         for k, fut in futures.items():
             try:
                 done[k] = fut.result()
