@@ -228,25 +228,32 @@ class Narrow:
     correction argument carries its -lo), and the 8-bit type it writes. `whole_bytes`: every shift is
     x86_ifma.BYTE_SHIFT, so the kernel picks the result's byte instead of shifting. `bounds` (with
     whole_bytes only): the correction argument holds the clamp's low bound on the raw accumulator, `span`
-    its high bound, and `add` the constant with the correction folded in (`narrow_value`)."""
+    its high bound, and `add` the constant with the correction folded in (`narrow_value`). `short` (with
+    bounds): every shift is dyadic.SHORT_SHIFT and the form wraps on 32-bit lanes, `mul`, `add` and
+    `shift` int32."""
 
     span: te.Tensor  # int32
-    mul: te.Tensor  # int64
-    add: te.Tensor  # int64
-    shift: te.Tensor  # int64
+    mul: te.Tensor  # int64 (int32 short)
+    add: te.Tensor  # int64 (int32 short)
+    shift: te.Tensor  # int64 (int32 short)
     out_dtype: str
     whole_bytes: bool = False
     bounds: bool = False
+    short: bool = False
 
     def value(self, acc, corr, ch):
         """Output channel `ch` of this epilogue for accumulator `acc` and correction `corr`."""
+        if self.short:
+            return short_narrow_value(acc, corr, self.span[ch], self.mul[ch], self.add[ch], self.shift[ch],
+                                      self.out_dtype)
         return narrow_value(acc, corr, self.span[ch], self.mul[ch], self.add[ch], self.shift[ch], self.out_dtype,
                             self.bounds)
 
     @property
     def attrs(self) -> dict:
         """The output stage's block annotation, which picks the intrinsic."""
-        return {"narrow_bytes": int(self.whole_bytes), "narrow_bounds": int(self.bounds)}
+        return {"narrow_bytes": int(self.whole_bytes), "narrow_bounds": int(self.bounds),
+                "narrow_short": int(self.short)}
 
 
 def narrow_block(isa: DotIsa) -> str:
@@ -270,6 +277,19 @@ def narrow_value(acc, corr, span, mul, add, shift, out_dtype: str, bounds: bool 
     t = tirx.reinterpret("int32", tirx.reinterpret("uint32", acc) + tirx.reinterpret("uint32", corr))
     u = tirx.min(tirx.max(t, tirx.const(0, "int32")), span)
     return tirx.shift_right(u.astype("int64") * mul + add, shift).astype(out_dtype)
+
+
+def short_narrow_value(acc, low, high, mul, add, shift, out_dtype: str):
+    """One output of the `ClampFirst` epilogue in its short bounds form (`Narrow.short`): u' =
+    clip(acc, low, high), then u' * mul + add on wrapping 32-bit lanes, whose true value lies in
+    [qmin, qmax + 1) * 2^shift with shift = dyadic.SHORT_SHIFT, a 2^32-wide window: so the wrapped lane
+    is that value (as int32 for a signed result, uint32 for an unsigned one), and shifting it gives the
+    result. x86_ifma's short intrinsic describes exactly this expression."""
+    u = tirx.min(tirx.max(acc, low), high)
+    v = tirx.reinterpret("uint32", u) * tirx.reinterpret("uint32", mul) + tirx.reinterpret("uint32", add)
+    if out_dtype == "int8":
+        return tirx.shift_right(tirx.reinterpret("int32", v), shift).astype(out_dtype)
+    return tirx.shift_right(v, tirx.reinterpret("uint32", shift)).astype(out_dtype)
 
 
 def _round_up(n: int, m: int) -> int:

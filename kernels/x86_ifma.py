@@ -20,7 +20,7 @@ from __future__ import annotations
 from tvm import s_tir
 from tvm.script import tirx as T
 
-from intforge.dyadic import CAPPED_SHIFT
+from intforge.dyadic import CAPPED_SHIFT, SHORT_SHIFT
 
 from .blocked_dot import ACC_SCOPE, ensure_intrin
 
@@ -108,6 +108,62 @@ def _intrin(out_dtype: str, whole_bytes: bool, bounds: bool = False) -> tuple:
     return desc, impl
 
 
+def _short_intrin(out_dtype: str) -> tuple:
+    """(description, implementation) for 16 outputs of `blocked_dot.short_narrow_value` (`Narrow.short`):
+    the clamp, one 32-bit multiply (`vpmulld`) and add on 16 lanes, then the shift by
+    dyadic.SHORT_SHIFT (every channel's) and the narrowing. Against the 52-bit form: no widening to two
+    8-lane halves and one multiply instead of two. A signed result shifts arithmetically, so a residual
+    add fused after it reads the int32 lanes as they are (LLVM folds the narrowing and its sign
+    extension away)."""
+    signed = out_dtype == "int8"
+    lane = "int32" if signed else "uint32"
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, c: T.handle, s: T.handle, m: T.handle, k: T.handle, n: T.handle, o: T.handle) -> None:
+        A = T.match_buffer(a, (LANES,), "int32", offset_factor=1, scope=ACC_SCOPE)
+        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1)
+        S = T.match_buffer(s, (LANES,), "int32", offset_factor=1)
+        M = T.match_buffer(m, (LANES,), "int32", offset_factor=1)
+        K = T.match_buffer(k, (LANES,), "int32", offset_factor=1)
+        N = T.match_buffer(n, (LANES,), "int32", offset_factor=1)
+        Out = T.match_buffer(o, (LANES,), out_dtype, offset_factor=1)
+        with T.sblock("root"):
+            T.reads(A[0:LANES], C[0:LANES], S[0:LANES], M[0:LANES], K[0:LANES], N[0:LANES])
+            T.writes(Out[0:LANES])
+            for i in range(LANES):
+                with T.sblock("narrow"):
+                    vi = T.axis.remap("S", [i])
+                    if signed:
+                        Out[vi] = T.Cast(out_dtype, T.shift_right(T.reinterpret("int32", T.reinterpret(
+                            "uint32", T.min(T.max(A[vi], C[vi]), S[vi])) * T.reinterpret("uint32", M[vi])
+                            + T.reinterpret("uint32", K[vi])), N[vi]))
+                    else:
+                        Out[vi] = T.Cast(out_dtype, T.shift_right(T.reinterpret(
+                            "uint32", T.min(T.max(A[vi], C[vi]), S[vi])) * T.reinterpret("uint32", M[vi])
+                            + T.reinterpret("uint32", K[vi]), T.reinterpret("uint32", N[vi])))
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, c: T.handle, s: T.handle, m: T.handle, k: T.handle, n: T.handle, o: T.handle) -> None:
+        A = T.match_buffer(a, (LANES,), "int32", offset_factor=1, scope=ACC_SCOPE)
+        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1)
+        S = T.match_buffer(s, (LANES,), "int32", offset_factor=1)
+        M = T.match_buffer(m, (LANES,), "int32", offset_factor=1)
+        K = T.match_buffer(k, (LANES,), "int32", offset_factor=1)
+        N = T.match_buffer(n, (LANES,), "int32", offset_factor=1)
+        Out = T.match_buffer(o, (LANES,), out_dtype, offset_factor=1)
+        with T.sblock("root"):
+            T.reads(A[0:LANES], C[0:LANES], S[0:LANES], M[0:LANES], K[0:LANES], N[0:LANES])
+            T.writes(Out[0:LANES])
+            u = T.bind(T.min(T.max(A.vload([0], "int32x16"), C.vload([0], "int32x16")), S.vload([0], "int32x16")))
+            v = T.bind(T.reinterpret("uint32x16", u) * T.reinterpret("uint32x16", M.vload([0], "int32x16"))
+                       + T.reinterpret("uint32x16", K.vload([0], "int32x16")))
+            # every channel's shift is SHORT_SHIFT (`Narrow.short`): one immediate shift
+            Out[T.ramp(0, 1, LANES)] = T.Cast(f"{out_dtype}x16", T.shift_right(
+                T.reinterpret(f"{lane}x16", v), T.broadcast(T.Cast(lane, SHORT_SHIFT), LANES)))
+
+    return desc, impl
+
+
 def tensorize_narrow(sch: s_tir.Schedule, name: str) -> None:
     """Tensorize the `blocked_dot.Narrow` epilogue block called `name`, 16 channels (its innermost loop)
     at a time: what the blocked and the Winograd conv kernels do with it."""
@@ -120,6 +176,10 @@ def narrow_intrin(block: s_tir.SBlock) -> str:
     """The intrinsic (registered on first use) for an epilogue block of `blocked_dot.Narrow`: its output
     type, and whether it picks bytes instead of shifting (its "narrow_bytes" annotation)."""
     out_dtype = str(block.writes[0].source.dtype)
+    if int(block.annotations.get("narrow_short", 0)):
+        name = f"intforge_requantize_16_short_{out_dtype}"
+        ensure_intrin(name, lambda: _short_intrin(out_dtype))
+        return name
     whole_bytes = bool(int(block.annotations.get("narrow_bytes", 0)))
     bounds = bool(int(block.annotations.get("narrow_bounds", 0)))
     name = (f"intforge_requantize_16_ifma_{out_dtype}" + ("_byte5" if whole_bytes else "")

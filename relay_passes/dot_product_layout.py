@@ -158,6 +158,14 @@ class _KernelRewriter(PyExprMutator):
         if form is None:
             return None
         signed_corr = self._correction_sums(value, axes, isa.correction_sign(x_dtype))
+        # a conv quantized at dyadic.SHORT_SHIFT: the bounds form on 32-bit lanes (`Narrow.short`)
+        short = form.with_shift(dyadic.SHORT_SHIFT, bits=dyadic.SHORT_BITS)
+        folded = short.with_bounds(signed_corr, bits=dyadic.SHORT_BITS) if short is not None else None
+        if folded is not None:
+            first, span, add = folded
+            consts = [relax.const(v.astype(np.int32), "int32") for v in (span, short.mul, add, short.shift)]
+            return (relax.const(first, "int32"), consts, lambda ss, mm, kk, nn: Narrow(
+                ss, mm, kk, nn, requant.out_dtype, whole_bytes=True, bounds=True, short=True))
         # every channel's shift raised to BYTE_SHIFT where that is exact: the kernel then picks bytes, no shifts
         byte = form.with_shift(BYTE_SHIFT)
         # and then the correction folded into the clamp's bounds and the constant (`Narrow.bounds`)

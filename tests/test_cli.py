@@ -65,7 +65,7 @@ def test_cli_compiles_a_saved_torch_export_program_with_npy_calibration(tmp_path
     import torch
 
     import intforge
-    from intforge import reference
+    from intforge import dyadic, reference
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU6(),
@@ -74,10 +74,13 @@ def test_cli_compiles_a_saved_torch_export_program_with_npy_calibration(tmp_path
     torch.export.save(torch.export.export(model, (torch.from_numpy(calib[:2]),)), tmp_path / "m.pt2")
     np.save(tmp_path / "calib.npy", calib)
     intforge_cli("compile", str(tmp_path / "m.pt2"), "--input-shape", "2,3,16,16", "--calib",
-                 str(tmp_path / "calib.npy"), "--boundary", "int", "-o", str(tmp_path / "out"))
+                 str(tmp_path / "calib.npy"), "--boundary", "int", "--precise-requant", "-o", str(tmp_path / "out"))
     lib = intforge.load(tmp_path / "out" / "model.so")
     assert lib.inputs[0]["dtype"] == "int8" and lib.inputs[0]["shape"] == [2, 3, 16, 16]
     program = lib.program()
+    # --precise-requant: the conv's multipliers keep 24+ bits (shifts past the short form's 24)
+    conv = next(op for op in program.ops if op.kind == "conv2d")
+    assert (conv.params["shift"] > dyadic.SHORT_SHIFT).all()
     q = reference.quantize_inputs(program, calib[:2])
     np.testing.assert_array_equal(lib(*q), reference.run_int(program, *q)[0])
 

@@ -213,6 +213,69 @@ def test_clamp_first_with_its_correction_in_the_bounds_gives_the_same_bytes(qmin
     assert form.with_shift(45) is None or form.with_shift(45).with_bounds([0]) is None  # byte past bit 52
 
 
+def test_conv_multipliers_take_the_short_shift_only_where_every_channel_keeps_12_bits():
+    """`dyadic.conv_multipliers`: shift SHORT_SHIFT where every channel's multiplier keeps SHORT_MIN_BITS
+    bits there (each within 2^-12 of its real), else the layer keeps CAPPED_SHIFT's 24 bits; `short=False`
+    always the latter."""
+    reals = np.array([0.3, 0.01, 2.5e-4])  # 2.5e-4 * 2^24 = 4194: 13 bits
+    m, n = dyadic.conv_multipliers(reals)
+    assert (n <= dyadic.SHORT_SHIFT).all() and (n[1:] == dyadic.SHORT_SHIFT).all()
+    assert (np.abs(m / 2.0**n - reals) <= reals * 2.0**-dyadic.SHORT_MIN_BITS).all()
+    assert m[2] >= 1 << (dyadic.SHORT_MIN_BITS - 1)
+    for layer in (np.append(reals, 1e-4), reals):  # 1e-4 * 2^24 = 1678: 11 bits, the whole layer declines
+        m, n = dyadic.conv_multipliers(layer, short=layer.size == reals.size + 1)
+        np.testing.assert_array_equal(n, dyadic.quantize_multipliers(layer, max_shift=dyadic.CAPPED_SHIFT)[1])
+
+
+def _short_lane(raw: np.ndarray, low, high, mul, add, signed: bool) -> np.ndarray:
+    """What the x86 kernel computes in the short form (`Narrow.short`), in Python integers: clamp the
+    raw int32 sum, multiply and add on a wrapping 32-bit lane, shift by SHORT_SHIFT (arithmetically for
+    a signed result)."""
+    out = np.empty(raw.shape, dtype=np.int64)
+    for idx in np.ndindex(raw.shape):
+        ch = idx[-1]
+        u = min(max(int(raw[idx]), int(low[ch])), int(high[ch]))
+        v = (u * int(mul[ch]) + int(add[ch])) % 2**32
+        if signed and v >= 2**31:
+            v -= 2**32
+        out[idx] = v >> dyadic.SHORT_SHIFT
+    return out
+
+
+@pytest.mark.parametrize("qmin, qmax", [(0, 255), (-128, 127)])
+def test_short_form_on_wrapping_32_bit_lanes_equals_requantize(qmin, qmax):
+    """The short bounds form (shift SHORT_SHIFT, 32-bit lanes): a conv's raw sum clamped to its bounds,
+    times mul plus add wrapping mod 2^32, shifted, equals requantize of the corrected sum exactly: at
+    random sums, around both bounds, on the step into every output value and at the accumulator's bound,
+    with corrections of both signs. A shift above SHORT_SHIFT declines."""
+    rng = np.random.default_rng(17)
+    checked = 0
+    for _ in range(120):
+        channels = 4
+        m, n = dyadic.conv_multipliers(np.exp(rng.uniform(np.log(3e-4), np.log(0.9), channels)))
+        bias = rng.integers(-2**16, 2**16, channels)
+        bound = rng.integers(1, 2**24, channels)
+        form = dyadic.clamp_first(m, n, dyadic.requantize_total(m, n, bias), qmin, qmax, bound)
+        short = form.with_shift(dyadic.SHORT_SHIFT, bits=dyadic.SHORT_BITS) if form is not None else None
+        if short is None:
+            continue
+        c = rng.integers(-2**22, 2**22, channels)
+        low, high, add = short.with_bounds(c, bits=dyadic.SHORT_BITS)
+        assert (np.abs(add) < 2**31).all() and (short.mul < 2**31).all()
+        steps = form.lo + ((np.arange(qmax - qmin + 1)[:, None] << n) // m).astype(np.int64) - c
+        raw = np.concatenate([rng.integers(-bound, bound + 1, (200, channels)) - c,
+                              low + np.arange(-2, 3)[:, None], high + np.arange(-2, 3)[:, None],
+                              steps, steps - 1, (-bound - c)[None], (bound - c)[None]]).astype(np.int64)
+        raw = np.clip(raw, -bound - c, bound - c)
+        want = dyadic.requantize(NUMPY_OPS, raw + c, m, n, qmin, qmax, "int64", bias=bias)
+        np.testing.assert_array_equal(_short_lane(raw, low, high, short.mul, add, qmin < 0), want)
+        checked += 1
+    assert checked >= 20
+    m, n = dyadic.quantize_multipliers([1e-5], max_shift=dyadic.CAPPED_SHIFT)
+    form = dyadic.clamp_first(m, n, dyadic.requantize_total(m, n), 0, 255, [1000])
+    assert form.with_shift(dyadic.SHORT_SHIFT, bits=dyadic.SHORT_BITS) is None
+
+
 @pytest.mark.parametrize("bits", [dyadic.MULTIPLIER_BITS, dyadic.ADD_MULTIPLIER_BITS])
 @pytest.mark.parametrize("dtypes", [("int8", "uint8", "uint8"), ("uint8", "uint8", "int8"), ("int8", "int8", "int8")])
 def test_split32_residual_add_equals_rescale_sum_on_every_pair_of_inputs(dtypes, bits):

@@ -167,6 +167,25 @@ def test_op_is_bit_exact_on_random_and_extreme_integers(case, so_of):
     assert_bit_exact_int(program, so_of(program, boundary="int"))
 
 
+# convs whose requantize keeps 24-bit multipliers at shift 40 (QuantConfig(short_requant=False)): the 52-bit
+# IFMA epilogue (kernels/x86_ifma.py) alone, with a residual add fused after it, on Winograd and depthwise
+# kernels, and the folded stem; by default the same convs run the short form on 32-bit lanes
+LONG_REQUANT_CASES = ["conv_ifma_signed_in", "conv_ifma_signed_out", "conv_ifma_residual", "conv_winograd_residual",
+                      "depthwise_row_pairs", "conv_stem_7x7"]
+
+
+@pytest.mark.parametrize("case", LONG_REQUANT_CASES)
+def test_conv_with_long_requantize_multipliers_is_bit_exact(case, so_of):
+    from intforge import dyadic
+    from intforge.quantize import QuantConfig
+
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    program = quantize_module(make(), shape, quant=QuantConfig(short_requant=False))
+    assert all((op.params["shift"] > dyadic.SHORT_SHIFT).all() for op in program.ops if op.kind == "conv2d")
+    assert_bit_exact_int(program, so_of(program, boundary="int"))
+
+
 @pytest.mark.parametrize("case", ["conv_bn_relu", "add_relu", "avg_pool_pad_exclude", "concat"])
 def test_float_boundary_is_bit_exact_including_saturating_inputs(case, so_of):
     make, shape = CASES[case]
@@ -426,40 +445,83 @@ def test_winograd_tasks_start_their_products_at_staggered_positions():
 @pytest.mark.skipif(not (resolve_target("x86").has("avx512ifma") and resolve_target("x86").has("avx512vbmi")),
                     reason="the IFMA requantize epilogue")
 def test_conv_requantize_runs_as_52_bit_multiply_adds_in_whole_16_channel_blocks():
-    """A conv with whole 16-channel blocks requantizes inside its kernel in dyadic.ClampFirst's form:
-    vpmadd52luq for the multiply-add (and vpermi2b for the bytes, which LLVM's IR shows as a shuffle;
-    kernels/x86_ifma.py); so does one with a residual add fused after it, whose add then reads the 8-bit
-    results from a per-tile buffer; one with 24 channels keeps the int64 epilogue. (Bit-exactness: the
-    conv_ifma_* CASES.)"""
+    """A conv with whole 16-channel blocks and 24-bit multipliers (QuantConfig(short_requant=False))
+    requantizes inside its kernel in dyadic.ClampFirst's form: vpmadd52luq for the multiply-add (and
+    vpermi2b for the bytes, which LLVM's IR shows as a shuffle; kernels/x86_ifma.py); so does one with a
+    residual add fused after it, whose add then reads the 8-bit results from a per-tile buffer; one with
+    24 channels keeps the int64 epilogue. (Bit-exactness: LONG_REQUANT_CASES.)"""
+    from intforge.quantize import QuantConfig
+
     def uses_ifma(program) -> bool:
         return "llvm.x86.avx512.vpmadd52l.uq.512" in _host_ir(program)
 
+    def long(module, shape):
+        return quantize_module(module, shape, quant=QuantConfig(short_requant=False))
+
     torch.manual_seed(0)
-    assert uses_ifma(quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(16, 96, 1), nn.ReLU()), (1, 16, 8, 8)))
-    assert uses_ifma(quantize_module(Residual(relu=True, channels=16), (1, 16, 6, 6)))
+    assert uses_ifma(long(nn.Sequential(nn.ReLU(), nn.Conv2d(16, 96, 1), nn.ReLU()), (1, 16, 8, 8)))
+    assert uses_ifma(long(Residual(relu=True, channels=16), (1, 16, 6, 6)))
     # Winograd convs too, alone and with an add fused after, where the output is whole 4x4 tiles (the
     # ragged case keeps the int64 chain); conv_winograd has no other conv that could bring the intrinsic
     for case, ifma in (("conv_winograd", True), ("conv_winograd_residual", True),
                        ("conv_winograd_residual_ragged", False)):
         make, shape = CASES[case]
-        assert uses_ifma(quantize_module(make(), shape)) is ifma, case
-    assert not uses_ifma(quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(16, 24, 1)), (1, 16, 8, 8)))
+        assert uses_ifma(long(make(), shape)) is ifma, case
+    assert not uses_ifma(long(nn.Sequential(nn.ReLU(), nn.Conv2d(16, 24, 1)), (1, 16, 8, 8)))
+
+
+@pytest.mark.skipif(not (resolve_target("x86").has("avx512ifma") and resolve_target("x86").has("avx512vbmi")),
+                    reason="the requantize epilogues fused into the x86 conv kernels")
+def test_conv_requantize_runs_on_32_bit_lanes_where_its_multipliers_keep_12_bits():
+    """By default a conv's requantize takes shift 24 (`dyadic.conv_multipliers`) and its kernel runs the
+    short form (`Narrow.short`, x86_ifma's short intrinsic): one 32-bit multiply-add on 16 lanes and a
+    shift by 24, no 52-bit multiply-adds; alone, with a residual add fused after it, on Winograd; a
+    layer whose multipliers would keep fewer than 12 bits there keeps shift 40 and the 52-bit form.
+    (Bit-exactness: the conv_ifma_* and conv_winograd_* CASES.)"""
+    import re
+
+    from intforge import dyadic
+
+    def short(program) -> bool:
+        ir = _host_ir(program)
+        assert all((op.params["shift"] == dyadic.SHORT_SHIFT).all() for op in program.ops if op.kind == "conv2d")
+        return ("llvm.x86.avx512.vpmadd52l.uq.512" not in ir
+                and re.search(r"[al]shr <16 x i32> %v[.\w]*, splat \(i32 24\)", ir) is not None)
+
+    torch.manual_seed(0)
+    assert short(quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(16, 96, 1), nn.ReLU()), (1, 16, 8, 8)))
+    assert short(quantize_module(Residual(relu=True, channels=16), (1, 16, 6, 6)))
+    for case in ("conv_winograd", "conv_winograd_residual"):
+        make, shape = CASES[case]
+        assert short(quantize_module(make(), shape)), case
+    # 8192 positive products: multipliers near 2^-14.5, 9.5 bits at shift 24
+    model = nn.Sequential(nn.ReLU(), nn.Conv2d(8192, 16, 1), nn.ReLU())
+    with torch.no_grad():
+        model[1].weight.abs_()
+    program = quantize_module(model, (1, 8192, 2, 2))
+    conv = next(op for op in program.ops if op.kind == "conv2d")
+    real = conv.params["multiplier"] / 2.0 ** conv.params["shift"]
+    assert (real * 2**dyadic.SHORT_SHIFT < 2 ** (dyadic.SHORT_MIN_BITS - 1)).any()
+    assert (conv.params["shift"] == dyadic.CAPPED_SHIFT).all()
+    assert "llvm.x86.avx512.vpmadd52l.uq.512" in _host_ir(program)
 
 
 @pytest.mark.skipif(not (resolve_target("x86").has("avx512ifma") and resolve_target("x86").has("avx512vbmi")),
                     reason="the IFMA requantize epilogue")
 def test_a_conv_with_small_multipliers_takes_the_result_byte_instead_of_shifting(so_of):
     """A 256-channel reduction of positive inputs by positive weights has a wide output range, so
-    requantize multipliers under 2^-9, whose own shifts pass 40: the quantizer holds them at
+    requantize multipliers under 2^-9, whose own shifts pass 40: with 24-bit multipliers
+    (QuantConfig(short_requant=False)) the quantizer holds them at
     dyadic.CAPPED_SHIFT, so the IFMA epilogue picks byte 5 of each 64-bit lane and the kernel has no
     64-bit shift at all; bit-exact with the reference on extreme inputs."""
     from intforge import dyadic
+    from intforge.quantize import QuantConfig
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.ReLU(), nn.Conv2d(256, 32, 1), nn.ReLU())
     with torch.no_grad():
         model[1].weight.abs_()
-    program = quantize_module(model, (1, 256, 4, 4))
+    program = quantize_module(model, (1, 256, 4, 4), quant=QuantConfig(short_requant=False))
     conv = next(op for op in program.ops if op.kind == "conv2d")
     real = conv.params["multiplier"] / 2.0 ** conv.params["shift"]
     assert (dyadic.quantize_multipliers(real)[1] > dyadic.CAPPED_SHIFT).all()

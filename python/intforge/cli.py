@@ -85,7 +85,8 @@ def _program_from_args(args: argparse.Namespace) -> Any:
         from .bitplan import read_plan_bits
 
         layer_bits = read_plan_bits(args.plan)
-    quant = QuantConfig(bits=args.bits, layer_bits=layer_bits)
+    quant = QuantConfig(bits=args.bits, layer_bits=layer_bits,
+                        short_requant=not getattr(args, "precise_requant", False))
     program, _ = api.quantize_model(model, (example,), calib, calibration=args.calib_method, quant=quant)
     return program
 
@@ -419,6 +420,9 @@ def _model_args(c: argparse.ArgumentParser) -> None:
                    help="float: float32 in/out with one quantize/dequantize; int: integer in/out")
     c.add_argument("--plan", help="per-layer bits from `intforge plan` (plan.json)")
     c.add_argument("--bits", type=int, choices=(4, 8), default=8, help="bits of layers the plan does not name")
+    c.add_argument("--precise-requant", action="store_true",
+                   help="conv requantize multipliers keep 24+ bits (default: 12+ at shift 24, which x86 "
+                        "kernels run on 32-bit lanes, 2-7%% faster)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,17 @@ CAPPED_SHIFT = 40
 #: A capped multiplier keeps at least this many bits (relative error under 2^-CAPPED_MIN_BITS); a real
 #: multiplier too small for that keeps its own shift.
 CAPPED_MIN_BITS = 24
+#: The shift a conv's requantize takes where every channel's multiplier keeps SHORT_MIN_BITS bits there
+#: (`conv_multipliers`): at 24 an 8-bit result is byte 3 of a 32-bit lane, so `ClampFirst`'s
+#: u * m + add, wrapping on 32-bit lanes, still holds it exactly (`ClampFirst.with_bounds(..., bits=32)`),
+#: and the x86 epilogue multiplies 16 lanes at a time (`vpmulld`) instead of 8 (`vpmadd52luq`).
+SHORT_SHIFT = 24
+#: Bits of the lanes the short form wraps on.
+SHORT_BITS = 32
+#: The fewest bits a multiplier keeps in the short form: relative error under 2^-12, so an output of
+#: magnitude q (in output steps) moves by under q * 2^-12 (0.031 of a step at 127, 0.062 at 255)
+#: before its rounding, against the rounding's own 0.5.
+SHORT_MIN_BITS = 12
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -72,22 +83,32 @@ def quantize_multiplier(real: float, shift: int | None = None) -> tuple[int, int
     return int(m), int(shift)
 
 
-def quantize_multipliers(reals: Sequence[float] | np.ndarray,
-                         max_shift: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def quantize_multipliers(reals: Sequence[float] | np.ndarray, max_shift: int | None = None,
+                         min_bits: int = CAPPED_MIN_BITS) -> tuple[np.ndarray, np.ndarray]:
     """Vectorised `quantize_multiplier` for per-channel multipliers: (m, n) as int64 arrays. With
     `max_shift`, a channel whose shift would be larger gets that shift (and a shorter m) where m keeps
-    CAPPED_MIN_BITS bits."""
-    pairs = [_capped(float(r), max_shift) for r in np.asarray(reals, dtype=np.float64).ravel()]
+    `min_bits` bits."""
+    pairs = [_capped(float(r), max_shift, min_bits) for r in np.asarray(reals, dtype=np.float64).ravel()]
     m = np.array([p[0] for p in pairs], dtype=np.int64).reshape(np.shape(reals))
     n = np.array([p[1] for p in pairs], dtype=np.int64).reshape(np.shape(reals))
     return m, n
 
 
-def _capped(real: float, max_shift: int | None) -> tuple[int, int]:
+def conv_multipliers(reals: Sequence[float] | np.ndarray, short: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A conv's per-channel (m, n): shifts held to SHORT_SHIFT where every channel's multiplier keeps
+    SHORT_MIN_BITS bits there (and `short`), else to CAPPED_SHIFT (`quantize_multipliers`)."""
+    if short:
+        m, n = quantize_multipliers(reals, max_shift=SHORT_SHIFT, min_bits=SHORT_MIN_BITS)
+        if (n <= SHORT_SHIFT).all():
+            return m, n
+    return quantize_multipliers(reals, max_shift=CAPPED_SHIFT)
+
+
+def _capped(real: float, max_shift: int | None, min_bits: int = CAPPED_MIN_BITS) -> tuple[int, int]:
     m, n = quantize_multiplier(real)
     if max_shift is not None and n > max_shift:
         mc, nc = quantize_multiplier(real, shift=max_shift)
-        if mc >= 1 << (CAPPED_MIN_BITS - 1):
+        if mc >= 1 << (min_bits - 1):
             return mc, nc
     return m, n
 
@@ -271,27 +292,31 @@ class ClampFirst:
     add: np.ndarray
     shift: np.ndarray
 
-    def with_shift(self, shift: int) -> ClampFirst | None:
+    def with_shift(self, shift: int, bits: int = IFMA_BITS) -> ClampFirst | None:
         """The same function with every channel's shift raised to `shift` (mul and add scaled by the same
-        power of 2: exact), or None where a channel's shift is larger or its product would pass 52 bits.
-        With shift 40, a kernel reads the result as byte 5 of the 64-bit lane instead of shifting."""
+        power of 2: exact), or None where a channel's shift is larger or its product would pass `bits`
+        bits. With shift 40, a kernel reads the result as byte 5 of the 64-bit lane instead of shifting;
+        with SHORT_SHIFT, byte 3 of a 32-bit lane (bits=SHORT_BITS)."""
         if (self.shift > shift).any():
             return None
         k = shift - self.shift
-        if (self.span * (self.mul << k) >= (1 << IFMA_BITS)).any() or (np.abs(self.add) >= (1 << (62 - k))).any():
+        if (self.span * (self.mul << k) >= (1 << bits)).any() or (np.abs(self.add) >= (1 << (62 - k))).any():
             return None
         return ClampFirst(self.lo, self.span, self.mul << k, self.add << k, np.full_like(self.shift, shift))
 
-    def with_bounds(self, correction: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def with_bounds(self, correction: np.ndarray, bits: int = IFMA_BITS
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """The same function on a raw accumulator r = acc - correction (a kernel's sum before its
         per-channel correction: signed activations run shifted by 128), with no add on r:
             u' = clip(r, low, high),  v = u' * mul + add'   (low = lo - c, high = low + span,
                                                             add' = add + (c - lo) * mul)
         Then v = u * mul + add exactly (u' = u + lo - c), but u' can be negative and u' * mul can pass 64
         bits, so a kernel computes v on wrapping lanes, where only bits below 52 (vpmadd52luq) or 64 are
-        right: enough for the result when it is the byte at `shift` and shift + 8 <= 52. Returns (low,
-        high as int32, add' as int64 mod 2^64), or None where a shift is too large or a bound leaves int32."""
-        if (self.shift + 8 > IFMA_BITS).any():
+        right: enough for the result when it is the byte at `shift` and shift + 8 <= 52. With bits=32
+        (SHORT_BITS) the lanes are 32 bits wide: the result byte needs shift + 8 <= 32, and add' is
+        returned mod 2^32 (as a signed int64 in int32's range). Returns (low, high as int32, add' as int64
+        mod 2^64 or 2^32), or None where a shift is too large or a bound leaves int32."""
+        if (self.shift + 8 > min(bits, IFMA_BITS)).any():
             return None
         c = np.asarray(correction, dtype=np.int64)
         low = self.lo - c
@@ -300,6 +325,8 @@ class ClampFirst:
             return None
         u64 = lambda v: np.asarray(v, dtype=np.int64).view(np.uint64)  # noqa: E731 - two's complement
         add = (u64(self.add) + u64(c - self.lo) * u64(self.mul)).view(np.int64)  # wraps mod 2^64
+        if bits == SHORT_BITS:  # the same value mod 2^32, as the int32 a 32-bit lane holds
+            add = add.astype(np.int32).astype(np.int64)
         return low.astype(np.int32), high.astype(np.int32), add
 
     def __call__(self, acc: np.ndarray) -> np.ndarray:

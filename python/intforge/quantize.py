@@ -33,6 +33,9 @@ class QuantConfig:
 
     bits: int = 8
     layer_bits: dict[str, int] = field(default_factory=dict)
+    # conv requantizes at shift 24 where every channel's multiplier keeps 12 bits there
+    # (`dyadic.conv_multipliers`: x86's epilogue then runs on 32-bit lanes); False keeps 24+ bits
+    short_requant: bool = True
 
     def __post_init__(self) -> None:
         for name, b in [("bits", self.bits), *self.layer_bits.items()]:
@@ -178,7 +181,7 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
             bits = config.bits_of(op.name)
             ins = [input_at(ins[0], bits, op)]
             out = new_tensor(out_name, signed=not unsigned)
-            ops.append(_quantize_matmul_like(op, tensors[ins[0]], out, act, bits))
+            ops.append(_quantize_matmul_like(op, tensors[ins[0]], out, act, bits, config.short_requant))
             ops[-1].inputs = ins
         elif op.kind == "add":
             if in_ts[0].shape != in_ts[1].shape:
@@ -218,7 +221,8 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
     return prog
 
 
-def _quantize_matmul_like(op: FloatOp, x: QTensor, out: QTensor, act: FloatOp | None, wbits: int) -> IntOp:
+def _quantize_matmul_like(op: FloatOp, x: QTensor, out: QTensor, act: FloatOp | None, wbits: int,
+                          short_requant: bool = True) -> IntOp:
     w = op.params["weight"]
     qw, sw = quantize_weight(w, wbits)
     acc_scale = x.scale * sw
@@ -230,7 +234,10 @@ def _quantize_matmul_like(op: FloatOp, x: QTensor, out: QTensor, act: FloatOp | 
             f"{acc_scale[worst]:.3g}; its input scale is too small for its bias. Calibrate on more "
             f"representative data.\n  at {op.source}"
         )
-    m, n = dyadic.quantize_multipliers(acc_scale / out.scale, max_shift=dyadic.CAPPED_SHIFT)
+    if op.kind == "conv2d":
+        m, n = dyadic.conv_multipliers(acc_scale / out.scale, short=short_requant)
+    else:  # (a dense layer's is often the model's output: it keeps its 24 bits)
+        m, n = dyadic.quantize_multipliers(acc_scale / out.scale, max_shift=dyadic.CAPPED_SHIFT)
     lo, hi = _act_bounds(act, out)
     attrs = {"qmin": lo, "qmax": hi, "weight_bits": wbits}
     if op.kind == "conv2d":
