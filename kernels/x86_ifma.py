@@ -12,7 +12,11 @@ the correction: `ClampFirst.with_bounds` clamps the raw sum to bounds that hold 
 The description is the form's exact integer arithmetic (`blocked_dot.narrow_value`), which is what the
 kernel computes wherever the intrinsic is not applied.
 
-TVM has no such intrinsic; this one is ours, tensorized onto the epilogue's innermost 16 channels.
+Where the quantizer took shift 24 for every channel (`dyadic.conv_multipliers`: multipliers of 12+ bits
+there), the same bounds form runs on 32-bit lanes instead (`_short_intrin`, `blocked_dot.Narrow.short`):
+the clamp, one `vpmulld` and one `vpaddd` on all 16 lanes and a shift by 24, with no widening.
+
+TVM has no such intrinsics; these are ours, tensorized onto the epilogue's innermost 16 channels.
 """
 
 from __future__ import annotations
@@ -174,7 +178,8 @@ def tensorize_narrow(sch: s_tir.Schedule, name: str) -> None:
 
 def narrow_intrin(block: s_tir.SBlock) -> str:
     """The intrinsic (registered on first use) for an epilogue block of `blocked_dot.Narrow`: its output
-    type, and whether it picks bytes instead of shifting (its "narrow_bytes" annotation)."""
+    type, and whether it runs on 32-bit lanes ("narrow_short") or picks bytes instead of shifting
+    ("narrow_bytes", "narrow_bounds")."""
     out_dtype = str(block.writes[0].source.dtype)
     if int(block.annotations.get("narrow_short", 0)):
         name = f"intforge_requantize_16_short_{out_dtype}"
