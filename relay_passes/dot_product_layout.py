@@ -85,6 +85,9 @@ class _KernelRewriter(PyExprMutator):
         self.blocked = BLOCKED[blocked] if blocked else None
         self.depthwise_dot = blocked == "vnni"  # vpdpbusd over the window's rows: kernels/depthwise_dot.py
         self.ifma = ifma and blocked == "vnni"  # requantize epilogues as 52-bit multiply-adds: kernels/x86_ifma.py
+        # and on 32-bit lanes where the quantizer took shift 24 (`Narrow.short`): AVX512F only, so every
+        # VNNI CPU, Cascade Lake's too
+        self.short = blocked == "vnni"
         self.winograd = winograd_convs and blocked == "vnni"  # 3x3 convs on vpdpwssd: kernels/winograd.py
         self.original: dict = {}  # var -> value in the function as it came (set per function by the pass)
         self.rewritten = 0
@@ -166,6 +169,8 @@ class _KernelRewriter(PyExprMutator):
             consts = [relax.const(v.astype(np.int32), "int32") for v in (span, short.mul, add, short.shift)]
             return (relax.const(first, "int32"), consts, lambda ss, mm, kk, nn: Narrow(
                 ss, mm, kk, nn, requant.out_dtype, whole_bytes=True, bounds=True, short=True))
+        if not self.ifma:  # the 52-bit forms need AVX512-IFMA and VBMI
+            return None
         # every channel's shift raised to BYTE_SHIFT where that is exact: the kernel then picks bytes, no shifts
         byte = form.with_shift(BYTE_SHIFT)
         # and then the correction folded into the clamp's bounds and the constant (`Narrow.bounds`)
@@ -388,7 +393,7 @@ class _KernelRewriter(PyExprMutator):
     def visit_call_(self, call: Call) -> Expr:
         name = getattr(call.op, "name", "")
         out = None
-        if name == "relax.astype" and self.ifma:
+        if name == "relax.astype" and (self.ifma or self.short):
             out = self._narrow(call)
             if out is not None:
                 return out

@@ -532,15 +532,18 @@ def test_a_conv_with_small_multipliers_takes_the_result_byte_instead_of_shifting
 
 
 @pytest.mark.skipif(not resolve_target("x86").has("avx512ifma"), reason="this CPU runs the IFMA epilogue")
-def test_vnni_cpus_without_ifma_keep_the_int64_epilogue_and_stay_bit_exact(tmp_path):
-    """On this CPU every whole-16-channel conv takes the IFMA epilogue, so the int64 one that VNNI CPUs
-    without IFMA (Cascade Lake) run is built here for cascadelake, which this CPU can run: no
-    vpmadd52luq, the same integers (depthwise row pairs and the folded stem included)."""
+def test_vnni_cpus_without_ifma_run_the_short_epilogue_or_the_int64_one_and_stay_bit_exact(tmp_path):
+    """VNNI CPUs without IFMA (Cascade Lake), built here for cascadelake, which this CPU can run: convs at
+    shift 24 take the short epilogue (32-bit lanes need only AVX512F), with 24-bit multipliers
+    (`short_requant=False`) the int64 one; no vpmadd52luq either way, the same integers as the reference
+    (depthwise row pairs and the folded stem included)."""
+    import re
     from dataclasses import replace
 
     import intforge
     from intforge.compiler import build
     from intforge.compiler.build import compile_module, ifma_epilogues, module_source
+    from intforge.quantize import QuantConfig
     from intforge.relay_passes import emit_program
 
     clx = replace(resolve_target("x86"), name="x86-cascadelake", mcpu="cascadelake")
@@ -548,10 +551,13 @@ def test_vnni_cpus_without_ifma_keep_the_int64_epilogue_and_stay_bit_exact(tmp_p
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 7, stride=2, padding=3), nn.ReLU(), nn.Conv2d(16, 32, 1), nn.ReLU(),
                           nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(), nn.Conv2d(32, 16, 1))
-    program = quantize_module(model, (1, 3, 20, 20))
-    ir = module_source(compile_module(emit_program(program, boundary="int", io_layout="NHWC"), clx), "llvm", "ll")
-    assert "vpmadd52l" not in ir and "vpdpbusd" in ir
-    assert_bit_exact_int(program, intforge.load(build(program, tmp_path / "clx", target=clx, boundary="int").library))
+    for short in (True, False):
+        program = quantize_module(model, (1, 3, 20, 20), quant=QuantConfig(short_requant=short))
+        ir = module_source(compile_module(emit_program(program, boundary="int", io_layout="NHWC"), clx), "llvm", "ll")
+        assert "vpmadd52l" not in ir and "vpdpbusd" in ir
+        assert (re.search(r"[al]shr <16 x i32> %v[.\w]*, splat \(i32 24\)", ir) is not None) is short
+        lib = build(program, tmp_path / f"clx_{short}", target=clx, boundary="int").library
+        assert_bit_exact_int(program, intforge.load(lib))
 
 
 def test_rgb_stems_fold_their_window_rows_into_the_channels_where_that_saves_groups():
