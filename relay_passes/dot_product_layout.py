@@ -426,8 +426,9 @@ def dot_product_layout_pass(shift_unsigned: bool, blocked: str | None = None, if
     unsigned activations of the contiguous-layout kernels run shifted by -128 with a weight-sum
     correction. `blocked`: the instruction family of the tensorized kernels, "vnni" (x86 AVX512-VNNI),
     "sdot" (ARM dot product), "i8mm" (ARM usmmla/smmla) or "neon" (ARM without either), or None for the
-    contiguous-layout kernels. `ifma` (with "vnni"): the requantize of a conv with whole 16-channel
-    blocks runs as 52-bit multiply-adds inside the conv kernel (x86 AVX512-IFMA and VBMI). `winograd_convs`
+    contiguous-layout kernels. With "vnni" the requantize of a conv with whole 16-channel blocks runs
+    inside the conv kernel on 32-bit lanes where its shifts are dyadic.SHORT_SHIFT (`Narrow.short`), and
+    with `ifma` (x86 AVX512-IFMA and VBMI) also as 52-bit multiply-adds where they are not. `winograd_convs`
     (with "vnni"): 3x3 stride-1 convs that gain on it run as exact Winograd F(4x4, 3x3) on vpdpwssd."""
 
     @tvm.transform.module_pass(opt_level=0, name="intforge.DotProductLayout")
