@@ -243,11 +243,8 @@ class Narrow:
 
     def value(self, acc, corr, ch):
         """Output channel `ch` of this epilogue for accumulator `acc` and correction `corr`."""
-        if self.short:
-            return short_narrow_value(acc, corr, self.span[ch], self.mul[ch], self.add[ch], self.shift[ch],
-                                      self.out_dtype)
         return narrow_value(acc, corr, self.span[ch], self.mul[ch], self.add[ch], self.shift[ch], self.out_dtype,
-                            self.bounds)
+                            self.bounds, self.short)
 
     @property
     def attrs(self) -> dict:
@@ -260,7 +257,7 @@ def narrow_block(isa: DotIsa) -> str:
     return f"{isa.conv_block}_narrow"
 
 
-def narrow_value(acc, corr, span, mul, add, shift, out_dtype: str, bounds: bool = False):
+def narrow_value(acc, corr, span, mul, add, shift, out_dtype: str, bounds: bool = False, short: bool = False):
     """One output of the `ClampFirst` epilogue: t = acc + corr (wrapping 32-bit lanes; corr includes -lo),
     u = clip(t, 0, span), then (u * mul + add) >> shift, which is in the output's range already. x86_ifma's
     intrinsic describes exactly this expression (tensorize matches it structurally).
@@ -269,7 +266,17 @@ def narrow_value(acc, corr, span, mul, add, shift, out_dtype: str, bounds: bool 
     2^64, c the correction): u' = clip(acc, corr, span) = u + lo - c, and u' * mul + add is the same
     value, so one 32-bit add fewer per 16 outputs. u' * mul can pass 64 bits, so this form runs on
     wrapping uint64 lanes: the output is the byte at BYTE_SHIFT of the true value, which wrapping leaves
-    alone (and IFMA's 52-bit products too)."""
+    alone (and IFMA's 52-bit products too).
+
+    With `short` (bounds too; `Narrow.short`) the same on wrapping 32-bit lanes: the true value lies in
+    [qmin, qmax + 1) * 2^shift with shift = dyadic.SHORT_SHIFT, a 2^32-wide window, so the wrapped lane is
+    that value (as int32 for a signed result, uint32 for an unsigned one), and shifting it gives the result."""
+    if short:
+        u = tirx.min(tirx.max(acc, corr), span)
+        v = tirx.reinterpret("uint32", u) * tirx.reinterpret("uint32", mul) + tirx.reinterpret("uint32", add)
+        if out_dtype == "int8":
+            return tirx.shift_right(tirx.reinterpret("int32", v), shift).astype(out_dtype)
+        return tirx.shift_right(v, tirx.reinterpret("uint32", shift)).astype(out_dtype)
     if bounds:
         u = tirx.min(tirx.max(acc, corr), span).astype("int64")
         v = tirx.reinterpret("uint64", u) * tirx.reinterpret("uint64", mul) + tirx.reinterpret("uint64", add)
@@ -277,19 +284,6 @@ def narrow_value(acc, corr, span, mul, add, shift, out_dtype: str, bounds: bool 
     t = tirx.reinterpret("int32", tirx.reinterpret("uint32", acc) + tirx.reinterpret("uint32", corr))
     u = tirx.min(tirx.max(t, tirx.const(0, "int32")), span)
     return tirx.shift_right(u.astype("int64") * mul + add, shift).astype(out_dtype)
-
-
-def short_narrow_value(acc, low, high, mul, add, shift, out_dtype: str):
-    """One output of the `ClampFirst` epilogue in its short bounds form (`Narrow.short`): u' =
-    clip(acc, low, high), then u' * mul + add on wrapping 32-bit lanes, whose true value lies in
-    [qmin, qmax + 1) * 2^shift with shift = dyadic.SHORT_SHIFT, a 2^32-wide window: so the wrapped lane
-    is that value (as int32 for a signed result, uint32 for an unsigned one), and shifting it gives the
-    result. x86_ifma's short intrinsic describes exactly this expression."""
-    u = tirx.min(tirx.max(acc, low), high)
-    v = tirx.reinterpret("uint32", u) * tirx.reinterpret("uint32", mul) + tirx.reinterpret("uint32", add)
-    if out_dtype == "int8":
-        return tirx.shift_right(tirx.reinterpret("int32", v), shift).astype(out_dtype)
-    return tirx.shift_right(v, tirx.reinterpret("uint32", shift)).astype(out_dtype)
 
 
 def _round_up(n: int, m: int) -> int:

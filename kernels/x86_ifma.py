@@ -13,7 +13,7 @@ The description is the form's exact integer arithmetic (`blocked_dot.narrow_valu
 kernel computes wherever the intrinsic is not applied.
 
 Where the quantizer took shift 24 for every channel (`dyadic.conv_multipliers`: multipliers of 12+ bits
-there), the same bounds form runs on 32-bit lanes instead (`_short_intrin`, `blocked_dot.Narrow.short`):
+there), the same bounds form runs on 32-bit lanes instead (`_intrin(..., short=True)`, `blocked_dot.Narrow.short`):
 the clamp, one `vpmulld` and one `vpaddd` on all 16 lanes and a shift by 24, with no widening.
 
 TVM has no such intrinsics; these are ours, tensorized onto the epilogue's innermost 16 channels.
@@ -26,7 +26,7 @@ from tvm.script import tirx as T
 
 from intforge.dyadic import CAPPED_SHIFT, SHORT_SHIFT
 
-from .blocked_dot import ACC_SCOPE, ensure_intrin
+from .blocked_dot import ACC_SCOPE, ensure_intrin, narrow_value
 
 LANES = 16
 # the shift the kernel takes as a byte offset (the result is byte 5 of the 64-bit lane): the one the
@@ -34,16 +34,24 @@ LANES = 16
 BYTE_SHIFT = CAPPED_SHIFT
 
 
-def _intrin(out_dtype: str, whole_bytes: bool, bounds: bool = False) -> tuple:
+def _intrin(out_dtype: str, whole_bytes: bool, bounds: bool = False, short: bool = False) -> tuple:
     """(description, implementation) for 16 outputs of `out_dtype`. The description is
-    `blocked_dot.narrow_value` with each channel's shift; with `whole_bytes` (every shift is BYTE_SHIFT)
-    the implementation picks each lane's byte 5 instead of shifting; with `bounds` (`Narrow.bounds`,
-    whole bytes only) it clamps the raw accumulator to per-channel bounds instead of adding a correction
-    first. vpmadd52luq's product is then exact only below 2^52, which is all the byte at BYTE_SHIFT
-    needs."""
+    `blocked_dot.narrow_value` itself, with each channel's shift; with `whole_bytes` (every shift is
+    BYTE_SHIFT) the implementation picks each lane's byte 5 instead of shifting; with `bounds`
+    (`Narrow.bounds`, whole bytes only) it clamps the raw accumulator to per-channel bounds instead of
+    adding a correction first. vpmadd52luq's product is then exact only below 2^52, which is all the byte
+    at BYTE_SHIFT needs. With `short` (`Narrow.short`, bounds only; int32 constants) it is the clamp, one
+    32-bit multiply (`vpmulld`) and add on all 16 lanes and the shift by SHORT_SHIFT (every channel's):
+    no widening to two 8-lane halves and one multiply instead of two. A signed result shifts
+    arithmetically, so a residual add fused after it reads the int32 lanes as they are (LLVM folds the
+    narrowing and its sign extension away)."""
     if bounds and not whole_bytes:
         raise ValueError("the bounds form of the ClampFirst epilogue needs whole bytes (every shift BYTE_SHIFT)")
+    if short and not bounds:
+        raise ValueError("the short form of the ClampFirst epilogue is its bounds form on 32-bit lanes")
     bytes_ = f"{out_dtype}x64"
+    consts = "int32" if short else "int64"  # the per-channel multiplier, constant and shift
+    lane = "int32" if out_dtype == "int8" else "uint32"  # the short form's lanes, as its result reads them
 
     def _clamped(A, C, S):
         """u = clip(acc + corr, 0, span) on 16 int32 lanes (u >= 0: its sign extension is its zero
@@ -69,9 +77,9 @@ def _intrin(out_dtype: str, whole_bytes: bool, bounds: bool = False) -> tuple:
         A = T.match_buffer(a, (LANES,), "int32", offset_factor=1, scope=ACC_SCOPE)
         C = T.match_buffer(c, (LANES,), "int32", offset_factor=1)
         S = T.match_buffer(s, (LANES,), "int32", offset_factor=1)
-        M = T.match_buffer(m, (LANES,), "int64", offset_factor=1)
-        K = T.match_buffer(k, (LANES,), "int64", offset_factor=1)
-        N = T.match_buffer(n, (LANES,), "int64", offset_factor=1)
+        M = T.match_buffer(m, (LANES,), consts, offset_factor=1)
+        K = T.match_buffer(k, (LANES,), consts, offset_factor=1)
+        N = T.match_buffer(n, (LANES,), consts, offset_factor=1)
         Out = T.match_buffer(o, (LANES,), out_dtype, offset_factor=1)
         with T.sblock("root"):
             T.reads(A[0:LANES], C[0:LANES], S[0:LANES], M[0:LANES], K[0:LANES], N[0:LANES])
@@ -79,91 +87,36 @@ def _intrin(out_dtype: str, whole_bytes: bool, bounds: bool = False) -> tuple:
             for i in range(LANES):
                 with T.sblock("narrow"):
                     vi = T.axis.remap("S", [i])
-                    if bounds:
-                        Out[vi] = T.Cast(out_dtype, T.shift_right(
-                            T.reinterpret("uint64", T.Cast("int64", T.min(T.max(A[vi], C[vi]), S[vi])))
-                            * T.reinterpret("uint64", M[vi]) + T.reinterpret("uint64", K[vi]),
-                            T.reinterpret("uint64", N[vi])))
-                    else:
-                        Out[vi] = T.Cast(out_dtype, T.shift_right(T.Cast("int64", T.min(T.max(T.reinterpret(
-                            "int32", T.reinterpret("uint32", A[vi]) + T.reinterpret("uint32", C[vi])), 0), S[vi]))
-                            * M[vi] + K[vi], N[vi]))
+                    Out[vi] = narrow_value(A[vi], C[vi], S[vi], M[vi], K[vi], N[vi], out_dtype, bounds, short)
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, c: T.handle, s: T.handle, m: T.handle, k: T.handle, n: T.handle, o: T.handle) -> None:
         A = T.match_buffer(a, (LANES,), "int32", offset_factor=1, scope=ACC_SCOPE)
         C = T.match_buffer(c, (LANES,), "int32", offset_factor=1)
         S = T.match_buffer(s, (LANES,), "int32", offset_factor=1)
-        M = T.match_buffer(m, (LANES,), "int64", offset_factor=1)
-        K = T.match_buffer(k, (LANES,), "int64", offset_factor=1)
-        N = T.match_buffer(n, (LANES,), "int64", offset_factor=1)
+        M = T.match_buffer(m, (LANES,), consts, offset_factor=1)
+        K = T.match_buffer(k, (LANES,), consts, offset_factor=1)
+        N = T.match_buffer(n, (LANES,), consts, offset_factor=1)
         Out = T.match_buffer(o, (LANES,), out_dtype, offset_factor=1)
         with T.sblock("root"):
             T.reads(A[0:LANES], C[0:LANES], S[0:LANES], M[0:LANES], K[0:LANES], N[0:LANES])
             T.writes(Out[0:LANES])
-            u = T.bind(T.Cast("int64x16", _clamped(A, C, S)))
-            # byte `first` of each 64-bit lane, the low half's 8 then the high half's: one vpermi2b
-            Out[T.ramp(0, 1, LANES)] = T.Shuffle([T.reinterpret(bytes_, T.call_llvm_pure_intrin(
-                "int8x64", "llvm.x86.avx512.vpermi2var.qi.512", T.reinterpret("int8x64", _half(u, K, M, N, 0)),
-                T.Shuffle([T.ramp(T.int8(first), T.int8(8), LANES), T.broadcast(T.int8(0), 64 - LANES)],
-                          list(range(64))),
-                T.reinterpret("int8x64", _half(u, K, M, N, 8))))], list(range(LANES)))
-
-    return desc, impl
-
-
-def _short_intrin(out_dtype: str) -> tuple:
-    """(description, implementation) for 16 outputs of `blocked_dot.short_narrow_value` (`Narrow.short`):
-    the clamp, one 32-bit multiply (`vpmulld`) and add on 16 lanes, then the shift by
-    dyadic.SHORT_SHIFT (every channel's) and the narrowing. Against the 52-bit form: no widening to two
-    8-lane halves and one multiply instead of two. A signed result shifts arithmetically, so a residual
-    add fused after it reads the int32 lanes as they are (LLVM folds the narrowing and its sign
-    extension away)."""
-    signed = out_dtype == "int8"
-    lane = "int32" if signed else "uint32"
-
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, c: T.handle, s: T.handle, m: T.handle, k: T.handle, n: T.handle, o: T.handle) -> None:
-        A = T.match_buffer(a, (LANES,), "int32", offset_factor=1, scope=ACC_SCOPE)
-        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1)
-        S = T.match_buffer(s, (LANES,), "int32", offset_factor=1)
-        M = T.match_buffer(m, (LANES,), "int32", offset_factor=1)
-        K = T.match_buffer(k, (LANES,), "int32", offset_factor=1)
-        N = T.match_buffer(n, (LANES,), "int32", offset_factor=1)
-        Out = T.match_buffer(o, (LANES,), out_dtype, offset_factor=1)
-        with T.sblock("root"):
-            T.reads(A[0:LANES], C[0:LANES], S[0:LANES], M[0:LANES], K[0:LANES], N[0:LANES])
-            T.writes(Out[0:LANES])
-            for i in range(LANES):
-                with T.sblock("narrow"):
-                    vi = T.axis.remap("S", [i])
-                    if signed:
-                        Out[vi] = T.Cast(out_dtype, T.shift_right(T.reinterpret("int32", T.reinterpret(
-                            "uint32", T.min(T.max(A[vi], C[vi]), S[vi])) * T.reinterpret("uint32", M[vi])
-                            + T.reinterpret("uint32", K[vi])), N[vi]))
-                    else:
-                        Out[vi] = T.Cast(out_dtype, T.shift_right(T.reinterpret(
-                            "uint32", T.min(T.max(A[vi], C[vi]), S[vi])) * T.reinterpret("uint32", M[vi])
-                            + T.reinterpret("uint32", K[vi]), T.reinterpret("uint32", N[vi])))
-
-    @T.prim_func(s_tir=True)
-    def impl(a: T.handle, c: T.handle, s: T.handle, m: T.handle, k: T.handle, n: T.handle, o: T.handle) -> None:
-        A = T.match_buffer(a, (LANES,), "int32", offset_factor=1, scope=ACC_SCOPE)
-        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1)
-        S = T.match_buffer(s, (LANES,), "int32", offset_factor=1)
-        M = T.match_buffer(m, (LANES,), "int32", offset_factor=1)
-        K = T.match_buffer(k, (LANES,), "int32", offset_factor=1)
-        N = T.match_buffer(n, (LANES,), "int32", offset_factor=1)
-        Out = T.match_buffer(o, (LANES,), out_dtype, offset_factor=1)
-        with T.sblock("root"):
-            T.reads(A[0:LANES], C[0:LANES], S[0:LANES], M[0:LANES], K[0:LANES], N[0:LANES])
-            T.writes(Out[0:LANES])
-            u = T.bind(T.min(T.max(A.vload([0], "int32x16"), C.vload([0], "int32x16")), S.vload([0], "int32x16")))
-            v = T.bind(T.reinterpret("uint32x16", u) * T.reinterpret("uint32x16", M.vload([0], "int32x16"))
-                       + T.reinterpret("uint32x16", K.vload([0], "int32x16")))
-            # every channel's shift is SHORT_SHIFT (`Narrow.short`): one immediate shift
-            Out[T.ramp(0, 1, LANES)] = T.Cast(f"{out_dtype}x16", T.shift_right(
-                T.reinterpret(f"{lane}x16", v), T.broadcast(T.Cast(lane, SHORT_SHIFT), LANES)))
+            if short:
+                u = T.bind(_clamped(A, C, S))
+                v = T.bind(T.reinterpret("uint32x16", u) * T.reinterpret("uint32x16", M.vload([0], "int32x16"))
+                           + T.reinterpret("uint32x16", K.vload([0], "int32x16")))
+                # every channel's shift is SHORT_SHIFT: one immediate shift
+                Out[T.ramp(0, 1, LANES)] = T.Cast(f"{out_dtype}x16", T.shift_right(
+                    T.reinterpret(f"{lane}x16", v), T.broadcast(T.Cast(lane, SHORT_SHIFT), LANES)))
+            else:
+                u = T.bind(T.Cast("int64x16", _clamped(A, C, S)))
+                # byte `first` of each 64-bit lane, the low half's 8 then the high half's: one vpermi2b
+                Out[T.ramp(0, 1, LANES)] = T.Shuffle([T.reinterpret(bytes_, T.call_llvm_pure_intrin(
+                    "int8x64", "llvm.x86.avx512.vpermi2var.qi.512",
+                    T.reinterpret("int8x64", _half(u, K, M, N, 0)),
+                    T.Shuffle([T.ramp(T.int8(first), T.int8(8), LANES), T.broadcast(T.int8(0), 64 - LANES)],
+                              list(range(64))),
+                    T.reinterpret("int8x64", _half(u, K, M, N, 8))))], list(range(LANES)))
 
     return desc, impl
 
@@ -181,13 +134,9 @@ def narrow_intrin(block: s_tir.SBlock) -> str:
     type, and whether it runs on 32-bit lanes ("narrow_short") or picks bytes instead of shifting
     ("narrow_bytes", "narrow_bounds")."""
     out_dtype = str(block.writes[0].source.dtype)
-    if int(block.annotations.get("narrow_short", 0)):
-        name = f"intforge_requantize_16_short_{out_dtype}"
-        ensure_intrin(name, lambda: _short_intrin(out_dtype))
-        return name
-    whole_bytes = bool(int(block.annotations.get("narrow_bytes", 0)))
-    bounds = bool(int(block.annotations.get("narrow_bounds", 0)))
-    name = (f"intforge_requantize_16_ifma_{out_dtype}" + ("_byte5" if whole_bytes else "")
-            + ("_bounds" if bounds else ""))
-    ensure_intrin(name, lambda: _intrin(out_dtype, whole_bytes, bounds))
+    whole_bytes, bounds, short = (bool(int(block.annotations.get(f"narrow_{key}", 0)))
+                                  for key in ("bytes", "bounds", "short"))
+    name = (f"intforge_requantize_16_{'short' if short else 'ifma'}_{out_dtype}"
+            + ("_byte5" if whole_bytes and not short else "") + ("_bounds" if bounds and not short else ""))
+    ensure_intrin(name, lambda: _intrin(out_dtype, whole_bytes, bounds, short))
     return name

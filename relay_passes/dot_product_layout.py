@@ -393,7 +393,7 @@ class _KernelRewriter(PyExprMutator):
     def visit_call_(self, call: Call) -> Expr:
         name = getattr(call.op, "name", "")
         out = None
-        if name == "relax.astype" and (self.ifma or self.short):
+        if name == "relax.astype" and self.short:  # (self.ifma implies it)
             out = self._narrow(call)
             if out is not None:
                 return out

@@ -316,7 +316,7 @@ class ClampFirst:
         (SHORT_BITS) the lanes are 32 bits wide: the result byte needs shift + 8 <= 32, and add' is
         returned mod 2^32 (as a signed int64 in int32's range). Returns (low, high as int32, add' as int64
         mod 2^64 or 2^32), or None where a shift is too large or a bound leaves int32."""
-        if (self.shift + 8 > min(bits, IFMA_BITS)).any():
+        if (self.shift + 8 > bits).any():
             return None
         c = np.asarray(correction, dtype=np.int64)
         low = self.lo - c
