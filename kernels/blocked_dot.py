@@ -25,6 +25,7 @@ inside the same parallel loop, so the int32 accumulators never make a round trip
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -529,6 +530,7 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
             tiling = _Tiling(oh_ext, nblk, int(sch.get(o1i).extent), rows_outer)
             prefetch = ([par, n, jo, rh, rw, rcb], tiling, weights)
         tile, first_reduce, rblock = jo, rh, (par if whole else rcb)
+        red_steps = int(sch.get(rh).extent) * int(sch.get(rw).extent) * int(sch.get(rcb).extent)
         if INT4_BLOCK in names and not whole:
             tile_weights = int(sch.get(o1i).extent) * isa.block * kh_kw_cb(sch, block)
             if tile_weights <= ROW_UNPACK_BYTES:
@@ -570,6 +572,12 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         vectorize_inner(sch, sch.get_loops(sch.get_sblock(last_name))[-1], most=isa.epilogue_lanes)
     if prefetch is not None:
         _prefetch_next_tile(sch, *prefetch)
+    if (kind == isa.conv_block and narrow in epilogue_names and isa.name == "vnni" and INT4_BLOCK not in names
+            and os.environ.get("INTFORGE_PIPELINE_EPILOGUE", "1") != "0"):  # =0: to compare without
+        from .epilogue_pipeline import mark
+
+        mark(sch, tile, first_reduce, [f"{narrow}_o", *([last_name] if last_name != narrow else [])],
+             tile_pairs * isa.rows, int(sch.get(o1i).extent), red_steps)
     if inputs_at is None:  # dense: its input is a few rows, packed once rather than once per output block
         return {sch.get(b).name_hint for b in producers}
     if few_channels or FOLD_BLOCK in names or pack_once:

@@ -14,6 +14,7 @@ from . import arm_dot, x86_vnni  # noqa: F401 - registers their instructions wit
 from .blocked_dot import schedule_blocked_func
 from .depthwise import schedule_depthwise_func
 from .depthwise_dot import schedule_depthwise_dot_func
+from .epilogue_pipeline import pipeline_epilogues
 from .stages import split_vector, vectorize_inner
 from .winograd import schedule_winograd_func
 
@@ -81,7 +82,7 @@ def _schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
             sch.vectorize(lanes)
         elif len(take) < len(spatial) == len(loops):
             vectorize_inner(sch, spatial[-1])
-    return sch.mod["main"]
+    return pipeline_epilogues(sch.mod["main"])
 
 
 def _contiguous_channels(block: s_tir.SBlock) -> bool:

@@ -83,3 +83,49 @@ def insert_at_loop_top(sch: s_tir.Schedule, loop, stmts: list, loop_var: tirx.Va
     sch.state.replace(sch.get_sref(loop), tirx.For(loop_var if loop_var is not None else node.loop_var, node.min,
                                                    node.extent, node.kind, body, node.thread_binding,
                                                    node.annotations), {})
+
+
+def map_stmt(stmt: tirx.Stmt, on_for=None, on_block=None) -> tirx.Stmt:
+    """`stmt` rebuilt through its loops, sequences, branches and blocks (TVM exposes no statement mutator
+    to Python): `on_for(loop)` may return a replacement for a loop (None: the loop kept, its body mapped),
+    `on_block(block)` a block to put in place of one (its body then mapped). Other statements are kept."""
+    def again(s):
+        return map_stmt(s, on_for, on_block)
+
+    if isinstance(stmt, tirx.For):
+        new = on_for(stmt) if on_for is not None else None
+        if new is not None:
+            return new
+        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, again(stmt.body), stmt.thread_binding,
+                        stmt.annotations)
+    if isinstance(stmt, tirx.SeqStmt):
+        return tirx.SeqStmt([again(s) for s in stmt.seq])
+    if isinstance(stmt, tirx.IfThenElse):
+        return tirx.IfThenElse(stmt.condition, again(stmt.then_case),
+                               None if stmt.else_case is None else again(stmt.else_case))
+    if isinstance(stmt, s_tir.SBlockRealize):
+        b = on_block(stmt.block) if on_block is not None else stmt.block
+        b = s_tir.SBlock(b.iter_vars, b.reads, b.writes, b.name_hint, again(b.body), b.init, b.alloc_buffers,
+                         b.match_buffers, b.annotations)
+        return s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, b)
+    return stmt
+
+
+def rewrite_marked_loops(func: tirx.PrimFunc, mark: str, rewrite) -> tirx.PrimFunc:
+    """`func` with each loop annotated `mark` replaced by rewrite(loop), or, where that returns None, kept
+    without the annotation; `func` itself where no loop is marked."""
+    found = [False]
+
+    def on_for(loop: tirx.For):
+        if mark not in loop.annotations:
+            return None
+        found[0] = True
+        new = rewrite(loop)
+        if new is not None:
+            return new
+        annotations = {k: v for k, v in loop.annotations.items() if k != mark}
+        return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, map_stmt(loop.body, on_for),
+                        loop.thread_binding, annotations)
+
+    body = map_stmt(func.body, on_for)
+    return func.with_body(body) if found[0] else func

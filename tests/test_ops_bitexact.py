@@ -35,6 +35,18 @@ class Downsample(nn.Module):
         return torch.relu(self.conv(x) + self.short(x))
 
 
+class Residual1x1(nn.Module):
+    """ReLU, a 1x1 conv and the shortcut added, then ReLU: a ResNet50 bottleneck's last conv and add."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        x = torch.relu(x)
+        return torch.relu(self.conv(x) + x)
+
+
 class Concat(nn.Module):
     def __init__(self):
         super().__init__()
@@ -115,6 +127,13 @@ CASES = {
     "conv_ifma_signed_in": (lambda: nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU()), (1, 8, 7, 9)),
     "conv_ifma_signed_out": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(16, 16, 1)), (2, 16, 5, 5)),
     "conv_ifma_residual": (lambda: Residual(relu=True, channels=16), (1, 16, 6, 6)),
+    # a tile's epilogue run during the next tile's products (kernels/epilogue_pipeline.py): 4 tiles a task
+    # (28-wide rows of 7-pixel tiles), 16 reduction steps (64 channels) or 18 (a 3x3 window of 8); alone,
+    # to a signed output, with a residual add fused after it, a batch of two (pipelined image by image)
+    "conv_pipelined_1x1": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(64, 32, 1), nn.ReLU()), (1, 64, 28, 28)),
+    "conv_pipelined_signed_out": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(64, 48, 1)), (2, 64, 28, 28)),
+    "conv_pipelined_residual": (lambda: Residual1x1(64), (1, 64, 28, 28)),
+    "conv_pipelined_3x3": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(8, 32, 3, padding=1)), (1, 8, 28, 28)),
     # 3x3 stride-1 convs as exact Winograd F(4x4, 3x3) on vpdpwssd (kernels/winograd.py): unsigned input,
     # signed input with partial tiles at the right and bottom edges and a residual add fused after, a batch
     "conv_winograd": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)), (1, 32, 16, 16)),
@@ -344,6 +363,26 @@ def test_stride_one_3x3_convs_pack_their_input_once_strided_ones_per_task(monkey
         conv = quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(64, 64, 3, stride=stride, padding=1)),
                                (1, 64, 28, 28))
         assert _parallel_loops(conv, "conv2d_vnni_ifma") == loops, stride
+
+
+@pytest.mark.skipif(not resolve_target("x86").has("avx512vnni"), reason="the VNNI direct conv kernel")
+def test_a_tiles_epilogue_runs_among_the_next_tiles_products_where_that_pays():
+    """kernels/epilogue_pipeline.py: a conv with 4+ tiles a task and 14-32 reduction steps a tile copies
+    each tile's accumulators (`acc_prev`) and runs their requantize (and the residual add after it) during
+    the next tile's products; one with 2 tiles a task (a 14-wide row), or more steps than 32 (256
+    channels), or fewer steps than the tile's 14 vectors (32 channels) keeps its epilogue after its
+    products. (Bit-exactness: the conv_pipelined_* CASES, and whole models.)"""
+    torch.manual_seed(0)
+
+    def pipelined(model, shape) -> bool:
+        return "acc_prev" in _host_ir(quantize_module(model, shape))
+
+    for case in ("conv_pipelined_1x1", "conv_pipelined_signed_out", "conv_pipelined_residual", "conv_pipelined_3x3"):
+        make, shape = CASES[case]
+        assert pipelined(make(), shape), case
+    assert not pipelined(nn.Sequential(nn.ReLU(), nn.Conv2d(64, 32, 1)), (1, 64, 14, 14))
+    assert not pipelined(nn.Sequential(nn.ReLU(), nn.Conv2d(256, 32, 1)), (1, 256, 28, 28))
+    assert not pipelined(nn.Sequential(nn.ReLU(), nn.Conv2d(32, 32, 1)), (1, 32, 28, 28))
 
 
 def _saturated_conv(channels: int) -> nn.Module:
