@@ -16,7 +16,7 @@ from .depthwise import schedule_depthwise_func
 from .depthwise_dot import schedule_depthwise_dot_func
 from .epilogue_pipeline import pipeline_epilogues
 from .stages import split_vector, vectorize_inner
-from .winograd import schedule_winograd_func
+from .winograd import balance_odd_tasks, schedule_winograd_func
 
 MIN_PARALLEL_EXTENT = 4
 
@@ -82,7 +82,7 @@ def _schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
             sch.vectorize(lanes)
         elif len(take) < len(spatial) == len(loops):
             vectorize_inner(sch, spatial[-1])
-    return pipeline_epilogues(sch.mod["main"])
+    return pipeline_epilogues(balance_odd_tasks(sch.mod["main"]))
 
 
 def _contiguous_channels(block: s_tir.SBlock) -> bool:

@@ -142,6 +142,10 @@ CASES = {
     "conv_winograd_residual": (lambda: Residual(relu=True, channels=32), (1, 32, 8, 16)),
     "conv_winograd_batch2": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU()),
                              (2, 32, 8, 16)),
+    # an odd number of rows of tiles (3, and ResNet's 28x28: 7): the last row as two tasks, half of the output
+    # channels each (winograd.balance_odd_tasks); alone, and with a residual add fused after it
+    "conv_winograd_odd_rows": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)), (1, 64, 12, 16)),
+    "conv_winograd_residual_7_rows": (lambda: Residual(relu=True, channels=64), (1, 64, 28, 28)),
     # fewer input channels than vpdpbusd's 4 bytes and a wide window: each window row's KW x C bytes folded
     # into the channels (blocked_dot.fold_columns), with a stride, an odd width, padding, a batch
     "conv_stem_7x7": (lambda: nn.Conv2d(3, 16, 7, stride=2, padding=3), (2, 3, 19, 17)),
@@ -450,6 +454,38 @@ def test_3x3_convs_run_as_exact_winograd_where_it_pays_and_its_bound_holds(so_of
         assert_bit_exact_int(program, so_of(program, boundary="int"))
 
 
+def test_winograd_splits_the_last_of_an_odd_number_of_rows_between_two_tasks():
+    """`winograd.balance_odd_tasks`: 7 rows of tiles (28x28) run as 8 tasks, the last row twice with half
+    of the output channels each, so that each of two threads gets 3.5 rows; 4 rows stay 4 tasks, and so do
+    7 rows whose channel loops do not halve (32 channels: one pair of blocks). The per-task buffers keep
+    their one-row size (the GEMM's accumulators on the stack). (Outputs: conv_winograd_odd_rows and
+    conv_winograd_residual_7_rows, bit-exact.)"""
+    import re
+
+    from tvm import s_tir, te
+
+    from intforge.kernels.winograd import balance_odd_tasks, conv2d_winograd, schedule_winograd_func, weight_layout
+
+    def tasks(hw: int, channels: int) -> tuple[int, str]:
+        x = te.placeholder((1, hw, hw, channels), "uint8", name="x")
+        wp = te.placeholder(weight_layout(np.zeros((channels, channels, 3, 3), np.int8)).shape, "int16", name="w")
+        sch = s_tir.Schedule(te.create_prim_func([x, wp, conv2d_winograd(x, wp, None, channels)]))
+        schedule_winograd_func(sch)
+        func = balance_odd_tasks(sch.mod["main"])
+        lowered = s_tir.transform.CompactBufferAllocation()(s_tir.transform.ConvertBlocksToOpaque()(
+            s_tir.transform.PlanAndUpdateBufferAllocationLocation()(tvm.IRModule({"main": func}))))
+        text = re.sub(r"T\.int64\((\d+)\)", r"\1", lowered["main"].script())
+        return int(re.search(r"in T.parallel\((\d+)", text).group(1)), text
+
+    import tvm
+
+    count, text = tasks(28, 128)
+    assert count == 8
+    assert re.search(r'winograd_gemm_global = T.sblock_alloc_buffer\(\(1, 1, 7, 1, 2, 16\), "int32"\)', text)
+    assert tasks(16, 128)[0] == 4
+    assert tasks(28, 32)[0] == 7
+
+
 def test_winograd_tasks_start_their_products_at_staggered_positions():
     """Each Winograd task runs its 36 positions' products from position floor(t * 36 / T) on, wrapping
     around (`winograd._stagger_positions`), so that threads starting together ask for different int16
@@ -467,7 +503,7 @@ def test_winograd_tasks_start_their_products_at_staggered_positions():
     sch = s_tir.Schedule(te.create_prim_func([x, wp, conv2d_winograd(x, wp, None, 128)]))
     schedule_winograd_func(sch)
     text = re.sub(r"T\.int64\((\d+)\)", r"\1", sch.mod.script())
-    task = re.search(r"for (\w+) in T.parallel\(7\)", text).group(1)
+    task = re.search(r"for (\w+) in T.parallel\(7[,)]", text).group(1)  # (annotated: balance_odd_tasks)
     # the position loop (fused by the printer with the unit loops around it) and the position it binds
     loop, expr = re.search(r"for ax0, ax1, (\w+) in T.grid\(1, 1, 36\):\n\s*\w+: T.let\[T.int\d+\] = (.*)\n",
                            text).group(1, 2)
