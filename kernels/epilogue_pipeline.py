@@ -12,9 +12,10 @@ So the tile loop becomes: for each tile, the dot products, and in its reduction 
 unrolled, MAX_STEPS at most) the epilogue of the tile before, vector by vector (vector v of V at step
 floor(v * S / V), S >= V), reading that tile's accumulators from a copy (`ACC_PREV`, 14 vectors on the
 stack) made when its products ended; one more round of the loop, its products skipped, finishes the last
-tile. Measured inside ResNet50 on Zen 5 (2026-12-04, interleaved A/B, outputs identical): its 64-channel
-residual 1x1 convs 6-9% faster, the 128-channel ones 3-4%; the model's kernels 0.9%. Every output is the same integer
-expression of the same accumulators: only the order of the work changes.
+tile. Measured inside ResNet50 on Zen 5 (2026-12-04, interleaved A/Bs, outputs identical): its 64-channel
+residual 1x1 convs 5-10% faster, the 128-channel ones 3-4%, the 64->256 downsample 6%; the model's kernels
+about 1%. Every output is the same integer expression of the same accumulators: only the order of the
+work changes.
 
 TVM has no schedule primitive for this: its software pipelining (`InjectSoftwarePipeline`) moves whole
 statements between iterations, which leaves the epilogue after the products in program order. So the
