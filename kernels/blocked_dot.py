@@ -530,7 +530,7 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
             tiling = _Tiling(oh_ext, nblk, int(sch.get(o1i).extent), rows_outer)
             prefetch = ([par, n, jo, rh, rw, rcb], tiling, weights)
         tile, first_reduce, rblock = jo, rh, (par if whole else rcb)
-        red_steps = int(sch.get(rh).extent) * int(sch.get(rw).extent) * int(sch.get(rcb).extent)
+        red_steps = kh_kw_cb(sch, block)  # (the block's handle goes with tensorization, below)
         if INT4_BLOCK in names and not whole:
             tile_weights = int(sch.get(o1i).extent) * isa.block * kh_kw_cb(sch, block)
             if tile_weights <= ROW_UNPACK_BYTES:

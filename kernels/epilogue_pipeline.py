@@ -91,22 +91,7 @@ def pipeline_epilogues(func: tirx.PrimFunc) -> tirx.PrimFunc:
 def _blocks(stmt) -> list:
     """The SBlocks under `stmt`, outermost first."""
     out: list = []
-
-    def walk(s):
-        if isinstance(s, tirx.For):
-            walk(s.body)
-        elif isinstance(s, tirx.SeqStmt):
-            for c in s.seq:
-                walk(c)
-        elif isinstance(s, tirx.IfThenElse):
-            walk(s.then_case)
-            if s.else_case is not None:
-                walk(s.else_case)
-        elif isinstance(s, s_tir.SBlockRealize):
-            out.append(s.block)
-            walk(s.block.body)
-
-    walk(stmt)
+    map_stmt(stmt, on_block=lambda b: out.append(b) or b)
     return out
 
 

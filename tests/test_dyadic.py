@@ -177,6 +177,17 @@ def _ifma_byte(raw: np.ndarray, low, high, mul, add, shift: int, signed: bool) -
     return out
 
 
+def _random_clamp_first(rng, multipliers, least: float, most: float, bias: int, qmin: int, qmax: int):
+    """(m, n, bias, bound, form) for 4 channels: real multipliers log-uniform in [least, most] made dyadic
+    by `multipliers`, biases in [-bias, bias), accumulator bounds up to 2^24, and their `ClampFirst` form
+    (None where there is none)."""
+    channels = 4
+    m, n = multipliers(np.exp(rng.uniform(np.log(least), np.log(most), channels)))
+    b = rng.integers(-bias, bias, channels)
+    bound = rng.integers(1, 2**24, channels)
+    return m, n, b, bound, dyadic.clamp_first(m, n, dyadic.requantize_total(m, n, b), qmin, qmax, bound)
+
+
 @pytest.mark.parametrize("qmin, qmax", [(0, 255), (-128, 127)])
 def test_clamp_first_with_its_correction_in_the_bounds_gives_the_same_bytes(qmin, qmax):
     """`ClampFirst.with_bounds`: the raw sum (before the signed-input correction c) clamped to
@@ -187,11 +198,8 @@ def test_clamp_first_with_its_correction_in_the_bounds_gives_the_same_bytes(qmin
     rng = np.random.default_rng(13)
     checked = 0
     for _ in range(150):
-        channels = 4
-        m, n = dyadic.quantize_multipliers(np.exp(rng.uniform(np.log(1e-4), np.log(0.5), channels)))
-        bias = rng.integers(-2**20, 2**20, channels)
-        bound = rng.integers(1, 2**24, channels)
-        form = dyadic.clamp_first(m, n, dyadic.requantize_total(m, n, bias), qmin, qmax, bound)
+        _, _, _, bound, form = _random_clamp_first(rng, dyadic.quantize_multipliers, 1e-4, 0.5, 2**20, qmin, qmax)
+        channels = len(bound)
         byte = form.with_shift(40) if form is not None else None
         if byte is None:
             continue
@@ -251,11 +259,8 @@ def test_short_form_on_wrapping_32_bit_lanes_equals_requantize(qmin, qmax):
     rng = np.random.default_rng(17)
     checked = 0
     for _ in range(120):
-        channels = 4
-        m, n = dyadic.conv_multipliers(np.exp(rng.uniform(np.log(3e-4), np.log(0.9), channels)))
-        bias = rng.integers(-2**16, 2**16, channels)
-        bound = rng.integers(1, 2**24, channels)
-        form = dyadic.clamp_first(m, n, dyadic.requantize_total(m, n, bias), qmin, qmax, bound)
+        m, n, bias, bound, form = _random_clamp_first(rng, dyadic.conv_multipliers, 3e-4, 0.9, 2**16, qmin, qmax)
+        channels = len(bound)
         short = form.with_shift(dyadic.SHORT_SHIFT, bits=dyadic.SHORT_BITS) if form is not None else None
         if short is None:
             continue
