@@ -7,10 +7,14 @@ transforming the tile (B^T d B) and the weights (G g G^T), and transforms the 36
 channels, half `vpdpbusd`'s rate): 4x fewer products at half the rate, 2x in all before the transforms.
 Measured on ResNet18's 56x56x64 and 28x28x128 layers: 1.5x faster than the direct VNNI kernel.
 
-Exact, in integers only. The 1/4, 1/6 and 1/24 of G are scaled out row by row (G' = diag(4, 6, 6, 24, 24,
-1) G is integer) and put back by A' = 24 A^T diag(1/4, 1/6, 1/6, 1/24, 1/24, 1), also integer, so that
-A'^T (G' g G'^T . B^T d B) A' = 576 x the conv sum. Activations run centered (d = x - 128 for uint8
-input, x for int8; padding is 0 in x), so |B^T d B| <= 100 * 128 and |G' g G'^T| <= 49 * 128 fit int16.
+Exact, in integers only. The 1/4, 1/6 and 1/24 of G are scaled out row by row (G' = diag(12, 6, 6, 24, 24,
+3) G is integer) and put back by A' = 24 A^T diag(1/12, 1/6, 1/6, 1/24, 1/24, 1/3), also integer, so that
+A'^T (G' g G'^T . B^T d B) A' = 576 x the conv sum. The first and last rows take the 3 (not the smallest
+integer G', diag(4, 6, 6, 24, 24, 1)) so that A' holds powers of two only: its 6 and 24 were a `vpmulld`
+each (LLVM keeps a multiply by a constant on Zen), 2 in each 6 sums of the inverse transform; no row's
+absolute sum grows past 7, so the int16 bound below holds as before. Activations run centered (d = x - 128
+for uint8 input, x for int8; padding is 0 in x), so |B^T d B| <= 100 * 128 and |G' g G'^T| <= 49 * 128
+fit int16.
 The channel sums and the inverse transform wrap on 32-bit lanes (only their value mod 2^32 is used).
 576 = 64 * 9: an arithmetic shift by 6 leaves 9 * acc mod 2^26, a multiply by 9's inverse mod 2^32
 gives acc mod 2^26, and sign-extending its 26 bits gives acc itself wherever |acc| < 2^25, which
@@ -33,7 +37,15 @@ from tvm import s_tir, te, tirx
 
 from .blocked_dot import ACC_SCOPE, DotIsa, Narrow, add_correction, broadcast_dot_intrin, ensure_intrin, narrow_block
 from .dot_product import SHIFT
-from .stages import find_block, insert_at_loop_top, map_stmt, prefetch, rewrite_marked_loops, vectorize_inner
+from .stages import (
+    find_block,
+    insert_at_loop_top,
+    map_stmt,
+    prefetch,
+    rewrite_marked_loops,
+    split_vector,
+    vectorize_inner,
+)
 
 LANES, GROUP = 16, 2  # vpdpwssd: 16 int32 lanes, each the sum of 2 int16 products
 INTRIN = "intforge_dot_16x2_s16s16s32_vnni"
@@ -57,8 +69,8 @@ OUT_BLOCK = "winograd_out"  # the recovered conv sums
 # B^T, G' (G with its rows scaled to integers) and A'^T for F(4x4, 3x3) at the points 0, +-1, +-2, inf
 BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
                [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.int64)
-GP = np.array([[1, 0, 0], [-1, -1, -1], [-1, 1, -1], [1, 2, 4], [1, -2, 4], [0, 0, 1]], np.int64)
-AT = np.array([[6, 4, 4, 1, 1, 0], [0, 4, -4, 2, -2, 0], [0, 4, 4, 4, 4, 0], [0, 4, -4, 8, -8, 24]], np.int64)
+GP = np.array([[3, 0, 0], [-1, -1, -1], [-1, 1, -1], [1, 2, 4], [1, -2, 4], [0, 0, 3]], np.int64)
+AT = np.array([[2, 4, 4, 1, 1, 0], [0, 4, -4, 2, -2, 0], [0, 4, 4, 4, 4, 0], [0, 4, -4, 8, -8, 8]], np.int64)
 SCALE_SHIFT = 6  # 576 = 2^6 * 9
 INV9 = pow(9, -1, 1 << 32)
 
@@ -135,8 +147,8 @@ def transform_output(m: list, dtype: str | None = None) -> list:
     k = _scale(dtype)
     s12, d12 = m[1] + m[2], m[1] - m[2]
     s34, d34 = m[3] + m[4], m[3] - m[4]
-    return [k(m[0], 6) + k(s12, 4) + s34, k(d12, 4) + k(d34, 2), k(s12 + s34, 4),
-            k(d12, 4) + k(d34, 8) + k(m[5], 24)]
+    return [k(m[0], 2) + k(s12, 4) + s34, k(d12, 4) + k(d34, 2), k(s12 + s34, 4),
+            k(d12, 4) + k(d34 + m[5], 8)]
 
 
 def _select(index, values: list) -> tirx.PrimExpr:
@@ -236,13 +248,15 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     run = _tile_row(_tiles(int(sch.get(x).extent)))
     bx, tx, cx = sch.split(x, [None, run, TILE])
     oo, oi = sch.split(o, [None, LANES])
-    sch.reorder(b_, ty, bx, a, tx, cx, oo, oi)
+    # a tile row's 4 outputs (cx) inside the channel block: their column transforms share 6 loads
+    sch.reorder(b_, ty, bx, a, tx, oo, cx, oi)
     par = sch.fuse(b_, ty, bx)
     sch.parallel(par)
     sch.unroll(cx)
     staged = [sch.get_sblock(nm) for nm in (narrow_name, OUT_BLOCK) if nm in keep and nm != last_name]
     for blk in staged:
         sch.compute_at(blk, oo, preserve_unit_loops=True)
+        sch.unroll(sch.get_loops(blk)[-2])
     for blk in (inverse, gemm, inp, rows, data):
         sch.compute_at(blk, par, preserve_unit_loops=True)
     if keep:
@@ -252,10 +266,10 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
         sch.vectorize(sch.get_loops(sch.get_sblock(OUT_BLOCK))[-1])
     if last_name != narrow_name:
         sch.vectorize(sch.get_loops(sch.get_sblock(last_name))[-1])
-    # inverse: [tiles, a, col, o]: a unrolled (folds the selects), 16 lanes a vector
+    # inverse: [tiles, col, o / 16, a, 16 lanes]: a unrolled (folds the selects) inside the channel
+    # vector, so the 4 outputs of a column share its 6 loads and sums
     *_, itx, ia, icol, io = sch.get_loops(inverse)
-    sch.unroll(ia)
-    vectorize_inner(sch, io, most=LANES)
+    inverse_blocks = _outputs_together(sch, ia, [icol], io, LANES)
     # products: per position and pair of channel blocks, the run's tiles x 2 x 16 accumulators in registers
     acc = sch.cache_write(gemm, 0, ACC_SCOPE)
     *_, gb, gy, gz, gp, gob, gol, grc, gri = sch.get_loops(gemm)
@@ -269,18 +283,33 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     sch.unroll(obi)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(acc)[-1])
-    # input transform: p unrolled (folds the selects), channels 32 int16 lanes a vector
-    for blk, unrolled in ((inp, -2), (rows, -3)):
-        loops = sch.get_loops(blk)
-        sch.unroll(loops[unrolled])
-        vectorize_inner(sch, loops[-1], most=2 * LANES)
+    # input transform, channels 32 int16 lanes a vector: the 6 outputs of a row (column) unrolled (folds
+    # the selects) inside the vector loop, sharing its 6 loads and common terms
+    *_, ri, rcol, rch = sch.get_loops(rows)
+    _outputs_together(sch, ri, [rcol], rch, 2 * LANES)
+    *_, ip, ich = sch.get_loops(inp)
+    pi, pj = sch.split(ip, [WINDOW, WINDOW])
+    _outputs_together(sch, pj, [], ich, 2 * LANES)
     vectorize_inner(sch, sch.get_loops(data)[-1], most=2 * LANES)
     if os.environ.get("INTFORGE_WINOGRAD_HALVES", "1") != "0":  # =0: to compare without
         blocks = int(sch.get(oo).extent)  # output channels / LANES
-        _mark_halves(sch, par, [(obo, blocks // CHANNEL_TILE), (sch.get_loops(inverse)[-2], blocks), (oo, blocks)])
+        _mark_halves(sch, par, [(obo, blocks // CHANNEL_TILE), (inverse_blocks, blocks), (oo, blocks)])
     _prefetch_weights_ahead(sch, grc, gp, obo, gemm_weights)
     _stagger_positions(sch, gp, par)
     return set()
+
+
+def _outputs_together(sch: s_tir.Schedule, unrolled, between: list, channels, lanes: int):
+    """Order a transform stage's loops [unrolled, *between, channels] as [*between, channel vectors,
+    unrolled, lanes] and unroll `unrolled` (which output of a row or column of the tile): one iteration
+    of the vector loop then loads the row's 6 values once and computes every output from them, where each
+    output had its own vector loop and loaded them again. Returns the loop over channel vectors (None
+    when the channels are one vector)."""
+    outer, inner = split_vector(sch, channels, most=lanes)  # (Winograd's channels are whole vectors)
+    sch.reorder(*between, *([outer] if outer is not None else []), unrolled)
+    sch.unroll(unrolled)
+    sch.vectorize(inner)
+    return outer
 
 
 def _prefetch_weights_ahead(sch: s_tir.Schedule, channels, position, pair, weights) -> None:
