@@ -115,15 +115,16 @@ def exact(weights: np.ndarray) -> bool:
 
 
 def weight_layout(weights: np.ndarray) -> np.ndarray:
-    """[O, C, 3, 3] int8 -> G' g G'^T as int16 [36, O/32, C/2, 2, 16, 2]: position, pair of output blocks
-    (a register tile's channels), channel pair, output block in the pair, lane, channel in the pair. One
-    64-byte load feeds one vpdpwssd, and a register tile reads its weights as one contiguous run."""
+    """[O, C, 3, 3] int8 -> G' g G'^T as int16 [6, O/32, 6, C/2, 2, 16, 2]: column j of the position
+    (i, j), pair of output blocks (a register tile's channels), row i, channel pair, output block in the
+    pair, lane, channel in the pair. One 64-byte load feeds one vpdpwssd, and a task reads the weights
+    as one contiguous stream, in the order its products run (column, pair, row: `schedule_winograd_func`)."""
     o, c = weights.shape[:2]
     u = np.einsum("ia,ocab,jb->ijco", GP, weights.astype(np.int64), GP).reshape(POS, c, o)
     if np.abs(u).max() >= 1 << 15:
         raise ValueError("transformed weights outgrow int16: weights must be int8")
-    u = u.reshape(POS, c // 2, GROUP, o // (CHANNEL_TILE * LANES), CHANNEL_TILE, LANES)
-    return np.ascontiguousarray(u.transpose(0, 3, 1, 4, 5, 2)).astype(np.int16)
+    u = u.reshape(WINDOW, WINDOW, c // 2, GROUP, o // (CHANNEL_TILE * LANES), CHANNEL_TILE, LANES)
+    return np.ascontiguousarray(u.transpose(1, 4, 0, 2, 5, 6, 3)).astype(np.int16)
 
 
 def _scale(dtype: str | None):
@@ -196,19 +197,18 @@ def conv2d_winograd(x: te.Tensor, up: te.Tensor, correction: te.Tensor | None, o
         p % WINDOW, transform_input([rows[b, y, z, p // WINDOW, col, ch] for col in range(WINDOW)], "int16")),
         name="winograd_input")
     rc, ri = te.reduce_axis((0, c // GROUP), "rc"), te.reduce_axis((0, GROUP), "ri")
-    m = te.compute((n, th, tw, POS, out_channels // LANES, LANES), lambda b, y, z, p, ob, ol: te.sum(
-        v[b, y, z, p, rc * GROUP + ri].astype("int32")
-        * up[p, ob // CHANNEL_TILE, rc, ob % CHANNEL_TILE, ol, ri].astype("int32"), axis=[rc, ri]),
+    m = te.compute((n, th, tw, WINDOW, WINDOW, out_channels // LANES, LANES), lambda b, y, z, i, j, ob, ol: te.sum(
+        v[b, y, z, i * WINDOW + j, rc * GROUP + ri].astype("int32")
+        * up[j, ob // CHANNEL_TILE, i, rc, ob % CHANNEL_TILE, ol, ri].astype("int32"), axis=[rc, ri]),
         name=BLOCK)
     # inverse transform on wrapping uint32 lanes: rows A'^T M, then columns
-    inv = te.compute((n, th, tw, TILE, WINDOW, out_channels), lambda b, y, z, a, col, o: _select(
-        a, transform_output([_u32(m[b, y, z, i * WINDOW + col, o // LANES, o % LANES]) for i in range(WINDOW)],
-                            "uint32")),
+    inv = te.compute((n, th, tw, TILE, WINDOW, out_channels // LANES, LANES), lambda b, y, z, a, col, ob, ol: _select(
+        a, transform_output([_u32(m[b, y, z, i, col, ob, ol]) for i in range(WINDOW)], "uint32")),
         name="winograd_inverse")
 
     def _sum(b, i, j, o):
         return _recover(_select(j % TILE, transform_output(
-            [inv[b, i // TILE, j // TILE, i % TILE, col, o] for col in range(WINDOW)], "uint32")))
+            [inv[b, i // TILE, j // TILE, i % TILE, col, o // LANES, o % LANES] for col in range(WINDOW)], "uint32")))
 
     if narrow is not None:
         if correction is None:
@@ -223,15 +223,21 @@ def conv2d_winograd(x: te.Tensor, up: te.Tensor, correction: te.Tensor | None, o
 def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     """Schedule a fused function built around `conv2d_winograd` (its epilogue fused after it): a parallel
     task per row of tiles and run of up to MAX_TILE_ROW tiles, which transforms its input, runs the
-    products with 7 x 2 x 16 accumulators in registers, and transforms back and requantizes. Returns None
-    when the function has no Winograd kernel."""
+    products with 7 x 2 x 16 accumulators in registers (a column of 6 positions for a pair of channel
+    blocks, then that column's inverse transform), and transforms back and requantizes. Returns None
+    when the function has no Winograd kernel.
+
+    Products and inverse interleaved by column: on Zen 5 (2026-12-05, interleaved A/B inside ResNet18,
+    outputs identical) the 56x56x64 convs 7-8% faster, the 28x28x128 ones 1-2%; the whole row's sums
+    (64-129 KB a task) had gone to L2 between the two stages, with the inverse transform a tenth of the
+    56x56 kernel's time (`perf`, software clock samples)."""
     found = find_block(sch, BLOCK)
     if found is None:
         return None
     blocks, names, k = found
     data, rows, inp = (blocks[names.index(nm)] for nm in ("winograd_data", "winograd_rows", "winograd_input"))
     gemm, inverse = blocks[k], blocks[names.index("winograd_inverse")]
-    gemm_weights = next(r.source for r in sch.get(gemm).reads if len(r.source.shape) == 6)  # [36, O/32, C/2, ...]
+    gemm_weights = next(r.source for r in sch.get(gemm).reads if len(r.source.shape) == 7)  # [6, O/32, 6, C/2, ...]
     tail = blocks[names.index(OUT_BLOCK):]
     tail_names = [sch.get(b).name_hint for b in tail]
     narrow_name = narrow_block(WINOGRAD)
@@ -257,7 +263,16 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     for blk in staged:
         sch.compute_at(blk, oo, preserve_unit_loops=True)
         sch.unroll(sch.get_loops(blk)[-2])
-    for blk in (inverse, gemm, inp, rows, data):
+    # The inverse transform runs a column of positions (col) and a pair of channel blocks at a time, and
+    # the products of those 6 positions and channels are computed right before it, inside the same
+    # loops: their sums (7 tiles x 6 x 32 int32, 5.4 KB) are read back from L1, where the whole row's
+    # (64-129 KB) had gone to L2 and come back
+    sch.compute_at(inverse, par, preserve_unit_loops=True)
+    *_, itx, ia, icol, iob, iol = sch.get_loops(inverse)
+    obo, iobi = sch.split(iob, [None, CHANNEL_TILE])
+    sch.reorder(icol, obo, itx, ia, iobi, iol)
+    sch.compute_at(gemm, obo, preserve_unit_loops=True)
+    for blk in (inp, rows, data):
         sch.compute_at(blk, par, preserve_unit_loops=True)
     if keep:
         from .x86_ifma import tensorize_narrow
@@ -266,21 +281,19 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
         sch.vectorize(sch.get_loops(sch.get_sblock(OUT_BLOCK))[-1])
     if last_name != narrow_name:
         sch.vectorize(sch.get_loops(sch.get_sblock(last_name))[-1])
-    # inverse: [tiles, col, o / 16, a, 16 lanes]: a unrolled (folds the selects) inside the channel
-    # vector, so the 4 outputs of a column share its 6 loads and sums
-    *_, itx, ia, icol, io = sch.get_loops(inverse)
-    inverse_blocks = _outputs_together(sch, ia, [icol], io, LANES)
-    # products: per position and pair of channel blocks, the run's tiles x 2 x 16 accumulators in registers
+    # products: per position (row gi of the column) the run's tiles x 2 x 16 accumulators in registers
     acc = sch.cache_write(gemm, 0, ACC_SCOPE)
-    *_, gb, gy, gz, gp, gob, gol, grc, gri = sch.get_loops(gemm)
-    obo, obi = sch.split(gob, [None, CHANNEL_TILE])
-    sch.reorder(gp, obo, grc, gz, obi, gol, gri)
-    sch.reverse_compute_at(acc, obo)
+    *_, gz, gi, gj, gob, gol, grc, gri = sch.get_loops(gemm)
+    sch.reorder(gi, grc, gz, gob, gol, gri)
+    sch.reverse_compute_at(acc, gi)
     init = sch.decompose_reduction(gemm, grc)
+    # inverse: [tiles, block, a, 16 lanes]: a unrolled (folds the selects) inside the channel vector, so
+    # the 4 outputs of a column share its 6 loads and sums
+    _outputs_together(sch, ia, [iobi], iol, LANES)
     ensure_intrin(WINOGRAD.intrin, WINOGRAD.intrin_funcs)
     sch.tensorize(gol, WINOGRAD.intrin)
     sch.unroll(gz)
-    sch.unroll(obi)
+    sch.unroll(gob)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(acc)[-1])
     # input transform, channels 32 int16 lanes a vector: the 6 outputs of a row (column) unrolled (folds
@@ -293,9 +306,9 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     vectorize_inner(sch, sch.get_loops(data)[-1], most=2 * LANES)
     if os.environ.get("INTFORGE_WINOGRAD_HALVES", "1") != "0":  # =0: to compare without
         blocks = int(sch.get(oo).extent)  # output channels / LANES
-        _mark_halves(sch, par, [(obo, blocks // CHANNEL_TILE), (inverse_blocks, blocks), (oo, blocks)])
-    _prefetch_weights_ahead(sch, grc, gp, obo, gemm_weights)
-    _stagger_positions(sch, gp, par)
+        _mark_halves(sch, par, [(obo, blocks // CHANNEL_TILE), (oo, blocks)])
+    _prefetch_weights_ahead(sch, grc, [icol, obo, gi], gemm_weights)
+    _stagger_positions(sch, icol, par)
     return set()
 
 
@@ -312,47 +325,48 @@ def _outputs_together(sch: s_tir.Schedule, unrolled, between: list, channels, la
     return outer
 
 
-def _prefetch_weights_ahead(sch: s_tir.Schedule, channels, position, pair, weights) -> None:
+def _prefetch_weights_ahead(sch: s_tir.Schedule, channels, outer: list, weights) -> None:
     """Each step of the products' channel loop prefetches the two weight lines WEIGHT_PREFETCH_BYTES
     ahead of the two it reads.
 
-    A task reads the layer's int16 weights as one contiguous stream (position, output channel pair,
-    input channel pair: 1.2 MB at 28x28x128), and a thread's first task finds them in memory. The
+    A task reads the layer's int16 weights as one contiguous stream (column of positions, output channel
+    pair, row, input channel pair: 1.2 MB at 28x28x128), and a thread's first task finds them in memory. The
     hardware prefetchers follow a stream only within a 4 KB page, so at every page boundary the
     products wait for memory again; a software prefetch one page ahead keeps the stream going across
     them. On Zen 5 (2026-12-04, interleaved per-kernel A/Bs) inside ResNet18 the 28x28x128 convs ran
     2-8% faster and the 56x56x64 ones 0-5% (calls 0.963-0.979x in three A/Bs; 8 KB ahead the same,
     2 KB 0.987-1.005x), inside ResNet50, in a quiet minute, unchanged. A prefetch past the end of the
     weights never faults. The calls go in front of the loop's body (`stages.insert_at_loop_top`)."""
-    step = tirx.address_of(tirx.BufferLoad(weights, [sch.get(position).loop_var, sch.get(pair).loop_var,
-                                                     sch.get(channels).loop_var, 0, 0, 0]))
+    index = [sch.get(lp).loop_var for lp in (*outer, channels)]
+    step = tirx.address_of(tirx.BufferLoad(weights, index + [0] * (len(weights.shape) - len(index))))
     insert_at_loop_top(sch, channels, [prefetch(tirx.call_intrin(
         "handle", "tirx.handle_add_byte_offset", step, tirx.const(WEIGHT_PREFETCH_BYTES + line, "int32")))
         for line in (0, 64)])
 
 
 def _stagger_positions(sch: s_tir.Schedule, position, par) -> None:
-    """Start task t of T at position floor(t * 36 / T) of the products' position loop, wrapping around.
+    """Start task t of T at column floor(t * 6 / T) of the products' loop over columns of positions,
+    wrapping around.
 
-    Every task reads all of the layer's int16 weights, position by position (each position's are
-    contiguous), and a model's weights do not stay in cache from one call to the next: each thread's first
-    task streams them from memory, the threads in step with each other. Started apart (the static split
-    gives thread k of K the tasks from k * T / K on), the threads ask for different weights first, and
-    what one thread fetched another may find on chip when it gets there. On Zen 5 (2026-12-04,
-    interleaved per-kernel A/Bs inside ResNet18 and ResNet50) the 28x28x128 convs (1.2 MB of weights) 2-5% faster,
-    the 56x56x64 ones 0-3%; outputs identical (the positions are independent sums).
+    Every task reads all of the layer's int16 weights, column by column (each column's are contiguous),
+    and a model's weights do not stay in cache from one call to the next: each thread's first task
+    streams them from memory, the threads in step with each other. Started apart (the static split gives
+    thread k of K the tasks from k * T / K on), the threads ask for different weights first, and what one
+    thread fetched another may find on chip when it gets there. On Zen 5 (2026-12-04, interleaved
+    per-kernel A/Bs inside ResNet18 and ResNet50, then staggered by position) the 28x28x128 convs (1.2 MB
+    of weights) 2-5% faster, the 56x56x64 ones 0-3%; outputs identical (the positions are independent sums).
 
-    The position loop's variable becomes a value bound at the top of its body, (q + offset) mod 36 for a
-    new loop variable q (`stages.insert_at_loop_top`)."""
+    The column loop's variable becomes a value bound at the top of its body, (q + offset) mod 6 for a new
+    loop variable q (`stages.insert_at_loop_top`)."""
     loop, task = sch.get(position), sch.get(par)
     dtype = str(loop.extent.ty)
     tasks = int(task.extent)
     if tasks < 2:
         return
-    offset = tirx.floordiv(tirx.Cast(dtype, task.loop_var) * tirx.const(POS, dtype), tirx.const(tasks, dtype))
+    extent = tirx.const(int(loop.extent), dtype)
+    offset = tirx.floordiv(tirx.Cast(dtype, task.loop_var) * extent, tirx.const(tasks, dtype))
     q = tirx.Var("q", dtype)
-    insert_at_loop_top(sch, position, [tirx.Bind(loop.loop_var, tirx.floormod(q + offset, tirx.const(POS, dtype)))],
-                       loop_var=q)
+    insert_at_loop_top(sch, position, [tirx.Bind(loop.loop_var, tirx.floormod(q + offset, extent))], loop_var=q)
 
 
 BALANCE = "intforge.winograd_halves"  # on the parallel loop of a Winograd conv with an odd number of tasks

@@ -458,8 +458,9 @@ def test_winograd_splits_the_last_of_an_odd_number_of_rows_between_two_tasks():
     """`winograd.balance_odd_tasks`: 7 rows of tiles (28x28) run as 8 tasks, the last row twice with half
     of the output channels each, so that each of two threads gets 3.5 rows; 4 rows stay 4 tasks, and so do
     7 rows whose channel loops do not halve (32 channels: one pair of blocks). The per-task buffers keep
-    their one-row size (the GEMM's accumulators on the stack). (Outputs: conv_winograd_odd_rows and
-    conv_winograd_residual_7_rows, bit-exact.)"""
+    their one-row size (the GEMM's accumulators on the stack), and the products' sums stay one column of
+    positions' for one pair of channel blocks (5.4 KB: the inverse transform reads them from L1). (Outputs:
+    conv_winograd_odd_rows and conv_winograd_residual_7_rows, bit-exact.)"""
     import re
 
     from tvm import s_tir, te
@@ -481,16 +482,17 @@ def test_winograd_splits_the_last_of_an_odd_number_of_rows_between_two_tasks():
 
     count, text = tasks(28, 128)
     assert count == 8
-    assert re.search(r'winograd_gemm_global = T.sblock_alloc_buffer\(\(1, 1, 7, 1, 2, 16\), "int32"\)', text)
+    assert re.search(r'winograd_gemm_global = T.sblock_alloc_buffer\(\(1, 1, 7, 1, 1, 2, 16\), "int32"\)', text)
+    assert re.search(r'winograd_gemm = T.sblock_alloc_buffer\(\(1, 1, 7, 6, 1, 2, 16\), "int32"\)', text)
     assert tasks(16, 128)[0] == 4
     assert tasks(28, 32)[0] == 7
 
 
 def test_winograd_tasks_start_their_products_at_staggered_positions():
-    """Each Winograd task runs its 36 positions' products from position floor(t * 36 / T) on, wrapping
-    around (`winograd._stagger_positions`), so that threads starting together ask for different int16
-    weights first: ResNet's 28x28x128 layer, 7 tasks (rows of 7 tiles), starts them at 0, 5, 10, ..., 30,
-    and each task still runs every position once; and it prefetches its weight stream a page ahead
+    """Each Winograd task runs its 6 columns of positions' products from column floor(t * 6 / T) on,
+    wrapping around (`winograd._stagger_positions`), so that threads starting together ask for different
+    int16 weights first: ResNet's 28x28x128 layer, 7 tasks (rows of 7 tiles), starts them at 0, 0, 1, ...,
+    5, and each task still runs every column once; and it prefetches its weight stream a page ahead
     (`winograd._prefetch_weights_ahead`). (Outputs: the bit-exact Winograd cases.)"""
     import re
 
@@ -504,17 +506,18 @@ def test_winograd_tasks_start_their_products_at_staggered_positions():
     schedule_winograd_func(sch)
     text = re.sub(r"T\.int64\((\d+)\)", r"\1", sch.mod.script())
     task = re.search(r"for (\w+) in T.parallel\(7[,)]", text).group(1)  # (annotated: balance_odd_tasks)
-    # the position loop (fused by the printer with the unit loops around it) and the position it binds
-    loop, expr = re.search(r"for ax0, ax1, (\w+) in T.grid\(1, 1, 36\):\n\s*\w+: T.let\[T.int\d+\] = (.*)\n",
+    # the column loop (fused by the printer with the unit loops around it) and the column it binds
+    loop, expr = re.search(r"for ax0, ax1, (\w+) in T.grid\(1, 1, 6\):\n\s*\w+: T.let\[T.int\d+\] = (.*)\n",
                            text).group(1, 2)
     expr = re.sub(r'T.Cast\("int\d+", ', "(", expr)
     starts = [eval(expr, {loop: 0, task: t}) for t in range(7)]
-    assert starts == [t * 36 // 7 for t in range(7)] == [0, 5, 10, 15, 20, 25, 30]
-    assert all(sorted(eval(expr, {loop: q, task: t}) for q in range(36)) == list(range(36)) for t in range(7))
+    assert starts == [t * 6 // 7 for t in range(7)] == [0, 0, 1, 2, 3, 4, 5]
+    assert all(sorted(eval(expr, {loop: q, task: t}) for q in range(6)) == list(range(6)) for t in range(7))
     # each step of the channel loop prefetches the two weight lines a page (4 KB) past the two it reads
+    # (weights [column, pair of output blocks, row, channel pair, ...]: one contiguous stream a task)
     ahead = re.findall(r"T.prefetch\(T.handle_add_byte_offset\("
-                       r"T.address_of\(w\[(\w+), (\w+), (\w+), 0, 0, 0\]\), (\d+)\)", text)
-    assert [int(a[3]) for a in ahead] == [4096, 4160] and len({a[:3] for a in ahead}) == 1
+                       r"T.address_of\(w\[(\w+), (\w+), (\w+), (\w+), 0, 0, 0\]\), (\d+)\)", text)
+    assert [int(a[4]) for a in ahead] == [4096, 4160] and len({a[:4] for a in ahead}) == 1
 
 
 @pytest.mark.skipif(not (resolve_target("x86").has("avx512ifma") and resolve_target("x86").has("avx512vbmi")),
