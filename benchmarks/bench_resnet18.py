@@ -125,14 +125,15 @@ SWITCH_PAUSE_S = 0.2  # between two engines' blocks: the last one's spinning thr
 
 
 def time_interleaved(fns: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray, repeat: int, warmup: int,
-                     rounds: int = 5) -> dict[str, dict[str, Any]]:
+                     rounds: int = 5, before: Callable[[], Any] | None = None) -> dict[str, dict[str, Any]]:
     """`time_engine` for several engines at once, round by round: each round times a block of
     repeat / rounds calls of every engine in turn, so a slow phase of a shared machine (this VM's
     timings are bimodal over tens of seconds) lands on every engine alike instead of on whichever
     engine's turn it was. Each block starts with one untimed call, which refills the caches and lets the
     previous engine's idle threads (ORT's and OpenMP's spin a while) go to sleep. Statistics pool all of
     an engine's timed calls; `round_medians_ms` keeps each round's median, so that two engines can be
-    compared round by round (`paired_ratio`)."""
+    compared round by round (`paired_ratio`). `before`, if given, runs before every timed call, outside
+    its time (`bench_contention.py`: evict the caches)."""
     per_round = max(1, -(-repeat // rounds))
     ts: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
@@ -144,6 +145,8 @@ def time_interleaved(fns: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray,
             time.sleep(SWITCH_PAUSE_S)
             fn(x)
             for _ in range(per_round):
+                if before is not None:
+                    before()
                 t0 = time.perf_counter()
                 fn(x)
                 ts[name].append((time.perf_counter() - t0) * 1e3)

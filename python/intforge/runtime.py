@@ -164,10 +164,11 @@ class CompiledModel:
     def _placed(self):
         """On the CPU, TVM's pool workers pinned and this thread off their cores for the call
         (`threads.off_worker_cores`): each kernel splits its work evenly, so one core shared by two of
-        its threads halves the speed."""
+        its threads halves the speed; a call that finds a worker's core taken by something else sets the
+        workers free for a while."""
         if self.on_gpu:
             return contextlib.nullcontext()
-        return off_worker_cores()
+        return off_worker_cores(self)
 
     def _numpy(self, t) -> np.ndarray:
         """A result as a numpy array of its own. On the CPU through DLPack and one copy: 1 us for

@@ -17,6 +17,16 @@ where it is. MobileNetV2 with ONNX Runtime in the same process ran 2x slow (1.35
 workers itself, one per physical core after the first (`pin_workers`), and a call that finds its thread
 on a worker's core moves it off for the call (`off_worker_cores`). TVM has no such placement: it only
 pins workers, and sets the caller free on all cores.
+
+When something else runs on a pinned worker's core: that worker can go nowhere else, and every kernel
+waits for its half until the scheduler gives it a turn. With a busy process on the second of 2 cores,
+ResNet18 took 94-108 ms a call instead of 1.65 (2026-12-05; unpinned 3.1 ms, ORT INT8 8.2-8.6), and
+the worker had 1-2% of the call's time on its core. So each call long enough to tell
+(`MEASURE_AFTER_S`) also reads the process's CPU clock: a call whose workers ran for less than
+`MIN_WORKER_SHARE` of it (CPU time beyond the caller's, over workers x wall time; 1.0 on a quiet
+machine, 0.63 the lowest of 400 quiet calls), `TAKEN_CALLS` times in a row (the first call after an idle
+while finds the workers asleep, and may read low alone), sets them free on every allowed core, and they
+are pinned again after `FREE_HOLD_S`, doubling while the next try finds them taken again.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ import ctypes
 import functools
 import os
 import threading
+import time
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,8 +46,16 @@ _SYS_CPU = Path("/sys/devices/system/cpu")
 _USER_BIND: str | None = os.environ.get("TVM_BIND_THREADS")
 # TVM's pool is per calling thread (a thread_local in its runtime): so is what `pin_workers` did to it
 _PINNED = threading.local()
-# TVM's AffinityMode for one listed CPU per thread (threading_backend.h: kSpecifyOneCorePerThread)
+# TVM's AffinityModes (threading_backend.h): one listed CPU per thread (kSpecifyOneCorePerThread), or every
+# thread on all the listed CPUs (kSpecifyThreadShareAllCore)
 _ONE_CORE_PER_THREAD = -2
+_SHARE_ALL_CORES = -3
+MIN_WORKER_SHARE = 0.5  # a pinned call whose workers ran less of it than this shared their cores
+MEASURE_AFTER_S = 200e-6  # a call is checked when the model's previous one took this long (two CPU-clock
+# reads, about 1 us: 5% of the MNIST demo's call, which is not checked while it stays that short)
+TAKEN_CALLS = 2  # checked calls in a row below MIN_WORKER_SHARE that set the workers free
+FREE_HOLD_S = (1.0, 64.0)  # the workers stay free this long before pinning is tried again; doubles up to
+# the second value each time the try finds them taken again
 
 
 def physical_cores(cpus: Iterable[int] | None = None, sys_cpu: Path = _SYS_CPU) -> int | None:
@@ -107,7 +127,8 @@ def pin_workers() -> frozenset[int]:
     """Pin the calling thread's TVM pool workers, one to each physical core after the first of those this
     thread may run on, and return the CPUs of those cores (empty where nothing was pinned: one thread,
     more threads than cores, topology hidden, or TVM_BIND_THREADS set by the user, whose choice stands).
-    Done once per calling thread; TVM also confines the caller to the listed CPUs, which is undone here."""
+    Done once per calling thread; TVM also confines the caller to the listed CPUs, which is undone here.
+    (The workers may since have been set free for a while: `workers_free`.)"""
     done = getattr(_PINNED, "cores", None)
     if done is not None:
         return done
@@ -117,20 +138,50 @@ def pin_workers() -> frozenset[int]:
         cores = core_cpus(allowed)
         n = pool_threads()
         if cores and 2 <= n <= len(cores):
-            import tvm
-
             cpus = [min(group) for group in cores[:n]]  # the caller's core first, then one a worker
-            os.environ["TVM_BIND_THREADS"] = "1"  # TVM reads it inside the call below
-            try:
-                tvm.get_global_func("runtime.config_threadpool")(_ONE_CORE_PER_THREAD, n, [str(c) for c in cpus])
+            if _configure_pool(_ONE_CORE_PER_THREAD, n, cpus, allowed):
                 busy = frozenset().union(*cores[1:n])
-            except Exception:  # noqa: BLE001 - placement only speeds calls up: unpinned, they still run right
-                busy = frozenset()
-            finally:
-                os.environ["TVM_BIND_THREADS"] = "0"
-                os.sched_setaffinity(0, allowed)
+                _PINNED.pool = (n, cpus, sorted(allowed))
     _PINNED.cores = busy
+    _PINNED.free_until = None  # pinned (else the monotonic time until which the workers run free)
+    _PINNED.hold = FREE_HOLD_S[0]
+    _PINNED.strikes = 0  # checked calls in a row whose workers ran less than MIN_WORKER_SHARE of them
+    _PINNED.last = weakref.WeakKeyDictionary()  # the previous call's wall time, by model
     return busy
+
+
+def _configure_pool(mode: int, n: int, cpus: list[int], allowed: set[int]) -> bool:
+    """Set the affinity of the calling thread's TVM pool workers (`config_threadpool`, which only reads
+    TVM_BIND_THREADS while it runs, and also confines the caller, undone here); whether it took."""
+    import tvm
+
+    os.environ["TVM_BIND_THREADS"] = "1"
+    try:
+        tvm.get_global_func("runtime.config_threadpool")(mode, n, [str(c) for c in cpus])
+        return True
+    except Exception:  # noqa: BLE001 - placement only speeds calls up: unpinned, they still run right
+        return False
+    finally:
+        os.environ["TVM_BIND_THREADS"] = "0"
+        os.sched_setaffinity(0, allowed)
+
+
+def workers_free() -> bool:
+    """Whether the calling thread's pinned workers are free of their cores now (`off_worker_cores`)."""
+    return getattr(_PINNED, "free_until", None) is not None
+
+
+def _set_free(free: bool) -> None:
+    """Pin the workers to their cores again, or let each run on every allowed core."""
+    n, cpus, allowed = _PINNED.pool
+    _PINNED.strikes = 0
+    if free:
+        _configure_pool(_SHARE_ALL_CORES, n, allowed, set(allowed))
+        _PINNED.free_until = time.monotonic() + _PINNED.hold
+        _PINNED.hold = min(2 * _PINNED.hold, FREE_HOLD_S[1])
+    else:
+        _configure_pool(_ONE_CORE_PER_THREAD, n, cpus, set(allowed))
+        _PINNED.free_until = None
 
 
 @functools.cache
@@ -146,21 +197,43 @@ def _current_cpu() -> int:
 
 
 @contextmanager
-def off_worker_cores() -> Iterator[None]:
-    """Run the body (a model call) with this thread off the pinned workers' cores where it is on one now,
-    its CPU affinity as before afterwards. A thread already elsewhere is left alone: while a call runs it
-    never sleeps, so the scheduler has no reason to move it onto a busy core."""
+def off_worker_cores(key: object = _PINNED) -> Iterator[None]:
+    """Run the body (a call of model `key`) with this thread off the pinned workers' cores where it is on
+    one now, its CPU affinity as before afterwards. A thread already elsewhere is left alone: while a
+    call runs it never sleeps, so the scheduler has no reason to move it onto a busy core. A call that
+    finds the pinned workers sharing their cores with something else sets them free for a while (the
+    module's docstring); one after that while pins them again."""
     busy = pin_workers()
-    if not busy or _current_cpu() not in busy:
+    if not busy:
         yield
         return
-    before = os.sched_getaffinity(0)
-    during = before - busy
-    if not during:
-        yield
+    free_until = _PINNED.free_until
+    if free_until is not None and time.monotonic() >= free_until:
+        _set_free(False)
+    elif free_until is not None:
+        yield  # free: nothing to move, nothing to check
         return
-    os.sched_setaffinity(0, during)
+    check = _PINNED.last.get(key, 0.0) >= MEASURE_AFTER_S
+    before = os.sched_getaffinity(0) if _current_cpu() in busy else None
+    if before is not None and before - busy:
+        os.sched_setaffinity(0, before - busy)
+    else:
+        before = None
+    cpu0 = time.process_time() if check else 0.0
+    t0 = time.perf_counter()
     try:
         yield
     finally:
-        os.sched_setaffinity(0, before)
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0 if check else 0.0
+        if before is not None:
+            os.sched_setaffinity(0, before)
+        _PINNED.last[key] = wall
+        workers = _PINNED.pool[0] - 1
+        if check and (cpu - wall) < MIN_WORKER_SHARE * workers * wall:
+            _PINNED.strikes += 1  # (one alone may be a worker waking from sleep after an idle while)
+            if _PINNED.strikes >= TAKEN_CALLS:
+                _set_free(True)  # a worker's core was taken: free them for a while
+        elif check:
+            _PINNED.strikes = 0
+            _PINNED.hold = FREE_HOLD_S[0]  # pinned and unhindered: the next taken core starts the wait over
