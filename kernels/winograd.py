@@ -301,28 +301,26 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     *_, ri, rcol, rch = sch.get_loops(rows)
     _outputs_together(sch, ri, [rcol], rch, 2 * LANES)
     *_, ip, ich = sch.get_loops(inp)
-    pi, pj = sch.split(ip, [WINDOW, WINDOW])
+    _, pj = sch.split(ip, [WINDOW, WINDOW])
     _outputs_together(sch, pj, [], ich, 2 * LANES)
     vectorize_inner(sch, sch.get_loops(data)[-1], most=2 * LANES)
     if os.environ.get("INTFORGE_WINOGRAD_HALVES", "1") != "0":  # =0: to compare without
         blocks = int(sch.get(oo).extent)  # output channels / LANES
         _mark_halves(sch, par, [(obo, blocks // CHANNEL_TILE), (oo, blocks)])
     _prefetch_weights_ahead(sch, grc, [icol, obo, gi], gemm_weights)
-    _stagger_positions(sch, icol, par)
+    _stagger_columns(sch, icol, par)
     return set()
 
 
-def _outputs_together(sch: s_tir.Schedule, unrolled, between: list, channels, lanes: int):
+def _outputs_together(sch: s_tir.Schedule, unrolled, between: list, channels, lanes: int) -> None:
     """Order a transform stage's loops [unrolled, *between, channels] as [*between, channel vectors,
     unrolled, lanes] and unroll `unrolled` (which output of a row or column of the tile): one iteration
     of the vector loop then loads the row's 6 values once and computes every output from them, where each
-    output had its own vector loop and loaded them again. Returns the loop over channel vectors (None
-    when the channels are one vector)."""
+    output had its own vector loop and loaded them again."""
     outer, inner = split_vector(sch, channels, most=lanes)  # (Winograd's channels are whole vectors)
     sch.reorder(*between, *([outer] if outer is not None else []), unrolled)
     sch.unroll(unrolled)
     sch.vectorize(inner)
-    return outer
 
 
 def _prefetch_weights_ahead(sch: s_tir.Schedule, channels, outer: list, weights) -> None:
@@ -344,7 +342,7 @@ def _prefetch_weights_ahead(sch: s_tir.Schedule, channels, outer: list, weights)
         for line in (0, 64)])
 
 
-def _stagger_positions(sch: s_tir.Schedule, position, par) -> None:
+def _stagger_columns(sch: s_tir.Schedule, column, par) -> None:
     """Start task t of T at column floor(t * 6 / T) of the products' loop over columns of positions,
     wrapping around.
 
@@ -358,7 +356,7 @@ def _stagger_positions(sch: s_tir.Schedule, position, par) -> None:
 
     The column loop's variable becomes a value bound at the top of its body, (q + offset) mod 6 for a new
     loop variable q (`stages.insert_at_loop_top`)."""
-    loop, task = sch.get(position), sch.get(par)
+    loop, task = sch.get(column), sch.get(par)
     dtype = str(loop.extent.ty)
     tasks = int(task.extent)
     if tasks < 2:
@@ -366,7 +364,7 @@ def _stagger_positions(sch: s_tir.Schedule, position, par) -> None:
     extent = tirx.const(int(loop.extent), dtype)
     offset = tirx.floordiv(tirx.Cast(dtype, task.loop_var) * extent, tirx.const(tasks, dtype))
     q = tirx.Var("q", dtype)
-    insert_at_loop_top(sch, position, [tirx.Bind(loop.loop_var, tirx.floormod(q + offset, extent))], loop_var=q)
+    insert_at_loop_top(sch, column, [tirx.Bind(loop.loop_var, tirx.floormod(q + offset, extent))], loop_var=q)
 
 
 BALANCE = "intforge.winograd_halves"  # on the parallel loop of a Winograd conv with an odd number of tasks

@@ -490,7 +490,7 @@ def test_winograd_splits_the_last_of_an_odd_number_of_rows_between_two_tasks():
 
 def test_winograd_tasks_start_their_products_at_staggered_positions():
     """Each Winograd task runs its 6 columns of positions' products from column floor(t * 6 / T) on,
-    wrapping around (`winograd._stagger_positions`), so that threads starting together ask for different
+    wrapping around (`winograd._stagger_columns`), so that threads starting together ask for different
     int16 weights first: ResNet's 28x28x128 layer, 7 tasks (rows of 7 tiles), starts them at 0, 0, 1, ...,
     5, and each task still runs every column once; and it prefetches its weight stream a page ahead
     (`winograd._prefetch_weights_ahead`). (Outputs: the bit-exact Winograd cases.)"""

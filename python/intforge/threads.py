@@ -214,11 +214,12 @@ def off_worker_cores(key: object = _PINNED) -> Iterator[None]:
         yield  # free: nothing to move, nothing to check
         return
     check = _PINNED.last.get(key, 0.0) >= MEASURE_AFTER_S
-    before = os.sched_getaffinity(0) if _current_cpu() in busy else None
-    if before is not None and before - busy:
-        os.sched_setaffinity(0, before - busy)
-    else:
-        before = None
+    before = None  # this thread's affinity, where the call moves it off a worker's core
+    if _current_cpu() in busy:
+        allowed = os.sched_getaffinity(0)
+        if allowed - busy:
+            before = allowed
+            os.sched_setaffinity(0, allowed - busy)
     cpu0 = time.process_time() if check else 0.0
     t0 = time.perf_counter()
     try:
