@@ -24,7 +24,10 @@ MACs / latency, and the rate that 0.75x ORT INT8's latency would take). The peak
 (`vnni_peak.c`: register-only vpdpbusd on every thread, at whatever clock the CPU boosts to); the nominal
 one (MACs per cycle per core for the CPU's family x cores x /proc/cpuinfo's base clock) is recorded beside
 it. Before and after the latency runs it records `thread_skew.c`'s reading of how unevenly the CPUs run
-(what a statically split kernel loses to its slower thread), so a run says how noisy its minutes were.
+(what a statically split kernel loses to its slower thread), so a run says how noisy its minutes were,
+and before every round of the side-by-side timing (2 threads) whether the two vCPUs had a core's
+dot-product units each (`CoreProbe`): the intforge/ORT INT8 ratio is also given over the rounds on cores
+apart and over the others, where the host ran the two vCPUs on shared units.
 
 Writes JSON (`--out`) and a grouped bar chart beside it. Takes 10-20 minutes on 2 cores.
 """
@@ -129,6 +132,65 @@ def measured_int8_peak(threads: int) -> float | None:
         return max(float(out) for out in runs) if runs else None
     except ValueError:
         return None
+
+
+# Two threads of register-only vpdpbusd run this many times one thread's rate, or more, on two cores of
+# their own; the probes of 2026-12-05 read 1.78-1.99 then, and 1.14-1.62 in this VM's slow phases, when
+# the host ran the two vCPUs on one core's dot-product units (or beside a neighbour's on both).
+CORES_APART = 1.7
+
+
+class CoreProbe:
+    """Whether this VM's two vCPUs have a core's dot-product units each right now: vnni_peak.c's rate on 2
+    threads over its rate on 1 (about 2 on two free cores; 1 where both share one core's units), built
+    once and run before every round of the side-by-side timing (about 50 ms). On a shared host the
+    vCPUs' placement changes for seconds at a time, and a kernel that keeps the units busy loses more
+    then than one that leaves them idle part of the time: the suite reports the paired ratio over the
+    rounds on cores apart and over the others (`split_by_cores`)."""
+
+    def __init__(self, workdir: Path) -> None:
+        import shutil
+        import subprocess
+
+        self.readings: list[float | None] = []
+        self.one_thread_gmacs: list[float | None] = []  # the clock's share: a slower clock, a lower rate
+        self.exe: Path | None = None
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None or len(os.sched_getaffinity(0)) < 2:
+            return
+        exe = workdir / "vnni_peak_probe"
+        try:
+            subprocess.run([cc, "-O2", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-pthread",
+                            str(ROOT / "vnni_peak.c"), "-o", str(exe)], check=True, capture_output=True)
+            self.exe = exe
+        except (subprocess.CalledProcessError, OSError):
+            pass
+
+    def __call__(self) -> None:
+        import subprocess
+
+        one = two = None
+        if self.exe is not None:
+            try:
+                one, two = (float(subprocess.run([str(self.exe), str(n)], check=True, capture_output=True,
+                                                 text=True).stdout) for n in (1, 2))
+            except (subprocess.CalledProcessError, OSError, ValueError):
+                pass
+        self.readings.append(round(two / one, 3) if one and two else None)
+        self.one_thread_gmacs.append(one)
+
+
+def split_by_cores(res: dict[str, Any], readings: list[float | None]) -> dict[str, Any] | None:
+    """intforge INT8 / ORT INT8 round by round, over the rounds whose probe (`CoreProbe`) found the two
+    vCPUs on cores apart and over the others."""
+    if not readings or any(r is None for r in readings) or "round_medians_ms" not in res.get("ort_int8", {}) \
+            or "round_medians_ms" not in res.get("intforge_int8", {}):
+        return None
+    apart = [i for i, r in enumerate(readings) if r >= CORES_APART]
+    shared = [i for i, r in enumerate(readings) if r < CORES_APART]
+    a, b = res["intforge_int8"], res["ort_int8"]
+    return {"cores_apart_at_or_above": CORES_APART, "rounds_apart": len(apart), "rounds_shared": len(shared),
+            "paired_ratio_apart": paired_ratio(a, b, apart), "paired_ratio_shared": paired_ratio(a, b, shared)}
 
 
 def thread_skew() -> dict[str, Any] | None:
@@ -292,8 +354,13 @@ def run_model(name: str, batch: int, args: argparse.Namespace, engines: list[str
     if "tvm_fp32" in fns:
         timed["tvm_fp32"] = time_engine(fns["tvm_fp32"], x, max(3, args.repeat // 10), 1)
     fast = {eng: fn for eng, fn in fns.items() if eng != "tvm_fp32"}
+    probe = CoreProbe(work)
     if fast:
-        timed.update(time_interleaved(fast, x, args.repeat, args.warmup, args.rounds))
+        timed.update(time_interleaved(fast, x, args.repeat, args.warmup, args.rounds,
+                                      each_round=probe if args.threads == 2 else None))
+    if probe.readings:
+        res["round_pair_speedup"] = probe.readings
+        res["round_one_thread_gmacs"] = probe.one_thread_gmacs
     for eng in engines:
         if eng in timed:
             res[eng] = {**timed[eng], **res[eng]}
@@ -308,6 +375,12 @@ def run_model(name: str, batch: int, args: argparse.Namespace, engines: list[str
         res["paired_ratio_intforge_int8_over_ort_int8"] = paired_ratio(res["intforge_int8"], res["ort_int8"])
         print(f"    {name} b{batch} intforge INT8 / ORT INT8: {res['ratio_intforge_int8_over_ort_int8']} "
               f"(medians), {res['paired_ratio_intforge_int8_over_ort_int8']} (round by round)", flush=True)
+        split = split_by_cores(res, probe.readings)
+        if split is not None:
+            res["paired_ratio_by_cores"] = split
+            print(f"    round by round, vCPUs on cores apart (2 threads >= {CORES_APART}x one): "
+                  f"{split['paired_ratio_apart']} ({split['rounds_apart']} rounds); sharing: "
+                  f"{split['paired_ratio_shared']} ({split['rounds_shared']} rounds)", flush=True)
     return res
 
 

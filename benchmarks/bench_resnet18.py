@@ -125,7 +125,8 @@ SWITCH_PAUSE_S = 0.2  # between two engines' blocks: the last one's spinning thr
 
 
 def time_interleaved(fns: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray, repeat: int, warmup: int,
-                     rounds: int = 5, before: Callable[[], Any] | None = None) -> dict[str, dict[str, Any]]:
+                     rounds: int = 5, before: Callable[[], Any] | None = None,
+                     each_round: Callable[[], Any] | None = None) -> dict[str, dict[str, Any]]:
     """`time_engine` for several engines at once, round by round: each round times a block of
     repeat / rounds calls of every engine in turn, so a slow phase of a shared machine (this VM's
     timings are bimodal over tens of seconds) lands on every engine alike instead of on whichever
@@ -133,7 +134,8 @@ def time_interleaved(fns: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray,
     previous engine's idle threads (ORT's and OpenMP's spin a while) go to sleep. Statistics pool all of
     an engine's timed calls; `round_medians_ms` keeps each round's median, so that two engines can be
     compared round by round (`paired_ratio`). `before`, if given, runs before every timed call, outside
-    its time (`bench_contention.py`: evict the caches)."""
+    its time (`bench_contention.py`: evict the caches); `each_round`, at the start of every round, also
+    untimed (`bench_cpu_suite.py`: probe whether the two vCPUs run on cores of their own)."""
     per_round = max(1, -(-repeat // rounds))
     ts: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
@@ -141,6 +143,9 @@ def time_interleaved(fns: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray,
             fn(x)
     ticks = cpu_ticks()
     for _ in range(rounds):
+        if each_round is not None:  # (after a pause: the engines' idle threads spin a while)
+            time.sleep(SWITCH_PAUSE_S)
+            each_round()
         for name, fn in fns.items():
             time.sleep(SWITCH_PAUSE_S)
             fn(x)
@@ -156,14 +161,18 @@ def time_interleaved(fns: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray,
         for name, t in ts.items()}
 
 
-def paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+def paired_ratio(a: dict[str, Any], b: dict[str, Any], rounds: list[int] | None = None) -> float | None:
     """The median over rounds of engine a's round median / engine b's (both from one `time_interleaved`):
     each round's two blocks ran seconds apart, so a slow phase of the machine that spans a round divides
-    out, where the ratio of the two overall medians keeps whatever the phases did to each."""
+    out, where the ratio of the two overall medians keeps whatever the phases did to each. `rounds`: only
+    those rounds (indices); None when it names none."""
     ra, rb = a.get("round_medians_ms"), b.get("round_medians_ms")
     if not ra or not rb or len(ra) != len(rb):
         return None
-    return round(statistics.median(x / y for x, y in zip(ra, rb, strict=True)), 3)
+    pairs = list(zip(ra, rb, strict=True))
+    if rounds is not None:
+        pairs = [pairs[r] for r in rounds]
+    return round(statistics.median(x / y for x, y in pairs), 3) if pairs else None
 
 
 def predict_all(fn: Callable[[np.ndarray], Any], images: np.ndarray) -> np.ndarray:
