@@ -135,8 +135,8 @@ def measured_int8_peak(threads: int) -> float | None:
 
 
 # Two threads of register-only vpdpbusd run this many times one thread's rate, or more, on two cores of
-# their own; the probes of 2026-12-05 read 1.78-1.99 then, and 1.14-1.62 in this VM's slow phases, when
-# the host ran the two vCPUs on one core's dot-product units (or beside a neighbour's on both).
+# their own: the probes of 2026-12-05 read 1.8-2.0 then, and 1.0-1.6 when the host ran the two vCPUs on
+# one core's dot-product units (or beside a neighbour's on both), in 19 of 300 rounds that morning.
 CORES_APART = 1.7
 
 
@@ -144,9 +144,10 @@ class CoreProbe:
     """Whether this VM's two vCPUs have a core's dot-product units each right now: vnni_peak.c's rate on 2
     threads over its rate on 1 (about 2 on two free cores; 1 where both share one core's units), built
     once and run before every round of the side-by-side timing (about 50 ms). On a shared host the
-    vCPUs' placement changes for seconds at a time, and a kernel that keeps the units busy loses more
-    then than one that leaves them idle part of the time: the suite reports the paired ratio over the
-    rounds on cores apart and over the others (`split_by_cores`)."""
+    vCPUs' placement changes for seconds at a time, and a kernel that keeps the units busy could lose
+    more then than one that leaves them idle part of the time: the suite reports the paired ratio over
+    the rounds on cores apart and over the others (`split_by_cores`), so that the two can be told apart.
+    (On 2026-12-05 most slow rounds had the cores apart: README, Benchmarks.)"""
 
     def __init__(self, workdir: Path) -> None:
         import shutil
@@ -354,11 +355,10 @@ def run_model(name: str, batch: int, args: argparse.Namespace, engines: list[str
     if "tvm_fp32" in fns:
         timed["tvm_fp32"] = time_engine(fns["tvm_fp32"], x, max(3, args.repeat // 10), 1)
     fast = {eng: fn for eng, fn in fns.items() if eng != "tvm_fp32"}
-    probe = CoreProbe(work)
+    probe = CoreProbe(work) if args.threads == 2 else None
     if fast:
-        timed.update(time_interleaved(fast, x, args.repeat, args.warmup, args.rounds,
-                                      each_round=probe if args.threads == 2 else None))
-    if probe.readings:
+        timed.update(time_interleaved(fast, x, args.repeat, args.warmup, args.rounds, each_round=probe))
+    if probe is not None and probe.readings:
         res["round_pair_speedup"] = probe.readings
         res["round_one_thread_gmacs"] = probe.one_thread_gmacs
     for eng in engines:
@@ -375,7 +375,7 @@ def run_model(name: str, batch: int, args: argparse.Namespace, engines: list[str
         res["paired_ratio_intforge_int8_over_ort_int8"] = paired_ratio(res["intforge_int8"], res["ort_int8"])
         print(f"    {name} b{batch} intforge INT8 / ORT INT8: {res['ratio_intforge_int8_over_ort_int8']} "
               f"(medians), {res['paired_ratio_intforge_int8_over_ort_int8']} (round by round)", flush=True)
-        split = split_by_cores(res, probe.readings)
+        split = split_by_cores(res, probe.readings) if probe is not None else None
         if split is not None:
             res["paired_ratio_by_cores"] = split
             print(f"    round by round, vCPUs on cores apart (2 threads >= {CORES_APART}x one): "
