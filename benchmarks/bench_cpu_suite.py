@@ -35,6 +35,7 @@ Writes JSON (`--out`) and a grouped bar chart beside it. Takes 10-20 minutes on 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -104,30 +105,48 @@ def nominal_int8_peak(threads: int) -> float:
     return macs_per_cycle() * threads * cpu_ghz()
 
 
-def _c_tool(source: str, flags: list[str], args: list[str], runs: int = 1) -> list[str] | None:
-    """Build benchmarks/`source` with the system C compiler and run it `runs` times with `args`: each run's
-    stdout. None without a compiler, or where it does not build (no AVX512-VNNI) or fails to run."""
+VNNI_PEAK_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vnni")
+_TOOLS = tempfile.TemporaryDirectory(prefix="intforge_c_tools_")  # the built C tools, for this process
+
+
+@functools.cache
+def _built_c_tool(source: str, flags: tuple[str, ...]) -> Path | None:
+    """benchmarks/`source` built once with the system C compiler: the executable, or None without a
+    compiler or where it does not build."""
     import shutil
     import subprocess
 
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        exe = Path(tmp) / Path(source).stem
-        try:
-            subprocess.run([cc, "-O2", *flags, "-pthread", str(ROOT / source), "-o", str(exe)], check=True,
-                           capture_output=True)
-            return [subprocess.run([str(exe), *args], check=True, capture_output=True, text=True).stdout
-                    for _ in range(runs)]
-        except (subprocess.CalledProcessError, OSError):
-            return None
+    exe = Path(_TOOLS.name) / Path(source).stem
+    try:
+        subprocess.run([cc, "-O2", *flags, "-pthread", str(ROOT / source), "-o", str(exe)], check=True,
+                       capture_output=True)
+    except (subprocess.CalledProcessError, OSError):
+        return None
+    return exe
+
+
+def _c_tool(source: str, flags: tuple[str, ...], args: list[str], runs: int = 1) -> list[str] | None:
+    """Run benchmarks/`source` (`_built_c_tool`) `runs` times with `args`: each run's stdout. None without
+    a compiler, or where it does not build (no AVX512-VNNI) or fails to run."""
+    import subprocess
+
+    exe = _built_c_tool(source, flags)
+    if exe is None:
+        return None
+    try:
+        return [subprocess.run([str(exe), *args], check=True, capture_output=True, text=True).stdout
+                for _ in range(runs)]
+    except (subprocess.CalledProcessError, OSError):
+        return None
 
 
 def measured_int8_peak(threads: int) -> float | None:
     """GMAC/s of `threads` threads issuing register-only vpdpbusd (vnni_peak.c): the rate the dot-product
     units reach at the clock the CPU really runs at. None without a C compiler or AVX512-VNNI."""
-    runs = _c_tool("vnni_peak.c", ["-mavx512f", "-mavx512bw", "-mavx512vnni"], [str(threads)], runs=3)
+    runs = _c_tool("vnni_peak.c", VNNI_PEAK_FLAGS, [str(threads)], runs=3)
     try:
         return max(float(out) for out in runs) if runs else None
     except ValueError:
@@ -143,40 +162,23 @@ CORES_APART = 1.7
 class CoreProbe:
     """Whether this VM's two vCPUs have a core's dot-product units each right now: vnni_peak.c's rate on 2
     threads over its rate on 1 (about 2 on two free cores; 1 where both share one core's units), built
-    once and run before every round of the side-by-side timing (about 50 ms). On a shared host the
-    vCPUs' placement changes for seconds at a time, and a kernel that keeps the units busy could lose
+    once per process and run before every round of the side-by-side timing (about 50 ms). On a shared
+    host the vCPUs' placement changes for seconds at a time, and a kernel that keeps the units busy could lose
     more then than one that leaves them idle part of the time: the suite reports the paired ratio over
     the rounds on cores apart and over the others (`split_by_cores`), so that the two can be told apart.
     (On 2026-12-05 most slow rounds had the cores apart: README, Benchmarks.)"""
 
-    def __init__(self, workdir: Path) -> None:
-        import shutil
-        import subprocess
-
+    def __init__(self) -> None:
         self.readings: list[float | None] = []
         self.one_thread_gmacs: list[float | None] = []  # the clock's share: a slower clock, a lower rate
-        self.exe: Path | None = None
-        cc = shutil.which("cc") or shutil.which("gcc")
-        if cc is None or len(os.sched_getaffinity(0)) < 2:
-            return
-        exe = workdir / "vnni_peak_probe"
-        try:
-            subprocess.run([cc, "-O2", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-pthread",
-                            str(ROOT / "vnni_peak.c"), "-o", str(exe)], check=True, capture_output=True)
-            self.exe = exe
-        except (subprocess.CalledProcessError, OSError):
-            pass
+        self.exe = _built_c_tool("vnni_peak.c", VNNI_PEAK_FLAGS) if len(os.sched_getaffinity(0)) >= 2 else None
 
     def __call__(self) -> None:
-        import subprocess
-
-        one = two = None
-        if self.exe is not None:
-            try:
-                one, two = (float(subprocess.run([str(self.exe), str(n)], check=True, capture_output=True,
-                                                 text=True).stdout) for n in (1, 2))
-            except (subprocess.CalledProcessError, OSError, ValueError):
-                pass
+        runs = [_c_tool("vnni_peak.c", VNNI_PEAK_FLAGS, [str(n)]) for n in (1, 2)] if self.exe else [None, None]
+        try:
+            one, two = (float(r[0]) if r else None for r in runs)
+        except ValueError:
+            one = two = None
         self.readings.append(round(two / one, 3) if one and two else None)
         self.one_thread_gmacs.append(one)
 
@@ -200,7 +202,7 @@ def thread_skew() -> dict[str, Any] | None:
     without a C compiler, AVX512-VNNI or a second CPU."""
     if len(os.sched_getaffinity(0)) < 2:
         return None
-    runs = _c_tool("thread_skew.c", ["-mavx512f", "-mavx512vnni"], [])
+    runs = _c_tool("thread_skew.c", ("-mavx512f", "-mavx512vnni"), [])
     try:
         return json.loads(runs[0]) if runs else None
     except ValueError:
@@ -355,7 +357,7 @@ def run_model(name: str, batch: int, args: argparse.Namespace, engines: list[str
     if "tvm_fp32" in fns:
         timed["tvm_fp32"] = time_engine(fns["tvm_fp32"], x, max(3, args.repeat // 10), 1)
     fast = {eng: fn for eng, fn in fns.items() if eng != "tvm_fp32"}
-    probe = CoreProbe(work) if args.threads == 2 else None
+    probe = CoreProbe() if args.threads == 2 else None
     if fast:
         timed.update(time_interleaved(fast, x, args.repeat, args.warmup, args.rounds, each_round=probe))
     if probe is not None and probe.readings:

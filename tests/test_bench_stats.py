@@ -38,8 +38,8 @@ def test_rounds_are_split_by_whether_the_probe_found_the_cores_apart():
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="needs a C compiler")
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-def test_the_core_probe_reads_two_threads_against_one(tmp_path):
-    probe = CoreProbe(tmp_path)
+def test_the_core_probe_reads_two_threads_against_one():
+    probe = CoreProbe()
     if probe.exe is None:
         pytest.skip("vnni_peak.c does not build here (no AVX512-VNNI)")
     probe()
