@@ -37,8 +37,8 @@ class Artifact:
 def _kernel_passes(preset: TargetPreset | None, dot_kernels: bool = True) -> list[tvm.transform.Pass]:
     """The target's own kernels, chosen before TOPI legalizes what is left: the graph in NHWC, integer conv2d
     and dense tensorized to the CPU's dot-product instruction (x86 vpdpbusd; aarch64 usmmla/smmla with
-    i8mm, else sdot, else NEON widening multiplies), or on x86 without VNNI in the dot-product layout
-    (widening multiply-adds from LLVM's vectorizer), and depthwise
+    i8mm, else sdot, else NEON widening multiplies; x86 AVX2 vpmaddwd), or on x86 without AVX2 in the
+    dot-product layout (widening multiply-adds from LLVM's vectorizer), and depthwise
     convs vectorized across channels. Off with `dot_kernels=False` (TOPI's NCHW)."""
     if preset is None or not dot_kernels:
         return []
@@ -57,6 +57,8 @@ def blocked_kernels(preset: TargetPreset) -> str | None:
     """The instruction family of the target's tensorized conv/dense kernels, None where it has none."""
     if preset.arch == "x86_64" and preset.has("avx512vnni") and preset.has("avx512bw"):
         return "vnni"
+    if preset.arch == "x86_64" and preset.has("avx2"):
+        return "avx2"
     if preset.arch == "aarch64" and preset.has("i8mm"):
         return "i8mm"
     if preset.arch == "aarch64":

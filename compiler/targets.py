@@ -109,6 +109,8 @@ def _gpu(name: str, description: str, arch: str | None) -> TargetPreset:
 
 PRESETS: dict[str, TargetPreset] = {
     "x86": TargetPreset("x86", "this x86-64 machine (LLVM, -mcpu of the host)"),
+    "x86-avx2": TargetPreset("x86-avx2", "any x86-64 CPU with AVX2 (Haswell and later, Zen 1-3: vpmaddwd kernels)",
+                             mcpu="haswell"),
     "x86-generic": TargetPreset("x86-generic", "any x86-64-v2 CPU (portable, slower)", mcpu="x86-64-v2"),
     "arm64": _arm("arm64", "any ARMv8-A with NEON, no dot product", "generic", ("+neon",), "cortex-a57"),
     "arm64-dotprod": _arm("arm64-dotprod", "ARMv8.2-A with NEON sdot/udot", "generic", ("+neon", "+dotprod"),

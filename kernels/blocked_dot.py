@@ -68,7 +68,7 @@ class DotIsa:
     # (description, implementation) of that intrinsic: parsed on first use, since each TVMScript parse
     # costs a fraction of a second in every process that imports the kernels
     intrin_funcs: Callable[[], tuple] = field(compare=False, repr=False)
-    act_dtype: str  # the activation bytes the instruction takes: "uint8" or "int8"
+    act_dtype: str  # what the instruction takes: "uint8" or "int8" bytes, or "int16" (either, widened)
     lanes: int  # output channels per instruction
     group: int  # input channels reduced per lane
     rows: int = 1  # output pixels per instruction
@@ -90,8 +90,9 @@ class DotIsa:
         return f"dense_{self.name}"
 
     def correction_sign(self, x_dtype: str) -> int:
-        """0 when activations of `x_dtype` go in as they are; else the sign of the 128 * sum(w) correction."""
-        if x_dtype == self.act_dtype:
+        """0 when activations of `x_dtype` go in as they are (or widened to int16, which holds either
+        signedness); else the sign of the 128 * sum(w) correction."""
+        if x_dtype == self.act_dtype or self.act_dtype == "int16":
             return 0
         return -1 if self.act_dtype == "uint8" else 1
 
@@ -206,10 +207,11 @@ def _unpacked(wq: te.Tensor, lead: int, isa: DotIsa) -> te.Tensor:
 
 
 def _as_act(v, x_dtype: str, isa: DotIsa):
-    """An activation in the instruction's byte type: shifted by 128 where the signedness differs."""
+    """An activation in the instruction's type: shifted by 128 where the signedness differs, widened
+    where the instruction takes int16."""
     sign = isa.correction_sign(x_dtype)
     if sign == 0:
-        return v
+        return v if x_dtype == isa.act_dtype else v.astype(isa.act_dtype)
     return (v.astype("int32") + (SHIFT if sign < 0 else -SHIFT)).astype(isa.act_dtype)
 
 
@@ -370,7 +372,7 @@ def conv2d_blocked(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, ou
             col = rw * dw
             return xs[b, i, col % sw, j + col // sw, ch]
     else:
-        if nhwc and isa.correction_sign(x.dtype) == 0 and ph == pw == 0 and c == cp and width == wd:
+        if nhwc and x.dtype == isa.act_dtype and ph == pw == 0 and c == cp and width == wd:
             xp = x
         else:
             xp = te.compute((n, h + 2 * ph, width, cp), _packed, name=f"data_{isa.name}")
@@ -562,10 +564,12 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
     except s_tir.ScheduleError:
         sch.vectorize(sch.get_loops(acc)[-1])
     # (blocks by name from here: inlining the accumulators replaced the handles)
-    if narrow in epilogue_names:  # the ClampFirst epilogue: 16 channels at a time as one intrinsic
+    if narrow in epilogue_names and isa.lanes == 16:  # the ClampFirst epilogue: 16 channels at a time as one intrinsic
         from .x86_ifma import tensorize_narrow
 
         tensorize_narrow(sch, narrow)
+    elif narrow in epilogue_names:  # (AVX2's tile is 8 channels: the short form's arithmetic, vectorized)
+        vectorize_inner(sch, sch.get_loops(sch.get_sblock(narrow))[-1], most=isa.epilogue_lanes)
     if last_name != narrow:
         # the requantize epilogue (or what fuses after the ClampFirst one) several channels at a time: its
         # integer arithmetic as vector ops instead of scalar ones per output

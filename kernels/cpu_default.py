@@ -10,7 +10,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
-from . import arm_dot, x86_vnni  # noqa: F401 - registers their instructions with blocked_dot
+from . import arm_dot, x86_avx2, x86_vnni  # noqa: F401 - registers their instructions with blocked_dot
 from .blocked_dot import schedule_blocked_func
 from .depthwise import schedule_depthwise_func
 from .depthwise_dot import schedule_depthwise_dot_func

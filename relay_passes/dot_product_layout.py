@@ -43,6 +43,7 @@ from intforge.kernels.blocked_dot import (
 from intforge.kernels.depthwise import depthwise_nhwc
 from intforge.kernels.dot_product import SHIFT, conv2d_nhwc_dot, dense_dot
 from intforge.kernels.int4 import UNPACK_SYMBOL, pack_int4, unpack_int4
+from intforge.kernels.x86_avx2 import AVX2
 from intforge.kernels.x86_ifma import BYTE_SHIFT
 from intforge.kernels.x86_ifma import LANES as IFMA_LANES
 from intforge.kernels.x86_vnni import VNNI
@@ -50,7 +51,8 @@ from intforge.relay_passes.bindings import bound_value
 
 # instruction families of the blocked kernels: activation dtype -> the instruction that takes it
 BLOCKED = {"vnni": {"uint8": VNNI, "int8": VNNI}, "sdot": {"uint8": SDOT, "int8": SDOT},
-           "i8mm": {"uint8": USMMLA, "int8": SMMLA}, "neon": {"uint8": NEON, "int8": NEON}}
+           "i8mm": {"uint8": USMMLA, "int8": SMMLA}, "neon": {"uint8": NEON, "int8": NEON},
+           "avx2": {"uint8": AVX2, "int8": AVX2}}
 
 _INT_IN = ("int8", "uint8")
 OUT_ELEMWISE_FUSABLE = 4  # TVM's OpPatternKind kOutEWiseFusable
@@ -87,7 +89,7 @@ class _KernelRewriter(PyExprMutator):
         self.ifma = ifma and blocked == "vnni"  # requantize epilogues as 52-bit multiply-adds: kernels/x86_ifma.py
         # and on 32-bit lanes where the quantizer took shift 24 (`Narrow.short`): AVX512F only, so every
         # VNNI CPU, Cascade Lake's too
-        self.short = blocked == "vnni"
+        self.short = blocked in ("vnni", "avx2")
         self.winograd = winograd_convs and blocked == "vnni"  # 3x3 convs on vpdpwssd: kernels/winograd.py
         self.original: dict = {}  # var -> value in the function as it came (set per function by the pass)
         self.rewritten = 0

@@ -1,0 +1,52 @@
+"""x86 AVX2 (no VNNI: Zen 2/3, Haswell to Coffee Lake): `vpmaddwd` as the blocked kernels' instruction.
+
+AVX2 has no byte dot product that is exact: `vpmaddubsw` adds two u8 x s8 products into an int16 with
+saturation (255 * 127 * 2 overflows it), which is why ONNX Runtime asks for 7-bit weights on such CPUs.
+`vpmaddwd` multiplies int16 pairs and adds each pair into an int32 lane, exactly. So the activations are
+widened to int16 once, in the kernel's packing stage (uint8 and int8 alike: no shift by 128 and no
+weight-sum correction), the weights stay int8 in memory and are sign-extended in registers
+(`vpmovsxbw`, once per block, shared by the tile's pixels), and each activation pair is broadcast
+straight from memory to the 8 lanes (`vpbroadcastd`, a load, no vector ALU work). One instruction is
+8 output channels x 2 input channels; weights are packed [O/8, KH, KW, C/2, 8, 2].
+
+A tile is one channel block by up to 8 pixels: 8 accumulators, the weights and one broadcast in 16 ymm
+registers. Two `vpmaddwd` issue a cycle on Zen 2/3 (32 int8 MACs a cycle a core), the same multiplier
+work per MAC as ONNX Runtime's `vpmaddubsw` + `vpmaddwd` pair, exact where that one saturates.
+
+TVM has no AVX2 integer dot-product intrinsic for this layout; this one is ours.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from .blocked_dot import ACC_SCOPE, DotIsa, broadcast_dot_intrin, register_isa
+
+LANES = 8  # int32 accumulators per ymm register
+GROUP = 2  # int16 products summed per lane
+INTRIN = "intforge_dot_8x2_s16s8s32_avx2"
+
+
+def _avx2_intrin() -> tuple:
+    """C[i] += A[0] * B[i, 0] + A[1] * B[i, 1]: A two int16 activations, B 8 x 2 int8 weights."""
+    desc, _ = broadcast_dot_intrin("llvm.x86.avx2.pmadd.wd", "int16", LANES, GROUP, weight_dtype="int8")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (GROUP,), "int16", offset_factor=1)
+        B = T.match_buffer(b, (LANES, GROUP), "int8", offset_factor=1)
+        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1, scope=ACC_SCOPE)
+        with T.sblock("root"):
+            T.reads(C[0:LANES], A[0:GROUP], B[0:LANES, 0:GROUP])
+            T.writes(C[0:LANES])
+            pair = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), LANES),
+                                 dtype="int16x16")
+            C[T.ramp(T.int32(0), 1, LANES)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pair,
+                T.Cast("int16x16", B.vload([0, 0], dtype="int8x16")), dtype="int32x8")
+
+    return desc, impl
+
+
+AVX2 = register_isa(DotIsa("avx2", INTRIN, _avx2_intrin, "int16", lanes=LANES, group=GROUP, channel_tile=1,
+                           pixel_tile=8, epilogue_lanes=8))
