@@ -75,7 +75,7 @@ def ifma_epilogues(preset: TargetPreset) -> bool:
 def winograd_convs(preset: TargetPreset) -> bool:
     """Whether 3x3 stride-1 convs run as exact integer Winograd F(4x4, 3x3) on `vpdpwssd`
     (kernels/winograd.py): on AVX512-VNNI, unless INTFORGE_WINOGRAD=0 (to compare with the direct kernel)."""
-    return blocked_kernels(preset) == "vnni" and os.environ.get("INTFORGE_WINOGRAD", "1") != "0"
+    return blocked_kernels(preset) in ("vnni", "avx2") and os.environ.get("INTFORGE_WINOGRAD", "1") != "0"
 
 
 def _legalize_passes(preset: TargetPreset | None = None, dot_kernels: bool = True) -> list[tvm.transform.Pass]:

@@ -5,7 +5,9 @@ A direct 3x3 conv spends 9 multiplies per input channel on each output; Winograd
 transforming the tile (B^T d B) and the weights (G g G^T), and transforms the 36 channel sums back
 (A^T M A). The transforms' values outgrow bytes, so the products run on 16-bit `vpdpwssd` (16 lanes x 2
 channels, half `vpdpbusd`'s rate): 4x fewer products at half the rate, 2x in all before the transforms.
-Measured on ResNet18's 56x56x64 and 28x28x128 layers: 1.5x faster than the direct VNNI kernel.
+Measured on ResNet18's 56x56x64 and 28x28x128 layers: 1.5x faster than the direct VNNI kernel. On AVX2
+CPUs (no VNNI: Zen 2/3, Haswell to Coffee Lake) the products run on `vpmaddwd` pairs (`Flavour`), at the
+same rate as the direct int8 kernel there (kernels/x86_avx2.py): 3-3.3x faster than it on those layers.
 
 Exact, in integers only. The 1/4, 1/6 and 1/24 of G are scaled out row by row (G' = diag(12, 6, 6, 24, 24,
 3) G is integer) and put back by A' = 24 A^T diag(1/12, 1/6, 1/6, 1/24, 1/24, 1/3), also integer, so that
@@ -31,9 +33,12 @@ multiples of 4 end in a partial tile.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from tvm import s_tir, te, tirx
+from tvm.script import tirx as T
 
 from .blocked_dot import ACC_SCOPE, DotIsa, Narrow, add_correction, broadcast_dot_intrin, ensure_intrin, narrow_block
 from .dot_product import SHIFT
@@ -61,6 +66,11 @@ MIN_TILE_ROW = 4  # fewer tiles a register tile (a row of 9, 11 or 13 tiles): th
 # weights cost what memory bandwidth the neighbours leave. 48 KB a tile keeps 56x56 x 64 (1.5 KB) and
 # 28x28 x 128 (24 KB) at batch 1, and 14x14 x 256 from batch 8 on (37 KB); 7x7 x 512 never.
 MAX_WEIGHT_BYTES_PER_TILE = 48 * 1024
+# On AVX2 the direct kernel runs at the products' own int16 rate, so Winograd gains 3x where it is compute
+# bound, and streaming its weights costs less against that: ResNet18's 14x14 x 256 layers at batch 1 (295 KB
+# of int16 weights a tile, 4.7 MB a layer) took 0.46-0.55 ms against 0.97-1.0 direct on the Zen 3 of
+# 2026-12-05 (inside the model). The 7x7 x 512 ones (2 tiles a row, 4.7 MB a tile) stay direct.
+AVX2_MAX_WEIGHT_BYTES_PER_TILE = 320 * 1024
 WEIGHT_PREFETCH_BYTES = 4096  # how far ahead of its products a task prefetches its weight stream: a page
 ACC_LIMIT = 1 << 25  # |acc| below this is recovered exactly from 576 * acc mod 2^32
 BLOCK = "winograd_gemm"  # the products' block: the schedule rule and tuning look for it
@@ -79,18 +89,59 @@ def _intrin() -> tuple:
     return broadcast_dot_intrin("llvm.x86.avx512.vpdpwssd.512", "int16", LANES, GROUP, weight_dtype="int16")
 
 
+def _avx2_intrin() -> tuple:
+    """vpdpwssd's 16 x 2 product on AVX2: two `vpmaddwd` (8 lanes each) and two adds, the pair broadcast
+    once. On AVX2 a direct int8 conv runs at this same int16 rate (kernels/x86_avx2.py), so Winograd's
+    4x fewer products are all gain, where on VNNI they are half of it."""
+    desc, _ = _intrin()
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (GROUP,), "int16", offset_factor=1)
+        B = T.match_buffer(b, (LANES, GROUP), "int16", offset_factor=1)
+        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1, scope=ACC_SCOPE)
+        with T.sblock("root"):
+            T.reads(C[0:LANES], A[0:GROUP], B[0:LANES, 0:GROUP])
+            T.writes(C[0:LANES])
+            pair = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8),
+                                 dtype="int16x16")
+            for half in T.unroll(2):
+                C[T.ramp(half * 8, 1, 8)] = C.vload([half * 8], dtype="int32x8") + T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pair,
+                    B.vload([half * 8, 0], dtype="int16x16"), dtype="int32x8")
+
+    return desc, impl
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """How the products run on one instruction set: the intrinsic, and the output channel blocks (of 16)
+    a register tile holds. AVX2's 16 ymm registers hold 7 tiles x 16 lanes of one block (14), not two."""
+
+    intrin: str
+    intrin_funcs: Callable[[], tuple]
+    channel_tile: int
+    max_weight_bytes_per_tile: int
+
+
+FLAVOURS = {"vnni": Flavour(INTRIN, _intrin, CHANNEL_TILE, MAX_WEIGHT_BYTES_PER_TILE),
+            "avx2": Flavour("intforge_dot_16x2_s16s16s32_avx2", _avx2_intrin, 1, AVX2_MAX_WEIGHT_BYTES_PER_TILE)}
+ISA_ATTR = "winograd_isa"  # the products' block annotation: which flavour schedules it
+
+
 # int8 activations: uint8 ones run as x - 128, corrected by +128 * sum(w) (DotIsa.correction_sign)
 WINOGRAD = DotIsa("winograd", INTRIN, _intrin, "int8", lanes=LANES, group=GROUP)
 
 
 def supported(batch: int, h: int, w: int, channels: int, out_channels: int, kernel: tuple[int, int], stride,
-              pad, dilation) -> bool:
+              pad, dilation, isa: str = "vnni") -> bool:
     """Whether a conv's shape is one this kernel takes and gains on (see the module's docstring)."""
     tiles = batch * _tiles(h) * _tiles(w)
+    flavour = FLAVOURS[isa]
     return (tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
             and tuple(pad) == (1, 1) and channels % (2 * LANES) == 0
-            and out_channels % (CHANNEL_TILE * LANES) == 0 and _tile_row(_tiles(w)) >= MIN_TILE_ROW
-            and POS * channels * out_channels * 2 <= MAX_WEIGHT_BYTES_PER_TILE * tiles)
+            and out_channels % (flavour.channel_tile * LANES) == 0 and _tile_row(_tiles(w)) >= MIN_TILE_ROW
+            and POS * channels * out_channels * 2 <= flavour.max_weight_bytes_per_tile * tiles)
 
 
 def whole_tiles(h: int, w: int) -> bool:
@@ -114,16 +165,17 @@ def exact(weights: np.ndarray) -> bool:
     return int(np.abs(weights.astype(np.int64)).sum(axis=(1, 2, 3)).max()) * SHIFT < ACC_LIMIT
 
 
-def weight_layout(weights: np.ndarray) -> np.ndarray:
+def weight_layout(weights: np.ndarray, channel_tile: int = CHANNEL_TILE) -> np.ndarray:
     """[O, C, 3, 3] int8 -> G' g G'^T as int16 [6, O/32, 6, C/2, 2, 16, 2]: column j of the position
-    (i, j), pair of output blocks (a register tile's channels), row i, channel pair, output block in the
-    pair, lane, channel in the pair. One 64-byte load feeds one vpdpwssd, and a task reads the weights
-    as one contiguous stream, in the order its products run (column, pair, row: `schedule_winograd_func`)."""
+    (i, j), pair of output blocks (a register tile's channels: `channel_tile` of them, 2 here), row i,
+    channel pair, output block in the pair, lane, channel in the pair. One 64-byte load feeds one
+    vpdpwssd, and a task reads the weights as one contiguous stream, in the order its products run
+    (column, pair, row: `schedule_winograd_func`)."""
     o, c = weights.shape[:2]
     u = np.einsum("ia,ocab,jb->ijco", GP, weights.astype(np.int64), GP).reshape(POS, c, o)
     if np.abs(u).max() >= 1 << 15:
         raise ValueError("transformed weights outgrow int16: weights must be int8")
-    u = u.reshape(WINDOW, WINDOW, c // 2, GROUP, o // (CHANNEL_TILE * LANES), CHANNEL_TILE, LANES)
+    u = u.reshape(WINDOW, WINDOW, c // 2, GROUP, o // (channel_tile * LANES), channel_tile, LANES)
     return np.ascontiguousarray(u.transpose(1, 4, 0, 2, 5, 6, 3)).astype(np.int16)
 
 
@@ -173,12 +225,13 @@ def _recover(t) -> tirx.PrimExpr:
 
 
 def conv2d_winograd(x: te.Tensor, up: te.Tensor, correction: te.Tensor | None, out_channels: int,
-                    narrow: Narrow | None = None) -> te.Tensor:
+                    narrow: Narrow | None = None, isa: str = "vnni") -> te.Tensor:
     """x: [N, H, W, C] int8/uint8, up: `weight_layout`'s int16 weights -> [N, H, W, O] int32, the exact
     conv sum (3x3, stride 1, padding 1) plus `correction` (+128 * sum(w) for uint8 input); with `narrow`,
     the 8-bit output of its `dyadic.ClampFirst` epilogue (the correction then also holds -lo), computed
     from the recovered sums (OUT_BLOCK) by the blocked kernels' intrinsic."""
     n, h, w, c = (int(d) for d in x.shape)
+    ct = int(up.shape[4])  # output blocks a register tile (`weight_layout`'s channel_tile)
     th, tw = _tiles(h), _tiles(w)  # the last tiles of a row or column may run past the output's edge
     centered = x.dtype == "uint8"
 
@@ -199,8 +252,8 @@ def conv2d_winograd(x: te.Tensor, up: te.Tensor, correction: te.Tensor | None, o
     rc, ri = te.reduce_axis((0, c // GROUP), "rc"), te.reduce_axis((0, GROUP), "ri")
     m = te.compute((n, th, tw, WINDOW, WINDOW, out_channels // LANES, LANES), lambda b, y, z, i, j, ob, ol: te.sum(
         v[b, y, z, i * WINDOW + j, rc * GROUP + ri].astype("int32")
-        * up[j, ob // CHANNEL_TILE, i, rc, ob % CHANNEL_TILE, ol, ri].astype("int32"), axis=[rc, ri]),
-        name=BLOCK)
+        * up[j, ob // ct, i, rc, ob % ct, ol, ri].astype("int32"), axis=[rc, ri]),
+        name=BLOCK, attrs={ISA_ATTR: isa})
     # inverse transform on wrapping uint32 lanes: rows A'^T M, then columns
     inv = te.compute((n, th, tw, TILE, WINDOW, out_channels // LANES, LANES), lambda b, y, z, a, col, ob, ol: _select(
         a, transform_output([_u32(m[b, y, z, i, col, ob, ol]) for i in range(WINDOW)], "uint32")),
@@ -238,6 +291,8 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     data, rows, inp = (blocks[names.index(nm)] for nm in ("winograd_data", "winograd_rows", "winograd_input"))
     gemm, inverse = blocks[k], blocks[names.index("winograd_inverse")]
     gemm_weights = next(r.source for r in sch.get(gemm).reads if len(r.source.shape) == 7)  # [6, O/32, 6, C/2, ...]
+    flavour = FLAVOURS[str(sch.get(gemm).annotations.get(ISA_ATTR, "vnni"))]
+    channel_tile = int(gemm_weights.shape[4])
     tail = blocks[names.index(OUT_BLOCK):]
     tail_names = [sch.get(b).name_hint for b in tail]
     narrow_name = narrow_block(WINOGRAD)
@@ -269,7 +324,7 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     # (64-129 KB) had gone to L2 and come back
     sch.compute_at(inverse, par, preserve_unit_loops=True)
     *_, itx, ia, icol, iob, iol = sch.get_loops(inverse)
-    obo, iobi = sch.split(iob, [None, CHANNEL_TILE])
+    obo, iobi = sch.split(iob, [None, channel_tile])
     sch.reorder(icol, obo, itx, ia, iobi, iol)
     sch.compute_at(gemm, obo, preserve_unit_loops=True)
     for blk in (inp, rows, data):
@@ -290,8 +345,8 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     # inverse: [tiles, block, a, 16 lanes]: a unrolled (folds the selects) inside the channel vector, so
     # the 4 outputs of a column share its 6 loads and sums
     _outputs_together(sch, ia, [iobi], iol, LANES)
-    ensure_intrin(WINOGRAD.intrin, WINOGRAD.intrin_funcs)
-    sch.tensorize(gol, WINOGRAD.intrin)
+    ensure_intrin(flavour.intrin, flavour.intrin_funcs)
+    sch.tensorize(gol, flavour.intrin)
     sch.unroll(gz)
     sch.unroll(gob)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -306,7 +361,7 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     vectorize_inner(sch, sch.get_loops(data)[-1], most=2 * LANES)
     if os.environ.get("INTFORGE_WINOGRAD_HALVES", "1") != "0":  # =0: to compare without
         blocks = int(sch.get(oo).extent)  # output channels / LANES
-        _mark_halves(sch, par, [(obo, blocks // CHANNEL_TILE), (oo, blocks)])
+        _mark_halves(sch, par, [(obo, blocks // channel_tile), (oo, blocks)])
     _prefetch_weights_ahead(sch, grc, [icol, obo, gi], gemm_weights)
     _stagger_columns(sch, icol, par)
     return set()

@@ -90,7 +90,8 @@ class _KernelRewriter(PyExprMutator):
         # and on 32-bit lanes where the quantizer took shift 24 (`Narrow.short`): AVX512F only, so every
         # VNNI CPU, Cascade Lake's too
         self.short = blocked in ("vnni", "avx2")
-        self.winograd = winograd_convs and blocked == "vnni"  # 3x3 convs on vpdpwssd: kernels/winograd.py
+        # 3x3 convs as Winograd (kernels/winograd.py): products on vpdpwssd, or AVX2's vpmaddwd
+        self.winograd = blocked if winograd_convs and blocked in winograd.FLAVOURS else None
         self.original: dict = {}  # var -> value in the function as it came (set per function by the pass)
         self.rewritten = 0
 
@@ -197,7 +198,7 @@ class _KernelRewriter(PyExprMutator):
         conv on the blocked kernel; an RGB stem in NHWC on VNNI with its window rows folded into the
         channels (`blocked_dot.fold_columns`)."""
         o, c, kh, kw = value.shape
-        fold = layout == "NHWC" and isa.name == "vnni" and fold_columns(c, (kh, kw), dilation, isa)
+        fold = layout == "NHWC" and isa.name in ("vnni", "avx2") and fold_columns(c, (kh, kw), dilation, isa)
 
         def conv(xx, ww, cc, narrow):
             return conv2d_blocked(xx, ww, cc, o, stride, pad, dilation, isa, layout, narrow, kw if fold else None)
@@ -274,7 +275,7 @@ class _KernelRewriter(PyExprMutator):
             value = np.ascontiguousarray(value.transpose(0, 3, 1, 2))  # OHWI -> OIHW
             if (self.winograd and groups == 1 and unpack is None
                     and winograd.supported(*(int(x.ty.shape[i]) for i in range(3)), channels, value.shape[0],
-                                           value.shape[2:], stride, pad[:2], dilation)
+                                           value.shape[2:], stride, pad[:2], dilation, self.winograd)
                     and winograd.exact(value)):
                 # with the CPU's IFMA epilogue, the requantize in the kernel; else it stays a separate
                 # chain (None here), fused after the kernel when the conv itself is visited
@@ -315,8 +316,10 @@ class _KernelRewriter(PyExprMutator):
         self.rewritten += 1
         return self.builder_.call_te(
             lambda xx, ww, *rest: winograd.conv2d_winograd(
-                xx, ww, rest[0] if corr is not None else None, o, epilogue(*rest[1:]) if epilogue else None),
-            x, relax.const(winograd.weight_layout(value), "int16"), *([corr] if corr is not None else []), *consts,
+                xx, ww, rest[0] if corr is not None else None, o, epilogue(*rest[1:]) if epilogue else None,
+                self.winograd),
+            x, relax.const(winograd.weight_layout(value, winograd.FLAVOURS[self.winograd].channel_tile), "int16"),
+            *([corr] if corr is not None else []), *consts,
             primfunc_name_hint="conv2d_winograd" + ("_ifma" if epilogue else ""),
             primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
 
