@@ -38,7 +38,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from tvm import s_tir, te, tirx
-from tvm.script import tirx as T
 
 from .blocked_dot import ACC_SCOPE, DotIsa, Narrow, add_correction, broadcast_dot_intrin, ensure_intrin, narrow_block
 from .dot_product import SHIFT
@@ -51,6 +50,7 @@ from .stages import (
     split_vector,
     vectorize_inner,
 )
+from .x86_avx2 import avx2_intrin
 
 LANES, GROUP = 16, 2  # vpdpwssd: 16 int32 lanes, each the sum of 2 int16 products
 INTRIN = "intforge_dot_16x2_s16s16s32_vnni"
@@ -90,27 +90,10 @@ def _intrin() -> tuple:
 
 
 def _avx2_intrin() -> tuple:
-    """vpdpwssd's 16 x 2 product on AVX2: two `vpmaddwd` (8 lanes each) and two adds, the pair broadcast
-    once. On AVX2 a direct int8 conv runs at this same int16 rate (kernels/x86_avx2.py), so Winograd's
-    4x fewer products are all gain, where on VNNI they are half of it."""
-    desc, _ = _intrin()
-
-    @T.prim_func(s_tir=True)
-    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (GROUP,), "int16", offset_factor=1)
-        B = T.match_buffer(b, (LANES, GROUP), "int16", offset_factor=1)
-        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1, scope=ACC_SCOPE)
-        with T.sblock("root"):
-            T.reads(C[0:LANES], A[0:GROUP], B[0:LANES, 0:GROUP])
-            T.writes(C[0:LANES])
-            pair = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8),
-                                 dtype="int16x16")
-            for half in T.unroll(2):
-                C[T.ramp(half * 8, 1, 8)] = C.vload([half * 8], dtype="int32x8") + T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pair,
-                    B.vload([half * 8, 0], dtype="int16x16"), dtype="int32x8")
-
-    return desc, impl
+    """An 8 x 2 product of int16 on AVX2: one `vpmaddwd` and an add (kernels/x86_avx2.py's, with int16
+    weights). On AVX2 a direct int8 conv runs at this same int16 rate, so Winograd's 4x fewer products are
+    all gain, where on VNNI they are half of it."""
+    return avx2_intrin("int16")
 
 
 @dataclass(frozen=True)
@@ -122,10 +105,16 @@ class Flavour:
     intrin_funcs: Callable[[], tuple]
     channel_tile: int
     max_weight_bytes_per_tile: int
+    lanes: int = LANES  # int32 lanes of the instruction: the products run in LANES / lanes passes
 
 
 FLAVOURS = {"vnni": Flavour(INTRIN, _intrin, CHANNEL_TILE, MAX_WEIGHT_BYTES_PER_TILE),
-            "avx2": Flavour("intforge_dot_16x2_s16s16s32_avx2", _avx2_intrin, 1, AVX2_MAX_WEIGHT_BYTES_PER_TILE)}
+            "avx2": Flavour("intforge_dot_8x2_s16s16s32_avx2", _avx2_intrin, 1, AVX2_MAX_WEIGHT_BYTES_PER_TILE, 8)}
+
+
+def flavour_weights(weights: np.ndarray, isa: str) -> np.ndarray:
+    """`weight_layout` with a flavour's channel tile."""
+    return weight_layout(weights, FLAVOURS[isa].channel_tile)
 ISA_ATTR = "winograd_isa"  # the products' block annotation: which flavour schedules it
 
 
@@ -232,6 +221,7 @@ def conv2d_winograd(x: te.Tensor, up: te.Tensor, correction: te.Tensor | None, o
     from the recovered sums (OUT_BLOCK) by the blocked kernels' intrinsic."""
     n, h, w, c = (int(d) for d in x.shape)
     ct = int(up.shape[4])  # output blocks a register tile (`weight_layout`'s channel_tile)
+
     th, tw = _tiles(h), _tiles(w)  # the last tiles of a row or column may run past the output's edge
     centered = x.dtype == "uint8"
 
@@ -339,8 +329,16 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     # products: per position (row gi of the column) the run's tiles x 2 x 16 accumulators in registers
     acc = sch.cache_write(gemm, 0, ACC_SCOPE)
     *_, gz, gi, gj, gob, gol, grc, gri = sch.get_loops(gemm)
-    sch.reorder(gi, grc, gz, gob, gol, gri)
-    sch.reverse_compute_at(acc, gi)
+    if flavour.lanes < LANES:
+        # (AVX2) the lanes in instruction-wide parts, each its own pass over the channels: 7 tiles x 16 lanes
+        # are 14 of its 16 ymm registers, and LLVM spilled and shuffled them (half of each weight line is
+        # read a pass; laid out a stream a part, the schedule's accumulators left the registers)
+        part, gol = sch.split(gol, [None, flavour.lanes])
+        sch.reorder(gi, part, grc, gz, gob, gol, gri)
+        sch.reverse_compute_at(acc, part)
+    else:
+        sch.reorder(gi, grc, gz, gob, gol, gri)
+        sch.reverse_compute_at(acc, gi)
     init = sch.decompose_reduction(gemm, grc)
     # inverse: [tiles, block, a, 16 lanes]: a unrolled (folds the selects) inside the channel vector, so
     # the 4 outputs of a column share its 6 loads and sums
@@ -392,9 +390,10 @@ def _prefetch_weights_ahead(sch: s_tir.Schedule, channels, outer: list, weights)
     weights never faults. The calls go in front of the loop's body (`stages.insert_at_loop_top`)."""
     index = [sch.get(lp).loop_var for lp in (*outer, channels)]
     step = tirx.address_of(tirx.BufferLoad(weights, index + [0] * (len(weights.shape) - len(index))))
+    step_bytes = 2 * int(np.prod([int(d) for d in weights.shape[-3:]]))  # a step's weights: 128 B on VNNI, 64 on AVX2
     insert_at_loop_top(sch, channels, [prefetch(tirx.call_intrin(
         "handle", "tirx.handle_add_byte_offset", step, tirx.const(WEIGHT_PREFETCH_BYTES + line, "int32")))
-        for line in (0, 64)])
+        for line in range(0, step_bytes, 64)])
 
 
 def _stagger_columns(sch: s_tir.Schedule, column, par) -> None:

@@ -27,26 +27,30 @@ GROUP = 2  # int16 products summed per lane
 INTRIN = "intforge_dot_8x2_s16s8s32_avx2"
 
 
-def _avx2_intrin() -> tuple:
-    """C[i] += A[0] * B[i, 0] + A[1] * B[i, 1]: A two int16 activations, B 8 x 2 int8 weights."""
-    desc, _ = broadcast_dot_intrin("llvm.x86.avx2.pmadd.wd", "int16", LANES, GROUP, weight_dtype="int8")
+def avx2_intrin(weight_dtype: str = "int8") -> tuple:
+    """C[i] += A[0] * B[i, 0] + A[1] * B[i, 1]: A two int16 activations, B 8 x 2 weights, int8 (sign-extended
+    in the register) or int16 (Winograd's transformed weights, kernels/winograd.py)."""
+    desc, _ = broadcast_dot_intrin("llvm.x86.avx2.pmadd.wd", "int16", LANES, GROUP, weight_dtype=weight_dtype)
+    n = LANES * GROUP
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (GROUP,), "int16", offset_factor=1)
-        B = T.match_buffer(b, (LANES, GROUP), "int8", offset_factor=1)
+        B = T.match_buffer(b, (LANES, GROUP), weight_dtype, offset_factor=1)
         C = T.match_buffer(c, (LANES,), "int32", offset_factor=1, scope=ACC_SCOPE)
         with T.sblock("root"):
             T.reads(C[0:LANES], A[0:GROUP], B[0:LANES, 0:GROUP])
             T.writes(C[0:LANES])
-            pair = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), LANES),
-                                 dtype="int16x16")
+            # (the broadcast written inline: bound to a name, TVM gives it a stack slot, and LLVM kept one
+            # store to it a reduction step)
             C[T.ramp(T.int32(0), 1, LANES)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pair,
-                T.Cast("int16x16", B.vload([0, 0], dtype="int8x16")), dtype="int32x8")
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), LANES),
+                              dtype="int16x16"),
+                T.Cast(f"int16x{n}", B.vload([0, 0], dtype=f"{weight_dtype}x{n}")), dtype="int32x8")
 
     return desc, impl
 
 
-AVX2 = register_isa(DotIsa("avx2", INTRIN, _avx2_intrin, "int16", lanes=LANES, group=GROUP, channel_tile=1,
+AVX2 = register_isa(DotIsa("avx2", INTRIN, avx2_intrin, "int16", lanes=LANES, group=GROUP, channel_tile=1,
                            pixel_tile=8, epilogue_lanes=8))

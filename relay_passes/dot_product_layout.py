@@ -318,7 +318,7 @@ class _KernelRewriter(PyExprMutator):
             lambda xx, ww, *rest: winograd.conv2d_winograd(
                 xx, ww, rest[0] if corr is not None else None, o, epilogue(*rest[1:]) if epilogue else None,
                 self.winograd),
-            x, relax.const(winograd.weight_layout(value, winograd.FLAVOURS[self.winograd].channel_tile), "int16"),
+            x, relax.const(winograd.flavour_weights(value, self.winograd), "int16"),
             *([corr] if corr is not None else []), *consts,
             primfunc_name_hint="conv2d_winograd" + ("_ifma" if epilogue else ""),
             primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
