@@ -14,6 +14,7 @@ from tvm import s_tir, te, tirx
 
 from intforge.reference import pool_output_size
 
+from .blocked_dot import Narrow
 from .stages import compute_inputs_at, find_block
 
 DW_BLOCK = "dwconv_nhwc"
@@ -35,9 +36,13 @@ def _unpacked(wq: te.Tensor, kh: int, kw: int, c: int) -> te.Tensor:
 
 
 def depthwise_nhwc(x: te.Tensor, w: te.Tensor, stride: tuple[int, int], padding: tuple[int, int],
-                   dilation: tuple[int, int], kernel: tuple[int, int] | None = None) -> te.Tensor:
+                   dilation: tuple[int, int], kernel: tuple[int, int] | None = None,
+                   narrow: Narrow | None = None, bounds: te.Tensor | None = None) -> te.Tensor:
     """x: [N, H, W, C] int8/uint8, w: [KH, KW, C] int8, or INT4 packed flat (`kernel` then gives KH, KW)
-    -> [N, OH, OW, C] int32."""
+    -> [N, OH, OW, C] int32; with `narrow` (and its `bounds`, the correction argument of the blocked
+    kernels' `Narrow`), the 8-bit output of that `dyadic.ClampFirst` epilogue on 32-bit lanes, in the same
+    expression. Where the requantize is not in that form it stays a chain after the window sum, on
+    int64 lanes: AVX2 has no 64-bit multiply (MobileNetV2's depthwise convs on AVX2, 2026-12-05)."""
     n, h, wd, c = (int(d) for d in x.shape)
     if len(w.shape) == 1:
         w = _unpacked(w, int(kernel[0]), int(kernel[1]), c)
@@ -64,6 +69,9 @@ def depthwise_nhwc(x: te.Tensor, w: te.Tensor, stride: tuple[int, int], padding:
             total = total + t
         return tirx.reinterpret("int32", total)
 
+    if narrow is not None:
+        return te.compute((n, oh, ow, c), lambda b, i, j, ch: narrow.value(window_sum(b, i, j, ch), bounds[ch], ch),
+                          name=DW_BLOCK)
     return te.compute((n, oh, ow, c), window_sum, name=DW_BLOCK)
 
 

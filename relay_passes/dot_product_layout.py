@@ -261,11 +261,23 @@ class _KernelRewriter(PyExprMutator):
                     *([corr] if corr is not None else []), *consts,
                     primfunc_name_hint="depthwise_dot_ifma" if epilogue else "depthwise_dot",
                     primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
-            if requant is not None:
-                return None
             # INT4 stays packed: the kernel unpacks a channel block's window once per row it sweeps
             wk = relax.const(w_hwc if unpack is None else pack_int4(w_hwc), "int8")
             kernel = w_hwc.shape[:2]
+            isa = self._isa(x)
+            if requant is not None:
+                # the short ClampFirst epilogue in the window sum's expression, where the kernels take
+                # activations of either signedness as they are (AVX2's: no correction to add)
+                if isa is None or isa.act_dtype != "int16":
+                    return None
+                bounds, consts, epilogue = self._epilogue(requant, w_hwc, (0, 1), x, isa)
+                if epilogue is None:
+                    return None
+                return self.builder_.call_te(
+                    lambda xx, ww, bb, *rest: depthwise_nhwc(xx, ww, stride, pad[:2], dilation, kernel,
+                                                             epilogue(*rest), bb),
+                    x, wk, bounds, *consts, primfunc_name_hint="depthwise_nhwc_narrow",
+                    primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
             return self.builder_.call_te(lambda xx, ww: depthwise_nhwc(xx, ww, stride, pad[:2], dilation, kernel),
                                          x, wk, primfunc_name_hint="depthwise_nhwc",
                                          # a conv to fusion (its sum has no reduce axis, which would make

@@ -793,12 +793,14 @@ def test_each_call_returns_arrays_of_its_own(so_of):
 # the AVX2 kernels (kernels/x86_avx2.py, `vpmaddwd` on int16-widened activations) on shapes that exercise
 # them: strided and padded, batches, 1x1 by rows, signed input and output, the short epilogue with a
 # residual add fused after it, RGB stems folded into 2-channel groups, dense; and Winograd's products on
-# AVX2 (one channel block a register tile), with every epilogue form and the odd rows' halves
+# AVX2 (one channel block a register tile), with every epilogue form and the odd rows' halves; depthwise
+# convs with the short epilogue in the window sum's expression
 AVX2_CASES = ["conv_stride_pad_batch3", "conv_1x1_batch4", "conv_wide_batch2", "conv_ifma_signed_in",
               "conv_ifma_signed_out", "conv_ifma_residual", "conv_stem_7x7", "conv_fold_2ch", "add_downsample",
               "mean_flatten_linear", "conv_weights_from_memory", "conv_pipelined_3x3", "conv_winograd",
               "conv_winograd_residual_ragged", "conv_winograd_residual", "conv_winograd_batch2",
-              "conv_winograd_odd_rows", "conv_winograd_residual_7_rows"]
+              "conv_winograd_odd_rows", "conv_winograd_residual_7_rows", "conv_depthwise", "depthwise_stack",
+              "depthwise_rows", "depthwise_dot_rect_dilated", "depthwise_row_pairs", "depthwise_5x5"]
 
 
 @pytest.mark.skipif(not resolve_target("x86").has("avx2"), reason="runs haswell code")
@@ -819,7 +821,8 @@ def test_avx2_kernels_are_bit_exact(case, tmp_path):
 def test_avx2_targets_run_convs_and_dense_on_vpmaddwd():
     """On an AVX2 CPU without VNNI the blocked kernels are `vpmaddwd`'s (8 channels x 2, int16 activations),
     not the contiguous-layout kernels that LLVM's vectorizer left 4x slower (ResNet18: 70 ms against 17);
-    no AVX512 instruction reaches the code. The 3x3 stride-1 conv with 32 channels runs as Winograd."""
+    no AVX512 instruction reaches the code. The 3x3 stride-1 conv with 32 channels runs as Winograd, the
+    depthwise conv requantizes in its own expression (no int64 multiply, which AVX2 lacks)."""
     import re
 
     from intforge.compiler.build import blocked_kernels, compile_module, module_source
@@ -830,9 +833,11 @@ def test_avx2_targets_run_convs_and_dense_on_vpmaddwd():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 32, 7, stride=2, padding=3), nn.ReLU(), nn.Conv2d(32, 16, 3, padding=1),
                           nn.ReLU(), nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(32 * 16 * 16, 10))
+                          nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU6(), nn.Flatten(),
+                          nn.Linear(32 * 16 * 16, 10))
     program = quantize_module(model, (1, 3, 32, 32))
     ex = compile_module(emit_program(program, boundary="int", io_layout="NHWC"), avx2)
     ir = module_source(ex, "llvm", "ll")
     assert ir.count("@llvm.x86.avx2.pmadd.wd(") >= 5 and "avx512" not in ir
     assert re.search(r"define .*conv2d_winograd", ir) and re.search(r"define .*conv2d_avx2", ir)
+    assert re.search(r"define .*depthwise_nhwc_narrow", ir)  # its requantize on 32-bit lanes, in the kernel
