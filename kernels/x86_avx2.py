@@ -9,9 +9,15 @@ weight-sum correction), the weights stay int8 in memory and are sign-extended in
 straight from memory to the 8 lanes (`vpbroadcastd`, a load, no vector ALU work). One instruction is
 8 output channels x 2 input channels; weights are packed [O/8, KH, KW, C/2, 8, 2].
 
-A tile is one channel block by up to 8 pixels: 8 accumulators, the weights and one broadcast in 16 ymm
-registers. Two `vpmaddwd` issue a cycle on Zen 2/3 (32 int8 MACs a cycle a core), the same multiplier
-work per MAC as ONNX Runtime's `vpmaddubsw` + `vpmaddwd` pair, exact where that one saturates.
+A tile is one channel block by up to 14 pixels (ResNet's rows of 56, 28 and 14 split into 14s): 14
+accumulators, the weights and one broadcast fill the 16 ymm registers. On the Zen 3 of 2026-12-05 that
+ran ResNet50 3.5% (its 1x1 convs 4-15%), MobileNetV2 2.3% and ResNet18 1.5% faster than tiles of up to 8;
+two channel blocks by up to 6 pixels ran ResNet50 9% slower.
+
+The price of exactness: `benchmarks/avx2_peak.c` measures `vpmaddwd` + `vpaddd` at 82.8 GMAC/s a core on
+that Zen 3 (16 MACs for 2 vector ops), and ONNX Runtime's u8s8 sequence (`vpmaddubsw`, `vpmaddwd` by
+ones, `vpaddd`: 32 MACs for 3) at 97.9, 1.18x more, for products that saturate when a pair of them
+passes 32767. Winograd (kernels/winograd.py) is where intforge gets ahead on AVX2.
 
 TVM has no AVX2 integer dot-product intrinsic for this layout; this one is ours.
 """
@@ -53,4 +59,4 @@ def avx2_intrin(weight_dtype: str = "int8") -> tuple:
 
 
 AVX2 = register_isa(DotIsa("avx2", INTRIN, avx2_intrin, "int16", lanes=LANES, group=GROUP, channel_tile=1,
-                           pixel_tile=8, epilogue_lanes=8))
+                           pixel_tile=14, epilogue_lanes=8))
