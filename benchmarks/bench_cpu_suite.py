@@ -65,6 +65,8 @@ ENGINES = ("torch_fp32", "ort_fp32", "ort_int8", "tvm_fp32", "intforge_int8", "i
 # family 26, with full 512-bit units: vnni_peak.c measures 968-1031 GMAC/s on 2 cores at ~3.8-4.0 GHz)
 MACS_PER_CYCLE_PER_CORE = 64
 MACS_PER_CYCLE_BY_FAMILY = {("AuthenticAMD", "26"): 128}  # (vendor_id, cpu family) as /proc/cpuinfo says
+# AVX2 without VNNI: two 256-bit vpmaddwd a cycle, 16 exact int8 MACs each (Zen 2/3, Skylake)
+AVX2_MACS_PER_CYCLE = 32
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,7 +94,11 @@ def cpu_ghz() -> float:
 
 
 def macs_per_cycle() -> int:
-    """int8 MACs a cycle a core for this CPU (MACS_PER_CYCLE_BY_FAMILY, else MACS_PER_CYCLE_PER_CORE)."""
+    """int8 MACs a cycle a core for this CPU (MACS_PER_CYCLE_BY_FAMILY, else MACS_PER_CYCLE_PER_CORE; on
+    AVX2 without VNNI, AVX2_MACS_PER_CYCLE)."""
+    tool = peak_tool()
+    if tool is not None and tool[0] == "avx2_peak.c":
+        return AVX2_MACS_PER_CYCLE
     info: dict[str, str] = {}
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         key, _, value = line.partition(":")
@@ -106,6 +112,20 @@ def nominal_int8_peak(threads: int) -> float:
 
 
 VNNI_PEAK_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vnni")
+AVX2_PEAK_FLAGS = ("-mavx2",)
+
+
+def peak_tool() -> tuple[str, tuple[str, ...]] | None:
+    """The register-only INT8 loop of the instruction intforge's kernels run on this CPU (source, flags):
+    vpdpbusd with AVX512-VNNI (vnni_peak.c), else vpmaddwd + vpaddd with AVX2 (avx2_peak.c: the exact
+    int16 products of kernels/x86_avx2.py); None on neither."""
+    flags = set(" ".join(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split())
+    if "avx512_vnni" in flags:
+        return "vnni_peak.c", VNNI_PEAK_FLAGS
+    if "avx2" in flags:
+        return "avx2_peak.c", AVX2_PEAK_FLAGS
+    return None
 _TOOLS = tempfile.TemporaryDirectory(prefix="intforge_c_tools_")  # the built C tools, for this process
 
 
@@ -144,9 +164,11 @@ def _c_tool(source: str, flags: tuple[str, ...], args: list[str], runs: int = 1)
 
 
 def measured_int8_peak(threads: int) -> float | None:
-    """GMAC/s of `threads` threads issuing register-only vpdpbusd (vnni_peak.c): the rate the dot-product
-    units reach at the clock the CPU really runs at. None without a C compiler or AVX512-VNNI."""
-    runs = _c_tool("vnni_peak.c", VNNI_PEAK_FLAGS, [str(threads)], runs=3)
+    """GMAC/s of `threads` threads issuing register-only vpdpbusd (vnni_peak.c), or on AVX2 vpmaddwd
+    (avx2_peak.c; `peak_tool`): the rate the dot-product units reach at the clock the CPU really runs at.
+    None without a C compiler or either instruction set."""
+    tool = peak_tool()
+    runs = _c_tool(*tool, [str(threads)], runs=3) if tool else None
     try:
         return max(float(out) for out in runs) if runs else None
     except ValueError:
@@ -171,10 +193,11 @@ class CoreProbe:
     def __init__(self) -> None:
         self.readings: list[float | None] = []
         self.one_thread_gmacs: list[float | None] = []  # the clock's share: a slower clock, a lower rate
-        self.exe = _built_c_tool("vnni_peak.c", VNNI_PEAK_FLAGS) if len(os.sched_getaffinity(0)) >= 2 else None
+        self.tool = peak_tool()  # (vpmaddwd's units on AVX2 CPUs)
+        self.exe = _built_c_tool(*self.tool) if self.tool and len(os.sched_getaffinity(0)) >= 2 else None
 
     def __call__(self) -> None:
-        runs = [_c_tool("vnni_peak.c", VNNI_PEAK_FLAGS, [str(n)]) for n in (1, 2)] if self.exe else [None, None]
+        runs = [_c_tool(*self.tool, [str(n)]) for n in (1, 2)] if self.exe else [None, None]
         try:
             one, two = (float(r[0]) if r else None for r in runs)
         except ValueError:
@@ -470,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
                               "threads": args.threads, "engines": engines, "results": {}, "peak_fraction": {},
                               "int8_peak_gmacs": {"measured": measured_int8_peak(args.threads),
                                                   "nominal": round(nominal_int8_peak(args.threads), 1)},
-                              "peak_note": "measured: vnni_peak.c, register-only vpdpbusd on every thread; nominal: "
+                              "peak_note": f"measured: {(peak_tool() or ('none',))[0]}, register-only vpdpbusd "
+                                           "(vnni_peak.c) or vpmaddwd + vpaddd (avx2_peak.c) on every thread; nominal: "
                                            f"{macs_per_cycle()} int8 MACs/cycle/core x threads x cpu MHz "
                                            "(the base clock; the CPU boosts above it)"}
     peak_gmacs = result["int8_peak_gmacs"]["measured"] or result["int8_peak_gmacs"]["nominal"]
