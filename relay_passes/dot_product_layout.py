@@ -158,7 +158,8 @@ class _KernelRewriter(PyExprMutator):
         where the form would not be exact or the channels are not whole 16-blocks.
         `value`'s `axes` are the ones each output channel sums over."""
         bound = np.abs(value.astype(np.int64)).sum(axis=axes) * (255 if x_dtype == "uint8" else 128)
-        if bound.size % IFMA_LANES:  # the intrinsic takes whole 16-channel blocks
+        # the intrinsic takes whole 16-channel blocks; AVX2's 8-channel tiles vectorize the form themselves
+        if bound.size % (isa.lanes if isa.act_dtype == "int16" else IFMA_LANES):
             return None
         form = dyadic.clamp_first(requant.m, requant.n, requant.total, requant.qmin, requant.qmax, bound)
         if form is None:

@@ -150,6 +150,8 @@ CASES = {
     # into the channels (blocked_dot.fold_columns), with a stride, an odd width, padding, a batch
     "conv_stem_7x7": (lambda: nn.Conv2d(3, 16, 7, stride=2, padding=3), (2, 3, 19, 17)),
     "conv_fold_2ch": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(2, 32, (3, 5), padding=(1, 2))), (1, 2, 7, 9)),
+    # 24 output channels (MobileNetV2's projections): three 8-channel AVX2 blocks with the short epilogue
+    "conv_24_channels": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(16, 24, 1), nn.ReLU()), (1, 16, 6, 7)),
     "conv_rect_kernel": (lambda: nn.Conv2d(3, 4, (1, 5), padding=(0, 2)), (1, 3, 6, 6)),
     "conv_bn_relu": (lambda: nn.Sequential(bn_conv(3, 8, kernel_size=3, padding=1), nn.ReLU()), (1, 3, 8, 8)),
     "conv_bn_relu6": (lambda: nn.Sequential(bn_conv(3, 8, kernel_size=3), nn.ReLU6()), (1, 3, 8, 8)),
@@ -800,7 +802,8 @@ AVX2_CASES = ["conv_stride_pad_batch3", "conv_1x1_batch4", "conv_wide_batch2", "
               "mean_flatten_linear", "conv_weights_from_memory", "conv_pipelined_3x3", "conv_winograd",
               "conv_winograd_residual_ragged", "conv_winograd_residual", "conv_winograd_batch2",
               "conv_winograd_odd_rows", "conv_winograd_residual_7_rows", "conv_depthwise", "depthwise_stack",
-              "depthwise_rows", "depthwise_dot_rect_dilated", "depthwise_row_pairs", "depthwise_5x5"]
+              "depthwise_rows", "depthwise_dot_rect_dilated", "depthwise_row_pairs", "depthwise_5x5",
+              "conv_24_channels"]
 
 
 @pytest.mark.skipif(not resolve_target("x86").has("avx2"), reason="runs haswell code")
