@@ -122,6 +122,25 @@ def time_engine(fn: Callable[[np.ndarray], Any], x: np.ndarray, repeat: int, war
 
 
 SWITCH_PAUSE_S = 0.2  # between two engines' blocks: the last one's spinning threads park
+QUIET_WINDOW_S = 0.05  # ... and then until this process's threads used under QUIET_SHARE of a CPU this long
+QUIET_SHARE = 0.1
+QUIET_MOST_S = 3.0
+
+
+def settle() -> float:
+    """Sleep SWITCH_PAUSE_S, then until this process's threads are idle (under QUIET_SHARE of one CPU over
+    QUIET_WINDOW_S, at most QUIET_MOST_S): the seconds slept. An engine's pool threads spin after its last
+    call, and the next engine shares their cores meanwhile. TVM's workers spin-yield about 0.26 s on the
+    Zen 3 VM of 2026-12-05 (0.2 s had been enough on the Zen 5): the core probe after them read 2 threads
+    no faster than 1, and whatever ran next lost a core to them."""
+    t0 = time.perf_counter()
+    time.sleep(SWITCH_PAUSE_S)
+    while time.perf_counter() - t0 < QUIET_MOST_S:
+        c0 = time.process_time()
+        time.sleep(QUIET_WINDOW_S)
+        if time.process_time() - c0 < QUIET_SHARE * QUIET_WINDOW_S:
+            break
+    return time.perf_counter() - t0
 
 
 def time_interleaved(fns: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray, repeat: int, warmup: int,
@@ -144,10 +163,10 @@ def time_interleaved(fns: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray,
     ticks = cpu_ticks()
     for _ in range(rounds):
         if each_round is not None:  # (after a pause: the engines' idle threads spin a while)
-            time.sleep(SWITCH_PAUSE_S)
+            settle()
             each_round()
         for name, fn in fns.items():
-            time.sleep(SWITCH_PAUSE_S)
+            settle()
             fn(x)
             for _ in range(per_round):
                 if before is not None:
