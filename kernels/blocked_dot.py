@@ -46,8 +46,6 @@ from .stages import compute_inputs_at, insert_at_loop_top, prefetch, vectorize_i
 # stack LLVM also keeps the whole tile in registers: no store and reload before the epilogue.
 ACC_SCOPE = "global"
 STACK_BYTES = 1024
-# the instructions whose 3x3 stride-1 convs pack their input once, before the kernel (`_stride_one_window`)
-PACK_ONCE_ISAS = ("vnni", "avx2")
 INT4_BLOCK = "weight_int4"  # the in-kernel unpack stage of packed INT4 weights
 FOLD_BLOCK = "data_rows"  # a folded conv's input rows as runs of bytes, packed once before the kernel
 MIN_INT4_BLOCKS = 8  # channel blocks (x batch) for an INT4 conv to unpack its weights once per block
@@ -296,9 +294,10 @@ def _round_up(n: int, m: int) -> int:
 
 
 def fold_columns(channels: int, kernel: tuple[int, int], dilation: tuple[int, int], isa: DotIsa) -> bool:
-    """Whether a conv with fewer input channels than a lane's bytes (an RGB stem) takes each window row's
+    """Whether a conv with few input channels (an RGB stem) takes each window row's
     KW x C bytes as its channels (`conv2d_blocked`'s `fold`): ResNet's 7x7x3 stem then reduces 6 groups
-    of 4 bytes a row where one group a tap, 3 of its 4 bytes used, made 7."""
+    of 4 bytes a row where one group a tap, 3 of its 4 bytes used, made 7 (on AVX2's 2-channel groups, 11
+    a row against 14). "Few" is fewer than 4 channels, or than a group where groups are wider."""
     kw = kernel[1]
     return (channels < max(isa.group, 4) and dilation[1] == 1
             and blocks(kw * channels, isa.group) < kw * blocks(channels, isa.group))
@@ -498,12 +497,13 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         n, o1, i, j, o2, rh, rw, rcb, rci = sch.get_loops(block)
         rows_outer = _rows_outer(sch, block)
         oh_ext = int(sch.get(i).extent)
-        pack_once = isa.name in PACK_ONCE_ISAS and _stride_one_window(sch, block, oh_ext, int(sch.get(rh).extent))
+        pack_once = isa.name == "vnni" and _stride_one_window(sch, block, oh_ext, int(sch.get(rh).extent))
         if isa.act_dtype == "int16" and _packed_input(sch, block) is not None:
             # Widened activations (AVX2) are packed for every conv, and inside the kernel each task (a row
             # of one 8-channel block) widened its rows again: 32 times over for a 1x1 conv to 256
             # channels. Packed once, ResNet50's 1x1 convs ran 10-48% faster, the model 1.13x (Zen 3,
-            # 2026-12-05, interleaved A/B inside it).
+            # 2026-12-05, interleaved A/B inside it); the 7x7x512 3x3 convs (`_stride_one_window`
+            # alone, earlier that day) 6-15%.
             pack_once = True
         weights = next(r.source for r in sch.get(block).reads if len(r.source.shape) == 6)
         # several channel blocks per tile: each activation load feeds channel_tile instructions
@@ -611,8 +611,8 @@ def _stride_one_window(sch: s_tir.Schedule, block, out_rows: int, window_rows: i
     interleaved A/Bs inside the models): the 14x14x256 convs 4%, the 7x7x512 ones 4-6% faster,
     ResNet50 0.988-0.997x, ResNet18 0.977-0.991x at batch 1 and 0.986x at batch 8. Not with a stride:
     two of ResNet50's three stride-2 3x3 convs ran 9% and 20% slower packed once (the third 4% faster),
-    as in an earlier session. On AVX2 (Zen 3, 2026-12-05, interleaved A/B inside ResNet18) the 7x7x512
-    convs 6-15% faster. Not measured on ARM, so the ARM kernels keep packing per task."""
+    as in an earlier session. Not measured on ARM, so the ARM kernels keep packing per task (AVX2's
+    widened inputs are packed once for every conv: `schedule_blocked_func`)."""
     packed = _packed_input(sch, block)
     return packed is not None and window_rows > 1 and int(packed.shape[1]) == out_rows + window_rows - 1
 

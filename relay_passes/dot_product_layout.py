@@ -196,8 +196,8 @@ class _KernelRewriter(PyExprMutator):
     @staticmethod
     def _blocked_conv(value: np.ndarray, stride, pad, dilation, isa: DotIsa, layout: str):
         """(te function of (x, weights, correction, epilogue), the OIHW weights it takes) of a groups-1
-        conv on the blocked kernel; an RGB stem in NHWC on VNNI with its window rows folded into the
-        channels (`blocked_dot.fold_columns`)."""
+        conv on the blocked kernel; an RGB stem in NHWC on VNNI or AVX2 with its window rows folded into
+        the channels (`blocked_dot.fold_columns`)."""
         o, c, kh, kw = value.shape
         fold = layout == "NHWC" and isa.name in ("vnni", "avx2") and fold_columns(c, (kh, kw), dilation, isa)
 
