@@ -3,12 +3,8 @@
  * int8 MACs) each followed by its vpaddd into an accumulator, on registers only. Prints GMAC/s.
  * Built and run by bench_cpu_suite.py (cc -O2 -mavx2 -pthread) where vnni_peak.c cannot run. */
 #include <immintrin.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <time.h>
-#include <pthread.h>
+#include "peak_main.h"
 static long iters = 200000000L / 16;
-static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
 /* One step: 8 distinct products (2 activations x 4 weights, as in a kernel's register tile), each added
  * to its own accumulator. In asm: compilers spill C-level versions of this loop to the stack. */
 static void *run(void *arg) {
@@ -38,12 +34,4 @@ static void *run(void *arg) {
         "xmm12", "xmm13", "xmm14", "xmm15", "cc");
   return NULL;
 }
-int main(int argc, char **argv) {
-  int n = argc > 1 ? atoi(argv[1]) : 1; pthread_t th[64]; int out[64];
-  double t0 = now();
-  for (int i = 0; i < n; i++) pthread_create(&th[i], NULL, run, &out[i]);
-  for (int i = 0; i < n; i++) pthread_join(th[i], NULL);
-  double dt = now() - t0;
-  printf("%.1f\n", (double)n * iters * 8 * 16 / dt / 1e9);
-  return 0;
-}
+int main(int argc, char **argv) { return peak_main(argc, argv, run, (double)iters * 8 * 16); }

@@ -3,12 +3,8 @@
  * Built and run by bench_cpu_suite.py (cc -O2 -mavx512f -mavx512bw -mavx512vnni -pthread). The nominal
  * peak from /proc/cpuinfo's MHz understates it on CPUs that boost above their base clock. */
 #include <immintrin.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <time.h>
-#include <pthread.h>
+#include "peak_main.h"
 static long iters = 200000000L / 16;
-static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
 static void *run(void *arg) {
   __m512i a = _mm512_set1_epi32(0x01010101), b = _mm512_set1_epi32(0x02020202);
   __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0, c8 = c0, c9 = c0;
@@ -24,12 +20,4 @@ static void *run(void *arg) {
   *out = _mm512_reduce_add_epi32(s);
   return NULL;
 }
-int main(int argc, char **argv) {
-  int n = argc > 1 ? atoi(argv[1]) : 1; pthread_t th[64]; int out[64];
-  double t0 = now();
-  for (int i = 0; i < n; i++) pthread_create(&th[i], NULL, run, &out[i]);
-  for (int i = 0; i < n; i++) pthread_join(th[i], NULL);
-  double dt = now() - t0;
-  printf("%.1f\n", (double)n * iters * 10 * 64 / dt / 1e9);
-  return 0;
-}
+int main(int argc, char **argv) { return peak_main(argc, argv, run, (double)iters * 10 * 64); }

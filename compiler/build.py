@@ -13,6 +13,7 @@ from tvm import relax
 
 from intforge.errors import IntforgeError
 from intforge.kernels import default_schedule_pass
+from intforge.kernels.winograd import FLAVOURS as WINOGRAD_FLAVOURS
 from intforge.program import IntegerProgram
 from intforge.relay_passes import dot_product_layout_pass, emit_program, verify_integer_only
 from intforge.relay_passes.nhwc_layout import nhwc_layout_pass
@@ -73,9 +74,10 @@ def ifma_epilogues(preset: TargetPreset) -> bool:
 
 
 def winograd_convs(preset: TargetPreset) -> bool:
-    """Whether 3x3 stride-1 convs run as exact integer Winograd F(4x4, 3x3) on `vpdpwssd`
-    (kernels/winograd.py): on AVX512-VNNI, unless INTFORGE_WINOGRAD=0 (to compare with the direct kernel)."""
-    return blocked_kernels(preset) in ("vnni", "avx2") and os.environ.get("INTFORGE_WINOGRAD", "1") != "0"
+    """Whether 3x3 stride-1 convs run as exact integer Winograd F(4x4, 3x3) (kernels/winograd.py): where it
+    has a flavour for the target's kernels (AVX512-VNNI `vpdpwssd`, AVX2 `vpmaddwd`), unless
+    INTFORGE_WINOGRAD=0 (to compare with the direct kernel)."""
+    return blocked_kernels(preset) in WINOGRAD_FLAVOURS and os.environ.get("INTFORGE_WINOGRAD", "1") != "0"
 
 
 def _legalize_passes(preset: TargetPreset | None = None, dot_kernels: bool = True) -> list[tvm.transform.Pass]:

@@ -89,13 +89,6 @@ def _intrin() -> tuple:
     return broadcast_dot_intrin("llvm.x86.avx512.vpdpwssd.512", "int16", LANES, GROUP, weight_dtype="int16")
 
 
-def _avx2_intrin() -> tuple:
-    """An 8 x 2 product of int16 on AVX2: one `vpmaddwd` and an add (kernels/x86_avx2.py's, with int16
-    weights). On AVX2 a direct int8 conv runs at this same int16 rate, so Winograd's 4x fewer products are
-    all gain, where on VNNI they are half of it."""
-    return avx2_intrin("int16")
-
-
 @dataclass(frozen=True)
 class Flavour:
     """How the products run on one instruction set: the intrinsic, and the output channel blocks (of 16)
@@ -108,14 +101,17 @@ class Flavour:
     lanes: int = LANES  # int32 lanes of the instruction: the products run in LANES / lanes passes
 
 
+# (AVX2: kernels/x86_avx2.py's 8 x 2 `vpmaddwd` product with int16 weights; a direct int8 conv runs at that
+# same int16 rate there, so Winograd's 4x fewer products are all gain, where on VNNI they are half of it)
 FLAVOURS = {"vnni": Flavour(INTRIN, _intrin, CHANNEL_TILE, MAX_WEIGHT_BYTES_PER_TILE),
-            "avx2": Flavour("intforge_dot_8x2_s16s16s32_avx2", _avx2_intrin, 1, AVX2_MAX_WEIGHT_BYTES_PER_TILE, 8)}
+            "avx2": Flavour("intforge_dot_8x2_s16s16s32_avx2", lambda: avx2_intrin("int16"), 1,
+                            AVX2_MAX_WEIGHT_BYTES_PER_TILE, 8)}
+ISA_ATTR = "winograd_isa"  # the products' block annotation: which flavour schedules it
 
 
 def flavour_weights(weights: np.ndarray, isa: str) -> np.ndarray:
     """`weight_layout` with a flavour's channel tile."""
     return weight_layout(weights, FLAVOURS[isa].channel_tile)
-ISA_ATTR = "winograd_isa"  # the products' block annotation: which flavour schedules it
 
 
 # int8 activations: uint8 ones run as x - 128, corrected by +128 * sum(w) (DotIsa.correction_sign)
@@ -221,7 +217,6 @@ def conv2d_winograd(x: te.Tensor, up: te.Tensor, correction: te.Tensor | None, o
     from the recovered sums (OUT_BLOCK) by the blocked kernels' intrinsic."""
     n, h, w, c = (int(d) for d in x.shape)
     ct = int(up.shape[4])  # output blocks a register tile (`weight_layout`'s channel_tile)
-
     th, tw = _tiles(h), _tiles(w)  # the last tiles of a row or column may run past the output's edge
     centered = x.dtype == "uint8"
 
