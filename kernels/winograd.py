@@ -28,6 +28,14 @@ channels in pairs of 16-lane instructions, rows of tiles that split into runs of
 MAX_WEIGHT_BYTES_PER_TILE of int16 weights per 4x4 output tile of the batch (ResNet18's 7x7 layers, 4
 tiles of 512 channels, would stream 19 MB of weights for one image). Rows and columns that are not
 multiples of 4 end in a partial tile.
+
+F(2x2, 3x3) (`F2`, `Plan`), on AVX2 where F(4x4) does not pay: 16 products per channel for a 2x2 tile
+instead of 36 for 4x4 (2.25x fewer than direct, 1.72x on a 7x7 output's 16 partly used tiles), 8 MB of
+int16 weights for ResNet's 7x7 x 512 layer. Its transforms are 0 and +-1 only, with G' = 2 G: the sums
+come out 4 x acc, exact while |acc| < 2^29. Its tasks split the output channels instead of the rows of
+tiles (each task reads its share of the weights once, all of the tiles from a buffer transformed
+before), 8 tiles a register tile. Inside ResNet18 on the Zen 3 (2026-12-05) the three 7x7 x 512 convs
+took 0.65-0.67 ms each against 0.82-0.84 direct, the call 7.6 ms against 8.5.
 """
 
 from __future__ import annotations
@@ -71,6 +79,9 @@ MAX_WEIGHT_BYTES_PER_TILE = 48 * 1024
 # of int16 weights a tile, 4.7 MB a layer) took 0.46-0.55 ms against 0.97-1.0 direct on the Zen 3 of
 # 2026-12-05 (inside the model). The 7x7 x 512 ones (2 tiles a row, 4.7 MB a tile) stay direct.
 AVX2_MAX_WEIGHT_BYTES_PER_TILE = 320 * 1024
+AVX2_F2_WEIGHT_BYTES_PER_TILE = 512 * 1024
+MAX_RUN = 8  # tiles a register tile where a task runs all of the tiles (`Plan.by_channels`)
+CHANNEL_TASKS = 8  # tasks of a conv that runs by channels, where its channel blocks divide so
 WEIGHT_PREFETCH_BYTES = 4096  # how far ahead of its products a task prefetches its weight stream: a page
 ACC_LIMIT = 1 << 25  # |acc| below this is recovered exactly from 576 * acc mod 2^32
 BLOCK = "winograd_gemm"  # the products' block: the schedule rule and tuning look for it
@@ -99,44 +110,80 @@ class Flavour:
     channel_tile: int
     max_weight_bytes_per_tile: int
     lanes: int = LANES  # int32 lanes of the instruction: the products run in LANES / lanes passes
+    f2_weight_bytes_per_tile: int = 0  # where F(4x4) does not pay, F(2x2) by channels up to this (0: never)
 
 
 # (AVX2: kernels/x86_avx2.py's 8 x 2 `vpmaddwd` product with int16 weights; a direct int8 conv runs at that
 # same int16 rate there, so Winograd's 4x fewer products are all gain, where on VNNI they are half of it)
 FLAVOURS = {"vnni": Flavour(INTRIN, _intrin, CHANNEL_TILE, MAX_WEIGHT_BYTES_PER_TILE),
             "avx2": Flavour("intforge_dot_8x2_s16s16s32_avx2", lambda: avx2_intrin("int16"), 1,
-                            AVX2_MAX_WEIGHT_BYTES_PER_TILE, 8)}
+                            AVX2_MAX_WEIGHT_BYTES_PER_TILE, 8, AVX2_F2_WEIGHT_BYTES_PER_TILE)}
 ISA_ATTR = "winograd_isa"  # the products' block annotation: which flavour schedules it
+SPLIT_ATTR = "winograd_by_channels"  # and where present, that its tasks split the output channels (`Plan`)
 
 
-def flavour_weights(weights: np.ndarray, isa: str) -> np.ndarray:
+def flavour_weights(weights: np.ndarray, isa: str, tiling: Tiling | None = None) -> np.ndarray:
     """`weight_layout` with a flavour's channel tile."""
-    return weight_layout(weights, FLAVOURS[isa].channel_tile)
+    return weight_layout(weights, FLAVOURS[isa].channel_tile, tiling)
 
 
 # int8 activations: uint8 ones run as x - 128, corrected by +128 * sum(w) (DotIsa.correction_sign)
 WINOGRAD = DotIsa("winograd", INTRIN, _intrin, "int8", lanes=LANES, group=GROUP)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How a conv runs as Winograd: its tiling, and whether its tasks split the output channels (each
+    task all of the tiles, `CHANNEL_TASKS` of them) rather than the rows of tiles (each task all of the
+    weights: where the weights outweigh the tiles, every thread would stream all of them)."""
+
+    tiling: Tiling
+    by_channels: bool = False
+
+
+def plan(batch: int, h: int, w: int, channels: int, out_channels: int, kernel: tuple[int, int], stride, pad,
+         dilation, isa: str = "vnni") -> Plan | None:
+    """How a conv runs as Winograd where its shape is one this kernel takes and gains on (see the module's
+    docstring), else None: F(4x4) by rows of tiles, or where the flavour allows and F(4x4)'s weights
+    outweigh its tiles, F(2x2) by output channels."""
+    flavour = FLAVOURS[isa]
+    if not (tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+            and tuple(pad) == (1, 1) and channels % (2 * LANES) == 0
+            and out_channels % (flavour.channel_tile * LANES) == 0):
+        return None
+    tiles = batch * _tiles(h) * _tiles(w)
+    if (_tile_row(_tiles(w)) >= MIN_TILE_ROW
+            and POS * channels * out_channels * 2 <= flavour.max_weight_bytes_per_tile * tiles):
+        return Plan(F4)
+    rows2, row2 = -(-h // F2.tile), -(-w // F2.tile)
+    tiles2 = batch * rows2 * row2
+    if (flavour.f2_weight_bytes_per_tile and _run(rows2, row2) >= MIN_TILE_ROW
+            and F2.pos * channels * out_channels * 2 <= flavour.f2_weight_bytes_per_tile * tiles2):
+        return Plan(F2, by_channels=True)
+    return None
+
+
 def supported(batch: int, h: int, w: int, channels: int, out_channels: int, kernel: tuple[int, int], stride,
               pad, dilation, isa: str = "vnni") -> bool:
-    """Whether a conv's shape is one this kernel takes and gains on (see the module's docstring)."""
-    tiles = batch * _tiles(h) * _tiles(w)
-    flavour = FLAVOURS[isa]
-    return (tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
-            and tuple(pad) == (1, 1) and channels % (2 * LANES) == 0
-            and out_channels % (flavour.channel_tile * LANES) == 0 and _tile_row(_tiles(w)) >= MIN_TILE_ROW
-            and POS * channels * out_channels * 2 <= flavour.max_weight_bytes_per_tile * tiles)
+    """Whether a conv's shape is one this kernel takes and gains on (`plan`)."""
+    return plan(batch, h, w, channels, out_channels, kernel, stride, pad, dilation, isa) is not None
 
 
-def whole_tiles(h: int, w: int) -> bool:
-    """Whether the output is whole 4x4 tiles, which the ClampFirst epilogue's intrinsic needs (a partial
-    tile's predicate would sit on the block it is tensorized into)."""
-    return h % TILE == 0 and w % TILE == 0
+def whole_tiles(h: int, w: int, tiling: Tiling | None = None) -> bool:
+    """Whether the output is whole tiles (4x4 by default), which the ClampFirst epilogue's intrinsic needs
+    (a partial tile's predicate would sit on the block it is tensorized into)."""
+    tile = (tiling or F4).tile
+    return h % tile == 0 and w % tile == 0
 
 
 def _tiles(n: int) -> int:
     return -(-n // TILE)
+
+
+def _run(rows: int, row: int) -> int:
+    """Tiles per register tile where a task runs all of a layer's tiles (`Plan.by_channels`): whole rows of
+    tiles, as many as divide the rows and fit MAX_RUN (0 where not one does)."""
+    return row * max((k for k in range(1, rows + 1) if rows % k == 0 and k * row <= MAX_RUN), default=0)
 
 
 def _tile_row(tiles: int) -> int:
@@ -144,23 +191,26 @@ def _tile_row(tiles: int) -> int:
     return max(d for d in range(1, MAX_TILE_ROW + 1) if tiles % d == 0)
 
 
-def exact(weights: np.ndarray) -> bool:
-    """Whether every output channel's sum of centered activations stays within ACC_LIMIT, so that it is
-    recovered exactly. weights: [O, C, 3, 3] int8."""
-    return int(np.abs(weights.astype(np.int64)).sum(axis=(1, 2, 3)).max()) * SHIFT < ACC_LIMIT
+def exact(weights: np.ndarray, tiling: Tiling | None = None) -> bool:
+    """Whether every output channel's sum of centered activations stays within the tiling's limit (F(4x4)'s
+    by default), so that it is recovered exactly. weights: [O, C, 3, 3] int8."""
+    limit = (tiling or F4).acc_limit
+    return int(np.abs(weights.astype(np.int64)).sum(axis=(1, 2, 3)).max()) * SHIFT < limit
 
 
-def weight_layout(weights: np.ndarray, channel_tile: int = CHANNEL_TILE) -> np.ndarray:
-    """[O, C, 3, 3] int8 -> G' g G'^T as int16 [6, O/32, 6, C/2, 2, 16, 2]: column j of the position
+def weight_layout(weights: np.ndarray, channel_tile: int = CHANNEL_TILE, tiling: Tiling | None = None) -> np.ndarray:
+    """[O, C, 3, 3] int8 -> G' g G'^T as int16 [6, O/32, 6, C/2, 2, 16, 2] (F(4x4); F(2x2): 4 for 6, and
+    `tiling` says which): column j of the position
     (i, j), pair of output blocks (a register tile's channels: `channel_tile` of them, 2 here), row i,
     channel pair, output block in the pair, lane, channel in the pair. One 64-byte load feeds one
     vpdpwssd, and a task reads the weights as one contiguous stream, in the order its products run
     (column, pair, row: `schedule_winograd_func`)."""
+    t = tiling or F4
     o, c = weights.shape[:2]
-    u = np.einsum("ia,ocab,jb->ijco", GP, weights.astype(np.int64), GP).reshape(POS, c, o)
+    u = np.einsum("ia,ocab,jb->ijco", t.gp, weights.astype(np.int64), t.gp).reshape(t.pos, c, o)
     if np.abs(u).max() >= 1 << 15:
         raise ValueError("transformed weights outgrow int16: weights must be int8")
-    u = u.reshape(WINDOW, WINDOW, c // 2, GROUP, o // (channel_tile * LANES), channel_tile, LANES)
+    u = u.reshape(t.window, t.window, c // 2, GROUP, o // (channel_tile * LANES), channel_tile, LANES)
     return np.ascontiguousarray(u.transpose(1, 4, 0, 2, 5, 6, 3)).astype(np.int16)
 
 
@@ -209,15 +259,70 @@ def _recover(t) -> tirx.PrimExpr:
     return tirx.shift_right(tirx.reinterpret("int32", v), tirx.const(SCALE_SHIFT, "int32"))
 
 
+# F(2x2, 3x3) at the points 0, +-1, inf: B^T, G' = 2 G (integer) and A^T. A^T (G' g G'^T . B^T d B) A is
+# 4 x the conv sum; |B^T d B| <= 4 * 128 and |G' g G'^T| <= 9 * 127 fit int16
+BT2 = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.int64)
+GP2 = np.array([[2, 0, 0], [1, 1, 1], [1, -1, 1], [0, 0, 2]], np.int64)
+AT2 = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.int64)
+
+
+def transform_input2(d: list, dtype: str | None = None) -> list:
+    """F(2x2)'s B^T d for the 4 values d of a tile's column (or row)."""
+    return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
+
+
+def transform_output2(m: list, dtype: str | None = None) -> list:
+    """F(2x2)'s A^T m for the 4 values m of a column (or row) of channel sums."""
+    return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+
+
+def _recover2(t) -> tirx.PrimExpr:
+    """acc from t = 4 * acc mod 2^32 (uint32 lanes, wrapping), for |acc| < 2^29."""
+    return tirx.shift_right(tirx.reinterpret("int32", t), tirx.const(2, "int32"))
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """F(m x m, 3x3): an m x m output tile from an (m + 2) x (m + 2) input tile. `scale` x the conv sum
+    comes out of the integer transforms, `recover` takes it back from its value mod 2^32, exactly where
+    |acc| < acc_limit."""
+
+    tile: int
+    bt: np.ndarray
+    gp: np.ndarray
+    at: np.ndarray
+    transform_input: Callable
+    transform_output: Callable
+    recover: Callable
+    scale: int
+    acc_limit: int
+
+    @property
+    def window(self) -> int:
+        return self.tile + 2
+
+    @property
+    def pos(self) -> int:
+        return self.window ** 2
+
+
+F4 = Tiling(TILE, BT, GP, AT, transform_input, transform_output, _recover, 576, ACC_LIMIT)
+F2 = Tiling(2, BT2, GP2, AT2, transform_input2, transform_output2, _recover2, 4, 1 << 29)
+TILINGS = {t.window: t for t in (F4, F2)}  # a layout's weights say which (their first axis: the window)
+
+
 def conv2d_winograd(x: te.Tensor, up: te.Tensor, correction: te.Tensor | None, out_channels: int,
-                    narrow: Narrow | None = None, isa: str = "vnni") -> te.Tensor:
-    """x: [N, H, W, C] int8/uint8, up: `weight_layout`'s int16 weights -> [N, H, W, O] int32, the exact
-    conv sum (3x3, stride 1, padding 1) plus `correction` (+128 * sum(w) for uint8 input); with `narrow`,
-    the 8-bit output of its `dyadic.ClampFirst` epilogue (the correction then also holds -lo), computed
-    from the recovered sums (OUT_BLOCK) by the blocked kernels' intrinsic."""
+                    narrow: Narrow | None = None, isa: str = "vnni", by_channels: bool = False) -> te.Tensor:
+    """x: [N, H, W, C] int8/uint8, up: `weight_layout`'s int16 weights (their window says the tiling) ->
+    [N, H, W, O] int32, the exact conv sum (3x3, stride 1, padding 1) plus `correction` (+128 * sum(w) for
+    uint8 input); with `narrow`, the 8-bit output of its `dyadic.ClampFirst` epilogue (the correction then
+    also holds -lo), computed from the recovered sums (OUT_BLOCK) by the blocked kernels' intrinsic.
+    `by_channels`: the schedule's tasks split the output channels, not the rows of tiles (`Plan`)."""
     n, h, w, c = (int(d) for d in x.shape)
+    t = TILINGS[int(up.shape[0])]
+    tile, window = t.tile, t.window
     ct = int(up.shape[4])  # output blocks a register tile (`weight_layout`'s channel_tile)
-    th, tw = _tiles(h), _tiles(w)  # the last tiles of a row or column may run past the output's edge
+    th, tw = -(-h // tile), -(-w // tile)  # the last tiles of a row or column may run past the output's edge
     centered = x.dtype == "uint8"
 
     def _x(b, i, j, ch):
@@ -226,27 +331,42 @@ def conv2d_winograd(x: te.Tensor, up: te.Tensor, correction: te.Tensor | None, o
         v = v - tirx.const(SHIFT, "int16") if centered else v
         return tirx.if_then_else(inside, v, tirx.const(-SHIFT if centered else 0, "int16"))
 
-    xp = te.compute((n, th * TILE + 2, tw * TILE + 2, c), _x, name="winograd_data")
-    # input transform, rows then columns: V[p = 6i + j] = (B^T d B)[i, j]
-    rows = te.compute((n, th, tw, WINDOW, WINDOW, c), lambda b, y, z, i, col, ch: _select(
-        i, transform_input([xp[b, y * TILE + a, z * TILE + col, ch] for a in range(WINDOW)], "int16")),
+    xp = te.compute((n, th * tile + 2, tw * tile + 2, c), _x, name="winograd_data")
+    # input transform, rows then columns: V[p = window i + j] = (B^T d B)[i, j]
+    rows = te.compute((n, th, tw, window, window, c), lambda b, y, z, i, col, ch: _select(
+        i, t.transform_input([xp[b, y * tile + a, z * tile + col, ch] for a in range(window)], "int16")),
         name="winograd_rows")
-    v = te.compute((n, th, tw, POS, c), lambda b, y, z, p, ch: _select(
-        p % WINDOW, transform_input([rows[b, y, z, p // WINDOW, col, ch] for col in range(WINDOW)], "int16")),
-        name="winograd_input")
+
+    def _v(b, y, z, p, ch):
+        return _select(p % window, t.transform_input([rows[b, y, z, p // window, col, ch] for col in range(window)],
+                                                      "int16"))
+
+    if by_channels:
+        # the whole layer's transformed input, positions outermost: a register tile's tiles lie a row of
+        # channels apart (tiles a position apart lie 4 KB-aliased from C = 128 on: 8 of them and the weights
+        # thrashed L1's sets)
+        v = te.compute((n, t.pos, th, tw, c), lambda b, p, y, z, ch: _v(b, y, z, p, ch), name="winograd_input")
+
+        def _vat(b, y, z, p, ch):
+            return v[b, p, y, z, ch]
+    else:
+        v = te.compute((n, th, tw, t.pos, c), _v, name="winograd_input")
+
+        def _vat(b, y, z, p, ch):
+            return v[b, y, z, p, ch]
     rc, ri = te.reduce_axis((0, c // GROUP), "rc"), te.reduce_axis((0, GROUP), "ri")
-    m = te.compute((n, th, tw, WINDOW, WINDOW, out_channels // LANES, LANES), lambda b, y, z, i, j, ob, ol: te.sum(
-        v[b, y, z, i * WINDOW + j, rc * GROUP + ri].astype("int32")
+    m = te.compute((n, th, tw, window, window, out_channels // LANES, LANES), lambda b, y, z, i, j, ob, ol: te.sum(
+        _vat(b, y, z, i * window + j, rc * GROUP + ri).astype("int32")
         * up[j, ob // ct, i, rc, ob % ct, ol, ri].astype("int32"), axis=[rc, ri]),
-        name=BLOCK, attrs={ISA_ATTR: isa})
+        name=BLOCK, attrs={ISA_ATTR: isa, **({SPLIT_ATTR: 1} if by_channels else {})})
     # inverse transform on wrapping uint32 lanes: rows A'^T M, then columns
-    inv = te.compute((n, th, tw, TILE, WINDOW, out_channels // LANES, LANES), lambda b, y, z, a, col, ob, ol: _select(
-        a, transform_output([_u32(m[b, y, z, i, col, ob, ol]) for i in range(WINDOW)], "uint32")),
+    inv = te.compute((n, th, tw, tile, window, out_channels // LANES, LANES), lambda b, y, z, a, col, ob, ol: _select(
+        a, t.transform_output([_u32(m[b, y, z, i, col, ob, ol]) for i in range(window)], "uint32")),
         name="winograd_inverse")
 
     def _sum(b, i, j, o):
-        return _recover(_select(j % TILE, transform_output(
-            [inv[b, i // TILE, j // TILE, i % TILE, col, o // LANES, o % LANES] for col in range(WINDOW)], "uint32")))
+        return t.recover(_select(j % tile, t.transform_output(
+            [inv[b, i // tile, j // tile, i % tile, col, o // LANES, o % LANES] for col in range(window)], "uint32")))
 
     if narrow is not None:
         if correction is None:
@@ -277,6 +397,9 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     gemm, inverse = blocks[k], blocks[names.index("winograd_inverse")]
     gemm_weights = next(r.source for r in sch.get(gemm).reads if len(r.source.shape) == 7)  # [6, O/32, 6, C/2, ...]
     flavour = FLAVOURS[str(sch.get(gemm).annotations.get(ISA_ATTR, "vnni"))]
+    by_channels = SPLIT_ATTR in sch.get(gemm).annotations
+    tiling = TILINGS[int(gemm_weights.shape[0])]
+    tile = tiling.tile
     channel_tile = int(gemm_weights.shape[4])
     tail = blocks[names.index(OUT_BLOCK):]
     tail_names = [sch.get(b).name_hint for b in tail]
@@ -290,13 +413,23 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
             sch.compute_inline(b)
     last, last_name = tail[-1], tail_names[-1]
     b_, y, x, o = sch.get_loops(last)
-    ty, a = sch.split(y, [None, TILE])
-    run = _tile_row(_tiles(int(sch.get(x).extent)))
-    bx, tx, cx = sch.split(x, [None, run, TILE])
-    oo, oi = sch.split(o, [None, LANES])
-    # a tile row's 4 outputs (cx) inside the channel block: their column transforms share 6 loads
-    sch.reorder(b_, ty, bx, a, tx, oo, cx, oi)
-    par = sch.fuse(b_, ty, bx)
+    ty, a = sch.split(y, [None, tile])
+    blocks = int(sch.get(o).extent) // LANES
+    if by_channels:
+        # a task per run of output channel blocks (whole register tiles), all of the tiles
+        per_task = channel_tile * max(1, blocks // channel_tile // CHANNEL_TASKS)
+        while (blocks // channel_tile) % (per_task // channel_tile):
+            per_task -= channel_tile
+        par, oo, oi = sch.split(o, [None, per_task, LANES])
+        tx, cx = sch.split(x, [None, tile])
+        sch.reorder(par, b_, ty, a, tx, oo, cx, oi)
+    else:
+        run = _tile_row(-(-int(sch.get(x).extent) // tile))
+        bx, tx, cx = sch.split(x, [None, run, tile])
+        oo, oi = sch.split(o, [None, LANES])
+        # a tile row's outputs (cx) inside the channel block: their column transforms share the loads
+        sch.reorder(b_, ty, bx, a, tx, oo, cx, oi)
+        par = sch.fuse(b_, ty, bx)
     sch.parallel(par)
     sch.unroll(cx)
     staged = [sch.get_sblock(nm) for nm in (narrow_name, OUT_BLOCK) if nm in keep and nm != last_name]
@@ -308,12 +441,21 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     # loops: their sums (7 tiles x 6 x 32 int32, 5.4 KB) are read back from L1, where the whole row's
     # (64-129 KB) had gone to L2 and come back
     sch.compute_at(inverse, par, preserve_unit_loops=True)
-    *_, itx, ia, icol, iob, iol = sch.get_loops(inverse)
+    *_, ib, iy, itx, ia, icol, iob, iol = sch.get_loops(inverse)
     obo, iobi = sch.split(iob, [None, channel_tile])
-    sch.reorder(icol, obo, itx, ia, iobi, iol)
+    sch.reorder(icol, obo, *([ib, iy] if by_channels else []), itx, ia, iobi, iol)
     sch.compute_at(gemm, obo, preserve_unit_loops=True)
-    for blk in (inp, rows, data):
-        sch.compute_at(blk, par, preserve_unit_loops=True)
+    if by_channels:
+        # the input transform once, before the products: a task per row of tiles
+        pb, pp, py, pz, pch = sch.get_loops(inp)
+        sch.reorder(pb, py, pz, pp)
+        in_par = sch.fuse(pb, py)
+        sch.parallel(in_par)
+        for blk in (rows, data):
+            sch.compute_at(blk, in_par, preserve_unit_loops=True)
+    else:
+        for blk in (inp, rows, data):
+            sch.compute_at(blk, par, preserve_unit_loops=True)
     if keep:
         from .x86_ifma import tensorize_narrow
 
@@ -323,24 +465,33 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
         sch.vectorize(sch.get_loops(sch.get_sblock(last_name))[-1])
     # products: per position (row gi of the column) the run's tiles x 2 x 16 accumulators in registers
     acc = sch.cache_write(gemm, 0, ACC_SCOPE)
-    *_, gz, gi, gj, gob, gol, grc, gri = sch.get_loops(gemm)
+    *_, gb, gy, gz, gi, gj, gob, gol, grc, gri = sch.get_loops(gemm)
+    if by_channels:
+        # all of the tiles, MAX_RUN at a time, a position's weights read from L1 by each run
+        th, tw = int(sch.get(gy).extent), int(sch.get(gz).extent)
+        runs, gy = sch.split(gy, [None, _run(th, tw) // tw])
+        sch.reorder(gi, gb, runs, gy, gz)
+        tiles, outer = [gy, gz], runs
+    else:
+        tiles, outer = [gz], gi
     if flavour.lanes < LANES:
         # (AVX2) the lanes in instruction-wide parts, each its own pass over the channels: 7 tiles x 16 lanes
         # are 14 of its 16 ymm registers, and LLVM spilled and shuffled them (half of each weight line is
         # read a pass; laid out a stream a part, the schedule's accumulators left the registers)
         part, gol = sch.split(gol, [None, flavour.lanes])
-        sch.reorder(gi, part, grc, gz, gob, gol, gri)
+        sch.reorder(gi, part, grc, *tiles, gob, gol, gri)
         sch.reverse_compute_at(acc, part)
     else:
-        sch.reorder(gi, grc, gz, gob, gol, gri)
-        sch.reverse_compute_at(acc, gi)
+        sch.reorder(gi, grc, *tiles, gob, gol, gri)
+        sch.reverse_compute_at(acc, outer)
     init = sch.decompose_reduction(gemm, grc)
     # inverse: [tiles, block, a, 16 lanes]: a unrolled (folds the selects) inside the channel vector, so
     # the 4 outputs of a column share its 6 loads and sums
     _outputs_together(sch, ia, [iobi], iol, LANES)
     ensure_intrin(flavour.intrin, flavour.intrin_funcs)
     sch.tensorize(gol, flavour.intrin)
-    sch.unroll(gz)
+    for lp in tiles:
+        sch.unroll(lp)
     sch.unroll(gob)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(acc)[-1])
@@ -349,11 +500,15 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     *_, ri, rcol, rch = sch.get_loops(rows)
     _outputs_together(sch, ri, [rcol], rch, 2 * LANES)
     *_, ip, ich = sch.get_loops(inp)
-    _, pj = sch.split(ip, [WINDOW, WINDOW])
+    _, pj = sch.split(ip, [tiling.window, tiling.window])
     _outputs_together(sch, pj, [], ich, 2 * LANES)
     vectorize_inner(sch, sch.get_loops(data)[-1], most=2 * LANES)
+    if by_channels:
+        task = sch.get(par).loop_var
+        pair = task * tirx.const(per_task // channel_tile, str(task.ty))
+        _prefetch_weights_ahead(sch, grc, [icol, obo, gi], gemm_weights, pair)
+        return set()
     if os.environ.get("INTFORGE_WINOGRAD_HALVES", "1") != "0":  # =0: to compare without
-        blocks = int(sch.get(oo).extent)  # output channels / LANES
         _mark_halves(sch, par, [(obo, blocks // channel_tile), (oo, blocks)])
     _prefetch_weights_ahead(sch, grc, [icol, obo, gi], gemm_weights)
     _stagger_columns(sch, icol, par)
@@ -371,7 +526,7 @@ def _outputs_together(sch: s_tir.Schedule, unrolled, between: list, channels, la
     sch.vectorize(inner)
 
 
-def _prefetch_weights_ahead(sch: s_tir.Schedule, channels, outer: list, weights) -> None:
+def _prefetch_weights_ahead(sch: s_tir.Schedule, channels, outer: list, weights, first_pair=None) -> None:
     """Each step of the products' channel loop prefetches the two weight lines WEIGHT_PREFETCH_BYTES
     ahead of the two it reads.
 
@@ -384,6 +539,8 @@ def _prefetch_weights_ahead(sch: s_tir.Schedule, channels, outer: list, weights)
     2 KB 0.987-1.005x), inside ResNet50, in a quiet minute, unchanged. A prefetch past the end of the
     weights never faults. The calls go in front of the loop's body (`stages.insert_at_loop_top`)."""
     index = [sch.get(lp).loop_var for lp in (*outer, channels)]
+    if first_pair is not None:  # (a task's output channels from a pair of blocks on: `Plan.by_channels`)
+        index[1] = index[1] + first_pair
     step = tirx.address_of(tirx.BufferLoad(weights, index + [0] * (len(weights.shape) - len(index))))
     step_bytes = 2 * int(np.prod([int(d) for d in weights.shape[-3:]]))  # a step's weights: 128 B on VNNI, 64 on AVX2
     insert_at_loop_top(sch, channels, [prefetch(tirx.call_intrin(

@@ -286,13 +286,13 @@ class _KernelRewriter(PyExprMutator):
                                          primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
         if nhwc:
             value = np.ascontiguousarray(value.transpose(0, 3, 1, 2))  # OHWI -> OIHW
-            if (self.winograd and groups == 1 and unpack is None
-                    and winograd.supported(*(int(x.ty.shape[i]) for i in range(3)), channels, value.shape[0],
-                                           value.shape[2:], stride, pad[:2], dilation, self.winograd)
-                    and winograd.exact(value)):
+            plan = (winograd.plan(*(int(x.ty.shape[i]) for i in range(3)), channels, value.shape[0],
+                                  value.shape[2:], stride, pad[:2], dilation, self.winograd)
+                    if self.winograd and groups == 1 and unpack is None else None)
+            if plan is not None and winograd.exact(value, plan.tiling):
                 # with the CPU's IFMA epilogue, the requantize in the kernel; else it stays a separate
                 # chain (None here), fused after the kernel when the conv itself is visited
-                return self._winograd_conv(x, value, requant)
+                return self._winograd_conv(x, value, plan, requant)
         layout = layouts[0]
         isa = self._isa(x)
         if isa is not None and groups == 1:
@@ -316,11 +316,12 @@ class _KernelRewriter(PyExprMutator):
                                                              self.shift_unsigned, layout),
                           "conv2d_dot", x, self._emit_weight(w_ohwi, unpack), corr)
 
-    def _winograd_conv(self, x: Expr, value: np.ndarray, requant: _Requant | None = None) -> Expr | None:
+    def _winograd_conv(self, x: Expr, value: np.ndarray, plan: winograd.Plan,
+                       requant: _Requant | None = None) -> Expr | None:
         """A 3x3 stride-1 conv (OIHW weights `value`) on the Winograd kernel, its int32 output corrected
         like the blocked kernels' (uint8 input runs centred: +128 * sum(w)); with `requant`, the kernel
         that also requantizes in `_clamp_first`'s form, or None where that form would not be exact."""
-        if requant is not None and not winograd.whole_tiles(*(int(x.ty.shape[i]) for i in (1, 2))):
+        if requant is not None and not winograd.whole_tiles(*(int(x.ty.shape[i]) for i in (1, 2)), plan.tiling):
             return None  # (partial tiles: the epilogue stays a separate chain)
         corr, consts, epilogue = self._epilogue(requant, value, (1, 2, 3), x, winograd.WINOGRAD)
         if requant is not None and epilogue is None:
@@ -330,8 +331,8 @@ class _KernelRewriter(PyExprMutator):
         return self.builder_.call_te(
             lambda xx, ww, *rest: winograd.conv2d_winograd(
                 xx, ww, rest[0] if corr is not None else None, o, epilogue(*rest[1:]) if epilogue else None,
-                self.winograd),
-            x, relax.const(winograd.flavour_weights(value, self.winograd), "int16"),
+                self.winograd, plan.by_channels),
+            x, relax.const(winograd.flavour_weights(value, self.winograd, plan.tiling), "int16"),
             *([corr] if corr is not None else []), *consts,
             primfunc_name_hint="conv2d_winograd" + ("_ifma" if epilogue else ""),
             primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})

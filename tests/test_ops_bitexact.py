@@ -146,6 +146,13 @@ CASES = {
     # channels each (winograd.balance_odd_tasks); alone, and with a residual add fused after it
     "conv_winograd_odd_rows": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)), (1, 64, 12, 16)),
     "conv_winograd_residual_7_rows": (lambda: Residual(relu=True, channels=64), (1, 64, 28, 28)),
+    # on AVX2, where F(4x4) does not pay (rows of 2 tiles), F(2x2) with tasks over the output channels
+    # (winograd.Plan): ResNet's 7x7 (partial tiles, the requantize after the kernel), whole tiles with the
+    # requantize in the kernel and a residual add fused after it, a batch
+    "conv_winograd_f2": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)), (1, 64, 7, 7)),
+    "conv_winograd_f2_residual": (lambda: Residual(relu=True, channels=64), (1, 64, 8, 8)),
+    "conv_winograd_f2_batch2": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU()),
+                                (2, 64, 8, 8)),
     # fewer input channels than vpdpbusd's 4 bytes and a wide window: each window row's KW x C bytes folded
     # into the channels (blocked_dot.fold_columns), with a stride, an odd width, padding, a batch
     "conv_stem_7x7": (lambda: nn.Conv2d(3, 16, 7, stride=2, padding=3), (2, 3, 19, 17)),
@@ -402,24 +409,30 @@ def _saturated_conv(channels: int) -> nn.Module:
     return nn.Sequential(nn.ReLU(), conv)
 
 
-def test_winograd_transforms_compute_576_times_the_3x3_correlation_in_integers():
+@pytest.mark.parametrize("name", ["F4", "F2"])
+def test_winograd_transforms_compute_a_multiple_of_the_3x3_correlation_in_integers(name):
     """kernels/winograd.py's factored transforms are its matrices (B^T, A'^T), and with G' they give
-    576 x the 4x4 outputs of a 3x3 correlation over a 6x6 tile, exactly, for extreme and random int8."""
+    576 x the 4x4 outputs (F(4x4)), 4 x the 2x2 outputs (F(2x2)) of a 3x3 correlation over a tile, exactly,
+    for extreme and random int8, both transformed operands within int16."""
     from intforge.kernels import winograd as wg
 
+    t = getattr(wg, name)
     rng = np.random.default_rng(0)
-    d = rng.integers(-128, 128, (6, 6)).astype(np.int64)
+    d = rng.integers(-128, 128, (t.window, t.window)).astype(np.int64)
     d[0] = -128  # extremes
-    np.testing.assert_array_equal(np.array(wg.transform_input(list(d))), wg.BT @ d)
-    m = rng.integers(-(1 << 20), 1 << 20, (6, 5)).astype(np.int64)
-    np.testing.assert_array_equal(np.array(wg.transform_output(list(m))), wg.AT @ m)
+    d[1, ::2] = 127
+    np.testing.assert_array_equal(np.array(t.transform_input(list(d))), t.bt @ d)
+    m = rng.integers(-(1 << 20), 1 << 20, (t.window, 5)).astype(np.int64)
+    np.testing.assert_array_equal(np.array(t.transform_output(list(m))), t.at @ m)
     for g in (rng.integers(-127, 128, (3, 3)), np.full((3, 3), -127), np.full((3, 3), 127)):
-        v = wg.BT @ d @ wg.BT.T
-        u = wg.GP @ g.astype(np.int64) @ wg.GP.T
+        v = t.bt @ d @ t.bt.T
+        u = t.gp @ g.astype(np.int64) @ t.gp.T
         assert np.abs(v).max() < 1 << 15 and np.abs(u).max() < 1 << 15  # both fit int16
-        y = wg.AT @ (u * v) @ wg.AT.T
-        want = np.array([[(d[i:i + 3, j:j + 3] * g).sum() for j in range(4)] for i in range(4)])
-        np.testing.assert_array_equal(y, 576 * want)
+        y = t.at @ (u * v) @ t.at.T
+        want = np.array([[(d[i:i + 3, j:j + 3] * g).sum() for j in range(t.tile)] for i in range(t.tile)])
+        np.testing.assert_array_equal(y, t.scale * want)
+    # the largest |B^T d B| and |G' g G'^T| there are: each row's absolute sums multiplied
+    assert np.abs(t.bt).sum(1).max() ** 2 * 128 < 1 << 15 and np.abs(t.gp).sum(1).max() ** 2 * 127 < 1 << 15
 
 
 @pytest.mark.skipif(not resolve_target("x86").has("avx512vnni"), reason="the VNNI Winograd kernel")
@@ -801,7 +814,8 @@ AVX2_CASES = ["conv_stride_pad_batch3", "conv_1x1_batch4", "conv_wide_batch2", "
               "conv_ifma_signed_out", "conv_ifma_residual", "conv_stem_7x7", "conv_fold_2ch", "add_downsample",
               "mean_flatten_linear", "conv_weights_from_memory", "conv_pipelined_3x3", "conv_winograd",
               "conv_winograd_residual_ragged", "conv_winograd_residual", "conv_winograd_batch2",
-              "conv_winograd_odd_rows", "conv_winograd_residual_7_rows", "conv_depthwise", "depthwise_stack",
+              "conv_winograd_odd_rows", "conv_winograd_residual_7_rows", "conv_winograd_f2",
+              "conv_winograd_f2_residual", "conv_winograd_f2_batch2", "conv_depthwise", "depthwise_stack",
               "depthwise_rows", "depthwise_dot_rect_dilated", "depthwise_row_pairs", "depthwise_5x5",
               "conv_24_channels"]
 
@@ -818,6 +832,40 @@ def test_avx2_kernels_are_bit_exact(case, tmp_path):
     torch.manual_seed(0)
     program = quantize_module(make(), shape)
     assert_bit_exact_int(program, intforge.load(build(program, tmp_path, target="x86-avx2", boundary="int").library))
+
+
+def test_avx2_runs_small_3x3_layers_as_winograd_f2_with_tasks_over_channels():
+    """Where F(4x4)'s int16 weights outweigh its tiles (ResNet's 7x7 x 512: 4.7 MB a tile) or its rows are too
+    short, AVX2 runs F(2x2) (16 positions, not 36: 8 MB for ResNet's layer) with each task a run of output
+    channels over all of the tiles, so that each thread streams its part of the weights once (by rows of
+    tiles every task streams all of them); its input transformed once, before, by rows of tiles. VNNI keeps
+    the direct kernel there. (Outputs: conv_winograd_f2* on x86-avx2, bit-exact.)"""
+    import re
+
+    from tvm import s_tir, te
+
+    from intforge.kernels import winograd as wg
+
+    args = ((3, 3), (1, 1), (1, 1), (1, 1))
+    assert wg.plan(1, 7, 7, 512, 512, *args, isa="avx2") == wg.Plan(wg.F2, by_channels=True)
+    assert wg.plan(1, 14, 14, 256, 256, *args, isa="avx2") == wg.Plan(wg.F4)
+    assert wg.plan(1, 8, 8, 64, 64, *args, isa="avx2") == wg.Plan(wg.F2, by_channels=True)
+    assert wg.plan(1, 7, 7, 512, 512, *args) is None  # VNNI
+    assert wg.plan(1, 5, 5, 64, 64, *args, isa="avx2") is None  # rows of 3 tiles: runs of 3
+    assert wg.plan(1, 7, 7, 512, 512, (3, 3), (2, 2), (1, 1), (1, 1), isa="avx2") is None
+
+    x = te.placeholder((1, 7, 7, 512), "uint8", name="x")
+    wp = te.placeholder(wg.weight_layout(np.zeros((512, 512, 3, 3), np.int8), 1, wg.F2).shape, "int16", name="w")
+    assert tuple(wp.shape) == (4, 512 // 16, 4, 256, 1, 16, 2)
+    sch = s_tir.Schedule(te.create_prim_func([x, wp, wg.conv2d_winograd(x, wp, None, 512, None, "avx2", True)]))
+    wg.schedule_winograd_func(sch)
+    lowered = s_tir.transform.CompactBufferAllocation()(s_tir.transform.ConvertBlocksToOpaque()(
+        s_tir.transform.PlanAndUpdateBufferAllocationLocation()(sch.mod)))
+    text = re.sub(r"T\.int64\((\d+)\)", r"\1", lowered["main"].script())
+    # the input by its 4 rows of tiles, the products and what follows by 8 runs of 64 channels
+    assert [int(n) for n in re.findall(r"in T.parallel\((\d+)", text)] == [4, 8]
+    # a register tile: 8 tiles (2 rows of 4) x 8 lanes
+    assert re.search(r'winograd_gemm_global = T.sblock_alloc_buffer\(\(1, 2, 4, 1, 1, 1, 8\), "int32"\)', text)
 
 
 @pytest.mark.skipif(not resolve_target("x86").has("avx2"), reason="runs haswell code")
