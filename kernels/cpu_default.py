@@ -13,6 +13,7 @@ from tvm import s_tir, tirx
 from . import arm_dot, x86_avx2, x86_vnni  # noqa: F401 - registers their instructions with blocked_dot
 from .blocked_dot import schedule_blocked_func
 from .depthwise import schedule_depthwise_func
+from .depthwise_avx2 import schedule_depthwise_pairs_func
 from .depthwise_dot import schedule_depthwise_dot_func
 from .epilogue_pipeline import pipeline_epilogues
 from .stages import split_vector, vectorize_inner
@@ -47,6 +48,8 @@ def _schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
         left = schedule_depthwise_func(sch)
     if left is None:
         left = schedule_depthwise_dot_func(sch)
+    if left is None:
+        left = schedule_depthwise_pairs_func(sch)
     if left is None:
         _inline_elementwise(sch, root)
     for block in sch.get_child_blocks(root):

@@ -26,6 +26,7 @@ from tvm import relax
 from tvm.relax import Call, Expr, PyExprMutator, expr_functor
 
 from intforge import dyadic
+from intforge.kernels import depthwise_avx2 as dwavx2
 from intforge.kernels import depthwise_dot as dwdot
 from intforge.kernels import winograd
 from intforge.kernels.arm_dot import NEON, SDOT, SMMLA, USMMLA
@@ -266,6 +267,23 @@ class _KernelRewriter(PyExprMutator):
             wk = relax.const(w_hwc if unpack is None else pack_int4(w_hwc), "int8")
             kernel = w_hwc.shape[:2]
             isa = self._isa(x)
+            if isa is not None and isa.name == "avx2" and unpack is None and dwavx2.supported(channels):
+                # AVX2: two window rows a vpmaddwd lane (kernels/depthwise_avx2.py)
+                kh = int(kernel[0])
+                pairs = dwavx2.row_pairs(int(x.ty.shape[1]), kh, stride, pad[:2], dilation)
+                wk = relax.const(dwavx2.weight_layout(w_hwc, pairs), "int16")
+                if requant is None:
+                    return self.builder_.call_te(
+                        lambda xx, ww: dwavx2.depthwise_pairs(xx, ww, stride, pad[:2], dilation, kh), x, wk,
+                        primfunc_name_hint="depthwise_avx2", primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
+                bounds, consts, epilogue = self._epilogue(requant, w_hwc, (0, 1), x, isa)
+                if epilogue is None:
+                    return None
+                return self.builder_.call_te(
+                    lambda xx, ww, bb, *rest: dwavx2.depthwise_pairs(xx, ww, stride, pad[:2], dilation, kh,
+                                                                     epilogue(*rest), bb),
+                    x, wk, bounds, *consts, primfunc_name_hint="depthwise_avx2_narrow",
+                    primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
             if requant is not None:
                 # the short ClampFirst epilogue in the window sum's expression, where the kernels take
                 # activations of either signedness as they are (AVX2's: no correction to add)

@@ -111,6 +111,9 @@ CASES = {
     "depthwise_row_pairs": (lambda: nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),
                                                   nn.Conv2d(32, 32, (2, 3), padding=1, groups=32)), (1, 32, 8, 10)),
     "depthwise_5x5": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(16, 16, 5, padding=2, groups=16)), (1, 16, 8, 8)),
+    # an odd number of output rows (no row pairs) and 3 blocks of 8 channels, signed input: AVX2's pairs of
+    # window rows on vpmaddwd (kernels/depthwise_avx2.py) one output row at a time
+    "depthwise_odd_rows_24": (lambda: nn.Conv2d(24, 24, 3, padding=1, groups=24), (1, 24, 7, 9)),
     "conv_1x1_batch2": (lambda: nn.Conv2d(16, 8, 1), (2, 16, 5, 5)),
     # batches run image by image inside a task: a strided padded conv, and channel-block counts on both
     # sides of the INT4 kernels' once-per-block unpack (kernels.blocked_dot.MIN_INT4_BLOCKS)
@@ -817,7 +820,7 @@ AVX2_CASES = ["conv_stride_pad_batch3", "conv_1x1_batch4", "conv_wide_batch2", "
               "conv_winograd_odd_rows", "conv_winograd_residual_7_rows", "conv_winograd_f2",
               "conv_winograd_f2_residual", "conv_winograd_f2_batch2", "conv_depthwise", "depthwise_stack",
               "depthwise_rows", "depthwise_dot_rect_dilated", "depthwise_row_pairs", "depthwise_5x5",
-              "conv_24_channels"]
+              "depthwise_odd_rows_24", "conv_24_channels"]
 
 
 @pytest.mark.skipif(not resolve_target("x86").has("avx2"), reason="runs haswell code")
@@ -868,12 +871,41 @@ def test_avx2_runs_small_3x3_layers_as_winograd_f2_with_tasks_over_channels():
     assert re.search(r'winograd_gemm_global = T.sblock_alloc_buffer\(\(1, 2, 4, 1, 1, 1, 8\), "int32"\)', text)
 
 
+def test_avx2_depthwise_weights_pair_window_rows_and_output_rows_pair_at_stride_1():
+    """kernels/depthwise_avx2.py's weights: rows 2q and 2q + 1 of the window as a lane's int16 pair, zero past
+    the window; with row pairs the second output row's window one row later (its first pair (0, w0)).
+    Rows pair at stride and dilation 1 down the rows with an even number of output rows (MobileNetV2's
+    stride-1 depthwise convs but the 7x7 ones). (Outputs: the depthwise cases on x86-avx2, bit-exact.)"""
+    from intforge.kernels import depthwise_avx2 as dw
+
+    w = np.arange(1, 3 * 3 * 8 + 1, dtype=np.int64).reshape(3, 3, 8).astype(np.int8)  # [KH, KW, C]
+    single = dw.weight_layout(w)
+    assert single.shape == (2, 3, 1, 8, 2) and single.dtype == np.int16
+    np.testing.assert_array_equal(single[0, :, 0, :, 0], w[0])
+    np.testing.assert_array_equal(single[0, :, 0, :, 1], w[1])
+    np.testing.assert_array_equal(single[1, :, 0, :, 0], w[2])
+    assert not single[1, :, 0, :, 1].any()
+    paired = dw.weight_layout(w, pairs=True)
+    assert paired.shape == (2, 2, 3, 1, 8, 2)
+    np.testing.assert_array_equal(paired[0], single)
+    assert not paired[1, 0, :, 0, :, 0].any()
+    np.testing.assert_array_equal(paired[1, 0, :, 0, :, 1], w[0])
+    np.testing.assert_array_equal(paired[1, 1, :, 0, :, 0], w[1])
+    np.testing.assert_array_equal(paired[1, 1, :, 0, :, 1], w[2])
+    assert dw.row_pairs(56, 3, (1, 1), (1, 1), (1, 1))
+    assert not dw.row_pairs(7, 3, (1, 1), (1, 1), (1, 1))  # 7 output rows
+    assert not dw.row_pairs(56, 3, (2, 2), (1, 1), (1, 1))
+    assert not dw.row_pairs(56, 3, (1, 1), (2, 2), (2, 2))
+    assert dw.supported(24) and not dw.supported(12)
+
+
 @pytest.mark.skipif(not resolve_target("x86").has("avx2"), reason="runs haswell code")
 def test_avx2_targets_run_convs_and_dense_on_vpmaddwd():
     """On an AVX2 CPU without VNNI the blocked kernels are `vpmaddwd`'s (8 channels x 2, int16 activations),
     not the contiguous-layout kernels that LLVM's vectorizer left 4x slower (ResNet18: 70 ms against 17);
     no AVX512 instruction reaches the code. The 3x3 stride-1 conv with 32 channels runs as Winograd, the
-    depthwise conv requantizes in its own expression (no int64 multiply, which AVX2 lacks)."""
+    depthwise conv on `vpmaddwd` too (two window rows a lane), requantizing in its own kernel on 32-bit
+    lanes (no int64 multiply, which AVX2 lacks)."""
     import re
 
     from intforge.compiler.build import blocked_kernels, compile_module, module_source
@@ -891,4 +923,4 @@ def test_avx2_targets_run_convs_and_dense_on_vpmaddwd():
     ir = module_source(ex, "llvm", "ll")
     assert ir.count("@llvm.x86.avx2.pmadd.wd(") >= 5 and "avx512" not in ir
     assert re.search(r"define .*conv2d_winograd", ir) and re.search(r"define .*conv2d_avx2", ir)
-    assert re.search(r"define .*depthwise_nhwc_narrow", ir)  # its requantize on 32-bit lanes, in the kernel
+    assert re.search(r"define .*depthwise_avx2_narrow", ir)  # vpmaddwd, its requantize on 32-bit lanes in the kernel
