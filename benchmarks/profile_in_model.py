@@ -91,7 +91,7 @@ def conv_macs(shapes: list[tuple[int, ...]]) -> int | None:
     n, oh, ow, o = out
     if len(w) == 6 and w[0] == 36 and w[5] == 2:  # Winograd: a 3x3 conv's multiplies, as the direct kernel does them
         return n * oh * ow * o * 9 * w[2] * w[3]
-    if len(w) == 6:
+    if len(w) == 6 and w[3] * w[4] != shapes[0][3]:  # (not AVX2's depthwise weights [2, Q, KW, C/8, 8, 2])
         return n * oh * ow * o * w[1] * w[2] * w[3] * w[5]
     return None
 
