@@ -383,7 +383,9 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     task per row of tiles and run of up to MAX_TILE_ROW tiles, which transforms its input, runs the
     products with 7 x 2 x 16 accumulators in registers (a column of 6 positions for a pair of channel
     blocks, then that column's inverse transform), and transforms back and requantizes. Returns None
-    when the function has no Winograd kernel.
+    when the function has no Winograd kernel. By channels (`Plan`, F(2x2) on AVX2): the input transformed
+    first, a task per row of tiles, then a task per run of output channel blocks over every tile, runs
+    of up to MAX_RUN tiles (whole rows of them) a register tile.
 
     Products and inverse interleaved by column: on Zen 5 (2026-12-05, interleaved A/B inside ResNet18,
     outputs identical) the 56x56x64 convs 7-8% faster, the 28x28x128 ones 1-2%; the whole row's sums

@@ -12,7 +12,9 @@ their layout directly. Convs arrive in NCHW or, after `nhwc_layout_pass`, NHWC w
 NHWC depthwise convs get the channel-vectorized kernel of `intforge.kernels.depthwise`. Float ops keep
 TOPI's lowering. The arithmetic is unchanged: the same integer sums.
 With VNNI, depthwise convs of whole 16-channel blocks and at most 4 kernel rows run on `vpdpbusd` instead,
-the window's rows as the 4 bytes of a lane (`intforge.kernels.depthwise_dot`).
+the window's rows as the 4 bytes of a lane (`intforge.kernels.depthwise_dot`); with AVX2's kernels, those
+of whole 8-channel blocks on `vpmaddwd`, two window rows a lane (`intforge.kernels.depthwise_avx2`). 3x3
+stride-1 convs run as Winograd where `intforge.kernels.winograd.plan` says it pays.
 """
 
 from __future__ import annotations
