@@ -31,7 +31,8 @@ from tvm.script import tirx as T
 
 from intforge.reference import pool_output_size
 
-from .blocked_dot import ACC_SCOPE, STACK_BYTES, Narrow, ensure_intrin
+from .blocked_dot import ACC_SCOPE, Narrow
+from .depthwise_dot import tile_and_tensorize
 from .stages import find_block, vectorize_inner
 
 BLOCK = "dwconv_pairs"
@@ -39,7 +40,6 @@ NARROW_BLOCK = f"{BLOCK}_narrow"
 PACK_BLOCK = "dw_row_pairs"  # the packing stage: pairs of window rows, int16, per column and channel
 LANES, GROUP = 8, 2  # vpmaddwd: 8 int32 lanes, each the sum of 2 int16 products
 INTRIN = "intforge_dot_8x2_lanes_s16s16s32_avx2"
-TILE_PIXELS = 8  # output pixels per register tile, at most
 
 
 def supported(channels: int) -> bool:
@@ -149,21 +149,11 @@ def _intrin() -> tuple:
     return desc, impl
 
 
-def _tile_pixels(width: int, block) -> int:
-    """Output pixels per register tile: the largest divisor of the row up to TILE_PIXELS whose packed
-    columns (8 channels x 2 rows x int16 a column, a pair of rows at a time) stay on the stack."""
-    stride, span, pairs = (int(block.annotations[k]) for k in ("dw_stride", "dw_span", "dw_pairs"))
-
-    def fits(d: int) -> bool:  # (and the accumulators: 8 lanes of int32 a pixel, both rows with pairs)
-        return ((d - 1) * stride + span) * LANES * 4 * 2 < STACK_BYTES and (1 + pairs) * d * LANES * 4 < STACK_BYTES
-
-    return max((d for d in range(1, TILE_PIXELS + 1) if width % d == 0 and fits(d)), default=1)
-
-
 def schedule_depthwise_pairs_func(sch: s_tir.Schedule) -> set[str] | None:
     """Schedule a fused function built around a dwconv_pairs block; None when it has none. A parallel task
-    per output row; in it, per 8-channel block, tiles of up to TILE_PIXELS outputs, each packing the
-    columns it reads right before its products, the tile's sums in registers, then its requantize."""
+    per output row (or pair of rows); in it, per 8-channel block, tiles of up to 8 outputs, each packing
+    the columns it reads right before its products, the tile's sums in registers, then its requantize
+    (`depthwise_dot.tile_and_tensorize`, the VNNI kernel's schedule)."""
     found = find_block(sch, BLOCK)
     if found is None:
         return None
@@ -171,30 +161,9 @@ def schedule_depthwise_pairs_func(sch: s_tir.Schedule) -> set[str] | None:
     block, epilogue = blocks[k], blocks[k + 1:]
     for b in epilogue[:-1]:  # a requantize chain fused after the sums: one block per tile
         sch.compute_inline(b)
-    acc = sch.cache_write(block, 0, ACC_SCOPE)
-    b_, i, j, ch, rq, rw, rt = sch.get_loops(block)
-    co, ci = sch.split(ch, [None, LANES])
-    jo, ji = sch.split(j, [None, _tile_pixels(int(sch.get(j).extent), sch.get(block))])
-    pairs = int(sch.get(block).annotations["dw_pairs"])
-    if pairs:  # both rows of a pair under each packed column: one load feeds two instructions
-        ip, i2 = sch.split(i, [None, 2])
-        sch.reorder(b_, ip, co, jo, rq, rw, ji, i2, ci, rt)
-        par = sch.fuse(b_, ip)
-    else:
-        sch.reorder(b_, i, co, jo, rq, rw, ji, ci, rt)
-        par = sch.fuse(b_, i)
-    sch.parallel(par)
-    sch.reverse_compute_at(acc, jo)
     last = epilogue[-1] if epilogue else None
-    if last is not None:
-        sch.reverse_compute_at(last, jo)
-    init = sch.decompose_reduction(block, rq)
-    ensure_intrin(INTRIN, _intrin)
-    sch.tensorize(ci, INTRIN)
-    sch.unroll(ji)
-    if pairs:
-        sch.unroll(i2)
-    sch.vectorize(sch.get_loops(init)[-1])
+    # (a column's packs: two uint32 a lane, the window's first two rows and the next two, for 3x3)
+    acc, _, jo = tile_and_tensorize(sch, block, last, LANES, 2, INTRIN, _intrin)
     if last is not None:
         try:
             sch.compute_inline(acc)

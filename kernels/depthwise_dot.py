@@ -168,16 +168,51 @@ def _intrin() -> tuple:
     return desc, impl
 
 
-def _tile_pixels(width: int, block) -> int:
-    """Output pixels per register tile: the largest divisor of the row, at most TILE_PIXELS, whose
-    accumulators and packed input columns (16 channels x 4 bytes each) both stay under STACK_BYTES, so
+def tile_pixels(width: int, block, lanes: int, packs: int = 1) -> int:
+    """Output pixels per register tile of a window-rows kernel (this one, kernels/depthwise_avx2.py): the
+    largest divisor of the row, at most TILE_PIXELS, whose accumulators (`lanes` int32 a pixel, both rows
+    of a pair) and packed input columns (`packs` uint32 a lane and column) both stay under STACK_BYTES, so
     both live on the stack (the accumulators in registers), not in TVM's workspace pool."""
     stride, span, pairs = (int(block.annotations[k]) for k in ("dw_stride", "dw_span", "dw_pairs"))
 
     def fits(d: int) -> bool:
-        return (1 + pairs) * d * LANES * 4 < STACK_BYTES and ((d - 1) * stride + span) * LANES * 4 < STACK_BYTES
+        return ((1 + pairs) * d * lanes * 4 < STACK_BYTES
+                and ((d - 1) * stride + span) * lanes * 4 * packs < STACK_BYTES)
 
     return max((d for d in range(1, TILE_PIXELS + 1) if width % d == 0 and fits(d)), default=1)
+
+
+def tile_and_tensorize(sch: s_tir.Schedule, block, last, lanes: int, packs: int, intrin: str,
+                       make_intrin) -> tuple:
+    """The schedule both window-rows kernels share: a parallel task per output row (per pair of rows with
+    `dw_pairs`), in it per channel block of `lanes` the row in tiles of `tile_pixels` outputs, the tile's
+    sums (cached in ACC_SCOPE) and its epilogue block `last` (or None) right after its products, the
+    products tensorized on `intrin` over the channel block. Returns (accumulator block, channel block
+    loop, tile loop); the caller schedules the epilogue and the packing stage."""
+    acc = sch.cache_write(block, 0, ACC_SCOPE)
+    b_, i, j, ch, *reduce, rt = sch.get_loops(block)
+    co, ci = sch.split(ch, [None, lanes])
+    jo, ji = sch.split(j, [None, tile_pixels(int(sch.get(j).extent), sch.get(block), lanes, packs)])
+    pairs = int(sch.get(block).annotations["dw_pairs"])
+    if pairs:  # both rows of a pair under each packed column: one load feeds two instructions
+        ip, i2 = sch.split(i, [None, 2])
+        sch.reorder(b_, ip, co, jo, *reduce, ji, i2, ci, rt)
+        par = sch.fuse(b_, ip)
+    else:
+        sch.reorder(b_, i, co, jo, *reduce, ji, ci, rt)
+        par = sch.fuse(b_, i)
+    sch.parallel(par)
+    sch.reverse_compute_at(acc, jo)
+    if last is not None:
+        sch.reverse_compute_at(last, jo)
+    init = sch.decompose_reduction(block, reduce[0])
+    ensure_intrin(intrin, make_intrin)
+    sch.tensorize(ci, intrin)
+    sch.unroll(ji)
+    if pairs:
+        sch.unroll(i2)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return acc, co, jo
 
 
 def schedule_depthwise_dot_func(sch: s_tir.Schedule) -> set[str] | None:
@@ -191,29 +226,7 @@ def schedule_depthwise_dot_func(sch: s_tir.Schedule) -> set[str] | None:
     for b in epilogue[:-1]:  # correction, dyadic multiply, shift, clamp, cast: one block per tile
         sch.compute_inline(b)
     last = epilogue[-1]
-    acc = sch.cache_write(block, 0, ACC_SCOPE)
-    b_, i, j, ch, rw, rt = sch.get_loops(block)
-    co, ci = sch.split(ch, [None, LANES])
-    tile = _tile_pixels(int(sch.get(j).extent), sch.get(block))
-    jo, ji = sch.split(j, [None, tile])
-    pairs = int(sch.get(block).annotations["dw_pairs"])
-    if pairs:  # both rows of a pair under each packed column: one load feeds two instructions
-        ip, i2 = sch.split(i, [None, 2])
-        sch.reorder(b_, ip, co, jo, rw, ji, i2, ci, rt)
-        par = sch.fuse(b_, ip)
-    else:
-        sch.reorder(b_, i, co, jo, rw, ji, ci, rt)
-        par = sch.fuse(b_, i)
-    sch.parallel(par)
-    sch.reverse_compute_at(acc, jo)
-    sch.reverse_compute_at(last, jo)
-    init = sch.decompose_reduction(block, rw)
-    ensure_intrin(INTRIN, _intrin)
-    sch.tensorize(ci, INTRIN)
-    sch.unroll(ji)
-    if pairs:
-        sch.unroll(i2)
-    sch.vectorize(sch.get_loops(init)[-1])
+    acc, co, jo = tile_and_tensorize(sch, block, last, LANES, 1, INTRIN, _intrin)
     try:
         sch.compute_inline(acc)
     except s_tir.ScheduleError:

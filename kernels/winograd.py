@@ -155,7 +155,7 @@ def plan(batch: int, h: int, w: int, channels: int, out_channels: int, kernel: t
     if (_tile_row(_tiles(w)) >= MIN_TILE_ROW
             and POS * channels * out_channels * 2 <= flavour.max_weight_bytes_per_tile * tiles):
         return Plan(F4)
-    rows2, row2 = -(-h // F2.tile), -(-w // F2.tile)
+    rows2, row2 = _tiles(h, F2.tile), _tiles(w, F2.tile)
     tiles2 = batch * rows2 * row2
     if (flavour.f2_weight_bytes_per_tile and _run(rows2, row2) >= MIN_TILE_ROW
             and F2.pos * channels * out_channels * 2 <= flavour.f2_weight_bytes_per_tile * tiles2):
@@ -176,8 +176,9 @@ def whole_tiles(h: int, w: int, tiling: Tiling | None = None) -> bool:
     return h % tile == 0 and w % tile == 0
 
 
-def _tiles(n: int) -> int:
-    return -(-n // TILE)
+def _tiles(n: int, tile: int = TILE) -> int:
+    """Tiles along a side of n outputs (the last one may run past the edge)."""
+    return -(-n // tile)
 
 
 def _run(rows: int, row: int) -> int:
@@ -322,7 +323,7 @@ def conv2d_winograd(x: te.Tensor, up: te.Tensor, correction: te.Tensor | None, o
     t = TILINGS[int(up.shape[0])]
     tile, window = t.tile, t.window
     ct = int(up.shape[4])  # output blocks a register tile (`weight_layout`'s channel_tile)
-    th, tw = -(-h // tile), -(-w // tile)  # the last tiles of a row or column may run past the output's edge
+    th, tw = _tiles(h, tile), _tiles(w, tile)  # the last tiles of a row or column may run past the output's edge
     centered = x.dtype == "uint8"
 
     def _x(b, i, j, ch):
@@ -426,7 +427,7 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
         tx, cx = sch.split(x, [None, tile])
         sch.reorder(par, b_, ty, a, tx, oo, cx, oi)
     else:
-        run = _tile_row(-(-int(sch.get(x).extent) // tile))
+        run = _tile_row(_tiles(int(sch.get(x).extent), tile))
         bx, tx, cx = sch.split(x, [None, run, tile])
         oo, oi = sch.split(o, [None, LANES])
         # a tile row's outputs (cx) inside the channel block: their column transforms share the loads
