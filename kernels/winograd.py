@@ -80,6 +80,12 @@ MAX_WEIGHT_BYTES_PER_TILE = 48 * 1024
 # 2026-12-05 (inside the model). The 7x7 x 512 ones (2 tiles a row, 4.7 MB a tile) stay direct.
 AVX2_MAX_WEIGHT_BYTES_PER_TILE = 320 * 1024
 AVX2_F2_WEIGHT_BYTES_PER_TILE = 512 * 1024
+# ... and past this many bytes a tile F(4x4)'s tasks split the output channels too (`Plan.by_channels`): by
+# rows of tiles, each of ResNet's 14x14 x 256 layer's 4 tasks streamed all 4.7 MB of its weights; by
+# channels each thread reads its half once, from runs of 8 tiles. Inside ResNet18 on the Zen 3
+# (2026-12-05, interleaved A/B) those three layers took 0.50-0.52 ms against 0.63-0.64, the call 4% less;
+# by channels the 28x28 x 128 ones (24 KB a tile, runs of one 7-tile row) were 9-23% slower.
+AVX2_F4_CHANNELS_BYTES_PER_TILE = 128 * 1024
 MAX_RUN = 8  # tiles a register tile where a task runs all of the tiles (`Plan.by_channels`)
 CHANNEL_TASKS = 8  # tasks of a conv that runs by channels, where its channel blocks divide so
 WEIGHT_PREFETCH_BYTES = 4096  # how far ahead of its products a task prefetches its weight stream: a page
@@ -111,13 +117,15 @@ class Flavour:
     max_weight_bytes_per_tile: int
     lanes: int = LANES  # int32 lanes of the instruction: the products run in LANES / lanes passes
     f2_weight_bytes_per_tile: int = 0  # where F(4x4) does not pay, F(2x2) by channels up to this (0: never)
+    f4_channels_bytes_per_tile: int = 0  # F(4x4) by channels past this (0: never; not measured on VNNI)
 
 
 # (AVX2: kernels/x86_avx2.py's 8 x 2 `vpmaddwd` product with int16 weights; a direct int8 conv runs at that
 # same int16 rate there, so Winograd's 4x fewer products are all gain, where on VNNI they are half of it)
 FLAVOURS = {"vnni": Flavour(INTRIN, _intrin, CHANNEL_TILE, MAX_WEIGHT_BYTES_PER_TILE),
             "avx2": Flavour("intforge_dot_8x2_s16s16s32_avx2", lambda: avx2_intrin("int16"), 1,
-                            AVX2_MAX_WEIGHT_BYTES_PER_TILE, 8, AVX2_F2_WEIGHT_BYTES_PER_TILE)}
+                            AVX2_MAX_WEIGHT_BYTES_PER_TILE, 8, AVX2_F2_WEIGHT_BYTES_PER_TILE,
+                            AVX2_F4_CHANNELS_BYTES_PER_TILE)}
 ISA_ATTR = "winograd_isa"  # the products' block annotation: which flavour schedules it
 SPLIT_ATTR = "winograd_by_channels"  # and where present, that its tasks split the output channels (`Plan`)
 
@@ -144,17 +152,20 @@ class Plan:
 def plan(batch: int, h: int, w: int, channels: int, out_channels: int, kernel: tuple[int, int], stride, pad,
          dilation, isa: str = "vnni") -> Plan | None:
     """How a conv runs as Winograd where its shape is one this kernel takes and gains on (see the module's
-    docstring), else None: F(4x4) by rows of tiles, or where the flavour allows and F(4x4)'s weights
+    docstring), else None: F(4x4) by rows of tiles (by output channels where the flavour allows and its
+    weights a tile pass `f4_channels_bytes_per_tile`), or where the flavour allows and F(4x4)'s weights
     outweigh its tiles, F(2x2) by output channels."""
     flavour = FLAVOURS[isa]
     if not (tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
             and tuple(pad) == (1, 1) and channels % (2 * LANES) == 0
             and out_channels % (flavour.channel_tile * LANES) == 0):
         return None
-    tiles = batch * _tiles(h) * _tiles(w)
-    if (_tile_row(_tiles(w)) >= MIN_TILE_ROW
-            and POS * channels * out_channels * 2 <= flavour.max_weight_bytes_per_tile * tiles):
-        return Plan(F4)
+    rows, row = _tiles(h), _tiles(w)
+    tiles = batch * rows * row
+    weight_bytes = POS * channels * out_channels * 2
+    if _tile_row(row) >= MIN_TILE_ROW and weight_bytes <= flavour.max_weight_bytes_per_tile * tiles:
+        return Plan(F4, by_channels=bool(flavour.f4_channels_bytes_per_tile) and _run(rows, row) >= MIN_TILE_ROW
+                    and weight_bytes > flavour.f4_channels_bytes_per_tile * tiles)
     rows2, row2 = _tiles(h, F2.tile), _tiles(w, F2.tile)
     tiles2 = batch * rows2 * row2
     if (flavour.f2_weight_bytes_per_tile and _run(rows2, row2) >= MIN_TILE_ROW
@@ -384,7 +395,7 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     task per row of tiles and run of up to MAX_TILE_ROW tiles, which transforms its input, runs the
     products with 7 x 2 x 16 accumulators in registers (a column of 6 positions for a pair of channel
     blocks, then that column's inverse transform), and transforms back and requantizes. Returns None
-    when the function has no Winograd kernel. By channels (`Plan`, F(2x2) on AVX2): the input transformed
+    when the function has no Winograd kernel. By channels (`Plan`, on AVX2): the input transformed
     first, a task per row of tiles, then a task per run of output channel blocks over every tile, runs
     of up to MAX_RUN tiles (whole rows of them) a register tile.
 

@@ -156,6 +156,12 @@ CASES = {
     "conv_winograd_f2_residual": (lambda: Residual(relu=True, channels=64), (1, 64, 8, 8)),
     "conv_winograd_f2_batch2": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU()),
                                 (2, 64, 8, 8)),
+    # on AVX2, F(4x4) with tasks over the output channels where its weights outweigh its tiles (ResNet's
+    # 14x14 x 256: 295 KB a tile): whole tiles with the requantize in the kernel; partial ones (ResNet's
+    # 14x14) with a residual add fused after
+    "conv_winograd_f4_channels": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1)),
+                                  (1, 256, 16, 16)),
+    "conv_winograd_f4_channels_residual": (lambda: Residual(relu=True, channels=256), (1, 256, 14, 14)),
     # fewer input channels than vpdpbusd's 4 bytes and a wide window: each window row's KW x C bytes folded
     # into the channels (blocked_dot.fold_columns), with a stride, an odd width, padding, a batch
     "conv_stem_7x7": (lambda: nn.Conv2d(3, 16, 7, stride=2, padding=3), (2, 3, 19, 17)),
@@ -818,7 +824,8 @@ AVX2_CASES = ["conv_stride_pad_batch3", "conv_1x1_batch4", "conv_wide_batch2", "
               "mean_flatten_linear", "conv_weights_from_memory", "conv_pipelined_3x3", "conv_winograd",
               "conv_winograd_residual_ragged", "conv_winograd_residual", "conv_winograd_batch2",
               "conv_winograd_odd_rows", "conv_winograd_residual_7_rows", "conv_winograd_f2",
-              "conv_winograd_f2_residual", "conv_winograd_f2_batch2", "conv_depthwise", "depthwise_stack",
+              "conv_winograd_f2_residual", "conv_winograd_f2_batch2", "conv_winograd_f4_channels",
+              "conv_winograd_f4_channels_residual", "conv_depthwise", "depthwise_stack",
               "depthwise_rows", "depthwise_dot_rect_dilated", "depthwise_row_pairs", "depthwise_5x5",
               "depthwise_odd_rows_24", "conv_24_channels"]
 
@@ -851,7 +858,11 @@ def test_avx2_runs_small_3x3_layers_as_winograd_f2_with_tasks_over_channels():
 
     args = ((3, 3), (1, 1), (1, 1), (1, 1))
     assert wg.plan(1, 7, 7, 512, 512, *args, isa="avx2") == wg.Plan(wg.F2, by_channels=True)
-    assert wg.plan(1, 14, 14, 256, 256, *args, isa="avx2") == wg.Plan(wg.F4)
+    # F(4x4) by channels where its weights a tile pass 128 KB (14x14 x 256: 295 KB), by rows of tiles below
+    assert wg.plan(1, 14, 14, 256, 256, *args, isa="avx2") == wg.Plan(wg.F4, by_channels=True)
+    assert wg.plan(1, 28, 28, 128, 128, *args, isa="avx2") == wg.Plan(wg.F4)
+    assert wg.plan(8, 14, 14, 256, 256, *args, isa="avx2") == wg.Plan(wg.F4)  # a batch of 8: 37 KB a tile
+    assert wg.plan(1, 14, 14, 256, 256, *args) is None  # VNNI: 295 KB a tile streams more than it computes
     assert wg.plan(1, 8, 8, 64, 64, *args, isa="avx2") == wg.Plan(wg.F2, by_channels=True)
     assert wg.plan(1, 7, 7, 512, 512, *args) is None  # VNNI
     assert wg.plan(1, 5, 5, 64, 64, *args, isa="avx2") is None  # rows of 3 tiles: runs of 3
