@@ -34,6 +34,7 @@ from tvm import s_tir, te, tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from intforge.dyadic import SHORT_SHIFT
 from intforge.reference import pool_output_size
 
 from .dot_product import SHIFT  # unsigned <-> signed bytes: one definition, shared with the weight-sum corrections
@@ -244,9 +245,13 @@ class Narrow:
     bounds: bool = False
     short: bool = False
 
-    def value(self, acc, corr, ch):
-        """Output channel `ch` of this epilogue for accumulator `acc` and correction `corr`."""
-        return narrow_value(acc, corr, self.span[ch], self.mul[ch], self.add[ch], self.shift[ch], self.out_dtype,
+    def value(self, acc, corr, ch, immediate: bool = False):
+        """Output channel `ch` of this epilogue for accumulator `acc` and correction `corr`. `immediate`
+        (the short form, where it is vectorized rather than tensorized): the shift as the constant every
+        channel has (dyadic.SHORT_SHIFT), so that LLVM shifts by an immediate and picks each lane's byte
+        3 for the 8-bit result, where a per-channel shift vector took a load and a variable shift."""
+        shift = tirx.const(SHORT_SHIFT, "int32") if immediate and self.short else self.shift[ch]
+        return narrow_value(acc, corr, self.span[ch], self.mul[ch], self.add[ch], shift, self.out_dtype,
                             self.bounds, self.short)
 
     @property
@@ -397,7 +402,8 @@ def conv2d_blocked(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, ou
         if not nhwc or correction is None:
             raise ValueError("the ClampFirst epilogue needs NHWC and its correction (which holds -lo)")
         return te.compute((n, oh, ow, out_channels), lambda b, i, j, o: narrow.value(
-            conv[b, o // isa.lanes, i, j, o % isa.lanes], correction[o], o), name=narrow_block(isa),
+            conv[b, o // isa.lanes, i, j, o % isa.lanes], correction[o], o, immediate=isa.act_dtype == "int16"),
+            name=narrow_block(isa),
             attrs=narrow.attrs)
     if nhwc:
         return te.compute((n, oh, ow, out_channels), lambda b, i, j, o: _out(b, o, i, j), name=f"{isa.conv_block}_out")

@@ -920,6 +920,7 @@ def test_avx2_targets_run_convs_and_dense_on_vpmaddwd():
     import re
 
     from intforge.compiler.build import blocked_kernels, compile_module, module_source
+    from intforge.dyadic import SHORT_SHIFT
     from intforge.relay_passes import emit_program
 
     avx2 = resolve_target("x86-avx2")
@@ -935,3 +936,7 @@ def test_avx2_targets_run_convs_and_dense_on_vpmaddwd():
     assert ir.count("@llvm.x86.avx2.pmadd.wd(") >= 5 and "avx512" not in ir
     assert re.search(r"define .*conv2d_winograd", ir) and re.search(r"define .*conv2d_avx2", ir)
     assert re.search(r"define .*depthwise_avx2_narrow", ir)  # vpmaddwd, its requantize on 32-bit lanes in the kernel
+    # the short requantize's shift is every channel's dyadic.SHORT_SHIFT: an immediate (`Narrow.value`'s
+    # `immediate`), not a per-channel shift vector loaded for each 8 outputs
+    shifts = re.findall(r"[al]shr <8 x i32> %\w+, ([^,\n]+)", ir)
+    assert shifts and all(s == f"splat (i32 {SHORT_SHIFT})" for s in shifts), set(shifts)
