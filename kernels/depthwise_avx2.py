@@ -112,8 +112,8 @@ def depthwise_pairs(x: te.Tensor, w: te.Tensor, stride: tuple[int, int], padding
         axis=[rq, rw, rt]),
         name=BLOCK, attrs={"dw_stride": sw, "dw_span": (kw - 1) * dw + 1, "dw_pairs": int(pairs)})
     if narrow is not None:
-        return te.compute((n, oh, ow, c), lambda b, i, j, ch: narrow.value(acc[b, i, j, ch], bounds[ch], ch, immediate=True),
-                          name=NARROW_BLOCK, attrs=narrow.attrs)
+        return te.compute((n, oh, ow, c), lambda b, i, j, ch: narrow.value(
+            acc[b, i, j, ch], bounds[ch], ch, immediate=True), name=NARROW_BLOCK, attrs=narrow.attrs)
     return acc
 
 
