@@ -693,6 +693,23 @@ def test_pixel_tile_keeps_accumulators_on_the_stack_unless_that_costs_a_third_of
     assert _pixel_pairs(56, VNNI, 1) == 8  # one channel block: 8 pixels fit
 
 
+def test_avx2_register_tile_is_two_blocks_by_four_pixels_where_the_row_divides():
+    """AVX2's tile: 1 channel block x 14 pixels (14 broadcasts for 14 products a step), or where the row
+    divides into 4s and there are pairs of blocks, 2 x 4 (4 broadcasts for 8 products; 12 of the 16 ymm
+    registers); not for the folded RGB stem; VNNI's tile unchanged. (Outputs: every CASE on x86-avx2.)"""
+    from intforge.kernels.blocked_dot import register_tile
+    from intforge.kernels.x86_avx2 import AVX2
+    from intforge.kernels.x86_vnni import VNNI
+
+    assert register_tile(56, 8, AVX2) == (2, 4)  # ResNet50's 56x56 x 64
+    assert register_tile(112, 12, AVX2) == (2, 4)  # MobileNetV2's 112x112 x 96
+    assert register_tile(28, 3, AVX2) == (1, 14)  # an odd number of blocks
+    assert register_tile(14, 32, AVX2) == (1, 14)  # rows of 14 and 7: the long tile
+    assert register_tile(7, 64, AVX2) == (1, 7)
+    assert register_tile(112, 8, AVX2, square=False) == (1, 14)  # the folded stem
+    assert register_tile(56, 8, VNNI) == (2, 7)
+
+
 def _blocked_conv_script(batch: int, hw: int, cin: int, cout: int, k: int, stride: int = 1) -> str:
     """The scheduled TVMScript of a blocked VNNI conv (NHWC, same padding), loop extents written as plain
     numbers whether they are int32 or int64."""
