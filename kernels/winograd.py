@@ -87,6 +87,9 @@ AVX2_F2_WEIGHT_BYTES_PER_TILE = 512 * 1024
 # by channels the 28x28 x 128 ones (24 KB a tile, runs of one 7-tile row) were 9-23% slower.
 AVX2_F4_CHANNELS_BYTES_PER_TILE = 128 * 1024
 MAX_RUN = 8  # tiles a register tile where a task runs all of the tiles (`Plan.by_channels`)
+# ... and where a run of this many tiles divides them on a flavour with instruction-wide parts (AVX2), a
+# register tile of that run by both parts (`schedule_winograd_func`)
+SQUARE_RUN = 4
 CHANNEL_TASKS = 8  # tasks of a conv that runs by channels, where its channel blocks divide so
 WEIGHT_PREFETCH_BYTES = 4096  # how far ahead of its products a task prefetches its weight stream: a page
 ACC_LIMIT = 1 << 25  # |acc| below this is recovered exactly from 576 * acc mod 2^32
@@ -192,10 +195,10 @@ def _tiles(n: int, tile: int = TILE) -> int:
     return -(-n // tile)
 
 
-def _run(rows: int, row: int) -> int:
+def _run(rows: int, row: int, most: int = MAX_RUN) -> int:
     """Tiles per register tile where a task runs all of a layer's tiles (`Plan.by_channels`): whole rows of
-    tiles, as many as divide the rows and fit MAX_RUN (0 where not one does)."""
-    return row * max((k for k in range(1, rows + 1) if rows % k == 0 and k * row <= MAX_RUN), default=0)
+    tiles, as many as divide the rows and fit `most` (0 where not one does)."""
+    return row * max((k for k in range(1, rows + 1) if rows % k == 0 and k * row <= most), default=0)
 
 
 def _tile_row(tiles: int) -> int:
@@ -480,15 +483,27 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     # products: per position (row gi of the column) the run's tiles x 2 x 16 accumulators in registers
     acc = sch.cache_write(gemm, 0, ACC_SCOPE)
     *_, gb, gy, gz, gi, gj, gob, gol, grc, gri = sch.get_loops(gemm)
+    square = False
     if by_channels:
-        # all of the tiles, MAX_RUN at a time, a position's weights read from L1 by each run
+        # all of the tiles, MAX_RUN (or SQUARE_RUN) at a time, a position's weights read from L1 by each run
         th, tw = int(sch.get(gy).extent), int(sch.get(gz).extent)
-        runs, gy = sch.split(gy, [None, _run(th, tw) // tw])
+        square = flavour.lanes < LANES and _run(th, tw, SQUARE_RUN) >= MIN_TILE_ROW
+        runs, gy = sch.split(gy, [None, _run(th, tw, SQUARE_RUN if square else MAX_RUN) // tw])
         sch.reorder(gi, gb, runs, gy, gz)
         tiles, outer = [gy, gz], runs
     else:
         tiles, outer = [gz], gi
-    if flavour.lanes < LANES:
+    if square:
+        # (AVX2, by channels) 4 tiles by both 8-lane parts: 8 accumulators, the 2 parts' weights in
+        # registers, each tile's broadcast feeding both (22 instructions for 8 products a step, where 8
+        # tiles of one part took 25 for 8). Alone on the Zen 3 (2026-12-05), ResNet's 7x7 x 512 F(2x2) conv
+        # 0.48 ms against 0.52-0.56 (0.57 against 0.65-0.73 with its weights from memory), the 14x14 x 256
+        # F(4x4) one 0.30 against 0.33
+        part, gol = sch.split(gol, [None, flavour.lanes])
+        sch.reorder(gi, grc, *tiles, gob, part, gol, gri)
+        sch.reverse_compute_at(acc, outer)
+        sch.unroll(part)
+    elif flavour.lanes < LANES:
         # (AVX2) the lanes in instruction-wide parts, each its own pass over the channels: 7 tiles x 16 lanes
         # are 14 of its 16 ymm registers, and LLVM spilled and shuffled them (half of each weight line is
         # read a pass; laid out a stream a part, the schedule's accumulators left the registers)

@@ -865,8 +865,9 @@ def test_avx2_runs_small_3x3_layers_as_winograd_f2_with_tasks_over_channels():
     """Where F(4x4)'s int16 weights outweigh its tiles (ResNet's 7x7 x 512: 4.7 MB a tile) or its rows are too
     short, AVX2 runs F(2x2) (16 positions, not 36: 8 MB for ResNet's layer) with each task a run of output
     channels over all of the tiles, so that each thread streams its part of the weights once (by rows of
-    tiles every task streams all of them); its input transformed once, before, by rows of tiles. VNNI keeps
-    the direct kernel there. (Outputs: conv_winograd_f2* on x86-avx2, bit-exact.)"""
+    tiles every task streams all of them); its input transformed once, before, by rows of tiles; a register
+    tile of 4 tiles x 16 lanes. VNNI keeps the direct kernel there. (Outputs: conv_winograd_f2* and
+    conv_winograd_f4_channels* on x86-avx2, bit-exact.)"""
     import re
 
     from tvm import s_tir, te
@@ -895,8 +896,8 @@ def test_avx2_runs_small_3x3_layers_as_winograd_f2_with_tasks_over_channels():
     text = re.sub(r"T\.int64\((\d+)\)", r"\1", lowered["main"].script())
     # the input by its 4 rows of tiles, the products and what follows by 8 runs of 64 channels
     assert [int(n) for n in re.findall(r"in T.parallel\((\d+)", text)] == [4, 8]
-    # a register tile: 8 tiles (2 rows of 4) x 8 lanes
-    assert re.search(r'winograd_gemm_global = T.sblock_alloc_buffer\(\(1, 2, 4, 1, 1, 1, 8\), "int32"\)', text)
+    # a register tile: a run of 4 tiles (a row) x both 8-lane parts (winograd.SQUARE_RUN)
+    assert re.search(r'winograd_gemm_global = T.sblock_alloc_buffer\(\(1, 1, 4, 1, 1, 1, 16\), "int32"\)', text)
 
 
 def test_avx2_depthwise_weights_pair_window_rows_and_output_rows_pair_at_stride_1():
