@@ -34,8 +34,10 @@ instead of 36 for 4x4 (2.25x fewer than direct, 1.72x on a 7x7 output's 16 partl
 int16 weights for ResNet's 7x7 x 512 layer. Its transforms are 0 and +-1 only, with G' = 2 G: the sums
 come out 4 x acc, exact while |acc| < 2^29. Its tasks split the output channels instead of the rows of
 tiles (each task reads its share of the weights once, all of the tiles from a buffer transformed
-before), 8 tiles a register tile. Inside ResNet18 on the Zen 3 (2026-12-05) the three 7x7 x 512 convs
-took 0.65-0.67 ms each against 0.82-0.84 direct, the call 7.6 ms against 8.5.
+before), a row of 4 tiles x 16 lanes a register tile. Inside ResNet18 on the Zen 3 (2026-12-05) the
+three 7x7 x 512 convs took 0.65-0.67 ms each against 0.82-0.84 direct, the call 7.6 ms against 8.5; in
+4-tile register tiles 0.59 ms. F(4x4) splits its tasks by channels too where its weights a tile pass
+`Flavour.f4_channels_bytes_per_tile` (AVX2's 14x14 x 256: 0.63 -> 0.50 ms each).
 """
 
 from __future__ import annotations
