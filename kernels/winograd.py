@@ -84,7 +84,7 @@ AVX2_MAX_WEIGHT_BYTES_PER_TILE = 320 * 1024
 AVX2_F2_WEIGHT_BYTES_PER_TILE = 512 * 1024
 # ... and past this many bytes a tile F(4x4)'s tasks split the output channels too (`Plan.by_channels`): by
 # rows of tiles, each of ResNet's 14x14 x 256 layer's 4 tasks streamed all 4.7 MB of its weights; by
-# channels each thread reads its half once, from runs of 8 tiles. Inside ResNet18 on the Zen 3
+# channels each thread reads its half once, in runs of whole rows of tiles. Inside ResNet18 on the Zen 3
 # (2026-12-05, interleaved A/B) those three layers took 0.50-0.52 ms against 0.63-0.64, the call 4% less;
 # by channels the 28x28 x 128 ones (24 KB a tile, runs of one 7-tile row) were 9-23% slower.
 AVX2_F4_CHANNELS_BYTES_PER_TILE = 128 * 1024
@@ -402,7 +402,8 @@ def schedule_winograd_func(sch: s_tir.Schedule) -> set[str] | None:
     blocks, then that column's inverse transform), and transforms back and requantizes. Returns None
     when the function has no Winograd kernel. By channels (`Plan`, on AVX2): the input transformed
     first, a task per row of tiles, then a task per run of output channel blocks over every tile, runs
-    of up to MAX_RUN tiles (whole rows of them) a register tile.
+    of up to MAX_RUN tiles (whole rows of them) a register tile, or on AVX2 where rows of tiles divide
+    into runs of SQUARE_RUN, those runs by both 8-lane parts.
 
     Products and inverse interleaved by column: on Zen 5 (2026-12-05, interleaved A/B inside ResNet18,
     outputs identical) the 56x56x64 convs 7-8% faster, the 28x28x128 ones 1-2%; the whole row's sums
