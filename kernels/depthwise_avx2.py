@@ -31,8 +31,8 @@ from tvm.script import tirx as T
 
 from intforge.reference import pool_output_size
 
-from .blocked_dot import ACC_SCOPE, Narrow
-from .depthwise_dot import tile_and_tensorize
+from .blocked_dot import Narrow
+from .depthwise_dot import tile_and_tensorize, window_rows_intrin
 from .stages import find_block, vectorize_inner
 
 BLOCK = "dwconv_pairs"
@@ -118,35 +118,12 @@ def depthwise_pairs(x: te.Tensor, w: te.Tensor, stride: tuple[int, int], padding
 
 
 def _intrin() -> tuple:
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (LANES,), "uint32", offset_factor=1)
-        B = T.match_buffer(b, (LANES, GROUP), "int16", offset_factor=1)
-        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1, scope=ACC_SCOPE)
-        with T.sblock("root"):
-            T.reads(C[0:LANES], A[0:LANES], B[0:LANES, 0:GROUP])
-            T.writes(C[0:LANES])
-            for i, k in T.grid(LANES, GROUP):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.Cast("int32", T.Cast("int16", T.bitwise_and(
-                        T.shift_right(A[vi], T.Cast("uint32", vk * 16)), T.uint32(0xFFFF)))) * T.Cast(
-                        "int32", B[vi, vk])
-
-    @T.prim_func(s_tir=True)
-    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (LANES,), "uint32", offset_factor=1)
-        B = T.match_buffer(b, (LANES, GROUP), "int16", offset_factor=1)
-        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1, scope=ACC_SCOPE)
-        with T.sblock("root"):
-            T.reads(C[0:LANES], A[0:LANES], B[0:LANES, 0:GROUP])
-            T.writes(C[0:LANES])
-            C[T.ramp(T.int32(0), 1, LANES)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                T.reinterpret(A.vload([0], dtype="uint32x8"), dtype="int16x16"), B.vload([0, 0], dtype="int16x16"),
-                dtype="int32x8")
-
-    return desc, impl
+    """`vpmaddwd`: the 2 int16 halves of each lane by its 2 weights, into the accumulator."""
+    return window_rows_intrin(LANES, GROUP, "int16", _half, lambda A, B, C: C.vload([0], dtype="int32x8")
+                              + T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+        T.reinterpret(A.vload([0], dtype="uint32x8"), dtype="int16x16"), B.vload([0, 0], dtype="int16x16"),
+        dtype="int32x8"))
 
 
 def schedule_depthwise_pairs_func(sch: s_tir.Schedule) -> set[str] | None:

@@ -134,38 +134,43 @@ def depthwise_dot(x: te.Tensor, w: te.Tensor, correction: te.Tensor | None, stri
                       name=f"{DWDOT_BLOCK}_out")
 
 
-def _intrin() -> tuple:
+def window_rows_intrin(lanes: int, parts: int, weight_dtype: str, part, product) -> tuple:
+    """(description, implementation) of a window-rows kernel's instruction (this one, kernels/
+    depthwise_avx2.py): C[i] += sum over k of part(A[i], k) * B[i, k], A `lanes` packed uint32 columns,
+    B their `parts` weights each. The description is `part` itself, the expression the kernel's block
+    computes; `product(A, B, C)` is the instruction, the new accumulator vector."""
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (LANES,), "uint32", offset_factor=1)
-        B = T.match_buffer(b, (LANES, ROWS), "int8", offset_factor=1)
-        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1, scope=ACC_SCOPE)
+        A = T.match_buffer(a, (lanes,), "uint32", offset_factor=1)
+        B = T.match_buffer(b, (lanes, parts), weight_dtype, offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope=ACC_SCOPE)
         with T.sblock("root"):
-            T.reads(C[0:LANES], A[0:LANES], B[0:LANES, 0:ROWS])
-            T.writes(C[0:LANES])
-            for i, k in T.grid(LANES, ROWS):
+            T.reads(C[0:lanes], A[0:lanes], B[0:lanes, 0:parts])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, parts):
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.Cast("int32", T.bitwise_and(
-                        T.shift_right(A[vi], T.Cast("uint32", vk * 8)), T.uint32(255))) * T.Cast("int32", B[vi, vk])
+                    C[vi] = C[vi] + part(A[vi], vk) * T.Cast("int32", B[vi, vk])
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (LANES,), "uint32", offset_factor=1)
-        B = T.match_buffer(b, (LANES, ROWS), "int8", offset_factor=1)
-        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1, scope=ACC_SCOPE)
+        A = T.match_buffer(a, (lanes,), "uint32", offset_factor=1)
+        B = T.match_buffer(b, (lanes, parts), weight_dtype, offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope=ACC_SCOPE)
         with T.sblock("root"):
-            T.reads(C[0:LANES], A[0:LANES], B[0:LANES, 0:ROWS])
-            T.writes(C[0:LANES])
-            C[T.ramp(T.int32(0), 1, LANES)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], dtype="int32x16"),
-                T.reinterpret(A.vload([0], "uint32x16"), dtype="uint8x64"),
-                B.vload([0, 0], dtype="int8x64"),
-                dtype="int32x16",
-            )
+            T.reads(C[0:lanes], A[0:lanes], B[0:lanes, 0:parts])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = product(A, B, C)
 
     return desc, impl
+
+
+def _intrin() -> tuple:
+    """`vpdpbusd`: the 4 bytes of each lane by its 4 weights."""
+    return window_rows_intrin(LANES, ROWS, "int8", _byte, lambda A, B, C: T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C.vload([0], dtype="int32x16"),
+        T.reinterpret(A.vload([0], "uint32x16"), dtype="uint8x64"), B.vload([0, 0], dtype="int8x64"),
+        dtype="int32x16"))
 
 
 def tile_pixels(width: int, block, lanes: int, packs: int = 1) -> int:
