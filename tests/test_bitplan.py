@@ -120,3 +120,29 @@ def test_layers_are_timed_in_the_layout_they_run_in_a_model(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (1, 8, 14, 14)).astype(np.uint8)
     got = lib(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
     np.testing.assert_array_equal(got.transpose(0, 3, 1, 2), reference.run_int(prog, x)[0])
+
+
+def test_a_timed_layer_takes_the_requantize_a_calibrated_layer_takes():
+    """A layer timed alone for the latency budget runs the epilogue the same layer runs inside a
+    calibrated model: a conv's on 32-bit lanes (shift SHORT_SHIFT), a dense layer's capped at CAPPED_SHIFT.
+    With a fixed shift of 40 every timed conv took the 64-bit form, twice as slow on AVX2 for few input
+    channels, and the budget believed it."""
+    from torch import nn
+
+    from conftest import quantize_module
+    from intforge import dyadic
+    from intforge.capture import FloatOp
+    from intforge.latency import layer_program
+
+    calibrated = quantize_module(nn.Sequential(nn.Conv2d(8, 24, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                                               nn.Linear(24 * 6 * 6, 10)), (1, 8, 6, 6))
+    shifts = {op.kind: set(np.asarray(op.params["shift"]).tolist()) for op in calibrated.ops
+              if op.kind in ("conv2d", "linear")}
+    assert shifts == {"conv2d": {dyadic.SHORT_SHIFT}, "linear": {dyadic.CAPPED_SHIFT}}
+    conv = FloatOp("conv2d", "c", ["x"], "y", {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1},
+                   {"weight": np.zeros((24, 8, 3, 3), np.float32)})
+    dense = FloatOp("linear", "d", ["x"], "y", {}, {"weight": np.zeros((10, 864), np.float32)})
+    for op, in_shape, out_shape in ((conv, (1, 8, 6, 6), (1, 24, 6, 6)), (dense, (1, 864), (1, 10))):
+        for bits in (4, 8):
+            timed = layer_program(op, in_shape, out_shape, bits).ops[0]
+            assert set(np.asarray(timed.params["shift"]).tolist()) == shifts[op.kind], (op.kind, bits)

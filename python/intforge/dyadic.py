@@ -104,6 +104,17 @@ def conv_multipliers(reals: Sequence[float] | np.ndarray, short: bool = True) ->
     return quantize_multipliers(reals, max_shift=CAPPED_SHIFT)
 
 
+def layer_multipliers(kind: str, reals: Sequence[float] | np.ndarray,
+                      short: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel (m, n) of a conv2d or linear layer's requantize, as the quantizer gives them: a
+    conv's held to SHORT_SHIFT where it can be (`conv_multipliers`); a dense layer's keep 24+ bits at
+    CAPPED_SHIFT (it is often the model's output). One definition, so that a layer timed alone
+    (`latency.layer_program`) takes the same epilogue as the layer inside a model."""
+    if kind == "conv2d":
+        return conv_multipliers(reals, short=short)
+    return quantize_multipliers(reals, max_shift=CAPPED_SHIFT)
+
+
 def _capped(real: float, max_shift: int | None, min_bits: int = CAPPED_MIN_BITS) -> tuple[int, int]:
     m, n = quantize_multiplier(real)
     if max_shift is not None and n > max_shift:

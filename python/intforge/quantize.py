@@ -234,10 +234,7 @@ def _quantize_matmul_like(op: FloatOp, x: QTensor, out: QTensor, act: FloatOp | 
             f"{acc_scale[worst]:.3g}; its input scale is too small for its bias. Calibrate on more "
             f"representative data.\n  at {op.source}"
         )
-    if op.kind == "conv2d":
-        m, n = dyadic.conv_multipliers(acc_scale / out.scale, short=short_requant)
-    else:  # (a dense layer's is often the model's output: it keeps its 24 bits)
-        m, n = dyadic.quantize_multipliers(acc_scale / out.scale, max_shift=dyadic.CAPPED_SHIFT)
+    m, n = dyadic.layer_multipliers(op.kind, acc_scale / out.scale, short=short_requant)
     lo, hi = _act_bounds(act, out)
     attrs = {"qmin": lo, "qmax": hi, "weight_bits": wbits}
     if op.kind == "conv2d":
