@@ -221,11 +221,13 @@ def split_by_cores(res: dict[str, Any], readings: list[float | None]) -> dict[st
 
 def thread_skew() -> dict[str, Any] | None:
     """thread_skew.c's reading of how unevenly the CPUs run right now (`static_loss`: what a statically
-    split kernel loses to its slower thread), so that a run's JSON says how noisy its minutes were. None
-    without a C compiler, AVX512-VNNI or a second CPU."""
-    if len(os.sched_getaffinity(0)) < 2:
+    split kernel loses to its slower thread), so that a run's JSON says how noisy its minutes were: on
+    `vpdpbusd` with AVX512-VNNI, else on AVX2's `vpmaddwd` (`peak_tool`). None without a C compiler, either
+    instruction set or a second CPU."""
+    tool = peak_tool()
+    if len(os.sched_getaffinity(0)) < 2 or tool is None:
         return None
-    runs = _c_tool("thread_skew.c", ("-mavx512f", "-mavx512vnni"), [])
+    runs = _c_tool("thread_skew.c", tool[1], [])
     try:
         return json.loads(runs[0]) if runs else None
     except ValueError:

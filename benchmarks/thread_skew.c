@@ -9,6 +9,8 @@
  * slower than the other for a whole run.
  *
  * Build and run: cc -O2 -mavx512f -mavx512vnni -pthread benchmarks/thread_skew.c -o /tmp/skew && /tmp/skew [rounds]
+ * On a CPU without AVX512-VNNI build it with -mavx2 instead: the loop is then vpmaddwd + vpaddd (the
+ * instructions of kernels/x86_avx2.py), 8 chains as long.
  * Prints one JSON object. */
 #define _GNU_SOURCE
 #include <immintrin.h>
@@ -28,17 +30,37 @@ static void *run(void *arg) {
   int me = (int)(long)arg;
   cpu_set_t set; CPU_ZERO(&set); CPU_SET(cpus[me], &set);
   pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+#ifdef __AVX512VNNI__
   __m512i acc[8], a = _mm512_set1_epi32(3), b = _mm512_set1_epi32(5);
   for (int i = 0; i < 8; i++) acc[i] = _mm512_set1_epi32(i);
+#else
+  __m256i acc[8], a = _mm256_set1_epi16(3), b = _mm256_set1_epi16(5);
+  for (int i = 0; i < 8; i++) acc[i] = _mm256_set1_epi32(i);
+#endif
   for (int r = 0; r < rounds; r++) {
     pthread_barrier_wait(&barrier);
     double t0 = now();
     for (int k = 0; k < 20000; k++)
+#ifdef __AVX512VNNI__
       for (int i = 0; i < 8; i++) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
+#else
+      for (int i = 0; i < 8; i++) {
+        __asm__ volatile("" : "+x"(a));  /* a "changes": the product is not hoisted out of the loop */
+        acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(a, b));
+      }
+#endif
     took[me][r] = now() - t0;
   }
   int sum = 0;
+#ifdef __AVX512VNNI__
   for (int i = 0; i < 8; i++) sum += _mm512_reduce_add_epi32(acc[i]);
+#else
+  for (int i = 0; i < 8; i++) {
+    int lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, acc[i]);
+    for (int l = 0; l < 8; l++) sum += lanes[l];
+  }
+#endif
   return (void *)(long)sum;  /* keeps the loop from being optimized away */
 }
 
