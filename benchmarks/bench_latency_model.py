@@ -5,16 +5,16 @@ linear layer compiled alone, at its real shape, and timed) and solves the bit al
 sum. This script measures, for each model at batch 1 on `--threads` threads:
     * the table's sum at 8 bits (the layers a model repeats are timed once, as the planner does);
     * the model compiled all-INT8 and timed whole (resident input, the library's function alone);
-and writes their ratio, layer by layer too, so a layer whose time alone is far from its share of the
-model can be found. `--legacy-requantize` times the layers with the fixed multiplier 2^30 and shift 40
-that layers were timed with before TIMING_VERSION 6 (the 64-bit epilogue form, which calibrated convs
-no longer take), to show what that cost the prediction.
+and writes their ratio, with each layer's time alone (`layers_ms`). `--legacy-requantize` times the
+layers with the fixed multiplier 2^30 and shift 40 that layers were timed with before TIMING_VERSION 6
+(the 64-bit epilogue form, which calibrated convs no longer take), to show what that cost the
+prediction.
 
 What the sum leaves out, on purpose: the ops that are not conv/linear (pooling, residual adds that do not
 fuse, the input's quantize and transpose), and the caches: a layer alone finds its weights in cache,
 inside a model they come from memory. So the ratio is below 1 by the share of those.
 
-Writes JSON (`--out`) and a bar chart beside it. About 3 minutes a model on 2 cores.
+Writes JSON (`--out`) and a bar chart beside it. About two minutes for the three models on 2 cores.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _legacy_multipliers(kind: str, reals, short: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(2^30, 40) for every channel: what `latency.layer_program` gave every layer before TIMING_VERSION 6."""
     n = len(np.asarray(reals))
     return np.full(n, 1 << 30, np.int64), np.full(n, 40, np.int64)
 

@@ -10,7 +10,7 @@
  *
  * Build and run: cc -O2 -mavx512f -mavx512vnni -pthread benchmarks/thread_skew.c -o /tmp/skew && /tmp/skew [rounds]
  * On a CPU without AVX512-VNNI build it with -mavx2 instead: the loop is then vpmaddwd + vpaddd (the
- * instructions of kernels/x86_avx2.py), 8 chains as long.
+ * instructions of kernels/x86_avx2.py), in the same 8 chains and rounds.
  * Prints one JSON object. */
 #define _GNU_SOURCE
 #include <immintrin.h>
