@@ -9,7 +9,8 @@ where. For each model it
     * matches the two by module name (ORT's node names carry the module path, `/features/features.2/conv/
       conv.0/conv.0.0/Conv` is `features.2.conv.0.0`), and writes one row per layer: both times, their
       ratio, MACs, output count and reduction length K, so the layers intforge loses on can be read off
-      by shape.
+      by shape; and totals by kind of layer (`by_shape`: 1x1, 3x3 stride 1 and 2, stem, depthwise,
+      linear).
 
 Caveats, all in ORT's favour or against it by a few microseconds: ORT's times are measured inside the
 model (its caches hold the previous layer's output; its profiler adds ~1-2 us a node); intforge's are a
@@ -97,11 +98,24 @@ def intforge_layer_times(model: Any, shape: tuple[int, ...], repeat: int) -> dic
             w = op.params["weight"]
             prog, ms = time_layer_alone(graph, op, Path(tmp), repeat)
             groups = int(op.attrs.get("groups", 1)) if op.kind == "conv2d" else 1
-            out[op.name] = {"kind": "depthwise" if groups > 1 and groups == w.shape[0] else op.kind,
+            kind = "depthwise" if groups > 1 and groups == w.shape[0] else op.kind
+            out[op.name] = {"kind": kind, "shape_class": shape_class(kind, w.shape, op.attrs.get("stride")),
                             "ms": ms, "macs": prog.layers()[0]["macs"],
                             "outputs": int(np.prod(graph.shapes[op.output])),
                             "k": int(np.prod(w.shape[1:])), "weight_shape": list(w.shape)}
     return out
+
+
+def shape_class(kind: str, weight_shape: tuple[int, ...], stride) -> str:
+    """What a layer is, for the totals: "depthwise", "linear", "stem" (a conv on fewer than 4 input
+    channels: the RGB image), else the window and stride ("1x1 stride 1", "3x3 stride 2"), which say which
+    intforge kernel runs it (Winograd takes the 3x3 stride-1 convs where it can)."""
+    if kind != "conv2d":
+        return kind
+    if weight_shape[1] < 4:
+        return "stem"
+    sh = int(stride[0]) if stride is not None else 1
+    return f"{weight_shape[2]}x{weight_shape[3]} stride {sh}"
 
 
 def compare(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -135,6 +149,13 @@ def compare(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         sel = [r for r in rows if r["kind"] == kind]
         res[f"{kind}_total"] = {"intforge_ms": round(sum(r["ms"] for r in sel), 3),
                                 "ort_ms": round(sum(r["ort_ms"] for r in sel), 3), "layers": len(sel)}
+    res["by_shape"] = {}
+    for cls in sorted({r["shape_class"] for r in rows}):
+        sel = [r for r in rows if r["shape_class"] == cls]
+        ours_ms, ort_ms = sum(r["ms"] for r in sel), sum(r["ort_ms"] for r in sel)
+        res["by_shape"][cls] = {"layers": len(sel), "intforge_ms": round(ours_ms, 3), "ort_ms": round(ort_ms, 3),
+                                "ratio": round(ours_ms / ort_ms, 3), "ratio_range": [min(r["ratio"] for r in sel),
+                                                                                     max(r["ratio"] for r in sel)]}
     return res
 
 
@@ -176,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                 tot = res[f"{kind}_total"]
                 print(f"  total {kind:9s} intforge {tot['intforge_ms']:.3f} ms, ORT {tot['ort_ms']:.3f} ms "
                       f"({tot['layers']} layers)")
+            for cls, tot in res["by_shape"].items():
+                print(f"  {cls:13s} {tot['layers']:3d} layers: intforge {tot['intforge_ms']:.3f} ms, ORT "
+                      f"{tot['ort_ms']:.3f} ms ({tot['ratio']:.2f}x; {tot['ratio_range'][0]:.2f}-"
+                      f"{tot['ratio_range'][1]:.2f}x a layer)")
             print(f"  ORT's other ops: {res['ort_other_ops_ms']}", flush=True)
     result["total_seconds"] = round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
