@@ -80,6 +80,10 @@ class DotIsa:
     # `square_channels` channel blocks by that many pixels instead (0: never; `register_tile`)
     square_channels: int = 0
     square_pixels: int = 0
+    # where a row does not divide into `square_pixels` but into half as many, the conv has an even number
+    # of output rows and at least `two_row_blocks` channel blocks: the square tile over two output rows,
+    # square_pixels / 2 pixels of each (0: never; `register_tile`)
+    two_row_blocks: int = 0
 
     @property
     def block(self) -> int:
@@ -453,23 +457,33 @@ def _pixel_pairs(pairs: int, isa: DotIsa, channel_blocks: int) -> int:
     return on_stack if 4 * on_stack >= 3 * best else best
 
 
-def register_tile(row_pairs: int, channel_blocks: int, isa: DotIsa, square: bool = True) -> tuple[int, int]:
-    """A conv's register tile: (channel blocks, instructions' worth of pixels). The ISA's tile
-    (`channel_tile` blocks by `_pixel_pairs`), or where it has a squarer one (`square_channels` x
-    `square_pixels`), the row divides into it and `square` (not the folded RGB stem, which it slowed),
-    that one. On AVX2 (Zen 3, 2026-12-05) a tile of 1 block x 14 pixels spends 14 broadcasts on 14
-    products a step (43 instructions), 2 x 4 spends 4 on 8 (22): alone, with int32 outputs, 1x1 and 3x3
-    convs with rows of 112, 56 and 28 pixels ran 7-17% faster; inside ResNet50 (A/B) the call 1.4-1.8%
-    (28x28 convs 4%), MobileNetV2 the same (its low-K 1x1 convs are bound by their epilogue and memory).
-    3 x 4 spilled (12 accumulators, 3 weights, a broadcast and a product: 17 registers) and slowed
-    MobileNetV2 by 5%. Where the row does not divide (14 and 7: tiles of 2 or 1), the long tile stays:
-    2 x 7 does not fit AVX2's 16 registers (2x slower), 4 x 2 or 2 x 2 were no faster on 14-pixel rows."""
+def register_tile(row_pairs: int, channel_blocks: int, isa: DotIsa, square: bool = True,
+                  out_rows: int = 1) -> tuple[int, int, int]:
+    """A conv's register tile: (channel blocks, instructions' worth of pixels a row, output rows). The
+    ISA's tile (`channel_tile` blocks by `_pixel_pairs`, one row), or where it has a squarer one
+    (`square_channels` x `square_pixels`), the row divides into it and `square` (not the folded RGB stem,
+    which it slowed), that one. On AVX2 (Zen 3, 2026-12-05) a tile of 1 block x 14 pixels spends 14
+    broadcasts on 14 products a step (43 instructions), 2 x 4 spends 4 on 8 (22): alone, with int32
+    outputs, 1x1 and 3x3 convs with rows of 112, 56 and 28 pixels ran 7-17% faster; inside ResNet50 (A/B)
+    the call 1.4-1.8% (28x28 convs 4%), MobileNetV2 the same (its low-K 1x1 convs are bound by their
+    epilogue and memory). 3 x 4 spilled (12 accumulators, 3 weights, a broadcast and a product: 17
+    registers) and slowed MobileNetV2 by 5%. Rows of 14 (`two_row_blocks`, `out_rows` even) take the
+    square tile over two rows, 2 pixels of each: ResNet50's 14x14 convs to 256 channels or more ran 5-11%
+    faster alone and the model 1.7-2.1% faster (uninstrumented calls, A/B both ways); convs to 64 channels
+    ran 7-28% slower alone, so they keep 1 x 14. Rows of 7 keep 1 x 7: 2 x 7 does not fit AVX2's 16
+    registers (2x slower), 4 x 2 or 2 x 2 in one row were no faster, rows padded to 8 for 2 x 4 slower."""
     if square and isa.square_channels and row_pairs % isa.square_pixels == 0:
         channels = _largest_divisor(channel_blocks, isa.square_channels)
         if channels > 1:
-            return channels, isa.square_pixels
+            return channels, isa.square_pixels, 1
+    half = isa.square_pixels // 2
+    if (square and isa.two_row_blocks and channel_blocks >= isa.two_row_blocks and out_rows % 2 == 0
+            and half and row_pairs % half == 0):
+        channels = _largest_divisor(channel_blocks, isa.square_channels)
+        if channels > 1:
+            return channels, half, 2
     channels = _largest_divisor(channel_blocks, isa.channel_tile)
-    return channels, _pixel_pairs(row_pairs, isa, channels)
+    return channels, _pixel_pairs(row_pairs, isa, channels), 1
 
 
 def _rows_outer(sch: s_tir.Schedule, block) -> bool:
@@ -537,9 +551,14 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         weights = next(r.source for r in sch.get(block).reads if len(r.source.shape) == 6)
         # several channel blocks per tile: each activation load feeds channel_tile instructions
         pairs = int(sch.get(j).extent) // isa.rows
-        tile_blocks, tile_pairs = register_tile(pairs, int(sch.get(o1).extent), isa, FOLD_BLOCK not in names)
+        # (INT4 convs keep one row a tile: their whole-block path walks the rows one by one)
+        tile_blocks, tile_pairs, tile_rows = register_tile(pairs, int(sch.get(o1).extent), isa, FOLD_BLOCK not in names,
+                                                           oh_ext if INT4_BLOCK not in names else 1)
         o1o, o1i = sch.split(o1, [None, tile_blocks])
         jo, ji, jr = sch.split(j, [None, tile_pairs, isa.rows])
+        ii = None  # the tile's rows, where it has two
+        if tile_rows > 1:
+            i, ii = sch.split(i, [None, tile_rows])
         batch, nblk = int(sch.get(n).extent), int(sch.get(o1o).extent)
         few_channels = int(sch.get(rcb).extent) * isa.group < HOIST_BELOW_CHANNELS
         # Packed INT4 weights: with enough channel blocks to share among threads, a thread takes whole
@@ -555,7 +574,7 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
             # The images of a batch run inside a task, one row of each: a tile's weights (channel_tile
             # blocks) are read from cache for all of them, not fetched again for each image.
             outer = (i, o1o) if rows_outer else (o1o, i)
-            sch.reorder(*outer, n, jo, rh, rw, rcb, ji, o1i, jr, o2, rci)
+            sch.reorder(*outer, n, jo, rh, rw, rcb, *([ii] if ii is not None else []), ji, o1i, jr, o2, rci)
             par = sch.fuse(*outer)
             inputs_at = par
             if int(sch.get(rh).extent) * int(sch.get(rw).extent) == 1:
@@ -584,7 +603,7 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         sch.reorder(o1, io, rkb, jr, o2, rki)
         tile = sch.fuse(o1, io)
         sch.parallel(tile)
-        first_reduce, rblock, ji, o1i, inputs_at = rkb, rkb, None, None, None
+        first_reduce, rblock, ji, o1i, inputs_at, ii = rkb, rkb, None, None, None, None
         few_channels = pack_once = False
     sch.reverse_compute_at(acc, tile)
     if staged is not None:
@@ -596,7 +615,7 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
     init = sch.decompose_reduction(block, first_reduce)
     ensure_intrin(isa.intrin, isa.intrin_funcs)
     sch.tensorize(jr if isa.rows > 1 else o2, isa.intrin)
-    for loop in (o1i, ji):
+    for loop in (o1i, ji, ii):
         if loop is not None:
             sch.unroll(loop)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -748,8 +767,8 @@ def _spread_stride(visits: int, blocks: int) -> int:
 
 def kh_kw_cb(sch: s_tir.Schedule, block) -> int:
     """Reduction steps of a conv tile (KH x KW x C/group): how many weight blocks one channel block has."""
-    *_, rh, rw, rcb, _ji, _o1i, _jr, _o2, _rci = sch.get_loops(block)
-    return int(sch.get(rh).extent) * int(sch.get(rw).extent) * int(sch.get(rcb).extent)
+    rh, rw, rcb, _rci = (iv for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.CommReduce)
+    return int(rh.dom.extent) * int(rw.dom.extent) * int(rcb.dom.extent)
 
 
 def _unpack_at(sch: s_tir.Schedule, block, loop) -> None:

@@ -14,7 +14,8 @@ accumulators, the weights and one broadcast fill the 16 ymm registers. On the Ze
 ran ResNet50 3.5% (its 1x1 convs 4-15%), MobileNetV2 2.3% and ResNet18 1.5% faster than tiles of up to 8;
 two channel blocks by up to 6 pixels ran ResNet50 9% slower (its 14- and 7-pixel rows then took tiles of 2
 and 1). Where a row divides into 4s, 2 blocks x 4 pixels (`DotIsa.square_channels`, `register_tile`):
-4 broadcasts for 8 products, ResNet50 1.4-1.8% faster.
+4 broadcasts for 8 products, ResNet50 1.4-1.8% faster; rows of 14 of convs to 256 channels or more take
+2 blocks x 2 rows x 2 pixels (`DotIsa.two_row_blocks`), ResNet50 another 1.7-2.1%.
 
 The price of exactness: `benchmarks/avx2_peak.c` measures `vpmaddwd` + `vpaddd` at 82.8 GMAC/s a core on
 that Zen 3 (16 MACs for 2 vector ops), and ONNX Runtime's u8s8 sequence (`vpmaddubsw`, `vpmaddwd` by
@@ -61,4 +62,5 @@ def avx2_intrin(weight_dtype: str = "int8") -> tuple:
 
 
 AVX2 = register_isa(DotIsa("avx2", INTRIN, avx2_intrin, "int16", lanes=LANES, group=GROUP, channel_tile=1,
-                           pixel_tile=14, epilogue_lanes=8, square_channels=2, square_pixels=4))
+                           pixel_tile=14, epilogue_lanes=8, square_channels=2, square_pixels=4,
+                           two_row_blocks=32))

@@ -168,6 +168,11 @@ CASES = {
     "conv_fold_2ch": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(2, 32, (3, 5), padding=(1, 2))), (1, 2, 7, 9)),
     # 24 output channels (MobileNetV2's projections): three 8-channel AVX2 blocks with the short epilogue
     "conv_24_channels": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(16, 24, 1), nn.ReLU()), (1, 16, 6, 7)),
+    # AVX2's two-row tile (rows of 14, 256 output channels): a 1x1 conv with its residual add, and a 3x3
+    # stride-2 conv at batch 2
+    "conv_1x1_two_rows": (lambda: Residual1x1(256), (1, 256, 14, 14)),
+    "conv_stride2_two_rows": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(16, 256, 3, stride=2, padding=1)),
+                              (2, 16, 28, 28)),
     "conv_rect_kernel": (lambda: nn.Conv2d(3, 4, (1, 5), padding=(0, 2)), (1, 3, 6, 6)),
     "conv_bn_relu": (lambda: nn.Sequential(bn_conv(3, 8, kernel_size=3, padding=1), nn.ReLU()), (1, 3, 8, 8)),
     "conv_bn_relu6": (lambda: nn.Sequential(bn_conv(3, 8, kernel_size=3), nn.ReLU6()), (1, 3, 8, 8)),
@@ -696,18 +701,23 @@ def test_pixel_tile_keeps_accumulators_on_the_stack_unless_that_costs_a_third_of
 def test_avx2_register_tile_is_two_blocks_by_four_pixels_where_the_row_divides():
     """AVX2's tile: 1 channel block x 14 pixels (14 broadcasts for 14 products a step), or where the row
     divides into 4s and there are pairs of blocks, 2 x 4 (4 broadcasts for 8 products; 12 of the 16 ymm
-    registers); not for the folded RGB stem; VNNI's tile unchanged. (Outputs: every CASE on x86-avx2.)"""
+    registers); rows of 14 of convs to 256 channels or more, an even number of rows: 2 blocks x 2 rows x 2
+    pixels; not for the folded RGB stem; VNNI's tile unchanged. (Outputs: every CASE on x86-avx2,
+    conv_1x1_two_rows and conv_stride2_two_rows the two-row tile.)"""
     from intforge.kernels.blocked_dot import register_tile
     from intforge.kernels.x86_avx2 import AVX2
     from intforge.kernels.x86_vnni import VNNI
 
-    assert register_tile(56, 8, AVX2) == (2, 4)  # ResNet50's 56x56 x 64
-    assert register_tile(112, 12, AVX2) == (2, 4)  # MobileNetV2's 112x112 x 96
-    assert register_tile(28, 3, AVX2) == (1, 14)  # an odd number of blocks
-    assert register_tile(14, 32, AVX2) == (1, 14)  # rows of 14 and 7: the long tile
-    assert register_tile(7, 64, AVX2) == (1, 7)
-    assert register_tile(112, 8, AVX2, square=False) == (1, 14)  # the folded stem
-    assert register_tile(56, 8, VNNI) == (2, 7)
+    assert register_tile(56, 8, AVX2, out_rows=56) == (2, 4, 1)  # ResNet50's 56x56 x 64
+    assert register_tile(112, 12, AVX2, out_rows=112) == (2, 4, 1)  # MobileNetV2's 112x112 x 96
+    assert register_tile(28, 3, AVX2, out_rows=28) == (1, 14, 1)  # an odd number of blocks
+    assert register_tile(14, 32, AVX2, out_rows=14) == (2, 2, 2)  # ResNet50's 14x14 x 256: two rows
+    assert register_tile(14, 8, AVX2, out_rows=14) == (1, 14, 1)  # 14x14 x 64: the long tile
+    assert register_tile(14, 32, AVX2, out_rows=7) == (1, 14, 1)  # an odd number of rows
+    assert register_tile(7, 64, AVX2, out_rows=7) == (1, 7, 1)  # rows of 7
+    assert register_tile(112, 8, AVX2, square=False, out_rows=112) == (1, 14, 1)  # the folded stem
+    assert register_tile(56, 8, VNNI, out_rows=56) == (2, 7, 1)
+    assert register_tile(14, 32, VNNI, out_rows=14) == (2, 7, 1)
 
 
 def _blocked_conv_script(batch: int, hw: int, cin: int, cout: int, k: int, stride: int = 1) -> str:
@@ -844,7 +854,7 @@ AVX2_CASES = ["conv_stride_pad_batch3", "conv_1x1_batch4", "conv_wide_batch2", "
               "conv_winograd_f2_residual", "conv_winograd_f2_batch2", "conv_winograd_f4_channels",
               "conv_winograd_f4_channels_residual", "conv_depthwise", "depthwise_stack",
               "depthwise_rows", "depthwise_dot_rect_dilated", "depthwise_row_pairs", "depthwise_5x5",
-              "depthwise_odd_rows_24", "conv_24_channels"]
+              "depthwise_odd_rows_24", "conv_24_channels", "conv_1x1_two_rows", "conv_stride2_two_rows"]
 
 
 @pytest.mark.skipif(not resolve_target("x86").has("avx2"), reason="runs haswell code")
