@@ -158,8 +158,9 @@ def plan(batch: int, h: int, w: int, channels: int, out_channels: int, kernel: t
          dilation, isa: str = "vnni") -> Plan | None:
     """How a conv runs as Winograd where its shape is one this kernel takes and gains on (see the module's
     docstring), else None: F(4x4) by rows of tiles (by output channels where the flavour allows and its
-    weights a tile pass `f4_channels_bytes_per_tile`), or where the flavour allows and F(4x4)'s weights
-    outweigh its tiles, F(2x2) by output channels."""
+    weights a tile pass `f4_channels_bytes_per_tile`, and also, past that, where all of its tiles make one
+    register tile), or where the flavour allows and F(4x4)'s weights outweigh its tiles, F(2x2) by output
+    channels."""
     flavour = FLAVOURS[isa]
     if not (tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
             and tuple(pad) == (1, 1) and channels % (2 * LANES) == 0
@@ -171,6 +172,14 @@ def plan(batch: int, h: int, w: int, channels: int, out_channels: int, kernel: t
     if _tile_row(row) >= MIN_TILE_ROW and weight_bytes <= flavour.max_weight_bytes_per_tile * tiles:
         return Plan(F4, by_channels=bool(flavour.f4_channels_bytes_per_tile) and _run(rows, row) >= MIN_TILE_ROW
                     and weight_bytes > flavour.f4_channels_bytes_per_tile * tiles)
+    if (flavour.f4_channels_bytes_per_tile and tiles <= MAX_RUN and _run(rows, row) == tiles >= MIN_TILE_ROW
+            and weight_bytes > flavour.f4_channels_bytes_per_tile * tiles):
+        # All of the layer's tiles in one register tile (ResNet's 7x7 x 512 at batch 1: 4 tiles), by output
+        # channels: each weight is read once for every tile, so F(4x4)'s weights (2.25x F(2x2)'s: 18.9 MB
+        # against 8.4) cost their stream once, for 1.78x fewer products (4 tiles x 36 against 16 x 16).
+        # ResNet18 on the Zen 3 (2026-12-05, whole calls, uninstrumented A/B both ways) 2-3% faster; an
+        # instrumented per-kernel A/B had judged it slower (0.78 against 0.67 ms a layer; benchmarks/ab_calls.py)
+        return Plan(F4, by_channels=True)
     rows2, row2 = _tiles(h, F2.tile), _tiles(w, F2.tile)
     tiles2 = batch * rows2 * row2
     if (flavour.f2_weight_bytes_per_tile and _run(rows2, row2) >= MIN_TILE_ROW

@@ -168,6 +168,9 @@ CASES = {
     "conv_fold_2ch": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(2, 32, (3, 5), padding=(1, 2))), (1, 2, 7, 9)),
     # 24 output channels (MobileNetV2's projections): three 8-channel AVX2 blocks with the short epilogue
     "conv_24_channels": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(16, 24, 1), nn.ReLU()), (1, 16, 6, 7)),
+    # AVX2: F(4x4) by channels on a 7x7 map (4 partial tiles, one register tile: winograd.plan)
+    "conv_winograd_f4_channels_7x7": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(96, 96, 3, padding=1), nn.ReLU()),
+                                      (1, 96, 7, 7)),
     # AVX2's two-row tile (rows of 14, 256 output channels): a 1x1 conv with its residual add, and a 3x3
     # stride-2 conv at batch 2
     "conv_1x1_two_rows": (lambda: Residual1x1(256), (1, 256, 14, 14)),
@@ -854,7 +857,8 @@ AVX2_CASES = ["conv_stride_pad_batch3", "conv_1x1_batch4", "conv_wide_batch2", "
               "conv_winograd_f2_residual", "conv_winograd_f2_batch2", "conv_winograd_f4_channels",
               "conv_winograd_f4_channels_residual", "conv_depthwise", "depthwise_stack",
               "depthwise_rows", "depthwise_dot_rect_dilated", "depthwise_row_pairs", "depthwise_5x5",
-              "depthwise_odd_rows_24", "conv_24_channels", "conv_1x1_two_rows", "conv_stride2_two_rows"]
+              "depthwise_odd_rows_24", "conv_24_channels", "conv_1x1_two_rows", "conv_stride2_two_rows",
+              "conv_winograd_f4_channels_7x7"]
 
 
 @pytest.mark.skipif(not resolve_target("x86").has("avx2"), reason="runs haswell code")
@@ -872,11 +876,12 @@ def test_avx2_kernels_are_bit_exact(case, tmp_path):
 
 
 def test_avx2_runs_small_3x3_layers_as_winograd_f2_with_tasks_over_channels():
-    """Where F(4x4)'s int16 weights outweigh its tiles (ResNet's 7x7 x 512: 4.7 MB a tile) or its rows are too
-    short, AVX2 runs F(2x2) (16 positions, not 36: 8 MB for ResNet's layer) with each task a run of output
-    channels over all of the tiles, so that each thread streams its part of the weights once (by rows of
-    tiles every task streams all of them); its input transformed once, before, by rows of tiles; a register
-    tile of 4 tiles x 16 lanes. VNNI keeps the direct kernel there. (Outputs: conv_winograd_f2* and
+    """Where F(4x4)'s int16 weights outweigh its tiles (ResNet's 7x7 x 512 at batch 8: 590 KB a tile) or its
+    rows are too short, AVX2 runs F(2x2) (16 positions, not 36) with each task a run of output channels over
+    all of the tiles, so that each thread streams its part of the weights once (by rows of tiles every task
+    streams all of them); its input transformed once, before, by rows of tiles; a register tile of 4 tiles x
+    16 lanes. Where all of F(4x4)'s tiles make one register tile (7x7 x 512 at batch 1: 4 tiles), F(4x4) by
+    channels instead. VNNI keeps the direct kernel there. (Outputs: conv_winograd_f2* and
     conv_winograd_f4_channels* on x86-avx2, bit-exact.)"""
     import re
 
@@ -885,7 +890,11 @@ def test_avx2_runs_small_3x3_layers_as_winograd_f2_with_tasks_over_channels():
     from intforge.kernels import winograd as wg
 
     args = ((3, 3), (1, 1), (1, 1), (1, 1))
-    assert wg.plan(1, 7, 7, 512, 512, *args, isa="avx2") == wg.Plan(wg.F2, by_channels=True)
+    # ResNet's 7x7 x 512 at batch 1: all 4 of F(4x4)'s tiles make one register tile, by channels; at batch 8
+    # (32 tiles) F(2x2) by channels
+    assert wg.plan(1, 7, 7, 512, 512, *args, isa="avx2") == wg.Plan(wg.F4, by_channels=True)
+    assert wg.plan(8, 7, 7, 512, 512, *args, isa="avx2") == wg.Plan(wg.F2, by_channels=True)
+    assert wg.plan(1, 7, 7, 64, 64, *args, isa="avx2") == wg.Plan(wg.F2, by_channels=True)  # light weights
     # F(4x4) by channels where its weights a tile pass 128 KB (14x14 x 256: 295 KB), by rows of tiles below
     assert wg.plan(1, 14, 14, 256, 256, *args, isa="avx2") == wg.Plan(wg.F4, by_channels=True)
     assert wg.plan(1, 28, 28, 128, 128, *args, isa="avx2") == wg.Plan(wg.F4)
