@@ -37,7 +37,9 @@ tiles (each task reads its share of the weights once, all of the tiles from a bu
 before), a row of 4 tiles x 16 lanes a register tile. Inside ResNet18 on the Zen 3 (2026-12-05) the
 three 7x7 x 512 convs took 0.65-0.67 ms each against 0.82-0.84 direct, the call 7.6 ms against 8.5; in
 4-tile register tiles 0.59 ms. F(4x4) splits its tasks by channels too where its weights a tile pass
-`Flavour.f4_channels_bytes_per_tile` (AVX2's 14x14 x 256: 0.63 -> 0.50 ms each).
+`Flavour.f4_channels_bytes_per_tile` (AVX2's 14x14 x 256: 0.63 -> 0.50 ms each), and runs by channels
+where all of a layer's tiles make one register tile, whatever its weights a tile: since 2026-12-05 evening
+the 7x7 x 512 layers at batch 1 (about 2% of ResNet18's call), F(2x2) keeping batch 8 and light layers.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ MAX_WEIGHT_BYTES_PER_TILE = 48 * 1024
 # On AVX2 the direct kernel runs at the products' own int16 rate, so Winograd gains 3x where it is compute
 # bound, and streaming its weights costs less against that: ResNet18's 14x14 x 256 layers at batch 1 (295 KB
 # of int16 weights a tile, 4.7 MB a layer) took 0.46-0.55 ms against 0.97-1.0 direct on the Zen 3 of
-# 2026-12-05 (inside the model). The 7x7 x 512 ones (2 tiles a row, 4.7 MB a tile) stay direct.
+# 2026-12-05 (inside the model). The 7x7 x 512 ones (2 tiles a row, 4.7 MB a tile) are past it: F(2x2), or at
+# batch 1 F(4x4) with all 4 tiles in one register tile (`plan`).
 AVX2_MAX_WEIGHT_BYTES_PER_TILE = 320 * 1024
 AVX2_F2_WEIGHT_BYTES_PER_TILE = 512 * 1024
 # ... and past this many bytes a tile F(4x4)'s tasks split the output channels too (`Plan.by_channels`): by
@@ -177,8 +180,9 @@ def plan(batch: int, h: int, w: int, channels: int, out_channels: int, kernel: t
         # All of the layer's tiles in one register tile (ResNet's 7x7 x 512 at batch 1: 4 tiles), by output
         # channels: each weight is read once for every tile, so F(4x4)'s weights (2.25x F(2x2)'s: 18.9 MB
         # against 8.4) cost their stream once, for 1.78x fewer products (4 tiles x 36 against 16 x 16).
-        # ResNet18 on the Zen 3 (2026-12-05, whole calls, uninstrumented A/B both ways) 2-3% faster; an
-        # instrumented per-kernel A/B had judged it slower (0.78 against 0.67 ms a layer; benchmarks/ab_calls.py)
+        # ResNet18 on the Zen 3 (2026-12-05, whole calls, uninstrumented A/Bs both ways) 0.6-3.4% faster,
+        # about 2% by the median; an instrumented per-kernel A/B had judged it slower (0.78 against 0.67 ms
+        # a layer; benchmarks/ab_calls.py)
         return Plan(F4, by_channels=True)
     rows2, row2 = _tiles(h, F2.tile), _tiles(w, F2.tile)
     tiles2 = batch * rows2 * row2
