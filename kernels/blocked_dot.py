@@ -472,16 +472,17 @@ def register_tile(row_pairs: int, channel_blocks: int, isa: DotIsa, square: bool
     faster alone and the model 1.7-2.1% faster (uninstrumented calls, A/B both ways); convs to 64 channels
     ran 7-28% slower alone, so they keep 1 x 14. Rows of 7 keep 1 x 7: 2 x 7 does not fit AVX2's 16
     registers (2x slower), 4 x 2 or 2 x 2 in one row were no faster, rows padded to 8 for 2 x 4 slower."""
-    if square and isa.square_channels and row_pairs % isa.square_pixels == 0:
+    if square and isa.square_channels:
+        if row_pairs % isa.square_pixels == 0:
+            shape = (isa.square_pixels, 1)
+        elif (isa.two_row_blocks and channel_blocks >= isa.two_row_blocks and out_rows % 2 == 0
+              and row_pairs % (isa.square_pixels // 2) == 0):
+            shape = (isa.square_pixels // 2, 2)
+        else:
+            shape = None
         channels = _largest_divisor(channel_blocks, isa.square_channels)
-        if channels > 1:
-            return channels, isa.square_pixels, 1
-    half = isa.square_pixels // 2
-    if (square and isa.two_row_blocks and channel_blocks >= isa.two_row_blocks and out_rows % 2 == 0
-            and half and row_pairs % half == 0):
-        channels = _largest_divisor(channel_blocks, isa.square_channels)
-        if channels > 1:
-            return channels, half, 2
+        if shape is not None and channels > 1:
+            return channels, *shape
     channels = _largest_divisor(channel_blocks, isa.channel_tile)
     return channels, _pixel_pairs(row_pairs, isa, channels), 1
 

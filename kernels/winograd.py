@@ -175,7 +175,7 @@ def plan(batch: int, h: int, w: int, channels: int, out_channels: int, kernel: t
     if _tile_row(row) >= MIN_TILE_ROW and weight_bytes <= flavour.max_weight_bytes_per_tile * tiles:
         return Plan(F4, by_channels=bool(flavour.f4_channels_bytes_per_tile) and _run(rows, row) >= MIN_TILE_ROW
                     and weight_bytes > flavour.f4_channels_bytes_per_tile * tiles)
-    if (flavour.f4_channels_bytes_per_tile and tiles <= MAX_RUN and _run(rows, row) == tiles >= MIN_TILE_ROW
+    if (flavour.f4_channels_bytes_per_tile and _run(rows, row) == tiles >= MIN_TILE_ROW
             and weight_bytes > flavour.f4_channels_bytes_per_tile * tiles):
         # All of the layer's tiles in one register tile (ResNet's 7x7 x 512 at batch 1: 4 tiles), by output
         # channels: each weight is read once for every tile, so F(4x4)'s weights (2.25x F(2x2)'s: 18.9 MB
