@@ -947,6 +947,33 @@ def test_avx2_depthwise_weights_pair_window_rows_and_output_rows_pair_at_stride_
     assert dw.supported(24) and not dw.supported(12)
 
 
+def test_depthwise_row_tasks_split_their_channel_blocks_where_they_are_odd():
+    """A window-rows depthwise conv runs a parallel task per output row (pair of rows); an odd number of
+    them would leave one of two threads a row more (MobileNetV2's 14x14 in pairs: 7 tasks, 4 against 3),
+    so there each row's channel blocks go as two tasks, where they are even. (Outputs: the depthwise cases
+    on x86-avx2, bit-exact, several of them with odd rows.)"""
+    import re
+
+    from tvm import s_tir, te
+
+    from intforge.kernels import depthwise_avx2 as dw
+
+    def tasks(h: int, c: int) -> list[int]:
+        pairs = dw.row_pairs(h, 3, (1, 1), (1, 1), (1, 1))
+        x = te.placeholder((1, h, h, c), "uint8", name="x")
+        w = te.placeholder(dw.weight_layout(np.zeros((3, 3, c), np.int8), pairs).shape, "int16", name="w")
+        acc = dw.depthwise_pairs(x, w, (1, 1), (1, 1), (1, 1), 3)
+        out = te.compute(acc.shape, lambda *i: (acc[i] >> 8).astype("int8"), name="out")  # an epilogue
+        sch = s_tir.Schedule(te.create_prim_func([x, w, out]))
+        dw.schedule_depthwise_pairs_func(sch)
+        return [int(n) for n in re.findall(r"in T.parallel\((?:T\.int64\()?(\d+)", sch.mod["main"].script())]
+
+    assert tasks(14, 32) == [14]  # 7 pairs of rows x 2 halves of 4 channel blocks
+    assert tasks(7, 32) == [14]  # 7 rows (no pairs: odd) x 2
+    assert tasks(16, 32) == [8]  # 8 pairs: even already
+    assert tasks(7, 24) == [7]  # 3 channel blocks do not halve
+
+
 @pytest.mark.skipif(not resolve_target("x86").has("avx2"), reason="runs haswell code")
 def test_avx2_targets_run_convs_and_dense_on_vpmaddwd():
     """On an AVX2 CPU without VNNI the blocked kernels are `vpmaddwd`'s (8 channels x 2, int16 activations),
