@@ -586,7 +586,7 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
                 # before the kernel widened the whole input into a buffer of twice its bytes (MobileNetV2's
                 # 56x56x144: 0.9 MB, past a Zen 3 core's L2) and cost a parallel launch of its own.
                 pack_once = False
-            if int(sch.get(rh).extent) * int(sch.get(rw).extent) == 1 and not row_tasks:
+            elif int(sch.get(rh).extent) * int(sch.get(rw).extent) == 1:
                 # A 1x1 conv's tiles share no input pixels: each packs its own (the same work as one
                 # row per task), in a buffer small enough for the stack (STACK_BYTES) instead of a
                 # workspace-pool row per task. MobileNetV2's signed-input expand convs: 1% of the model.
