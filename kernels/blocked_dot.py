@@ -51,6 +51,11 @@ INT4_BLOCK = "weight_int4"  # the in-kernel unpack stage of packed INT4 weights
 FOLD_BLOCK = "data_rows"  # a folded conv's input rows as runs of bytes, packed once before the kernel
 MIN_INT4_BLOCKS = 8  # channel blocks (x batch) for an INT4 conv to unpack its weights once per block
 HOIST_BELOW_CHANNELS = 16  # a conv's packing stage with fewer input channels runs once, before the kernel
+# an AVX2 1x1 conv split by rows runs a task per row (pair) that widens its own input row where it has at
+# least this many, an even number: 7 (7x7, or 14x14 in row pairs at batch 8) would split 4 to 3 on two
+# threads, where its (row, channel tile) tasks balance any pool. (At 28 MobileNetV2's 14x14 layers kept
+# their stage: 0.6-1% slower on the Zen 3, 2026-12-05.)
+MIN_ROW_TASKS = 14
 # A conv whose weights are at least SPREAD_WEIGHT_BYTES (more than a core's L2: they come from memory on
 # every call) and at least SPREAD_TILE_BYTES a channel tile spreads its next-tile prefetches evenly over
 # each visit instead of in bursts (`_prefetch_next_tile`)
@@ -576,8 +581,10 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
             # blocks) are read from cache for all of them, not fetched again for each image.
             outer = (i, o1o) if rows_outer else (o1o, i)
             sch.reorder(*outer, n, jo, rh, rw, rcb, *([ii] if ii is not None else []), ji, o1i, jr, o2, rci)
+            rows = int(sch.get(i).extent)
             row_tasks = (pack_once and rows_outer and isa.act_dtype == "int16" and FOLD_BLOCK not in names
-                         and int(sch.get(rh).extent) * int(sch.get(rw).extent) == 1)
+                         and int(sch.get(rh).extent) * int(sch.get(rw).extent) == 1
+                         and rows >= MIN_ROW_TASKS and rows % 2 == 0)
             par = i if row_tasks else sch.fuse(*outer)
             inputs_at = par
             if row_tasks:

@@ -772,7 +772,8 @@ def test_avx2_1x1_convs_split_by_rows_widen_their_rows_inside_the_task():
     task a row of one channel tile would otherwise widen its rows again, once per tile). A 1x1 conv split
     by rows instead runs a task per output row, every channel tile in it, and widens that row's input
     inside the task: no stage, no launch of its own, the widened row in L1 (MobileNetV2's 144->24 at
-    56x56 0.78x, the model 3.4% faster; Zen 3, 2026-12-05). Convs split by channel blocks, and 3x3 convs,
+    56x56 0.78x, the model 3.4% faster; Zen 3, 2026-12-05), where it has an even number of rows, at
+    least `MIN_ROW_TASKS` (fewer would split unevenly). Convs split by channel blocks, and 3x3 convs,
     whose rows overlap, keep the stage. (Outputs: the x86-avx2 bit-exact cases, conv_1x1_batch4 and
     conv_ifma_signed_out by rows; MobileNetV2 and ResNet50 gave the same integers as before.)"""
     import re
@@ -793,8 +794,14 @@ def test_avx2_1x1_convs_split_by_rows_widen_their_rows_inside_the_task():
 
     par, left = schedule(1, 56, 144, 24, 1)  # MobileNetV2's projection at 56x56: by rows
     assert par == ["i in T.parallel(56)"] and not left
-    par, left = schedule(2, 28, 64, 128, 1, stride=2)  # a downsample, batch 2: a task is a row of both images
+    par, left = schedule(2, 56, 64, 128, 1, stride=2)  # a downsample, batch 2: a task is a row of both images
+    assert par == ["i in T.parallel(28)"] and not left
+    par, left = schedule(1, 14, 384, 64, 1)  # 14 rows by rows (75 KB of activations, 25 KB of weights)
     assert par == ["i in T.parallel(14)"] and not left
+    # 7 rows (7x7 at batch 8, 1.6 MB against 0.5 MB): fewer than MIN_ROW_TASKS, which would split 4 to 3,
+    # so (row, channel tile) tasks and the stage
+    par, left = schedule(8, 7, 1024, 256, 1)
+    assert par == ["i_o1_0_fused in T.parallel(224)"] and left  # 7 rows x 32 one-block tiles
     par, left = schedule(1, 14, 64, 384, 1)  # 14x14 x 64 -> 384 (25 KB of weights): by channel blocks
     assert par == ["o1_0_i_0_fused in T.parallel(168)"] and left  # (the stage: the default rule's)
     par, left = schedule(1, 56, 128, 128, 3, stride=2)  # a 3x3 by rows: its input widened once, before
