@@ -588,7 +588,7 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
             par = i if row_tasks else sch.fuse(*outer)
             inputs_at = par
             if row_tasks:
-                # A 1x1 conv split by rows on AVX2: a task is a whole output row, every channel tile, and
+                # A 1x1 conv split by rows on AVX2: a task is a whole output row (pair), every channel tile, and
                 # widens the input row it reads itself, right before (a few KB, in L1), where one stage
                 # before the kernel widened the whole input into a buffer of twice its bytes (MobileNetV2's
                 # 56x56x144: 0.9 MB, past a Zen 3 core's L2) and cost a parallel launch of its own.

@@ -119,6 +119,10 @@ CASES = {
     # sides of the INT4 kernels' once-per-block unpack (kernels.blocked_dot.MIN_INT4_BLOCKS)
     "conv_stride_pad_batch3": (lambda: nn.Conv2d(16, 40, 3, stride=2, padding=1), (3, 16, 9, 9)),
     "conv_1x1_batch4": (lambda: nn.Conv2d(16, 40, 1), (4, 16, 5, 5)),
+    # AVX2's row tasks (14+ rows, split by rows): each task widens its own input row; a batch of two (a task
+    # is a row of both images) with a signed output, and a strided one
+    "conv_1x1_row_tasks": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(32, 24, 1)), (2, 32, 14, 10)),
+    "conv_1x1_row_tasks_stride2": (lambda: nn.Conv2d(16, 32, 1, stride=2), (1, 16, 28, 12)),
     "conv_wide_batch2": (lambda: nn.Conv2d(32, 144, 3, padding=1), (2, 32, 6, 6)),
     # split by rows, one pixel tile a row and one image: each task is one visit of its channel tile, so
     # every reduction step prefetches the next tile's weights (a condition that folds to constants)
@@ -774,8 +778,8 @@ def test_avx2_1x1_convs_split_by_rows_widen_their_rows_inside_the_task():
     inside the task: no stage, no launch of its own, the widened row in L1 (MobileNetV2's 144->24 at
     56x56 0.78x, the model 3.4% faster; Zen 3, 2026-12-05), where it has an even number of rows, at
     least `MIN_ROW_TASKS` (fewer would split unevenly). Convs split by channel blocks, and 3x3 convs,
-    whose rows overlap, keep the stage. (Outputs: the x86-avx2 bit-exact cases, conv_1x1_batch4 and
-    conv_ifma_signed_out by rows; MobileNetV2 and ResNet50 gave the same integers as before.)"""
+    whose rows overlap, keep the stage. (Outputs: conv_1x1_row_tasks and conv_1x1_row_tasks_stride2 on
+    x86-avx2, bit-exact; MobileNetV2 and ResNet50 gave the same integers as before.)"""
     import re
 
     from tvm import s_tir, te
@@ -794,6 +798,8 @@ def test_avx2_1x1_convs_split_by_rows_widen_their_rows_inside_the_task():
 
     par, left = schedule(1, 56, 144, 24, 1)  # MobileNetV2's projection at 56x56: by rows
     assert par == ["i in T.parallel(56)"] and not left
+    par, left = schedule(2, 14, 32, 24, 1)  # (the shape of conv_1x1_row_tasks, square)
+    assert par == ["i in T.parallel(14)"] and not left
     par, left = schedule(2, 56, 64, 128, 1, stride=2)  # a downsample, batch 2: a task is a row of both images
     assert par == ["i in T.parallel(28)"] and not left
     par, left = schedule(1, 14, 384, 64, 1)  # 14 rows by rows (75 KB of activations, 25 KB of weights)
@@ -899,7 +905,7 @@ AVX2_CASES = ["conv_stride_pad_batch3", "conv_1x1_batch4", "conv_wide_batch2", "
               "conv_winograd_f4_channels_residual", "conv_depthwise", "depthwise_stack",
               "depthwise_rows", "depthwise_dot_rect_dilated", "depthwise_row_pairs", "depthwise_5x5",
               "depthwise_odd_rows_24", "conv_24_channels", "conv_1x1_two_rows", "conv_stride2_two_rows",
-              "conv_winograd_f4_channels_7x7"]
+              "conv_winograd_f4_channels_7x7", "conv_1x1_row_tasks", "conv_1x1_row_tasks_stride2"]
 
 
 @pytest.mark.skipif(not resolve_target("x86").has("avx2"), reason="runs haswell code")
