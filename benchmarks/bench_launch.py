@@ -70,9 +70,7 @@ def measure(stages: int, number: int, repeat: int) -> dict[str, Any]:
     us: dict[str, float] = {}
     for parallel in (False, True):
         for n in (1, stages):
-            lib = _function(n, parallel)
-            mod = lib.mod if hasattr(lib, "mod") else lib
-            timer = mod.time_evaluator("main", dev, number=number, repeat=repeat)
+            timer = _function(n, parallel).mod.time_evaluator("main", dev, number=number, repeat=repeat)
             us[f"{'parallel' if parallel else 'serial'}_{n}"] = float(np.median(timer(a, b).results) * 1e6)
     launch = ((us[f"parallel_{stages}"] - us[f"serial_{stages}"]) - (us["parallel_1"] - us["serial_1"])) / (stages - 1)
     return {"call_us": {k: round(v, 3) for k, v in us.items()}, "launch_us": round(launch, 3)}

@@ -146,17 +146,20 @@ def compare(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     res = {"layers": rows, "unmatched_intforge_layers": sorted(ours),
            "ort_other_ops_ms": {k: round(v, 4) for k, v in others.most_common()}}
     for kind in ("conv2d", "depthwise", "linear"):
-        sel = [r for r in rows if r["kind"] == kind]
-        res[f"{kind}_total"] = {"intforge_ms": round(sum(r["ms"] for r in sel), 3),
-                                "ort_ms": round(sum(r["ort_ms"] for r in sel), 3), "layers": len(sel)}
+        res[f"{kind}_total"] = _total([r for r in rows if r["kind"] == kind])
     res["by_shape"] = {}
     for cls in sorted({r["shape_class"] for r in rows}):
         sel = [r for r in rows if r["shape_class"] == cls]
-        ours_ms, ort_ms = sum(r["ms"] for r in sel), sum(r["ort_ms"] for r in sel)
-        res["by_shape"][cls] = {"layers": len(sel), "intforge_ms": round(ours_ms, 3), "ort_ms": round(ort_ms, 3),
-                                "ratio": round(ours_ms / ort_ms, 3), "ratio_range": [min(r["ratio"] for r in sel),
-                                                                                     max(r["ratio"] for r in sel)]}
+        tot = _total(sel)
+        res["by_shape"][cls] = {**tot, "ratio": round(tot["intforge_ms"] / tot["ort_ms"], 3),
+                                "ratio_range": [min(r["ratio"] for r in sel), max(r["ratio"] for r in sel)]}
     return res
+
+
+def _total(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The layers' count and their summed intforge and ORT times (ms)."""
+    return {"layers": len(rows), "intforge_ms": round(sum(r["ms"] for r in rows), 3),
+            "ort_ms": round(sum(r["ort_ms"] for r in rows), 3)}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

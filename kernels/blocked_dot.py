@@ -581,10 +581,9 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
             # blocks) are read from cache for all of them, not fetched again for each image.
             outer = (i, o1o) if rows_outer else (o1o, i)
             sch.reorder(*outer, n, jo, rh, rw, rcb, *([ii] if ii is not None else []), ji, o1i, jr, o2, rci)
-            rows = int(sch.get(i).extent)
+            rows, one_by_one = int(sch.get(i).extent), int(sch.get(rh).extent) * int(sch.get(rw).extent) == 1
             row_tasks = (pack_once and rows_outer and isa.act_dtype == "int16" and FOLD_BLOCK not in names
-                         and int(sch.get(rh).extent) * int(sch.get(rw).extent) == 1
-                         and rows >= MIN_ROW_TASKS and rows % 2 == 0)
+                         and one_by_one and rows >= MIN_ROW_TASKS and rows % 2 == 0)
             par = i if row_tasks else sch.fuse(*outer)
             inputs_at = par
             if row_tasks:
@@ -593,7 +592,7 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
                 # before the kernel widened the whole input into a buffer of twice its bytes (MobileNetV2's
                 # 56x56x144: 0.9 MB, past a Zen 3 core's L2) and cost a parallel launch of its own.
                 pack_once = False
-            elif int(sch.get(rh).extent) * int(sch.get(rw).extent) == 1:
+            elif one_by_one:
                 # A 1x1 conv's tiles share no input pixels: each packs its own (the same work as one
                 # row per task), in a buffer small enough for the stack (STACK_BYTES) instead of a
                 # workspace-pool row per task. MobileNetV2's signed-input expand convs: 1% of the model.
