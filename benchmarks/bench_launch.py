@@ -1,11 +1,13 @@
-"""What one parallel kernel launch of TVM's thread pool costs: the fixed price every layer pays.
+"""What one parallel kernel launch costs on TVM's thread pool and on intforge's: the fixed price every
+layer pays.
 
 Each of a model's parallel loops is one `TVMBackendParallelLaunch`: the calling thread hands a task to
 each worker, runs task 0 itself and waits for the others. TVM's pool (src/runtime/thread_pool.cc) waits
-on both sides with `sched_yield`, so a launch costs about two system calls however little it does.
-This script builds functions of `--stages` trivial parallel loops (2 x 16 int32 adds each, nothing to
-compute), and times them against the same loops serial, so the difference over the stages is the cost
-of one launch with intforge's pool (`import intforge`: TVM_NUM_THREADS set, the workers pinned).
+on both sides with `sched_yield`, so a launch costs about two system calls however little it does;
+intforge's (python/intforge/pool.c) spins on `pause`. This script builds functions of `--stages` trivial
+parallel loops (2 x 16 int32 adds each, nothing to compute) into libraries, and times them against the
+same loops serial, so the difference over the stages is the cost of one launch: on TVM's pool with
+intforge's settings (`import intforge`: TVM_NUM_THREADS set, the workers pinned), and on intforge's.
 
 `--tvm-default` also runs the measurement in a child process without intforge's settings (no
 TVM_NUM_THREADS or OMP_NUM_THREADS): TVM then calls `std::thread::hardware_concurrency()` on every launch,
@@ -44,8 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _function(stages: int, parallel: bool):
-    """A function of `stages` loops over [2, 16] int32, each adding 1 to the previous one's output."""
+def _function(stages: int, parallel: bool, workdir: Path, own_pool: bool):
+    """A function of `stages` loops over [2, 16] int32, each adding 1 to the previous one's output, built
+    into a .so and loaded, its parallel loops on intforge's pool (`own_pool`) or TVM's."""
     import tvm
     from tvm import s_tir, te
 
@@ -57,21 +60,36 @@ def _function(stages: int, parallel: bool):
     if parallel:
         for k in range(stages):
             sch.parallel(sch.get_loops(sch.get_sblock(f"stage{k}"))[0])
-    return tvm.compile(sch.mod, target=tvm.target.Target({"kind": "llvm"}))
+    so = workdir / f"f{stages}_{int(parallel)}_{int(own_pool)}.so"
+    tvm.compile(sch.mod, target=tvm.target.Target({"kind": "llvm"})).export_library(str(so))
+    mod = tvm.runtime.load_module(str(so))
+    if own_pool and parallel and not _install(so):
+        raise SystemExit("intforge's pool could not be installed (INTFORGE_POOL=tvm, or no C compiler)")
+    return mod
 
 
-def measure(stages: int, number: int, repeat: int) -> dict[str, Any]:
+def _install(so: Path) -> bool:
+    from intforge import pool  # (not at the top: the --tvm-default child must not import intforge)
+
+    return pool.install(so)
+
+
+def measure(stages: int, number: int, repeat: int, own_pool: bool = False) -> dict[str, Any]:
     """Median microseconds a call of 1 and of `stages` loops, parallel and serial, and a launch's cost."""
+    import tempfile
+
     import tvm
 
     dev = tvm.cpu()
     a = tvm.runtime.tensor(np.zeros((2, 16), "int32"), dev)
     b = tvm.runtime.tensor(np.zeros((2, 16), "int32"), dev)
     us: dict[str, float] = {}
-    for parallel in (False, True):
-        for n in (1, stages):
-            timer = _function(n, parallel).mod.time_evaluator("main", dev, number=number, repeat=repeat)
-            us[f"{'parallel' if parallel else 'serial'}_{n}"] = float(np.median(timer(a, b).results) * 1e6)
+    with tempfile.TemporaryDirectory() as tmp:
+        for parallel in (False, True):
+            for n in (1, stages):
+                mod = _function(n, parallel, Path(tmp), own_pool)
+                timer = mod.time_evaluator("main", dev, number=number, repeat=repeat)
+                us[f"{'parallel' if parallel else 'serial'}_{n}"] = float(np.median(timer(a, b).results) * 1e6)
     launch = ((us[f"parallel_{stages}"] - us[f"serial_{stages}"]) - (us["parallel_1"] - us["serial_1"])) / (stages - 1)
     return {"call_us": {k: round(v, 3) for k, v in us.items()}, "launch_us": round(launch, 3)}
 
@@ -87,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     threads = pool_threads()
     pinned = sorted(pin_workers())
     result = {**result_header("launch_cost", threads), "pinned_worker_cpus": pinned,
-              "intforge_pool": measure(args.stages, args.number, args.repeat)}
-    print(f"intforge's pool, {threads} threads: {result['intforge_pool']['launch_us']} us a launch "
-          f"({result['intforge_pool']['call_us']})")
+              "tvm_pool": measure(args.stages, args.number, args.repeat),
+              "intforge_pool": measure(args.stages, args.number, args.repeat, own_pool=True)}
+    for key, name in (("tvm_pool", "TVM's pool, intforge's settings"), ("intforge_pool", "intforge's pool")):
+        print(f"{name}, {threads} threads: {result[key]['launch_us']} us a launch ({result[key]['call_us']})")
     if args.tvm_default:
         env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
         child = subprocess.run([sys.executable, __file__, "--child", "--stages", str(args.stages), "--number",

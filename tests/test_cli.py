@@ -51,6 +51,7 @@ def test_cli_bench_reports_latency_statistics_as_json(compiled, tmp_path):
     stats = json.loads(out.read_text())
     assert 0 < stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"]
     assert stats["repeat"] == 20 and stats["batch"] == 1
+    assert stats["threads"] == 1 and stats["thread_pool"] == "tvm"  # one thread: nothing for intforge's pool
 
 
 def test_cli_errors_are_one_paragraph_without_traceback(tmp_path):

@@ -371,13 +371,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         model = load(args.library)
         where = "on this machine"
-        threads = pool_threads()  # what TVM's pool really runs, not what the environment asked for
+        threads = pool_threads()  # what the pool really runs, not what the environment asked for
     stats = model.time(repeat=args.repeat, warmup=args.warmup)
+    pool = getattr(model, "thread_pool", "the board's")
     stats.update({"library": str(model.library), "batch": model.batch_size, "threads": threads, "where": where,
+                  "thread_pool": pool,
                   "throughput_per_s": model.batch_size * 1e3 / stats["median_ms"],
                   "target": model.manifest["target"]})
-    print(f"{model.library} {where}: batch {stats['batch']}, {threads} threads, {args.repeat} runs after "
-          f"{args.warmup} warm-up")
+    print(f"{model.library} {where}: batch {stats['batch']}, {threads} threads ({pool} pool), {args.repeat} runs "
+          f"after {args.warmup} warm-up")
     print(f"  median {stats['median_ms']:.3f} ms   mean {stats['mean_ms']:.3f} +- {stats['std_ms']:.3f} ms   "
           f"min {stats['min_ms']:.3f}   p10 {stats['p10_ms']:.3f}   p90 {stats['p90_ms']:.3f} ms")
     print(f"  throughput {stats['throughput_per_s']:.1f} samples/s")

@@ -9,14 +9,16 @@ from typing import Any
 
 import numpy as np
 
+from . import pool
 from .errors import ArtifactError, IntforgeError
 from .program import IntegerProgram
-from .threads import off_worker_cores
+from .threads import note_tvm_pool, off_worker_cores
 
 
 def _load_fresh(library: Path):
-    """tvm.runtime.load_module on a private copy: dlopen caches by path, so a library rebuilt at the same
-    path in the same process would otherwise silently run the old code."""
+    """tvm.runtime.load_module on a private copy (dlopen caches by path, so a library rebuilt at the same
+    path in the same process would otherwise silently run the old code), and whether its parallel loops
+    run on intforge's pool (`pool.install`)."""
     import os
     import shutil
     import tempfile
@@ -27,7 +29,8 @@ def _load_fresh(library: Path):
     os.close(fd)
     try:
         shutil.copyfile(library, tmp)
-        return tvm.runtime.load_module(tmp)
+        module = tvm.runtime.load_module(tmp)
+        return module, pool.install(tmp)  # its parallel loops on intforge's pool (pool.py), where it can
     finally:
         os.unlink(tmp)  # the mapping stays valid after unlink
 
@@ -108,7 +111,7 @@ class CompiledModel:
         self.device = _device_for(library, manifest.get("target", {}))
         self.on_gpu = manifest.get("target", {}).get("device") == "cuda"
         try:
-            self._lib = _load_fresh(library)
+            self._lib, own_pool = _load_fresh(library)
             self._vm = relax.VirtualMachine(self._lib, self.device)
         except Exception as exc:  # noqa: BLE001 - any load failure means an unusable library
             raise ArtifactError(
@@ -116,6 +119,10 @@ class CompiledModel:
                 f"for this machine (target {manifest.get('target', {}).get('mcpu')})?"
             ) from None
         self._fn = self._vm[manifest.get("function", "main")]
+        #: the pool its parallel loops run on: "intforge" (pool.py) or "tvm"
+        self.thread_pool = "intforge" if own_pool else "tvm"
+        if not own_pool:
+            note_tvm_pool()
         # Input tensors made once and refilled on every call: a fresh tensor a call cost MobileNetV2 85 us
         # against 35 us for a copy into this one (new pages each time), in a 2.0 ms call. The lock lets
         # one call in at a time: TVM's VM is not reentrant (entered twice at once, it fails inside), and
@@ -168,7 +175,7 @@ class CompiledModel:
         workers free for a while."""
         if self.on_gpu:
             return contextlib.nullcontext()
-        return off_worker_cores(self)
+        return off_worker_cores(self, own_pool=self.thread_pool == "intforge")
 
     def _numpy(self, t) -> np.ndarray:
         """A result as a numpy array of its own. On the CPU through DLPack and one copy: 1 us for

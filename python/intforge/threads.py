@@ -1,5 +1,7 @@
-"""TVM's thread pool as intforge sets it up: one worker per physical core this process may use, each
-pinned to its own core, and the calling thread kept off those cores while a model runs.
+"""The thread pool as intforge sets it up: one worker per physical core this process may use, each
+pinned to its own core, and the calling thread kept off those cores while a model runs. The pool is
+intforge's own (pool.py: TVM's calling convention, waits spinning on `pause` instead of `sched_yield`)
+where it can be, else TVM's; the placement below is the same for both.
 
 How many: TVM's own default is `std::thread::hardware_concurrency() / 2` on x86 ("ignore hyper-threading"), which
 assumes two hardware threads per core and ignores the process's CPU affinity. On a machine without SMT,
@@ -22,9 +24,11 @@ When something else runs on a pinned worker's core: that worker can go nowhere e
 waits for its half until the scheduler gives it a turn. With a busy process on the second of 2 cores,
 ResNet18 took 94-108 ms a call instead of 1.65 (2026-12-05; unpinned 3.1 ms, ORT INT8 8.2-8.6), and
 the worker had 1-2% of the call's time on its core. So each call long enough to tell
-(`MEASURE_AFTER_S`) also reads the process's CPU clock: a call whose workers ran for less than
-`MIN_WORKER_SHARE` of it (CPU time beyond the caller's, over workers x wall time; 1.0 on a quiet
-machine, 0.63 the lowest of 400 quiet calls), `TAKEN_CALLS` times in a row (the first call after an idle
+(`MEASURE_AFTER_S`) also reads the workers' CPU time (intforge's pool: each worker's own clock; TVM's:
+the process's clock less the caller's share, which keeps up with workers that yield but lags by up to
+a scheduler tick behind ones that spin without system calls): a call whose workers ran for less than
+`MIN_WORKER_SHARE` of it (CPU time over workers x wall time; 1.0 on a quiet machine, 0.63 the lowest of
+400 quiet calls on TVM's pool), `TAKEN_CALLS` times in a row (the first call after an idle
 while finds the workers asleep, and may read low alone), sets them free on every allowed core, and they
 are pinned again after `FREE_HOLD_S`, doubling while the next try finds them taken again.
 """
@@ -50,6 +54,7 @@ _PINNED = threading.local()
 # thread on all the listed CPUs (kSpecifyThreadShareAllCore)
 _ONE_CORE_PER_THREAD = -2
 _SHARE_ALL_CORES = -3
+_TVM_POOL_USED = False  # a model in this process runs on TVM's pool (`note_tvm_pool`)
 MIN_WORKER_SHARE = 0.5  # a pinned call whose workers ran less of it than this shared their cores
 MEASURE_AFTER_S = 200e-6  # a call is checked when the model's previous one took this long (two CPU-clock
 # reads, about 1 us: 5% of the MNIST demo's call, which is not checked while it stays that short)
@@ -116,11 +121,34 @@ def configure_thread_pool() -> None:
         os.environ["TVM_NUM_THREADS"] = str(n)
 
 
+def configured_threads() -> int:
+    """The thread count the pools are set to: TVM_NUM_THREADS, else OMP_NUM_THREADS (TVM reads both; one
+    of them is set by `configure_thread_pool` unless off Linux), else `default_threads()`."""
+    for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "")
+        if value.strip().isdigit() and int(value) > 0:
+            return int(value)
+    return default_threads() or 1
+
+
 def pool_threads() -> int:
-    """The number of threads TVM's pool in this process runs (it starts the pool if it has not)."""
+    """The number of threads the models of this process run on: intforge's pool's (pool.py), or TVM's
+    where that one is not used (this starts TVM's pool if it has not)."""
     import tvm
 
+    from . import pool
+
+    if pool.active():
+        return pool.threads()
     return int(tvm.get_global_func("runtime.NumThreads")())
+
+
+def note_tvm_pool() -> None:
+    """A model of this process runs on TVM's pool (pool.py could not take it): place TVM's workers too.
+    (Otherwise they are left alone: configuring TVM's pool restarts its workers, which then spin for
+    about 0.3 s with nothing to do, on the cores intforge's workers run on.)"""
+    global _TVM_POOL_USED
+    _TVM_POOL_USED = True
 
 
 def pin_workers() -> frozenset[int]:
@@ -151,10 +179,18 @@ def pin_workers() -> frozenset[int]:
 
 
 def _configure_pool(mode: int, n: int, cpus: list[int], allowed: set[int]) -> bool:
-    """Set the affinity of the calling thread's TVM pool workers (`config_threadpool`, which only reads
-    TVM_BIND_THREADS while it runs, and also confines the caller, undone here); whether it took."""
+    """Set the affinity of intforge's pool's workers (pool.py), and of the calling thread's TVM pool
+    workers where a model runs on TVM's pool (`config_threadpool`, which only reads TVM_BIND_THREADS
+    while it runs, and also confines the caller, undone here); whether it took."""
     import tvm
 
+    from . import pool
+
+    own = pool.active()
+    if own:
+        pool.place(cpus, one_each=mode == _ONE_CORE_PER_THREAD)
+        if not _TVM_POOL_USED:
+            return True
     os.environ["TVM_BIND_THREADS"] = "1"
     try:
         tvm.get_global_func("runtime.config_threadpool")(mode, n, [str(c) for c in cpus])
@@ -184,6 +220,24 @@ def _set_free(free: bool) -> None:
         _PINNED.free_until = None
 
 
+def _worker_clocks() -> list[int]:
+    from . import pool
+
+    return pool.worker_clocks()
+
+
+def _workers_time(clocks: list[int]) -> float:
+    """CPU seconds of the threads whose clocks are given (intforge's pool's workers: their own clocks
+    are exact while they spin, the process's lags them by up to a scheduler tick), else the process's
+    (TVM's workers yield, a system call each time round, so its clock keeps up with them)."""
+    if not clocks:
+        return time.process_time()
+    try:
+        return sum(time.clock_gettime(c) for c in clocks)
+    except OSError:  # a worker gone (in a forked child): no measure, no verdict (comparisons with nan fail)
+        return float("nan")
+
+
 @functools.cache
 def _sched_getcpu():
     fn = ctypes.CDLL(None).sched_getcpu
@@ -197,12 +251,13 @@ def _current_cpu() -> int:
 
 
 @contextmanager
-def off_worker_cores(key: object = _PINNED) -> Iterator[None]:
+def off_worker_cores(key: object = _PINNED, own_pool: bool = False) -> Iterator[None]:
     """Run the body (a call of model `key`) with this thread off the pinned workers' cores where it is on
     one now, its CPU affinity as before afterwards. A thread already elsewhere is left alone: while a
     call runs it never sleeps, so the scheduler has no reason to move it onto a busy core. A call that
     finds the pinned workers sharing their cores with something else sets them free for a while (the
-    module's docstring); one after that while pins them again."""
+    module's docstring); one after that while pins them again. `own_pool`: the body's parallel loops
+    run on intforge's pool (pool.py), whose workers' time is read from their own clocks."""
     busy = pin_workers()
     if not busy:
         yield
@@ -220,18 +275,20 @@ def off_worker_cores(key: object = _PINNED) -> Iterator[None]:
         if allowed - busy:
             before = allowed
             os.sched_setaffinity(0, allowed - busy)
-    cpu0 = time.process_time() if check else 0.0
+    clocks = _worker_clocks() if check and own_pool else []
+    cpu0 = _workers_time(clocks) if check else 0.0
     t0 = time.perf_counter()
     try:
         yield
     finally:
         wall = time.perf_counter() - t0
-        cpu = time.process_time() - cpu0 if check else 0.0
+        # the workers' CPU time in the call; the process's clock also counts the caller's (about wall)
+        cpu = _workers_time(clocks) - cpu0 + (0.0 if clocks else -wall) if check else 0.0
         if before is not None:
             os.sched_setaffinity(0, before)
         _PINNED.last[key] = wall
         workers = _PINNED.pool[0] - 1
-        if check and (cpu - wall) < MIN_WORKER_SHARE * workers * wall:
+        if check and cpu < MIN_WORKER_SHARE * workers * wall:
             _PINNED.strikes += 1  # (one alone may be a worker waking from sleep after an idle while)
             if _PINNED.strikes >= TAKEN_CALLS:
                 _set_free(True)  # a worker's core was taken: free them for a while
