@@ -99,13 +99,14 @@ def conv_macs(shapes: list[tuple[int, ...]]) -> int | None:
 def profile(library: Path, runs: int) -> tuple[list[dict[str, Any]], float]:
     """Per-kernel rows (median ms per model call, calls per model call, argument shapes) and the median
     uninstrumented call in ms."""
+    from intforge import pool
     from intforge.threads import off_worker_cores
 
     model, arg = _model_input(library)
     plain = model.time(repeat=runs, warmup=5, resident=True)["median_ms"]
     shapes: dict[str, list[tuple[int, ...]]] = {}
     vm, times = _instrumented(library, arg, shapes)
-    with off_worker_cores():  # where a model call runs (`CompiledModel`)
+    with off_worker_cores(own_pool=pool.active()):  # where a model call runs (`CompiledModel`)
         for _ in range(runs):
             vm["main"](arg)
     rows = []
@@ -145,10 +146,14 @@ def _instrumented(library: Path, arg, shapes: dict) -> tuple[Any, dict[str, list
     import tvm
     from tvm import relax
 
-    from intforge.threads import off_worker_cores
+    from intforge import pool
+    from intforge.threads import note_tvm_pool, off_worker_cores
 
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
-    with off_worker_cores():
+    module = tvm.runtime.load_module(str(library))
+    if not pool.install(library):  # on intforge's pool where the runtime would run it there (runtime.py)
+        note_tvm_pool()
+    vm = relax.VirtualMachine(module, tvm.cpu())
+    with off_worker_cores(own_pool=pool.active()):
         for _ in range(5):
             vm["main"](arg)
     times: dict[str, list[float]] = collections.defaultdict(list)
@@ -170,6 +175,7 @@ def _instrumented(library: Path, arg, shapes: dict) -> tuple[Any, dict[str, list
 def compare(a: Path, b: Path, runs: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Per-kernel rows of an interleaved A/B of two builds of one model (see the module docstring), and
     the instrumented calls' medians and paired ratio."""
+    from intforge import pool
     from intforge.threads import off_worker_cores
 
     _, arg = _model_input(a)
@@ -178,7 +184,7 @@ def compare(a: Path, b: Path, runs: int) -> tuple[list[dict[str, Any]], dict[str
     calls: list[list[float]] = [[], []]
     for _ in range(runs):
         for k, vm in enumerate((vm_a, vm_b)):
-            with off_worker_cores():
+            with off_worker_cores(own_pool=pool.active()):
                 t0 = time.perf_counter()
                 vm["main"](arg)
                 calls[k].append(time.perf_counter() - t0)
