@@ -13,10 +13,11 @@ intforge's settings (`import intforge`: TVM_NUM_THREADS set, the workers pinned)
 TVM_NUM_THREADS or OMP_NUM_THREADS): TVM then calls `std::thread::hardware_concurrency()` on every launch,
 which reads /sys/devices/system/cpu/online, and halves it on x86 (so one thread on 2 vCPUs).
 
-On the Zen 3 VM of 2026-12-05: 1.25-1.34 us a launch on 2 threads (a C ping-pong of two threads with
-`sched_yield`: 1.2 us a round trip, with `pause`: 0.26), against about 73 launches in a MobileNetV2 call
-(one per parallel loop of its 56 kernel calls): about 3% of the call. TVM's default: 8.3 us a launch.
-Writes JSON with `--out`.
+On the Zen 3 VM of 2026-12-05: TVM's pool 1.25-1.34 us a launch on 2 threads (a C ping-pong of two
+threads with `sched_yield`: 1.2 us a round trip, with `pause`: 0.26), against about 73 launches in a
+MobileNetV2 call (one per parallel loop of its 56 kernel calls): about 3% of the call. TVM's default:
+8.3 us a launch. That night, in one run: TVM's pool 1.28 us, intforge's 0.28, TVM's defaults 9.6
+(`results/launch_cost_zen3.json`). Writes JSON with `--out`.
 """
 
 from __future__ import annotations
