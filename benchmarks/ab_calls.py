@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.pools:
         args.b = args.a
-        with _pool("tvm"):
+        with _on_pool("tvm"):
             first = load(args.a)
         libs = [first, load(args.a)]
     elif args.b is None:
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextmanager
-def _pool(name: str) -> Iterator[None]:
+def _on_pool(name: str) -> Iterator[None]:
     """Libraries loaded in the body run on that pool (INTFORGE_POOL, read at each load)."""
     before = os.environ.get("INTFORGE_POOL")
     os.environ["INTFORGE_POOL"] = name

@@ -90,21 +90,25 @@ def _pool() -> ctypes.CDLL | None:
     return lib
 
 
+def _active_pool() -> ctypes.CDLL | None:
+    return _pool() if enabled() else None
+
+
 def active() -> bool:
     """Whether intforge's pool is in use in this process (enabled and built)."""
-    return enabled() and _pool() is not None
+    return _active_pool() is not None
 
 
 def threads() -> int:
     """The threads a launch on intforge's pool uses, the caller included (1 where the pool is not used)."""
-    lib = _pool() if enabled() else None
+    lib = _active_pool()
     return int(lib.intforge_pool_threads()) if lib is not None else 1
 
 
 def place(cpus: list[int], one_each: bool) -> None:
     """Where the pool's workers run: worker i on cpus[i] alone (cpus[0] is the caller's core), or every
     worker on all of `cpus`. threads.py calls this where it places TVM's workers."""
-    lib = _pool() if enabled() else None
+    lib = _active_pool()
     if lib is not None:
         arr = (ctypes.c_int * len(cpus))(*cpus)
         lib.intforge_pool_place(arr, len(cpus), int(one_each))
@@ -115,7 +119,7 @@ def worker_clocks() -> list[int]:
     first launch. A process's CPU clock adds a thread's time only when it enters the kernel or at a
     scheduler tick, so for workers that spin without system calls it lags by up to a tick; a thread's
     own clock is exact (threads.py measures what share of a call they ran with these)."""
-    lib = _pool() if enabled() else None
+    lib = _active_pool()
     if lib is None:
         return []
     tids = (ctypes.c_int * 256)()
@@ -127,9 +131,7 @@ def install(loaded_path: str | Path) -> bool:
     """Point the parallel launches of the library loaded (by TVM) from `loaded_path` at intforge's pool;
     whether it did. Left on TVM's pool: disabled, not built, one thread, no parallel loop, or a library
     that uses TVM's parallel barrier."""
-    if not enabled():
-        return False
-    pool = _pool()
+    pool = _active_pool()
     if pool is None or threads() < 2:
         return False
     try:

@@ -121,7 +121,7 @@ class CompiledModel:
         self._fn = self._vm[manifest.get("function", "main")]
         #: the pool its parallel loops run on: "intforge" (pool.py) or "tvm"
         self.thread_pool = "intforge" if own_pool else "tvm"
-        if not own_pool:
+        if not own_pool and not self.on_gpu:
             note_tvm_pool()
         # Input tensors made once and refilled on every call: a fresh tensor a call cost MobileNetV2 85 us
         # against 35 us for a copy into this one (new pages each time), in a 2.0 ms call. The lock lets

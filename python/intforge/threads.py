@@ -152,9 +152,10 @@ def note_tvm_pool() -> None:
 
 
 def pin_workers() -> frozenset[int]:
-    """Pin the calling thread's TVM pool workers, one to each physical core after the first of those this
-    thread may run on, and return the CPUs of those cores (empty where nothing was pinned: one thread,
-    more threads than cores, topology hidden, or TVM_BIND_THREADS set by the user, whose choice stands).
+    """Pin the pool's workers (intforge's, and the calling thread's TVM pool where a model runs on it),
+    one to each physical core after the first of those this thread may run on, and return the CPUs of
+    those cores (empty where nothing was pinned: one thread, more threads than cores, topology hidden,
+    or TVM_BIND_THREADS set by the user, whose choice stands).
     Done once per calling thread; TVM also confines the caller to the listed CPUs, which is undone here.
     (The workers may since have been set free for a while: `workers_free`.)"""
     done = getattr(_PINNED, "cores", None)
@@ -186,8 +187,7 @@ def _configure_pool(mode: int, n: int, cpus: list[int], allowed: set[int]) -> bo
 
     from . import pool
 
-    own = pool.active()
-    if own:
+    if pool.active():
         pool.place(cpus, one_each=mode == _ONE_CORE_PER_THREAD)
         if not _TVM_POOL_USED:
             return True
