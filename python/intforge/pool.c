@@ -45,7 +45,7 @@ static struct {
   void* cdata;
   int num_task;
   int threads;  /* the caller and the workers */
-  int started;  /* the workers exist */
+  _Atomic int started;  /* the workers exist (set last, after `threads`, under `lock`) */
   uint32_t first_generation; /* the generation when they were made */
   pthread_t workers[MAX_THREADS];
   _Atomic int tids[MAX_THREADS]; /* each worker's kernel thread id, once it runs (threads.py reads their CPU clocks) */
@@ -123,7 +123,7 @@ static void* worker_main(void* arg) {
 
 static void after_fork_in_child(void) {
   /* the workers are not copied into a forked child: it makes its own on its first launch */
-  P.started = 0;
+  atomic_store(&P.started, 0);
   for (int i = 0; i < MAX_THREADS; i++) atomic_store(&P.tids[i], 0);
   atomic_store(&P.busy, 0);
   atomic_store(&P.sleepers, 0);
@@ -133,7 +133,7 @@ static void after_fork_in_child(void) {
 
 static void start_workers(void) {
   pthread_mutex_lock(&P.lock);
-  if (!P.started) {
+  if (!atomic_load(&P.started)) {
     static int registered = 0;
     if (!registered) {
       pthread_atfork(NULL, NULL, after_fork_in_child);
@@ -148,7 +148,7 @@ static void start_workers(void) {
       made++;
     }
     P.threads = made;
-    P.started = 1;
+    atomic_store(&P.started, 1);
   }
   pthread_mutex_unlock(&P.lock);
 }
@@ -192,7 +192,7 @@ int intforge_pool_place(const int* cpus, int n, int one_each) {
 /* TVM's TVMBackendParallelLaunch: run flambda(task, env, cdata) for every task, num_task of them (0: one
  * a thread), and return 0, or -1 where a task failed. */
 int intforge_parallel_launch(ParallelLambda flambda, void* cdata, int num_task) {
-  if (!P.started) start_workers();
+  if (!atomic_load(&P.started)) start_workers();
   int n = P.threads;
   if (num_task <= 0) num_task = n;
   int idle = 0;
