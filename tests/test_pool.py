@@ -7,8 +7,10 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +93,23 @@ def test_a_launch_runs_every_task_once_and_reports_a_failed_one(tmp_path):
     assert r["nested"] == [[outer, inner] for outer in range(3) for inner in range(2)]
     assert r["idle_cpu_share"] < 0.2  # idle workers sleep instead of spinning (spinning: 2.0)
     assert r["woken"] == [0, [0, 1, 2]]
+
+
+def test_the_pool_runs_every_task_once_without_a_data_race_under_thread_sanitizer(tmp_path):
+    """tests/pool_stress.c with pool.c, built with ThreadSanitizer: 50,000 launches of every task count,
+    sleeping workers woken, launches inside tasks, two callers at once."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    exe = tmp_path / "stress"
+    source = Path(pool.__file__).with_name("pool.c")
+    built = cc and subprocess.run([cc, "-O1", "-g", "-fsanitize=thread", "-pthread", "-o", str(exe),
+                                   str(Path(__file__).with_name("pool_stress.c")), str(source)],
+                                  capture_output=True, text=True, check=False)
+    if not built or built.returncode != 0:
+        pytest.skip("no C compiler with ThreadSanitizer")
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300, check=False,
+                         env={**os.environ, "TSAN_OPTIONS": "halt_on_error=1 exitcode=66"})
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert run.stdout.startswith("ok ")
 
 
 def _mapped_libraries() -> set[str]:
