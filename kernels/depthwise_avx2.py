@@ -9,7 +9,10 @@ weights are laid out at compile time as W[q, rw, C/8, 8, 2] = w[2q + t, rw, c], 
 (i, j) of 8 channels is then ceil(KH/2) x KW instructions, acc += vpmaddwd(P[q, j*sw + rw*dw], W[q, rw]):
 6 for a 3x3 window, where kernels/depthwise.py widens every byte to an int32 lane and multiplies 9 times
 (`vpmulld`). With stride and dilation 1 down the rows, output rows go in pairs (`row_pairs`): the KH + 1
-input rows both read are packed once, and the second row's weights are the window one row later.
+input rows both read are packed once, and the second row's weights are the window one row later. With
+stride 2 and dilation 1 across (`column_pairs`), the pair is two window columns instead: output j reads
+packed pairs j .. j + ceil(KW/2) - 1 of each of its KH input rows, each input pixel packed once (rows in
+pairs pack every column twice at stride 2, and a zero half for an odd KH).
 
 Both signednesses go in as they are (int16 holds them): no correction. Padding is 0 on the integers,
 like the reference's; the int32 lanes wrap like the reference's int32 arithmetic: bit-exact. The
@@ -20,7 +23,9 @@ whole 8-channel blocks and 8-bit weights (INT4 depthwise weights keep kernels/de
 
 On the Zen 3 of 2026-12-05 (interleaved A/Bs inside MobileNetV2) its depthwise convs took 0.90 ms in all
 on kernels/depthwise.py, 0.67 on this kernel one row at a time, and the stride-1 ones 6-17% less again
-with rows in pairs. TVM has no such intrinsic; this one is ours.
+with rows in pairs. Its stride-2 convs with column pairs (2026-12-05 night): 0.76-0.79x the time of row
+pairs for the 112x112 x 96 and 56x56 x 144 ones, MobileNetV2 0.973x and 1/1.021 in whole calls (A/B
+both ways round). TVM has no such intrinsic; this one is ours.
 """
 
 from __future__ import annotations
@@ -56,11 +61,25 @@ def row_pairs(h: int, kh: int, stride: tuple[int, int], padding: tuple[int, int]
     return stride[0] == 1 and dilation[0] == 1 and oh % 2 == 0 and oh >= 2
 
 
-def weight_layout(w_hwc: np.ndarray, pairs: bool = False) -> np.ndarray:
+def column_pairs(stride: tuple[int, int], dilation: tuple[int, int], pairs: bool) -> bool:
+    """Whether a lane's pair is two window columns instead of two rows: stride 2 and dilation 1 across,
+    where output rows do not pair. Output j's window columns 2j + 2p + t (t = 0, 1) are then packed pair
+    j + p of the input row, so each input pixel of the rows an output row reads is packed once; pairs of
+    window rows pack each column's rows at stride 2 for each output (KW columns over 2 outputs) and a
+    zero half where KH is odd: about 1.5x the packing for a 3x3 window."""
+    return stride[1] == 2 and dilation[1] == 1 and not pairs
+
+
+def weight_layout(w_hwc: np.ndarray, pairs: bool = False, columns: bool = False) -> np.ndarray:
     """[KH, KW, C] int8 -> [Q, KW, C/8, 8, 2] int16, Q = ceil(KH/2): rows 2q and 2q + 1 of the window as
     the pair of a lane, zero past KH; one 32-byte load per instruction. With `pairs`, [2, Q, KW, C/8, 8, 2]
     with Q = ceil((KH + 1)/2): the first output row's, then the second's, its window one row later."""
     kh, kw, c = w_hwc.shape
+    if columns:  # [KH, QW, C/8, 8, 2], QW = ceil(KW/2): columns 2p and 2p + 1 of row r as the pair
+        qw = -(-kw // GROUP)
+        cols = np.zeros((kh, qw * GROUP, c), np.int16)
+        cols[:, :kw] = w_hwc
+        return np.ascontiguousarray(cols.reshape(kh, qw, GROUP, c // LANES, LANES).transpose(0, 1, 3, 4, 2))
     rows = kh + 1 if pairs else kh
     q = -(-rows // GROUP)
     out = np.zeros((2 if pairs else 1, q * GROUP, kw, c), np.int16)
@@ -78,11 +97,14 @@ def _half(p, t):
 
 def depthwise_pairs(x: te.Tensor, w: te.Tensor, stride: tuple[int, int], padding: tuple[int, int],
                     dilation: tuple[int, int], kh: int, narrow: Narrow | None = None,
-                    bounds: te.Tensor | None = None) -> te.Tensor:
+                    bounds: te.Tensor | None = None, column_kw: int | None = None) -> te.Tensor:
     """x: [N, H, W, C] int8/uint8, w: `weight_layout`'s int16 weights of a KH-row window (with a leading 2:
-    rows in pairs, `row_pairs`) -> [N, OH, OW, C] int32, the window sums; with `narrow` (and its `bounds`,
-    the correction argument of the blocked kernels' `Narrow`), the 8-bit output of that `dyadic.ClampFirst`
-    epilogue."""
+    rows in pairs, `row_pairs`; with `column_kw`, the window's width, pairs of window columns,
+    `column_pairs`) -> [N, OH, OW, C]
+    int32, the window sums; with `narrow` (and its `bounds`, the correction argument of the blocked
+    kernels' `Narrow`), the 8-bit output of that `dyadic.ClampFirst` epilogue."""
+    if column_kw is not None:
+        return _column_pairs(x, w, stride, padding, dilation, (kh, column_kw), narrow, bounds)
     n, h, wd, c = (int(d) for d in x.shape)
     pairs = len(w.shape) == 6
     q, kw = int(w.shape[-5]), int(w.shape[-4])
@@ -111,10 +133,44 @@ def depthwise_pairs(x: te.Tensor, w: te.Tensor, stride: tuple[int, int], padding
         _half(packed[b, i // 2 if pairs else i, rq, j * sw + rw * dw, ch], rt) * weight(i, rq, rw, ch, rt),
         axis=[rq, rw, rt]),
         name=BLOCK, attrs={"dw_stride": sw, "dw_span": (kw - 1) * dw + 1, "dw_pairs": int(pairs)})
+    return _narrowed(acc, narrow, bounds)
+
+
+def _narrowed(acc: te.Tensor, narrow: Narrow | None, bounds: te.Tensor | None) -> te.Tensor:
     if narrow is not None:
-        return te.compute((n, oh, ow, c), lambda b, i, j, ch: narrow.value(
+        return te.compute(acc.shape, lambda b, i, j, ch: narrow.value(
             acc[b, i, j, ch], bounds[ch], ch, immediate=True), name=NARROW_BLOCK, attrs=narrow.attrs)
     return acc
+
+
+def _column_pairs(x: te.Tensor, w: te.Tensor, stride: tuple[int, int], padding: tuple[int, int],
+                  dilation: tuple[int, int], window: tuple[int, int], narrow: Narrow | None,
+                  bounds: te.Tensor | None) -> te.Tensor:
+    """`depthwise_pairs` with a lane's pair two window columns (`column_pairs`): for output row i, packed
+    P[r, jp, c] = the int16s x[i*sh + r*dh - ph, 2jp - pw, c] and x[.., 2jp + 1 - pw, c] as a uint32, and
+    output (i, j) = sum over r, p of vpmaddwd(P[r, j + p], W[r, p]), W[r, p] = (w[r, 2p], w[r, 2p + 1])."""
+    n, h, wd, c = (int(d) for d in x.shape)
+    (kh, kw), qw = window, int(w.shape[1])
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    oh, ow = pool_output_size(h, kh, sh, ph, dh, False), pool_output_size(wd, kw, sw, pw, dw, False)
+
+    def half(b, r, cc, ch):  # an input as the 16 bits of an int16, zero outside the image
+        inside = tirx.all(r >= 0, r < h, cc >= 0, cc < wd)
+        v = x[b, r, cc, ch].astype("int16").astype("uint16").astype("uint32")
+        return tirx.if_then_else(inside, v, tirx.const(0, "uint32"))
+
+    def pack(b, i, r, jp, ch):  # columns 2jp and 2jp + 1 as one uint32 a channel (low half: the first)
+        row = i * sh + r * dh - ph
+        return tirx.bitwise_or(half(b, row, 2 * jp - pw, ch),
+                               tirx.shift_left(half(b, row, 2 * jp + 1 - pw, ch), tirx.const(16, "uint32")))
+
+    packed = te.compute((n, oh, kh, ow + qw - 1, c), pack, name=PACK_BLOCK)
+    rr, rp, rt = te.reduce_axis((0, kh), "rr"), te.reduce_axis((0, qw), "rp"), te.reduce_axis((0, GROUP), "rt")
+    acc = te.compute((n, oh, ow, c), lambda b, i, j, ch: te.sum(
+        _half(packed[b, i, rr, j + rp, ch], rt) * w[rr, rp, ch // LANES, ch % LANES, rt].astype("int32"),
+        axis=[rr, rp, rt]),
+        name=BLOCK, attrs={"dw_stride": 1, "dw_span": qw, "dw_pairs": 0, "dw_packs": kh})
+    return _narrowed(acc, narrow, bounds)
 
 
 def _intrin() -> tuple:
@@ -139,8 +195,10 @@ def schedule_depthwise_pairs_func(sch: s_tir.Schedule) -> set[str] | None:
     for b in epilogue[:-1]:  # a requantize chain fused after the sums: one block per tile
         sch.compute_inline(b)
     last = epilogue[-1] if epilogue else None
-    # (a column's packs: two uint32 a lane, the window's first two rows and the next two, for 3x3)
-    acc, _, jo = tile_and_tensorize(sch, block, last, LANES, 2, INTRIN, _intrin)
+    # (a column's packs: two uint32 a lane, the window's first two rows and the next two, for 3x3; with
+    # column pairs one a window row)
+    packs = int(sch.get(block).annotations.get("dw_packs", 2))
+    acc, _, jo = tile_and_tensorize(sch, block, last, LANES, packs, INTRIN, _intrin)
     if last is not None:
         try:
             sch.compute_inline(acc)

@@ -273,17 +273,20 @@ class _KernelRewriter(PyExprMutator):
                 # AVX2: two window rows a vpmaddwd lane (kernels/depthwise_avx2.py)
                 kh = int(kernel[0])
                 pairs = dwavx2.row_pairs(int(x.ty.shape[1]), kh, stride, pad[:2], dilation)
-                wk = relax.const(dwavx2.weight_layout(w_hwc, pairs), "int16")
+                columns = dwavx2.column_pairs(stride, dilation, pairs)
+                wk = relax.const(dwavx2.weight_layout(w_hwc, pairs, columns), "int16")
+                kw = int(kernel[1]) if columns else None
                 if requant is None:
                     return self.builder_.call_te(
-                        lambda xx, ww: dwavx2.depthwise_pairs(xx, ww, stride, pad[:2], dilation, kh), x, wk,
-                        primfunc_name_hint="depthwise_avx2", primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
+                        lambda xx, ww: dwavx2.depthwise_pairs(xx, ww, stride, pad[:2], dilation, kh, column_kw=kw),
+                        x, wk, primfunc_name_hint="depthwise_avx2",
+                        primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
                 bounds, consts, epilogue = self._epilogue(requant, w_hwc, (0, 1), x, isa)
                 if epilogue is None:
                     return None
                 return self.builder_.call_te(
                     lambda xx, ww, bb, *rest: dwavx2.depthwise_pairs(xx, ww, stride, pad[:2], dilation, kh,
-                                                                     epilogue(*rest), bb),
+                                                                     epilogue(*rest), bb, column_kw=kw),
                     x, wk, bounds, *consts, primfunc_name_hint="depthwise_avx2_narrow",
                     primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
             if requant is not None:
