@@ -73,9 +73,10 @@ def column_pairs(stride: tuple[int, int], dilation: tuple[int, int], pairs: bool
 def weight_layout(w_hwc: np.ndarray, pairs: bool = False, columns: bool = False) -> np.ndarray:
     """[KH, KW, C] int8 -> [Q, KW, C/8, 8, 2] int16, Q = ceil(KH/2): rows 2q and 2q + 1 of the window as
     the pair of a lane, zero past KH; one 32-byte load per instruction. With `pairs`, [2, Q, KW, C/8, 8, 2]
-    with Q = ceil((KH + 1)/2): the first output row's, then the second's, its window one row later."""
+    with Q = ceil((KH + 1)/2): the first output row's, then the second's, its window one row later. With
+    `columns` (`column_pairs`), [KH, QW, C/8, 8, 2], QW = ceil(KW/2): columns 2p and 2p + 1, zero past KW."""
     kh, kw, c = w_hwc.shape
-    if columns:  # [KH, QW, C/8, 8, 2], QW = ceil(KW/2): columns 2p and 2p + 1 of row r as the pair
+    if columns:
         qw = -(-kw // GROUP)
         cols = np.zeros((kh, qw * GROUP, c), np.int16)
         cols[:, :kw] = w_hwc
@@ -99,10 +100,10 @@ def depthwise_pairs(x: te.Tensor, w: te.Tensor, stride: tuple[int, int], padding
                     dilation: tuple[int, int], kh: int, narrow: Narrow | None = None,
                     bounds: te.Tensor | None = None, column_kw: int | None = None) -> te.Tensor:
     """x: [N, H, W, C] int8/uint8, w: `weight_layout`'s int16 weights of a KH-row window (with a leading 2:
-    rows in pairs, `row_pairs`; with `column_kw`, the window's width, pairs of window columns,
-    `column_pairs`) -> [N, OH, OW, C]
-    int32, the window sums; with `narrow` (and its `bounds`, the correction argument of the blocked
-    kernels' `Narrow`), the 8-bit output of that `dyadic.ClampFirst` epilogue."""
+    rows in pairs, `row_pairs`; with `column_kw`, the window's width: pairs of window columns,
+    `column_pairs`) -> [N, OH, OW, C] int32, the window sums; with `narrow` (and its `bounds`, the
+    correction argument of the blocked kernels' `Narrow`), the 8-bit output of that `dyadic.ClampFirst`
+    epilogue."""
     if column_kw is not None:
         return _column_pairs(x, w, stride, padding, dilation, (kh, column_kw), narrow, bounds)
     n, h, wd, c = (int(d) for d in x.shape)
@@ -112,15 +113,9 @@ def depthwise_pairs(x: te.Tensor, w: te.Tensor, stride: tuple[int, int], padding
     oh, ow = pool_output_size(h, kh, sh, ph, dh, False), pool_output_size(wd, kw, sw, pw, dw, False)
     wp = wd + 2 * pw
 
-    def half(b, r, cc, ch):  # an input as the 16 bits of an int16, zero outside the image
-        inside = tirx.all(r >= 0, r < h, cc >= 0, cc < wd)
-        v = x[b, r, cc, ch].astype("int16").astype("uint16").astype("uint32")
-        return tirx.if_then_else(inside, v, tirx.const(0, "uint32"))
-
     def pack(b, i, p, col, ch):  # the pair as one uint32 a channel (low half: row 2p), vectorized over channels
         r = (2 * i if pairs else i * sh) + p * GROUP * dh - ph  # (i: a pair of output rows, with pairs)
-        return tirx.bitwise_or(half(b, r, col - pw, ch),
-                               tirx.shift_left(half(b, r + dh, col - pw, ch), tirx.const(16, "uint32")))
+        return _pair(x, (b, r, col - pw, ch), (b, r + dh, col - pw, ch))
 
     packed = te.compute((n, oh // 2 if pairs else oh, q, wp, c), pack, name=PACK_BLOCK)
     rq, rw, rt = te.reduce_axis((0, q), "rq"), te.reduce_axis((0, kw), "rw"), te.reduce_axis((0, GROUP), "rt")
@@ -134,6 +129,18 @@ def depthwise_pairs(x: te.Tensor, w: te.Tensor, stride: tuple[int, int], padding
         axis=[rq, rw, rt]),
         name=BLOCK, attrs={"dw_stride": sw, "dw_span": (kw - 1) * dw + 1, "dw_pairs": int(pairs)})
     return _narrowed(acc, narrow, bounds)
+
+
+def _pair(x: te.Tensor, low: tuple, high: tuple):
+    """Two inputs (indices [b, row, column, channel]) as the int16 halves of a uint32, zero outside the image."""
+    h, wd = int(x.shape[1]), int(x.shape[2])
+
+    def half(b, r, cc, ch):
+        inside = tirx.all(r >= 0, r < h, cc >= 0, cc < wd)
+        v = x[b, r, cc, ch].astype("int16").astype("uint16").astype("uint32")
+        return tirx.if_then_else(inside, v, tirx.const(0, "uint32"))
+
+    return tirx.bitwise_or(half(*low), tirx.shift_left(half(*high), tirx.const(16, "uint32")))
 
 
 def _narrowed(acc: te.Tensor, narrow: Narrow | None, bounds: te.Tensor | None) -> te.Tensor:
@@ -154,15 +161,9 @@ def _column_pairs(x: te.Tensor, w: te.Tensor, stride: tuple[int, int], padding: 
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     oh, ow = pool_output_size(h, kh, sh, ph, dh, False), pool_output_size(wd, kw, sw, pw, dw, False)
 
-    def half(b, r, cc, ch):  # an input as the 16 bits of an int16, zero outside the image
-        inside = tirx.all(r >= 0, r < h, cc >= 0, cc < wd)
-        v = x[b, r, cc, ch].astype("int16").astype("uint16").astype("uint32")
-        return tirx.if_then_else(inside, v, tirx.const(0, "uint32"))
-
     def pack(b, i, r, jp, ch):  # columns 2jp and 2jp + 1 as one uint32 a channel (low half: the first)
         row = i * sh + r * dh - ph
-        return tirx.bitwise_or(half(b, row, 2 * jp - pw, ch),
-                               tirx.shift_left(half(b, row, 2 * jp + 1 - pw, ch), tirx.const(16, "uint32")))
+        return _pair(x, (b, row, 2 * jp - pw, ch), (b, row, 2 * jp + 1 - pw, ch))
 
     packed = te.compute((n, oh, kh, ow + qw - 1, c), pack, name=PACK_BLOCK)
     rr, rp, rt = te.reduce_axis((0, kh), "rr"), te.reduce_axis((0, qw), "rp"), te.reduce_axis((0, GROUP), "rt")
