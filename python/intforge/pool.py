@@ -4,13 +4,13 @@ Every parallel loop of a model.so is a call through the library's `__TVMBackendP
 which TVM's loader points at its own pool; TVM's pool waits with `sched_yield` on both sides, 1.25-1.45 us
 a launch on the Zen 3 of 2026-12-05, and this one on `pause`, 0.3 us (`benchmarks/bench_launch.py`).
 `install` points a loaded library's pointer at this pool instead: MobileNetV2, 73 launches a call, ran
-2-3% faster (`benchmarks/ab_calls.py --pools`). The library file is not changed: loaded by TVM alone (a
-C++ host), it runs on TVM's pool as before.
+0.981-0.992x the time, ResNet18 0.991-0.998x (`benchmarks/ab_calls.py --pools`). The library file is
+not changed: loaded by TVM alone (a C++ host), it runs on TVM's pool as before.
 
 The pool's C source is compiled once per source and machine with the system C compiler (`CC`, else `cc`)
 into intforge's cache. Without a compiler, or with INTFORGE_POOL=tvm, models run on TVM's pool, as they
 do where the library has a parallel barrier this pool does not provide. Its size and placement follow
-threads.py: TVM's pool size (`pool_threads`) and the same pinning (`place`).
+threads.py: the thread count TVM's would have (`configured_threads`) and the same pinning (`place`).
 """
 
 from __future__ import annotations
