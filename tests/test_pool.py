@@ -21,7 +21,9 @@ from conftest import extreme_int_inputs, quantize_module
 from intforge import pool
 from intforge.compiler import build
 
-pytestmark = pytest.mark.skipif(not pool.enabled(), reason="intforge's pool is Linux only")
+pytestmark = [pytest.mark.skipif(not pool.enabled(), reason="intforge's pool is Linux only"),
+              pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")),
+                                 reason="no C compiler to build intforge's pool (models then run on TVM's)")]
 
 # A private copy of the pool (its own globals) with 3 threads, driven through ctypes: which thread ran
 # which task, what each saw as the task count, what launches return. Runs in a fresh process, so no
