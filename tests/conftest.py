@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -73,3 +78,15 @@ def assert_bit_exact_int(program, lib, seed: int = 0) -> None:
         for g, w in zip(got, want, strict=True):
             assert g.dtype == w.dtype
             np.testing.assert_array_equal(g, w)
+
+
+def run_fresh_python(script: str, *args: str, unset: tuple[str, ...] = (), affinity: set[int] | None = None,
+                     **env: str) -> dict:
+    """Run `script` in a fresh Python process (the variables `unset` removed from the environment, `env`
+    added, CPU affinity `affinity`) and return the JSON its last line prints."""
+    base = {k: v for k, v in os.environ.items() if k not in unset}
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300,
+                          env={**base, **env}, check=False,
+                          preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])

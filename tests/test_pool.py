@@ -5,11 +5,8 @@ TVM's pool, and its workers survive a fork and sleep when idle."""
 from __future__ import annotations
 
 import ctypes
-import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import extreme_int_inputs, quantize_module
+from conftest import extreme_int_inputs, quantize_module, run_fresh_python
 from intforge import pool
 from intforge.compiler import build
 
 pytestmark = [pytest.mark.skipif(not pool.enabled(), reason="intforge's pool is Linux only"),
-              pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")),
+              pytest.mark.skipif(pool.c_compiler() is None,
                                  reason="no C compiler to build intforge's pool (models then run on TVM's)")]
 
 # A private copy of the pool (its own globals) with 3 threads, driven through ctypes: which thread ran
@@ -76,15 +73,8 @@ print(json.dumps(out))
 """
 
 
-def _run(script: str, *args: str, **env: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **env}, check=False)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_a_launch_runs_every_task_once_and_reports_a_failed_one(tmp_path):
-    r = _run(LAUNCH, str(pool.build_library(tmp_path)))
+    r = run_fresh_python(LAUNCH, str(pool.build_library(tmp_path)))
     assert r["threads"] == 3
     assert r["default"] == {"rc": 0, "tasks": [0, 1, 2], "counts": [3], "threads": 3}  # a task a thread
     assert r["seven"] == {"rc": 0, "tasks": list(range(7)), "counts": [7], "threads": 3}  # more tasks: shared
@@ -100,7 +90,7 @@ def test_a_launch_runs_every_task_once_and_reports_a_failed_one(tmp_path):
 def test_the_pool_runs_every_task_once_without_a_data_race_under_thread_sanitizer(tmp_path):
     """tests/pool_stress.c with pool.c, built with ThreadSanitizer: 50,000 launches of every task count,
     sleeping workers woken, launches inside tasks, two callers at once."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = pool.c_compiler()
     exe = tmp_path / "stress"
     source = Path(pool.__file__).with_name("pool.c")
     built = cc and subprocess.run([cc, "-O1", "-g", "-fsanitize=thread", "-pthread", "-o", str(exe),
@@ -172,5 +162,5 @@ def test_a_forked_child_runs_models_on_a_pool_of_its_own(tmp_path):
     torch.manual_seed(0)
     program = quantize_module(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU()), (1, 16, 28, 28))
     library = build(program, tmp_path / "conv", boundary="int").library
-    r = _run(FORK, str(library), TVM_NUM_THREADS="2")
+    r = run_fresh_python(FORK, str(library), TVM_NUM_THREADS="2")
     assert r == {"pool": "intforge", "child": 0, "parent": True}

@@ -4,9 +4,7 @@ otherwise."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import threading
 
@@ -15,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import quantize_module
+from conftest import quantize_module, run_fresh_python
 from intforge.compiler import build
 from intforge.threads import core_cpus, physical_cores
 
@@ -37,20 +35,8 @@ print(json.dumps({"threads": len(tasks), "caller": sorted(os.sched_getaffinity(0
 """
 
 
-def _fresh(script: str, *args: str, unset: tuple[str, ...] = (), affinity: set[int] | None = None,
-           **env: str) -> dict:
-    """Run `script` in a fresh Python process (the variables `unset` removed from the environment, `env`
-    added, CPU affinity `affinity`) and return the JSON its last line prints."""
-    base = {k: v for k, v in os.environ.items() if k not in unset}
-    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300,
-                          env={**base, **env}, check=False,
-                          preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _probe(library, **env) -> dict:
-    return _fresh(PROBE, str(library), unset=("TVM_BIND_THREADS",), **{"TVM_NUM_THREADS": "2", **env})
+    return run_fresh_python(PROBE, str(library), unset=("TVM_BIND_THREADS",), **{"TVM_NUM_THREADS": "2", **env})
 
 
 def _two_cores() -> bool:
@@ -105,7 +91,7 @@ print(json.dumps({"busy": sorted(busy), "before": before, "during": during, "dur
 
 @pytest.mark.skipif(not _two_cores(), reason="needs 2 physical cores")
 def test_a_call_moves_its_thread_off_the_workers_cores_and_back():
-    r = _fresh(OFF_CORES, unset=("TVM_BIND_THREADS",), TVM_NUM_THREADS="2")
+    r = run_fresh_python(OFF_CORES, unset=("TVM_BIND_THREADS",), TVM_NUM_THREADS="2")
     assert r["before"] in r["busy"]
     assert r["during"] not in r["busy"]
     assert not set(r["during_allowed"]) & set(r["busy"])
@@ -157,7 +143,7 @@ def test_workers_go_free_while_their_core_is_taken_and_are_pinned_again_after(tm
     torch.manual_seed(0)
     program = quantize_module(nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()), (1, 32, 28, 28))
     library = build(program, tmp_path / "conv", boundary="int").library
-    r = _fresh(TAKEN_CORE, str(library), unset=("TVM_BIND_THREADS",), TVM_NUM_THREADS="2")
+    r = run_fresh_python(TAKEN_CORE, str(library), unset=("TVM_BIND_THREADS",), TVM_NUM_THREADS="2")
     assert r["busy"] and r["pinned_quiet"]
     assert r["busy"] in r["pinned_affinity"]  # a worker on the second core alone
     assert r["freed"]
@@ -237,7 +223,7 @@ print(json.dumps({"pool": pool_threads(), "cores": physical_cores(), "env": os.e
 
 
 def _pool(affinity: set[int] | None = None, **env) -> dict:
-    return _fresh(POOL, unset=("TVM_NUM_THREADS", "OMP_NUM_THREADS"), affinity=affinity, **env)
+    return run_fresh_python(POOL, unset=("TVM_NUM_THREADS", "OMP_NUM_THREADS"), affinity=affinity, **env)
 
 
 def test_pool_runs_one_thread_per_physical_core_unless_the_user_sets_a_count():

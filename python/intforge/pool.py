@@ -46,6 +46,11 @@ def _cache_dir() -> Path:
     return Path(root) / "intforge" / "pool"
 
 
+def c_compiler() -> str | None:
+    """The C compiler the pool is built with: `CC`, else `cc`, else `gcc`; None where there is none."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 def build_library(out_dir: Path | None = None) -> Path:
     """Compile pool.c into a shared library (once: the file is named by the source's hash and the machine)
     and return its path. Raises RuntimeError with the compiler's message where it cannot."""
@@ -55,7 +60,7 @@ def build_library(out_dir: Path | None = None) -> Path:
     target = out_dir / f"libintforge_pool-{key}.so"
     if target.exists():
         return target
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = c_compiler()
     if not cc:
         raise RuntimeError("no C compiler (set CC, or install cc)")
     out_dir.mkdir(parents=True, exist_ok=True)
