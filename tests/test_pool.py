@@ -164,3 +164,22 @@ def test_a_forked_child_runs_models_on_a_pool_of_its_own(tmp_path):
     library = build(program, tmp_path / "conv", boundary="int").library
     r = run_fresh_python(FORK, str(library), TVM_NUM_THREADS="2")
     assert r == {"pool": "intforge", "child": 0, "parent": True}
+
+
+CAPPED = r"""
+import json, os, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from intforge import pool
+    n = pool.threads()
+print(json.dumps({"threads": n, "cpus": len(os.sched_getaffinity(0)),
+                  "warned": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]}))
+"""
+
+
+def test_pool_runs_at_most_one_thread_a_cpu_and_says_so():
+    """More threads than the process's CPUs only take turns (on 2 CPUs, 4 threads ran MobileNetV2 4x slower):
+    the pool runs one a CPU and warns, naming both counts."""
+    r = run_fresh_python(CAPPED, affinity={min(os.sched_getaffinity(0))}, TVM_NUM_THREADS="3")
+    assert r["cpus"] == 1 and r["threads"] == 1
+    assert any("3 threads asked for" in w and "may run on 1 CPU:" in w and "pool runs 1" in w for w in r["warned"])

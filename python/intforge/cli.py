@@ -7,6 +7,7 @@ import importlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,32 @@ def load_model_ref(ref: str) -> Any:
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in text.replace("x", ",").split(","))
+        dims = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"shape {text!r} must look like 1,3,224,224") from None
+    if min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"shape {text!r} has a dimension below 1; it must look like 1,3,224,224")
+    return dims
+
+
+def _int_at_least(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [least, most], else argparse's usage error naming the option (a
+    zero or negative count used to reach a traceback, or be read as "all", or slice samples off the end)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least or (most is not None and value > most):
+            span = f"at least {least}" if most is None else f"from {least} to {most}"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
+        return value
+
+    return parse
+
+
+_COUNT = _int_at_least(1)  # sample counts, repeats, batch sizes, thread counts
+_NONNEGATIVE = _int_at_least(0)  # warm-up runs, power iterations (0: none)
 
 
 def _program_from_args(args: argparse.Namespace) -> Any:
@@ -67,7 +91,11 @@ def _program_from_args(args: argparse.Namespace) -> Any:
 
         if not args.input_shape:
             raise IntforgeError("--calib distilled needs --input-shape (the data is synthesized at that shape)")
-        count = int(args.calib.split(":")[1]) if ":" in args.calib else 32
+        n = args.calib.partition(":")[2]
+        if n and (not n.isdigit() or int(n) < 1):
+            raise IntforgeError(f"--calib {args.calib}: the count after ':' must be a whole number of inputs, "
+                                "at least 1")
+        count = int(n) if n else 32
         print(f"distilling {count} calibration inputs from the model's BatchNorm statistics (ZeroQ)...")
         calib = distill_inputs(model, args.input_shape[1:], count=count)
     if args.input_shape:
@@ -415,7 +443,7 @@ def _model_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,3,224,224 (batch first)")
     c.add_argument("--calib", help="calibration data: mnist[:N], random:N, a .npy / .npz file of inputs, or "
                    "distilled[:N] (data-free: synthesized from BatchNorm statistics)")
-    c.add_argument("--calib-count", type=int, default=512, help="calibration samples to use (default 512)")
+    c.add_argument("--calib-count", type=_COUNT, default=512, help="calibration samples to use (default 512)")
     c.add_argument("--calib-method", choices=("minmax", "percentile"), default="minmax")
     c.add_argument("--target", default="x86", help="target preset (default x86: this machine)")
     c.add_argument("--boundary", choices=("float", "int"), default="float",
@@ -439,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tu = sub.add_parser("tune", help="MetaSchedule-tune the model's kernels into the target's database")
     _model_args(tu)
-    tu.add_argument("--trials", type=int, default=64, help="measured candidates in all (default 64)")
+    tu.add_argument("--trials", type=_COUNT, default=64, help="measured candidates in all (default 64)")
     tu.add_argument("--rpc", metavar="HOST:PORT", help="measure candidates on a board running TVM's RPC server")
     tu.add_argument("--tracker", metavar="HOST:PORT", help="measure on a board handed out by a TVM RPC tracker")
     tu.add_argument("--key", help="device key to request from the tracker (e.g. rpi5)")
@@ -448,12 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="per-layer Hessian sensitivity (trace, top eigenvalue): JSON + plot")
     a.add_argument("model", help="pkg.module:factory")
     a.add_argument("--data", required=True, help="mnist[:N], random:N (224x224 images), or an .npz with x (and y)")
-    a.add_argument("--count", type=int, help="use only the first N samples")
+    a.add_argument("--count", type=_COUNT, help="use only the first N samples")
     a.add_argument("--input-shape", type=_shape, help="reshape samples to this shape (batch first)")
-    a.add_argument("--batch-size", type=int, default=64)
-    a.add_argument("--max-probes", type=int, default=100, help="Hutchinson probes per layer at most")
+    a.add_argument("--batch-size", type=_COUNT, default=64)
+    a.add_argument("--max-probes", type=_COUNT, default=100, help="Hutchinson probes per layer at most")
     a.add_argument("--tol", type=float, default=1e-2, help="relative tolerance of traces and eigenvalues")
-    a.add_argument("--power-iters", type=int, default=50, help="power iterations per layer (0: skip eigenvalues)")
+    a.add_argument("--power-iters", type=_NONNEGATIVE, default=50,
+                   help="power iterations per layer (0: skip eigenvalues)")
     a.add_argument("--probe", choices=("layer", "block"), default="layer",
                    help="layer: one HVP per layer per probe (accurate); block: one HVP for all layers per probe "
                         "(noisier, many times faster on deep models)")
@@ -478,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--tie", action="append", help="NAME,NAME,... layers that must share bits (repeatable)")
     pl.add_argument("--tie-residual", action="store_true", help="tie the two branches of every residual add")
     pl.add_argument("--pareto", action="store_true", help="sweep the budget and plot the frontier")
-    pl.add_argument("--points", type=int, default=11)
+    pl.add_argument("--points", type=_int_at_least(2), default=11)
     pl.add_argument("--target", default="x86")
     pl.add_argument("--quiet", action="store_true")
     pl.add_argument("-o", "--output", default="plan.json")
@@ -489,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--input", nargs="+", help=".npy file per model input")
     r.add_argument("--output", help="where to save the first output (.npy)")
     r.add_argument("--data", help="labelled set to evaluate: mnist, or an .npz with x and y")
-    r.add_argument("--count", type=int, help="evaluate only the first N samples")
+    r.add_argument("--count", type=_COUNT, help="evaluate only the first N samples")
     r.add_argument("--emulate", action="store_true",
                    help="run a cross-compiled (aarch64) library here under qemu-user (installed on first use)")
     r.set_defaults(func=cmd_run)
@@ -500,15 +529,15 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--data", help="take the input shape from this data instead")
     sc.add_argument("--plan", help="per-layer bits from `intforge plan` (default: INT8)")
     sc.add_argument("--target", default="x86")
-    sc.add_argument("--repeat", type=int, default=10)
+    sc.add_argument("--repeat", type=_COUNT, default=10)
     sc.add_argument("-o", "--output", default="schedules.json")
     sc.set_defaults(func=cmd_schedules)
 
     b = sub.add_parser("bench", help="time a compiled model.so: warm-up, repeats, median and spread")
     b.add_argument("library")
-    b.add_argument("--repeat", type=int, default=100)
-    b.add_argument("--warmup", type=int, default=10)
-    b.add_argument("--threads", type=int,
+    b.add_argument("--repeat", type=_COUNT, default=100)
+    b.add_argument("--warmup", type=_NONNEGATIVE, default=10)
+    b.add_argument("--threads", type=_COUNT,
                    help="worker threads (TVM_NUM_THREADS; default: one per physical core this process may use)")
     b.add_argument("--json", help="also write the numbers to this JSON file")
     b.add_argument("--rpc", metavar="HOST:PORT", help="time on a board running TVM's RPC server")
@@ -518,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bs = sub.add_parser("board-server", help="an emulated ARM board (qemu) serving TVM RPC on loopback")
     bs.add_argument("--target", default="rpi5", help="ARM preset whose CPU qemu emulates (default rpi5)")
-    bs.add_argument("--port", type=int, default=9090)
+    bs.add_argument("--port", type=_int_at_least(1, 65535), default=9090)
     bs.add_argument("--tracker", metavar="HOST:PORT", help="register with this RPC tracker")
     bs.add_argument("--key", help="device key to register under (default: the preset's name)")
     bs.set_defaults(func=cmd_board_server)

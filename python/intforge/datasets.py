@@ -19,6 +19,14 @@ def load_data(spec: str, count: int | None = None) -> tuple[np.ndarray, np.ndarr
     An .npz may hold `x` (or `inputs`) and `y` (or `labels`).
     """
     name, _, n = spec.partition(":")
+    if name not in BUILTIN:  # a path, which may hold a ':' of its own
+        name, n = spec, ""
+    if n:  # mnist:N, random:N: N samples, which override `count`
+        if not n.isdigit() or int(n) < 1:
+            raise IntforgeError(f"data {spec!r}: the count after ':' must be a whole number of samples, at least 1")
+        count = int(n)
+    if count is not None and count < 1:
+        raise IntforgeError(f"data {spec!r}: asked for {count} samples; give at least 1")
     if name == "mnist":
         from .zoo import mnist_digits
 
@@ -26,9 +34,9 @@ def load_data(spec: str, count: int | None = None) -> tuple[np.ndarray, np.ndarr
     elif name == "random":  # smooth random 224x224 images for random-weight nets; random:N
         from .zoo import random_images
 
-        x, y = random_images(int(n or 32)), None
+        x, y = random_images(int(n) if n else 32), None
     else:
-        path = Path(spec)
+        path = Path(name)
         if not path.exists():
             raise IntforgeError(f"data {spec!r} is neither a file nor one of the built-in sets {BUILTIN}")
         if path.suffix == ".npz":
@@ -43,8 +51,6 @@ def load_data(spec: str, count: int | None = None) -> tuple[np.ndarray, np.ndarr
             x, y = np.load(path), None
         else:
             raise IntforgeError(f"cannot read {path}: give a .npy or .npz file")
-    if n:
-        count = int(n)
     if count is not None:
         x = x[:count]
         y = y[:count] if y is not None else None

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .errors import IntforgeError
-from .runtime import CompiledModel, latency_stats, random_inputs
+from .runtime import CompiledModel, check_timing, latency_stats, random_inputs
 
 
 def parse_hostport(text: str, what: str = "--rpc") -> tuple[str, int]:
@@ -78,6 +78,7 @@ class RemoteModel(CompiledModel):
 
     def time(self, repeat: int = 50, warmup: int = 5) -> dict[str, float]:
         """Latency statistics in ms, measured on the board by TVM's time_evaluator (one run per sample)."""
+        check_timing(repeat, warmup)
         self._vm.set_input("main", *self._to_device(tuple(random_inputs(self.inputs))))
         if warmup:
             self._vm.time_evaluator("invoke_stateful", self.dev, number=1, repeat=warmup)("main")

@@ -56,6 +56,12 @@ def check_inputs(name: str, specs: list[dict[str, Any]], args: tuple[np.ndarray,
     return out
 
 
+def check_timing(repeat: int, warmup: int) -> None:
+    """`time`'s counts: at least one timed run (statistics of none are undefined), no negative warm-up."""
+    if int(repeat) < 1 or int(warmup) < 0:
+        raise IntforgeError(f"timing needs repeat >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}")
+
+
 def latency_stats(ms: list[float] | np.ndarray, repeat: int, warmup: int) -> dict[str, float]:
     """Median, mean, std, min, p10 and p90 of per-run milliseconds: what `bench` reports, local or remote."""
     ts = np.asarray(ms, dtype=np.float64)
@@ -195,6 +201,7 @@ class CompiledModel:
 
         import tvm
 
+        check_timing(repeat, warmup)
         ins = random_inputs(self.inputs)
         if self.on_gpu or resident:
             args = [tvm.runtime.tensor(a, self.device) for a in self._check(tuple(ins))]

@@ -1,0 +1,79 @@
+"""Bad numbers on the command line: argparse's one-line usage error naming the option, before any work
+(a zero count used to reach a traceback from numpy, be read as "all", or slice samples off the end)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import intforge_cli
+from intforge.cli import build_parser
+from intforge.datasets import load_data
+from intforge.errors import IntforgeError
+
+MODEL = ("intforge.zoo:mnist_net", "--input-shape", "1,1,28,28")
+
+BAD = [
+    (("compile", *MODEL, "--calib", "mnist", "--calib-count", "0"), "--calib-count: must be at least 1, got 0"),
+    (("compile", *MODEL, "--calib", "mnist", "--calib-count", "-5"), "--calib-count: must be at least 1, got -5"),
+    (("compile", "intforge.zoo:mnist_net", "--input-shape", "1,0,28,28"), "has a dimension below 1"),
+    (("tune", *MODEL, "--trials", "0"), "--trials: must be at least 1, got 0"),
+    (("analyze", "intforge.zoo:mnist_net", "--data", "mnist", "--batch-size", "0"), "--batch-size: must be at least 1"),
+    (("analyze", "intforge.zoo:mnist_net", "--data", "mnist", "--count", "0"), "--count: must be at least 1"),
+    (("analyze", "intforge.zoo:mnist_net", "--data", "mnist", "--power-iters", "-1"),
+     "--power-iters: must be at least 0, got -1"),
+    (("plan", "intforge.zoo:mnist_net", "--analysis", "a.json", "--points", "1"), "--points: must be at least 2"),
+    (("run", "m.so", "--data", "mnist", "--count", "0"), "--count: must be at least 1, got 0"),
+    (("schedules", "intforge.zoo:mnist_net", "--repeat", "0"), "--repeat: must be at least 1, got 0"),
+    (("bench", "m.so", "--repeat", "0"), "--repeat: must be at least 1, got 0"),
+    (("bench", "m.so", "--warmup", "-1"), "--warmup: must be at least 0, got -1"),
+    (("bench", "m.so", "--threads", "-3"), "--threads: must be at least 1, got -3"),
+    (("bench", "m.so", "--threads", "two"), "--threads: 'two' is not an integer"),
+    (("board-server", "--port", "70000"), "--port: must be from 1 to 65535, got 70000"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD])
+def test_bad_numbers_are_usage_errors_naming_the_option(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(list(argv))
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_numbers_end_to_end_without_traceback(tmp_path):
+    proc = intforge_cli("bench", str(tmp_path / "m.so"), "--repeat", "0", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "argument --repeat: must be at least 1, got 0" in proc.stderr
+
+
+@pytest.mark.parametrize("spec,count", [("mnist:0", None), ("mnist:-5", None), ("random:x", None), ("mnist", 0),
+                                        ("mnist", -5)])
+def test_data_counts_below_one_are_refused(spec, count):
+    with pytest.raises(IntforgeError, match="at least 1"):
+        load_data(spec, count)
+
+
+def test_data_counts_take_the_first_samples():
+    x, y = load_data("mnist:7")
+    assert len(x) == len(y) == 7
+    assert len(load_data("mnist", 3)[0]) == 3
+    assert len(load_data("random:2")[0]) == 2
+    with pytest.raises(IntforgeError, match="neither a file nor one of the built-in sets"):
+        load_data("/no/such:file.npy")  # a ':' in a path is part of the path
+
+
+def test_timing_needs_a_timed_run():
+    from intforge.runtime import check_timing
+
+    check_timing(1, 0)
+    with pytest.raises(IntforgeError, match="repeat >= 1"):
+        check_timing(0, 5)
+    with pytest.raises(IntforgeError, match="warmup >= 0"):
+        check_timing(3, -1)
+
+
+def test_distilled_count_below_one_is_refused(capsys, tmp_path):
+    from intforge.cli import main
+
+    assert main(["compile", *MODEL, "--calib", "distilled:0", "-o", str(tmp_path / "m")]) == 2
+    assert "the count after ':' must be a whole number of inputs, at least 1" in capsys.readouterr().err
