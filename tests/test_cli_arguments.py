@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conftest import intforge_cli
@@ -77,3 +79,51 @@ def test_distilled_count_below_one_is_refused(capsys, tmp_path):
 
     assert main(["compile", *MODEL, "--calib", "distilled:0", "-o", str(tmp_path / "m")]) == 2
     assert "the count after ':' must be a whole number of inputs, at least 1" in capsys.readouterr().err
+
+
+def test_an_input_shape_that_the_data_contradicts_is_refused(capsys, tmp_path):
+    """--input-shape 1,3,28,28 with MNIST data used to compile a 1,1,28,28 model without a word."""
+    from intforge.cli import main
+
+    assert main(["compile", "intforge.zoo:mnist_net", "--input-shape", "1,3,28,28", "--calib", "mnist:20",
+                 "-o", str(tmp_path / "m")]) == 2
+    assert "--input-shape 1,3,28,28 does not match the calibration data (mnist:20), whose samples are (1, 28, 28): " \
+           "give --input-shape 1,1,28,28" in capsys.readouterr().err
+    assert main(["analyze", "intforge.zoo:mnist_net", "--data", "mnist:8", "--input-shape", "1,3,28,28", "--quiet",
+                 "-o", str(tmp_path / "a.json")]) == 2
+    assert "does not fit the samples of mnist:8, each (1, 28, 28)" in capsys.readouterr().err
+    assert main(["analyze", "intforge.zoo:mnist_net", "--data", "mnist:8", "--input-shape", "1,784", "--quiet",
+                 "-o", str(tmp_path / "a.json")]) == 2  # as many values, reshaped, and the model refuses them
+    assert "mnist_net cannot run on samples of shape (784,) from mnist:8" in capsys.readouterr().err
+
+
+def test_run_names_an_input_file_it_cannot_read(capsys, tmp_path):
+    from intforge.cli import cmd_run
+
+    args = build_parser().parse_args(["run", "m.so", "--input", str(tmp_path / "x.npy")])
+    (tmp_path / "x.npy").write_text("not an array")
+    import intforge.runtime
+
+    class Model:  # the check comes before the model runs: any loaded model will do
+        pass
+
+    load = intforge.runtime.load
+    intforge.runtime.load = lambda *a, **k: Model()
+    try:
+        with pytest.raises(IntforgeError, match=r"cannot read input .*x.npy: not a .npy array"):
+            cmd_run(args)
+        (tmp_path / "x.npy").unlink()
+        with pytest.raises(IntforgeError, match=r"input file .*x.npy does not exist"):
+            cmd_run(args)
+    finally:
+        intforge.runtime.load = load
+
+
+@pytest.mark.parametrize("text,message", [("150%", "runs from 0% (every layer at the lowest bits) to 100%"),
+                                          ("x%", "a percentage looks like 50%"),
+                                          ("3parsecs", "use a percentage (50%) or a number with a unit")])
+def test_budgets_the_planner_cannot_read_say_what_it_can(text, message):
+    from intforge.cli import parse_budget
+
+    with pytest.raises(IntforgeError, match=re.escape(message)):
+        parse_budget("size", text)

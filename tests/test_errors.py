@@ -9,6 +9,7 @@ from torch import nn
 
 import intforge
 from conftest import quantize_module
+from intforge.capture import capture
 from intforge.compiler import build
 from intforge.errors import (
     ArtifactError,
@@ -56,6 +57,14 @@ def test_unsupported_op_names_the_op_the_layer_and_the_model_line():
 def test_model_that_cannot_be_exported_gets_a_capture_error():
     with pytest.raises(CaptureError, match="torch.export could not capture DataDependent"):
         intforge.quantize_model(DataDependent(), (torch.randn(1, 3),), np.zeros((2, 3), np.float32))
+
+
+def test_example_inputs_the_model_cannot_take_are_named_as_such():
+    """A shape the model cannot run on is not a capture problem: the error gives the shape, not export advice."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(CaptureError, match=r"Sequential cannot run on example inputs of shape \(1, 5, 8, 8\)") as err:
+        capture(model, (torch.randn(1, 5, 8, 8),))
+    assert "--input-shape" in str(err.value) and "data-dependent" not in str(err.value)
 
 
 def test_batchnorm_without_a_conv_before_it_is_refused():

@@ -105,11 +105,32 @@ def _pair(v: Any) -> list[int]:
     return v * 2 if len(v) == 1 else v
 
 
+def _eager_failure(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> str | None:
+    """What the model raises when called on the inputs in eval mode (its mode restored after), or None."""
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(*example_inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the inputs' or the model's own
+        text = str(exc).strip()
+        return f"{type(exc).__name__}: {text.splitlines()[0].rstrip('.') if text else ''}"
+    finally:
+        model.train(training)
+    return None
+
+
 def _export(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> torch.export.ExportedProgram:
     try:
         return torch.export.export(model, tuple(example_inputs))
     except Exception as exc:  # torch.export raises many types; all mean "cannot capture"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+        eager = _eager_failure(model, example_inputs)
+        if eager is not None:  # not a capture problem: the model cannot take these inputs at all
+            shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs)
+            raise CaptureError(
+                f"{type(model).__name__} cannot run on example inputs of shape {shapes}: {eager}. Give the shape "
+                "the model takes (the CLI's --input-shape, batch first), or data of that shape."
+            ) from None
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {first}. "
             "intforge needs a model that torch.export.export(model, example_inputs) accepts: remove "

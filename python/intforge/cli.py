@@ -101,7 +101,14 @@ def _program_from_args(args: argparse.Namespace) -> Any:
     if args.input_shape:
         example = torch.zeros(args.input_shape)
         if calib is not None and calib.ndim == len(args.input_shape):
-            example = torch.from_numpy(np.ascontiguousarray(calib[: args.input_shape[0]], dtype=np.float32))
+            if tuple(calib.shape[1:]) != tuple(args.input_shape[1:]):
+                shape = ",".join(map(str, args.input_shape))
+                raise IntforgeError(f"--input-shape {shape} does not match the calibration data ({args.calib}), "
+                                    f"whose samples are {tuple(calib.shape[1:])}: give --input-shape "
+                                    f"{args.input_shape[0]},{','.join(map(str, calib.shape[1:]))} or data of that "
+                                    "shape")
+            n = min(args.input_shape[0], len(calib))  # (a batch past the data's samples keeps zeros)
+            example[:n] = torch.from_numpy(np.ascontiguousarray(calib[:n], dtype=np.float32))
     elif calib is not None:
         example = torch.from_numpy(np.ascontiguousarray(calib[:1], dtype=np.float32))
     else:
@@ -160,8 +167,14 @@ def _example_and_data(args: argparse.Namespace, model: Any) -> tuple[Any, np.nda
         x, y = load_data(args.data, getattr(args, "count", None))
         x = np.ascontiguousarray(x, dtype=np.float32)
     if args.input_shape:
-        if x is not None and x.ndim != len(args.input_shape):
-            x = x.reshape(len(x), *args.input_shape[1:])
+        want = tuple(args.input_shape[1:])
+        if x is not None and tuple(x.shape[1:]) != want:
+            # samples of another rank with as many values (flat vectors for an image model) are reshaped
+            if x.ndim == len(args.input_shape) or int(np.prod(x.shape[1:])) != int(np.prod(want)):
+                raise IntforgeError(f"--input-shape {','.join(map(str, args.input_shape))} does not fit the samples "
+                                    f"of {args.data}, each {tuple(x.shape[1:])}: give --input-shape "
+                                    f"{args.input_shape[0]},{','.join(map(str, x.shape[1:]))} or data of that shape")
+            x = x.reshape(len(x), *want)
         return torch.zeros(args.input_shape), x, y
     if x is None:
         raise IntforgeError("give --input-shape (e.g. 1,3,224,224) or --data to take the shape from")
@@ -179,6 +192,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     _, x, y = _example_and_data(args, model)
     if x is None:
         raise IntforgeError("`analyze` needs data: --data mnist:256, random:32 or an .npz with x (and y)")
+    try:  # one sample first: a model that cannot take the data fails here, not deep inside a Hessian product
+        with torch.no_grad():
+            model.eval()(torch.from_numpy(x[:1]))
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises, the user's fix is the shape or the data
+        raise IntforgeError(f"{args.model} cannot run on samples of shape {tuple(x.shape[1:])} from {args.data} "
+                            f"({type(exc).__name__}: {str(exc)[:200]}); check --input-shape and the data") from None
     if y is None:  # no labels: the float model's own predictions stand in (data-free sensitivity)
         with torch.no_grad():
             y = np.concatenate([model.eval()(torch.from_numpy(x[i:i + 64])).argmax(1).numpy()
@@ -210,7 +229,15 @@ def parse_budget(kind: str, text: str) -> Any:
 
     t = text.strip().lower()
     if t.endswith("%"):
-        return Budget(kind, float(t[:-1]) / 100.0, relative=True)
+        try:
+            percent = float(t[:-1])
+        except ValueError:
+            raise IntforgeError(f"cannot read {kind} budget {text!r}: a percentage looks like 50%") from None
+        if not 0.0 <= percent <= 100.0:
+            raise IntforgeError(f"a {kind} budget in percent runs from 0% (every layer at the lowest bits) to 100% "
+                                f"(every layer at the highest); got {text}. For an absolute limit give a number "
+                                "with a unit (size: 3.2MB; bops: 1.5G; latency: 12ms)")
+        return Budget(kind, percent / 100.0, relative=True)
     num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = t[len(num):]
     if unit and unit not in _UNITS:
@@ -227,12 +254,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .capture import capture
     from .hessian import SensitivityReport
     from .planner import pareto, plan, plot_pareto
+    from .quantize import SUPPORTED_BITS
 
     model = load_model_ref(args.model)
     example, _, _ = _example_and_data(args, model)
     graph = capture(model, (example,))
     report = SensitivityReport.from_json(args.analysis)
-    bits = tuple(int(b) for b in args.bits.split(","))
+    try:
+        bits = tuple(int(b) for b in args.bits.split(","))
+    except ValueError:
+        raise IntforgeError(f"--bits {args.bits}: give bit widths separated by commas, e.g. 4,8") from None
+    if not bits or set(bits) - set(SUPPORTED_BITS):
+        raise IntforgeError(f"--bits {args.bits}: intforge compiles layers at "
+                            f"{' or '.join(map(str, SUPPORTED_BITS))} bits, so a plan may choose only among those")
     budgets = [parse_budget(k, v) for k, v in (("size", args.size), ("bops", args.bops), ("latency", args.latency))
                if v]
     latency = None
@@ -273,7 +307,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     model = load(args.library, emulate=args.emulate)
     if args.input:
-        xs = [np.load(p) for p in args.input]
+        xs = []
+        for path in args.input:
+            if not Path(path).is_file():
+                raise IntforgeError(f"input file {path} does not exist")
+            try:
+                xs.append(np.load(path, allow_pickle=False))
+            except (OSError, ValueError):
+                raise IntforgeError(f"cannot read input {path}: not a .npy array (save one with numpy.save)") \
+                    from None
         out = model(*xs)
         outs = out if isinstance(out, tuple) else (out,)
         if args.output:
