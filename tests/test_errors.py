@@ -117,6 +117,12 @@ def test_missing_library_is_reported(built, tmp_path):
         intforge.load(so)
 
 
+def test_a_manifest_or_program_path_loads_the_library_beside_it(built):
+    """`intforge.load("model.json")` used to call the manifest a tampered library."""
+    for path in (built.library.with_suffix(".json"), built.library.with_suffix(".iprog"), built.library.parent):
+        assert intforge.load(path).library == built.library
+
+
 def test_missing_manifest_is_reported(built, tmp_path):
     so = _copy(built, tmp_path / "b")
     so.with_suffix(".json").unlink()

@@ -239,12 +239,15 @@ def program_of(library: Path, manifest: dict[str, Any]) -> IntegerProgram:
 
 
 def read_checked(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The library path and its manifest, after checking both exist and the sha256 matches."""
+    """The library path and its manifest, after checking both exist and the sha256 matches. A directory
+    stands for its model.so, and a manifest (.json) or integer program (.iprog) for the library beside it."""
     from intforge.compiler.manifest import manifest_path_for, read_manifest, sha256_file
 
     path = Path(path)
     if path.is_dir():
         path = path / "model.so"
+    elif path.suffix in (".json", ".iprog"):
+        path = path.with_suffix(".so")
     man_path = manifest_path_for(path)
     if not path.exists():
         hint = f" Its manifest {man_path.name} is there; the library was moved or deleted." if man_path.exists() else ""
