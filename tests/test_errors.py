@@ -123,6 +123,24 @@ def test_a_manifest_or_program_path_loads_the_library_beside_it(built):
         assert intforge.load(path).library == built.library
 
 
+def test_nan_inputs_are_refused_and_infinities_saturate(built):
+    """NaN has no integer to go to: the .so took it as +inf and numpy's cast as 0, so both refuse it;
+    +-inf saturates to the input's bounds, the .so equal to the reference."""
+    from intforge import reference
+
+    lib = intforge.load(built.library)
+    program = lib.program()
+    x = np.zeros(lib.inputs[0]["shape"], np.float32)
+    x[0, 0, 0, 0] = np.nan
+    with pytest.raises(QuantizationError, match=r"input 'input' holds NaN \(1 of 108 values\)"):
+        lib(x)
+    with pytest.raises(QuantizationError, match="holds NaN"):
+        reference.run_float(program, x)
+    x = np.full(lib.inputs[0]["shape"], np.inf, np.float32)
+    x[0, 1] = -np.inf
+    np.testing.assert_array_equal(lib(x), reference.run_float(program, x)[0])
+
+
 def test_missing_manifest_is_reported(built, tmp_path):
     so = _copy(built, tmp_path / "b")
     so.with_suffix(".json").unlink()

@@ -383,6 +383,16 @@ def quantize_float(ops: IntOps, x: Any, scale: float, qmin: int, qmax: int, out_
     return ops.cast(ops.clip(y, float(qmin), float(qmax)), out_dtype)
 
 
+def refuse_nan(name: str, x: np.ndarray) -> None:
+    """The input boundary takes no NaN: an integer model has no NaN to give back, and `quantize_float`'s clamp
+    leaves it to the compiled code (the .so took it as +inf, numpy's cast gave 0), so both sides refuse it.
+    One pass over the input (`np.max` propagates NaN): about 15 us at 1x3x224x224 on the Zen 3 of 2026-12-06,
+    0.5% of a MobileNetV2 call. +-inf saturates to the clamp's bounds like any value past the range."""
+    if x.size and x.dtype.kind == "f" and np.isnan(np.max(x)):
+        raise QuantizationError(f"input '{name}' holds NaN ({int(np.isnan(x).sum())} of {x.size} values): an "
+                                "integer model has nothing to map it to; replace the NaNs before the call")
+
+
 def dequantize_int(ops: IntOps, q: Any, scale: float) -> Any:
     """The output boundary: float32(q) * float32(scale)."""
     return ops.mul(ops.cast(q, "float32"), ops.const(np.asarray(np.float32(scale)), "float32"))

@@ -151,7 +151,9 @@ def quantize_inputs(program: IntegerProgram, *inputs: np.ndarray) -> list[np.nda
     out = []
     for name, x in zip(program.inputs, inputs, strict=True):
         t = program.tensors[name]
-        out.append(dyadic.quantize_float(OPS, np.asarray(x, dtype=np.float32), t.scale, t.qmin, t.qmax, t.dtype))
+        x = np.asarray(x, dtype=np.float32)
+        dyadic.refuse_nan(name, x)
+        out.append(dyadic.quantize_float(OPS, x, t.scale, t.qmin, t.qmax, t.dtype))
     return out
 
 

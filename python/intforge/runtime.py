@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import pool
+from .dyadic import refuse_nan
 from .errors import ArtifactError, IntforgeError
 from .program import IntegerProgram
 from .threads import note_tvm_pool, off_worker_cores
@@ -49,6 +50,7 @@ def check_inputs(name: str, specs: list[dict[str, Any]], args: tuple[np.ndarray,
                                 f"{tuple(spec['shape'])}")
         if spec["dtype"] == "float32":
             a = a.astype(np.float32, copy=False)
+            refuse_nan(spec["name"], a)
         elif a.dtype != np.dtype(spec["dtype"]):
             raise IntforgeError(f"input '{spec['name']}' has dtype {a.dtype}; {name} takes {spec['dtype']} "
                                 "(integer boundary)")
