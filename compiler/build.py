@@ -230,7 +230,11 @@ def build(program: IntegerProgram, output: str | Path, target: str | TargetPrese
     `io_layout="NHWC"` makes 4-D inputs and outputs NHWC at the library's boundary (see emit_program)."""
     output = Path(output)
     so_path = output if output.suffix == ".so" else output / "model.so"
-    so_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        so_path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError, PermissionError) as exc:
+        raise IntforgeError(f"cannot write the model into {so_path.parent}: {exc.strerror}. Give a directory (or "
+                            "a path ending in .so) that can be created there") from None
     preset = resolve_target(target)
 
     program.validate()

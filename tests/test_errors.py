@@ -110,6 +110,14 @@ def _copy(art, dst):
     return dst / art.library.name
 
 
+def test_an_output_path_blocked_by_a_file_is_reported(built, tmp_path):
+    (tmp_path / "taken").write_text("a file, not a directory")
+    program = intforge.load(built.library).program()
+    for out in (tmp_path / "taken", tmp_path / "taken" / "sub" / "m.so"):
+        with pytest.raises(intforge.IntforgeError, match="cannot write the model into .*taken"):
+            build(program, out)
+
+
 def test_missing_library_is_reported(built, tmp_path):
     so = _copy(built, tmp_path / "a")
     so.unlink()
