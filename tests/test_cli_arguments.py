@@ -78,7 +78,7 @@ def test_distilled_count_below_one_is_refused(capsys, tmp_path):
     from intforge.cli import main
 
     assert main(["compile", *MODEL, "--calib", "distilled:0", "-o", str(tmp_path / "m")]) == 2
-    assert "the count after ':' must be a whole number of inputs, at least 1" in capsys.readouterr().err
+    assert "the count after ':' must be a whole number of samples, at least 1" in capsys.readouterr().err
 
 
 def test_an_input_shape_that_the_data_contradicts_is_refused(capsys, tmp_path):
@@ -87,7 +87,7 @@ def test_an_input_shape_that_the_data_contradicts_is_refused(capsys, tmp_path):
 
     assert main(["compile", "intforge.zoo:mnist_net", "--input-shape", "1,3,28,28", "--calib", "mnist:20",
                  "-o", str(tmp_path / "m")]) == 2
-    assert "--input-shape 1,3,28,28 does not match the calibration data (mnist:20), whose samples are (1, 28, 28): " \
+    assert "--input-shape 1,3,28,28 does not fit the samples of mnist:20, each (1, 28, 28): " \
            "give --input-shape 1,1,28,28" in capsys.readouterr().err
     assert main(["analyze", "intforge.zoo:mnist_net", "--data", "mnist:8", "--input-shape", "1,3,28,28", "--quiet",
                  "-o", str(tmp_path / "a.json")]) == 2

@@ -56,6 +56,13 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+def _shape_mismatch(shape: tuple[int, ...], samples: np.ndarray, data: str) -> IntforgeError:
+    """--input-shape against data whose samples have another shape: the error, with the shape to give."""
+    return IntforgeError(f"--input-shape {','.join(map(str, shape))} does not fit the samples of {data}, each "
+                         f"{tuple(samples.shape[1:])}: give --input-shape {shape[0]},"
+                         f"{','.join(map(str, samples.shape[1:]))} or data of that shape")
+
+
 def _int_at_least(least: int, most: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer in [least, most], else argparse's usage error naming the option (a
     zero or negative count used to reach a traceback, or be read as "all", or slice samples off the end)."""
@@ -81,7 +88,7 @@ def _program_from_args(args: argparse.Namespace) -> Any:
     import torch
 
     from . import api
-    from .datasets import load_data
+    from .datasets import load_data, spec_count
 
     model = load_model_ref(args.model)
     distilled = bool(args.calib) and args.calib.split(":")[0] == "distilled"
@@ -91,22 +98,14 @@ def _program_from_args(args: argparse.Namespace) -> Any:
 
         if not args.input_shape:
             raise IntforgeError("--calib distilled needs --input-shape (the data is synthesized at that shape)")
-        n = args.calib.partition(":")[2]
-        if n and (not n.isdigit() or int(n) < 1):
-            raise IntforgeError(f"--calib {args.calib}: the count after ':' must be a whole number of inputs, "
-                                "at least 1")
-        count = int(n) if n else 32
+        count = spec_count(args.calib) or 32
         print(f"distilling {count} calibration inputs from the model's BatchNorm statistics (ZeroQ)...")
         calib = distill_inputs(model, args.input_shape[1:], count=count)
     if args.input_shape:
         example = torch.zeros(args.input_shape)
         if calib is not None and calib.ndim == len(args.input_shape):
             if tuple(calib.shape[1:]) != tuple(args.input_shape[1:]):
-                shape = ",".join(map(str, args.input_shape))
-                raise IntforgeError(f"--input-shape {shape} does not match the calibration data ({args.calib}), "
-                                    f"whose samples are {tuple(calib.shape[1:])}: give --input-shape "
-                                    f"{args.input_shape[0]},{','.join(map(str, calib.shape[1:]))} or data of that "
-                                    "shape")
+                raise _shape_mismatch(args.input_shape, calib, args.calib)
             n = min(args.input_shape[0], len(calib))  # (a batch past the data's samples keeps zeros)
             example[:n] = torch.from_numpy(np.ascontiguousarray(calib[:n], dtype=np.float32))
     elif calib is not None:
@@ -171,9 +170,7 @@ def _example_and_data(args: argparse.Namespace, model: Any) -> tuple[Any, np.nda
         if x is not None and tuple(x.shape[1:]) != want:
             # samples of another rank with as many values (flat vectors for an image model) are reshaped
             if x.ndim == len(args.input_shape) or int(np.prod(x.shape[1:])) != int(np.prod(want)):
-                raise IntforgeError(f"--input-shape {','.join(map(str, args.input_shape))} does not fit the samples "
-                                    f"of {args.data}, each {tuple(x.shape[1:])}: give --input-shape "
-                                    f"{args.input_shape[0]},{','.join(map(str, x.shape[1:]))} or data of that shape")
+                raise _shape_mismatch(args.input_shape, x, args.data)
             x = x.reshape(len(x), *want)
         return torch.zeros(args.input_shape), x, y
     if x is None:

@@ -11,6 +11,17 @@ from .errors import IntforgeError
 BUILTIN = ("mnist", "random")
 
 
+def spec_count(spec: str) -> int | None:
+    """The N of a `name:N` data spec (None without one); an IntforgeError unless it is a whole number of
+    samples, at least 1 (`mnist:0` used to calibrate on nothing, `mnist:-5` to drop the last 5)."""
+    n = spec.partition(":")[2]
+    if not n:
+        return None
+    if not n.isdigit() or int(n) < 1:
+        raise IntforgeError(f"data {spec!r}: the count after ':' must be a whole number of samples, at least 1")
+    return int(n)
+
+
 def load_data(spec: str, count: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """`mnist`, `mnist:N` (first N samples), `random:N` (N random images), or a .npy / .npz path.
 
@@ -18,13 +29,13 @@ def load_data(spec: str, count: int | None = None) -> tuple[np.ndarray, np.ndarr
 
     An .npz may hold `x` (or `inputs`) and `y` (or `labels`).
     """
-    name, _, n = spec.partition(":")
-    if name not in BUILTIN:  # a path, which may hold a ':' of its own
-        name, n = spec, ""
-    if n:  # mnist:N, random:N: N samples, which override `count`
-        if not n.isdigit() or int(n) < 1:
-            raise IntforgeError(f"data {spec!r}: the count after ':' must be a whole number of samples, at least 1")
-        count = int(n)
+    name = spec.partition(":")[0]
+    n = None
+    if name in BUILTIN:  # mnist:N, random:N: N samples, which override `count`
+        n = spec_count(spec)
+        count = n or count
+    else:  # a path, which may hold a ':' of its own
+        name = spec
     if count is not None and count < 1:
         raise IntforgeError(f"data {spec!r}: asked for {count} samples; give at least 1")
     if name == "mnist":
@@ -34,7 +45,7 @@ def load_data(spec: str, count: int | None = None) -> tuple[np.ndarray, np.ndarr
     elif name == "random":  # smooth random 224x224 images for random-weight nets; random:N
         from .zoo import random_images
 
-        x, y = random_images(int(n) if n else 32), None
+        x, y = random_images(n or 32), None
     else:
         path = Path(name)
         if not path.exists():
