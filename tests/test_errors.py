@@ -149,6 +149,21 @@ def test_nan_inputs_are_refused_and_infinities_saturate(built):
     np.testing.assert_array_equal(lib(x), reference.run_float(program, x)[0])
 
 
+@pytest.mark.parametrize("size", [100, 8192, 8193, 150528])  # x . x up to dyadic.SMALL_INPUT, x.max() past it
+def test_the_nan_check_finds_one_nan_anywhere_and_passes_infinities(size):
+    from intforge.dyadic import refuse_nan
+
+    x = np.full(size, 3e38, np.float32)  # squares overflow to inf: not NaN
+    x[::2] = -np.inf
+    x[1::3] = np.inf
+    refuse_nan("x", x)
+    for where in (0, size // 2, size - 1):
+        y = x.copy()
+        y[where] = np.nan
+        with pytest.raises(QuantizationError, match=f"holds NaN \\(1 of {size} values\\)"):
+            refuse_nan("x", y)
+
+
 def test_missing_manifest_is_reported(built, tmp_path):
     so = _copy(built, tmp_path / "b")
     so.with_suffix(".json").unlink()

@@ -386,12 +386,18 @@ def quantize_float(ops: IntOps, x: Any, scale: float, qmin: int, qmax: int, out_
 def refuse_nan(name: str, x: np.ndarray) -> None:
     """The input boundary takes no NaN: an integer model has no NaN to give back, and `quantize_float`'s clamp
     leaves it to the compiled code (the .so took it as +inf, numpy's cast gave 0), so both sides refuse it.
-    +-inf saturates to the clamp's bounds like any value past the range. The test is x . x, NaN exactly where
-    some element is (squares are >= 0: no inf - inf): one BLAS pass, 3 us a call inside the MNIST demo's
-    55 (x.max() took 7) and about 15 at 1x3x224x224 (0.5% of a MobileNetV2 call), Zen 3, 2026-12-06."""
-    if x.dtype.kind == "f" and x.size and math.isnan(np.vdot(x, x)):
+    +-inf saturates to the clamp's bounds like any value past the range. Small inputs test x . x (NaN exactly
+    where some element is: squares are >= 0, no inf - inf), 3 us a call inside the MNIST demo's 55 where
+    x.max() took 7; large ones x.max() (BLAS may run a long dot product on its own threads, which then spin
+    beside the model's), about 15 us at 1x3x224x224, 0.5% of a MobileNetV2 call (Zen 3, 2026-12-06)."""
+    if x.dtype.kind != "f" or not x.size:
+        return
+    if math.isnan(np.vdot(x, x) if x.size <= SMALL_INPUT else x.max()):
         raise QuantizationError(f"input '{name}' holds NaN ({int(np.isnan(x).sum())} of {x.size} values): an "
                                 "integer model has nothing to map it to; replace the NaNs before the call")
+
+
+SMALL_INPUT = 8192  # elements: below OpenBLAS's threshold for threading a dot product (10,000)
 
 
 def dequantize_int(ops: IntOps, q: Any, scale: float) -> Any:
