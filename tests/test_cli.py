@@ -24,6 +24,12 @@ def test_cli_run_prints_accuracy_on_the_labelled_set(compiled):
     assert acc > 0.98
 
 
+def test_cli_run_emulate_on_a_native_library_says_it_runs_natively(compiled):
+    proc = intforge_cli("run", str(compiled), "--emulate", "--data", "mnist", "--count", "50")
+    assert "built for this machine's architecture; it runs natively" in proc.stdout
+    assert float(proc.stdout.split("accuracy ")[1].split()[0]) > 0.9
+
+
 def test_cli_run_on_npy_inputs_matches_the_python_api(compiled, tmp_path):
     import intforge
 

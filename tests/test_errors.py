@@ -65,6 +65,8 @@ def test_example_inputs_the_model_cannot_take_are_named_as_such():
     with pytest.raises(CaptureError, match=r"Sequential cannot run on example inputs of shape \(1, 5, 8, 8\)") as err:
         capture(model, (torch.randn(1, 5, 8, 8),))
     assert "--input-shape" in str(err.value) and "data-dependent" not in str(err.value)
+    with pytest.raises(CaptureError, match=r"example inputs of shape \(1, 3, 8, 8\) int64: .*shape and dtype"):
+        capture(model, (torch.zeros(1, 3, 8, 8, dtype=torch.int64),))
 
 
 def test_batchnorm_without_a_conv_before_it_is_refused():

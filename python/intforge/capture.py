@@ -126,10 +126,10 @@ def _export(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> t
         first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
         eager = _eager_failure(model, example_inputs)
         if eager is not None:  # not a capture problem: the model cannot take these inputs at all
-            shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs)
+            shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in example_inputs)
             raise CaptureError(
-                f"{type(model).__name__} cannot run on example inputs of shape {shapes}: {eager}. Give the shape "
-                "the model takes (the CLI's --input-shape, batch first), or data of that shape."
+                f"{type(model).__name__} cannot run on example inputs of shape {shapes}: {eager}. Give inputs of "
+                "the shape and dtype the model takes (the CLI's --input-shape, batch first), or data of that shape."
             ) from None
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {first}. "

@@ -303,6 +303,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runtime import load
 
     model = load(args.library, emulate=args.emulate)
+    if args.emulate and not hasattr(model, "run_many"):  # (an EmulatedModel has run_many)
+        print(f"  --emulate: {Path(args.library).name} is built for this machine's architecture; it runs natively")
     if args.input:
         xs = []
         for path in args.input:
