@@ -97,26 +97,19 @@ def test_an_input_shape_that_the_data_contradicts_is_refused(capsys, tmp_path):
     assert "mnist_net cannot run on samples of shape (784,) from mnist:8" in capsys.readouterr().err
 
 
-def test_run_names_an_input_file_it_cannot_read(capsys, tmp_path):
+def test_run_names_an_input_file_it_cannot_read(tmp_path, monkeypatch):
+    import intforge.runtime
     from intforge.cli import cmd_run
 
+    # the files are checked before the model runs: any loaded model will do
+    monkeypatch.setattr(intforge.runtime, "load", lambda *a, **k: object())
     args = build_parser().parse_args(["run", "m.so", "--input", str(tmp_path / "x.npy")])
     (tmp_path / "x.npy").write_text("not an array")
-    import intforge.runtime
-
-    class Model:  # the check comes before the model runs: any loaded model will do
-        pass
-
-    load = intforge.runtime.load
-    intforge.runtime.load = lambda *a, **k: Model()
-    try:
-        with pytest.raises(IntforgeError, match=r"cannot read input .*x.npy: not a .npy array"):
-            cmd_run(args)
-        (tmp_path / "x.npy").unlink()
-        with pytest.raises(IntforgeError, match=r"input file .*x.npy does not exist"):
-            cmd_run(args)
-    finally:
-        intforge.runtime.load = load
+    with pytest.raises(IntforgeError, match=r"cannot read input .*x.npy: not a .npy array"):
+        cmd_run(args)
+    (tmp_path / "x.npy").unlink()
+    with pytest.raises(IntforgeError, match=r"input file .*x.npy does not exist"):
+        cmd_run(args)
 
 
 @pytest.mark.parametrize("text,message", [("150%", "runs from 0% (every layer at the lowest bits) to 100%"),

@@ -91,22 +91,8 @@ def _pool() -> ctypes.CDLL | None:
         return None
     lib.intforge_pool_set_threads.argtypes = [ctypes.c_int]
     lib.intforge_pool_place.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int]
-    lib.intforge_pool_set_threads(_capped(configured_threads()))
+    lib.intforge_pool_set_threads(configured_threads())
     return lib
-
-
-def _capped(n: int) -> int:
-    """`n` threads, at most one per CPU this process may run on (with a warning where that is fewer): a
-    parallel loop waits for its last task, and threads past the CPUs take turns on them (on 2 CPUs,
-    MobileNetV2 took 12-14 ms a call on 3 or 4 threads, 3.0 on 2). TVM's pool caps its own count alike."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    if cpus and n > cpus:
-        plural = "s" if cpus > 1 else ""
-        warnings.warn(f"{n} threads asked for (TVM_NUM_THREADS or OMP_NUM_THREADS) and this process may run on "
-                      f"{cpus} CPU{plural}: intforge's pool runs {cpus} (more would take turns on them, several "
-                      f"times slower)", RuntimeWarning, stacklevel=4)
-        return cpus
-    return n
 
 
 def _active_pool() -> ctypes.CDLL | None:
