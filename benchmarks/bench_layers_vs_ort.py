@@ -36,6 +36,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_resnet18 import quantize_onnx, result_header, set_thread_env  # noqa: E402
 
+from intforge.onnx_import import scope_path  # noqa: E402  (ORT node name -> torch module path)
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -48,17 +50,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib", type=int, default=16)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "layers_vs_ort.json")
     return p.parse_args(argv)
-
-
-def module_name(node_name: str) -> str:
-    """ORT node name from torch.onnx.export -> the torch module's name. Each scope component repeats its
-    parent's attribute name (`features`, `features.2`, `conv`, `conv.0`, `conv.0.0`)."""
-    scopes = [c for c in node_name.split("/") if c][:-1]  # the last component is the op (`Conv_token_4`)
-    parts, prev = [], None
-    for comp in scopes:
-        parts.append(comp[len(prev) + 1:] if prev is not None and comp.startswith(prev + ".") else comp)
-        prev = comp
-    return ".".join(parts)
 
 
 def ort_node_times(onnx_path: Path, x: np.ndarray, threads: int, runs: int, workdir: Path) -> dict[str, dict]:
@@ -136,7 +127,7 @@ def compare(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     ours = intforge_layer_times(model, x.shape, args.repeat)
     rows, others = [], collections.Counter()
     for node, info in ort_nodes.items():
-        layer = module_name(node)
+        layer = scope_path(node)
         if info["op"] in ("QLinearConv", "QGemm", "MatMulInteger", "ConvInteger") and layer in ours:
             mine = ours.pop(layer)
             rows.append({"layer": layer, **mine, "ms": round(mine["ms"], 4), "ort_ms": round(info["ms"], 4),

@@ -65,7 +65,7 @@ def test_cli_errors_are_one_paragraph_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     proc = intforge_cli("compile", "model.onnx", check=False)
-    assert proc.returncode == 2 and "ONNX import is not supported yet" in proc.stderr
+    assert proc.returncode == 2 and "ONNX file model.onnx does not exist" in proc.stderr
 
 
 def test_cli_compiles_a_saved_torch_export_program_with_npy_calibration(tmp_path):

@@ -10,8 +10,9 @@ _configure_thread_pool()
 
 from .api import compile, quantize_model  # noqa: E402
 from .errors import IntforgeError  # noqa: E402
+from .onnx_import import load_onnx  # noqa: E402
 from .program import IntegerProgram  # noqa: E402
 from .runtime import CompiledModel, load  # noqa: E402
 
-__all__ = ["compile", "quantize_model", "load", "CompiledModel", "IntegerProgram", "IntforgeError",
+__all__ = ["compile", "quantize_model", "load", "load_onnx", "CompiledModel", "IntegerProgram", "IntforgeError",
            "__version__"]

@@ -19,8 +19,19 @@ def _as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, (list, tuple)) else (x,)
 
 
+def _onnx_model(path: str | Path) -> torch.nn.Module:
+    if not str(path).endswith(".onnx"):
+        from .errors import IntforgeError
+
+        raise IntforgeError(f"model {str(path)!r}: a path must name an .onnx file; pass other models as an "
+                            "nn.Module or a torch.export program")
+    from .onnx_import import load_onnx
+
+    return load_onnx(path)
+
+
 def quantize_model(
-    model: torch.nn.Module | torch.export.ExportedProgram,
+    model: torch.nn.Module | torch.export.ExportedProgram | str | Path,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor,
     calib_data: Sequence[np.ndarray] | np.ndarray | str | None = None,
     calibration: str | CalibConfig = "minmax",
@@ -31,6 +42,8 @@ def quantize_model(
     `calib_data` is one array per input (samples first), or "distilled" to synthesize inputs from the
     model's BatchNorm statistics (ZeroQ) when there is no data.
     """
+    if isinstance(model, (str, Path)):  # an .onnx file
+        model = _onnx_model(model)
     example = tuple(torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
                     for x in _as_tuple(example_inputs))
     graph = capture(model, example)
@@ -62,7 +75,7 @@ def quantize_model(
 
 
 def compile(  # noqa: A001 - the public verb, like torch.compile / tvm.compile
-    model: torch.nn.Module | torch.export.ExportedProgram,
+    model: torch.nn.Module | torch.export.ExportedProgram | str | Path,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor,
     calib_data: Sequence[np.ndarray] | np.ndarray | str | None = None,
     output: str | Path = "build/model",
@@ -71,7 +84,8 @@ def compile(  # noqa: A001 - the public verb, like torch.compile / tvm.compile
     calibration: str | CalibConfig = "minmax",
     quant: QuantConfig | None = None,
 ):
-    """Compile a PyTorch model into an integer-only model.so + model.json under `output`."""
+    """Compile a PyTorch model (or an .onnx file's path) into an integer-only model.so + model.json under
+    `output`."""
     from .compiler import build
 
     program, _ = quantize_model(model, example_inputs, calib_data, calibration, quant)

@@ -149,7 +149,12 @@ def capture(model: torch.nn.Module | torch.export.ExportedProgram,
             raise CaptureError(f"expected a torch.nn.Module or ExportedProgram, got {type(model).__name__}")
         model = model.eval()
         ep = _export(model, example_inputs)
-    return _translate(ep)
+    graph = _translate(ep)
+    describe = getattr(model, "describe_layer", None)  # an ONNX import (onnx_import.py): the file's nodes
+    if callable(describe):
+        for op in graph.ops:
+            op.source = describe(op.name) or op.source
+    return graph
 
 
 def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:

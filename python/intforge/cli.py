@@ -17,11 +17,12 @@ from .errors import IntforgeError
 
 
 def load_model_ref(ref: str) -> Any:
-    """`pkg.module:factory` -> factory(); `file.pt2` -> torch.export program; `.onnx` -> clear error."""
+    """`pkg.module:factory` -> factory(); `file.pt2` -> torch.export program; `file.onnx` -> an nn.Module."""
     path = Path(ref)
     if ref.endswith(".onnx"):
-        raise IntforgeError(f"{ref}: ONNX import is not supported yet; export the model from PyTorch and pass "
-                            "a `pkg.module:factory` reference or a torch.export .pt2 file.")
+        from .onnx_import import load_onnx
+
+        return load_onnx(path)
     if ref.endswith((".pt2", ".pt")):
         import torch
 
@@ -91,6 +92,7 @@ def _program_from_args(args: argparse.Namespace) -> Any:
     from .datasets import load_data, spec_count
 
     model = load_model_ref(args.model)
+    _shape_from_model(args, model)
     distilled = bool(args.calib) and args.calib.split(":")[0] == "distilled"
     calib, _ = load_data(args.calib, args.calib_count) if args.calib and not distilled else (None, None)
     if distilled:
@@ -155,11 +157,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shape_from_model(args: argparse.Namespace, model: Any) -> None:
+    """Without --input-shape, an ONNX file's own input shape (its batch dim, if symbolic, as 1)."""
+    if not args.input_shape and hasattr(model, "example_shape"):
+        args.input_shape = model.example_shape(1)
+        print(f"input shape {','.join(map(str, args.input_shape))} (from {args.model}; --input-shape to change it)")
+
+
 def _example_and_data(args: argparse.Namespace, model: Any) -> tuple[Any, np.ndarray | None, np.ndarray | None]:
-    """Example input (from --input-shape or the data) and the data set (x, y) if --data was given."""
+    """Example input (from --input-shape, the model file or the data) and the data set (x, y) if --data was
+    given."""
     import torch
 
     from .datasets import load_data
+
+    _shape_from_model(args, model)
 
     x = y = None
     if getattr(args, "data", None):

@@ -46,6 +46,8 @@ def distill_inputs(model: nn.Module, input_shape: Sequence[int], count: int = 32
         raise CalibrationError(
             f"distilled calibration needs BatchNorm layers to match, and {type(model).__name__} has none. "
             "Give real calibration data instead (a few hundred samples are enough)."
+            + (" (An ONNX file keeps its BatchNorm nodes when exported without folding them into the convs: "
+               "torch.onnx.export(..., do_constant_folding=False).)" if hasattr(model, "describe_layer") else "")
         )
     model = model.eval()
     g = torch.Generator().manual_seed(seed)

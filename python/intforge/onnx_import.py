@@ -1,0 +1,606 @@
+"""ONNX frontend: an .onnx file into a torch nn.Module that the PyTorch path takes from there.
+
+intforge's pipeline starts from torch.export (capture, BatchNorm folding, stable layer names, the
+gradients `analyze` needs). Rather than a second capture path, an ONNX graph becomes a real
+`nn.Module`: its Conv / Gemm / MatMul / BatchNormalization nodes become `nn.Conv2d`, `nn.Linear` and
+`nn.BatchNorm2d` submodules holding the file's weights, registered under the module path the node
+came from (`/layer1/layer1.0/conv1/Conv` from torch.onnx.export is `layer1.0.conv1`; otherwise the
+weight's name, else the node's), and `forward` runs the other nodes as the torch functions intforge
+captures. Calibration, Hessian analysis, ZeroQ distillation (the BN statistics are the file's), bit
+plans, tuning and every CLI command then work on it unchanged, and layer names match a PyTorch
+compile of the same model.
+
+Shape arithmetic (`Shape`, `Gather`, `Unsqueeze`, `Concat` ... feeding a `Reshape`, as exporters
+write `x.view(x.size(0), -1)`) runs on numpy at call time, so it folds to constants under
+torch.export. Anything else is refused at import with the op, the node and the file.
+
+TVM has a Relax ONNX frontend (`tvm.relax.frontend.onnx.from_onnx`), but its output is a float Relax
+module, not the float graph intforge quantizes, and Hessian analysis needs autograd: so this one is ours.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import IntforgeError, UnsupportedOpError
+
+SUPPORTED_ONNX_OPS = (
+    "Conv (2-D, symmetric pads), BatchNormalization (after a Conv: folded), Gemm, MatMul (+ Add of a "
+    "constant bias), Relu, Clip, Add (of two activations), MaxPool, AveragePool, GlobalAveragePool, "
+    "ReduceMean over H,W, Flatten, Reshape, Concat, Dropout, Identity; and shape arithmetic on constants "
+    "(Constant, Shape, Gather, Unsqueeze, Squeeze, Concat, Cast, Slice, Add, Sub, Mul, Div)"
+)
+
+_FLOAT = 1  # onnx.TensorProto.FLOAT
+# the op kind capture.py names a layer by (`layer1.0.add`), for each ONNX op run inside a module's scope
+_CAPTURED_KIND = {"Add": "add", "Relu": "relu", "Clip": "clamp", "MaxPool": "max_pool2d", "AveragePool": "avg_pool2d",
+                  "GlobalAveragePool": "avg_pool2d", "ReduceMean": "mean", "Flatten": "reshape", "Reshape": "reshape",
+                  "Concat": "concat"}
+
+
+def scope_path(node_name: str) -> str:
+    """torch.onnx.export's node name -> the torch module path it came from: `/features/features.2/conv/
+    conv.0/conv.0.0/Conv` -> `features.2.conv.0.0` (each scope repeats its parent's path; the last
+    component is the op). '' for names without scopes."""
+    scopes = [c for c in node_name.split("/") if c][:-1]
+    parts, prev = [], None
+    for comp in scopes:
+        parts.append(comp[len(prev) + 1:] if prev is not None and comp.startswith(prev + ".") else comp)
+        prev = comp
+    return ".".join(parts)
+
+
+def _clean(name: str) -> str:
+    """A module path from any string: components of letters, digits and underscores, joined by dots."""
+    parts = [re.sub(r"\W", "_", p).strip("_") for p in name.split(".")]
+    return ".".join(p for p in parts if p)
+
+
+class OnnxModule(torch.nn.Module):
+    """An ONNX graph as an nn.Module (see the module docstring). `input_shapes` hold None for symbolic dims."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+        self.input_names: list[str] = []
+        self.input_shapes: list[tuple[int | None, ...]] = []
+        self.output_names: list[str] = []
+        self._constants: dict[str, np.ndarray] = {}
+        self._nodes: dict[str, str] = {}  # module path -> "'node name' (OpType)"
+        self._steps: list[Callable[[OnnxModule, dict[str, Any]], None]] = []
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if len(inputs) != len(self.input_names):
+            raise TypeError(f"{self.source} takes {len(self.input_names)} input(s) ({', '.join(self.input_names)}), "
+                            f"got {len(inputs)}")
+        env: dict[str, Any] = dict(self._constants)
+        env.update(zip(self.input_names, inputs, strict=True))
+        for step in self._steps:
+            step(self, env)
+        outs = tuple(env[name] for name in self.output_names)
+        return outs[0] if len(outs) == 1 else outs
+
+    def describe_layer(self, layer: str) -> str | None:
+        """Where a captured layer (`layer1.0.conv1`, `layer1.0.add#1`) came from in the file, for errors and
+        the integer program's `source`: the ONNX node of its module path or of the nearest scope above."""
+        parts = layer.split("#")[0].split(".")
+        for n in range(len(parts), 0, -1):
+            node = self._nodes.get(".".join(parts[:n]))
+            if node is not None:
+                return f"{self.source}: ONNX node {node}"
+        return self.source
+
+    def example_shape(self, batch: int = 1) -> tuple[int, ...]:
+        """The first input's shape, symbolic dims (the batch) set to `batch`."""
+        return tuple(batch if d is None else d for d in self.input_shapes[0])
+
+
+class _Scope(torch.nn.Module):
+    """A module path's container (`layer1.0`); ops the exporter placed in its scope run through it, so
+    torch.export records them inside it, as in the PyTorch model."""
+
+    def forward(self, fn: Callable[..., Any], *xs: Any) -> Any:
+        return fn(*xs)
+
+
+class _Fn(torch.nn.Module):
+    """An op without weights, as a module at its torch scope (layer names as a PyTorch capture gives them)."""
+
+    def __init__(self, fn: Callable[..., Any], op_type: str) -> None:
+        super().__init__()
+        self.fn, self.op_type = fn, op_type
+
+    def forward(self, *xs: Any) -> Any:
+        return self.fn(*xs)
+
+    def extra_repr(self) -> str:
+        return self.op_type
+
+
+def load_onnx(path: str | Path) -> OnnxModule:
+    """Read an .onnx file into an `OnnxModule` (eval mode), refusing what intforge cannot lower."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:  # pragma: no cover - onnx is a pinned dependency
+        raise IntforgeError("reading .onnx files needs the `onnx` package: pip install onnx") from None
+    path = Path(path)
+    if not path.is_file():
+        raise IntforgeError(f"ONNX file {path} does not exist")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - protobuf raises several types; all mean "not an ONNX model"
+        raise IntforgeError(f"{path} is not a readable ONNX model ({type(exc).__name__}: "
+                            f"{str(exc).strip()[:200] or 'no details'})") from None
+    if not proto.graph.node:
+        raise IntforgeError(f"{path} is not an ONNX model with a graph (no nodes found)")
+    opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
+    builder = _Builder(proto.graph, str(path), opsets.get("ai.onnx", 1), numpy_helper)
+    return builder.build().eval()
+
+
+class _Builder:
+    """Walks the graph once, making submodules and the forward steps."""
+
+    def __init__(self, graph: Any, source: str, opset: int, numpy_helper: Any) -> None:
+        self.graph, self.source, self.opset, self.nh = graph, source, opset, numpy_helper
+        self.mod = OnnxModule(source)
+        self.static: dict[str, np.ndarray] = {}  # initializers and Constant outputs, known at import
+        self.shape_like: set[str] = set()  # values computed from shapes: numpy at call time
+        self.alias: dict[str, str] = {}
+        self.producer: dict[str, Any] = {}
+        self.users: dict[str, int] = {}
+        self.used_paths: set[str] = set()
+        self.fns: dict[str, tuple[Any, _Fn]] = {}
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def where(self, node: Any, index: int) -> str:
+        label = f"'{node.name}'" if node.name else f"#{index} (unnamed, output {node.output[0]!r})"
+        return f"ONNX node {label} ({node.op_type}) of {self.source}"
+
+    def refuse(self, node: Any, index: int, why: str) -> UnsupportedOpError:
+        return UnsupportedOpError(f"{self.where(node, index)}: {why}")
+
+    def attrs(self, node: Any) -> dict[str, Any]:
+        import onnx
+
+        return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+    def name(self, value: str) -> str:
+        return self.alias.get(value, value)
+
+    def const(self, node: Any, index: int, value: str, what: str) -> np.ndarray:
+        value = self.name(value)
+        if value not in self.static:
+            raise self.refuse(node, index, f"its {what} ({value!r}) is computed in the graph; intforge needs a "
+                                           "constant (an initializer) there")
+        return self.static[value]
+
+    def optional_input(self, node: Any, k: int) -> str | None:
+        return node.input[k] if len(node.input) > k and node.input[k] else None
+
+    def module_path(self, node: Any, index: int, weight: str | None) -> str:
+        """Where a weighted node's module goes: its torch scope, else its weight's name, else its own."""
+        candidates = [scope_path(node.name)]
+        if weight and weight.endswith(".weight"):
+            candidates.append(weight[: -len(".weight")])
+        candidates += [node.name, f"{node.op_type.lower()}_{index}"]
+        for cand in candidates:
+            path = _clean(cand)
+            if not path or path in self.used_paths:
+                continue
+            if self._attach_ok(path):
+                self.used_paths.add(path)
+                return path
+        path = f"{node.op_type.lower()}_{index}_{len(self.used_paths)}"
+        self.used_paths.add(path)
+        return path
+
+    def _attach_ok(self, path: str) -> bool:
+        """Whether `path` names a free slot in the module tree (containers made as needed), without making it."""
+        parts = path.split(".")
+        node: torch.nn.Module = self.mod
+        for i, p in enumerate(parts):
+            if p in node._modules:
+                child = node._modules[p]
+                if i == len(parts) - 1 or not isinstance(child, _Scope):
+                    return False  # taken, or a leaf where a container is needed
+                node = child
+            elif hasattr(node, p) or (i == 0 and p in ("forward", "source")):
+                return False
+            else:
+                return True
+        return False
+
+    def attach(self, path: str, module: torch.nn.Module, node: Any = None) -> None:
+        if node is not None:
+            self.mod._nodes[path] = f"'{node.name or node.output[0]}' ({node.op_type})"
+        parts = path.split(".")
+        node: torch.nn.Module = self.mod
+        for p in parts[:-1]:
+            if p not in node._modules:
+                node.add_module(p, _Scope())
+            node = node._modules[p]
+        node.add_module(parts[-1], module)
+
+    def _get(self, path: str) -> torch.nn.Module | None:
+        node: torch.nn.Module | None = self.mod
+        for p in path.split("."):
+            node = node._modules.get(p) if node is not None else None
+        return node
+
+    def step(self, fn: Callable[..., Any], inputs: list[str], output: str, node: Any = None) -> None:
+        """A forward step: output = fn(*values of inputs). With `node`, an op on activations runs as a module
+        at the node's torch scope, so its layer name is the one a PyTorch capture gives (`layer1.0.relu`)."""
+        path = _clean(scope_path(node.name)) if node is not None else ""
+        if path and isinstance(self._get(path), _Scope):  # an op inside a module's forward (ResNet's add)
+            kind = _CAPTURED_KIND.get(node.op_type, node.op_type.lower())
+            self.mod._nodes.setdefault(f"{path}.{kind}", f"'{node.name}' ({node.op_type})")
+            def in_scope(mod: OnnxModule, env: dict[str, Any], _p=path, _fn=fn, _in=inputs, _out=output) -> None:
+                env[_out] = mod.get_submodule(_p)(_fn, *(env[i] for i in _in))
+            self.mod._steps.append(in_scope)
+            return
+        if path:
+            key = (node.op_type, tuple(sorted((x.name, str(x)) for x in node.attribute)), tuple(node.input[1:]))
+            again = re.fullmatch(r"(.+)_\d+", path)  # torch.onnx.export names a module's second call `relu_1`
+            if again and again.group(1) in self.fns and self.fns[again.group(1)][0] == key:
+                path = again.group(1)
+            held = self.fns.get(path)
+            if held is None and path not in self.used_paths and self._attach_ok(path):
+                held = self.fns[path] = (key, _Fn(fn, node.op_type))
+                self.used_paths.add(path)
+                self.attach(path, held[1], node)
+            if held is not None and held[0] == key:  # a module called again (ResNet's relu), as in PyTorch
+                self.call_module(path, inputs, output)
+                return
+
+        def run(_mod: OnnxModule, env: dict[str, Any], _fn=fn, _in=inputs, _out=output) -> None:
+            env[_out] = _fn(*(env[i] for i in _in))
+        self.mod._steps.append(run)
+
+    def call_module(self, path: str, inputs: str | list[str], output: str) -> None:
+        names = [inputs] if isinstance(inputs, str) else list(inputs)
+
+        def run(mod: OnnxModule, env: dict[str, Any], _p=path, _in=names, _out=output) -> None:
+            env[_out] = mod.get_submodule(_p)(*(env[i] for i in _in))
+        self.mod._steps.append(run)
+
+    # -- the walk ---------------------------------------------------------------------------------------
+    def build(self) -> OnnxModule:
+        g = self.graph
+        for init in g.initializer:
+            self.static[init.name] = self.nh.to_array(init)
+        inputs = [i for i in g.input if i.name not in self.static]
+        if not inputs:
+            raise IntforgeError(f"{self.source} has no graph inputs besides its weights")
+        for inp in inputs:
+            tt = inp.type.tensor_type
+            if not inp.type.HasField("tensor_type") or tt.elem_type != _FLOAT:
+                raise IntforgeError(f"{self.source}: input {inp.name!r} is not a float32 tensor; intforge compiles "
+                                    "models whose inputs are float32 (the library quantizes them at its boundary)")
+            dims = tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
+                         for d in tt.shape.dim)
+            self.mod.input_names.append(inp.name)
+            self.mod.input_shapes.append(dims)
+        for node in g.node:
+            for o in node.output:
+                self.producer[o] = node
+            for i in node.input:
+                self.users[i] = self.users.get(i, 0) + 1
+        for o in g.output:
+            self.users[o.name] = self.users.get(o.name, 0) + 1
+        skip: set[int] = set()
+        for index, node in enumerate(g.node):
+            if index not in skip:
+                self.node(node, index, skip)
+        self.mod.output_names = [self.name(o.name) for o in g.output]
+        for o in self.mod.output_names:
+            if o in self.static or o in self.shape_like:
+                raise IntforgeError(f"{self.source}: output {o!r} is a constant, not computed from the inputs")
+        self.mod._constants = {k: v for k, v in self.static.items()}
+        return self.mod
+
+    def node(self, node: Any, index: int, skip: set[int]) -> None:
+        op, a = node.op_type, self.attrs(node)
+        if node.domain not in ("", "ai.onnx"):
+            raise self.refuse(node, index, f"op {node.domain}::{op} is outside the standard ONNX domain; intforge "
+                                           f"imports only: {SUPPORTED_ONNX_OPS}")
+        ins = [self.name(i) if i else "" for i in node.input]
+        out = node.output[0]
+        if op == "Constant":
+            self.static[out] = self._constant_value(node, index, a)
+            return
+        live = [i for i in ins if i and i not in self.static]
+        if not live or all(i in self.shape_like for i in live):  # shape arithmetic: numpy at call time
+            if op == "Shape" and live:
+                self.shape_like.add(out)
+                self.step(lambda x: np.array(x.shape, np.int64), [ins[0]], out)
+                return
+            self._numpy_node(node, index, op, a, ins, out)
+            return
+        if op == "Shape":
+            self.shape_like.add(out)
+            self.step(lambda x: np.array(x.shape, np.int64), [ins[0]], out)
+            return
+        if any(i in self.shape_like for i in (live if op != "Reshape" else live[:1])):
+            raise self.refuse(node, index, "it mixes activations with values computed from shapes; intforge "
+                                           "imports shape arithmetic only where it feeds a Reshape")
+        handler = getattr(self, f"op_{op}", None)
+        if handler is None:
+            hint = (" A Softmax at the output does not change the top-1 class: export the model without it "
+                    "(intforge compiles up to the logits)." if op in ("Softmax", "LogSoftmax") else
+                    " Replace it in the model before exporting, or open an issue asking for it.")
+            raise self.refuse(node, index, f"unsupported op {op}. intforge imports only: {SUPPORTED_ONNX_OPS}.{hint}")
+        handler(node, index, a, ins, out, skip)
+
+    def _constant_value(self, node: Any, index: int, a: dict[str, Any]) -> np.ndarray:
+        if "value" in a:
+            return self.nh.to_array(a["value"])
+        for key, dtype in (("value_float", np.float32), ("value_int", np.int64), ("value_floats", np.float32),
+                           ("value_ints", np.int64)):
+            if key in a:
+                return np.array(a[key], dtype)
+        raise self.refuse(node, index, "a Constant without a tensor, float or int value")
+
+    def _numpy_node(self, node: Any, index: int, op: str, a: dict[str, Any], ins: list[str], out: str) -> None:
+        """A node on constants and shapes, run with numpy (at import if all constant, else at call time)."""
+        fn = self._numpy_fn(node, index, op, a, ins)
+        used = [i for i in ins if i]
+        if all(i in self.static for i in used):
+            self.static[out] = np.asarray(fn(*(self.static[i] for i in used)))
+        else:
+            self.shape_like.add(out)
+            self.step(lambda *v, _fn=fn: np.asarray(_fn(*v)), used, out)
+
+    def _numpy_fn(self, node: Any, index: int, op: str, a: dict[str, Any], ins: list[str]) -> Callable[..., Any]:
+        n_in = len([i for i in ins if i])
+
+        def axes_of(vals: tuple) -> list[int]:
+            return [int(v) for v in (np.asarray(vals[1]).ravel() if len(vals) > 1 else a.get("axes", []))]
+
+        if op in ("Identity", "Dropout"):
+            return lambda x, *_: x
+        if op == "Cast":
+            import onnx
+
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(a["to"])
+            return lambda x: np.asarray(x).astype(dtype)
+        if op == "Gather":
+            axis = int(a.get("axis", 0))
+            return lambda x, i: np.take(np.asarray(x), np.asarray(i), axis=axis)
+        if op == "Unsqueeze":
+            def unsqueeze(*v: Any) -> np.ndarray:
+                x = np.asarray(v[0])
+                for ax in sorted(d % (x.ndim + len(axes_of(v))) for d in axes_of(v)):
+                    x = np.expand_dims(x, ax)
+                return x
+            return unsqueeze
+        if op == "Squeeze":
+            return lambda *v: np.squeeze(np.asarray(v[0]), axis=tuple(axes_of(v)) or None)
+        if op == "Concat":
+            axis = int(a.get("axis", 0))
+            return lambda *v: np.concatenate([np.atleast_1d(np.asarray(x)) for x in v], axis=axis)
+        if op == "Slice" and n_in >= 3:
+            def slice_(x: Any, starts: Any, ends: Any, axes: Any = None, steps: Any = None) -> np.ndarray:
+                x = np.asarray(x)
+                axes = range(len(starts)) if axes is None else np.asarray(axes).ravel()
+                steps = [1] * len(starts) if steps is None else np.asarray(steps).ravel()
+                idx = [slice(None)] * x.ndim
+                bounds = zip(np.asarray(starts).ravel(), np.asarray(ends).ravel(), axes, steps, strict=False)
+                for s, e, ax, st in bounds:
+                    idx[int(ax)] = slice(int(s), int(max(min(e, 2**62), -2**62)), int(st))
+                return x[tuple(idx)]
+            return slice_
+        if op in ("Add", "Sub", "Mul", "Div"):
+            fns = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}
+
+            def div(x: Any, y: Any) -> np.ndarray:
+                x, y = np.asarray(x), np.asarray(y)
+                return x // y if np.issubdtype(x.dtype, np.integer) else x / y
+            return fns.get(op, div)
+        if op == "Reshape":
+            return lambda x, s: np.asarray(x).reshape(_reshape_target(np.asarray(x).shape, s, a))
+        if op == "Flatten":
+            axis = int(a.get("axis", 1))
+            return lambda x: np.asarray(x).reshape(int(np.prod(np.shape(x)[:axis])), -1)
+        raise self.refuse(node, index, f"op {op} on constants or shapes is not among what intforge folds: "
+                                       f"{SUPPORTED_ONNX_OPS}")
+
+    # -- ops on activations -----------------------------------------------------------------------------
+    def op_Conv(self, node, index, a, ins, out, skip) -> None:
+        w = self.const(node, index, ins[1], "weight").astype(np.float32)
+        if w.ndim != 4:
+            raise self.refuse(node, index, f"a {w.ndim - 2}-D convolution; intforge lowers 2-D convolutions only")
+        b = self.const(node, index, ins[2], "bias").astype(np.float32) if len(ins) > 2 and ins[2] else None
+        kh, kw = w.shape[2:]
+        stride = list(a.get("strides", [1, 1]))
+        dilation = list(a.get("dilations", [1, 1]))
+        pad = self._pads(node, index, a, [kh, kw], stride, dilation)
+        groups = int(a.get("group", 1))
+        conv = torch.nn.Conv2d(w.shape[1] * groups, w.shape[0], (kh, kw), stride=stride, padding=pad,
+                               dilation=dilation, groups=groups, bias=b is not None)
+        with torch.no_grad():
+            conv.weight.copy_(torch.from_numpy(w))
+            if b is not None:
+                conv.bias.copy_(torch.from_numpy(b))
+        path = self.module_path(node, index, node.input[1])
+        self.attach(path, conv, node)
+        self.call_module(path, ins[0], out)
+
+    def _pads(self, node, index, a, kernel: list[int], stride: list[int], dilation: list[int]) -> list[int]:
+        auto = a.get("auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+        if auto in ("SAME_UPPER", "SAME_LOWER"):
+            total = [d * (k - 1) for k, d in zip(kernel, dilation, strict=False)]
+            if any(s != 1 or t % 2 for s, t in zip(stride, total, strict=False)):
+                raise self.refuse(node, index, f"auto_pad={auto} with strides {stride} pads one side more than the "
+                                               "other; intforge supports symmetric padding only: export with "
+                                               "explicit symmetric pads")
+            return [t // 2 for t in total]
+        pads = list(a.get("pads", [0] * 2 * len(kernel))) if auto == "NOTSET" else [0] * 2 * len(kernel)
+        if len(pads) != 4 or pads[:2] != pads[2:]:
+            raise self.refuse(node, index, f"pads {pads} are not symmetric (top, left = bottom, right); intforge "
+                                           "supports symmetric padding only")
+        return pads[:2]
+
+    def op_BatchNormalization(self, node, index, a, ins, out, skip) -> None:
+        src = self.producer.get(ins[0])
+        if src is None or src.op_type != "Conv" or self.users.get(ins[0], 0) != 1:
+            raise self.refuse(node, index, "a BatchNormalization that does not directly follow a Conv (its only "
+                                           "user); intforge folds BatchNorm into the conv before it and supports "
+                                           "it nowhere else")
+        scale, bias, mean, var = (self.const(node, index, ins[k], what).astype(np.float32)
+                                  for k, what in ((1, "scale"), (2, "bias"), (3, "mean"), (4, "variance")))
+        bn = torch.nn.BatchNorm2d(len(scale), eps=float(a.get("epsilon", 1e-5)))
+        with torch.no_grad():
+            bn.weight.copy_(torch.from_numpy(scale))
+            bn.bias.copy_(torch.from_numpy(bias))
+            bn.running_mean.copy_(torch.from_numpy(mean))
+            bn.running_var.copy_(torch.from_numpy(var))
+        path = self.module_path(node, index, node.input[1])
+        self.attach(path, bn, node)
+        self.call_module(path, ins[0], out)
+
+    def _linear(self, node, index, x: str, w: np.ndarray, b: np.ndarray | None, out: str) -> None:
+        w = np.ascontiguousarray(w, np.float32)
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+        with torch.no_grad():
+            lin.weight.copy_(torch.tensor(w))
+            if b is not None:
+                lin.bias.copy_(torch.tensor(np.asarray(b, np.float32).reshape(-1)))
+        path = self.module_path(node, index, node.input[1])
+        self.attach(path, lin, node)
+        self.call_module(path, x, out)
+
+    def op_Gemm(self, node, index, a, ins, out, skip) -> None:
+        if int(a.get("transA", 0)):
+            raise self.refuse(node, index, "Gemm with transA=1; intforge takes activations as (batch, features)")
+        w = self.const(node, index, ins[1], "weight (B)") * float(a.get("alpha", 1.0))
+        w = w if int(a.get("transB", 0)) else w.T
+        b = None
+        if len(ins) > 2 and ins[2]:
+            b = self.const(node, index, ins[2], "bias (C)") * float(a.get("beta", 1.0))
+            if b.size != w.shape[0]:
+                raise self.refuse(node, index, f"a bias C of shape {b.shape}; intforge takes one bias per output "
+                                               f"({w.shape[0]})")
+        self._linear(node, index, ins[0], w, b, out)
+
+    def op_MatMul(self, node, index, a, ins, out, skip) -> None:
+        w = self.const(node, index, ins[1], "weight (second input)")
+        if w.ndim != 2:
+            raise self.refuse(node, index, f"a MatMul with a {w.ndim}-D weight; intforge takes (in, out) weights")
+        b = None
+        users = [(k, n) for k, n in enumerate(self.graph.node) if out in n.input]
+        if len(users) == 1 and self.users.get(out, 0) == 1 and users[0][1].op_type == "Add":
+            k, add = users[0]
+            other = [i for i in add.input if i != out]
+            if len(other) == 1 and self.name(other[0]) in self.static and \
+                    self.static[self.name(other[0])].size == w.shape[1]:
+                b = self.static[self.name(other[0])]
+                skip.add(k)
+                out_name = add.output[0]
+                self._linear(node, index, ins[0], w.T, b, out_name)
+                return
+        self._linear(node, index, ins[0], w.T, b, out)
+
+    def op_Relu(self, node, index, a, ins, out, skip) -> None:
+        self.step(torch.relu, [ins[0]], out, node)
+
+    def op_Clip(self, node, index, a, ins, out, skip) -> None:
+        if self.opset < 11:
+            lo, hi = a.get("min"), a.get("max")
+        else:
+            lo = float(self.const(node, index, ins[1], "min")) if len(ins) > 1 and ins[1] else None
+            hi = float(self.const(node, index, ins[2], "max")) if len(ins) > 2 and ins[2] else None
+        lo = None if lo is None or lo <= -3.0e38 else float(lo)
+        hi = None if hi is None or hi >= 3.0e38 else float(hi)
+        if lo is None and hi is None:
+            self.alias[out] = ins[0]
+            return
+        self.step(lambda x, _lo=lo, _hi=hi: torch.clamp(x, _lo, _hi), [ins[0]], out, node)
+
+    def op_Add(self, node, index, a, ins, out, skip) -> None:
+        if any(i in self.static for i in ins):
+            raise self.refuse(node, index, "an Add of an activation and a constant; intforge adds two activations "
+                                           "(a residual connection), and folds a constant only as the bias of the "
+                                           "MatMul right before it")
+        self.step(torch.add, ins[:2], out, node)
+
+    def _pool_common(self, node, index, a) -> tuple[list[int], list[int], list[int], bool]:
+        k = list(a["kernel_shape"])
+        if len(k) != 2:
+            raise self.refuse(node, index, f"a {len(k)}-D pooling; intforge supports 2-D pooling only")
+        stride = list(a.get("strides", [1, 1]))
+        dilation = list(a.get("dilations", [1, 1]))
+        pad = self._pads(node, index, a, k, stride, dilation)
+        return k, stride, pad, bool(a.get("ceil_mode", 0))
+
+    def op_MaxPool(self, node, index, a, ins, out, skip) -> None:
+        if len(node.output) > 1 and node.output[1]:
+            raise self.refuse(node, index, "a MaxPool with an Indices output; intforge takes the values only")
+        k, stride, pad, ceil = self._pool_common(node, index, a)
+        dilation = list(a.get("dilations", [1, 1]))
+        self.step(lambda x: torch.nn.functional.max_pool2d(x, k, stride, pad, dilation, ceil), [ins[0]], out, node)
+
+    def op_AveragePool(self, node, index, a, ins, out, skip) -> None:
+        k, stride, pad, ceil = self._pool_common(node, index, a)
+        if ceil:
+            raise self.refuse(node, index, "an AveragePool with ceil_mode=1; intforge supports ceil_mode=0 only")
+        include = bool(a.get("count_include_pad", 0))
+        self.step(lambda x: torch.nn.functional.avg_pool2d(x, k, stride, pad, False, include), [ins[0]], out, node)
+
+    def op_GlobalAveragePool(self, node, index, a, ins, out, skip) -> None:
+        self.step(lambda x: torch.nn.functional.adaptive_avg_pool2d(x, 1), [ins[0]], out, node)
+
+    def op_ReduceMean(self, node, index, a, ins, out, skip) -> None:
+        axes = a.get("axes")
+        if axes is None and len(ins) > 1 and ins[1]:
+            axes = self.const(node, index, ins[1], "axes").ravel().tolist()
+        if axes is None or sorted(int(d) % 4 for d in axes) != [2, 3]:
+            raise self.refuse(node, index, f"ReduceMean over axes {axes}; intforge supports the spatial mean of NCHW "
+                                           "(axes 2, 3) only")
+        keep = bool(a.get("keepdims", 1))
+        self.step(lambda x: x.mean((2, 3), keepdim=keep), [ins[0]], out, node)
+
+    def op_Flatten(self, node, index, a, ins, out, skip) -> None:
+        axis = int(a.get("axis", 1))
+        if axis == 1:
+            self.step(lambda x: torch.flatten(x, 1), [ins[0]], out, node)
+        else:
+            self.step(lambda x: x.reshape(int(np.prod(x.shape[:axis])), -1), [ins[0]], out)
+
+    def op_Reshape(self, node, index, a, ins, out, skip) -> None:
+        if self.opset < 5:
+            target = np.array(a["shape"], np.int64)
+            self.step(lambda x: x.reshape(_reshape_target(tuple(x.shape), target, a)), [ins[0]], out)
+            return
+        if ins[1] not in self.static and ins[1] not in self.shape_like:
+            raise self.refuse(node, index, "a Reshape to a shape computed from activations")
+        self.step(lambda x, s: x.reshape(_reshape_target(tuple(x.shape), s, a)), ins[:2], out)
+
+    def op_Concat(self, node, index, a, ins, out, skip) -> None:
+        if any(i in self.static for i in ins):
+            raise self.refuse(node, index, "a Concat of activations with a constant; intforge concatenates "
+                                           "activations only")
+        axis = int(a["axis"])
+        self.step(lambda *xs: torch.cat(xs, axis), [i for i in ins if i], out, node)
+
+    def op_Dropout(self, node, index, a, ins, out, skip) -> None:
+        self.alias[out] = ins[0]
+
+    def op_Identity(self, node, index, a, ins, out, skip) -> None:
+        self.alias[out] = ins[0]
+
+
+def _reshape_target(shape: tuple[int, ...], target: Any, a: dict[str, Any]) -> tuple[int, ...]:
+    """ONNX Reshape's target: 0 copies the input's dim there (unless allowzero), -1 is inferred."""
+    t = [int(v) for v in np.asarray(target).ravel()]
+    if not int(a.get("allowzero", 0)):
+        t = [shape[i] if v == 0 and i < len(shape) else v for i, v in enumerate(t)]
+    return tuple(t)

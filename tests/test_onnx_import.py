@@ -1,0 +1,234 @@
+"""ONNX input: files become nn.Modules that match the exporter's model, ONNX Runtime, and the PyTorch path.
+
+The real models are torchvision's (random weights) and the trained MNIST net, exported by torch.onnx;
+the small graphs are written node by node for what exporters other than PyTorch's emit (opset-10 Clip,
+MatMul + Add, a Reshape fed by shape arithmetic, Gemm with transB=0 and alpha), each checked against
+ONNX Runtime running the same file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import intforge
+from conftest import assert_bit_exact_int, intforge_cli
+from intforge import reference, zoo
+from intforge.capture import capture
+from intforge.errors import IntforgeError, UnsupportedOpError
+from intforge.onnx_import import load_onnx, scope_path
+
+
+def export(model: torch.nn.Module, shape: tuple[int, ...], path, fold: bool = True) -> str:
+    """torch.onnx.export (TorchScript exporter, opset 17, batch dynamic); `fold` folds BatchNorm into convs."""
+    torch.onnx.export(model.eval(), (torch.zeros(shape),), str(path), dynamo=False, opset_version=17,
+                      do_constant_folding=fold, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    return str(path)
+
+
+def ort_run(path: str, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def program_numbers(program) -> list:
+    """An integer program's numbers and structure, without tensor names and source locations."""
+    out = []
+    for op in program.ops:
+        out.append((op.kind, op.name, {k: v for k, v in op.attrs.items()},
+                    {k: np.asarray(v).tolist() for k, v in op.params.items()},
+                    [(program.tensors[t].scale, program.tensors[t].zero_point, program.tensors[t].dtype)
+                     for t in [*op.inputs, op.output]]))
+    return out
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_torchvision_export_imports_as_the_same_model(name, tmp_path):
+    model = getattr(zoo, name)(seed=0).eval()
+    x = torch.from_numpy(zoo.random_images(3, seed=1, size=96))
+    unfolded = load_onnx(export(model, (1, 3, 96, 96), tmp_path / "bn.onnx", fold=False))
+    with torch.no_grad():
+        np.testing.assert_array_equal(unfolded(x).numpy(), model(x).numpy())  # same modules, same math
+    folded_path = export(model, (1, 3, 96, 96), tmp_path / "folded.onnx")
+    folded = load_onnx(folded_path)
+    with torch.no_grad():
+        got = folded(x).numpy()
+    np.testing.assert_allclose(got, ort_run(folded_path, x.numpy()), rtol=1e-4, atol=1e-4)
+    want = [op.name for op in capture(model, (x[:1],)).ops]
+    assert [op.name for op in capture(unfolded, (x[:1],)).ops] == want
+    assert [op.name for op in capture(folded, (x[:1],)).ops] == want  # layer names as a PyTorch compile has them
+    # BatchNorm left in the file (not folded by the exporter): the integer program is the PyTorch path's
+    calib = zoo.random_images(5, seed=2, size=96)
+    p_torch, _ = intforge.quantize_model(model, (x[:1],), calib)
+    p_onnx, _ = intforge.quantize_model(unfolded, (x[:1],), calib)
+    assert program_numbers(p_onnx) == program_numbers(p_torch)
+    conv = next(op for op in p_onnx.ops if op.kind == "conv2d")
+    assert conv.source.startswith(f"{tmp_path / 'bn.onnx'}: ONNX node '/") and "(Conv)" in conv.source
+
+
+def test_onnx_mobilenet_compiles_bit_exact(tmp_path, so_of):
+    """The usual file (BatchNorm folded by the exporter) through the compiler: the .so equals the reference."""
+    path = export(zoo.mobilenet_v2(seed=0), (1, 3, 64, 64), tmp_path / "m.onnx")
+    calib = zoo.random_images(5, seed=2, size=64)
+    program, _ = intforge.quantize_model(path, (torch.from_numpy(calib[:1]),), calib)  # the API takes the path
+    assert_bit_exact_int(program, so_of(program, "int"))
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def _vi(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _check_against_ort(m, tmp_path, shape, seed=0):
+    path = str(tmp_path / "g.onnx")
+    onnx.save(m, path)
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    module = load_onnx(path)
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, ort_run(path, x), rtol=1e-5, atol=1e-5)
+    return module, x
+
+
+def test_hand_written_graph_of_other_exporters_matches_onnx_runtime(tmp_path):
+    """opset 10: Clip's bounds as attributes; an unfolded BatchNorm; SAME padding; AveragePool without the
+    pads in its count; Concat; Reshape to a shape computed from Shape/Gather/Unsqueeze/Concat; MatMul + Add
+    (the bias folded into a linear layer); Gemm with transB=0 and alpha."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3
+    w2 = rng.standard_normal((4, 3, 1, 1)).astype(np.float32) * 0.3
+    bn = [np.abs(rng.standard_normal(8)).astype(np.float32) + 0.5, rng.standard_normal(8).astype(np.float32),
+          rng.standard_normal(8).astype(np.float32) * 0.1, np.abs(rng.standard_normal(8)).astype(np.float32) + 0.5]
+    mm = rng.standard_normal((12 * 4 * 4, 16)).astype(np.float32) * 0.1
+    mb = rng.standard_normal(16).astype(np.float32)
+    gw = rng.standard_normal((16, 5)).astype(np.float32) * 0.3
+    gb = rng.standard_normal(5).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="stem", auto_pad="SAME_UPPER", kernel_shape=[3, 3]),
+        helper.make_node("BatchNormalization", ["c1", "g", "b", "mu", "var"], ["n1"], name="stem_bn", epsilon=1e-3),
+        helper.make_node("Clip", ["n1"], ["r1"], name="relu6", min=0.0, max=6.0),
+        helper.make_node("Conv", ["x", "w2"], ["c2"], name="side"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="side_relu"),
+        helper.make_node("Concat", ["r1", "r2"], ["cat"], name="cat", axis=1),
+        helper.make_node("AveragePool", ["cat"], ["p"], name="pool", kernel_shape=[3, 3], strides=[2, 2],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Shape", ["p"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+        helper.make_node("Unsqueeze", ["n"], ["n1d"], axes=[0]),
+        helper.make_node("Concat", ["n1d", "minus1"], ["target"], axis=0),
+        helper.make_node("Reshape", ["p", "target"], ["flat"], name="flatten"),
+        helper.make_node("MatMul", ["flat", "mm"], ["h"], name="fc1"),
+        helper.make_node("Add", ["h", "mb"], ["hb"], name="fc1_bias"),
+        helper.make_node("Relu", ["hb"], ["hr"]),
+        helper.make_node("Gemm", ["hr", "gw", "gb"], ["y"], name="fc2", alpha=0.5, beta=2.0),
+    ]
+    inits = [("w1", w1), ("w2", w2), ("g", bn[0]), ("b", bn[1]), ("mu", bn[2]), ("var", bn[3]), ("mm", mm),
+             ("mb", mb), ("gw", gw), ("gb", gb), ("zero", np.array(0, np.int64)), ("minus1", np.array([-1], np.int64))]
+    m = _model(nodes, [_vi("x", ["N", 3, 8, 8])], [_vi("y", ["N", 5])], inits, opset=10)
+    module, x = _check_against_ort(m, tmp_path, (3, 3, 8, 8))
+    assert {n for n, _ in module.named_modules() if n} >= {"stem", "stem_bn", "side", "fc1", "fc2"}
+    graph = capture(module, (torch.from_numpy(x[:1]),))
+    kinds = [op.kind for op in graph.ops]
+    assert kinds.count("conv2d") == 2 and kinds.count("linear") == 2 and "concat" in kinds
+    assert graph.ops[0].attrs["folded_bn"] == "stem_bn"  # BatchNorm folded into the conv by capture, as in PyTorch
+    program, _ = intforge.quantize_model(module, (torch.from_numpy(x[:1]),), x)
+    q = np.concatenate([reference.run_float(program, x[i:i + 1])[0] for i in range(len(x))])
+    assert np.corrcoef(q.ravel(), ort_run(str(tmp_path / "g.onnx"), x).ravel())[0, 1] > 0.99
+
+
+def test_reduce_mean_global_pool_dropout_and_identity(tmp_path):
+    w = np.random.default_rng(1).standard_normal((6, 2, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Identity", ["c"], ["i"]),
+             helper.make_node("Dropout", ["i"], ["d"]),
+             helper.make_node("MaxPool", ["d"], ["mp"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+             helper.make_node("GlobalAveragePool", ["mp"], ["g"]),
+             helper.make_node("ReduceMean", ["mp"], ["r"], axes=[2, 3], keepdims=1),
+             helper.make_node("Add", ["g", "r"], ["s"]),
+             helper.make_node("Flatten", ["s"], ["y"], axis=1)]
+    m = _model(nodes, [_vi("x", [2, 2, 10, 10])], [_vi("y", [2, 6])], [("w", w)], opset=17)
+    module, _ = _check_against_ort(m, tmp_path, (2, 2, 10, 10))
+    assert module.example_shape() == (2, 2, 10, 10)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("sigmoid", "unsupported op Sigmoid"),
+    ("softmax", "export the model without it"),
+    ("asymmetric", "not symmetric"),
+    ("bn_alone", "does not directly follow a Conv"),
+    ("const_add", "an Add of an activation and a constant"),
+    ("computed_weight", "its weight"),
+    ("int_input", "is not a float32 tensor"),
+    ("custom_domain", "outside the standard ONNX domain"),
+])
+def test_unsupported_graphs_are_refused_naming_the_node_and_file(case, message, tmp_path):
+    w = np.ones((4, 3, 3, 3), np.float32)
+    conv = helper.make_node("Conv", ["x", "w"], ["c"], name="conv0", pads=[1, 1, 1, 1])
+    x, y = _vi("x", [1, 3, 8, 8]), _vi("y", None)
+    inits = [("w", w)]
+    nodes = {
+        "sigmoid": [conv, helper.make_node("Sigmoid", ["c"], ["y"], name="gate")],
+        "softmax": [conv, helper.make_node("Flatten", ["c"], ["f"]), helper.make_node("Softmax", ["f"], ["y"])],
+        "asymmetric": [helper.make_node("Conv", ["x", "w"], ["y"], name="conv0", pads=[0, 0, 1, 1])],
+        "bn_alone": [conv, helper.make_node("Relu", ["c"], ["r"]),
+                     helper.make_node("BatchNormalization", ["r", "s", "s", "s", "s"], ["y"], name="bn")],
+        "const_add": [conv, helper.make_node("Add", ["c", "k"], ["y"], name="bias_add")],
+        "computed_weight": [helper.make_node("Relu", ["x"], ["r"]),
+                            helper.make_node("Conv", ["x", "r"], ["y"], name="conv0")],
+        "int_input": [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
+        "custom_domain": [helper.make_node("Gelu", ["x"], ["y"], name="g", domain="com.microsoft")],
+    }[case]
+    if case == "bn_alone":
+        inits.append(("s", np.ones(4, np.float32)))
+    if case == "const_add":
+        inits.append(("k", np.ones((1, 4, 1, 1), np.float32)))
+    if case == "int_input":
+        x = helper.make_tensor_value_info("x", TensorProto.INT64, [1, 3, 8, 8])
+    graph = helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(v, k) for k, v in inits])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    path = tmp_path / f"{case}.onnx"
+    onnx.save(m, str(path))
+    with pytest.raises(IntforgeError) as info:
+        load_onnx(path)
+    text = str(info.value)
+    assert message in text and str(path) in text
+    if case not in ("int_input", "softmax"):
+        assert isinstance(info.value, UnsupportedOpError) and "ONNX node '" in text
+
+
+def test_unreadable_files_are_refused(tmp_path):
+    with pytest.raises(IntforgeError, match="does not exist"):
+        load_onnx(tmp_path / "nope.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"\x00\xffnot a protobuf at all" * 10)
+    with pytest.raises(IntforgeError, match="is not"):
+        load_onnx(tmp_path / "junk.onnx")
+
+
+def test_scope_path_of_torch_exporter_names():
+    assert scope_path("/features/features.2/conv/conv.0/conv.0.0/Conv") == "features.2.conv.0.0"
+    assert scope_path("/layer1/layer1.0/Add") == "layer1.0"
+    assert scope_path("/Flatten") == "" and scope_path("Conv_12") == ""
+
+
+def test_cli_compiles_and_runs_an_onnx_file(tmp_path):
+    """`intforge compile model.onnx` on the trained MNIST net: its accuracy is the PyTorch-path compile's."""
+    path = export(zoo.mnist_net(), (1, 1, 28, 28), tmp_path / "mnist.onnx")
+    proc = intforge_cli("compile", path, "--calib", "mnist:300", "-o", str(tmp_path / "onnx"))
+    assert "integer-only: yes" in proc.stdout
+    intforge_cli("compile", "intforge.zoo:mnist_net", "--calib", "mnist:300", "-o", str(tmp_path / "torch"))
+    accs = [float(intforge_cli("run", str(tmp_path / d / "model.so"), "--data", "mnist", "--count", "1000")
+                  .stdout.split("accuracy ")[1].split()[0]) for d in ("onnx", "torch")]
+    assert accs[0] > 0.98 and abs(accs[0] - accs[1]) <= 0.002
+    inspect = intforge_cli("inspect", str(tmp_path / "onnx" / "model.so")).stdout
+    assert "features.3" in inspect and "classifier.0" in inspect
