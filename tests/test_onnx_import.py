@@ -171,6 +171,7 @@ def test_reduce_mean_global_pool_dropout_and_identity(tmp_path):
     ("computed_weight", "its weight"),
     ("int_input", "is not a float32 tensor"),
     ("custom_domain", "outside the standard ONNX domain"),
+    ("quantized", "give it the float model"),
 ])
 def test_unsupported_graphs_are_refused_naming_the_node_and_file(case, message, tmp_path):
     w = np.ones((4, 3, 3, 3), np.float32)
@@ -188,7 +189,11 @@ def test_unsupported_graphs_are_refused_naming_the_node_and_file(case, message, 
                             helper.make_node("Conv", ["x", "r"], ["y"], name="conv0")],
         "int_input": [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
         "custom_domain": [helper.make_node("Gelu", ["x"], ["y"], name="g", domain="com.microsoft")],
+        "quantized": [helper.make_node("QuantizeLinear", ["x", "qs"], ["q"], name="quant"),
+                      helper.make_node("DequantizeLinear", ["q", "qs"], ["y"], name="dequant")],
     }[case]
+    if case == "quantized":
+        inits.append(("qs", np.array(0.05, np.float32)))
     if case == "bn_alone":
         inits.append(("s", np.ones(4, np.float32)))
     if case == "const_add":

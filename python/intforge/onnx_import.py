@@ -38,6 +38,8 @@ SUPPORTED_ONNX_OPS = (
 )
 
 _FLOAT = 1  # onnx.TensorProto.FLOAT
+_QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                  "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd"}
 # the op kind capture.py names a layer by (`layer1.0.add`), for each ONNX op run inside a module's scope
 _CAPTURED_KIND = {"Add": "add", "Relu": "relu", "Clip": "clamp", "MaxPool": "max_pool2d", "AveragePool": "avg_pool2d",
                   "GlobalAveragePool": "avg_pool2d", "ReduceMean": "mean", "Flatten": "reshape", "Reshape": "reshape",
@@ -311,6 +313,10 @@ class _Builder:
         if node.domain not in ("", "ai.onnx"):
             raise self.refuse(node, index, f"op {node.domain}::{op} is outside the standard ONNX domain; intforge "
                                            f"imports only: {SUPPORTED_ONNX_OPS}")
+        if op in _QUANTIZED_OPS:
+            raise self.refuse(node, index, f"op {op}: this file is already quantized. intforge quantizes the model "
+                                           "itself (calibration, per-channel weights, integer requantization): "
+                                           "give it the float model.")
         ins = [self.name(i) if i else "" for i in node.input]
         out = node.output[0]
         if op == "Constant":
@@ -333,9 +339,11 @@ class _Builder:
                                            "imports shape arithmetic only where it feeds a Reshape")
         handler = getattr(self, f"op_{op}", None)
         if handler is None:
-            hint = (" A Softmax at the output does not change the top-1 class: export the model without it "
-                    "(intforge compiles up to the logits)." if op in ("Softmax", "LogSoftmax") else
-                    " Replace it in the model before exporting, or open an issue asking for it.")
+            if op in ("Softmax", "LogSoftmax"):
+                hint = (" A Softmax at the output does not change the top-1 class: export the model without it "
+                        "(intforge compiles up to the logits).")
+            else:
+                hint = " Replace it in the model before exporting, or open an issue asking for it."
             raise self.refuse(node, index, f"unsupported op {op}. intforge imports only: {SUPPORTED_ONNX_OPS}.{hint}")
         handler(node, index, a, ins, out, skip)
 
