@@ -8,6 +8,8 @@ ONNX Runtime running the same file.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -26,13 +28,14 @@ from intforge.onnx_import import load_onnx, scope_path
 def export(model: torch.nn.Module, shape: tuple[int, ...], path, fold: bool = True) -> str:
     """torch.onnx.export (TorchScript exporter, opset 17, batch dynamic); `fold` folds BatchNorm into convs."""
     torch.onnx.export(model.eval(), (torch.zeros(shape),), str(path), dynamo=False, opset_version=17,
-                      do_constant_folding=fold, input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+                      do_constant_folding=fold, input_names=["image"], output_names=["y"],
+                      dynamic_axes={"image": {0: "batch"}, "y": {0: "batch"}})
     return str(path)
 
 
 def ort_run(path: str, x: np.ndarray) -> np.ndarray:
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
 def program_numbers(program) -> list:
@@ -237,3 +240,5 @@ def test_cli_compiles_and_runs_an_onnx_file(tmp_path):
     assert accs[0] > 0.98 and abs(accs[0] - accs[1]) <= 0.002
     inspect = intforge_cli("inspect", str(tmp_path / "onnx" / "model.so")).stdout
     assert "features.3" in inspect and "classifier.0" in inspect
+    manifest = json.loads(intforge_cli("inspect", str(tmp_path / "onnx" / "model.so"), "--json").stdout)
+    assert manifest["inputs"][0]["name"] == "image"  # the file's input name

@@ -306,6 +306,7 @@ class _Builder:
             if o in self.static or o in self.shape_like:
                 raise IntforgeError(f"{self.source}: output {o!r} is a constant, not computed from the inputs")
         self.mod._constants = {k: v for k, v in self.static.items()}
+        _name_inputs(self.mod)
         return self.mod
 
     def node(self, node: Any, index: int, skip: set[int]) -> None:
@@ -604,6 +605,28 @@ class _Builder:
 
     def op_Identity(self, node, index, a, ins, out, skip) -> None:
         self.alias[out] = ins[0]
+
+
+def _name_inputs(mod: OnnxModule) -> None:
+    """Give `forward` the file's input names as parameters, so torch.export (and so the program and the
+    library's manifest) calls the inputs what the file does (`data`), not `inputs_0`."""
+    import inspect
+    import keyword
+
+    names: list[str] = []
+    for k, raw in enumerate(mod.input_names):
+        name = re.sub(r"\W", "_", raw)
+        if not name or name[0].isdigit() or keyword.iskeyword(name) or name in names:
+            name = f"input_{k}"
+        names.append(name)
+    generic = mod.forward
+
+    def forward(*inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        return generic(*inputs)
+
+    forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+    mod.forward = forward  # type: ignore[method-assign]
 
 
 def _reshape_target(shape: tuple[int, ...], target: Any, a: dict[str, Any]) -> tuple[int, ...]:
