@@ -73,6 +73,29 @@ def test_torchvision_export_imports_as_the_same_model(name, tmp_path):
     assert conv.source.startswith(f"{tmp_path / 'bn.onnx'}: ONNX node '/") and "(Conv)" in conv.source
 
 
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_dynamo_exporter_files_import_with_pytorch_layer_names(name, tmp_path):
+    """torch.onnx.export's default exporter (dynamo=True): node names say nothing, the module paths are in
+    each node's `namespace` metadata and the weights keep PyTorch's names."""
+    import warnings
+
+    model = getattr(zoo, name)(seed=0).eval()
+    x = torch.from_numpy(zoo.random_images(2, seed=1, size=64))
+    path = str(tmp_path / "dynamo.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x[:1],), path, dynamo=True, verbose=False)
+    module = load_onnx(path)
+    with torch.no_grad():
+        got = module(x[:1]).numpy()
+        np.testing.assert_allclose(got, model(x[:1]).numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, ort_run(path, x[:1].numpy()), rtol=1e-4, atol=1e-4)
+    ours = [op.name for op in capture(module, (x[:1],)).ops]
+    theirs = [op.name for op in capture(model, (x[:1],)).ops]
+    # the one difference: the exporter writes torch.flatten as a Reshape
+    assert ours == [n if n != "flatten" else "reshape" for n in theirs]
+
+
 def test_onnx_mobilenet_compiles_bit_exact(tmp_path, so_of):
     """The usual file (BatchNorm folded by the exporter) through the compiler: the .so equals the reference."""
     path = export(zoo.mobilenet_v2(seed=0), (1, 3, 64, 64), tmp_path / "m.onnx")

@@ -58,6 +58,14 @@ def scope_path(node_name: str) -> str:
     return ".".join(parts)
 
 
+def namespace_path(namespace: str) -> str:
+    """The torch module path in the `namespace` metadata that torch.onnx.export(dynamo=True) writes on each
+    node (`: ResNet/layer1: Sequential/layer1.0: BasicBlock/add: aten.add.Tensor` -> `layer1.0`): each
+    component is `path: class`, the first the root, the last the op."""
+    names = [c.split(":")[0].strip() for c in namespace.split("/")]
+    return names[-2] if len(names) >= 3 else ""
+
+
 def _clean(name: str) -> str:
     """A module path from any string: components of letters, digits and underscores, joined by dots."""
     parts = [re.sub(r"\W", "_", p).strip("_") for p in name.split(".")]
@@ -184,14 +192,24 @@ class _Builder:
                                            "constant (an initializer) there")
         return self.static[value]
 
+    def scope(self, node: Any) -> str:
+        """The torch module path a node was exported from: from its name (TorchScript exporter) or its
+        `namespace` metadata (dynamo exporter); '' if neither says."""
+        path = scope_path(node.name)
+        if not path:
+            meta = {p.key: p.value for p in node.metadata_props}
+            path = namespace_path(meta.get("namespace", ""))
+        return _clean(path)
+
     def optional_input(self, node: Any, k: int) -> str | None:
         return node.input[k] if len(node.input) > k and node.input[k] else None
 
     def module_path(self, node: Any, index: int, weight: str | None) -> str:
-        """Where a weighted node's module goes: its torch scope, else its weight's name, else its own."""
-        candidates = [scope_path(node.name)]
-        if weight and weight.endswith(".weight"):
-            candidates.append(weight[: -len(".weight")])
+        """Where a weighted node's module goes: its weight's name if a module path, else its scope, else its name."""
+        # (the weight's name first where it is a module path: the dynamo exporter files a conv that absorbed
+        # its BatchNorm under the BatchNorm's scope)
+        candidates = [weight[: -len(".weight")]] if weight and weight.endswith(".weight") else []
+        candidates.append(self.scope(node))
         candidates += [node.name, f"{node.op_type.lower()}_{index}"]
         for cand in candidates:
             path = _clean(cand)
@@ -240,7 +258,7 @@ class _Builder:
     def step(self, fn: Callable[..., Any], inputs: list[str], output: str, node: Any = None) -> None:
         """A forward step: output = fn(*values of inputs). With `node`, an op on activations runs as a module
         at the node's torch scope, so its layer name is the one a PyTorch capture gives (`layer1.0.relu`)."""
-        path = _clean(scope_path(node.name)) if node is not None else ""
+        path = self.scope(node) if node is not None else ""
         if path and isinstance(self._get(path), _Scope):  # an op inside a module's forward (ResNet's add)
             kind = _CAPTURED_KIND.get(node.op_type, node.op_type.lower())
             self.mod._nodes.setdefault(f"{path}.{kind}", f"'{node.name}' ({node.op_type})")
@@ -574,8 +592,9 @@ class _Builder:
         if axes is None or sorted(int(d) % 4 for d in axes) != [2, 3]:
             raise self.refuse(node, index, f"ReduceMean over axes {axes}; intforge supports the spatial mean of NCHW "
                                            "(axes 2, 3) only")
-        keep = bool(a.get("keepdims", 1))
-        self.step(lambda x: x.mean((2, 3), keepdim=keep), [ins[0]], out, node)
+        keep = bool(a.get("keepdims", 1))  # (as adaptive_avg_pool2d: the layer name PyTorch's capture gives)
+        self.step(lambda x: torch.nn.functional.adaptive_avg_pool2d(x, 1) if keep else
+                  torch.nn.functional.adaptive_avg_pool2d(x, 1).reshape(x.shape[0], x.shape[1]), [ins[0]], out, node)
 
     def op_Flatten(self, node, index, a, ins, out, skip) -> None:
         axis = int(a.get("axis", 1))
