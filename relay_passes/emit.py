@@ -152,6 +152,9 @@ def emit_op(ops: RelaxOps, program: IntegerProgram, op: IntOp, args: list[relax.
         return _emit_avg_pool2d(ops, op, args[0], out_t.dtype)
     if op.kind == "reshape":
         return ops.bb.emit(relax.op.reshape(args[0], out_t.shape))
+    if op.kind == "pad":
+        t, left, b, r = a["pads"]
+        return ops.bb.emit(rnn.pad(args[0], [0, 0, 0, 0, t, b, left, r], "constant", 0.0))
     raise IntforgeError(f"the Relax emitter has no rule for op kind {op.kind!r} ({op.name})")
 
 

@@ -54,6 +54,21 @@ def test_unsupported_op_names_the_op_the_layer_and_the_model_line():
     assert "conv2d" in msg  # lists what is supported
 
 
+def test_zero_padding_is_folded_where_even_and_other_padding_is_refused():
+    from intforge.capture import capture
+
+    even = torch.nn.Sequential(torch.nn.ZeroPad2d((2, 1, 1, 1)), torch.nn.Conv2d(3, 4, 3))
+    graph = capture(even, (torch.randn(1, 3, 8, 8),))
+    assert [op.kind for op in graph.ops] == ["pad", "conv2d"]
+    assert graph.ops[0].attrs["pads"] == [0, 1, 0, 0] and graph.ops[1].attrs["padding"] == [1, 1]
+    graph = capture(torch.nn.Sequential(torch.nn.ZeroPad2d(1), torch.nn.Conv2d(3, 4, 3)), (torch.randn(1, 3, 8, 8),))
+    assert [op.kind for op in graph.ops] == ["conv2d"] and graph.ops[0].attrs["padding"] == [1, 1]
+    with pytest.raises(UnsupportedOpError, match="with zeros only"):
+        capture(torch.nn.Sequential(torch.nn.ReflectionPad2d(1), torch.nn.Conv2d(3, 4, 3)), (torch.randn(1, 3, 8, 8),))
+    with pytest.raises(UnsupportedOpError, match="with zeros only"):
+        capture(torch.nn.ConstantPad2d(1, 0.5), (torch.randn(1, 3, 8, 8),))
+
+
 def test_model_that_cannot_be_exported_gets_a_capture_error():
     with pytest.raises(CaptureError, match="torch.export could not capture DataDependent"):
         intforge.quantize_model(DataDependent(), (torch.randn(1, 3),), np.zeros((2, 3), np.float32))

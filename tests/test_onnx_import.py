@@ -173,6 +173,44 @@ def test_hand_written_graph_of_other_exporters_matches_onnx_runtime(tmp_path):
     assert np.corrcoef(q.ravel(), ort_run(str(tmp_path / "g.onnx"), x).ravel())[0, 1] > 0.99
 
 
+@pytest.mark.parametrize("opset", [10, 17, 18])
+def test_uneven_padding_as_tensorflow_converters_write_it(opset, tmp_path, so_of):
+    """TensorFlow's SAME at stride 2 pads one more row and column at the end: explicit uneven Conv pads,
+    auto_pad SAME_UPPER / SAME_LOWER, and Pad nodes (attributes before opset 11, inputs after, axes from
+    18). They import as zero pads that capture folds into the conv as far as they are even, and the
+    compiled library stays bit-exact with the reference."""
+    rng = np.random.default_rng(3)
+    w = [rng.standard_normal((4, c, 3, 3)).astype(np.float32) * 0.3 for c in (3, 4, 4, 4)]
+    if opset < 11:
+        pad = [helper.make_node("Pad", ["r2"], ["p"], name="pad", pads=[0, 0, 2, 1, 0, 0, 1, 1])]
+        extra = []
+    elif opset < 18:
+        pad = [helper.make_node("Pad", ["r2", "pads"], ["p"], name="pad")]
+        extra = [("pads", np.array([0, 0, 2, 1, 0, 0, 1, 1], np.int64))]
+    else:
+        pad = [helper.make_node("Pad", ["r2", "pads", "", "axes"], ["p"], name="pad")]
+        extra = [("pads", np.array([2, 1, 1, 1], np.int64)), ("axes", np.array([2, 3], np.int64))]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="explicit", strides=[2, 2], pads=[0, 0, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "w1"], ["c1"], name="upper", strides=[2, 2], auto_pad="SAME_UPPER"),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="lower", strides=[2, 2], auto_pad="SAME_LOWER"),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             *pad,
+             helper.make_node("Conv", ["p", "w3"], ["y"], name="after_pad")]
+    inits = [(f"w{k}", v) for k, v in enumerate(w)] + extra
+    m = _model(nodes, [_vi("x", [1, 3, 16, 16])], [_vi("y", [1, 4, 3, 2])], inits, opset=opset)
+    module, x = _check_against_ort(m, tmp_path, (1, 3, 16, 16))
+    graph = capture(module, (torch.from_numpy(x),))
+    convs = {op.name: op for op in graph.ops if op.kind == "conv2d"}
+    assert convs["after_pad"].attrs["padding"] == [1, 1]  # the even part of Pad's [2, 1, 1, 1], folded
+    pads = [op.attrs["pads"] for op in graph.ops if op.kind == "pad"]
+    assert pads == [[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]]  # explicit, UPPER, LOWER, Pad's rest
+    calib = np.random.default_rng(4).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    program, _ = intforge.quantize_model(module, (torch.from_numpy(calib[:1]),), calib)
+    assert_bit_exact_int(program, so_of(program, "int"))
+
+
 def test_reduce_mean_global_pool_dropout_and_identity(tmp_path):
     w = np.random.default_rng(1).standard_normal((6, 2, 3, 3)).astype(np.float32)
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
@@ -192,6 +230,7 @@ def test_reduce_mean_global_pool_dropout_and_identity(tmp_path):
     ("sigmoid", "unsupported op Sigmoid"),
     ("softmax", "export the model without it"),
     ("asymmetric", "not symmetric"),
+    ("reflect", "with zeros only"),
     ("bn_alone", "does not directly follow a Conv"),
     ("const_add", "an Add of an activation and a constant"),
     ("computed_weight", "its weight"),
@@ -207,7 +246,9 @@ def test_unsupported_graphs_are_refused_naming_the_node_and_file(case, message, 
     nodes = {
         "sigmoid": [conv, helper.make_node("Sigmoid", ["c"], ["y"], name="gate")],
         "softmax": [conv, helper.make_node("Flatten", ["c"], ["f"]), helper.make_node("Softmax", ["f"], ["y"])],
-        "asymmetric": [helper.make_node("Conv", ["x", "w"], ["y"], name="conv0", pads=[0, 0, 1, 1])],
+        "asymmetric": [helper.make_node("MaxPool", ["x"], ["y"], name="pool0", kernel_shape=[2, 2],
+                                        pads=[0, 0, 1, 1])],
+        "reflect": [helper.make_node("Pad", ["x", "p"], ["y"], name="pad0", mode="reflect")],
         "bn_alone": [conv, helper.make_node("Relu", ["c"], ["r"]),
                      helper.make_node("BatchNormalization", ["r", "s", "s", "s", "s"], ["y"], name="bn")],
         "const_add": [conv, helper.make_node("Add", ["c", "k"], ["y"], name="bias_add")],
@@ -220,6 +261,8 @@ def test_unsupported_graphs_are_refused_naming_the_node_and_file(case, message, 
     }[case]
     if case == "quantized":
         inits.append(("qs", np.array(0.05, np.float32)))
+    if case == "reflect":
+        inits.append(("p", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)))
     if case == "bn_alone":
         inits.append(("s", np.ones(4, np.float32)))
     if case == "const_add":

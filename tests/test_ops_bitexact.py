@@ -214,6 +214,13 @@ CASES = {
     "mean_flatten_linear": (lambda: Head(keepdim=False), (2, 8, 5, 5)),
     "flatten_linear": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(48, 4)), (1, 3, 4, 4)),
     "concat": (lambda: Concat(), (1, 4, 6, 6)),
+    # zero padding (F.pad, ZeroPad2d): uneven before a strided conv (TensorFlow's SAME: a pad op stays),
+    # even before a conv (folded into its padding), and alone on a signed tensor at the output
+    "pad_uneven_conv": (lambda: nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 8, 3, stride=2)),
+                        (1, 3, 10, 10)),
+    "pad_even_conv": (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.ZeroPad2d(1), nn.Conv2d(4, 4, 3)),
+                      (1, 3, 6, 6)),
+    "pad_standalone": (lambda: Standalone(nn.ZeroPad2d((1, 2, 0, 3))), (1, 4, 5, 5)),
 }
 
 

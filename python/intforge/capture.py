@@ -23,7 +23,8 @@ from .errors import CaptureError, UnsupportedOpError
 SUPPORTED_OPS = (
     "conv2d (stride, padding, dilation, groups, depthwise), linear, BatchNorm (folded into the conv "
     "before it), ReLU, ReLU6 / hardtanh / clamp, residual add, max_pool2d, avg_pool2d, "
-    "adaptive_avg_pool2d, mean over H,W, flatten / view / reshape, cat, dropout (eval: identity)"
+    "adaptive_avg_pool2d, mean over H,W, flatten / view / reshape, cat, zero padding (F.pad, ZeroPad2d), "
+    "dropout (eval: identity)"
 )
 
 
@@ -336,6 +337,22 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
                 emit("reshape", [pooled])
         elif target in _RESHAPE:
             emit("reshape", [tname(args[0])])
+        elif target in ("aten.pad.default", "aten.constant_pad_nd.default"):
+            x = tname(args[0])
+            widths = [int(p) for p in args[1]]
+            if target == "aten.pad.default":
+                mode = args[2] if len(args) > 2 else node.kwargs.get("mode", "constant")
+                value = args[3] if len(args) > 3 else node.kwargs.get("value")
+            else:
+                mode, value = "constant", args[2] if len(args) > 2 else node.kwargs.get("value", 0.0)
+            if mode != "constant" or float(value or 0.0) != 0.0 or len(shapes[x]) != 4 or len(widths) not in (2, 4) \
+                    or min(widths) < 0:
+                raise UnsupportedOpError(
+                    f"pad {widths} (mode {mode!r}, value {value}) of a {len(shapes[x])}-D tensor in layer "
+                    f"'{_module_path(node) or node.name}' at {src}: intforge pads H and W of NCHW with zeros only "
+                    "(no negative pads)")
+            left, right, top, bottom = (widths + [0, 0])[:4]
+            emit("pad", [x], {"pads": [top, left, bottom, right]})
         elif target == "aten.cat.default":
             axis = int(args[1]) if len(args) > 1 else 0
             emit("concat", [tname(a) for a in args[0]], {"axis": axis % len(out_shape)})
@@ -348,7 +365,33 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
 
     for op in ops:  # resolve aliases created after an op was emitted (e.g. BN folded into its conv)
         op.inputs = [alias.get(i, i) for i in op.inputs]
-    return FloatGraph(user_inputs, [alias.get(o, o) for o in outputs], shapes, ops)
+    return _fold_pads(FloatGraph(user_inputs, [alias.get(o, o) for o in outputs], shapes, ops))
+
+
+def _fold_pads(graph: FloatGraph) -> FloatGraph:
+    """Zero padding read only by a conv becomes the conv's own padding as far as it is symmetric (a conv
+    pads both sides alike); an uneven rest (TensorFlow's SAME at stride 2: one row and column more at the
+    end) stays a pad op before it."""
+    for op in list(graph.ops):
+        if op.kind != "pad":
+            continue
+        users = graph.users(op.output)
+        if len(users) != 1 or users[0].kind != "conv2d" or op.output in graph.outputs:
+            continue
+        conv = users[0]
+        t, left, b, r = op.attrs["pads"]
+        mh, mw = min(t, b), min(left, r)
+        conv.attrs["padding"] = [conv.attrs["padding"][0] + mh, conv.attrs["padding"][1] + mw]
+        rest = [t - mh, left - mw, b - mh, r - mw]
+        if any(rest):
+            op.attrs["pads"] = rest
+            graph.shapes[op.output] = (*graph.shapes[op.output][:2], graph.shapes[op.output][2] - 2 * mh,
+                                       graph.shapes[op.output][3] - 2 * mw)
+        else:
+            conv.inputs = [op.inputs[0]]
+            graph.ops.remove(op)
+            del graph.shapes[op.output]
+    return graph
 
 
 def torch_op(kind: str):
@@ -380,6 +423,8 @@ def torch_op(kind: str):
                                                  op.attrs["dilation"], op.attrs["ceil_mode"]),
         "avg_pool2d": avg_pool2d,
         "concat": lambda op, *xs: torch.cat(xs, op.attrs["axis"]),
+        "pad": lambda op, x: F.pad(x, (op.attrs["pads"][1], op.attrs["pads"][3], op.attrs["pads"][0],
+                                       op.attrs["pads"][2])),
     }
     return table[kind]
 

@@ -31,7 +31,7 @@ import torch
 from .errors import IntforgeError, UnsupportedOpError
 
 SUPPORTED_ONNX_OPS = (
-    "Conv (2-D, symmetric pads), BatchNormalization (after a Conv: folded), Gemm, MatMul (+ Add of a "
+    "Conv (2-D), Pad (zeros around H, W), BatchNormalization (after a Conv: folded), Gemm, MatMul (+ Add of a "
     "constant bias), Relu, Clip, Add (of two activations), MaxPool, AveragePool, GlobalAveragePool, "
     "ReduceMean over H,W, Flatten, Reshape, Concat, Dropout, Identity; and shape arithmetic on constants "
     "(Constant, Shape, Gather, Unsqueeze, Squeeze, Concat, Cast, Slice, Add, Sub, Mul, Div)"
@@ -43,7 +43,7 @@ _QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearM
 # the op kind capture.py names a layer by (`layer1.0.add`), for each ONNX op run inside a module's scope
 _CAPTURED_KIND = {"Add": "add", "Relu": "relu", "Clip": "clamp", "MaxPool": "max_pool2d", "AveragePool": "avg_pool2d",
                   "GlobalAveragePool": "avg_pool2d", "ReduceMean": "mean", "Flatten": "reshape", "Reshape": "reshape",
-                  "Concat": "concat"}
+                  "Concat": "concat", "Pad": "pad"}
 
 
 def scope_path(node_name: str) -> str:
@@ -448,17 +448,60 @@ class _Builder:
         kh, kw = w.shape[2:]
         stride = list(a.get("strides", [1, 1]))
         dilation = list(a.get("dilations", [1, 1]))
-        pad = self._pads(node, index, a, [kh, kw], stride, dilation)
+        pad = self._conv_pads(a, [kh, kw], stride, dilation)
         groups = int(a.get("group", 1))
-        conv = torch.nn.Conv2d(w.shape[1] * groups, w.shape[0], (kh, kw), stride=stride, padding=pad,
-                               dilation=dilation, groups=groups, bias=b is not None)
+        even = isinstance(pad, list) and pad[:2] == pad[2:]
+        conv = torch.nn.Conv2d(w.shape[1] * groups, w.shape[0], (kh, kw), stride=stride,
+                               padding=pad[:2] if even else 0, dilation=dilation, groups=groups, bias=b is not None)
+        x = ins[0]
+        if not even:  # uneven padding (TensorFlow's SAME at stride 2): a zero pad first (capture folds the even part)
+            x = f"{out}::padded"
+
+            def pad_input(v: torch.Tensor) -> torch.Tensor:
+                t, left, bottom, r = pad if isinstance(pad, list) else _same_pads(pad, v.shape[2:], [kh, kw], stride,
+                                                                                 dilation)
+                return torch.nn.functional.pad(v, (left, r, t, bottom))
+            self.step(pad_input, [ins[0]], x)
         with torch.no_grad():
             conv.weight.copy_(torch.from_numpy(w))
             if b is not None:
                 conv.bias.copy_(torch.from_numpy(b))
         path = self.module_path(node, index, node.input[1])
         self.attach(path, conv, node)
-        self.call_module(path, ins[0], out)
+        self.call_module(path, x, out)
+
+    def _conv_pads(self, a: dict[str, Any], kernel: list[int], stride: list[int],
+                   dilation: list[int]) -> list[int] | str:
+        """A conv's padding: [top, left, bottom, right], or "SAME_UPPER" / "SAME_LOWER" (from the input's
+        shape, at call time)."""
+        auto = a.get("auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+        if auto in ("SAME_UPPER", "SAME_LOWER"):
+            return auto
+        pads = list(a.get("pads", [0] * 4)) if auto == "NOTSET" else [0] * 4
+        return [int(p) for p in pads]
+
+    def op_Pad(self, node, index, a, ins, out, skip) -> None:
+        mode = a.get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        if self.opset < 11:
+            pads, value, axes = list(a.get("pads", [])), float(a.get("value", 0.0)), None
+        else:
+            pads = self.const(node, index, ins[1], "pads").ravel().tolist()
+            value = float(self.const(node, index, ins[2], "constant value").ravel()[0]) if len(ins) > 2 and ins[2] \
+                else 0.0
+            axes = self.const(node, index, ins[3], "axes").ravel().tolist() if len(ins) > 3 and ins[3] else None
+        if axes is not None:  # (opset 18) pads for the listed axes only
+            full = [0] * 8
+            for i, ax in enumerate(axes):
+                full[int(ax) % 4], full[4 + int(ax) % 4] = pads[i], pads[len(axes) + i]
+            pads = full
+        if mode != "constant" or value != 0.0 or len(pads) != 8 or any(pads[k] for k in (0, 1, 4, 5)) or \
+                min(pads) < 0:
+            raise self.refuse(node, index, f"a Pad with mode {mode!r}, value {value} and pads {pads}; intforge pads "
+                                           "H and W of an NCHW tensor with zeros only")
+        t, left, bottom, r = (int(pads[k]) for k in (2, 3, 6, 7))
+        self.step(lambda v: torch.nn.functional.pad(v, (left, r, t, bottom)), [ins[0]], out, node)
 
     def _pads(self, node, index, a, kernel: list[int], stride: list[int], dilation: list[int]) -> list[int]:
         auto = a.get("auto_pad", b"NOTSET")
@@ -646,6 +689,17 @@ def _name_inputs(mod: OnnxModule) -> None:
     forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
     mod.forward = forward  # type: ignore[method-assign]
+
+
+def _same_pads(auto: str, size: Any, kernel: list[int], stride: list[int], dilation: list[int]) -> list[int]:
+    """ONNX auto_pad SAME_UPPER / SAME_LOWER for an input of spatial `size`: [top, left, bottom, right]."""
+    begin, end = [], []
+    for n, k, s, d in zip(size, kernel, stride, dilation, strict=True):
+        total = max((-(-int(n) // s) - 1) * s + (k - 1) * d + 1 - int(n), 0)
+        small = total // 2
+        begin.append(small if auto == "SAME_UPPER" else total - small)
+        end.append(total - begin[-1])
+    return [begin[0], begin[1], end[0], end[1]]
 
 
 def _reshape_target(shape: tuple[int, ...], target: Any, a: dict[str, Any]) -> tuple[int, ...]:

@@ -30,6 +30,7 @@ OP_KINDS = {
     "max_pool2d": "max over windows, on the integers",
     "avg_pool2d": "integer window sum times a dyadic 1/count (per output position)",
     "reshape": "reshape / flatten, integers unchanged",
+    "pad": "zeros around H and W (`pads` top, left, bottom, right): the real 0, as zero points are 0",
 }
 
 PROGRAM_FORMAT = 1

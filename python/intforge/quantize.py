@@ -20,7 +20,7 @@ from .program import IntegerProgram, IntOp, QTensor
 ACC_LIMIT = (1 << 31) - 1
 SUPPORTED_BITS = (4, 8)
 #: Ops whose output has the bits and scale of their input.
-PASS_THROUGH = ("max_pool2d", "reshape", "relu", "clamp", "avg_pool2d")
+PASS_THROUGH = ("max_pool2d", "reshape", "relu", "clamp", "avg_pool2d", "pad")
 
 
 @dataclass

@@ -129,6 +129,9 @@ def run_op(program: IntegerProgram, op: IntOp, args: list[np.ndarray]) -> np.nda
         return _avg_pool2d(op, args[0], out_t)
     if op.kind == "reshape":
         return args[0].reshape(out_t.shape)
+    if op.kind == "pad":
+        t, left, b, r = a["pads"]
+        return np.pad(args[0], ((0, 0), (0, 0), (t, b), (left, r)))
     raise IntforgeError(f"the reference executor has no rule for op kind {op.kind!r} ({op.name})")
 
 
