@@ -224,6 +224,10 @@ def test_reduce_mean_global_pool_dropout_and_identity(tmp_path):
     m = _model(nodes, [_vi("x", [2, 2, 10, 10])], [_vi("y", [2, 6])], [("w", w)], opset=17)
     module, _ = _check_against_ort(m, tmp_path, (2, 2, 10, 10))
     assert module.example_shape() == (2, 2, 10, 10)
+    loose = _model(nodes, [_vi("x", ["N", 2, "H", "W"])], [_vi("y", ["N", 6])], [("w", w)], opset=17)
+    onnx.save(loose, str(tmp_path / "loose.onnx"))
+    with pytest.raises(IntforgeError, match="symbolic dimensions besides the batch"):
+        load_onnx(tmp_path / "loose.onnx").example_shape()
 
 
 @pytest.mark.parametrize("case, message", [

@@ -96,7 +96,7 @@ class OnnxModule(torch.nn.Module):
         outs = tuple(env[name] for name in self.output_names)
         return outs[0] if len(outs) == 1 else outs
 
-    def describe_layer(self, layer: str) -> str | None:
+    def describe_layer(self, layer: str) -> str:
         """Where a captured layer (`layer1.0.conv1`, `layer1.0.add#1`) came from in the file, for errors and
         the integer program's `source`: the ONNX node of its module path or of the nearest scope above."""
         parts = layer.split("#")[0].split(".")
@@ -107,8 +107,13 @@ class OnnxModule(torch.nn.Module):
         return self.source
 
     def example_shape(self, batch: int = 1) -> tuple[int, ...]:
-        """The first input's shape, symbolic dims (the batch) set to `batch`."""
-        return tuple(batch if d is None else d for d in self.input_shapes[0])
+        """The first input's shape, a symbolic batch dim set to `batch`; other symbolic dims are an error."""
+        dims = self.input_shapes[0]
+        if any(d is None for d in dims[1:]):
+            raise IntforgeError(f"{self.source}: input {self.input_names[0]!r} has symbolic dimensions besides the "
+                                f"batch ({', '.join('?' if d is None else str(d) for d in dims)}); give the shape to "
+                                "compile for (the CLI's --input-shape, e.g. 1,3,224,224)")
+        return tuple(batch if d is None else d for d in dims)
 
 
 class _Scope(torch.nn.Module):
@@ -201,9 +206,6 @@ class _Builder:
             path = namespace_path(meta.get("namespace", ""))
         return _clean(path)
 
-    def optional_input(self, node: Any, k: int) -> str | None:
-        return node.input[k] if len(node.input) > k and node.input[k] else None
-
     def module_path(self, node: Any, index: int, weight: str | None) -> str:
         """Where a weighted node's module goes: its weight's name if a module path, else its scope, else its name."""
         # (the weight's name first where it is a module path: the dynamo exporter files a conv that absorbed
@@ -232,7 +234,7 @@ class _Builder:
                 if i == len(parts) - 1 or not isinstance(child, _Scope):
                     return False  # taken, or a leaf where a container is needed
                 node = child
-            elif hasattr(node, p) or (i == 0 and p in ("forward", "source")):
+            elif hasattr(node, p):  # (an attribute of the module: `forward`, `source`, ...)
                 return False
             else:
                 return True
@@ -242,12 +244,12 @@ class _Builder:
         if node is not None:
             self.mod._nodes[path] = f"'{node.name or node.output[0]}' ({node.op_type})"
         parts = path.split(".")
-        node: torch.nn.Module = self.mod
+        parent: torch.nn.Module = self.mod
         for p in parts[:-1]:
-            if p not in node._modules:
-                node.add_module(p, _Scope())
-            node = node._modules[p]
-        node.add_module(parts[-1], module)
+            if p not in parent._modules:
+                parent.add_module(p, _Scope())
+            parent = parent._modules[p]
+        parent.add_module(parts[-1], module)
 
     def _get(self, path: str) -> torch.nn.Module | None:
         node: torch.nn.Module | None = self.mod
