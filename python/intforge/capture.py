@@ -154,7 +154,7 @@ def capture(model: torch.nn.Module | torch.export.ExportedProgram,
     describe = getattr(model, "describe_layer", None)  # an ONNX import (onnx_import.py): the file's nodes
     if callable(describe):
         for op in graph.ops:
-            op.source = describe(op.name) or op.source
+            op.source = describe(op.name)
     return graph
 
 
