@@ -211,6 +211,35 @@ def test_uneven_padding_as_tensorflow_converters_write_it(opset, tmp_path, so_of
     assert_bit_exact_int(program, so_of(program, "int"))
 
 
+def test_old_model_zoo_style_file_with_weights_among_the_inputs(tmp_path):
+    """ONNX IR 3 / opset 8, as the early model zoo files are: every initializer also listed as a graph
+    input, BatchNormalization with its `spatial` attribute. Only `data` is an input to the module."""
+    rng = np.random.default_rng(5)
+    def normal(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32)
+
+    inits = {"w": normal(8, 3, 3, 3), "g": np.abs(normal(8)) + 0.5, "b": normal(8), "m": normal(8) * 0.1,
+             "v": np.abs(normal(8)) + 0.5, "fc": normal(10, 8), "fb": normal(10)}
+    nodes = [helper.make_node("Conv", ["data", "w"], ["c"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"], spatial=1, epsilon=1e-5),
+             helper.make_node("Relu", ["n"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc", "fb"], ["y"], transB=1)]
+    inputs = [_vi("data", [1, 3, 8, 8])] + [_vi(k, list(v.shape)) for k, v in inits.items()]
+    graph = helper.make_graph(nodes, "old", inputs, [_vi("y", [1, 10])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    m.ir_version = 3
+    path = str(tmp_path / "old.onnx")
+    onnx.save(m, path)
+    module = load_onnx(path)
+    assert module.input_names == ["data"]
+    x = np.random.default_rng(6).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(module(torch.from_numpy(x)).numpy(), ort_run(path, x), rtol=1e-5, atol=1e-5)
+
+
 def test_reduce_mean_global_pool_dropout_and_identity(tmp_path):
     w = np.random.default_rng(1).standard_normal((6, 2, 3, 3)).astype(np.float32)
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
