@@ -211,6 +211,29 @@ def test_uneven_padding_as_tensorflow_converters_write_it(opset, tmp_path, so_of
     assert_bit_exact_int(program, so_of(program, "int"))
 
 
+def test_constant_scales_and_shifts_after_a_layer_fold_into_it(tmp_path):
+    """Caffe's Scale layers (Mul, Add per channel after a Conv), a Gemm divided by a scalar and shifted
+    per feature: each folds into the layer's weights and bias, so capture sees convs and linears only."""
+    rng = np.random.default_rng(7)
+    w, fc = rng.standard_normal((6, 3, 3, 3)).astype(np.float32), rng.standard_normal((5, 6)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["s", "c"], ["cs"]),
+             helper.make_node("Add", ["cs", "t"], ["ct"]),
+             helper.make_node("Relu", ["ct"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["g"], transB=1),
+             helper.make_node("Div", ["g", "two"], ["gd"]),
+             helper.make_node("Sub", ["gd", "shift"], ["y"])]
+    inits = [("w", w), ("fc", fc), ("s", rng.uniform(0.5, 2, (1, 6, 1, 1)).astype(np.float32)),
+             ("t", rng.standard_normal((6, 1, 1)).astype(np.float32)), ("two", np.array(2.0, np.float32)),
+             ("shift", rng.standard_normal(5).astype(np.float32))]
+    m = _model(nodes, [_vi("x", [1, 3, 8, 8])], [_vi("y", [1, 5])], inits, opset=17)
+    module, x = _check_against_ort(m, tmp_path, (1, 3, 8, 8))
+    kinds = [op.kind for op in capture(module, (torch.from_numpy(x),)).ops]
+    assert kinds == ["conv2d", "relu", "avg_pool2d", "reshape", "linear"]
+
+
 def test_old_model_zoo_style_file_with_weights_among_the_inputs(tmp_path):
     """ONNX IR 3 / opset 8, as the early model zoo files are: every initializer also listed as a graph
     input, BatchNormalization with its `spatial` attribute. Only `data` is an input to the module."""
@@ -266,6 +289,7 @@ def test_reduce_mean_global_pool_dropout_and_identity(tmp_path):
     ("reflect", "with zeros only"),
     ("bn_alone", "does not directly follow a Conv"),
     ("const_add", "an Add of an activation and a constant"),
+    ("normalize", "input normalization"),
     ("computed_weight", "its weight"),
     ("int_input", "is not a float32 tensor"),
     ("custom_domain", "outside the standard ONNX domain"),
@@ -284,7 +308,9 @@ def test_unsupported_graphs_are_refused_naming_the_node_and_file(case, message, 
         "reflect": [helper.make_node("Pad", ["x", "p"], ["y"], name="pad0", mode="reflect")],
         "bn_alone": [conv, helper.make_node("Relu", ["c"], ["r"]),
                      helper.make_node("BatchNormalization", ["r", "s", "s", "s", "s"], ["y"], name="bn")],
-        "const_add": [conv, helper.make_node("Add", ["c", "k"], ["y"], name="bias_add")],
+        "const_add": [conv, helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Add", ["r", "k"], ["y"],
+                                                                                   name="bias_add")],
+        "normalize": [helper.make_node("Sub", ["x", "k3"], ["s"], name="minus_mean"), conv],
         "computed_weight": [helper.make_node("Relu", ["x"], ["r"]),
                             helper.make_node("Conv", ["x", "r"], ["y"], name="conv0")],
         "int_input": [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
@@ -300,6 +326,9 @@ def test_unsupported_graphs_are_refused_naming_the_node_and_file(case, message, 
         inits.append(("s", np.ones(4, np.float32)))
     if case == "const_add":
         inits.append(("k", np.ones((1, 4, 1, 1), np.float32)))
+    if case == "normalize":
+        inits.append(("k3", np.full((1, 3, 1, 1), 0.5, np.float32)))
+        nodes[1].input[0] = "s"
     if case == "int_input":
         x = helper.make_tensor_value_info("x", TensorProto.INT64, [1, 3, 8, 8])
     graph = helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(v, k) for k, v in inits])

@@ -31,10 +31,11 @@ import torch
 from .errors import IntforgeError, UnsupportedOpError
 
 SUPPORTED_ONNX_OPS = (
-    "Conv (2-D), Pad (zeros around H, W), BatchNormalization (after a Conv: folded), Gemm, MatMul (+ Add of a "
-    "constant bias), Relu, Clip, Add (of two activations), MaxPool, AveragePool, GlobalAveragePool, "
-    "ReduceMean over H,W, Flatten, Reshape, Concat, Dropout, Identity; and shape arithmetic on constants "
-    "(Constant, Shape, Gather, Unsqueeze, Squeeze, Concat, Cast, Slice, Add, Sub, Mul, Div)"
+    "Conv (2-D), Pad (zeros around H, W), BatchNormalization (after a Conv: folded), Gemm, MatMul, Add / Sub / "
+    "Mul / Div of a constant per output channel after those three (folded), Relu, Clip, Add (of two "
+    "activations), MaxPool, AveragePool, GlobalAveragePool, ReduceMean over H,W, Flatten, Reshape, Concat, "
+    "Dropout, Identity; and shape arithmetic on constants (Constant, Shape, Gather, Unsqueeze, Squeeze, "
+    "Concat, Cast, Slice, Add, Sub, Mul, Div)"
 )
 
 _FLOAT = 1  # onnx.TensorProto.FLOAT
@@ -173,6 +174,7 @@ class _Builder:
         self.users: dict[str, int] = {}
         self.used_paths: set[str] = set()
         self.fns: dict[str, tuple[Any, _Fn]] = {}
+        self.made: dict[str, torch.nn.Conv2d | torch.nn.Linear] = {}  # output value -> the layer computing it
 
     # -- helpers --------------------------------------------------------------------------------------
     def where(self, node: Any, index: int) -> str:
@@ -288,6 +290,9 @@ class _Builder:
 
     def call_module(self, path: str, inputs: str | list[str], output: str) -> None:
         names = [inputs] if isinstance(inputs, str) else list(inputs)
+        module = self._get(path)
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            self.made[output] = module
 
         def run(mod: OnnxModule, env: dict[str, Any], _p=path, _in=names, _out=output) -> None:
             env[_out] = mod.get_submodule(_p)(*(env[i] for i in _in))
@@ -358,6 +363,8 @@ class _Builder:
         if any(i in self.shape_like for i in (live if op != "Reshape" else live[:1])):
             raise self.refuse(node, index, "it mixes activations with values computed from shapes; intforge "
                                            "imports shape arithmetic only where it feeds a Reshape")
+        if op in ("Add", "Sub", "Mul", "Div") and self._fold_constant(node, op, ins, out):
+            return
         handler = getattr(self, f"op_{op}", None)
         if handler is None:
             if op in ("Softmax", "LogSoftmax"):
@@ -567,19 +574,54 @@ class _Builder:
         w = self.const(node, index, ins[1], "weight (second input)")
         if w.ndim != 2:
             raise self.refuse(node, index, f"a MatMul with a {w.ndim}-D weight; intforge takes (in, out) weights")
-        b = None
-        users = [(k, n) for k, n in enumerate(self.graph.node) if out in n.input]
-        if len(users) == 1 and self.users.get(out, 0) == 1 and users[0][1].op_type == "Add":
-            k, add = users[0]
-            other = [i for i in add.input if i != out]
-            if len(other) == 1 and self.name(other[0]) in self.static and \
-                    self.static[self.name(other[0])].size == w.shape[1]:
-                b = self.static[self.name(other[0])]
-                skip.add(k)
-                out_name = add.output[0]
-                self._linear(node, index, ins[0], w.T, b, out_name)
-                return
-        self._linear(node, index, ins[0], w.T, b, out)
+        self._linear(node, index, ins[0], w.T, None, out)  # (an Add of a bias after it folds: _fold_constant)
+
+    def _fold_constant(self, node: Any, op: str, ins: list[str], out: str) -> bool:
+        """`layer(x) op c` with c a constant per output channel (or a scalar), the layer a Conv, Gemm or MatMul
+        read by nothing else: folded into its weights and bias (a MatMul's bias Add; Caffe's Scale layers
+        as Mul and Add). False where that does not apply."""
+        if len(ins) != 2 or (ins[0] in self.static) == (ins[1] in self.static):
+            return False
+        k = 0 if ins[0] in self.static else 1
+        act = ins[1 - k]
+        layer = self.made.get(act)
+        if layer is None or self.users.get(node.input[1 - k], 0) != 1 or (k == 0 and op in ("Sub", "Div")):
+            return False
+        c = self.static[ins[k]].astype(np.float64)
+        n = layer.weight.shape[0]
+        channel_axis = 1 if isinstance(layer, torch.nn.Conv2d) else 0  # (C, 1, 1) / (1, C, 1, 1); (F,) / (1, F)
+        trailing = c.shape[len(c.shape) - (3 if channel_axis else 1):] if c.ndim else ()
+        if c.size == 1:
+            per = np.full(n, float(c.ravel()[0]))
+        elif c.size == n and len(trailing) and trailing[0] == n and c.ndim <= (4 if channel_axis else 2):
+            per = c.reshape(-1)
+        else:
+            return False
+        if op == "Div" and np.any(per == 0):
+            return False
+        with torch.no_grad():
+            w = layer.weight.detach().to(torch.float64)
+            b = layer.bias.detach().to(torch.float64) if layer.bias is not None else torch.zeros(n, dtype=torch.float64)
+            t = torch.from_numpy(per)
+            if op in ("Mul", "Div"):
+                s = t if op == "Mul" else 1.0 / t
+                w = w * s.reshape(-1, *([1] * (w.ndim - 1)))
+                b = b * s
+            else:
+                b = b + t if op == "Add" else b - t
+            layer.weight.copy_(w.to(torch.float32))
+            if layer.bias is None:
+                layer.bias = torch.nn.Parameter(torch.zeros(n))
+            layer.bias.copy_(b.to(torch.float32))
+        self.alias[out] = act
+        return True
+
+    def op_Mul(self, node, index, a, ins, out, skip) -> None:
+        raise self.refuse(node, index, "a Mul that is not a constant scale per output channel of the Conv, Gemm or "
+                                       "MatMul right before it (which would fold into it). An input normalization "
+                                       "((x - mean) / std) inside the graph: apply it to the data instead")
+
+    op_Div = op_Sub = op_Mul
 
     def op_Relu(self, node, index, a, ins, out, skip) -> None:
         self.step(torch.relu, [ins[0]], out, node)
@@ -600,8 +642,8 @@ class _Builder:
     def op_Add(self, node, index, a, ins, out, skip) -> None:
         if any(i in self.static for i in ins):
             raise self.refuse(node, index, "an Add of an activation and a constant; intforge adds two activations "
-                                           "(a residual connection), and folds a constant only as the bias of the "
-                                           "MatMul right before it")
+                                           "(a residual connection), and folds a constant only into the Conv, Gemm "
+                                           "or MatMul right before it, one value per output channel")
         self.step(torch.add, ins[:2], out, node)
 
     def _pool_common(self, node, index, a) -> tuple[list[int], list[int], list[int], bool]:
