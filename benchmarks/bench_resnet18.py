@@ -281,57 +281,18 @@ def export_onnx(model: Any, x: np.ndarray, path: Path) -> dict:
 
 
 def quantize_onnx(fp32_path: Path, calib: np.ndarray, workdir: Path) -> tuple[Path, dict]:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    """ORT's static INT8 of the file (intforge.peers: QDQ, per-channel, u8 activations, min/max)."""
+    from intforge.peers import ort_quantize_static
 
-    class Reader(CalibrationDataReader):
-        def __init__(self, images: np.ndarray) -> None:
-            self._it = iter([{"input": images[i:i + 1]} for i in range(len(images))])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._it, None)
-
-    info: dict[str, Any] = {"format": "QDQ", "per_channel": True, "activation_type": "QUInt8",
-                            "weight_type": "QInt8", "calibrate_method": "MinMax",
-                            "calibration_images": int(len(calib))}
-    t0 = time.perf_counter()
-    src = fp32_path
-    try:
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        pre = workdir / "resnet18_fp32_pre.onnx"
-        quant_pre_process(str(fp32_path), str(pre))
-        src, info["quant_pre_process"] = pre, True
-    except Exception as exc:  # noqa: BLE001 - preprocessing is optional; record why it was skipped
-        info["quant_pre_process"] = f"skipped: {type(exc).__name__}: {exc}"
-    out = workdir / "resnet18_int8_qdq.onnx"
-    quantize_static(str(src), str(out), Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
-    info["quantize_seconds"] = round(time.perf_counter() - t0, 2)
+    out, info = ort_quantize_static(fp32_path, calib, workdir / "resnet18_int8_qdq.onnx")
+    info["calibration_images"] = info.pop("calibration_samples")
     return out, info
 
 
 def ort_session(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
-    import onnxruntime as ort
+    from intforge.peers import ort_session as session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-
-    def run(x: np.ndarray) -> np.ndarray:
-        return sess.run(None, {name: x})[0]
-
-    return run
+    return session(path, threads)
 
 
 # --------------------------------------------------------------------------------------------- report

@@ -370,3 +370,23 @@ def test_cli_compiles_and_runs_an_onnx_file(tmp_path):
     assert "features.3" in inspect and "classifier.0" in inspect
     manifest = json.loads(intforge_cli("inspect", str(tmp_path / "onnx" / "model.so"), "--json").stdout)
     assert manifest["inputs"][0]["name"] == "image"  # the file's input name
+
+
+def test_cli_compare_scores_and_times_intforge_against_onnx_runtime_on_the_same_file(tmp_path):
+    path = export(zoo.mnist_net(), (1, 1, 28, 28), tmp_path / "mnist.onnx")
+    out = tmp_path / "cmp.json"
+    proc = intforge_cli("compare", path, "--calib", "mnist:200", "--data", "mnist:500", "--rounds", "2", "--repeat",
+                        "5", "--threads", "1", "--json", str(out), "-o", str(tmp_path / "cmp"))
+    assert "intforge INT8 / ORT INT8 latency:" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["samples"] == 500 and result["threads"] == 1
+    assert result["accuracy"]["intforge_int8"] > 0.98 and result["accuracy"]["ort_int8"] > 0.98
+    assert abs(result["accuracy"]["ort_fp32"] - 0.9986) < 0.01  # the trained net, run by ORT in float
+    timing = result["latency"]
+    assert len(timing["engines"]["ort_int8"]["round_medians_ms"]) == 2 and timing["ratio"] > 0
+    assert (tmp_path / "cmp" / "ort_int8_qdq.onnx").is_file() and (tmp_path / "cmp" / "intforge" / "model.so").is_file()
+    for args, message in ((["intforge.zoo:mnist_net", "--calib", "mnist:10"], "give an .onnx file"),
+                          ([path], "compare needs --calib data"),
+                          ([path, "--calib", "mnist:10", "--target", "rpi5"], "leave --target")):
+        proc = intforge_cli("compare", *args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

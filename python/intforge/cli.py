@@ -470,6 +470,91 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """intforge INT8 against ONNX Runtime INT8 on the same .onnx file and calibration samples: accuracy (or
+    top-1 agreement with ORT's float run) and latency, timed in turns on the same threads."""
+    import os
+
+    from .datasets import load_data
+    from .peers import interleaved_latency, ort_quantize_static, ort_session
+
+    if not args.model.endswith(".onnx"):
+        raise IntforgeError(f"compare runs ONNX Runtime on the model's own file: give an .onnx file, not {args.model}")
+    if not args.calib or args.calib.split(":")[0] == "distilled":
+        raise IntforgeError("compare needs --calib data: ONNX Runtime calibrates on the same samples as intforge")
+    if args.threads:  # read by the thread pool when it starts, so set before the library loads
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    from .compiler import build
+    from .runtime import load
+    from .threads import pool_threads
+
+    if args.target != "x86" or args.boundary != "float":
+        raise IntforgeError("compare runs both engines on this machine, on float inputs: leave --target (x86) and "
+                            "--boundary (float) at their defaults")
+    out = Path(args.output)
+    art = build(_program_from_args(args), out / "intforge", target="x86", boundary="float", tuned=not args.untuned)
+    lib = load(art.library)
+    threads = pool_threads()
+    shape = tuple(lib.inputs[0]["shape"])
+
+    def samples(spec: str, count: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+        x, y = load_data(spec, count)
+        x = np.ascontiguousarray(x, np.float32)
+        if tuple(x.shape[1:]) != shape[1:]:
+            if int(np.prod(x.shape[1:])) != int(np.prod(shape[1:])):
+                raise IntforgeError(f"the samples of {spec} have shape {tuple(x.shape[1:])}, the model takes "
+                                    f"{shape[1:]}")
+            x = x.reshape(len(x), *shape[1:])
+        return x, y
+
+    calib, _ = samples(args.calib, args.calib_count)
+    print(f"quantizing {args.model} with ONNX Runtime (static QDQ, per-channel, {len(calib)} samples)...")
+    qpath, qinfo = ort_quantize_static(args.model, calib, out / "ort_int8_qdq.onnx")
+    engines = {"ort_fp32": ort_session(args.model, threads), "ort_int8": ort_session(qpath, threads),
+               "intforge_int8": lib}
+    x, y = samples(args.data, args.count) if args.data else (calib, None)
+    b = shape[0]
+    x = x[: len(x) - len(x) % b] if len(x) >= b else np.concatenate([x] * (-(-b // len(x))))[:b]
+    y = y[: len(x)] if y is not None else None
+    outs = {n: np.concatenate([np.asarray(fn(x[i:i + b])).reshape(b, -1) for i in range(0, len(x), b)])
+            for n, fn in engines.items()}
+    result: dict[str, Any] = {"model": args.model, "threads": threads, "batch": b, "samples": len(x),
+                              "data": args.data or f"{args.calib} (the calibration samples)", "ort_quantization": qinfo,
+                              "intforge_library": str(art.library)}
+    if outs["ort_fp32"].shape[1] > 1:  # class scores: top-1
+        top = {n: o.argmax(1) for n, o in outs.items()}
+        result["top1_agreement_with_ort_fp32"] = {n: float((top[n] == top["ort_fp32"]).mean())
+                                                  for n in ("ort_int8", "intforge_int8")}
+        if y is not None:
+            result["accuracy"] = {n: float((top[n] == y).mean()) for n in engines}
+    ref = outs["ort_fp32"]
+    result["relative_error_vs_ort_fp32"] = {n: float(np.linalg.norm(outs[n] - ref) / max(np.linalg.norm(ref), 1e-30))
+                                            for n in ("ort_int8", "intforge_int8")}
+    print(f"timing at batch {b} on {threads} threads: {args.rounds} rounds of {args.repeat} calls each, in turns...")
+    timing = interleaved_latency({"ort_int8": engines["ort_int8"], "intforge_int8": lib}, x[:b], args.rounds,
+                                 args.repeat)
+    result["latency"] = timing
+    print(f"\n{'':16s} {'ORT FP32':>10s} {'ORT INT8':>10s} {'intforge INT8':>14s}")
+    if "accuracy" in result:
+        a = result["accuracy"]
+        print(f"{'accuracy':16s} {a['ort_fp32']:10.4f} {a['ort_int8']:10.4f} {a['intforge_int8']:14.4f}   "
+              f"({len(x)} labelled samples)")
+    if "top1_agreement_with_ort_fp32" in result:
+        t = result["top1_agreement_with_ort_fp32"]
+        print(f"{'top-1 = FP32':16s} {1.0:10.4f} {t['ort_int8']:10.4f} {t['intforge_int8']:14.4f}")
+    e = result["relative_error_vs_ort_fp32"]
+    print(f"{'rel. error':16s} {0.0:10.4f} {e['ort_int8']:10.4f} {e['intforge_int8']:14.4f}   (vs ORT FP32 outputs)")
+    lat = timing["engines"]
+    print(f"{'latency (ms)':16s} {'':>10s} {lat['ort_int8']['median_ms']:10.3f} "
+          f"{lat['intforge_int8']['median_ms']:14.3f}   (medians)")
+    print(f"\nintforge INT8 / ORT INT8 latency: {timing['ratio']:.3f} round by round, "
+          f"{timing['ratio_of_medians']:.3f} by medians")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_board_server(args: argparse.Namespace) -> int:
     from .compiler.targets import resolve_target
     from .emulate import EmulatedRPCServer
@@ -492,7 +577,7 @@ def cmd_board_server(args: argparse.Namespace) -> int:
 
 def _model_args(c: argparse.ArgumentParser) -> None:
     """The arguments that say how to turn a model into an integer program (shared by compile and tune)."""
-    c.add_argument("model", help="pkg.module:factory, a torch.export .pt2 file (ONNX: not yet)")
+    c.add_argument("model", help="pkg.module:factory, a torch.export .pt2 file or an .onnx file")
     c.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,3,224,224 (batch first)")
     c.add_argument("--calib", help="calibration data: mnist[:N], random:N, a .npy / .npz file of inputs, or "
                    "distilled[:N] (data-free: synthesized from BatchNorm statistics)")
@@ -527,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.set_defaults(func=cmd_tune)
 
     a = sub.add_parser("analyze", help="per-layer Hessian sensitivity (trace, top eigenvalue): JSON + plot")
-    a.add_argument("model", help="pkg.module:factory")
+    a.add_argument("model", help="pkg.module:factory or an .onnx file")
     a.add_argument("--data", required=True, help="mnist[:N], random:N (224x224 images), or an .npz with x (and y)")
     a.add_argument("--count", type=_COUNT, help="use only the first N samples")
     a.add_argument("--input-shape", type=_shape, help="reshape samples to this shape (batch first)")
@@ -546,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_analyze)
 
     pl = sub.add_parser("plan", help="choose per-layer bits by integer linear programming under budgets")
-    pl.add_argument("model", help="pkg.module:factory or .pt2")
+    pl.add_argument("model", help="pkg.module:factory, .pt2 or .onnx")
     pl.add_argument("--analysis", required=True, help="analysis.json from `intforge analyze`")
     pl.add_argument("--input-shape", type=_shape, help="example input shape (batch first)")
     pl.add_argument("--data", help="take the input shape from this data instead")
@@ -577,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     sc = sub.add_parser("schedules", help="each layer under each schedule (plain, default, tuned): table + plot")
-    sc.add_argument("model", help="pkg.module:factory or .pt2")
+    sc.add_argument("model", help="pkg.module:factory, .pt2 or .onnx")
     sc.add_argument("--input-shape", type=_shape, help="example input shape (batch first)")
     sc.add_argument("--data", help="take the input shape from this data instead")
     sc.add_argument("--plan", help="per-layer bits from `intforge plan` (default: INT8)")
@@ -597,6 +682,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tracker", metavar="HOST:PORT", help="time on a board handed out by a TVM RPC tracker")
     b.add_argument("--key", help="device key to request from the tracker (e.g. rpi5)")
     b.set_defaults(func=cmd_bench)
+
+    cm = sub.add_parser("compare", help="intforge INT8 against ONNX Runtime INT8 on the same .onnx file: "
+                                        "accuracy and latency, side by side")
+    _model_args(cm)
+    cm.add_argument("--data", help="labelled set to score both on: mnist[:N], or an .npz with x and y (default: "
+                                   "the calibration samples, top-1 agreement with ORT FP32 only)")
+    cm.add_argument("--count", type=_COUNT, help="score only the first N samples of --data")
+    cm.add_argument("--threads", type=_COUNT, help="threads for both engines (default: one per physical core)")
+    cm.add_argument("--rounds", type=_COUNT, default=10, help="timing rounds, engines in turns (default 10)")
+    cm.add_argument("--repeat", type=_COUNT, default=20, help="timed calls per engine per round (default 20)")
+    cm.add_argument("--untuned", action="store_true", help="ignore the target's tuning database")
+    cm.add_argument("--json", help="also write the numbers to this JSON file")
+    cm.add_argument("-o", "--output", default="build/compare", help="where both quantized models go")
+    cm.set_defaults(func=cmd_compare)
 
     bs = sub.add_parser("board-server", help="an emulated ARM board (qemu) serving TVM RPC on loopback")
     bs.add_argument("--target", default="rpi5", help="ARM preset whose CPU qemu emulates (default rpi5)")
