@@ -385,7 +385,12 @@ def test_cli_compare_scores_and_times_intforge_against_onnx_runtime_on_the_same_
     timing = result["latency"]
     assert len(timing["engines"]["ort_int8"]["round_medians_ms"]) == 2 and timing["ratio"] > 0
     assert (tmp_path / "cmp" / "ort_int8_qdq.onnx").is_file() and (tmp_path / "cmp" / "intforge" / "model.so").is_file()
-    for args, message in ((["intforge.zoo:mnist_net", "--calib", "mnist:10"], "give an .onnx file"),
+    # a PyTorch model: exported to ONNX first, and both engines compile that file
+    proc = intforge_cli("compare", "intforge.zoo:mnist_net", "--calib", "mnist:100", "--data", "mnist:200",
+                        "--rounds", "1", "--repeat", "3", "-o", str(tmp_path / "cmp_torch"))
+    assert "exported intforge.zoo:mnist_net to" in proc.stdout and (tmp_path / "cmp_torch" / "model.onnx").is_file()
+    assert float(proc.stdout.split("accuracy")[1].split()[2]) > 0.97  # intforge INT8's column
+    for args, message in ((["intforge.zoo:mnist_net"], "compare needs --calib data"),
                           ([path], "compare needs --calib data"),
                           ([path, "--calib", "mnist:10", "--target", "rpi5"], "leave --target")):
         proc = intforge_cli("compare", *args, check=False)

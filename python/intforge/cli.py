@@ -478,10 +478,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .datasets import load_data
     from .peers import interleaved_latency, ort_quantize_static, ort_session
 
-    if not args.model.endswith(".onnx"):
-        raise IntforgeError(f"compare runs ONNX Runtime on the model's own file: give an .onnx file, not {args.model}")
     if not args.calib or args.calib.split(":")[0] == "distilled":
         raise IntforgeError("compare needs --calib data: ONNX Runtime calibrates on the same samples as intforge")
+    out = Path(args.output)
+    if not args.model.endswith(".onnx"):  # a PyTorch model: both engines take its ONNX export
+        args.model = _export_for_ort(args, out / "model.onnx")
     if args.threads:  # read by the thread pool when it starts, so set before the library loads
         os.environ["TVM_NUM_THREADS"] = str(args.threads)
     from .compiler import build
@@ -491,7 +492,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.target != "x86" or args.boundary != "float":
         raise IntforgeError("compare runs both engines on this machine, on float inputs: leave --target (x86) and "
                             "--boundary (float) at their defaults")
-    out = Path(args.output)
     art = build(_program_from_args(args), out / "intforge", target="x86", boundary="float", tuned=not args.untuned)
     lib = load(art.library)
     threads = pool_threads()
@@ -553,6 +553,37 @@ def cmd_compare(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _export_for_ort(args: argparse.Namespace, path: Path) -> str:
+    """A PyTorch model (`pkg.module:factory`, .pt2) as an .onnx file (torch.onnx.export, batch dynamic), so
+    that ONNX Runtime and intforge compile the same file."""
+    import warnings
+
+    import torch
+
+    from .datasets import load_data
+
+    model = load_model_ref(args.model)
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
+    if args.input_shape:
+        example = torch.zeros(args.input_shape)
+    else:
+        x, _ = load_data(args.calib, 1)
+        example = torch.from_numpy(np.ascontiguousarray(x[:1], np.float32))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model.eval(), (example,), str(path), dynamo=False, opset_version=17,
+                              input_names=["input"], dynamic_axes={"input": {0: "batch"}})
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; the user needs the first line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise IntforgeError(f"torch.onnx.export could not export {args.model} for ONNX Runtime ({first}); export it "
+                            "yourself and pass the .onnx file") from None
+    print(f"exported {args.model} to {path} (ONNX Runtime and intforge both compile this file)")
+    return str(path)
 
 
 def cmd_board_server(args: argparse.Namespace) -> int:
@@ -683,8 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--key", help="device key to request from the tracker (e.g. rpi5)")
     b.set_defaults(func=cmd_bench)
 
-    cm = sub.add_parser("compare", help="intforge INT8 against ONNX Runtime INT8 on the same .onnx file: "
-                                        "accuracy and latency, side by side")
+    cm = sub.add_parser("compare", help="intforge INT8 against ONNX Runtime INT8 on the same .onnx file (a "
+                                        "PyTorch model is exported first): accuracy and latency, side by side")
     _model_args(cm)
     cm.add_argument("--data", help="labelled set to score both on: mnist[:N], or an .npz with x and y (default: "
                                    "the calibration samples, top-1 agreement with ORT FP32 only)")
