@@ -322,10 +322,8 @@ class _Builder:
                 self.users[i] = self.users.get(i, 0) + 1
         for o in g.output:
             self.users[o.name] = self.users.get(o.name, 0) + 1
-        skip: set[int] = set()
         for index, node in enumerate(g.node):
-            if index not in skip:
-                self.node(node, index, skip)
+            self.node(node, index)
         self.mod.output_names = [self.name(o.name) for o in g.output]
         for o in self.mod.output_names:
             if o in self.static or o in self.shape_like:
@@ -334,7 +332,7 @@ class _Builder:
         _name_inputs(self.mod)
         return self.mod
 
-    def node(self, node: Any, index: int, skip: set[int]) -> None:
+    def node(self, node: Any, index: int) -> None:
         op, a = node.op_type, self.attrs(node)
         if node.domain not in ("", "ai.onnx"):
             raise self.refuse(node, index, f"op {node.domain}::{op} is outside the standard ONNX domain; intforge "
@@ -373,7 +371,7 @@ class _Builder:
             else:
                 hint = " Replace it in the model before exporting, or open an issue asking for it."
             raise self.refuse(node, index, f"unsupported op {op}. intforge imports only: {SUPPORTED_ONNX_OPS}.{hint}")
-        handler(node, index, a, ins, out, skip)
+        handler(node, index, a, ins, out)
 
     def _constant_value(self, node: Any, index: int, a: dict[str, Any]) -> np.ndarray:
         if "value" in a:
@@ -449,7 +447,7 @@ class _Builder:
                                        f"{SUPPORTED_ONNX_OPS}")
 
     # -- ops on activations -----------------------------------------------------------------------------
-    def op_Conv(self, node, index, a, ins, out, skip) -> None:
+    def op_Conv(self, node, index, a, ins, out) -> None:
         w = self.const(node, index, ins[1], "weight").astype(np.float32)
         if w.ndim != 4:
             raise self.refuse(node, index, f"a {w.ndim - 2}-D convolution; intforge lowers 2-D convolutions only")
@@ -490,7 +488,7 @@ class _Builder:
         pads = list(a.get("pads", [0] * 4)) if auto == "NOTSET" else [0] * 4
         return [int(p) for p in pads]
 
-    def op_Pad(self, node, index, a, ins, out, skip) -> None:
+    def op_Pad(self, node, index, a, ins, out) -> None:
         mode = a.get("mode", b"constant")
         mode = mode.decode() if isinstance(mode, bytes) else str(mode)
         if self.opset < 11:
@@ -528,7 +526,7 @@ class _Builder:
                                            "supports symmetric padding only")
         return pads[:2]
 
-    def op_BatchNormalization(self, node, index, a, ins, out, skip) -> None:
+    def op_BatchNormalization(self, node, index, a, ins, out) -> None:
         src = self.producer.get(ins[0])
         if src is None or src.op_type != "Conv" or self.users.get(ins[0], 0) != 1:
             raise self.refuse(node, index, "a BatchNormalization that does not directly follow a Conv (its only "
@@ -557,7 +555,7 @@ class _Builder:
         self.attach(path, lin, node)
         self.call_module(path, x, out)
 
-    def op_Gemm(self, node, index, a, ins, out, skip) -> None:
+    def op_Gemm(self, node, index, a, ins, out) -> None:
         if int(a.get("transA", 0)):
             raise self.refuse(node, index, "Gemm with transA=1; intforge takes activations as (batch, features)")
         w = self.const(node, index, ins[1], "weight (B)") * float(a.get("alpha", 1.0))
@@ -570,7 +568,7 @@ class _Builder:
                                                f"({w.shape[0]})")
         self._linear(node, index, ins[0], w, b, out)
 
-    def op_MatMul(self, node, index, a, ins, out, skip) -> None:
+    def op_MatMul(self, node, index, a, ins, out) -> None:
         w = self.const(node, index, ins[1], "weight (second input)")
         if w.ndim != 2:
             raise self.refuse(node, index, f"a MatMul with a {w.ndim}-D weight; intforge takes (in, out) weights")
@@ -616,17 +614,17 @@ class _Builder:
         self.alias[out] = act
         return True
 
-    def op_Mul(self, node, index, a, ins, out, skip) -> None:
+    def op_Mul(self, node, index, a, ins, out) -> None:
         raise self.refuse(node, index, "a Mul that is not a constant scale per output channel of the Conv, Gemm or "
                                        "MatMul right before it (which would fold into it). An input normalization "
                                        "((x - mean) / std) inside the graph: apply it to the data instead")
 
     op_Div = op_Sub = op_Mul
 
-    def op_Relu(self, node, index, a, ins, out, skip) -> None:
+    def op_Relu(self, node, index, a, ins, out) -> None:
         self.step(torch.relu, [ins[0]], out, node)
 
-    def op_Clip(self, node, index, a, ins, out, skip) -> None:
+    def op_Clip(self, node, index, a, ins, out) -> None:
         if self.opset < 11:
             lo, hi = a.get("min"), a.get("max")
         else:
@@ -639,7 +637,7 @@ class _Builder:
             return
         self.step(lambda x, _lo=lo, _hi=hi: torch.clamp(x, _lo, _hi), [ins[0]], out, node)
 
-    def op_Add(self, node, index, a, ins, out, skip) -> None:
+    def op_Add(self, node, index, a, ins, out) -> None:
         if any(i in self.static for i in ins):
             raise self.refuse(node, index, "an Add of an activation and a constant; intforge adds two activations "
                                            "(a residual connection), and folds a constant only into the Conv, Gemm "
@@ -655,24 +653,24 @@ class _Builder:
         pad = self._pads(node, index, a, k, stride, dilation)
         return k, stride, pad, bool(a.get("ceil_mode", 0))
 
-    def op_MaxPool(self, node, index, a, ins, out, skip) -> None:
+    def op_MaxPool(self, node, index, a, ins, out) -> None:
         if len(node.output) > 1 and node.output[1]:
             raise self.refuse(node, index, "a MaxPool with an Indices output; intforge takes the values only")
         k, stride, pad, ceil = self._pool_common(node, index, a)
         dilation = list(a.get("dilations", [1, 1]))
         self.step(lambda x: torch.nn.functional.max_pool2d(x, k, stride, pad, dilation, ceil), [ins[0]], out, node)
 
-    def op_AveragePool(self, node, index, a, ins, out, skip) -> None:
+    def op_AveragePool(self, node, index, a, ins, out) -> None:
         k, stride, pad, ceil = self._pool_common(node, index, a)
         if ceil:
             raise self.refuse(node, index, "an AveragePool with ceil_mode=1; intforge supports ceil_mode=0 only")
         include = bool(a.get("count_include_pad", 0))
         self.step(lambda x: torch.nn.functional.avg_pool2d(x, k, stride, pad, False, include), [ins[0]], out, node)
 
-    def op_GlobalAveragePool(self, node, index, a, ins, out, skip) -> None:
+    def op_GlobalAveragePool(self, node, index, a, ins, out) -> None:
         self.step(lambda x: torch.nn.functional.adaptive_avg_pool2d(x, 1), [ins[0]], out, node)
 
-    def op_ReduceMean(self, node, index, a, ins, out, skip) -> None:
+    def op_ReduceMean(self, node, index, a, ins, out) -> None:
         axes = a.get("axes")
         if axes is None and len(ins) > 1 and ins[1]:
             axes = self.const(node, index, ins[1], "axes").ravel().tolist()
@@ -683,14 +681,14 @@ class _Builder:
         self.step(lambda x: torch.nn.functional.adaptive_avg_pool2d(x, 1) if keep else
                   torch.nn.functional.adaptive_avg_pool2d(x, 1).reshape(x.shape[0], x.shape[1]), [ins[0]], out, node)
 
-    def op_Flatten(self, node, index, a, ins, out, skip) -> None:
+    def op_Flatten(self, node, index, a, ins, out) -> None:
         axis = int(a.get("axis", 1))
         if axis == 1:
             self.step(lambda x: torch.flatten(x, 1), [ins[0]], out, node)
         else:
             self.step(lambda x: x.reshape(int(np.prod(x.shape[:axis])), -1), [ins[0]], out)
 
-    def op_Reshape(self, node, index, a, ins, out, skip) -> None:
+    def op_Reshape(self, node, index, a, ins, out) -> None:
         if self.opset < 5:
             target = np.array(a["shape"], np.int64)
             self.step(lambda x: x.reshape(_reshape_target(tuple(x.shape), target, a)), [ins[0]], out)
@@ -699,17 +697,17 @@ class _Builder:
             raise self.refuse(node, index, "a Reshape to a shape computed from activations")
         self.step(lambda x, s: x.reshape(_reshape_target(tuple(x.shape), s, a)), ins[:2], out)
 
-    def op_Concat(self, node, index, a, ins, out, skip) -> None:
+    def op_Concat(self, node, index, a, ins, out) -> None:
         if any(i in self.static for i in ins):
             raise self.refuse(node, index, "a Concat of activations with a constant; intforge concatenates "
                                            "activations only")
         axis = int(a["axis"])
         self.step(lambda *xs: torch.cat(xs, axis), [i for i in ins if i], out, node)
 
-    def op_Dropout(self, node, index, a, ins, out, skip) -> None:
+    def op_Dropout(self, node, index, a, ins, out) -> None:
         self.alias[out] = ins[0]
 
-    def op_Identity(self, node, index, a, ins, out, skip) -> None:
+    def op_Identity(self, node, index, a, ins, out) -> None:
         self.alias[out] = ins[0]
 
 
