@@ -369,7 +369,8 @@ def test_cli_compiles_and_runs_an_onnx_file(tmp_path):
     inspect = intforge_cli("inspect", str(tmp_path / "onnx" / "model.so")).stdout
     assert "features.3" in inspect and "classifier.0" in inspect
     manifest = json.loads(intforge_cli("inspect", str(tmp_path / "onnx" / "model.so"), "--json").stdout)
-    assert manifest["inputs"][0]["name"] == "image"  # the file's input name
+    assert manifest["inputs"][0]["name"] == "image"  # the file's input and output names
+    assert manifest["outputs"][0]["name"] == "y"
 
 
 def test_cli_compare_scores_and_times_intforge_against_onnx_runtime_on_the_same_file(tmp_path):

@@ -155,7 +155,23 @@ def capture(model: torch.nn.Module | torch.export.ExportedProgram,
     if callable(describe):
         for op in graph.ops:
             op.source = describe(op.name)
+        _rename_outputs(graph, getattr(model, "file_output_names", []))
     return graph
+
+
+def _rename_outputs(graph: FloatGraph, names: list[str]) -> None:
+    """The graph's outputs under the names an ONNX file gives them (`y`, not torch.export's `linear_1`),
+    where such a name is an identifier no other tensor has (not the exporter's numbered `191`)."""
+    for i, (old, new) in enumerate(zip(list(graph.outputs), names, strict=False)):
+        taken = new in graph.shapes or old in graph.inputs or graph.outputs.count(old) > 1
+        if not new.isidentifier() or new == old or taken:
+            continue
+        for op in graph.ops:
+            op.inputs = [new if t == old else t for t in op.inputs]
+            if op.output == old:
+                op.output = new
+        graph.shapes[new] = graph.shapes.pop(old)
+        graph.outputs[i] = new
 
 
 def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:

@@ -82,6 +82,7 @@ class OnnxModule(torch.nn.Module):
         self.input_names: list[str] = []
         self.input_shapes: list[tuple[int | None, ...]] = []
         self.output_names: list[str] = []
+        self.file_output_names: list[str] = []  # the graph's outputs as the file names them
         self._constants: dict[str, np.ndarray] = {}
         self._nodes: dict[str, str] = {}  # module path -> "'node name' (OpType)"
         self._steps: list[Callable[[OnnxModule, dict[str, Any]], None]] = []
@@ -325,6 +326,7 @@ class _Builder:
         for index, node in enumerate(g.node):
             self.node(node, index)
         self.mod.output_names = [self.name(o.name) for o in g.output]
+        self.mod.file_output_names = [o.name for o in g.output]
         for o in self.mod.output_names:
             if o in self.static or o in self.shape_like:
                 raise IntforgeError(f"{self.source}: output {o!r} is a constant, not computed from the inputs")
