@@ -42,7 +42,7 @@ def program_numbers(program) -> list:
     """An integer program's numbers and structure, without tensor names and source locations."""
     out = []
     for op in program.ops:
-        out.append((op.kind, op.name, {k: v for k, v in op.attrs.items()},
+        out.append((op.kind, op.name, dict(op.attrs),
                     {k: np.asarray(v).tolist() for k, v in op.params.items()},
                     [(program.tensors[t].scale, program.tensors[t].zero_point, program.tensors[t].dtype)
                      for t in [*op.inputs, op.output]]))

@@ -330,7 +330,7 @@ class _Builder:
         for o in self.mod.output_names:
             if o in self.static or o in self.shape_like:
                 raise IntforgeError(f"{self.source}: output {o!r} is a constant, not computed from the inputs")
-        self.mod._constants = {k: v for k, v in self.static.items()}
+        self.mod._constants = dict(self.static)
         _name_inputs(self.mod)
         return self.mod
 
