@@ -236,15 +236,11 @@ def thread_skew() -> dict[str, Any] | None:
 
 def export_onnx_dynamic(model: Any, x: np.ndarray, path: Path) -> None:
     """ONNX with a dynamic batch axis: ORT's calibration feeds single images to the batch-8 model too."""
-    import warnings
-
     import torch
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (torch.from_numpy(x[:1]),), str(path), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    from intforge.peers import export_for_ort
+
+    export_for_ort(model, torch.from_numpy(x[:1]), path)
 
 
 def build_tvm_fp32(model: Any, x: np.ndarray):

@@ -353,15 +353,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_samples(x: np.ndarray, want: tuple[int, ...], what: str) -> np.ndarray:
+    """Samples reshaped to the model's input (flat vectors for an image model), or an error saying both."""
+    if tuple(x.shape[1:]) == want:
+        return x
+    if int(np.prod(x.shape[1:])) != int(np.prod(want)):
+        raise IntforgeError(f"{what} have shape {x.shape[1:]}, the model takes {want}")
+    return x.reshape(len(x), *want)
+
+
 def predict(model: Any, x: np.ndarray) -> tuple[np.ndarray, float]:
     """Class predictions over a data set, batch by batch at the library's compiled batch size."""
     b = model.batch_size
-    want = tuple(model.inputs[0]["shape"][1:])
-    if tuple(x.shape[1:]) != want:
-        if int(np.prod(x.shape[1:])) == int(np.prod(want)):
-            x = x.reshape(len(x), *want)
-        else:
-            raise IntforgeError(f"data samples have shape {x.shape[1:]}, the model takes {want}")
+    x = _fit_samples(x, tuple(model.inputs[0]["shape"][1:]), "data samples")
     if hasattr(model, "run_many"):  # emulated: one emulator start for all batches, and no timing
         pad = (-len(x)) % b
         xp = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
@@ -499,13 +503,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     def samples(spec: str, count: int | None) -> tuple[np.ndarray, np.ndarray | None]:
         x, y = load_data(spec, count)
-        x = np.ascontiguousarray(x, np.float32)
-        if tuple(x.shape[1:]) != shape[1:]:
-            if int(np.prod(x.shape[1:])) != int(np.prod(shape[1:])):
-                raise IntforgeError(f"the samples of {spec} have shape {tuple(x.shape[1:])}, the model takes "
-                                    f"{shape[1:]}")
-            x = x.reshape(len(x), *shape[1:])
-        return x, y
+        return _fit_samples(np.ascontiguousarray(x, np.float32), shape[1:], f"the samples of {spec}"), y
 
     calib, _ = samples(args.calib, args.calib_count)
     print(f"quantizing {args.model} with ONNX Runtime (static QDQ, per-channel, {len(calib)} samples)...")
@@ -556,13 +554,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _export_for_ort(args: argparse.Namespace, path: Path) -> str:
-    """A PyTorch model (`pkg.module:factory`, .pt2) as an .onnx file (torch.onnx.export, batch dynamic), so
-    that ONNX Runtime and intforge compile the same file."""
-    import warnings
-
+    """A PyTorch model (`pkg.module:factory`, .pt2) as an .onnx file (peers.export_for_ort), so that ONNX
+    Runtime and intforge compile the same file."""
     import torch
 
     from .datasets import load_data
+    from .peers import export_for_ort
 
     model = load_model_ref(args.model)
     if isinstance(model, torch.export.ExportedProgram):
@@ -574,10 +571,7 @@ def _export_for_ort(args: argparse.Namespace, path: Path) -> str:
         example = torch.from_numpy(np.ascontiguousarray(x[:1], np.float32))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model.eval(), (example,), str(path), dynamo=False, opset_version=17,
-                              input_names=["input"], dynamic_axes={"input": {0: "batch"}})
+        export_for_ort(model.eval(), example, path)
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types; the user needs the first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise IntforgeError(f"torch.onnx.export could not export {args.model} for ONNX Runtime ({first}); export it "

@@ -188,7 +188,8 @@ class _Builder:
     def attrs(self, node: Any) -> dict[str, Any]:
         import onnx
 
-        return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        values = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        return {k: v.decode() if isinstance(v, bytes) else v for k, v in values.items()}  # (strings: auto_pad, mode)
 
     def name(self, value: str) -> str:
         return self.alias.get(value, value)
@@ -349,16 +350,12 @@ class _Builder:
             self.static[out] = self._constant_value(node, index, a)
             return
         live = [i for i in ins if i and i not in self.static]
-        if not live or all(i in self.shape_like for i in live):  # shape arithmetic: numpy at call time
-            if op == "Shape" and live:
-                self.shape_like.add(out)
-                self.step(lambda x: np.array(x.shape, np.int64), [ins[0]], out)
-                return
-            self._numpy_node(node, index, op, a, ins, out)
-            return
-        if op == "Shape":
+        if op == "Shape" and live:  # a value's shape, read at call time (static under torch.export)
             self.shape_like.add(out)
             self.step(lambda x: np.array(x.shape, np.int64), [ins[0]], out)
+            return
+        if not live or all(i in self.shape_like for i in live):  # shape arithmetic: numpy at call time
+            self._numpy_node(node, index, op, a, ins, out)
             return
         if any(i in self.shape_like for i in (live if op != "Reshape" else live[:1])):
             raise self.refuse(node, index, "it mixes activations with values computed from shapes; intforge "
@@ -457,7 +454,7 @@ class _Builder:
         kh, kw = w.shape[2:]
         stride = list(a.get("strides", [1, 1]))
         dilation = list(a.get("dilations", [1, 1]))
-        pad = self._conv_pads(a, [kh, kw], stride, dilation)
+        pad = self._conv_pads(a)
         groups = int(a.get("group", 1))
         even = isinstance(pad, list) and pad[:2] == pad[2:]
         conv = torch.nn.Conv2d(w.shape[1] * groups, w.shape[0], (kh, kw), stride=stride,
@@ -479,20 +476,17 @@ class _Builder:
         self.attach(path, conv, node)
         self.call_module(path, x, out)
 
-    def _conv_pads(self, a: dict[str, Any], kernel: list[int], stride: list[int],
-                   dilation: list[int]) -> list[int] | str:
-        """A conv's padding: [top, left, bottom, right], or "SAME_UPPER" / "SAME_LOWER" (from the input's
-        shape, at call time)."""
-        auto = a.get("auto_pad", b"NOTSET")
-        auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    def _conv_pads(self, a: dict[str, Any]) -> list[int] | str:
+        """A node's declared padding: [top, left, bottom, right], or "SAME_UPPER" / "SAME_LOWER" (from the
+        input's shape, at call time)."""
+        auto = a.get("auto_pad", "NOTSET")
         if auto in ("SAME_UPPER", "SAME_LOWER"):
             return auto
         pads = list(a.get("pads", [0] * 4)) if auto == "NOTSET" else [0] * 4
         return [int(p) for p in pads]
 
     def op_Pad(self, node, index, a, ins, out) -> None:
-        mode = a.get("mode", b"constant")
-        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        mode = a.get("mode", "constant")
         if self.opset < 11:
             pads, value, axes = list(a.get("pads", [])), float(a.get("value", 0.0)), None
         else:
@@ -513,16 +507,15 @@ class _Builder:
         self.step(lambda v: torch.nn.functional.pad(v, (left, r, t, bottom)), [ins[0]], out, node)
 
     def _pads(self, node, index, a, kernel: list[int], stride: list[int], dilation: list[int]) -> list[int]:
-        auto = a.get("auto_pad", b"NOTSET")
-        auto = auto.decode() if isinstance(auto, bytes) else str(auto)
-        if auto in ("SAME_UPPER", "SAME_LOWER"):
+        """A pool's padding, which must be even (a pool has no zero pad before it): [height, width]."""
+        pads = self._conv_pads(a)
+        if isinstance(pads, str):  # SAME: even only at stride 1 with an even total
             total = [d * (k - 1) for k, d in zip(kernel, dilation, strict=False)]
             if any(s != 1 or t % 2 for s, t in zip(stride, total, strict=False)):
-                raise self.refuse(node, index, f"auto_pad={auto} with strides {stride} pads one side more than the "
+                raise self.refuse(node, index, f"auto_pad={pads} with strides {stride} pads one side more than the "
                                                "other; intforge supports symmetric padding only: export with "
                                                "explicit symmetric pads")
             return [t // 2 for t in total]
-        pads = list(a.get("pads", [0] * 2 * len(kernel))) if auto == "NOTSET" else [0] * 2 * len(kernel)
         if len(pads) != 4 or pads[:2] != pads[2:]:
             raise self.refuse(node, index, f"pads {pads} are not symmetric (top, left = bottom, right); intforge "
                                            "supports symmetric padding only")

@@ -19,6 +19,20 @@ import numpy as np
 from .errors import IntforgeError
 
 
+def export_for_ort(model: Any, example: Any, path: str | Path) -> Path:
+    """A PyTorch module as the .onnx file ORT runs: torch.onnx.export's TorchScript exporter, opset 17, the
+    batch axis dynamic (ORT's calibration feeds one sample at a time whatever batch is timed)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the TorchScript exporter announces its deprecation)
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return Path(path)
+
+
 def ort_session(path: str | Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
     """An ONNX Runtime CPU session on `threads` intra-op threads, as a function of the first input."""
     import onnxruntime as ort
