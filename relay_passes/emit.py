@@ -16,9 +16,10 @@ import numpy as np
 from tvm import relax
 from tvm.relax.op import nn as rnn
 
-from intforge import dyadic
+from intforge import dyadic, nonlinear
 from intforge.errors import IntforgeError
 from intforge.kernels.int4 import UNPACK_SYMBOL, pack_int4, unpack_int4_func
+from intforge.kernels.isqrt import ISQRT_SYMBOL, isqrt_func
 from intforge.program import IntegerProgram, IntOp
 
 BOUNDARIES = ("float", "int")
@@ -30,6 +31,7 @@ class RelaxOps:
     def __init__(self, bb: relax.BlockBuilder) -> None:
         self.bb = bb
         self._unpack: relax.GlobalVar | None = None
+        self._isqrt: relax.GlobalVar | None = None
 
     def unpack_int4(self, packed: np.ndarray, shape: tuple[int, ...]) -> relax.Expr:
         """Packed INT4 constant -> int8 tensor of `shape`, through the one shared unpack kernel."""
@@ -64,6 +66,35 @@ class RelaxOps:
     def round(self, x: relax.Expr) -> relax.Expr:
         return self.bb.emit(relax.op.round(x))
 
+    # the rest of `intforge.nonlinear.TensorOps`
+    def sub(self, a: relax.Expr, b: relax.Expr) -> relax.Expr:
+        return self.bb.emit(relax.op.subtract(a, b))
+
+    def take(self, table: np.ndarray, index: relax.Expr) -> relax.Expr:
+        return self.bb.emit(relax.op.take(relax.const(table, str(table.dtype)), index, axis=0, mode="clip"))
+
+    def max_last(self, x: relax.Expr) -> relax.Expr:
+        return self.bb.emit(relax.op.max(x, axis=-1, keepdims=True))
+
+    def sum_last(self, x: relax.Expr) -> relax.Expr:
+        return self.bb.emit(relax.op.sum(x, axis=-1, keepdims=True))
+
+    def floor_divide(self, a: relax.Expr, b: relax.Expr) -> relax.Expr:
+        return self.bb.emit(relax.op.floor_divide(a, b))
+
+    def isqrt(self, v: relax.Expr) -> relax.Expr:
+        """floor(sqrt(v)) through the one shared TIR kernel (`intforge.kernels.isqrt`)."""
+        if self._isqrt is None:
+            self._isqrt = self.bb.add_func(isqrt_func(), ISQRT_SYMBOL)
+        shape = self.shape(v)
+        count = int(np.prod(shape))
+        flat = self.bb.emit(relax.op.reshape(v, (count,)))
+        root = self.bb.emit(relax.call_tir(self._isqrt, [flat], relax.TensorType((count,), "int64")))
+        return self.bb.emit(relax.op.reshape(root, shape))
+
+    def shape(self, x: relax.Expr) -> tuple[int, ...]:
+        return tuple(int(d) for d in x.ty.shape)
+
 
 def _dtype(x: relax.Expr) -> str:
     return str(x.ty.dtype)
@@ -93,10 +124,16 @@ def _emit_conv2d(ops: RelaxOps, op: IntOp, x: relax.Expr, out_dtype: str) -> rel
 
 def _emit_linear(ops: RelaxOps, op: IntOp, x: relax.Expr, out_dtype: str) -> relax.Expr:
     a, p = op.attrs, op.params
+    shape = ops.shape(x)
+    if len(shape) > 2:  # tokens: (batch, ..., features) as one (rows, features) matmul, the kernels' form
+        x = ops.bb.emit(relax.op.reshape(x, (int(np.prod(shape[:-1])), shape[-1])))
     wt = _weight(ops, np.ascontiguousarray(p["weight"].T), int(a.get("weight_bits", 8)))
     acc = ops.bb.emit(relax.op.matmul(x, wt, out_dtype="int32"))
-    return dyadic.requantize(ops, acc, p["multiplier"].reshape(1, -1), p["shift"].reshape(1, -1),
-                             a["qmin"], a["qmax"], out_dtype, bias=p["bias"].reshape(1, -1))
+    y = dyadic.requantize(ops, acc, p["multiplier"].reshape(1, -1), p["shift"].reshape(1, -1),
+                          a["qmin"], a["qmax"], out_dtype, bias=p["bias"].reshape(1, -1))
+    if len(shape) > 2:
+        y = ops.bb.emit(relax.op.reshape(y, (*shape[:-1], int(p["weight"].shape[0]))))
+    return y
 
 
 def _emit_avg_pool2d(ops: RelaxOps, op: IntOp, x: relax.Expr, out_dtype: str) -> relax.Expr:
@@ -152,9 +189,19 @@ def emit_op(ops: RelaxOps, program: IntegerProgram, op: IntOp, args: list[relax.
         return _emit_avg_pool2d(ops, op, args[0], out_t.dtype)
     if op.kind == "reshape":
         return ops.bb.emit(relax.op.reshape(args[0], out_t.shape))
+    if op.kind == "transpose":
+        return ops.bb.emit(relax.op.permute_dims(args[0], a["axes"]))
     if op.kind == "pad":
         t, left, b, r = a["pads"]
         return ops.bb.emit(rnn.pad(args[0], [0, 0, 0, 0, t, b, left, r], "constant", 0.0))
+    if op.kind == "lut":
+        return nonlinear.lookup(ops, args[0], op.params["table"], a["in_qmin"])
+    if op.kind == "softmax":
+        return nonlinear.softmax(ops, args[0], op.params["table"], out_t.dtype)
+    if op.kind == "layernorm":
+        p = op.params
+        return nonlinear.layer_norm(ops, args[0], a["eps_term"], p["mul"], p["add"], a["shift"],
+                                    a["qmin"], a["qmax"], out_t.dtype)
     raise IntforgeError(f"the Relax emitter has no rule for op kind {op.kind!r} ({op.name})")
 
 

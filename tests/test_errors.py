@@ -20,13 +20,13 @@ from intforge.errors import (
 )
 
 
-class WithSigmoid(nn.Module):
+class WithSine(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
 
     def forward(self, x):
-        return torch.sigmoid(self.conv(x))  # the unsupported line
+        return torch.sin(self.conv(x))  # the unsupported line
 
 
 class DataDependent(nn.Module):
@@ -47,9 +47,9 @@ class BareBatchNorm(nn.Module):
 
 def test_unsupported_op_names_the_op_the_layer_and_the_model_line():
     with pytest.raises(UnsupportedOpError) as err:
-        intforge.quantize_model(WithSigmoid(), (torch.randn(1, 3, 8, 8),), np.zeros((2, 3, 8, 8), np.float32))
+        intforge.quantize_model(WithSine(), (torch.randn(1, 3, 8, 8),), np.zeros((2, 3, 8, 8), np.float32))
     msg = str(err.value)
-    assert "aten.sigmoid" in msg
+    assert "aten.sin" in msg
     assert "test_errors.py" in msg and "the unsupported line" in msg
     assert "conv2d" in msg  # lists what is supported
 

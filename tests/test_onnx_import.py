@@ -283,8 +283,10 @@ def test_reduce_mean_global_pool_dropout_and_identity(tmp_path):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("sigmoid", "unsupported op Sigmoid"),
-    ("softmax", "export the model without it"),
+    ("sine", "unsupported op Sin"),
+    ("log_softmax", "export the model without it"),
+    ("hard_sigmoid", "intforge takes PyTorch's (alpha 1/6"),
+    ("layernorm_2d", "over the last axis only"),
     ("asymmetric", "not symmetric"),
     ("reflect", "with zeros only"),
     ("bn_alone", "does not directly follow a Conv"),
@@ -301,8 +303,11 @@ def test_unsupported_graphs_are_refused_naming_the_node_and_file(case, message, 
     x, y = _vi("x", [1, 3, 8, 8]), _vi("y", None)
     inits = [("w", w)]
     nodes = {
-        "sigmoid": [conv, helper.make_node("Sigmoid", ["c"], ["y"], name="gate")],
-        "softmax": [conv, helper.make_node("Flatten", ["c"], ["f"]), helper.make_node("Softmax", ["f"], ["y"])],
+        "sine": [conv, helper.make_node("Sin", ["c"], ["y"], name="wave")],
+        "log_softmax": [conv, helper.make_node("Flatten", ["c"], ["f"]),
+                        helper.make_node("LogSoftmax", ["f"], ["y"], name="probs")],
+        "hard_sigmoid": [conv, helper.make_node("HardSigmoid", ["c"], ["y"], name="gate")],
+        "layernorm_2d": [conv, helper.make_node("LayerNormalization", ["c", "s2"], ["y"], name="ln", axis=2)],
         "asymmetric": [helper.make_node("MaxPool", ["x"], ["y"], name="pool0", kernel_shape=[2, 2],
                                         pads=[0, 0, 1, 1])],
         "reflect": [helper.make_node("Pad", ["x", "p"], ["y"], name="pad0", mode="reflect")],
@@ -322,6 +327,8 @@ def test_unsupported_graphs_are_refused_naming_the_node_and_file(case, message, 
         inits.append(("qs", np.array(0.05, np.float32)))
     if case == "reflect":
         inits.append(("p", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)))
+    if case == "layernorm_2d":
+        inits.append(("s2", np.ones((6, 6), np.float32)))
     if case == "bn_alone":
         inits.append(("s", np.ones(4, np.float32)))
     if case == "const_add":
@@ -339,7 +346,7 @@ def test_unsupported_graphs_are_refused_naming_the_node_and_file(case, message, 
         load_onnx(path)
     text = str(info.value)
     assert message in text and str(path) in text
-    if case not in ("int_input", "softmax"):
+    if case != "int_input":
         assert isinstance(info.value, UnsupportedOpError) and "ONNX node '" in text
 
 
@@ -396,3 +403,58 @@ def test_cli_compare_scores_and_times_intforge_against_onnx_runtime_on_the_same_
                           ([path, "--calib", "mnist:10", "--target", "rpi5"], "leave --target")):
         proc = intforge_cli("compare", *args, check=False)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_token_model_from_either_exporter_is_the_pytorch_programs_integers(dynamo, tmp_path, so_of):
+    """The transformer-style block (LayerNormalization, GELU as Div-Erf-Add-Mul-Mul, Transpose, MatMul on
+    tokens, Softmax) imports as the model it was exported from: the same integer program as the PyTorch
+    path (layer for layer, weights and tables to the bit), and compiles bit-exact."""
+    from test_nonlinear import TokenMixer
+
+    torch.manual_seed(0)
+    model = TokenMixer().eval()
+    path = tmp_path / "mixer.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(path), dynamo=dynamo,
+                      opset_version=18 if dynamo else 17)
+    calib = np.random.default_rng(0).standard_normal((32, 1, 28, 28)).astype(np.float32)
+    example = (torch.from_numpy(calib[:1]),)
+    ours, _ = intforge.quantize_model(str(path), example, calib)
+    theirs, _ = intforge.quantize_model(model, example, calib)
+    assert [op.kind for op in ours.ops] == [op.kind for op in theirs.ops]
+    assert "lut" in {op.kind for op in ours.ops}  # the Erf form became one GELU table
+    for a, b in zip(ours.ops, theirs.ops, strict=True):
+        assert sorted(a.params) == sorted(b.params)
+        for key in a.params:
+            np.testing.assert_array_equal(a.params[key], b.params[key], err_msg=f"{a.name}.{key}")
+    assert_bit_exact_int(ours, so_of(ours, "int"))
+
+
+def test_activation_tables_softmax_and_transpose_match_onnx_runtime(tmp_path, so_of):
+    """Sigmoid, Tanh, LeakyRelu, Elu, HardSwish, PyTorch's HardSigmoid, Softplus, Gelu (opset 20, tanh form),
+    Transpose, and an opset-11 Softmax (over the input flattened at axis 1, not the last axis alone), against
+    ONNX Runtime as floats, then compiled bit-exact."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 3, 1, 1)).astype(np.float32)
+    chain = ["Sigmoid", "Tanh", "LeakyRelu", "Elu", "HardSwish", "HardSigmoid", "Softplus"]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv0")]
+    prev = "c"
+    for k, op in enumerate(chain):
+        attrs = {"alpha": 1 / 6} if op == "HardSigmoid" else {"alpha": 0.2} if op == "LeakyRelu" else {}
+        nodes.append(helper.make_node(op, [prev], [f"a{k}"], name=f"act{k}", **attrs))
+        prev = f"a{k}"
+    nodes += [helper.make_node("Gelu", [prev], ["g"], name="gelu0", approximate="tanh"),
+              helper.make_node("Reshape", ["g", "shape"], ["t"], name="tokens"),
+              helper.make_node("Transpose", ["t"], ["tt"], name="swap", perm=[0, 2, 1])]
+    m20 = _model(nodes, [_vi("x", [2, 3, 4, 5])], [_vi("tt", [2, 20, 6])],
+                 [("w", w), ("shape", np.array([2, 6, 20], np.int64))], opset=20)
+    _check_against_ort(m20, tmp_path, (2, 3, 4, 5))
+    soft = _model([helper.make_node("Softmax", ["x"], ["y"], name="probs")], [_vi("x", [2, 3, 7])],
+                  [_vi("y", [2, 3, 7])], opset=11)
+    module, x = _check_against_ort(soft, tmp_path, (2, 3, 7))
+    for model_proto, shape in ((m20, (2, 3, 4, 5)), (soft, (2, 3, 7))):
+        path = tmp_path / "g.onnx"
+        onnx.save(model_proto, str(path))
+        calib = rng.standard_normal((16, *shape[1:])).astype(np.float32) * 2
+        program, _ = intforge.quantize_model(str(path), (torch.from_numpy(calib[:2]),), calib)
+        assert_bit_exact_int(program, so_of(program, "int"))

@@ -81,6 +81,24 @@ class Standalone(nn.Module):
         return self.act(x)
 
 
+class Transpose(nn.Module):
+    def __init__(self, a: int, b: int):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        return x.transpose(self.a, self.b)
+
+
+class Permute(nn.Module):
+    def __init__(self, *axes: int):
+        super().__init__()
+        self.axes = axes
+
+    def forward(self, x):
+        return x.permute(*self.axes)
+
+
 def bn_conv(cin, cout, **kw):
     seq = nn.Sequential(nn.Conv2d(cin, cout, **kw, bias=False), nn.BatchNorm2d(cout))
     torch.manual_seed(1)
@@ -221,6 +239,27 @@ CASES = {
     "pad_even_conv": (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.ZeroPad2d(1), nn.Conv2d(4, 4, 3)),
                       (1, 3, 6, 6)),
     "pad_standalone": (lambda: Standalone(nn.ZeroPad2d((1, 2, 0, 3))), (1, 4, 5, 5)),
+    # the I-BERT family (intforge.nonlinear): elementwise functions as tables, on signed and unsigned inputs
+    "gelu": (lambda: Standalone(nn.GELU()), (1, 4, 5, 5)),
+    "gelu_tanh_after_relu": (lambda: nn.Sequential(nn.Linear(12, 9), nn.ReLU(), nn.GELU("tanh")), (2, 12)),
+    "silu": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.SiLU()), (1, 3, 7, 7)),
+    "sigmoid": (lambda: Standalone(nn.Sigmoid()), (1, 4, 5, 5)),
+    "tanh": (lambda: Standalone(nn.Tanh()), (2, 11)),
+    "hardswish": (lambda: nn.Sequential(nn.Conv2d(3, 8, 1), nn.Hardswish()), (1, 3, 5, 5)),
+    "leaky_relu": (lambda: Standalone(nn.LeakyReLU(0.2)), (1, 4, 5, 5)),
+    "elu": (lambda: Standalone(nn.ELU(0.5)), (1, 4, 5, 5)),
+    # softmax and LayerNorm over the last axis, linear and transpose on tokens (batch, tokens, features)
+    "softmax": (lambda: nn.Sequential(nn.Linear(16, 10), nn.Softmax(-1)), (3, 16)),
+    "softmax_tokens": (lambda: Standalone(nn.Softmax(-1)), (2, 3, 37)),
+    "layernorm": (lambda: nn.LayerNorm(24), (2, 5, 24)),
+    "layernorm_plain_after_linear": (lambda: nn.Sequential(nn.Linear(7, 40),
+                                                           nn.LayerNorm(40, elementwise_affine=False)), (2, 3, 7)),
+    "linear_tokens": (lambda: nn.Linear(16, 8), (2, 5, 16)),
+    "transpose_tokens": (lambda: nn.Sequential(nn.Conv2d(3, 6, 2, stride=2), nn.Flatten(2), Transpose(1, 2),
+                                               nn.Linear(6, 4)), (1, 3, 8, 8)),
+    # an NHWC input (tf2onnx's files) permuted to NCHW before the convs, and a conv's output permuted back
+    "permute_nhwc_input": (lambda: nn.Sequential(Permute(0, 3, 1, 2), nn.Conv2d(3, 8, 3), nn.ReLU(),
+                                                 nn.Conv2d(8, 8, 1), Permute(0, 2, 3, 1)), (1, 9, 9, 3)),
 }
 
 

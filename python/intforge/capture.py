@@ -23,9 +23,27 @@ from .errors import CaptureError, UnsupportedOpError
 SUPPORTED_OPS = (
     "conv2d (stride, padding, dilation, groups, depthwise), linear, BatchNorm (folded into the conv "
     "before it), ReLU, ReLU6 / hardtanh / clamp, residual add, max_pool2d, avg_pool2d, "
-    "adaptive_avg_pool2d, mean over H,W, flatten / view / reshape, cat, zero padding (F.pad, ZeroPad2d), "
-    "dropout (eval: identity)"
+    "adaptive_avg_pool2d, mean over H,W, flatten / view / reshape, permute / transpose (not of the batch dim), "
+    "cat, zero padding (F.pad, ZeroPad2d), "
+    "dropout (eval: identity), GELU / SiLU / sigmoid / tanh / hardswish / hardsigmoid / leaky_relu / ELU / "
+    "mish / softplus (as integer tables), softmax and LayerNorm over the last axis, linear on (..., features)"
 )
+
+#: Elementwise functions that become integer tables (`nonlinear.unary_table`): aten op -> (name, attrs
+#: from the call's arguments after the input, with their defaults).
+_UNARY = {
+    "aten.gelu.default": ("gelu", (("approximate", "none"),)),
+    "aten.silu.default": ("silu", ()), "aten.silu_.default": ("silu", ()),
+    "aten.sigmoid.default": ("sigmoid", ()),
+    "aten.tanh.default": ("tanh", ()),
+    "aten.hardswish.default": ("hardswish", ()), "aten.hardswish_.default": ("hardswish", ()),
+    "aten.hardsigmoid.default": ("hardsigmoid", ()),
+    "aten.leaky_relu.default": ("leaky_relu", (("negative_slope", 0.01),)),
+    "aten.leaky_relu_.default": ("leaky_relu", (("negative_slope", 0.01),)),
+    "aten.elu.default": ("elu", (("alpha", 1.0), ("scale", 1.0), ("input_scale", 1.0))),
+    "aten.mish.default": ("mish", ()),
+    "aten.softplus.default": ("softplus", (("beta", 1.0), ("threshold", 20.0))),
+}
 
 
 @dataclass
@@ -284,9 +302,9 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
             w = const(args[1], "weight", node)
             b = const(args[2], "bias", node) if len(args) > 2 and args[2] is not None else np.zeros(w.shape[0],
                                                                                                      np.float32)
-            if len(shapes.get(tname(args[0]), ())) != 2:
-                raise UnsupportedOpError(f"linear on a {len(shapes[tname(args[0])])}-D input at {src}: only "
-                                         "(batch, features) inputs are supported; flatten first")
+            if len(shapes.get(tname(args[0]), ())) < 2:
+                raise UnsupportedOpError(f"linear on a {len(shapes[tname(args[0])])}-D input at {src}: inputs "
+                                         "are (batch, ..., features)")
             emit("linear", [tname(args[0])], {}, {"weight": w, "bias": b}, parametric=True)
         elif target in ("aten.relu.default", "aten.relu_.default"):
             emit("relu", [tname(args[0])], {"lo": 0.0, "hi": None})
@@ -369,6 +387,49 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
                     "(no negative pads)")
             left, right, top, bottom = (widths + [0, 0])[:4]
             emit("pad", [x], {"pads": [top, left, bottom, right]})
+        elif target in ("aten.permute.default", "aten.transpose.int", "aten.t.default"):
+            x = tname(args[0])
+            rank = len(shapes[x])
+            if target == "aten.permute.default":
+                axes = [int(d) % rank for d in args[1]]
+            else:
+                axes = list(range(rank))
+                i, j = (int(args[1]) % rank, int(args[2]) % rank) if target == "aten.transpose.int" else (0, 1)
+                axes[i], axes[j] = axes[j], axes[i]
+            if axes[0] != 0:
+                raise UnsupportedOpError(
+                    f"permute {axes} of a {rank}-D tensor in layer '{_module_path(node) or node.name}' at {src} moves "
+                    "the batch dim: intforge keeps the batch dim first")
+            if axes == list(range(rank)):
+                alias[node.name] = x
+            else:
+                emit("transpose", [x], {"axes": axes})
+        elif target in _UNARY:
+            fn, defaults = _UNARY[target]
+            attrs = {"fn": fn}
+            for i, (key, default) in enumerate(defaults, start=1):
+                attrs[key] = args[i] if len(args) > i else node.kwargs.get(key, default)
+            emit("unary", [tname(args[0])], attrs)
+        elif target in ("aten.softmax.int", "aten._softmax.default"):
+            x = tname(args[0])
+            if int(args[1]) % len(shapes[x]) != len(shapes[x]) - 1:
+                raise UnsupportedOpError(
+                    f"softmax over dim {args[1]} of a {len(shapes[x])}-D tensor in layer "
+                    f"'{_module_path(node) or node.name}' at {src}: intforge's integer softmax runs over the last "
+                    "dim only; move that dim last (permute) or drop a softmax at the output (top-1 is unchanged)")
+            emit("softmax", [x])
+        elif target == "aten.layer_norm.default":
+            x = tname(args[0])
+            dims = [int(d) for d in args[1]]
+            if len(dims) != 1 or dims[0] != shapes[x][-1]:
+                raise UnsupportedOpError(
+                    f"LayerNorm over the last {len(dims)} dims {dims} of a tensor of shape {shapes[x]} in layer "
+                    f"'{_module_path(node) or node.name}' at {src}: intforge normalizes over the last dim only")
+            n = dims[0]
+            w = const(args[2], "weight", node) if len(args) > 2 and args[2] is not None else np.ones(n, np.float32)
+            b = const(args[3], "bias", node) if len(args) > 3 and args[3] is not None else np.zeros(n, np.float32)
+            eps = float(args[4]) if len(args) > 4 else float(node.kwargs.get("eps", 1e-5))
+            emit("layernorm", [x], {"eps": eps}, {"weight": w, "bias": b}, parametric=True)
         elif target == "aten.cat.default":
             axis = int(args[1]) if len(args) > 1 else 0
             emit("concat", [tname(a) for a in args[0]], {"axis": axis % len(out_shape)})
@@ -429,7 +490,27 @@ def torch_op(kind: str):
         return F.avg_pool2d(x, a["kernel"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"],
                             a["divisor_override"])
 
+    def unary(op, x):
+        a = op.attrs
+        fns = {
+            "gelu": lambda: F.gelu(x, approximate=a.get("approximate", "none")),
+            "silu": lambda: F.silu(x), "sigmoid": lambda: torch.sigmoid(x), "tanh": lambda: torch.tanh(x),
+            "hardswish": lambda: F.hardswish(x), "hardsigmoid": lambda: F.hardsigmoid(x),
+            "leaky_relu": lambda: F.leaky_relu(x, a["negative_slope"]),
+            "elu": lambda: a["scale"] * torch.where(x > 0, x, a["alpha"] * torch.expm1(x * a["input_scale"])),
+            "mish": lambda: F.mish(x), "softplus": lambda: F.softplus(x, a["beta"], a["threshold"]),
+        }
+        return fns[a["fn"]]()
+
+    def layernorm(op, x):
+        return F.layer_norm(x, (x.shape[-1],), torch.from_numpy(op.params["weight"]).to(x.dtype),
+                            torch.from_numpy(op.params["bias"]).to(x.dtype), op.attrs["eps"])
+
     table = {
+        "unary": unary,
+        "softmax": lambda op, x: torch.softmax(x, -1),
+        "transpose": lambda op, x: x.permute(op.attrs["axes"]),
+        "layernorm": layernorm,
         "conv2d": conv2d,
         "linear": linear,
         "relu": clamp,

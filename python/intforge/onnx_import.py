@@ -34,7 +34,9 @@ SUPPORTED_ONNX_OPS = (
     "Conv (2-D), Pad (zeros around H, W), BatchNormalization (after a Conv: folded), Gemm, MatMul, Add / Sub / "
     "Mul / Div of a constant per output channel after those three (folded), Relu, Clip, Add (of two "
     "activations), MaxPool, AveragePool, GlobalAveragePool, ReduceMean over H,W, Flatten, Reshape, Concat, "
-    "Dropout, Identity; and shape arithmetic on constants (Constant, Shape, Gather, Unsqueeze, Squeeze, "
+    "Transpose (not of the batch axis), Sigmoid, Tanh, Gelu (and its Div-Erf-Add-Mul-Mul form), HardSwish, "
+    "HardSigmoid (PyTorch's), LeakyRelu, Elu, Softplus, Mish, Softmax and LayerNormalization over the last "
+    "axis, Dropout, Identity; and shape arithmetic on constants (Constant, Shape, Gather, Unsqueeze, Squeeze, "
     "Concat, Cast, Slice, Add, Sub, Mul, Div)"
 )
 
@@ -44,7 +46,22 @@ _QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearM
 # the op kind capture.py names a layer by (`layer1.0.add`), for each ONNX op run inside a module's scope
 _CAPTURED_KIND = {"Add": "add", "Relu": "relu", "Clip": "clamp", "MaxPool": "max_pool2d", "AveragePool": "avg_pool2d",
                   "GlobalAveragePool": "avg_pool2d", "ReduceMean": "mean", "Flatten": "reshape", "Reshape": "reshape",
-                  "Concat": "concat", "Pad": "pad"}
+                  "Concat": "concat", "Pad": "pad", "Transpose": "transpose", "Softmax": "softmax",
+                  "Sigmoid": "sigmoid", "Tanh": "tanh", "Gelu": "gelu", "Erf": "gelu", "HardSwish": "hardswish",
+                  "HardSigmoid": "hardsigmoid", "LeakyRelu": "leaky_relu", "Elu": "elu", "Softplus": "softplus",
+                  "Mish": "mish"}
+# elementwise functions on activations: ONNX op -> torch function of (x, attrs)
+_UNARY_ONNX: dict[str, Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]] = {
+    "Sigmoid": lambda x, a: torch.sigmoid(x),
+    "Tanh": lambda x, a: torch.tanh(x),
+    "Gelu": lambda x, a: torch.nn.functional.gelu(x, approximate=a.get("approximate", "none")),
+    "HardSwish": lambda x, a: torch.nn.functional.hardswish(x),
+    "HardSigmoid": lambda x, a: torch.nn.functional.hardsigmoid(x),
+    "LeakyRelu": lambda x, a: torch.nn.functional.leaky_relu(x, float(a.get("alpha", 0.01))),
+    "Elu": lambda x, a: torch.nn.functional.elu(x, float(a.get("alpha", 1.0))),
+    "Softplus": lambda x, a: torch.nn.functional.softplus(x),
+    "Mish": lambda x, a: torch.nn.functional.mish(x),
+}
 
 
 def scope_path(node_name: str) -> str:
@@ -173,6 +190,8 @@ class _Builder:
         self.alias: dict[str, str] = {}
         self.producer: dict[str, Any] = {}
         self.users: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = {}  # value -> indices of the nodes reading it
+        self.skip: set[int] = set()  # nodes already imported as part of a pattern (GELU's Erf form)
         self.used_paths: set[str] = set()
         self.fns: dict[str, tuple[Any, _Fn]] = {}
         self.made: dict[str, torch.nn.Conv2d | torch.nn.Linear] = {}  # output value -> the layer computing it
@@ -317,15 +336,17 @@ class _Builder:
                          for d in tt.shape.dim)
             self.mod.input_names.append(inp.name)
             self.mod.input_shapes.append(dims)
-        for node in g.node:
+        for index, node in enumerate(g.node):
             for o in node.output:
                 self.producer[o] = node
             for i in node.input:
                 self.users[i] = self.users.get(i, 0) + 1
+                self.consumers.setdefault(i, []).append(index)
         for o in g.output:
             self.users[o.name] = self.users.get(o.name, 0) + 1
         for index, node in enumerate(g.node):
-            self.node(node, index)
+            if index not in self.skip:
+                self.node(node, index)
         self.mod.output_names = [self.name(o.name) for o in g.output]
         self.mod.file_output_names = [o.name for o in g.output]
         for o in self.mod.output_names:
@@ -362,11 +383,20 @@ class _Builder:
                                            "imports shape arithmetic only where it feeds a Reshape")
         if op in ("Add", "Sub", "Mul", "Div") and self._fold_constant(node, op, ins, out):
             return
+        if op == "Div" and self._erf_gelu(node, ins, out):
+            return
+        if op in _UNARY_ONNX:
+            alpha, beta = float(a.get("alpha", 0.2)), float(a.get("beta", 0.5))
+            if op == "HardSigmoid" and (abs(alpha - 1 / 6) > 1e-6 or beta != 0.5):
+                raise self.refuse(node, index, f"HardSigmoid with alpha {alpha:g}, beta {beta:g}; intforge takes "
+                                               "PyTorch's (alpha 1/6, beta 1/2)")
+            self.step(lambda x, _f=_UNARY_ONNX[op], _a=a: _f(x, _a), [ins[0]], out, node)
+            return
         handler = getattr(self, f"op_{op}", None)
         if handler is None:
-            if op in ("Softmax", "LogSoftmax"):
-                hint = (" A Softmax at the output does not change the top-1 class: export the model without it "
-                        "(intforge compiles up to the logits).")
+            if op == "LogSoftmax":
+                hint = (" A LogSoftmax at the output does not change the top-1 class: export the model without it "
+                        "(or with Softmax).")
             else:
                 hint = " Replace it in the model before exporting, or open an issue asking for it."
             raise self.refuse(node, index, f"unsupported op {op}. intforge imports only: {SUPPORTED_ONNX_OPS}.{hint}")
@@ -529,7 +559,7 @@ class _Builder:
                                            "it nowhere else")
         scale, bias, mean, var = (self.const(node, index, ins[k], what).astype(np.float32)
                                   for k, what in ((1, "scale"), (2, "bias"), (3, "mean"), (4, "variance")))
-        bn = torch.nn.BatchNorm2d(len(scale), eps=float(a.get("epsilon", 1e-5)))
+        bn = torch.nn.BatchNorm2d(len(scale), eps=_decimal(a.get("epsilon", 1e-5)))
         with torch.no_grad():
             bn.weight.copy_(torch.from_numpy(scale))
             bn.bias.copy_(torch.from_numpy(bias))
@@ -699,6 +729,77 @@ class _Builder:
         axis = int(a["axis"])
         self.step(lambda *xs: torch.cat(xs, axis), [i for i in ins if i], out, node)
 
+    def _erf_gelu(self, node: Any, ins: list[str], out: str) -> bool:
+        """GELU as exporters write it without a Gelu op: y = x * (1 + Erf(x / sqrt 2)) * 0.5 (the two Muls in
+        either order), each value read by the next node alone. Imported as one GELU (its nodes skipped); False
+        where the nodes differ."""
+        g = self.graph.node
+
+        def only_user(value: str, op_type: str) -> Any:
+            idx = self.consumers.get(value, [])
+            one = len(idx) == 1 and self.users.get(value, 0) == 1
+            return g[idx[0]] if one and g[idx[0]].op_type == op_type else None
+
+        def other(n: Any, value: str) -> str:
+            return n.input[1] if n.input[0] == value else n.input[0]
+
+        def scalar(value: str, want: float, tol: float) -> bool:
+            v, made = self.static.get(self.name(value)), self.producer.get(value)
+            if v is None and made is not None and made.op_type == "Constant":  # (one written after the Div)
+                v = self._constant_value(made, 0, self.attrs(made))
+            return v is not None and v.size == 1 and abs(float(v.ravel()[0]) - want) < tol
+
+        x = ins[0]
+        if x in self.static or not scalar(node.input[1], 2 ** 0.5, 1e-3):
+            return False
+        erf = only_user(node.output[0], "Erf")
+        add = erf and only_user(erf.output[0], "Add")
+        mul = add and scalar(other(add, erf.output[0]), 1.0, 1e-6) and only_user(add.output[0], "Mul")
+        last = mul and only_user(mul.output[0], "Mul")
+        if not last:
+            return False
+        factors = [other(mul, add.output[0]), other(last, mul.output[0])]  # x and 0.5, in either order
+        if not any(self.name(f) == x and scalar(h, 0.5, 1e-6) for f, h in (factors, factors[::-1])):
+            return False
+        self.skip.update(self.consumers[v][0] for v in (node.output[0], erf.output[0], add.output[0], mul.output[0]))
+        self.step(lambda v: torch.nn.functional.gelu(v), [x], last.output[0], erf)
+        return True
+
+    def op_Softmax(self, node, index, a, ins, out) -> None:
+        if self.opset >= 13:
+            axis = int(a.get("axis", -1))
+            self.step(lambda x: torch.softmax(x, axis), [ins[0]], out, node)
+            return
+        axis = int(a.get("axis", 1))  # before opset 13: softmax of the input flattened to 2-D at `axis`
+
+        def softmax(x: torch.Tensor) -> torch.Tensor:
+            if axis % x.ndim == x.ndim - 1:
+                return torch.softmax(x, -1)
+            return torch.softmax(x.flatten(axis), -1).reshape(x.shape)
+        self.step(softmax, [ins[0]], out, node)
+
+    def op_Transpose(self, node, index, a, ins, out) -> None:
+        perm = a.get("perm")
+        self.step(lambda x: x.permute(list(perm) if perm is not None else list(range(x.ndim))[::-1]), [ins[0]], out,
+                  node)
+
+    def op_LayerNormalization(self, node, index, a, ins, out) -> None:
+        if len(node.output) > 1 and any(node.output[1:]):
+            raise self.refuse(node, index, "a LayerNormalization with Mean / InvStdDev outputs; intforge takes Y only")
+        scale = self.const(node, index, ins[1], "scale").astype(np.float32)
+        if scale.ndim != 1:
+            raise self.refuse(node, index, f"a LayerNormalization over {scale.ndim} axes (scale of shape "
+                              f"{scale.shape}); intforge normalizes over the last axis only")
+        bias = self.const(node, index, ins[2], "bias").astype(np.float32) if len(ins) > 2 and ins[2] else None
+        ln = torch.nn.LayerNorm(scale.size, eps=_decimal(a.get("epsilon", 1e-5)), bias=bias is not None)
+        with torch.no_grad():
+            ln.weight.copy_(torch.from_numpy(scale))
+            if bias is not None:
+                ln.bias.copy_(torch.from_numpy(bias.reshape(-1)))
+        path = self.module_path(node, index, node.input[1])
+        self.attach(path, ln, node)
+        self.call_module(path, ins[0], out)
+
     def op_Dropout(self, node, index, a, ins, out) -> None:
         self.alias[out] = ins[0]
 
@@ -726,6 +827,12 @@ def _name_inputs(mod: OnnxModule) -> None:
     forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
     mod.forward = forward  # type: ignore[method-assign]
+
+
+def _decimal(value: float) -> float:
+    """A float attribute (ONNX stores float32) as the shortest decimal that reads back as it: the 1e-5 an
+    exporter was given, not float32's 9.99999975e-06, so an epsilon folds as in the PyTorch model."""
+    return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
 
 
 def _same_pads(auto: str, size: Any, kernel: list[int], stride: list[int], dilation: list[int]) -> list[int]:

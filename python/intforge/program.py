@@ -30,7 +30,12 @@ OP_KINDS = {
     "max_pool2d": "max over windows, on the integers",
     "avg_pool2d": "integer window sum times a dyadic 1/count (per output position)",
     "reshape": "reshape / flatten, integers unchanged",
+    "transpose": "permute the axes (`axes`, the batch axis stays first), integers unchanged",
     "pad": "zeros around H and W (`pads` top, left, bottom, right): the real 0, as zero points are 0",
+    "lut": "elementwise function (GELU, SiLU, sigmoid, ...) as a table of 2^bits outputs indexed by x - in_qmin",
+    "softmax": "softmax over the last axis: an exp table on x - max(x), one integer division; uint8 at 1/255",
+    "layernorm": "LayerNorm over the last axis: integer mean and variance, exact integer square root, "
+                 "gamma / beta / output scale as a per-channel dyadic multiply-add",
 }
 
 PROGRAM_FORMAT = 1

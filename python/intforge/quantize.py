@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
-from . import dyadic
-from .capture import FloatGraph, FloatOp
+from . import dyadic, nonlinear
+from .capture import FloatGraph, FloatOp, torch_op
 from .dyadic import int_range
 from .errors import QuantizationError, UnsupportedOpError
 from .program import IntegerProgram, IntOp, QTensor
@@ -20,7 +21,7 @@ from .program import IntegerProgram, IntOp, QTensor
 ACC_LIMIT = (1 << 31) - 1
 SUPPORTED_BITS = (4, 8)
 #: Ops whose output has the bits and scale of their input.
-PASS_THROUGH = ("max_pool2d", "reshape", "relu", "clamp", "avg_pool2d", "pad")
+PASS_THROUGH = ("max_pool2d", "reshape", "transpose", "relu", "clamp", "avg_pool2d", "pad")
 
 
 @dataclass
@@ -212,6 +213,9 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
                 ops[-1].inputs = ins
             else:
                 ops.append(IntOp(op.kind, op.name, ins, out_name, dict(op.attrs), {}, op.source))
+        elif op.kind in ("unary", "softmax", "layernorm"):
+            ops.append(_quantize_nonlinear(op, in_ts[0], out_name, new_tensor, rng, tensors, graph))
+            ops[-1].inputs = ins
         else:
             raise UnsupportedOpError(f"no quantization rule for op {op.kind!r} ('{op.name}')\n  at {op.source}")
 
@@ -244,6 +248,31 @@ def _quantize_matmul_like(op: FloatOp, x: QTensor, out: QTensor, act: FloatOp | 
     return IntOp(op.kind, op.name, [x.name], out.name, attrs,
                  {"weight": qw, "bias": bias.astype(np.int32), "multiplier": m, "shift": n,
                   "weight_scale": sw}, op.source)
+
+
+def _quantize_nonlinear(op: FloatOp, x: QTensor, out_name: str, new_tensor, rng, tensors: dict[str, QTensor],
+                        graph: FloatGraph) -> IntOp:
+    """An elementwise function as a table, softmax, or LayerNorm (`intforge.nonlinear`)."""
+    if op.kind == "softmax":  # probabilities: uint8 at 1/255 whatever the calibration saw
+        out = QTensor(out_name, tuple(graph.shapes[out_name]), 1.0 / nonlinear.SOFTMAX_Q, 8, False)
+        tensors[out_name] = out
+        return IntOp("softmax", op.name, [x.name], out_name, {},
+                     {"table": nonlinear.softmax_table(x.scale, x.bits)}, op.source)
+    if op.kind == "layernorm":
+        out = new_tensor(out_name, signed=True)
+        p = nonlinear.layer_norm_params(x.shape[-1], x.scale, x.bits, x.signed, op.params["weight"],
+                                        op.params["bias"], op.attrs["eps"], out.scale, op.name)
+        return IntOp("layernorm", op.name, [x.name], out_name,
+                     {"eps_term": p["eps_term"], "shift": p["shift"],
+                      "qmin": out.qmin, "qmax": out.qmax}, {"mul": p["mul"], "add": p["add"]}, op.source)
+    out = new_tensor(out_name, signed=rng(out_name)[0] < 0)
+
+    def fn(v: np.ndarray) -> np.ndarray:
+        return torch_op("unary")(op, torch.from_numpy(v)).numpy()
+
+    table = nonlinear.unary_table(fn, x.scale, x.bits, x.signed, out.scale, out.qmin, out.qmax, out.dtype)
+    return IntOp("lut", op.name, [x.name], out_name, {"fn": op.attrs["fn"], "in_qmin": x.qmin}, {"table": table},
+                 op.source)
 
 
 def _quantize_avg_pool(op: FloatOp, x: QTensor, out: QTensor) -> IntOp:

@@ -1,0 +1,181 @@
+"""Integer-only nonlinear ops (the I-BERT family): elementwise functions, softmax and LayerNorm.
+
+Like `dyadic`, each op is written once on an ops backend (numpy for the reference executor, Relax for the
+emitter), so the two compute the same integers by construction. Floats appear only here, at quantize
+time, where the constants (tables, multipliers) are derived; the run-time arithmetic is integer.
+
+- Elementwise functions (GELU, SiLU, sigmoid, tanh, hardswish, ...) of a b-bit input take one of 2^b
+  values, so the op is a table of 2^b output integers indexed by the input: each entry is the float
+  function rounded once, more accurate than I-BERT's second-order polynomial and one gather at run time.
+- Softmax over the last axis: x - max(x) is an integer in [-(2^b - 1), 0], so exp of it is a table of
+  2^b fixed-point values (`SOFTMAX_EXP_BITS` fraction bits); the output is round(Q * e / sum(e)) by one
+  integer division, uint8 at scale 1/255 (Q = 255): probabilities, 1.0 included.
+- LayerNorm over the last axis: with d = N x - sum(x) (N features), (x - mean) / std is
+  d sqrt(N) / sqrt(sum d^2 + E) in the input's units (E carries eps), the square root an exact integer
+  square root (floor, `intforge.kernels.isqrt`), the quotient in fixed point (`LAYERNORM_FRAC_BITS`),
+  then gamma, beta and the output scale as one dyadic multiply-add per channel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from . import dyadic
+from .dyadic import IntOps, int_range
+from .errors import QuantizationError
+
+#: Fraction bits of softmax's exp table: exp(0) = 2^22. A row of L entries sums to under L * 2^22, and
+#: each entry's rounding moves a probability by under 2^-23 of the row's sum.
+SOFTMAX_EXP_BITS = 22
+#: Softmax's output: uint8 probabilities at scale 1 / SOFTMAX_Q.
+SOFTMAX_Q = 255
+#: Fraction bits of LayerNorm's normalized value (x - mean) / std / sqrt(N), which lies in [-1, 1].
+LAYERNORM_FRAC_BITS = 24
+
+
+class TensorOps(IntOps, Protocol):
+    """`IntOps` plus the gathers, reductions and selects the nonlinear ops need (last axis only)."""
+
+    def sub(self, a: Any, b: Any) -> Any: ...
+    def take(self, table: np.ndarray, index: Any) -> Any: ...
+    def max_last(self, x: Any) -> Any: ...
+    def sum_last(self, x: Any) -> Any: ...
+    def floor_divide(self, a: Any, b: Any) -> Any: ...
+    def isqrt(self, v: Any) -> Any: ...
+
+
+# -- elementwise functions as tables ---------------------------------------------------------------
+
+def unary_table(fn: Callable[[np.ndarray], np.ndarray], in_scale: float, in_bits: int, in_signed: bool,
+                out_scale: float, qmin: int, qmax: int, out_dtype: str) -> np.ndarray:
+    """The 2^in_bits outputs of `fn` (float64 in, float64 out) on every input integer, lowest first:
+    clamp(floor(fn(in_scale * q) / out_scale + 1/2)). Rounds half up, like every requantize."""
+    lo, hi = int_range(in_bits, in_signed)
+    y = np.asarray(fn(in_scale * np.arange(lo, hi + 1, dtype=np.float64)), dtype=np.float64)
+    if not np.all(np.isfinite(y)):
+        raise QuantizationError("an elementwise function gave a non-finite value on the input's range")
+    return np.clip(np.floor(y / out_scale + 0.5), qmin, qmax).astype(out_dtype)
+
+
+def lookup(ops: TensorOps, x: Any, table: np.ndarray, in_qmin: int) -> Any:
+    """table[x - in_qmin]: an elementwise function of a b-bit integer as one gather."""
+    index = ops.add(ops.cast(x, "int32"), ops.const(-in_qmin, "int32"))
+    return ops.take(table, index)
+
+
+# -- softmax ---------------------------------------------------------------------------------------
+
+def softmax_table(in_scale: float, in_bits: int) -> np.ndarray:
+    """round(2^SOFTMAX_EXP_BITS * exp(in_scale * d)) for d = -(2^b - 1) .. 0, as int32 (index d + 2^b - 1)."""
+    d = np.arange(-(1 << in_bits) + 1, 1, dtype=np.float64)
+    return np.floor(np.exp(in_scale * d) * (1 << SOFTMAX_EXP_BITS) + 0.5).astype(np.int32)
+
+
+def softmax(ops: TensorOps, x: Any, table: np.ndarray, out_dtype: str = "uint8") -> Any:
+    """Softmax over the last axis: e = table[x - max(x)], q = floor((2 Q e + sum e) / (2 sum e)), i.e.
+    Q e / sum(e) rounded half up, in [0, Q] (e <= sum e; the max's entry is 2^22 > 0, so sum e > 0)."""
+    x = ops.cast(x, "int32")
+    index = ops.add(ops.sub(x, ops.max_last(x)), ops.const(len(table) - 1, "int32"))
+    e = ops.cast(ops.take(table, index), "int64")
+    total = ops.sum_last(e)
+    num = ops.add(ops.mul(e, ops.const(2 * SOFTMAX_Q, "int64")), total)
+    q = ops.floor_divide(num, ops.mul(total, ops.const(2, "int64")))
+    return ops.cast(q, out_dtype)
+
+
+# -- LayerNorm -------------------------------------------------------------------------------------
+
+def layer_norm_params(features: int, in_scale: float, in_bits: int, in_signed: bool, gamma: np.ndarray,
+                      beta: np.ndarray, eps: float, out_scale: float, name: str) -> dict[str, Any]:
+    """The integer constants of LayerNorm over `features` values: eps in the units of sum d^2, and gamma,
+    beta and the output scale as per-channel int64 (mul, add) over one shift. Refuses a layer whose sums
+    could pass int64."""
+    n = int(features)
+    lo, hi = int_range(in_bits, in_signed)
+    span = hi - lo
+    d_max = n * span  # |N x_i - sum x| <= N (hi - lo)
+    eps_term = int(round(n ** 3 * float(eps) / (in_scale * in_scale)))
+    v_max = n * d_max * d_max + eps_term
+    if v_max >= 1 << 62 or d_max << (LAYERNORM_FRAC_BITS + 1) >= 1 << 62:
+        raise QuantizationError(
+            f"LayerNorm '{name}' over {n} features (eps {eps:g} at input scale {in_scale:.3g}) would pass int64 "
+            "in its variance; intforge's integer LayerNorm takes up to ~40,000 features and an eps under "
+            "2^62 / N^3 input steps squared")
+    # y_i = t_i * sqrt(N) * gamma_i / 2^K + beta_i, t = round(2^K d / sqrt(v)); in output steps:
+    g = np.asarray(gamma, np.float64) * math.sqrt(n) / (out_scale * (1 << LAYERNORM_FRAC_BITS))
+    b = np.asarray(beta, np.float64) / out_scale
+    top = float(np.abs(g).max())
+    if top > 0:
+        _, shift = dyadic.quantize_multiplier(top)
+    else:
+        shift = dyadic.MULTIPLIER_BITS
+    shift = min(shift, 62 - LAYERNORM_FRAC_BITS - 1)
+    mul = np.round(g * (1 << shift)).astype(np.int64)
+    add = np.round(b * (1 << shift)).astype(np.int64)
+    if np.any(np.abs(add) >= 1 << 62 - 2) or np.any(np.abs(mul) >= 1 << 31):
+        raise QuantizationError(f"LayerNorm '{name}': beta / gamma are too large for the output scale "
+                                f"{out_scale:.3g}; calibrate the output on more representative data")
+    return {"eps_term": eps_term, "shift": int(shift), "mul": mul, "add": add}
+
+
+def layer_norm(ops: TensorOps, x: Any, eps_term: int, mul: Any, add: Any, shift: int,
+               qmin: int, qmax: int, out_dtype: str) -> Any:
+    """LayerNorm over the last axis (N features), on int64: d = N x - sum x, r = max(floor(sqrt(sum d^2 + E)), 1),
+    t = round(2^K d / r) (half up), q = clamp((t mul + add + 2^(shift-1)) >> shift). `mul`, `add` are the
+    per-channel constants of `layer_norm_params` shaped to broadcast on the last axis."""
+    x = ops.cast(x, "int64")
+    n = _features(ops, x)
+    d = ops.sub(ops.mul(x, ops.const(n, "int64")), ops.sum_last(x))
+    v = ops.add(ops.sum_last(ops.mul(d, d)), ops.const(eps_term, "int64"))
+    r = ops.clip(ops.isqrt(v), 1, 1 << 31)
+    num = ops.add(ops.mul(d, ops.const(1 << (LAYERNORM_FRAC_BITS + 1), "int64")), r)
+    t = ops.floor_divide(num, ops.mul(r, ops.const(2, "int64")))
+    return dyadic.rescale_sum(ops, [(t, mul)], shift, qmin, qmax, out_dtype, offset=add)
+
+
+def _features(ops: TensorOps, x: Any) -> int:
+    shape = getattr(ops, "shape", None)
+    return int(shape(x)[-1]) if shape is not None else int(np.shape(x)[-1])
+
+
+def isqrt_numpy(v: np.ndarray) -> np.ndarray:
+    """floor(sqrt(v)) of int64 v in [0, 2^62), exactly: the float root, then corrected by whole steps
+    (r^2 <= 2^62 fits int64). An implementation independent of the kernel's: both compute the one integer
+    floor(sqrt(v)), which the bit-exact tests compare."""
+    v = np.asarray(v, dtype=np.int64)
+    r = np.sqrt(v.astype(np.float64)).astype(np.int64)
+    for _ in range(2):
+        r = np.where(r * r > v, r - 1, r)
+        r = np.where((r + 1) * (r + 1) <= v, r + 1, r)
+    return r
+
+
+# -- numpy backend ---------------------------------------------------------------------------------
+
+class NumpyTensorOps(dyadic.NumpyOps):
+    """`TensorOps` on numpy arrays: what the reference executor computes with."""
+
+    def sub(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.subtract(a, b)
+
+    def take(self, table: np.ndarray, index: np.ndarray) -> np.ndarray:
+        return np.asarray(table)[index]
+
+    def max_last(self, x: np.ndarray) -> np.ndarray:
+        return np.max(x, axis=-1, keepdims=True)
+
+    def sum_last(self, x: np.ndarray) -> np.ndarray:
+        return np.sum(x, axis=-1, keepdims=True, dtype=x.dtype)
+
+    def floor_divide(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.floor_divide(a, b)
+
+    def isqrt(self, v: np.ndarray) -> np.ndarray:
+        return isqrt_numpy(v)
+
+
+NUMPY_TENSOR_OPS = NumpyTensorOps()

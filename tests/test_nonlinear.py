@@ -1,0 +1,186 @@
+"""The I-BERT family of integer ops (intforge.nonlinear): how close they are to float, their integer square
+root on extremes, refusals, and a token model trained on real digits compiled bit-exact."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import intforge
+from conftest import quantize_module
+from intforge import nonlinear, reference, zoo
+from intforge.errors import QuantizationError, UnsupportedOpError
+from intforge.program import IntegerProgram
+
+
+def _dequantized_input(program, rng, shape=None):
+    """Every integer the input can hold, or random ones, and their real values."""
+    t = program.tensors[program.inputs[0]]
+    q = rng.integers(t.qmin, t.qmax + 1, shape or t.shape).astype(t.dtype)
+    return q, t.scale * q.astype(np.float64)
+
+
+@pytest.mark.parametrize("fn", [nn.GELU(), nn.GELU("tanh"), nn.SiLU(), nn.Sigmoid(), nn.Tanh(), nn.Hardswish(),
+                                nn.Hardsigmoid(), nn.LeakyReLU(0.1), nn.ELU(), nn.Mish(), nn.Softplus()])
+def test_elementwise_tables_round_the_float_function_once(fn):
+    """Each table entry is the float function of the input's real value rounded to the output's step: within
+    half a step of it wherever the output range holds it."""
+    program = quantize_module(nn.Sequential(fn), (1, 64), n_calib=64, scale=3.0)
+    (op,) = program.ops
+    x, out = program.tensors[op.inputs[0]], program.tensors[op.output]
+    assert op.kind == "lut" and op.params["table"].size == 256
+    q = np.arange(x.qmin, x.qmax + 1)
+    want = fn(torch.from_numpy(x.scale * q.astype(np.float64))).numpy()
+    got = op.params["table"].astype(np.float64) * out.scale
+    inside = (want >= out.qmin * out.scale) & (want <= out.qmax * out.scale)
+    assert inside.mean() > 0.9
+    assert np.abs(got - want)[inside].max() <= out.scale / 2 + 1e-12
+    assert out.signed == bool(want.min() < 0)  # sigmoid, softplus: unsigned, all 256 steps on [0, hi]
+
+
+def test_softmax_is_within_one_step_of_float_and_sums_to_one():
+    program = quantize_module(nn.Softmax(-1), (4, 1000), n_calib=8, scale=4.0)
+    rng = np.random.default_rng(0)
+    q, real = _dequantized_input(program, rng)
+    got = reference.run_int(program, q)[0]
+    assert got.dtype == np.uint8 and program.tensors[program.outputs[0]].scale == pytest.approx(1 / 255)
+    want = torch.softmax(torch.from_numpy(real), -1).numpy()
+    assert np.abs(got / 255.0 - want).max() <= 0.5 / 255 + 1e-4
+    # a peaked row: the max takes what the rest leave
+    peaked = np.full((4, 1000), program.tensors[program.inputs[0]].qmin, np.int8)
+    peaked[:, 7] = 127
+    assert (reference.run_int(program, peaked)[0][:, 7] == 255).all()
+
+
+def test_layernorm_is_within_one_step_of_float_layernorm():
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(96, eps=1e-5)
+    with torch.no_grad():
+        ln.weight.uniform_(-2, 2)
+        ln.bias.uniform_(-1, 1)
+    program = quantize_module(ln, (2, 7, 96), n_calib=32)
+    rng = np.random.default_rng(1)
+    q, real = _dequantized_input(program, rng)
+    got = reference.run_float(program, real.astype(np.float32))[0]
+    with torch.no_grad():
+        want = ln(torch.from_numpy(real.astype(np.float32))).numpy()
+    step = program.tensors[program.outputs[0]].scale
+    inside = np.abs(want) <= 127 * step
+    assert np.abs(got - want)[inside].max() <= 1.0 * step
+
+
+def test_layernorm_of_constant_rows_is_beta():
+    """d = 0 everywhere: the root of eps alone (or 1 where eps rounds to 0), the normalized value 0."""
+    ln = nn.LayerNorm(8)
+    with torch.no_grad():
+        ln.bias.copy_(torch.linspace(-1, 1, 8))
+    program = quantize_module(ln, (1, 8), n_calib=16)
+    out = program.tensors[program.outputs[0]]
+    for fill in (-128, 0, 127):
+        got = reference.run_int(program, np.full((1, 8), fill, np.int8))[0]
+        np.testing.assert_array_equal(got[0], np.clip(np.floor(np.linspace(-1, 1, 8) / out.scale + 0.5), -128, 127))
+
+
+def test_the_integer_square_root_kernel_is_exact_on_extremes(tmp_path):
+    """The TIR kernel (kernels/isqrt.py) against Python's math.isqrt, and against the reference's numpy form,
+    on squares, their neighbours and the ends of [0, 2^62)."""
+    import tvm
+
+    from intforge.kernels.isqrt import ISQRT_SYMBOL, isqrt_func
+
+    lib = tvm.compile(tvm.IRModule({ISQRT_SYMBOL: isqrt_func()}), target="llvm")
+    rng = np.random.default_rng(0)
+    roots = np.concatenate([np.arange(0, 70), rng.integers(0, 1 << 31, 500), [(1 << 31) - 1]]).astype(np.int64)
+    v = np.concatenate([roots * roots, roots * roots - 1, roots * roots + 1, rng.integers(0, 1 << 62, 2000),
+                        [(1 << 62) - 1, 1 << 61, (1 << 60) - 1]])
+    v = np.clip(v, 0, (1 << 62) - 1).astype(np.int64)
+    out = tvm.runtime.tensor(np.zeros_like(v))
+    lib[ISQRT_SYMBOL](tvm.runtime.tensor(v), out)
+    want = np.array([math.isqrt(int(a)) for a in v], np.int64)
+    np.testing.assert_array_equal(out.numpy(), want)
+    np.testing.assert_array_equal(nonlinear.isqrt_numpy(v), want)
+
+
+class _Softmax1(nn.Module):
+    def forward(self, x):
+        return torch.softmax(x, 1)
+
+
+class _Permute(nn.Module):
+    def forward(self, x):
+        return x.permute(1, 0, 2)
+
+
+@pytest.mark.parametrize("module, shape, words", [
+    (_Softmax1(), (2, 5, 6), ["softmax over dim 1", "last dim"]),
+    (nn.LayerNorm((5, 6)), (2, 5, 6), ["LayerNorm over the last 2 dims", "last dim only"]),
+    (_Permute(), (2, 5, 6), ["moves the batch dim"]),
+])
+def test_unsupported_forms_are_refused_by_name(module, shape, words):
+    with pytest.raises(UnsupportedOpError) as err:
+        quantize_module(module, shape)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_layernorm_whose_variance_could_pass_int64_is_refused():
+    with pytest.raises(QuantizationError, match="would pass int64"):
+        nonlinear.layer_norm_params(64, 1e-10, 8, True, np.ones(64), np.zeros(64), 1e-5, 0.1, "ln")
+
+
+class TokenMixer(nn.Module):
+    """A transformer-style MLP block on 7x7 patches of a digit: patch embedding, LayerNorm, a GELU MLP with a
+    residual add, LayerNorm, a linear head and softmax."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, 7, stride=7)
+        self.norm1 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.head = nn.Linear(16 * dim, 10)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = t + self.fc2(F.gelu(self.fc1(self.norm1(t))))
+        return torch.softmax(self.head(self.norm2(t).flatten(1)), -1)
+
+
+def test_a_token_model_trained_on_digits_compiles_integer_only_and_bit_exact(tmp_path):
+    x, y = zoo.mnist_digits()
+    order = np.random.default_rng(0).permutation(len(x))  # the digits come sorted by label
+    x, y = x[order], y[order]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = TokenMixer()
+        opt = torch.optim.Adam(model.parameters(), 3e-3)
+        xt, yt = torch.from_numpy(x[:4000]), torch.from_numpy(y[:4000])
+        for _ in range(8):
+            perm = torch.randperm(4000)
+            for i in range(0, 4000, 64):
+                idx = perm[i:i + 64]
+                loss = F.nll_loss(torch.log(model(xt[idx]) + 1e-9), yt[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    model.eval()
+    test_x, test_y = x[4000:], y[4000:]
+    with torch.no_grad():
+        float_acc = (model(torch.from_numpy(test_x)).argmax(1).numpy() == test_y).mean()
+    art = intforge.compile(model, (torch.from_numpy(x[:1]),), x[:256], output=tmp_path / "mixer")
+    assert art.manifest["integer_only"] is True
+    program = IntegerProgram.load(art.program_path)
+    kinds = {op.kind for op in program.ops}
+    assert {"layernorm", "lut", "softmax", "transpose", "add", "linear"} <= kinds
+    lib = intforge.load(art.library)
+    got = np.concatenate([lib(test_x[i:i + 1]) for i in range(len(test_x))])
+    want = np.concatenate([reference.run_float(program, test_x[i:i + 1])[0] for i in range(200)])
+    np.testing.assert_array_equal(got[:200], want)
+    int_acc = (got.argmax(1) == test_y).mean()
+    assert float_acc > 0.88
+    assert int_acc >= float_acc - 0.01
+    assert np.allclose(got.sum(1), 1.0, atol=0.02)  # probabilities at 1/255
