@@ -191,17 +191,19 @@ def emit_op(ops: RelaxOps, program: IntegerProgram, op: IntOp, args: list[relax.
         return ops.bb.emit(relax.op.reshape(args[0], out_t.shape))
     if op.kind == "transpose":
         return ops.bb.emit(relax.op.permute_dims(args[0], a["axes"]))
+    if op.kind == "select":
+        axis, i = a["axis"], a["index"]
+        part = ops.bb.emit(relax.op.strided_slice(args[0], axes=[axis], begin=[i], end=[i + 1]))
+        return ops.bb.emit(relax.op.reshape(part, out_t.shape))
+    if op.kind == "matmul":  # two activations (attention), widened: u8 x s8 has no Relax form of its own
+        acc = ops.bb.emit(relax.op.matmul(ops.cast(args[0], "int32"), ops.cast(args[1], "int32"), out_dtype="int32"))
+        return dyadic.requantize(ops, acc, int(op.params["multiplier"]), int(a["shift"]), a["qmin"], a["qmax"],
+                                 out_t.dtype)
     if op.kind == "pad":
         t, left, b, r = a["pads"]
         return ops.bb.emit(rnn.pad(args[0], [0, 0, 0, 0, t, b, left, r], "constant", 0.0))
-    if op.kind == "lut":
-        return nonlinear.lookup(ops, args[0], op.params["table"], a["in_qmin"])
-    if op.kind == "softmax":
-        return nonlinear.softmax(ops, args[0], op.params["table"], out_t.dtype)
-    if op.kind == "layernorm":
-        p = op.params
-        return nonlinear.layer_norm(ops, args[0], a["eps_term"], p["mul"], p["add"], a["shift"],
-                                    a["qmin"], a["qmax"], out_t.dtype)
+    if op.kind in nonlinear.KINDS:
+        return nonlinear.run(ops, op.kind, a, op.params, args[0], out_t.dtype)
     raise IntforgeError(f"the Relax emitter has no rule for op kind {op.kind!r} ({op.name})")
 
 

@@ -109,15 +109,25 @@ class _Softmax1(nn.Module):
         return torch.softmax(x, 1)
 
 
-class _Permute(nn.Module):
+class _Causal(nn.Module):
     def forward(self, x):
-        return x.permute(1, 0, 2)
+        return F.scaled_dot_product_attention(x, x, x, is_causal=True)
+
+
+class _ConstantMatmul(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 3))
+
+    def forward(self, x):
+        return torch.matmul(x, self.w)
 
 
 @pytest.mark.parametrize("module, shape, words", [
     (_Softmax1(), (2, 5, 6), ["softmax over dim 1", "last dim"]),
     (nn.LayerNorm((5, 6)), (2, 5, 6), ["LayerNorm over the last 2 dims", "last dim only"]),
-    (_Permute(), (2, 5, 6), ["moves the batch dim"]),
+    (_Causal(), (1, 2, 5, 6), ["mask or is_causal", "unmasked attention only"]),
+    (_ConstantMatmul(), (2, 5, 6), ["constant operand", "nn.Linear"]),
 ])
 def test_unsupported_forms_are_refused_by_name(module, shape, words):
     with pytest.raises(UnsupportedOpError) as err:
@@ -129,6 +139,29 @@ def test_unsupported_forms_are_refused_by_name(module, shape, words):
 def test_layernorm_whose_variance_could_pass_int64_is_refused():
     with pytest.raises(QuantizationError, match="would pass int64"):
         nonlinear.layer_norm_params(64, 1e-10, 8, True, np.ones(64), np.zeros(64), 1e-5, 0.1, "ln")
+
+
+def test_attention_calibrates_at_the_example_batch_over_every_sample():
+    """nn.MultiheadAttention merges the batch with its heads, so the float graph runs only at the example's
+    batch size: calibration feeds it batches of that size (the last filled up with the first samples), and
+    the output's range is the model's over all the data."""
+    from test_ops_bitexact import MhaBlock
+
+    from intforge.calibrate import collect_ranges
+    from intforge.capture import capture
+
+    torch.manual_seed(0)
+    model = MhaBlock().eval()
+    data = np.random.default_rng(0).standard_normal((7, 6, 16)).astype(np.float32)
+    data[6] *= 3  # the odd sample out has the largest values
+    graph = capture(model, (torch.from_numpy(data[:2]),))
+    assert graph.fixed_batch()
+    ranges = collect_ranges(graph, [data])
+    with torch.no_grad():
+        out = np.concatenate([model(torch.from_numpy(data[i:i + 2])).numpy() for i in (0, 2, 4)] +
+                             [model(torch.from_numpy(data[[6, 0]])).numpy()])
+    lo, hi = ranges[graph.outputs[0]]
+    assert lo == pytest.approx(float(out.min()), rel=1e-5) and hi == pytest.approx(float(out.max()), rel=1e-5)
 
 
 class TokenMixer(nn.Module):
@@ -150,37 +183,81 @@ class TokenMixer(nn.Module):
         return torch.softmax(self.head(self.norm2(t).flatten(1)), -1)
 
 
-def test_a_token_model_trained_on_digits_compiles_integer_only_and_bit_exact(tmp_path):
+def _trained_on_digits(make, loss, shuffle_seed: int):
+    """A model trained for 8 epochs on 4,000 of the 5,000 digits (shuffled: they come sorted by label), in
+    eval mode, with its float accuracy on the other 1,000: (model, accuracy, digits, held-out digits, labels)."""
     x, y = zoo.mnist_digits()
-    order = np.random.default_rng(0).permutation(len(x))  # the digits come sorted by label
+    order = np.random.default_rng(shuffle_seed).permutation(len(x))
     x, y = x[order], y[order]
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = TokenMixer()
+        model = make()
         opt = torch.optim.Adam(model.parameters(), 3e-3)
         xt, yt = torch.from_numpy(x[:4000]), torch.from_numpy(y[:4000])
         for _ in range(8):
             perm = torch.randperm(4000)
             for i in range(0, 4000, 64):
                 idx = perm[i:i + 64]
-                loss = F.nll_loss(torch.log(model(xt[idx]) + 1e-9), yt[idx])
+                value = loss(model(xt[idx]), yt[idx])
                 opt.zero_grad()
-                loss.backward()
+                value.backward()
                 opt.step()
     model.eval()
-    test_x, test_y = x[4000:], y[4000:]
     with torch.no_grad():
-        float_acc = (model(torch.from_numpy(test_x)).argmax(1).numpy() == test_y).mean()
-    art = intforge.compile(model, (torch.from_numpy(x[:1]),), x[:256], output=tmp_path / "mixer")
+        float_acc = (model(torch.from_numpy(x[4000:])).argmax(1).numpy() == y[4000:]).mean()
+    return model, float_acc, x, x[4000:], y[4000:]
+
+
+def _compiled_on_digits(model, x, test_x, test_y, output, checked: int):
+    """Compile on 256 digits (integer-only), run the .so on every held-out digit, and check its first
+    `checked` outputs against the reference bit for bit: (program, outputs, INT8 accuracy)."""
+    art = intforge.compile(model, (torch.from_numpy(x[:1]),), x[:256], output=output)
     assert art.manifest["integer_only"] is True
     program = IntegerProgram.load(art.program_path)
-    kinds = {op.kind for op in program.ops}
-    assert {"layernorm", "lut", "softmax", "transpose", "add", "linear"} <= kinds
     lib = intforge.load(art.library)
     got = np.concatenate([lib(test_x[i:i + 1]) for i in range(len(test_x))])
-    want = np.concatenate([reference.run_float(program, test_x[i:i + 1])[0] for i in range(200)])
-    np.testing.assert_array_equal(got[:200], want)
-    int_acc = (got.argmax(1) == test_y).mean()
+    want = np.concatenate([reference.run_float(program, test_x[i:i + 1])[0] for i in range(checked)])
+    np.testing.assert_array_equal(got[:checked], want)
+    return program, got, (got.argmax(1) == test_y).mean()
+
+
+def test_a_token_model_trained_on_digits_compiles_integer_only_and_bit_exact(tmp_path):
+    model, float_acc, x, test_x, test_y = _trained_on_digits(
+        TokenMixer, lambda probs, labels: F.nll_loss(torch.log(probs + 1e-9), labels), shuffle_seed=0)
+    program, got, int_acc = _compiled_on_digits(model, x, test_x, test_y, tmp_path / "mixer", checked=200)
+    kinds = {op.kind for op in program.ops}
+    assert {"layernorm", "lut", "softmax", "transpose", "add", "linear"} <= kinds
     assert float_acc > 0.88
     assert int_acc >= float_acc - 0.01
     assert np.allclose(got.sum(1), 1.0, atol=0.02)  # probabilities at 1/255
+
+
+class TinyViT(nn.Module):
+    """A vision transformer for 28x28 digits: 7x7 patches, one pre-norm block of 4-head attention (timm's
+    form: qkv in one linear, scaled_dot_product_attention) and a GELU MLP, LayerNorm, a linear head."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.patch = nn.Conv2d(1, dim, 7, stride=7)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(16 * dim, 10)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        b, n, c = t.shape
+        q, k, v = self.qkv(self.norm1(t)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4) \
+            .unbind(0)
+        t = t + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+        t = t + self.fc2(F.gelu(self.fc1(self.norm2(t))))
+        return self.head(self.norm3(t).flatten(1))
+
+
+def test_a_vision_transformer_trained_on_digits_compiles_integer_only_and_bit_exact(tmp_path):
+    model, float_acc, x, test_x, test_y = _trained_on_digits(TinyViT, F.cross_entropy, shuffle_seed=1)
+    program, got, int_acc = _compiled_on_digits(model, x, test_x, test_y, tmp_path / "vit", checked=100)
+    assert sum(op.kind == "matmul" for op in program.ops) == 2
+    assert float_acc > 0.9
+    assert int_acc >= float_acc - 0.015

@@ -99,6 +99,44 @@ class Permute(nn.Module):
         return x.permute(*self.axes)
 
 
+class Gram(nn.Module):
+    """A(x) B(x)^T: a matmul of two activations, signed by signed, and ReLU'd (unsigned) by signed."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 6), nn.Linear(8, 6)
+
+    def forward(self, x):
+        return torch.matmul(self.a(x), self.b(x).transpose(1, 2)) + torch.matmul(torch.relu(self.a(x)),
+                                                                                 self.b(x).transpose(1, 2))
+
+
+class MhaBlock(nn.Module):
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, 4, batch_first=True)
+
+    def forward(self, x):
+        y = self.norm(x)
+        return x + self.attn(y, y, y, need_weights=False)[0]
+
+
+class SdpaBlock(nn.Module):
+    """timm's Attention: qkv in one linear, reshaped and permuted to (3, batch, heads, tokens, dim), unbound."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
 def bn_conv(cin, cout, **kw):
     seq = nn.Sequential(nn.Conv2d(cin, cout, **kw, bias=False), nn.BatchNorm2d(cout))
     torch.manual_seed(1)
@@ -260,6 +298,11 @@ CASES = {
     # an NHWC input (tf2onnx's files) permuted to NCHW before the convs, and a conv's output permuted back
     "permute_nhwc_input": (lambda: nn.Sequential(Permute(0, 3, 1, 2), nn.Conv2d(3, 8, 3), nn.ReLU(),
                                                  nn.Conv2d(8, 8, 1), Permute(0, 2, 3, 1)), (1, 9, 9, 3)),
+    # attention: a matmul of two activations; nn.MultiheadAttention (batch moved and merged with the heads,
+    # so calibration runs at the example's batch); timm's form (qkv reshaped, permuted, unbound, SDPA)
+    "matmul_activations": (lambda: Gram(), (2, 5, 8)),
+    "attention_mha": (lambda: MhaBlock(), (2, 6, 16)),
+    "attention_sdpa": (lambda: SdpaBlock(), (1, 7, 16)),
 }
 
 

@@ -87,9 +87,16 @@ def collect_ranges(graph: FloatGraph, data: Sequence[np.ndarray],
                 flat = flat[rng.choice(flat.size, per_batch, replace=False)]
             samples.setdefault(name, []).append(flat)
 
+    size = config.batch_size
+    if graph.fixed_batch():  # (attention mixes batch and heads: the graph's shapes hold its batch size)
+        size = graph.shapes[graph.inputs[0]][0]
+        if n % size:  # the last batch filled up with the first samples (repeats move no min or max)
+            arrays = [np.concatenate([a, np.resize(a, (size - n % size, *a.shape[1:]))]) for a in arrays]
+            n = arrays[0].shape[0]
+    per_batch = max(1, config.max_samples_per_tensor // max(1, -(-n // size)))  # (observe reads it)
     with torch.no_grad():
-        for start in range(0, n, config.batch_size):
-            batch = [torch.from_numpy(a[start:start + config.batch_size]) for a in arrays]
+        for start in range(0, n, size):
+            batch = [torch.from_numpy(a[start:start + size]) for a in arrays]
             run_float_graph(graph, *batch, observe=observe)
 
     ranges = {}

@@ -23,10 +23,12 @@ from .errors import CaptureError, UnsupportedOpError
 SUPPORTED_OPS = (
     "conv2d (stride, padding, dilation, groups, depthwise), linear, BatchNorm (folded into the conv "
     "before it), ReLU, ReLU6 / hardtanh / clamp, residual add, max_pool2d, avg_pool2d, "
-    "adaptive_avg_pool2d, mean over H,W, flatten / view / reshape, permute / transpose (not of the batch dim), "
+    "adaptive_avg_pool2d, mean over H,W, flatten / view / reshape / unflatten, permute / transpose, "
     "cat, zero padding (F.pad, ZeroPad2d), "
     "dropout (eval: identity), GELU / SiLU / sigmoid / tanh / hardswish / hardsigmoid / leaky_relu / ELU / "
-    "mish / softplus (as integer tables), softmax and LayerNorm over the last axis, linear on (..., features)"
+    "mish / softplus (as integer tables), softmax and LayerNorm over the last axis, linear on (..., features), "
+    "matmul / bmm of two activations, scaled_dot_product_attention without a mask (nn.MultiheadAttention), "
+    "select / unbind"
 )
 
 #: Elementwise functions that become integer tables (`nonlinear.unary_table`): aten op -> (name, attrs
@@ -68,6 +70,18 @@ class FloatGraph:
     shapes: dict[str, tuple[int, ...]]
     ops: list[FloatOp]
 
+    def fixed_batch(self) -> bool:
+        """Whether some op moves or merges the batch axis (attention's heads-and-batch reshapes), so the graph
+        runs in float only at the example's batch size (calibration then feeds it batches of that size)."""
+        for op in self.ops:
+            if op.kind == "transpose" and op.attrs["axes"][0] != 0:
+                return True
+            if op.kind == "select" and op.attrs["axis"] == 0:
+                return True
+            if op.kind == "reshape" and self.shapes[op.output][0] != self.shapes[op.inputs[0]][0]:
+                return True
+        return False
+
     def producer(self, tensor: str) -> FloatOp | None:
         for op in self.ops:
             if op.output == tensor:
@@ -92,7 +106,7 @@ class FloatGraph:
 _IDENTITY = {"aten.dropout.default", "aten.clone.default", "aten.contiguous.default", "aten.alias.default",
              "aten.detach.default", "aten.feature_dropout.default", "aten.dropout_.default"}
 _RESHAPE = {"aten.flatten.using_ints", "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default",
-            "aten.squeeze.dim", "aten.squeeze.dims", "aten.unsqueeze.default"}
+            "aten.squeeze.dim", "aten.squeeze.dims", "aten.unsqueeze.default", "aten.unflatten.int"}
 
 
 def user_source(node: torch.fx.Node) -> str:
@@ -396,14 +410,54 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
                 axes = list(range(rank))
                 i, j = (int(args[1]) % rank, int(args[2]) % rank) if target == "aten.transpose.int" else (0, 1)
                 axes[i], axes[j] = axes[j], axes[i]
-            if axes[0] != 0:
-                raise UnsupportedOpError(
-                    f"permute {axes} of a {rank}-D tensor in layer '{_module_path(node) or node.name}' at {src} moves "
-                    "the batch dim: intforge keeps the batch dim first")
             if axes == list(range(rank)):
                 alias[node.name] = x
             else:
                 emit("transpose", [x], {"axes": axes})
+        elif target == "aten.select.int":
+            x = tname(args[0])
+            axis = int(args[1]) % len(shapes[x])
+            emit("select", [x], {"axis": axis, "index": int(args[2]) % shapes[x][axis]})
+        elif target == "aten.unbind.int":  # one select a part (getitem i reads `name[i]`, part 0 `name`)
+            x = tname(args[0])
+            axis = (int(args[1]) if len(args) > 1 else 0) % len(shapes[x])
+            for i in range(shapes[x][axis]):
+                out = node.name if i == 0 else f"{node.name}[{i}]"
+                ops.append(FloatOp("select", layer_name(node, "select", False), [x], out, {"axis": axis, "index": i},
+                                   {}, src))
+                shapes[out] = tuple(d for j, d in enumerate(shapes[x]) if j != axis)
+        elif target in ("aten.matmul.default", "aten.bmm.default"):
+            if not all(isinstance(a, torch.fx.Node) and a.name not in consts for a in args[:2]):
+                raise UnsupportedOpError(f"matmul with a constant operand at {src}: intforge multiplies two "
+                                         "activations here (attention); use nn.Linear for a weight")
+            a_shape, b_shape = shapes[tname(args[0])], shapes[tname(args[1])]
+            if len(a_shape) != len(b_shape) or a_shape[:-2] != b_shape[:-2] or len(a_shape) < 2:
+                raise UnsupportedOpError(f"matmul of shapes {a_shape} and {b_shape} at {src}: intforge multiplies "
+                                         "activations of the same rank and leading dims (no broadcasting)")
+            emit("matmul", [tname(args[0]), tname(args[1])], {"alpha": 1.0})
+        elif target == "aten.scaled_dot_product_attention.default":
+            q, k, v = (tname(a) for a in args[:3])
+            mask = args[3] if len(args) > 3 else node.kwargs.get("attn_mask")
+            causal = bool(args[5]) if len(args) > 5 else bool(node.kwargs.get("is_causal", False))
+            if mask is not None or causal:
+                raise UnsupportedOpError(f"scaled_dot_product_attention with a mask or is_causal at {src}: intforge "
+                                         "takes unmasked attention only")
+            scale = args[6] if len(args) > 6 else node.kwargs.get("scale")
+            scale = float(scale) if scale is not None else 1.0 / float(np.sqrt(shapes[q][-1]))
+            if shapes[q][:-2] != shapes[k][:-2] or shapes[k][:-2] != shapes[v][:-2]:
+                raise UnsupportedOpError(f"scaled_dot_product_attention of shapes {shapes[q]}, {shapes[k]}, "
+                                         f"{shapes[v]} at {src}: grouped or broadcast heads are not supported")
+            # (attention as intforge's ops: Q K^T scaled, softmax, times V; each its own integer op)
+            kt, scores, probs = f"{node.name}_kt", f"{node.name}_scores", f"{node.name}_probs"
+            rank = len(shapes[k])
+            for kind, ins, out, attrs, shape in (
+                    ("transpose", [k], kt, {"axes": [*range(rank - 2), rank - 1, rank - 2]},
+                     (*shapes[k][:-2], shapes[k][-1], shapes[k][-2])),
+                    ("matmul", [q, kt], scores, {"alpha": scale}, (*shapes[q][:-1], shapes[k][-2])),
+                    ("softmax", [scores], probs, {}, (*shapes[q][:-1], shapes[k][-2]))):
+                ops.append(FloatOp(kind, layer_name(node, kind, False), ins, out, attrs, {}, src))
+                shapes[out] = shape
+            emit("matmul", [probs, v], {"alpha": 1.0})
         elif target in _UNARY:
             fn, defaults = _UNARY[target]
             attrs = {"fn": fn}
@@ -510,6 +564,8 @@ def torch_op(kind: str):
         "unary": unary,
         "softmax": lambda op, x: torch.softmax(x, -1),
         "transpose": lambda op, x: x.permute(op.attrs["axes"]),
+        "select": lambda op, x: x.select(op.attrs["axis"], op.attrs["index"]),
+        "matmul": lambda op, a, b: torch.matmul(a, b) * op.attrs["alpha"],
         "layernorm": layernorm,
         "conv2d": conv2d,
         "linear": linear,
@@ -529,13 +585,15 @@ def torch_op(kind: str):
 def run_float_graph(graph: FloatGraph, *inputs: torch.Tensor, observe=None) -> list[torch.Tensor]:
     """Execute the float graph with torch; `observe(tensor_name, value)` sees every tensor."""
     env = dict(zip(graph.inputs, inputs, strict=True))
+    fixed = graph.fixed_batch()
     if observe:
         for k, v in env.items():
             observe(k, v)
     for op in graph.ops:
         args = [env[i] for i in op.inputs]
         if op.kind == "reshape":
-            out = args[0].reshape((args[0].shape[0], *graph.shapes[op.output][1:]))
+            shape = graph.shapes[op.output]
+            out = args[0].reshape(shape if fixed else (args[0].shape[0], *shape[1:]))
         else:
             out = torch_op(op.kind)(op, *args)
         env[op.output] = out

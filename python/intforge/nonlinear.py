@@ -46,6 +46,7 @@ class TensorOps(IntOps, Protocol):
     def sum_last(self, x: Any) -> Any: ...
     def floor_divide(self, a: Any, b: Any) -> Any: ...
     def isqrt(self, v: Any) -> Any: ...
+    def shape(self, x: Any) -> tuple[int, ...]: ...
 
 
 # -- elementwise functions as tables ---------------------------------------------------------------
@@ -113,10 +114,12 @@ def layer_norm_params(features: int, in_scale: float, in_bits: int, in_signed: b
         _, shift = dyadic.quantize_multiplier(top)
     else:
         shift = dyadic.MULTIPLIER_BITS
+    # held to 37: `add` (beta in output steps, times 2^shift) stays under 2^60 for |beta| up to 2^23 steps,
+    # and |t * mul| < 2^(K + 1 + 31) = 2^56, so their sum with the rounding offset fits int64
     shift = min(shift, 62 - LAYERNORM_FRAC_BITS - 1)
     mul = np.round(g * (1 << shift)).astype(np.int64)
     add = np.round(b * (1 << shift)).astype(np.int64)
-    if np.any(np.abs(add) >= 1 << 62 - 2) or np.any(np.abs(mul) >= 1 << 31):
+    if np.any(np.abs(add) >= 1 << 60) or np.any(np.abs(mul) >= 1 << 31):
         raise QuantizationError(f"LayerNorm '{name}': beta / gamma are too large for the output scale "
                                 f"{out_scale:.3g}; calibrate the output on more representative data")
     return {"eps_term": eps_term, "shift": int(shift), "mul": mul, "add": add}
@@ -128,18 +131,13 @@ def layer_norm(ops: TensorOps, x: Any, eps_term: int, mul: Any, add: Any, shift:
     t = round(2^K d / r) (half up), q = clamp((t mul + add + 2^(shift-1)) >> shift). `mul`, `add` are the
     per-channel constants of `layer_norm_params` shaped to broadcast on the last axis."""
     x = ops.cast(x, "int64")
-    n = _features(ops, x)
+    n = ops.shape(x)[-1]
     d = ops.sub(ops.mul(x, ops.const(n, "int64")), ops.sum_last(x))
     v = ops.add(ops.sum_last(ops.mul(d, d)), ops.const(eps_term, "int64"))
     r = ops.clip(ops.isqrt(v), 1, 1 << 31)
     num = ops.add(ops.mul(d, ops.const(1 << (LAYERNORM_FRAC_BITS + 1), "int64")), r)
     t = ops.floor_divide(num, ops.mul(r, ops.const(2, "int64")))
     return dyadic.rescale_sum(ops, [(t, mul)], shift, qmin, qmax, out_dtype, offset=add)
-
-
-def _features(ops: TensorOps, x: Any) -> int:
-    shape = getattr(ops, "shape", None)
-    return int(shape(x)[-1]) if shape is not None else int(np.shape(x)[-1])
 
 
 def isqrt_numpy(v: np.ndarray) -> np.ndarray:
@@ -152,6 +150,25 @@ def isqrt_numpy(v: np.ndarray) -> np.ndarray:
         r = np.where(r * r > v, r - 1, r)
         r = np.where((r + 1) * (r + 1) <= v, r + 1, r)
     return r
+
+
+# -- the ops of the integer program --------------------------------------------------------------------
+
+KINDS = ("lut", "softmax", "layernorm")
+
+
+def run(ops: TensorOps, kind: str, attrs: dict[str, Any], params: dict[str, np.ndarray], x: Any,
+        out_dtype: str) -> Any:
+    """One integer-program op of these `KINDS` on `ops`: the reference executor and the Relax emitter both
+    call this, so they read the op's attrs and params the same way."""
+    if kind == "lut":
+        return lookup(ops, x, params["table"], attrs["in_qmin"])
+    if kind == "softmax":
+        return softmax(ops, x, params["table"], out_dtype)
+    if kind == "layernorm":
+        return layer_norm(ops, x, attrs["eps_term"], params["mul"], params["add"], attrs["shift"], attrs["qmin"],
+                          attrs["qmax"], out_dtype)
+    raise ValueError(f"not a nonlinear op kind: {kind!r}")
 
 
 # -- numpy backend ---------------------------------------------------------------------------------
@@ -176,6 +193,9 @@ class NumpyTensorOps(dyadic.NumpyOps):
 
     def isqrt(self, v: np.ndarray) -> np.ndarray:
         return isqrt_numpy(v)
+
+    def shape(self, x: np.ndarray) -> tuple[int, ...]:
+        return tuple(int(d) for d in np.shape(x))
 
 
 NUMPY_TENSOR_OPS = NumpyTensorOps()

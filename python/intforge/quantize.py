@@ -21,7 +21,7 @@ from .program import IntegerProgram, IntOp, QTensor
 ACC_LIMIT = (1 << 31) - 1
 SUPPORTED_BITS = (4, 8)
 #: Ops whose output has the bits and scale of their input.
-PASS_THROUGH = ("max_pool2d", "reshape", "transpose", "relu", "clamp", "avg_pool2d", "pad")
+PASS_THROUGH = ("max_pool2d", "reshape", "transpose", "select", "relu", "clamp", "avg_pool2d", "pad")
 
 
 @dataclass
@@ -213,6 +213,11 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
                 ops[-1].inputs = ins
             else:
                 ops.append(IntOp(op.kind, op.name, ins, out_name, dict(op.attrs), {}, op.source))
+        elif op.kind == "matmul":
+            out = new_tensor(out_name, signed=rng(out_name)[0] < 0)
+            m, n = dyadic.quantize_multiplier(op.attrs["alpha"] * in_ts[0].scale * in_ts[1].scale / out.scale)
+            ops.append(IntOp("matmul", op.name, ins, out_name, {"shift": n, "qmin": out.qmin, "qmax": out.qmax},
+                             {"multiplier": np.array(m, np.int64)}, op.source))
         elif op.kind in ("unary", "softmax", "layernorm"):
             ops.append(_quantize_nonlinear(op, in_ts[0], out_name, new_tensor, rng, tensors, graph))
             ops[-1].inputs = ins
@@ -314,6 +319,12 @@ def check_accumulators(program: IntegerProgram) -> None:
                     f"to {xmax}, worst channel bound {int(bound.max())} > 2^31-1. Split the layer or "
                     f"quantize its weights to fewer bits.\n  at {op.source}"
                 )
+        elif op.kind == "matmul":
+            b = program.tensors[op.inputs[1]]
+            k = x.shape[-1]
+            if k * xmax * max(abs(b.qmin), abs(b.qmax)) > ACC_LIMIT:
+                raise QuantizationError(f"matmul '{op.name}' can overflow its int32 accumulator: reduction length {k} "
+                                        f"of {x.dtype} by {b.dtype}\n  at {op.source}")
         elif op.kind == "avg_pool2d":
             kh, kw = op.attrs["kernel"]
             if kh * kw * xmax > ACC_LIMIT:

@@ -131,22 +131,17 @@ def run_op(program: IntegerProgram, op: IntOp, args: list[np.ndarray]) -> np.nda
         return args[0].reshape(out_t.shape)
     if op.kind == "transpose":
         return np.ascontiguousarray(np.transpose(args[0], a["axes"]))
+    if op.kind == "select":
+        return np.ascontiguousarray(np.take(args[0], a["index"], axis=a["axis"]))
+    if op.kind == "matmul":  # exact in float64: |acc| < 2^31 (check_accumulators)
+        acc = np.rint(np.matmul(args[0].astype(np.float64), args[1].astype(np.float64))).astype(np.int32)
+        return dyadic.requantize(OPS, acc, int(op.params["multiplier"]), int(a["shift"]), a["qmin"], a["qmax"],
+                                 out_t.dtype)
     if op.kind == "pad":
         t, left, b, r = a["pads"]
         return np.pad(args[0], ((0, 0), (0, 0), (t, b), (left, r)))
-    return _nonlinear(op, args[0], out_t)
-
-
-def _nonlinear(op: IntOp, x: np.ndarray, out_t) -> np.ndarray:
-    """The I-BERT family (`intforge.nonlinear`), on the numpy backend the emitter mirrors in Relax."""
-    a, p, ops = op.attrs, op.params, nonlinear.NUMPY_TENSOR_OPS
-    if op.kind == "lut":
-        return nonlinear.lookup(ops, x, p["table"], a["in_qmin"])
-    if op.kind == "softmax":
-        return nonlinear.softmax(ops, x, p["table"], out_t.dtype)
-    if op.kind == "layernorm":
-        return nonlinear.layer_norm(ops, x, a["eps_term"], p["mul"], p["add"], a["shift"],
-                                    a["qmin"], a["qmax"], out_t.dtype)
+    if op.kind in nonlinear.KINDS:
+        return nonlinear.run(nonlinear.NUMPY_TENSOR_OPS, op.kind, a, op.params, args[0], out_t.dtype)
     raise IntforgeError(f"the reference executor has no rule for op kind {op.kind!r} ({op.name})")
 
 
