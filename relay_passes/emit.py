@@ -189,6 +189,8 @@ def emit_op(ops: RelaxOps, program: IntegerProgram, op: IntOp, args: list[relax.
         return _emit_avg_pool2d(ops, op, args[0], out_t.dtype)
     if op.kind == "reshape":
         return ops.bb.emit(relax.op.reshape(args[0], out_t.shape))
+    if op.kind == "constant":
+        return relax.const(np.ascontiguousarray(op.params["value"]), out_t.dtype)
     if op.kind == "transpose":
         return ops.bb.emit(relax.op.permute_dims(args[0], a["axes"]))
     if op.kind == "select":

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import intforge
-from conftest import quantize_module
+from conftest import assert_bit_exact_int, quantize_module
 from intforge import nonlinear, reference, zoo
 from intforge.errors import QuantizationError, UnsupportedOpError
 from intforge.program import IntegerProgram
@@ -261,3 +261,31 @@ def test_a_vision_transformer_trained_on_digits_compiles_integer_only_and_bit_ex
     assert sum(op.kind == "matmul" for op in program.ops) == 2
     assert float_acc > 0.9
     assert int_acc >= float_acc - 0.015
+
+
+def test_torchvisions_vision_transformer_compiles_bit_exact(so_of):
+    """torchvision's own VisionTransformer class (a small configuration, random weights): class token,
+    positional embedding, nn.MultiheadAttention, GELU MLP, LayerNorm, the class token's head."""
+    from intforge.zoo import _torchvision
+
+    _torchvision()
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                                  num_classes=10).eval()
+        with torch.no_grad():  # (torchvision starts both at zero)
+            model.encoder.pos_embedding.normal_(0, 0.1)
+            model.class_token.normal_(0, 0.5)
+            model.heads.head.weight.normal_(0, 0.2)
+    program = quantize_module(model, (1, 3, 32, 32), n_calib=9)
+    kinds = [op.kind for op in program.ops]
+    assert kinds.count("constant") == 2 and kinds.count("matmul") == 4 and kinds.count("layernorm") == 5
+    assert "encoder.pos_embedding" in [op.name for op in program.ops]
+    assert_bit_exact_int(program, so_of(program, "int"))
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    got = reference.run_float(program, x)[0]
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()

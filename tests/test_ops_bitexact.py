@@ -111,6 +111,16 @@ class Gram(nn.Module):
                                                                                  self.b(x).transpose(1, 2))
 
 
+class TokensWithEmbedding(nn.Module):
+    def __init__(self, dim: int = 8, tokens: int = 5):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.3)
+
+    def forward(self, x):
+        return torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+
+
 class MhaBlock(nn.Module):
     def __init__(self, dim: int = 16):
         super().__init__()
@@ -303,6 +313,9 @@ CASES = {
     "matmul_activations": (lambda: Gram(), (2, 5, 8)),
     "attention_mha": (lambda: MhaBlock(), (2, 6, 16)),
     "attention_sdpa": (lambda: SdpaBlock(), (1, 7, 16)),
+    # parameters read as activations: a positional embedding added (broadcast over a batch of 2), a class
+    # token expanded over the batch and concatenated before the tokens
+    "add_parameter": (lambda: TokensWithEmbedding(), (2, 5, 8)),
 }
 
 

@@ -78,6 +78,8 @@ class FloatGraph:
                 return True
             if op.kind == "select" and op.attrs["axis"] == 0:
                 return True
+            if op.kind == "constant" and op.attrs.get("expanded"):
+                return True
             if op.kind == "reshape" and self.shapes[op.output][0] != self.shapes[op.inputs[0]][0]:
                 return True
         return False
@@ -209,12 +211,14 @@ def _rename_outputs(graph: FloatGraph, names: list[str]) -> None:
 def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
     sig = ep.graph_signature
     consts: dict[str, torch.Tensor] = {}
+    targets: dict[str, str] = {}  # placeholder -> the parameter's name in the model (`encoder.pos_embedding`)
     for spec in sig.input_specs:
         if spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
             src = ep.state_dict.get(spec.target)
             if src is None:
                 src = ep.constants.get(spec.target)
             consts[spec.arg.name] = src
+            targets[spec.arg.name] = str(spec.target)
     user_inputs = [s.arg.name for s in sig.input_specs if s.kind.name == "USER_INPUT"]
 
     ops: list[FloatOp] = []
@@ -235,6 +239,16 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
             f"{node.target} in layer '{_module_path(node) or node.name}' takes a computed {what}; intforge "
             f"needs it to be a parameter or constant.\n  at {user_source(node)}"
         )
+
+    def constant(n: torch.fx.Node, shape: tuple[int, ...] | None) -> str:
+        """A parameter read as an activation (a positional embedding added, a token concatenated): a
+        `constant` op, made once, whose tensor has `shape` (the parameter broadcast) or the parameter's."""
+        if n.name not in shapes:
+            value = const(n, "value", n)
+            name = targets.get(n.name, n.name)
+            ops.append(FloatOp("constant", name, [], n.name, {}, {"value": value}, f"(the model's parameter {name})"))
+            shapes[n.name] = tuple(int(d) for d in (shape or value.shape))
+        return n.name
 
     def layer_name(node: torch.fx.Node, kind: str, parametric: bool) -> str:
         path = _module_path(node)
@@ -334,12 +348,20 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
                 hi = None if len(args) < 3 or args[2] is None else float(args[2])
             emit("relu" if lo == 0.0 else "clamp", [tname(args[0])], {"lo": lo, "hi": hi})
         elif target in ("aten.add.Tensor", "aten.add_.Tensor"):
-            if not all(isinstance(a, torch.fx.Node) and a.name not in consts for a in args[:2]):
-                raise UnsupportedOpError(f"add of a tensor and a constant at {src}: only the sum of two "
-                                         "activations (a residual connection) is supported")
+            if not all(isinstance(a, torch.fx.Node) for a in args[:2]) or all(a.name in consts for a in args[:2]):
+                raise UnsupportedOpError(f"add of a tensor and a number at {src}: intforge adds two activations (a "
+                                         "residual connection) or an activation and a parameter (a positional "
+                                         "embedding)")
             if float(node.kwargs.get("alpha", 1)) != 1.0:
                 raise UnsupportedOpError(f"add with alpha != 1 at {src} is not supported")
-            emit("add", [tname(args[0]), tname(args[1])])
+            emit("add", [tname(a) if a.name not in consts else constant(a, out_shape) for a in args[:2]])
+        elif target == "aten.expand.default" and isinstance(args[0], torch.fx.Node) and args[0].name in consts:
+            # a parameter repeated over the batch (a ViT's class token): a constant of the example's batch, so
+            # the float graph runs at that batch size only (FloatGraph.fixed_batch)
+            value = np.broadcast_to(const(args[0], "value", node), out_shape).copy()
+            ops.append(FloatOp("constant", layer_name(node, "constant", False), [], node.name, {"expanded": True},
+                               {"value": value}, src))
+            shapes[node.name] = out_shape
         elif target == "aten.max_pool2d.default":
             k = _pair(args[1])
             emit("max_pool2d", [tname(args[0])], {
@@ -486,7 +508,8 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
             emit("layernorm", [x], {"eps": eps}, {"weight": w, "bias": b}, parametric=True)
         elif target == "aten.cat.default":
             axis = int(args[1]) if len(args) > 1 else 0
-            emit("concat", [tname(a) for a in args[0]], {"axis": axis % len(out_shape)})
+            emit("concat", [constant(a, None) if a.name in consts else tname(a) for a in args[0]],
+                 {"axis": axis % len(out_shape)})
         else:
             raise UnsupportedOpError(
                 f"unsupported op {target} in layer '{_module_path(node) or node.name}'\n  at {src}\n"
@@ -564,6 +587,7 @@ def torch_op(kind: str):
         "unary": unary,
         "softmax": lambda op, x: torch.softmax(x, -1),
         "transpose": lambda op, x: x.permute(op.attrs["axes"]),
+        "constant": lambda op: torch.from_numpy(op.params["value"]),
         "select": lambda op, x: x.select(op.attrs["axis"], op.attrs["index"]),
         "matmul": lambda op, a, b: torch.matmul(a, b) * op.attrs["alpha"],
         "layernorm": layernorm,

@@ -30,6 +30,7 @@ OP_KINDS = {
     "max_pool2d": "max over windows, on the integers",
     "avg_pool2d": "integer window sum times a dyadic 1/count (per output position)",
     "reshape": "reshape / flatten, integers unchanged",
+    "constant": "a parameter read as an activation (positional embedding, class token): `value`, quantized",
     "transpose": "permute the axes (`axes`), integers unchanged",
     "select": "the slice at `index` of axis `axis`, that axis dropped, integers unchanged",
     "matmul": "int matmul of two activations (attention's Q K^T and P V), one dyadic requantize for the tensor",

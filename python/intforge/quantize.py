@@ -213,6 +213,11 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
                 ops[-1].inputs = ins
             else:
                 ops.append(IntOp(op.kind, op.name, ins, out_name, dict(op.attrs), {}, op.source))
+        elif op.kind == "constant":
+            out = new_tensor(out_name, signed=rng(out_name)[0] < 0)
+            value = np.broadcast_to(op.params["value"], out.shape).astype(np.float64)
+            q = np.clip(np.floor(value / out.scale + 0.5), out.qmin, out.qmax).astype(out.dtype)
+            ops.append(IntOp("constant", op.name, [], out_name, {}, {"value": q}, op.source))
         elif op.kind == "matmul":
             out = new_tensor(out_name, signed=rng(out_name)[0] < 0)
             m, n = dyadic.quantize_multiplier(op.attrs["alpha"] * in_ts[0].scale * in_ts[1].scale / out.scale)
@@ -306,6 +311,8 @@ def _quantize_avg_pool(op: FloatOp, x: QTensor, out: QTensor) -> IntOp:
 def check_accumulators(program: IntegerProgram) -> None:
     """Prove every int32 accumulator cannot overflow: K * max|x| * max|w| + max|bias| < 2^31."""
     for op in program.ops:
+        if not op.inputs:  # a constant
+            continue
         x = program.tensors[op.inputs[0]]
         xmax = max(abs(x.qmin), abs(x.qmax))
         if op.kind in ("conv2d", "linear"):

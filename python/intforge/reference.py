@@ -129,6 +129,8 @@ def run_op(program: IntegerProgram, op: IntOp, args: list[np.ndarray]) -> np.nda
         return _avg_pool2d(op, args[0], out_t)
     if op.kind == "reshape":
         return args[0].reshape(out_t.shape)
+    if op.kind == "constant":
+        return op.params["value"].copy()
     if op.kind == "transpose":
         return np.ascontiguousarray(np.transpose(args[0], a["axes"]))
     if op.kind == "select":
