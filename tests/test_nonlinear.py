@@ -114,6 +114,11 @@ class _Causal(nn.Module):
         return F.scaled_dot_product_attention(x, x, x, is_causal=True)
 
 
+class _Negate(nn.Module):
+    def forward(self, x):
+        return x * -2.0
+
+
 class _ConstantMatmul(nn.Module):
     def __init__(self):
         super().__init__()
@@ -128,6 +133,7 @@ class _ConstantMatmul(nn.Module):
     (nn.LayerNorm((5, 6)), (2, 5, 6), ["LayerNorm over the last 2 dims", "last dim only"]),
     (_Causal(), (1, 2, 5, 6), ["mask or is_causal", "unmasked attention only"]),
     (_ConstantMatmul(), (2, 5, 6), ["constant operand", "nn.Linear"]),
+    (_Negate(), (2, 5, 6), ["multiplication by -2.0", "positive number only"]),
 ])
 def test_unsupported_forms_are_refused_by_name(module, shape, words):
     with pytest.raises(UnsupportedOpError) as err:

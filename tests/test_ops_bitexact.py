@@ -121,6 +121,16 @@ class TokensWithEmbedding(nn.Module):
         return torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
 
 
+class HandAttention(nn.Module):
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        attn = (self.q(x) @ self.k(x).transpose(-2, -1)) * (x.shape[-1] ** -0.5)
+        return (attn.softmax(dim=-1) @ self.v(x)) / 2
+
+
 class MhaBlock(nn.Module):
     def __init__(self, dim: int = 16):
         super().__init__()
@@ -316,6 +326,8 @@ CASES = {
     # parameters read as activations: a positional embedding added (broadcast over a batch of 2), a class
     # token expanded over the batch and concatenated before the tokens
     "add_parameter": (lambda: TokensWithEmbedding(), (2, 5, 8)),
+    # attention written out by hand (timm's unfused path): (q @ k^T) * scale, softmax, @ v, and a division
+    "attention_by_hand": (lambda: HandAttention(), (2, 6, 8)),
 }
 
 

@@ -28,7 +28,7 @@ SUPPORTED_OPS = (
     "dropout (eval: identity), GELU / SiLU / sigmoid / tanh / hardswish / hardsigmoid / leaky_relu / ELU / "
     "mish / softplus (as integer tables), softmax and LayerNorm over the last axis, linear on (..., features), "
     "matmul / bmm of two activations, scaled_dot_product_attention without a mask (nn.MultiheadAttention), "
-    "select / unbind"
+    "select / unbind, an activation times or divided by a positive number"
 )
 
 #: Elementwise functions that become integer tables (`nonlinear.unary_table`): aten op -> (name, attrs
@@ -436,6 +436,16 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
                 alias[node.name] = x
             else:
                 emit("transpose", [x], {"axes": axes})
+        elif target in ("aten.mul.Tensor", "aten.mul.Scalar", "aten.div.Tensor", "aten.div.Scalar") and \
+                sum(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args[:2]) == 1:
+            x, c = (args[0], args[1]) if isinstance(args[1], (int, float)) else (args[1], args[0])
+            if "div" in target and x is not args[0]:
+                raise UnsupportedOpError(f"a number divided by a tensor at {src} is not supported")
+            factor = float(c) if "mul" in target else 1.0 / float(c) if c else 0.0
+            if not isinstance(x, torch.fx.Node) or x.name in consts or not factor > 0:
+                raise UnsupportedOpError(f"{'multiplication' if 'mul' in target else 'division'} by {c} at {src}: "
+                                         "intforge scales an activation by a positive number only")
+            emit("scale", [tname(x)], {"factor": factor})
         elif target == "aten.select.int":
             x = tname(args[0])
             axis = int(args[1]) % len(shapes[x])
@@ -588,6 +598,7 @@ def torch_op(kind: str):
         "softmax": lambda op, x: torch.softmax(x, -1),
         "transpose": lambda op, x: x.permute(op.attrs["axes"]),
         "constant": lambda op: torch.from_numpy(op.params["value"]),
+        "scale": lambda op, x: x * op.attrs["factor"],
         "select": lambda op, x: x.select(op.attrs["axis"], op.attrs["index"]),
         "matmul": lambda op, a, b: torch.matmul(a, b) * op.attrs["alpha"],
         "layernorm": layernorm,

@@ -213,6 +213,11 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
                 ops[-1].inputs = ins
             else:
                 ops.append(IntOp(op.kind, op.name, ins, out_name, dict(op.attrs), {}, op.source))
+        elif op.kind == "scale":  # x * c, c > 0: a requantize from the input's scale to the output's
+            out = new_tensor(out_name, signed=in_ts[0].signed)
+            m, n = dyadic.quantize_multiplier(op.attrs["factor"] * in_ts[0].scale / out.scale)
+            ops.append(IntOp("requantize", op.name, ins, out_name, {"shift": n, "qmin": out.qmin, "qmax": out.qmax},
+                             {"multiplier": np.array(m, np.int64)}, op.source))
         elif op.kind == "constant":
             out = new_tensor(out_name, signed=rng(out_name)[0] < 0)
             value = np.broadcast_to(op.params["value"], out.shape).astype(np.float64)
