@@ -34,7 +34,7 @@ SUPPORTED_ONNX_OPS = (
     "Conv (2-D), Pad (zeros around H, W), BatchNormalization (after a Conv: folded), Gemm, MatMul, Add / Sub / "
     "Mul / Div of a constant per output channel after those three (folded), Relu, Clip, Add (of two "
     "activations), MaxPool, AveragePool, GlobalAveragePool, ReduceMean over H,W, Flatten, Reshape, Concat, "
-    "Transpose (not of the batch axis), Sigmoid, Tanh, Gelu (and its Div-Erf-Add-Mul-Mul form), HardSwish, "
+    "Transpose, Sigmoid, Tanh, Gelu (and its Div-Erf-Add-Mul-Mul form), HardSwish, "
     "HardSigmoid (PyTorch's), LeakyRelu, Elu, Softplus, Mish, Softmax and LayerNormalization over the last "
     "axis, Dropout, Identity; and shape arithmetic on constants (Constant, Shape, Gather, Unsqueeze, Squeeze, "
     "Concat, Cast, Slice, Add, Sub, Mul, Div)"
