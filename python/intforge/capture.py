@@ -577,24 +577,12 @@ def torch_op(kind: str):
         return F.avg_pool2d(x, a["kernel"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"],
                             a["divisor_override"])
 
-    def unary(op, x):
-        a = op.attrs
-        fns = {
-            "gelu": lambda: F.gelu(x, approximate=a.get("approximate", "none")),
-            "silu": lambda: F.silu(x), "sigmoid": lambda: torch.sigmoid(x), "tanh": lambda: torch.tanh(x),
-            "hardswish": lambda: F.hardswish(x), "hardsigmoid": lambda: F.hardsigmoid(x),
-            "leaky_relu": lambda: F.leaky_relu(x, a["negative_slope"]),
-            "elu": lambda: a["scale"] * torch.where(x > 0, x, a["alpha"] * torch.expm1(x * a["input_scale"])),
-            "mish": lambda: F.mish(x), "softplus": lambda: F.softplus(x, a["beta"], a["threshold"]),
-        }
-        return fns[a["fn"]]()
-
     def layernorm(op, x):
         return F.layer_norm(x, (x.shape[-1],), torch.from_numpy(op.params["weight"]).to(x.dtype),
                             torch.from_numpy(op.params["bias"]).to(x.dtype), op.attrs["eps"])
 
     table = {
-        "unary": unary,
+        "unary": lambda op, x: _UNARY_FLOAT[op.attrs["fn"]](x, op.attrs),
         "softmax": lambda op, x: torch.softmax(x, -1),
         "transpose": lambda op, x: x.permute(op.attrs["axes"]),
         "constant": lambda op: torch.from_numpy(op.params["value"]),
@@ -615,6 +603,22 @@ def torch_op(kind: str):
                                        op.attrs["pads"][2])),
     }
     return table[kind]
+
+
+#: The float function of each elementwise op (`_UNARY`'s names), of (x, attrs): calibration runs it, and the
+#: quantizer tabulates it (`nonlinear.unary_table`).
+_UNARY_FLOAT = {
+    "gelu": lambda x, a: torch.nn.functional.gelu(x, approximate=a.get("approximate", "none")),
+    "silu": lambda x, a: torch.nn.functional.silu(x),
+    "sigmoid": lambda x, a: torch.sigmoid(x),
+    "tanh": lambda x, a: torch.tanh(x),
+    "hardswish": lambda x, a: torch.nn.functional.hardswish(x),
+    "hardsigmoid": lambda x, a: torch.nn.functional.hardsigmoid(x),
+    "leaky_relu": lambda x, a: torch.nn.functional.leaky_relu(x, a["negative_slope"]),
+    "elu": lambda x, a: a["scale"] * torch.where(x > 0, x, a["alpha"] * torch.expm1(x * a["input_scale"])),
+    "mish": lambda x, a: torch.nn.functional.mish(x),
+    "softplus": lambda x, a: torch.nn.functional.softplus(x, a["beta"], a["threshold"]),
+}
 
 
 def run_float_graph(graph: FloatGraph, *inputs: torch.Tensor, observe=None) -> list[torch.Tensor]:

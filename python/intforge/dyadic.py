@@ -376,6 +376,12 @@ def clamp_first(m: np.ndarray, n: np.ndarray, total: np.ndarray, qmin: int, qmax
     return ClampFirst(as64(lo), as64(span), m.copy(), as64(add), n.copy())
 
 
+def round_to_steps(values: np.ndarray, scale: float, qmin: int, qmax: int, dtype: str) -> np.ndarray:
+    """Float values (known at quantize time: a table's entries, a constant parameter) as integers at
+    `scale`: clamp(floor(v / scale + 1/2)), half up like every requantize."""
+    return np.clip(np.floor(np.asarray(values, np.float64) / scale + 0.5), qmin, qmax).astype(dtype)
+
+
 def quantize_float(ops: IntOps, x: Any, scale: float, qmin: int, qmax: int, out_dtype: str) -> Any:
     """The input boundary: clamp(round_half_even(x * float32(1/scale))) in float32."""
     inv = np.float32(1.0 / scale)

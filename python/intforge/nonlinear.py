@@ -59,7 +59,7 @@ def unary_table(fn: Callable[[np.ndarray], np.ndarray], in_scale: float, in_bits
     y = np.asarray(fn(in_scale * np.arange(lo, hi + 1, dtype=np.float64)), dtype=np.float64)
     if not np.all(np.isfinite(y)):
         raise QuantizationError("an elementwise function gave a non-finite value on the input's range")
-    return np.clip(np.floor(y / out_scale + 0.5), qmin, qmax).astype(out_dtype)
+    return dyadic.round_to_steps(y, out_scale, qmin, qmax, out_dtype)
 
 
 def lookup(ops: TensorOps, x: Any, table: np.ndarray, in_qmin: int) -> Any:

@@ -220,8 +220,8 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
                              {"multiplier": np.array(m, np.int64)}, op.source))
         elif op.kind == "constant":
             out = new_tensor(out_name, signed=rng(out_name)[0] < 0)
-            value = np.broadcast_to(op.params["value"], out.shape).astype(np.float64)
-            q = np.clip(np.floor(value / out.scale + 0.5), out.qmin, out.qmax).astype(out.dtype)
+            q = dyadic.round_to_steps(np.broadcast_to(op.params["value"], out.shape), out.scale, out.qmin, out.qmax,
+                                      out.dtype)
             ops.append(IntOp("constant", op.name, [], out_name, {}, {"value": q}, op.source))
         elif op.kind == "matmul":
             out = new_tensor(out_name, signed=rng(out_name)[0] < 0)

@@ -65,9 +65,14 @@ def _conv2d(op: IntOp, x: np.ndarray, out_t) -> np.ndarray:
                              bias=op.params["bias"].reshape(1, -1, 1, 1))
 
 
+def matmul_acc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact integer a @ b (any leading dims), as int64: float64 sums are exact below 2^53, and the quantizer
+    proves every accumulator stays below 2^31."""
+    return np.rint(np.matmul(a.astype(np.float64), b.astype(np.float64))).astype(np.int64)
+
+
 def _linear(op: IntOp, x: np.ndarray, out_t) -> np.ndarray:
-    w = op.params["weight"]
-    acc = np.rint(x.astype(np.float64) @ w.astype(np.float64).T).astype(np.int64)
+    acc = matmul_acc(x, op.params["weight"].T)
     m = op.params["multiplier"].reshape(1, -1)
     n = op.params["shift"].reshape(1, -1)
     return dyadic.requantize(OPS, acc.astype(np.int32), m, n, op.attrs["qmin"], op.attrs["qmax"], out_t.dtype,
@@ -135,8 +140,8 @@ def run_op(program: IntegerProgram, op: IntOp, args: list[np.ndarray]) -> np.nda
         return np.ascontiguousarray(np.transpose(args[0], a["axes"]))
     if op.kind == "select":
         return np.ascontiguousarray(np.take(args[0], a["index"], axis=a["axis"]))
-    if op.kind == "matmul":  # exact in float64: |acc| < 2^31 (check_accumulators)
-        acc = np.rint(np.matmul(args[0].astype(np.float64), args[1].astype(np.float64))).astype(np.int32)
+    if op.kind == "matmul":
+        acc = matmul_acc(args[0], args[1]).astype(np.int32)
         return dyadic.requantize(OPS, acc, int(op.params["multiplier"]), int(a["shift"]), a["qmin"], a["qmax"],
                                  out_t.dtype)
     if op.kind == "pad":
