@@ -61,6 +61,12 @@ MIN_ROW_TASKS = 14
 # each visit instead of in bursts (`_prefetch_next_tile`)
 SPREAD_WEIGHT_BYTES = 1 << 20
 SPREAD_TILE_BYTES = 32 * 1024
+# A dense kernel with at least this many rows (a transformer's tokens, not a batch of images) takes a
+# register tile of several rows by `channel_tile` blocks, like a conv's, its rows padded to the tile
+# (`dense_row_tile`); with fewer, one row by one block a task. On VNNI only: measured there.
+DENSE_TILE_MIN_ROWS = 16
+DENSE_TILE_ISAS = ("vnni",)
+SUM_BLOCKS = ("row_sums", "column_sums")  # the kernels of a matmul of two activations' correction terms
 ROW_UNPACK_BYTES = 16 * 1024  # an INT4 conv with fewer blocks and at most this many weights a tile
 # unpacks its tile's weights once per output row (they stay in L1), not once per pixel tile
 
@@ -102,6 +108,11 @@ class DotIsa:
     @property
     def dense_block(self) -> str:
         return f"dense_{self.name}"
+
+    @property
+    def matmul_block(self) -> str:
+        """The block of a matmul of two activations (`matmul_blocked`)."""
+        return f"matmul_{self.name}"
 
     def correction_sign(self, x_dtype: str) -> int:
         """0 when activations of `x_dtype` go in as they are (or widened to int16, which holds either
@@ -170,7 +181,7 @@ def register_isa(isa: DotIsa) -> DotIsa:
 
 def kernel_block_names() -> set[str]:
     """The block names of every registered instruction's conv and dense kernels."""
-    return {n for isa in _ISAS.values() for n in (isa.conv_block, isa.dense_block)}
+    return {n for isa in _ISAS.values() for n in (isa.conv_block, isa.dense_block, isa.matmul_block)}
 
 
 def blocks(n: int, size: int) -> int:
@@ -431,7 +442,7 @@ def dense_blocked(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out
         wp = _unpacked(wp, 2, isa)
     m, k = (int(d) for d in x.shape)
     nb, kb = (int(d) for d in wp.shape[:2])
-    mc = _round_up(m, isa.rows)
+    mc = _round_up(m, isa.rows * (dense_row_tile(isa) if m >= DENSE_TILE_MIN_ROWS else 1))
     xp = te.compute((mc, kb * isa.group), lambda i, j: tirx.if_then_else(
         tirx.all(i < m, j < k), _as_act(x[i, j], x.dtype, isa), tirx.const(0, isa.act_dtype)),
         name=f"data_{isa.name}")
@@ -445,6 +456,108 @@ def dense_blocked(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out
         return add_correction(acc[o // isa.lanes, i, o % isa.lanes], correction, o)
 
     return te.compute((m, out_features), _out, name=f"{isa.dense_block}_out")
+
+
+def dense_row_tile(isa: DotIsa) -> int:
+    """Rows (in instructions' worth) of a dense kernel's register tile where it has at least
+    DENSE_TILE_MIN_ROWS rows: as many as keep `channel_tile` blocks of accumulators on the stack (the
+    conv's tile: 7 rows x 2 blocks on VNNI), or 1 (one row a tile) on the instructions not measured so."""
+    if isa.name not in DENSE_TILE_ISAS:
+        return 1
+    return max(1, min(isa.pixel_tile // isa.rows, (STACK_BYTES - 1) // (isa.rows * isa.channel_tile * isa.lanes * 4)))
+
+
+def matmul_shifts(a_dtype: str, b_dtype: str, isa: DotIsa) -> tuple[int, int]:
+    """(sa, sb): a matmul of two activations runs a' = a + sa and b' = b + sb on the instruction (its
+    activation type for a, signed bytes for b)."""
+    sign = isa.correction_sign(a_dtype)
+    return (SHIFT if sign < 0 else -SHIFT if sign > 0 else 0), (-SHIFT if b_dtype == "uint8" else 0)
+
+
+def _shifted(v, by: int, dtype: str):
+    return v.astype(dtype) if by == 0 else (v.astype("int32") + by).astype(dtype)
+
+
+def matmul_row_term(a: te.Tensor, b_dtype: str, isa: DotIsa) -> te.Tensor:
+    """-sb * sum_k a'[..., m, k] as int32 [..., M] (`matmul_blocked`; needed where sb != 0)."""
+    k = int(a.shape[-1])
+    sa, sb = matmul_shifts(str(a.dtype), b_dtype, isa)
+    r = te.reduce_axis((0, k), "rk")
+    return te.compute(a.shape[:-1], lambda *idx: te.sum(
+        _shifted(a[(*idx, r)], sa, "int32") * tirx.const(-sb, "int32"), axis=r), name=SUM_BLOCKS[0])
+
+
+def matmul_column_term(b: te.Tensor, a_dtype: str, isa: DotIsa) -> te.Tensor:
+    """-sa * sum_k b'[..., k, n] + K sa sb as int32 [..., N] (`matmul_blocked`; needed where sa != 0)."""
+    *lead, k, n = b.shape
+    sa, sb = matmul_shifts(a_dtype, str(b.dtype), isa)
+    r = te.reduce_axis((0, int(k)), "rk")
+    total = te.compute((*lead, n), lambda *idx: te.sum(_shifted(b[(*idx[:-1], r, idx[-1])], sb, "int32"), axis=r),
+                       name=SUM_BLOCKS[1])
+    const = tirx.const(int(k) * sa * sb, "int32")
+    return te.compute((*lead, n), lambda *idx: total[idx] * tirx.const(-sa, "int32") + const,
+                      name=f"{SUM_BLOCKS[1]}_term")
+
+
+def matmul_blocked(a: te.Tensor, b: te.Tensor, isa: DotIsa, row_term: te.Tensor | None = None,
+                   column_term: te.Tensor | None = None) -> te.Tensor:
+    """A matmul of two activations (attention's Q K^T and P V): a [..., M, K], b [..., K, N], 8-bit either
+    signedness, the same leading axes -> int32 [..., M, N], the exact sums.
+
+    The dense kernel with its weights packed at run time: b to [..., N/lanes, K/group, lanes, group] (N
+    padded to whole register tiles of `channel_tile` blocks, K to whole groups), a to [..., M', K'] (M
+    padded to the register tile's rows). Where an operand has the other signedness
+    than the instruction takes, it runs shifted by 128 (`matmul_shifts`) and the sums are corrected from
+    the other operand's row or column sums: with a' = a + sa and b' = b + sb,
+    sum(a b) = sum(a' b') - sb sum_k a' - sa sum_k b' + K sa sb, on wrapping int32 lanes. The two terms
+    come in computed by kernels of their own (`matmul_row_term`, `matmul_column_term`): as blocks of this
+    one they would have to run inside each tile, which reads them."""
+    *lead, m, k = (int(d) for d in a.shape)
+    n = int(b.shape[-1])
+    if [int(d) for d in b.shape[:-2]] != lead or int(b.shape[-2]) != k:
+        raise ValueError(f"matmul_blocked: shapes {list(a.shape)} and {list(b.shape)} do not chain")
+    if isa.act_dtype == "int16":
+        raise ValueError("matmul_blocked: not on an instruction of widened activations")
+    sa, sb = matmul_shifts(str(a.dtype), str(b.dtype), isa)
+    if (row_term is None) != (sb == 0) or (column_term is None) != (sa == 0):
+        raise ValueError("matmul_blocked: the correction terms do not match the operands' types")
+    mc = _round_up(m, isa.rows * (dense_row_tile(isa) if m >= DENSE_TILE_MIN_ROWS else 1))
+    nb = _round_up(blocks(n, isa.lanes), isa.channel_tile)
+    kb = blocks(k, isa.group)
+    lead_shape = a.shape[:-2]
+
+    def _ap(*idx):
+        *t, i, j = idx
+        return tirx.if_then_else(tirx.all(i < m, j < k), _shifted(a[(*t, i, j)], sa, isa.act_dtype),
+                                 tirx.const(0, isa.act_dtype))
+
+    def _bp(*idx):
+        *t, o1, kk, o2, g = idx
+        return tirx.if_then_else(tirx.all(o1 * isa.lanes + o2 < n, kk * isa.group + g < k),
+                                 _shifted(b[(*t, kk * isa.group + g, o1 * isa.lanes + o2)], sb, "int8"),
+                                 tirx.const(0, "int8"))
+
+    ap = te.compute((*lead_shape, mc, kb * isa.group), _ap, name=f"data_{isa.name}")
+    bp = te.compute((*lead_shape, nb, kb, isa.lanes, isa.group), _bp, name=f"packed_{isa.name}")
+    rkb, rki = te.reduce_axis((0, kb), "rkb"), te.reduce_axis((0, isa.group), "rki")
+
+    def _acc(*idx):
+        *t, o1, i, o2 = idx
+        return te.sum(ap[(*t, i, rkb * isa.group + rki)].astype("int32")
+                      * bp[(*t, o1, rkb, o2, rki)].astype("int32"), axis=[rkb, rki])
+
+    acc = te.compute((*lead_shape, nb, mc, isa.lanes), _acc, name=isa.matmul_block)
+
+    def _out(*idx):
+        *t, i, j = idx
+        v = tirx.reinterpret("uint32", acc[(*t, j // isa.lanes, i, j % isa.lanes)])
+        if row_term is not None:
+            v = v + tirx.reinterpret("uint32", row_term[(*t, i)])
+        if column_term is not None:
+            v = v + tirx.reinterpret("uint32", column_term[(*t, j)])
+        return tirx.reinterpret("int32", v)
+
+    return te.compute((*lead, m, n), _out, name=f"{isa.matmul_block}_out")
 
 
 def _largest_divisor(extent: int, most: int) -> int:
@@ -525,7 +638,8 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
     root = sch.get_sblock("root")
     blocks_ = sch.get_child_blocks(root)
     names = [sch.get(b).name_hint for b in blocks_]
-    found = [(isa, n) for isa in _ISAS.values() for n in (isa.conv_block, isa.dense_block) if n in names]
+    found = [(isa, n) for isa in _ISAS.values() for n in (isa.conv_block, isa.dense_block, isa.matmul_block)
+             if n in names]
     if not found:
         return None
     isa, kind = found[0]
@@ -613,12 +727,28 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
             if tile_weights <= ROW_UNPACK_BYTES:
                 rblock = par
     else:
-        o1, i, o2, rkb, rki = sch.get_loops(block)
-        io, jr = sch.split(i, [None, isa.rows])
-        sch.reorder(o1, io, rkb, jr, o2, rki)
-        tile = sch.fuse(o1, io)
+        loops = sch.get_loops(block)
+        lead = loops[:-5] if kind == isa.matmul_block else []  # a matmul of two activations: (heads, ...)
+        o1, i, o2, rkb, rki = loops[-5:]
+        rows, nb = int(sch.get(i).extent) // isa.rows, int(sch.get(o1).extent)
+        rt = dense_row_tile(isa) if rows * isa.rows >= DENSE_TILE_MIN_ROWS else 1
+        ji = o1i = None
+        if rt > 1 and rows % rt == 0:
+            # Tokens: a register tile of rt rows by up to channel_tile blocks, each broadcast feeding
+            # channel_tile instructions and each weight load rt (one row by one block fed each
+            # instruction a load of each). Threads split the rows where the activations outweigh the
+            # weights, else the channel tiles (each thread then reads its share of the weights once).
+            o1, o1i = sch.split(o1, [None, _largest_divisor(nb, isa.channel_tile)])
+            io, ji, jr = sch.split(i, [None, rt, isa.rows])
+            outer = (io, o1) if rows * isa.rows > nb * isa.lanes else (o1, io)  # (activations, weights: K bytes a row)
+            sch.reorder(*lead, *outer, rkb, ji, o1i, jr, o2, rki)
+            tile = sch.fuse(*lead, *outer)
+        else:
+            io, jr = sch.split(i, [None, isa.rows])
+            sch.reorder(*lead, o1, io, rkb, jr, o2, rki)
+            tile = sch.fuse(*lead, o1, io)
         sch.parallel(tile)
-        first_reduce, rblock, ji, o1i, inputs_at, ii = rkb, rkb, None, None, None, None
+        first_reduce, rblock, inputs_at, ii = rkb, rkb, None, None
         few_channels = pack_once = False
     sch.reverse_compute_at(acc, tile)
     if staged is not None:

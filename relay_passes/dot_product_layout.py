@@ -33,6 +33,7 @@ from intforge.kernels import depthwise_dot as dwdot
 from intforge.kernels import winograd
 from intforge.kernels.arm_dot import NEON, SDOT, SMMLA, USMMLA
 from intforge.kernels.blocked_dot import (
+    DENSE_TILE_ISAS,
     DotIsa,
     Narrow,
     conv2d_blocked,
@@ -41,6 +42,10 @@ from intforge.kernels.blocked_dot import (
     dense_weight_layout,
     fold_columns,
     fold_weight,
+    matmul_blocked,
+    matmul_column_term,
+    matmul_row_term,
+    matmul_shifts,
     pack_int4_blocks,
 )
 from intforge.kernels.depthwise import depthwise_nhwc
@@ -360,7 +365,50 @@ class _KernelRewriter(PyExprMutator):
             primfunc_name_hint="conv2d_winograd" + ("_ifma" if epilogue else ""),
             primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
 
+    def _widened(self, e: Expr) -> Expr | None:
+        """The 8-bit activation an int32 operand was widened from (`astype`), else None."""
+        e = self._orig(e)
+        if isinstance(e, Call) and getattr(e.op, "name", "") == "relax.astype" and str(e.attrs.dtype) == "int32":
+            inner = self.visit_expr(e.args[0])
+            if _dtype(inner) in _INT_IN:
+                return inner
+        return None
+
+    def _activation_matmul(self, call: Call) -> Expr | None:
+        """A matmul of two widened 8-bit activations with the same leading axes (the emitter's attention
+        products) as the blocked kernel with its operand packed at run time (`matmul_blocked`)."""
+        if str(call.attrs.out_dtype) != "int32":
+            return None
+        a, b = (self._widened(arg) for arg in call.args)
+        if a is None or b is None:
+            return None
+        isa = self._isa(a)
+        sa, sb = ([int(d) for d in v.ty.shape] for v in (a, b))
+        if (isa is None or isa.name not in DENSE_TILE_ISAS or len(sa) < 2 or len(sa) != len(sb)
+                or sa[:-2] != sb[:-2] or sa[-1] != sb[-2]):
+            return None
+        self.rewritten += 1
+        shift_a, shift_b = matmul_shifts(_dtype(a), _dtype(b), isa)
+        terms = []
+        if shift_b:
+            terms.append(self.builder_.emit(self.builder_.call_te(
+                lambda aa: matmul_row_term(aa, _dtype(b), isa), a, primfunc_name_hint="matmul_row_term")))
+        if shift_a:
+            terms.append(self.builder_.emit(self.builder_.call_te(
+                lambda bb: matmul_column_term(bb, _dtype(a), isa), b, primfunc_name_hint="matmul_column_term")))
+
+        def kernel(aa, bb, *tt):
+            rest = list(tt)
+            row = rest.pop(0) if shift_b else None
+            return matmul_blocked(aa, bb, isa, row, rest.pop(0) if shift_a else None)
+
+        return self.builder_.call_te(kernel, a, b, *terms, primfunc_name_hint=f"matmul_{isa.name}",
+                                     primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
+
     def _matmul(self, call: Call) -> Expr | None:
+        out = self._activation_matmul(call)
+        if out is not None:
+            return out
         x, wt = self.visit_expr(call.args[0]), self.visit_expr(call.args[1])
         if _dtype(x) not in _INT_IN or _dtype(wt) != "int8" or str(call.attrs.out_dtype) != "int32":
             return None

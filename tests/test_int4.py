@@ -133,7 +133,7 @@ def _shape(t) -> list[int]:
 INT4_CASES = ["conv_plain", "conv_stride_pad", "conv_stride_pad_batch3", "conv_1x1_batch4", "conv_wide_batch2",
               "conv_depthwise", "depthwise_stack", "depthwise_rows", "depthwise_dot_rect_dilated",
               "depthwise_row_pairs", "conv_groups", "conv_bn_relu", "linear", "linear_relu", "add_relu",
-              "add_downsample", "concat", "max_pool", "mean_flatten_linear", "conv_stem_7x7"]
+              "add_downsample", "concat", "max_pool", "mean_flatten_linear", "conv_stem_7x7", "linear_tokens_tiled"]
 
 
 @pytest.mark.parametrize("case", INT4_CASES)

@@ -111,6 +111,20 @@ class Gram(nn.Module):
                                                                                  self.b(x).transpose(1, 2))
 
 
+class SignedGrams(nn.Module):
+    """The four signedness pairs of a matmul of two activations (signed, and ReLU'd unsigned, by each),
+    on enough tokens for the blocked kernel's register tile of 7 rows (19: padded to 21), an odd number of
+    features (13: reduced in groups of 4, padded) and of columns (19: padded to two 16-lane blocks)."""
+
+    def __init__(self, dim: int = 8, features: int = 13):
+        super().__init__()
+        self.a, self.b = nn.Linear(dim, features), nn.Linear(dim, features)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x).transpose(1, 2)
+        return a @ b + torch.relu(a) @ b + a @ torch.relu(b) + torch.relu(a) @ torch.relu(b)
+
+
 class TokensWithEmbedding(nn.Module):
     def __init__(self, dim: int = 8, tokens: int = 5):
         super().__init__()
@@ -328,6 +342,11 @@ CASES = {
     "add_parameter": (lambda: TokensWithEmbedding(), (2, 5, 8)),
     # attention written out by hand (timm's unfused path): (q @ k^T) * scale, softmax, @ v, and a division
     "attention_by_hand": (lambda: HandAttention(), (2, 6, 8)),
+    # the blocked kernels on tokens: a matmul of two activations of each signedness pair and a linear of
+    # 2 x 19 rows, in register tiles of 7 rows (rows padded), and multi-head attention on 20 tokens
+    "matmul_signedness_tokens": (lambda: SignedGrams(), (2, 19, 8)),
+    "linear_tokens_tiled": (lambda: nn.Sequential(nn.Linear(16, 40), nn.ReLU(), nn.Linear(40, 24)), (2, 19, 16)),
+    "attention_mha_tokens": (lambda: MhaBlock(32), (1, 20, 32)),
 }
 
 
@@ -539,6 +558,39 @@ def test_a_tiles_epilogue_runs_among_the_next_tiles_products_where_that_pays():
     assert not pipelined(nn.Sequential(nn.ReLU(), nn.Conv2d(64, 32, 1)), (1, 64, 14, 14))
     assert not pipelined(nn.Sequential(nn.ReLU(), nn.Conv2d(256, 32, 1)), (1, 256, 28, 28))
     assert not pipelined(nn.Sequential(nn.ReLU(), nn.Conv2d(32, 32, 1)), (1, 32, 28, 28))
+
+
+@pytest.mark.skipif(not resolve_target("x86").has("avx512vnni"), reason="the VNNI kernels")
+def test_token_matmuls_run_on_the_blocked_kernel_in_register_tiles():
+    """A matmul of two activations runs on `vpdpbusd` (`blocked_dot.matmul_blocked`, its second operand
+    packed at run time), not on TVM's default lowering of an int32 matmul (ViT-S/16: 40x faster); a linear
+    on 16 or more rows (tokens) takes a register tile of 7 rows x 2 channel blocks, 14 products a
+    reduction step, where a batch of a few rows keeps one row x one block."""
+    import re
+
+    torch.manual_seed(0)
+    ir = _host_ir(quantize_module(SignedGrams(), (2, 19, 8)))
+    names = re.findall(r"define [^@]*@([\w.]+)\(", ir)
+    assert sum(n.startswith("fused_matmul_vnni") and n.endswith("_compute_") for n in names) == 4, names
+    # (and no matmul left to TVM's lowering; the correction terms' kernels aside)
+    assert not any("matmul" in n and not ("vnni" in n or "_term" in n) for n in names), names
+
+    def tile(rows: int) -> tuple[int, list[int]]:
+        """The dense kernel's padded rows and the extents of its unrolled loops (its register tile)."""
+        from tvm import s_tir, te
+
+        from intforge.kernels.blocked_dot import dense_blocked, schedule_blocked_func
+        from intforge.kernels.x86_vnni import VNNI
+
+        x, wp = te.placeholder((rows, 64), "uint8"), te.placeholder((4, 16, 16, 4), "int8")
+        out = dense_blocked(x, wp, None, 64, VNNI)
+        sch = s_tir.Schedule(te.create_prim_func([x, wp, out]))
+        schedule_blocked_func(sch)
+        script = sch.mod.script()
+        return int(out.op.input_tensors[0].shape[1]), sorted(int(n) for n in re.findall(r"T.unroll\((\d+)\)", script))
+
+    assert tile(4) == (4, [])
+    assert tile(32) == (35, [2, 7])
 
 
 def _saturated_conv(channels: int) -> nn.Module:

@@ -84,6 +84,22 @@ def mobilenet_v2(seed: int = 0) -> torch.nn.Module:
     return _seeded(lambda: _torchvision().models.mobilenet_v2(), seed)
 
 
+def vit_s16(seed: int = 0) -> torch.nn.Module:
+    """A ViT-S/16 (DeiT-small's shape: 12 layers, 6 heads, width 384, MLP 1536, 224x224 images) as
+    torchvision's VisionTransformer class, with seeded random weights. torchvision starts the class token
+    and the head at zero (every image would give the same output), so they are drawn too."""
+    def make() -> torch.nn.Module:
+        from_tv = _torchvision().models.vision_transformer.VisionTransformer
+        model = from_tv(image_size=224, patch_size=16, num_layers=12, num_heads=6, hidden_dim=384, mlp_dim=1536)
+        with torch.no_grad():
+            model.class_token.normal_(0, 0.5)
+            model.encoder.pos_embedding.normal_(0, 0.1)
+            model.heads.head.weight.normal_(0, 0.05)
+        return model
+
+    return _seeded(make, seed)
+
+
 def _seeded(make, seed: int) -> torch.nn.Module:
     """Build under a fixed torch seed (weights are drawn at construction), leaving the caller's RNG alone."""
     with torch.random.fork_rng():
