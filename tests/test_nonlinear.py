@@ -41,6 +41,41 @@ def test_elementwise_tables_round_the_float_function_once(fn):
     assert out.signed == bool(want.min() < 0)  # sigmoid, softplus: unsigned, all 256 steps on [0, hi]
 
 
+def test_division_by_a_rows_reciprocal_is_floor_division():
+    """nonlinear.divide_by_row (one division a row, multiplies a value) equals num // den wherever its
+    bounds hold (0 <= num < 2^53, quotients under 2^9): random rows, quotients right at and around every
+    multiple of the divisor, the largest divisors and numerators, and softmax's own extremes."""
+    ops = nonlinear.NumpyTensorOps()
+    rng = np.random.default_rng(0)
+    den = np.concatenate([rng.integers(1, 1 << 40, 200), [1, 2, 3, 255, 256, (1 << 44) - 1, (1 << 44) + 1]])
+    den = den.astype(np.int64).reshape(-1, 1)
+    q = np.concatenate([rng.integers(0, 512, (den.size, 64)), np.tile(np.arange(0, 512, 8), (den.size, 1))], axis=1)
+    num = q * den + np.array([-1, 0, 1])[rng.integers(0, 3, q.shape)] * rng.integers(0, 2, q.shape)
+    num = np.clip(num + rng.integers(0, 1 << 20, q.shape) % den, 0, (1 << 53) - 1).astype(np.int64)
+    num = np.minimum(num, 511 * den + den - 1)
+    np.testing.assert_array_equal(nonlinear.divide_by_row(ops, num, den), num // den)
+    for total in (1 << 22, 197 << 22, (1 << 31) - 1, 1 << 40):  # softmax: (2 Q e + T) / (2 T), e <= min(T, 2^22)
+        e = np.array([[0, 1, 2, 1 << 21, min(total, 1 << 22)]], np.int64)
+        n = 2 * nonlinear.SOFTMAX_Q * e + total
+        d = np.array([[2 * total]], np.int64)
+        np.testing.assert_array_equal(nonlinear.divide_by_row(ops, n, d), n // d)
+
+
+def test_layernorms_normalization_by_a_rows_reciprocal_is_the_rounded_quotient():
+    """nonlinear.normalize_by_row equals floor((2^(K+1) d + r) / (2 r)) wherever |d| <= r < 2^31 and
+    |d| < 2^37 hold: random rows, d at +-r, 0, +-1, and r at 1, small and near 2^31."""
+    ops = nonlinear.NumpyTensorOps()
+    rng = np.random.default_rng(1)
+    k = nonlinear.LAYERNORM_FRAC_BITS
+    r = np.concatenate([rng.integers(1, 1 << 31, 300), [1, 2, 3, 7, (1 << 31) - 1, (1 << 31) - 2, 1 << 30]])
+    r = r.astype(np.int64).reshape(-1, 1)
+    d = (rng.random((r.size, 64)) * 2 - 1) * r
+    d = np.concatenate([d.astype(np.int64), r, -r, 0 * r, np.minimum(r, 1), -np.minimum(r, 1), r - 1, 1 - r,
+                        r // 2, -(r // 2), r // 3], axis=1)
+    want = (d * (1 << (k + 1)) + r) // (2 * r)
+    np.testing.assert_array_equal(nonlinear.normalize_by_row(ops, d, r), want)
+
+
 def test_softmax_is_within_one_step_of_float_and_sums_to_one():
     program = quantize_module(nn.Softmax(-1), (4, 1000), n_calib=8, scale=4.0)
     rng = np.random.default_rng(0)
