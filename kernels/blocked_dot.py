@@ -435,9 +435,10 @@ def conv2d_blocked(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, ou
 
 
 def dense_blocked(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out_features: int,
-                  isa: DotIsa) -> te.Tensor:
+                  isa: DotIsa, narrow: Narrow | None = None) -> te.Tensor:
     """x: [M, K] int8/uint8; wp: [N/lanes, K/group, lanes, group] int8, or [N/lanes, K/group, block/2]
-    packed INT4; -> [M, N] int32."""
+    packed INT4; -> [M, N] int32, or with `narrow` the requantized 8-bit output of its `dyadic.ClampFirst`
+    epilogue (as `conv2d_blocked`'s)."""
     if len(wp.shape) == 3:
         wp = _unpacked(wp, 2, isa)
     m, k = (int(d) for d in x.shape)
@@ -455,6 +456,15 @@ def dense_blocked(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out
     def _out(i, o):
         return add_correction(acc[o // isa.lanes, i, o % isa.lanes], correction, o)
 
+    if narrow is not None:
+        if correction is None:
+            raise ValueError("the ClampFirst epilogue needs its correction (which holds -lo)")
+        # over the padded rows too, then copied out where they were padded: the intrinsic it is tensorized
+        # to takes no predicate, and the last tile's would be one
+        out = te.compute((mc, out_features), lambda i, o: narrow.value(
+            acc[o // isa.lanes, i, o % isa.lanes], correction[o], o, immediate=isa.act_dtype == "int16"),
+            name=narrow_block(isa), attrs=narrow.attrs)
+        return out if mc == m else te.compute((m, out_features), lambda i, o: out[i, o], name=f"{isa.dense_block}_out")
     return te.compute((m, out_features), _out, name=f"{isa.dense_block}_out")
 
 

@@ -405,8 +405,10 @@ class _KernelRewriter(PyExprMutator):
         return self.builder_.call_te(kernel, a, b, *terms, primfunc_name_hint=f"matmul_{isa.name}",
                                      primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
 
-    def _matmul(self, call: Call) -> Expr | None:
-        out = self._activation_matmul(call)
+    def _matmul(self, call: Call, requant: _Requant | None = None) -> Expr | None:
+        """The dense kernel of x @ W; with `requant`, the kernel that also requantizes, or None where there
+        is none for this layer."""
+        out = self._activation_matmul(call) if requant is None else None
         if out is not None:
             return out
         x, wt = self.visit_expr(call.args[0]), self.visit_expr(call.args[1])
@@ -419,10 +421,21 @@ class _KernelRewriter(PyExprMutator):
             return None
         value, unpack = np.ascontiguousarray(known[0].T), known[1]  # emitted as x @ W^T; the kernels take W
         isa = self._isa(x)
+        n = value.shape[0]
+        if isa is not None and requant is not None:
+            corr, consts, epilogue = self._epilogue(requant, value, (1,), x, isa)
+            if epilogue is None:
+                return None
+            self.rewritten += 1
+            return self.builder_.call_te(
+                lambda xx, ww, cc, *rest: dense_blocked(xx, ww, cc, n, isa, epilogue(*rest)),
+                x, self._blocked_weight(dense_weight_layout(value, isa), unpack), corr, *consts,
+                primfunc_name_hint=f"dense_{isa.name}_ifma")
+        if requant is not None:
+            return None
         if isa is not None:
             sign = isa.correction_sign(_dtype(x))
             corr = self._correction(value, (1,), sign) if sign else None
-            n = value.shape[0]
             return self._call(lambda xx, ww, cc: dense_blocked(xx, ww, cc, n, isa), f"dense_{isa.name}", x,
                               self._blocked_weight(dense_weight_layout(value, isa), unpack), corr)
         corr = self._correction(value, (1,), 1) if self.shift_unsigned and _dtype(x) == "uint8" else None
@@ -449,8 +462,8 @@ class _KernelRewriter(PyExprMutator):
             value = np.transpose(value, axes)
         if value.size == 1:
             return np.full(channels, int(value.ravel()[0]), dtype=np.int64)
-        if value.ndim != 4 or value.shape[:3] != (1, 1, 1) or value.shape[3] != channels:
-            return None  # per-channel along NHWC's last axis only
+        if value.ndim not in (2, 4) or any(d != 1 for d in value.shape[:-1]) or value.shape[-1] != channels:
+            return None  # per-channel along the last axis only (NHWC, or a dense layer's features)
         return value.reshape(channels).astype(np.int64)
 
     def _narrow(self, call: Call) -> Expr | None:
@@ -461,24 +474,33 @@ class _KernelRewriter(PyExprMutator):
         if out_dtype not in _INT_IN:
             return None
         chain, names = [], ("relax.clip", "relax.right_shift", "relax.add", "relax.multiply", "relax.astype",
-                            "relax.nn.conv2d")
+                            ("relax.nn.conv2d", "relax.matmul"))
         e = call
         for name in names:
             e = self._orig(e.args[0])
-            if not (isinstance(e, Call) and getattr(e.op, "name", "") == name):
+            if not (isinstance(e, Call) and getattr(e.op, "name", "") in ((name,) if isinstance(name, str) else name)):
                 return None
             chain.append(e)
-        clip, shift, add, mul, wide, conv = chain
-        a = conv.attrs
-        if str(wide.attrs.dtype) != "int64" or (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != (
-                "NHWC", "OHWI", "NHWC"):
+        clip, shift, add, mul, wide, layer = chain
+        if str(wide.attrs.dtype) != "int64":
             return None
-        channels = int(conv.args[1].ty.shape[0])
+        if layer.op.name == "relax.matmul":  # a dense layer: x [M, K] @ W^T [K, N], constants [1, N]
+            if len(layer.args[1].ty.shape) != 2:
+                return None
+            channels = int(layer.args[1].ty.shape[1])
+        else:
+            a = layer.attrs
+            if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NHWC", "OHWI", "NHWC"):
+                return None
+            channels = int(layer.args[1].ty.shape[0])
         consts = [self._channel_const(v, channels) for v in (mul.args[1], add.args[1], shift.args[1])]
         if any(c is None for c in consts):
             return None
         m, total, n = consts
-        return self._conv2d(conv, _Requant(m, total, n, int(clip.args[1].value), int(clip.args[2].value), out_dtype))
+        requant = _Requant(m, total, n, int(clip.args[1].value), int(clip.args[2].value), out_dtype)
+        if layer.op.name == "relax.matmul":
+            return self._matmul(layer, requant)
+        return self._conv2d(layer, requant)
 
     def visit_call_(self, call: Call) -> Expr:
         name = getattr(call.op, "name", "")

@@ -345,7 +345,9 @@ CASES = {
     # the blocked kernels on tokens: a matmul of two activations of each signedness pair and a linear of
     # 2 x 19 rows, in register tiles of 7 rows (rows padded), and multi-head attention on 20 tokens
     "matmul_signedness_tokens": (lambda: SignedGrams(), (2, 19, 8)),
-    "linear_tokens_tiled": (lambda: nn.Sequential(nn.Linear(16, 40), nn.ReLU(), nn.Linear(40, 24)), (2, 19, 16)),
+    # (the first two with their requantize in the kernel where the CPU has IFMA: whole 16-feature blocks)
+    "linear_tokens_tiled": (lambda: nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(),
+                                                  nn.Linear(32, 24)), (2, 19, 16)),
     "attention_mha_tokens": (lambda: MhaBlock(32), (1, 20, 32)),
 }
 
@@ -591,6 +593,10 @@ def test_token_matmuls_run_on_the_blocked_kernel_in_register_tiles():
 
     assert tile(4) == (4, [])
     assert tile(32) == (35, [2, 7])
+    if resolve_target("x86").has("avx512ifma"):  # and the requantize inside the kernel (whole 16-feature blocks)
+        names = re.findall(r"define [^@]*@([\w.]+)\(", _host_ir(quantize_module(CASES["linear_tokens_tiled"][0](),
+                                                                                 (2, 19, 16))))
+        assert sum(n.startswith("dense_vnni_ifma") and n.endswith("_compute_") for n in names) == 2, names
 
 
 def _saturated_conv(channels: int) -> nn.Module:
