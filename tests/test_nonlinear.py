@@ -76,6 +76,28 @@ def test_layernorms_normalization_by_a_rows_reciprocal_is_the_rounded_quotient()
     np.testing.assert_array_equal(nonlinear.normalize_by_row(ops, d, r), want)
 
 
+def test_a_scale_read_only_by_a_matmul_of_activations_folds_into_it():
+    """`(q * c) @ k^T` (timm's unfused attention) is one matmul with factor c, requantized once after the
+    integer products, not q rounded to 8 bits at its scaled range first; a scale read elsewhere too stays."""
+    from test_ops_bitexact import ScaledQAttention
+
+    from intforge.capture import capture
+
+    torch.manual_seed(0)
+    graph = capture(ScaledQAttention().eval(), (torch.zeros(1, 18, 16),))
+    assert "scale" not in [op.kind for op in graph.ops]
+    assert math.isclose(next(op for op in graph.ops if op.kind == "matmul").attrs["alpha"], 16 ** -0.5)
+    kinds = [op.kind for op in quantize_module(ScaledQAttention(), (1, 18, 16)).ops]
+    assert "requantize" not in kinds and kinds.count("matmul") == 2
+
+    class Shared(ScaledQAttention):
+        def forward(self, x):
+            q = self.q(x) * self.scale
+            return (q @ self.k(x).transpose(-2, -1)).softmax(dim=-1) @ self.v(x) + q
+
+    assert "requantize" in [op.kind for op in quantize_module(Shared(), (1, 18, 16)).ops]
+
+
 def test_softmax_is_within_one_step_of_float_and_sums_to_one():
     program = quantize_module(nn.Softmax(-1), (4, 1000), n_calib=8, scale=4.0)
     rng = np.random.default_rng(0)

@@ -145,6 +145,19 @@ class HandAttention(nn.Module):
         return (attn.softmax(dim=-1) @ self.v(x)) / 2
 
 
+class ScaledQAttention(nn.Module):
+    """timm's unfused attention: q scaled first (`q = q * self.scale`), then q @ k^T, softmax, @ v."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.scale = dim ** -0.5
+
+    def forward(self, x):
+        q = self.q(x) * self.scale
+        return (q @ self.k(x).transpose(-2, -1)).softmax(dim=-1) @ self.v(x)
+
+
 class MhaBlock(nn.Module):
     def __init__(self, dim: int = 16):
         super().__init__()
@@ -349,6 +362,8 @@ CASES = {
     "linear_tokens_tiled": (lambda: nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(),
                                                   nn.Linear(32, 24)), (2, 19, 16)),
     "attention_mha_tokens": (lambda: MhaBlock(32), (1, 20, 32)),
+    # q scaled before q @ k^T: the factor folds into the matmul's requantize (capture._fold_scales)
+    "attention_scaled_q": (lambda: ScaledQAttention(), (1, 18, 16)),
 }
 
 

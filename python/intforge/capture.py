@@ -529,7 +529,7 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
 
     for op in ops:  # resolve aliases created after an op was emitted (e.g. BN folded into its conv)
         op.inputs = [alias.get(i, i) for i in op.inputs]
-    return _fold_pads(FloatGraph(user_inputs, [alias.get(o, o) for o in outputs], shapes, ops))
+    return _fold_scales(_fold_pads(FloatGraph(user_inputs, [alias.get(o, o) for o in outputs], shapes, ops)))
 
 
 def _fold_pads(graph: FloatGraph) -> FloatGraph:
@@ -555,6 +555,25 @@ def _fold_pads(graph: FloatGraph) -> FloatGraph:
             conv.inputs = [op.inputs[0]]
             graph.ops.remove(op)
             del graph.shapes[op.output]
+    return graph
+
+
+def _fold_scales(graph: FloatGraph) -> FloatGraph:
+    """An activation scaled by a number and read only by a matmul of two activations (timm's `q * scale`
+    before `q @ k^T`; an ONNX export of scaled_dot_product_attention, which scales q and k by sqrt(scale)
+    each) becomes the matmul's factor: one requantize, after the integer products, instead of one
+    rounding of q (and of k) to 8 bits first."""
+    for op in list(graph.ops):
+        if op.kind != "scale" or op.output in graph.outputs:
+            continue
+        users = graph.users(op.output)
+        if len(users) != 1 or users[0].kind != "matmul" or users[0].inputs.count(op.output) != 1:
+            continue
+        mm = users[0]
+        mm.inputs = [op.inputs[0] if t == op.output else t for t in mm.inputs]
+        mm.attrs["alpha"] = float(mm.attrs["alpha"]) * float(op.attrs["factor"])
+        graph.ops.remove(op)
+        del graph.shapes[op.output]
     return graph
 
 

@@ -31,13 +31,16 @@ import torch
 from .errors import IntforgeError, UnsupportedOpError
 
 SUPPORTED_ONNX_OPS = (
-    "Conv (2-D), Pad (zeros around H, W), BatchNormalization (after a Conv: folded), Gemm, MatMul, Add / Sub / "
-    "Mul / Div of a constant per output channel after those three (folded), Relu, Clip, Add (of two "
-    "activations), MaxPool, AveragePool, GlobalAveragePool, ReduceMean over H,W, Flatten, Reshape, Concat, "
-    "Transpose, Sigmoid, Tanh, Gelu (and its Div-Erf-Add-Mul-Mul form), HardSwish, "
-    "HardSigmoid (PyTorch's), LeakyRelu, Elu, Softplus, Mish, Softmax and LayerNormalization over the last "
-    "axis, Dropout, Identity; and shape arithmetic on constants (Constant, Shape, Gather, Unsqueeze, Squeeze, "
-    "Concat, Cast, Slice, Add, Sub, Mul, Div)"
+    "Conv (2-D), Pad (zeros around H, W), BatchNormalization (after a Conv: folded), Gemm, MatMul (by a "
+    "weight, or of two activations), Add / Sub / Mul / Div of a constant per output channel after a Conv, Gemm "
+    "or MatMul (folded), Mul / Div of an activation by one number (a constant, or computed from shapes), Relu, "
+    "Clip, Add (of two activations, or of an activation and a constant tensor), MaxPool, AveragePool, "
+    "GlobalAveragePool, ReduceMean over H,W, Flatten, Reshape, Concat (of activations and constant tensors), "
+    "Expand (of a constant tensor), Transpose, Unsqueeze, Squeeze, Gather (one index), Sigmoid, Tanh, Gelu (and "
+    "its Div-Erf-Add-Mul-Mul form), HardSwish, HardSigmoid (PyTorch's), LeakyRelu, Elu, Softplus, Mish, Softmax "
+    "and LayerNormalization over the last axis, Dropout, Identity; and shape arithmetic on constants (Constant, "
+    "Shape, Gather, Unsqueeze, Squeeze, Concat, Cast, Slice, Add, Sub, Mul, Div, ConstantOfShape, Expand, Equal, "
+    "Where, Mod, Sqrt)"
 )
 
 _FLOAT = 1  # onnx.TensorProto.FLOAT
@@ -195,6 +198,7 @@ class _Builder:
         self.used_paths: set[str] = set()
         self.fns: dict[str, tuple[Any, _Fn]] = {}
         self.made: dict[str, torch.nn.Conv2d | torch.nn.Linear] = {}  # output value -> the layer computing it
+        self.params: dict[str, str] = {}  # constant value -> the env key of its parameter (`parameter`)
 
     # -- helpers --------------------------------------------------------------------------------------
     def where(self, node: Any, index: int) -> str:
@@ -309,6 +313,37 @@ class _Builder:
             env[_out] = _fn(*(env[i] for i in _in))
         self.mod._steps.append(run)
 
+    def parameter(self, value: str) -> str:
+        """A constant read as an activation (a positional embedding added, a class token concatenated) as a
+        parameter of the module, named after its initializer, and the env key a step puts it under: the
+        capture then sees a parameter, as in the PyTorch model (a `constant` op)."""
+        value = self.name(value)
+        if value in self.params:
+            return self.params[value]
+        path = _clean(value) or "constant"
+        if path in self.used_paths or not self._attach_ok(path):
+            path = f"constant_{len(self.params)}"
+        self.used_paths.add(path)
+        *scope, leaf = path.split(".")
+        parent: torch.nn.Module = self.mod
+        for p in scope:
+            if p not in parent._modules:
+                parent.add_module(p, _Scope())
+            parent = parent._modules[p]
+        tensor = torch.from_numpy(np.array(self.static[value], np.float32))  # (a copy: writable)
+        parent.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=False))
+        key = self.params[value] = f"{value}#parameter"
+
+        def run(mod: OnnxModule, env: dict[str, Any], _p=path, _k=key) -> None:
+            env[_k] = mod.get_parameter(_p)
+        self.mod._steps.append(run)
+        return key
+
+    def _scalar(self, value: str) -> float | None:
+        """The number a constant of one element holds, else None."""
+        v = self.static.get(self.name(value))
+        return float(v.ravel()[0]) if v is not None and v.size == 1 else None
+
     def call_module(self, path: str, inputs: str | list[str], output: str) -> None:
         names = [inputs] if isinstance(inputs, str) else list(inputs)
         module = self._get(path)
@@ -371,6 +406,15 @@ class _Builder:
             self.static[out] = self._constant_value(node, index, a)
             return
         live = [i for i in ins if i and i not in self.static]
+        if (op == "Expand" and ins[0] in self.static and self.static[ins[0]].dtype.kind == "f"
+                and self.static[ins[0]].size > 1 and (ins[1] in self.static or ins[1] in self.shape_like)):
+            # a parameter repeated over the batch (a ViT's class token; the shape constant, or computed from
+            # the input's): the parameter, then the expand, as PyTorch writes it (the capture then calibrates
+            # at the example's batch size)
+            def expand(p: torch.Tensor, s: Any) -> torch.Tensor:
+                return p.expand(np.broadcast_shapes(tuple(p.shape), tuple(int(d) for d in np.asarray(s).ravel())))
+            self.step(expand, [self.parameter(ins[0]), ins[1]], out, node)
+            return
         if op == "Shape" and live:  # a value's shape, read at call time (static under torch.export)
             self.shape_like.add(out)
             self.step(lambda x: np.array(x.shape, np.int64), [ins[0]], out)
@@ -379,8 +423,24 @@ class _Builder:
             self._numpy_node(node, index, op, a, ins, out)
             return
         if any(i in self.shape_like for i in (live if op != "Reshape" else live[:1])):
+            if op in ("Mul", "Div") and len(live) == 2 and sum(i in self.shape_like for i in live) == 1:
+                # an activation scaled by a number computed from shapes (attention's 1 / sqrt(head size))
+                act, number = (live[0], live[1]) if live[1] in self.shape_like else (live[1], live[0])
+                if op == "Div" and act != ins[0]:
+                    raise self.refuse(node, index, "a number divided by an activation")
+                where = self.where(node, index)
+
+                def scale(x: Any, s: Any, _div=op == "Div") -> Any:
+                    if np.size(s) != 1:
+                        raise UnsupportedOpError(f"{where}: an activation times a tensor computed from shapes; "
+                                                 "intforge scales activations by one number")
+                    c = float(np.asarray(s).ravel()[0])
+                    return x / c if _div else x * c
+                self.step(scale, [act, number], out, node)
+                return
             raise self.refuse(node, index, "it mixes activations with values computed from shapes; intforge "
-                                           "imports shape arithmetic only where it feeds a Reshape")
+                                           "imports shape arithmetic only where it feeds a Reshape or scales an "
+                                           "activation by one number")
         if op in ("Add", "Sub", "Mul", "Div") and self._fold_constant(node, op, ins, out):
             return
         if op == "Div" and self._erf_gelu(node, ins, out):
@@ -469,6 +529,16 @@ class _Builder:
             return fns.get(op, div)
         if op == "Reshape":
             return lambda x, s: np.asarray(x).reshape(_reshape_target(np.asarray(x).shape, s, a))
+        if op == "ConstantOfShape":
+            fill = self.nh.to_array(a["value"]) if "value" in a else np.zeros(1, np.float32)
+            return lambda s: np.full(tuple(int(d) for d in np.asarray(s).ravel()), fill.ravel()[0], fill.dtype)
+        if op == "Expand":  # (ONNX's broadcast: either side may be 1)
+            return lambda x, s: np.broadcast_to(np.asarray(x), np.broadcast_shapes(
+                np.shape(x), tuple(int(d) for d in np.asarray(s).ravel()))).copy()
+        if op in ("Equal", "Where", "Mod", "Sqrt"):
+            fmod = int(a.get("fmod", 0))
+            return {"Equal": np.equal, "Where": np.where, "Sqrt": np.sqrt,
+                    "Mod": np.fmod if fmod else np.mod}[op]
         if op == "Flatten":
             axis = int(a.get("axis", 1))
             return lambda x: np.asarray(x).reshape(int(np.prod(np.shape(x)[:axis])), -1)
@@ -594,6 +664,9 @@ class _Builder:
         self._linear(node, index, ins[0], w, b, out)
 
     def op_MatMul(self, node, index, a, ins, out) -> None:
+        if ins[1] not in self.static and ins[0] not in self.static:  # two activations (attention)
+            self.step(torch.matmul, ins[:2], out, node)
+            return
         w = self.const(node, index, ins[1], "weight (second input)")
         if w.ndim != 2:
             raise self.refuse(node, index, f"a MatMul with a {w.ndim}-D weight; intforge takes (in, out) weights")
@@ -640,11 +713,54 @@ class _Builder:
         return True
 
     def op_Mul(self, node, index, a, ins, out) -> None:
-        raise self.refuse(node, index, "a Mul that is not a constant scale per output channel of the Conv, Gemm or "
+        c = self._scalar(ins[1]) if ins[0] not in self.static else None
+        if c is None and node.op_type == "Mul" and ins[0] in self.static:
+            c = self._scalar(ins[0])
+            ins = [ins[1], ins[0]]
+        if c is not None and ins[0] not in self.static:  # an activation times (or over) a number
+            self.step(lambda x, _c=c, _div=node.op_type == "Div": x / _c if _div else x * _c, [ins[0]], out, node)
+            return
+        raise self.refuse(node, index, f"a {node.op_type} that is not by one number, nor a constant scale per output "
+                                       "channel of the Conv, Gemm or MatMul right before it (which would fold into "
+                                       "it). An input normalization ((x - mean) / std) inside the graph: apply it "
+                                       "to the data instead")
+
+    op_Div = op_Mul
+
+    def op_Sub(self, node, index, a, ins, out) -> None:
+        raise self.refuse(node, index, "a Sub that is not of a constant per output channel of the Conv, Gemm or "
                                        "MatMul right before it (which would fold into it). An input normalization "
                                        "((x - mean) / std) inside the graph: apply it to the data instead")
 
-    op_Div = op_Sub = op_Mul
+    def _axes(self, node, index, a, ins) -> list[int]:
+        if "axes" in a:
+            return [int(d) for d in a["axes"]]
+        if len(ins) > 1 and ins[1]:
+            return [int(d) for d in self.const(node, index, ins[1], "axes").ravel()]
+        return []
+
+    def op_Unsqueeze(self, node, index, a, ins, out) -> None:
+        axes = self._axes(node, index, a, ins)
+
+        def unsqueeze(x: Any, _axes=tuple(axes)) -> Any:
+            for ax in sorted(d % (x.ndim + len(_axes)) for d in _axes):
+                x = x.unsqueeze(ax)
+            return x
+        self.step(unsqueeze, [ins[0]], out, node)
+
+    def op_Squeeze(self, node, index, a, ins, out) -> None:
+        axes = self._axes(node, index, a, ins)
+        if not axes:
+            raise self.refuse(node, index, "a Squeeze without axes; intforge needs the axes to squeeze")
+        self.step(lambda x, _axes=tuple(axes): x.squeeze(_axes), [ins[0]], out, node)
+
+    def op_Gather(self, node, index, a, ins, out) -> None:
+        idx = self.const(node, index, ins[1], "indices")
+        if idx.ndim != 0:
+            raise self.refuse(node, index, f"a Gather of {idx.size} indices from an activation; intforge takes one "
+                                           "index (a select: x[:, 0], q, k, v of a packed projection)")
+        axis = int(a.get("axis", 0))
+        self.step(lambda x, _i=int(idx): x.select(axis, _i), [ins[0]], out, node)
 
     def op_Relu(self, node, index, a, ins, out) -> None:
         self.step(torch.relu, [ins[0]], out, node)
@@ -663,11 +779,12 @@ class _Builder:
         self.step(lambda x, _lo=lo, _hi=hi: torch.clamp(x, _lo, _hi), [ins[0]], out, node)
 
     def op_Add(self, node, index, a, ins, out) -> None:
-        if any(i in self.static for i in ins):
-            raise self.refuse(node, index, "an Add of an activation and a constant; intforge adds two activations "
-                                           "(a residual connection), and folds a constant only into the Conv, Gemm "
-                                           "or MatMul right before it, one value per output channel")
-        self.step(torch.add, ins[:2], out, node)
+        if any(i in self.static and self.static[i].size == 1 for i in ins[:2]):
+            raise self.refuse(node, index, "an Add of an activation and a number; intforge adds two activations "
+                                           "(a residual connection), an activation and a constant tensor (a "
+                                           "positional embedding), and folds a constant per output channel into the "
+                                           "Conv, Gemm or MatMul right before it")
+        self.step(torch.add, [self.parameter(i) if i in self.static else i for i in ins[:2]], out, node)
 
     def _pool_common(self, node, index, a) -> tuple[list[int], list[int], list[int], bool]:
         k = list(a["kernel_shape"])
@@ -723,11 +840,9 @@ class _Builder:
         self.step(lambda x, s: x.reshape(_reshape_target(tuple(x.shape), s, a)), ins[:2], out)
 
     def op_Concat(self, node, index, a, ins, out) -> None:
-        if any(i in self.static for i in ins):
-            raise self.refuse(node, index, "a Concat of activations with a constant; intforge concatenates "
-                                           "activations only")
-        axis = int(a["axis"])
-        self.step(lambda *xs: torch.cat(xs, axis), [i for i in ins if i], out, node)
+        axis = int(a["axis"])  # (a constant among them: a parameter, as a class token concatenated)
+        self.step(lambda *xs: torch.cat(xs, axis), [self.parameter(i) if i in self.static else i for i in ins if i],
+                  out, node)
 
     def _erf_gelu(self, node: Any, ins: list[str], out: str) -> bool:
         """GELU as exporters write it without a Gelu op: y = x * (1 + Erf(x / sqrt 2)) * 0.5 (the two Muls in
