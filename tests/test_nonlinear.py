@@ -98,18 +98,29 @@ def test_a_scale_read_only_by_a_matmul_of_activations_folds_into_it():
     assert "requantize" in [op.kind for op in quantize_module(Shared(), (1, 18, 16)).ops]
 
 
-def test_softmax_is_within_one_step_of_float_and_sums_to_one():
+def test_softmax_is_within_half_a_step_of_float_at_its_calibrated_scale():
+    """Probabilities at 1/Q, Q = floor(255 / the largest probability calibration saw) (at least 255): within
+    half a step of float up to 255/Q, saturated at 255 above (a row more peaked than any calibrated)."""
     program = quantize_module(nn.Softmax(-1), (4, 1000), n_calib=8, scale=4.0)
+    op = program.ops[-1]
+    q_steps = op.attrs["q"]
+    assert q_steps > 2 * 255  # no probability near 1.0 in calibration (rows of 1000): finer steps than 1/255
     rng = np.random.default_rng(0)
     q, real = _dequantized_input(program, rng)
     got = reference.run_int(program, q)[0]
-    assert got.dtype == np.uint8 and program.tensors[program.outputs[0]].scale == pytest.approx(1 / 255)
+    assert got.dtype == np.uint8 and program.tensors[program.outputs[0]].scale == pytest.approx(1 / q_steps)
     want = torch.softmax(torch.from_numpy(real), -1).numpy()
-    assert np.abs(got / 255.0 - want).max() <= 0.5 / 255 + 1e-4
-    # a peaked row: the max takes what the rest leave
+    assert np.abs(got / q_steps - np.minimum(want, 255 / q_steps)).max() <= 0.5 / q_steps + 1e-4
+    # a peaked row saturates at 255 (its max took what the rest left: above anything calibrated)
     peaked = np.full((4, 1000), program.tensors[program.inputs[0]].qmin, np.int8)
     peaked[:, 7] = 127
     assert (reference.run_int(program, peaked)[0][:, 7] == 255).all()
+    # calibrated on peaked rows, 1.0 is 255 (Q = 255) and the rest rounds as before
+    one_hot = quantize_module(nn.Softmax(-1), (4, 10), n_calib=8, scale=50.0)
+    assert one_hot.ops[-1].attrs["q"] == nonlinear.SOFTMAX_Q
+    q, real = _dequantized_input(one_hot, rng)
+    want = torch.softmax(torch.from_numpy(real), -1).numpy()
+    assert np.abs(reference.run_int(one_hot, q)[0] / 255.0 - want).max() <= 0.5 / 255 + 1e-4
 
 
 def test_layernorm_is_within_one_step_of_float_layernorm():

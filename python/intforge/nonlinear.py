@@ -31,8 +31,10 @@ from .errors import QuantizationError
 #: Fraction bits of softmax's exp table: exp(0) = 2^22. A row of L entries sums to under L * 2^22, and
 #: each entry's rounding moves a probability by under 2^-23 of the row's sum.
 SOFTMAX_EXP_BITS = 22
-#: Softmax's output: uint8 probabilities at scale 1 / SOFTMAX_Q.
+#: Softmax's output: uint8 probabilities at scale 1 / Q, Q = SOFTMAX_Q (1.0 is 255) unless calibration saw
+#: no probability above 255 / Q for a larger Q (`softmax_q`), up to SOFTMAX_MAX_Q.
 SOFTMAX_Q = 255
+SOFTMAX_MAX_Q = 1 << 16
 #: Fraction bits of LayerNorm's normalized value (x - mean) / std / sqrt(N), which lies in [-1, 1].
 LAYERNORM_FRAC_BITS = 24
 
@@ -76,16 +78,33 @@ def softmax_table(in_scale: float, in_bits: int) -> np.ndarray:
     return np.floor(np.exp(in_scale * d) * (1 << SOFTMAX_EXP_BITS) + 0.5).astype(np.int32)
 
 
-def softmax(ops: TensorOps, x: Any, table: np.ndarray, out_dtype: str = "uint8") -> Any:
-    """Softmax over the last axis: e = table[x - max(x)], q = floor((2 Q e + sum e) / (2 sum e)), i.e.
-    Q e / sum(e) rounded half up, in [0, Q] (e <= sum e; the max's entry is 2^22 > 0, so sum e > 0)."""
+def softmax_q(max_prob: float) -> int:
+    """Q of a softmax's output scale 1 / Q, from the largest probability calibration saw: the finest steps
+    that still hold it in 255 (floor(255 / max_prob)), at least SOFTMAX_Q (1.0 at 255) and at most
+    SOFTMAX_MAX_Q. Attention over N tokens has rows of probabilities near 1 / N: at 1/255 a ViT's 197
+    tokens kept one or two steps each, most rounding to 0."""
+    if not max_prob > 0:
+        return SOFTMAX_Q
+    return int(min(max(math.floor(SOFTMAX_Q / max_prob), SOFTMAX_Q), SOFTMAX_MAX_Q))
+
+
+def softmax(ops: TensorOps, x: Any, table: np.ndarray, out_dtype: str = "uint8", q: int = SOFTMAX_Q) -> Any:
+    """Softmax over the last axis: e = table[x - max(x)], p = floor((2 Q e + sum e) / (2 sum e)), i.e.
+    Q e / sum(e) rounded half up, in [0, Q] (e <= sum e; the max's entry is 2^22 > 0, so sum e > 0). With
+    Q > 255 (`softmax_q`) p saturates at 255: the numerator is held to 512 sum e first (min(a, b) as
+    b - clip(b - a, 0, ...)), so the quotient stays at most 256 (`divide_by_row`'s bound), then clamped."""
     x = ops.cast(x, "int32")
     index = ops.add(ops.sub(x, ops.max_last(x)), ops.const(len(table) - 1, "int32"))
     e = ops.cast(ops.take(table, index), "int64")
     total = ops.sum_last(e)
-    num = ops.add(ops.mul(e, ops.const(2 * SOFTMAX_Q, "int64")), total)
-    q = divide_by_row(ops, num, ops.mul(total, ops.const(2, "int64")))
-    return ops.cast(q, out_dtype)
+    num = ops.add(ops.mul(e, ops.const(2 * q, "int64")), total)
+    if q != SOFTMAX_Q:
+        cap = ops.mul(total, ops.const(2 * 256, "int64"))
+        num = ops.sub(cap, ops.clip(ops.sub(cap, num), 0, 1 << 62))
+    p = divide_by_row(ops, num, ops.mul(total, ops.const(2, "int64")))
+    if q != SOFTMAX_Q:
+        p = ops.clip(p, 0, 255)
+    return ops.cast(p, out_dtype)
 
 
 #: `divide_by_row`'s reciprocals: 2^53 / den, floored.
@@ -208,7 +227,7 @@ def run(ops: TensorOps, kind: str, attrs: dict[str, Any], params: dict[str, np.n
     if kind == "lut":
         return lookup(ops, x, params["table"], attrs["in_qmin"])
     if kind == "softmax":
-        return softmax(ops, x, params["table"], out_dtype)
+        return softmax(ops, x, params["table"], out_dtype, int(attrs.get("q", SOFTMAX_Q)))
     if kind == "layernorm":
         return layer_norm(ops, x, attrs["eps_term"], params["mul"], params["add"], attrs["shift"], attrs["qmin"],
                           attrs["qmax"], out_dtype)

@@ -36,7 +36,7 @@ OP_KINDS = {
     "matmul": "int matmul of two activations (attention's Q K^T and P V), one dyadic requantize for the tensor",
     "pad": "zeros around H and W (`pads` top, left, bottom, right): the real 0, as zero points are 0",
     "lut": "elementwise function (GELU, SiLU, sigmoid, ...) as a table of 2^bits outputs indexed by x - in_qmin",
-    "softmax": "softmax over the last axis: an exp table on x - max(x), one integer division; uint8 at 1/255",
+    "softmax": "softmax over the last axis: an exp table on x - max(x), one integer division a row; uint8 at 1/q",
     "layernorm": "LayerNorm over the last axis: integer mean and variance, exact integer square root, "
                  "gamma / beta / output scale as a per-channel dyadic multiply-add",
 }

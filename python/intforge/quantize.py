@@ -268,10 +268,11 @@ def _quantize_matmul_like(op: FloatOp, x: QTensor, out: QTensor, act: FloatOp | 
 def _quantize_nonlinear(op: FloatOp, x: QTensor, out_name: str, new_tensor, rng, tensors: dict[str, QTensor],
                         graph: FloatGraph) -> IntOp:
     """An elementwise function as a table, softmax, or LayerNorm (`intforge.nonlinear`)."""
-    if op.kind == "softmax":  # probabilities: uint8 at 1/255 whatever the calibration saw
-        out = QTensor(out_name, tuple(graph.shapes[out_name]), 1.0 / nonlinear.SOFTMAX_Q, 8, False)
+    if op.kind == "softmax":  # probabilities: uint8 at 1/Q, Q from the largest one calibration saw
+        q = nonlinear.softmax_q(rng(out_name)[1])
+        out = QTensor(out_name, tuple(graph.shapes[out_name]), 1.0 / q, 8, False)
         tensors[out_name] = out
-        return IntOp("softmax", op.name, [x.name], out_name, {},
+        return IntOp("softmax", op.name, [x.name], out_name, {"q": q},
                      {"table": nonlinear.softmax_table(x.scale, x.bits)}, op.source)
     if op.kind == "layernorm":
         out = new_tensor(out_name, signed=True)
