@@ -63,9 +63,10 @@ SPREAD_WEIGHT_BYTES = 1 << 20
 SPREAD_TILE_BYTES = 32 * 1024
 # A dense kernel with at least this many rows (a transformer's tokens, not a batch of images) takes a
 # register tile of several rows by `channel_tile` blocks, like a conv's, its rows padded to the tile
-# (`dense_row_tile`); with fewer, one row by one block a task. On VNNI only: measured there.
+# (`dense_row_tile`); with fewer, one row by one block a task. This and the matmul of two activations
+# (`matmul_blocked`) on TOKEN_KERNEL_ISAS only: measured there.
 DENSE_TILE_MIN_ROWS = 16
-DENSE_TILE_ISAS = ("vnni",)
+TOKEN_KERNEL_ISAS = ("vnni",)
 SUM_BLOCKS = ("row_sums", "column_sums")  # the kernels of a matmul of two activations' correction terms
 ROW_UNPACK_BYTES = 16 * 1024  # an INT4 conv with fewer blocks and at most this many weights a tile
 # unpacks its tile's weights once per output row (they stay in L1), not once per pixel tile
@@ -231,13 +232,24 @@ def _unpacked(wq: te.Tensor, lead: int, isa: DotIsa) -> te.Tensor:
     return te.compute((*wq.shape[:lead], isa.lanes, isa.group), fcompute, name=INT4_BLOCK)
 
 
+def _act_shift(x_dtype: str, isa: DotIsa) -> int:
+    """What an activation of `x_dtype` is shifted by in the instruction's type: +128 (signed into unsigned
+    bytes), -128 (unsigned into signed), or 0."""
+    sign = isa.correction_sign(x_dtype)
+    return SHIFT if sign < 0 else -SHIFT if sign > 0 else 0
+
+
+def _shifted(v, by: int, dtype: str, v_dtype: str):
+    """v (of `v_dtype`) + by, in `dtype`: v itself where it is that already and by is 0."""
+    if by == 0:
+        return v if v_dtype == dtype else v.astype(dtype)
+    return (v.astype("int32") + by).astype(dtype)
+
+
 def _as_act(v, x_dtype: str, isa: DotIsa):
     """An activation in the instruction's type: shifted by 128 where the signedness differs, widened
     where the instruction takes int16."""
-    sign = isa.correction_sign(x_dtype)
-    if sign == 0:
-        return v if x_dtype == isa.act_dtype else v.astype(isa.act_dtype)
-    return (v.astype("int32") + (SHIFT if sign < 0 else -SHIFT)).astype(isa.act_dtype)
+    return _shifted(v, _act_shift(x_dtype, isa), isa.act_dtype, x_dtype)
 
 
 def add_correction(v, correction: te.Tensor | None, channel):
@@ -472,20 +484,15 @@ def dense_row_tile(isa: DotIsa) -> int:
     """Rows (in instructions' worth) of a dense kernel's register tile where it has at least
     DENSE_TILE_MIN_ROWS rows: as many as keep `channel_tile` blocks of accumulators on the stack (the
     conv's tile: 7 rows x 2 blocks on VNNI), or 1 (one row a tile) on the instructions not measured so."""
-    if isa.name not in DENSE_TILE_ISAS:
+    if isa.name not in TOKEN_KERNEL_ISAS:
         return 1
     return max(1, min(isa.pixel_tile // isa.rows, (STACK_BYTES - 1) // (isa.rows * isa.channel_tile * isa.lanes * 4)))
 
 
 def matmul_shifts(a_dtype: str, b_dtype: str, isa: DotIsa) -> tuple[int, int]:
     """(sa, sb): a matmul of two activations runs a' = a + sa and b' = b + sb on the instruction (its
-    activation type for a, signed bytes for b)."""
-    sign = isa.correction_sign(a_dtype)
-    return (SHIFT if sign < 0 else -SHIFT if sign > 0 else 0), (-SHIFT if b_dtype == "uint8" else 0)
-
-
-def _shifted(v, by: int, dtype: str):
-    return v.astype(dtype) if by == 0 else (v.astype("int32") + by).astype(dtype)
+    activation type for a, as `_as_act`; signed bytes for b)."""
+    return _act_shift(a_dtype, isa), (-SHIFT if b_dtype == "uint8" else 0)
 
 
 def matmul_row_term(a: te.Tensor, b_dtype: str, isa: DotIsa) -> te.Tensor:
@@ -494,7 +501,7 @@ def matmul_row_term(a: te.Tensor, b_dtype: str, isa: DotIsa) -> te.Tensor:
     sa, sb = matmul_shifts(str(a.dtype), b_dtype, isa)
     r = te.reduce_axis((0, k), "rk")
     return te.compute(a.shape[:-1], lambda *idx: te.sum(
-        _shifted(a[(*idx, r)], sa, "int32") * tirx.const(-sb, "int32"), axis=r), name=SUM_BLOCKS[0])
+        _shifted(a[(*idx, r)], sa, "int32", str(a.dtype)) * tirx.const(-sb, "int32"), axis=r), name=SUM_BLOCKS[0])
 
 
 def matmul_column_term(b: te.Tensor, a_dtype: str, isa: DotIsa) -> te.Tensor:
@@ -502,8 +509,8 @@ def matmul_column_term(b: te.Tensor, a_dtype: str, isa: DotIsa) -> te.Tensor:
     *lead, k, n = b.shape
     sa, sb = matmul_shifts(a_dtype, str(b.dtype), isa)
     r = te.reduce_axis((0, int(k)), "rk")
-    total = te.compute((*lead, n), lambda *idx: te.sum(_shifted(b[(*idx[:-1], r, idx[-1])], sb, "int32"), axis=r),
-                       name=SUM_BLOCKS[1])
+    total = te.compute((*lead, n), lambda *idx: te.sum(
+        _shifted(b[(*idx[:-1], r, idx[-1])], sb, "int32", str(b.dtype)), axis=r), name=SUM_BLOCKS[1])
     const = tirx.const(int(k) * sa * sb, "int32")
     return te.compute((*lead, n), lambda *idx: total[idx] * tirx.const(-sa, "int32") + const,
                       name=f"{SUM_BLOCKS[1]}_term")
@@ -516,9 +523,9 @@ def matmul_blocked(a: te.Tensor, b: te.Tensor, isa: DotIsa, row_term: te.Tensor 
 
     The dense kernel with its weights packed at run time: b to [..., N/lanes, K/group, lanes, group] (N
     padded to whole register tiles of `channel_tile` blocks, K to whole groups), a to [..., M', K'] (M
-    padded to the register tile's rows). Where an operand has the other signedness
-    than the instruction takes, it runs shifted by 128 (`matmul_shifts`) and the sums are corrected from
-    the other operand's row or column sums: with a' = a + sa and b' = b + sb,
+    padded to the register tile's rows). Where an operand has the other signedness than the instruction
+    takes, it runs shifted by 128 (`matmul_shifts`) and the sums are corrected from the other operand's
+    row or column sums: with a' = a + sa and b' = b + sb,
     sum(a b) = sum(a' b') - sb sum_k a' - sa sum_k b' + K sa sb, on wrapping int32 lanes. The two terms
     come in computed by kernels of their own (`matmul_row_term`, `matmul_column_term`): as blocks of this
     one they would have to run inside each tile, which reads them."""
@@ -538,13 +545,13 @@ def matmul_blocked(a: te.Tensor, b: te.Tensor, isa: DotIsa, row_term: te.Tensor 
 
     def _ap(*idx):
         *t, i, j = idx
-        return tirx.if_then_else(tirx.all(i < m, j < k), _shifted(a[(*t, i, j)], sa, isa.act_dtype),
+        return tirx.if_then_else(tirx.all(i < m, j < k), _shifted(a[(*t, i, j)], sa, isa.act_dtype, str(a.dtype)),
                                  tirx.const(0, isa.act_dtype))
 
     def _bp(*idx):
         *t, o1, kk, o2, g = idx
         return tirx.if_then_else(tirx.all(o1 * isa.lanes + o2 < n, kk * isa.group + g < k),
-                                 _shifted(b[(*t, kk * isa.group + g, o1 * isa.lanes + o2)], sb, "int8"),
+                                 _shifted(b[(*t, kk * isa.group + g, o1 * isa.lanes + o2)], sb, "int8", str(b.dtype)),
                                  tirx.const(0, "int8"))
 
     ap = te.compute((*lead_shape, mc, kb * isa.group), _ap, name=f"data_{isa.name}")

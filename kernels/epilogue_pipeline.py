@@ -232,17 +232,3 @@ def _copy_of(init, pixels: int, blocks: int):
 def _seq(stmts: list):
     """A SeqStmt of `stmts`, or the one statement (TVM refuses a SeqStmt of one)."""
     return stmts[0] if len(stmts) == 1 else tirx.SeqStmt(stmts)
-
-
-def _seq(stmts: list):
-    """A SeqStmt of `stmts`, or the one statement (TVM refuses a SeqStmt of one)."""
-    return stmts[0] if len(stmts) == 1 else tirx.SeqStmt(stmts)
-
-
-def _unroll_width(steps: int) -> int | None:
-    """How many steps of the innermost reduction loop to unroll: all of them up to 32, else the largest
-    divisor of `steps` from 8 to 16 (None if there is none)."""
-    if steps <= 32:
-        return steps
-    fits = [d for d in range(8, 17) if steps % d == 0]
-    return fits[-1] if fits else None

@@ -33,7 +33,7 @@ from intforge.kernels import depthwise_dot as dwdot
 from intforge.kernels import winograd
 from intforge.kernels.arm_dot import NEON, SDOT, SMMLA, USMMLA
 from intforge.kernels.blocked_dot import (
-    DENSE_TILE_ISAS,
+    TOKEN_KERNEL_ISAS,
     DotIsa,
     Narrow,
     conv2d_blocked,
@@ -384,7 +384,7 @@ class _KernelRewriter(PyExprMutator):
             return None
         isa = self._isa(a)
         sa, sb = ([int(d) for d in v.ty.shape] for v in (a, b))
-        if (isa is None or isa.name not in DENSE_TILE_ISAS or len(sa) < 2 or len(sa) != len(sb)
+        if (isa is None or isa.name not in TOKEN_KERNEL_ISAS or len(sa) < 2 or len(sa) != len(sb)
                 or sa[:-2] != sb[:-2] or sa[-1] != sb[-2]):
             return None
         self.rewritten += 1

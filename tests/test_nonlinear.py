@@ -337,9 +337,10 @@ def test_a_vision_transformer_trained_on_digits_compiles_integer_only_and_bit_ex
     assert int_acc >= float_acc - 0.015
 
 
-def test_torchvisions_vision_transformer_compiles_bit_exact(so_of):
-    """torchvision's own VisionTransformer class (a small configuration, random weights): class token,
-    positional embedding, nn.MultiheadAttention, GELU MLP, LayerNorm, the class token's head."""
+def small_vision_transformer() -> nn.Module:
+    """torchvision's own VisionTransformer class, a small configuration (32x32 images, 8x8 patches, 2
+    layers of 2 heads, width 16), seeded random weights; its class token and head drawn too (torchvision
+    starts both at zero)."""
     from intforge.zoo import _torchvision
 
     _torchvision()
@@ -349,10 +350,17 @@ def test_torchvisions_vision_transformer_compiles_bit_exact(so_of):
         torch.manual_seed(0)
         model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
                                   num_classes=10).eval()
-        with torch.no_grad():  # (torchvision starts both at zero)
+        with torch.no_grad():
             model.encoder.pos_embedding.normal_(0, 0.1)
             model.class_token.normal_(0, 0.5)
             model.heads.head.weight.normal_(0, 0.2)
+    return model
+
+
+def test_torchvisions_vision_transformer_compiles_bit_exact(so_of):
+    """torchvision's own VisionTransformer class (a small configuration, random weights): class token,
+    positional embedding, nn.MultiheadAttention, GELU MLP, LayerNorm, the class token's head."""
+    model = small_vision_transformer()
     program = quantize_module(model, (1, 3, 32, 32), n_calib=9)
     kinds = [op.kind for op in program.ops]
     assert kinds.count("constant") == 2 and kinds.count("matmul") == 4 and kinds.count("layernorm") == 5

@@ -414,6 +414,18 @@ def test_cli_compare_scores_and_times_intforge_against_onnx_runtime_on_the_same_
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def _exported_and_pytorch_programs(model: torch.nn.Module, calib_shape: tuple[int, ...], dynamo: bool, tmp_path):
+    """The integer programs of `model` exported to ONNX (by the dynamo exporter or TorchScript's) and of
+    the model itself, quantized on the same random calibration set; and that set."""
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (torch.zeros(1, *calib_shape[1:]),), str(path), dynamo=dynamo,
+                      opset_version=18 if dynamo else 17)
+    calib = np.random.default_rng(0).standard_normal(calib_shape).astype(np.float32)
+    example = (torch.from_numpy(calib[:1]),)
+    ours, theirs = (intforge.quantize_model(m, example, calib)[0] for m in (str(path), model))
+    return ours, theirs, calib
+
+
 @pytest.mark.parametrize("dynamo", [False, True])
 def test_token_model_from_either_exporter_is_the_pytorch_programs_integers(dynamo, tmp_path, so_of):
     """The transformer-style block (LayerNormalization, GELU as Div-Erf-Add-Mul-Mul, Transpose, MatMul on
@@ -423,13 +435,7 @@ def test_token_model_from_either_exporter_is_the_pytorch_programs_integers(dynam
 
     torch.manual_seed(0)
     model = TokenMixer().eval()
-    path = tmp_path / "mixer.onnx"
-    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(path), dynamo=dynamo,
-                      opset_version=18 if dynamo else 17)
-    calib = np.random.default_rng(0).standard_normal((32, 1, 28, 28)).astype(np.float32)
-    example = (torch.from_numpy(calib[:1]),)
-    ours, _ = intforge.quantize_model(str(path), example, calib)
-    theirs, _ = intforge.quantize_model(model, example, calib)
+    ours, theirs, _ = _exported_and_pytorch_programs(model, (32, 1, 28, 28), dynamo, tmp_path)
     assert [op.kind for op in ours.ops] == [op.kind for op in theirs.ops]
     assert "lut" in {op.kind for op in ours.ops}  # the Erf form became one GELU table
     for a, b in zip(ours.ops, theirs.ops, strict=True):
@@ -449,26 +455,10 @@ def test_vision_transformer_from_either_exporter_imports_as_the_pytorch_program(
     as the PyTorch path, op for op, weights to the bit (both scales fold into the matmul, as SDPA's does:
     capture._fold_scales); the requantize multipliers only as close as the exporter's float32 arithmetic
     of the scale leaves the calibrated ranges. Compiled bit-exact, and as close to the model as PyTorch's."""
-    from intforge.zoo import _torchvision
+    from test_nonlinear import small_vision_transformer
 
-    _torchvision()
-    from torchvision.models.vision_transformer import VisionTransformer
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
-                                  num_classes=10).eval()
-        with torch.no_grad():
-            model.encoder.pos_embedding.normal_(0, 0.1)
-            model.class_token.normal_(0, 0.5)
-            model.heads.head.weight.normal_(0, 0.2)
-    path = tmp_path / "vit.onnx"
-    torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=dynamo,
-                      opset_version=18 if dynamo else 17)
-    calib = np.random.default_rng(0).standard_normal((9, 3, 32, 32)).astype(np.float32)
-    example = (torch.from_numpy(calib[:1]),)
-    ours, _ = intforge.quantize_model(str(path), example, calib)
-    theirs, _ = intforge.quantize_model(model, example, calib)
+    model = small_vision_transformer()
+    ours, theirs, calib = _exported_and_pytorch_programs(model, (9, 3, 32, 32), dynamo, tmp_path)
     # (the dynamo exporter orders a transpose and a reshape of q's path the other way round)
     assert sorted(op.kind for op in ours.ops) == sorted(op.kind for op in theirs.ops)
     assert [op.kind for op in ours.ops].count("matmul") == 4 and "scale" not in {op.kind for op in ours.ops}
