@@ -293,6 +293,7 @@ def test_reduce_mean_global_pool_dropout_and_identity(tmp_path):
     ("const_add", "an Add of an activation and a number"),
     ("gather_many", "a Gather of 2 indices from an activation"),
     ("mul_tensor", "a Mul that is not by one number"),
+    ("split_wide", "a Split of an activation into parts of [2, 2]"),
     ("normalize", "input normalization"),
     ("computed_weight", "its weight"),
     ("int_input", "is not a float32 tensor"),
@@ -320,6 +321,7 @@ def test_unsupported_graphs_are_refused_naming_the_node_and_file(case, message, 
         "gather_many": [conv, helper.make_node("Gather", ["c", "two"], ["y"], name="pick", axis=1)],
         "mul_tensor": [conv, helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Mul", ["r", "k"], ["y"],
                                                                                     name="gain")],
+        "split_wide": [conv, helper.make_node("Split", ["c", "halves"], ["y", "z"], name="halve", axis=1)],
         "normalize": [helper.make_node("Sub", ["x", "k3"], ["s"], name="minus_mean"), conv],
         "computed_weight": [helper.make_node("Relu", ["x"], ["r"]),
                             helper.make_node("Conv", ["x", "r"], ["y"], name="conv0")],
@@ -340,6 +342,8 @@ def test_unsupported_graphs_are_refused_naming_the_node_and_file(case, message, 
         inits.append(("k", np.ones((1,), np.float32)))
     if case == "mul_tensor":
         inits.append(("k", np.ones((1, 4, 1, 1), np.float32)))
+    if case == "split_wide":
+        inits.append(("halves", np.array([2, 2], np.int64)))
     if case == "gather_many":
         inits.append(("two", np.array([0, 2], np.int64)))
     if case == "normalize":
@@ -475,6 +479,26 @@ def test_vision_transformer_from_either_exporter_imports_as_the_pytorch_program(
             ra, rb = (np.asarray(op.params["multiplier"], np.float64)
                       * 2.0 ** -np.asarray(op.params.get("shift", op.attrs.get("shift")), np.float64) for op in (a, b))
             np.testing.assert_allclose(ra, rb, rtol=1e-4, err_msg=a.name)
+    x = calib[:1]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    got, pytorch_path = reference.run_float(ours, x)[0], reference.run_float(theirs, x)[0]
+    assert np.abs(got - want).max() <= 1.5 * np.abs(pytorch_path - want).max() + 1e-6
+    assert_bit_exact_int(ours, so_of(ours, "int"))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_timm_style_attention_from_either_exporter_imports_and_compiles_bit_exact(dynamo, tmp_path, so_of):
+    """timm's attention (qkv in one linear, reshaped, permuted, unbound; scaled_dot_product_attention):
+    the TorchScript exporter writes the unbind as a Split into slices of one and Squeezes, the dynamo
+    exporter as Slices of one; both import (each part a select), compile bit-exact, and the integer
+    program's output is as close to the model's as the PyTorch path's."""
+    from test_nonlinear import TinyViT
+
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    ours, theirs, calib = _exported_and_pytorch_programs(model, (16, 1, 28, 28), dynamo, tmp_path)
+    assert [op.kind for op in ours.ops].count("matmul") == 2 and [op.kind for op in ours.ops].count("select") == 3
     x = calib[:1]
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()

@@ -36,7 +36,8 @@ SUPPORTED_ONNX_OPS = (
     "or MatMul (folded), Mul / Div of an activation by one number (a constant, or computed from shapes), Relu, "
     "Clip, Add (of two activations, or of an activation and a constant tensor), MaxPool, AveragePool, "
     "GlobalAveragePool, ReduceMean over H,W, Flatten, Reshape, Concat (of activations and constant tensors), "
-    "Expand (of a constant tensor), Transpose, Unsqueeze, Squeeze, Gather (one index), Sigmoid, Tanh, Gelu (and "
+    "Expand (of a constant tensor), Transpose, Unsqueeze, Squeeze, Gather (one index), Split and Slice (into "
+    "slices of one), Sigmoid, Tanh, Gelu (and "
     "its Div-Erf-Add-Mul-Mul form), HardSwish, HardSigmoid (PyTorch's), LeakyRelu, Elu, Softplus, Mish, Softmax "
     "and LayerNormalization over the last axis, Dropout, Identity; and shape arithmetic on constants (Constant, "
     "Shape, Gather, Unsqueeze, Squeeze, Concat, Cast, Slice, Add, Sub, Mul, Div, ConstantOfShape, Expand, Equal, "
@@ -753,6 +754,51 @@ class _Builder:
         if not axes:
             raise self.refuse(node, index, "a Squeeze without axes; intforge needs the axes to squeeze")
         self.step(lambda x, _axes=tuple(axes): x.squeeze(_axes), [ins[0]], out, node)
+
+    def op_Split(self, node, index, a, ins, out) -> None:
+        """A split into slices of one along an axis (timm's q, k, v out of a packed projection, before a
+        Squeeze): each part a select, unsqueezed back to the split's rank (the capture has no slice op)."""
+        axis, outs = int(a.get("axis", 0)), list(node.output)
+        if len(ins) > 1 and ins[1]:
+            sizes = [int(d) for d in self.const(node, index, ins[1], "split sizes").ravel()]
+        else:
+            sizes = [int(d) for d in a.get("split", [])] or None
+        if sizes is not None and any(d != 1 for d in sizes):
+            raise self.refuse(node, index, f"a Split of an activation into parts of {sizes}; intforge splits into "
+                                           "slices of one (q, k, v of a packed projection)")
+        where, parts = self.where(node, index), len(outs)
+        for i, o in enumerate(outs):
+            def part(x: torch.Tensor, _i=i) -> torch.Tensor:
+                if x.shape[axis] != parts:
+                    raise UnsupportedOpError(f"{where}: a Split of {x.shape[axis]} into {parts} parts; intforge "
+                                             "splits into slices of one")
+                return x.select(axis, _i).unsqueeze(axis)
+            self.step(part, [ins[0]], o, node)
+
+    def op_Slice(self, node, index, a, ins, out) -> None:
+        """A slice of one along one axis (the dynamo exporter's q, k, v): a select, unsqueezed."""
+        if self.opset < 10:
+            starts, ends, axes = a.get("starts", []), a.get("ends", []), a.get("axes")
+            steps = None
+        else:
+            starts, ends = (self.const(node, index, ins[i], what).ravel().tolist()
+                            for i, what in ((1, "starts"), (2, "ends")))
+            axes = self.const(node, index, ins[3], "axes").ravel().tolist() if len(ins) > 3 and ins[3] else None
+            steps = self.const(node, index, ins[4], "steps").ravel().tolist() if len(ins) > 4 and ins[4] else None
+        if len(starts) != 1 or (steps is not None and int(steps[0]) != 1):
+            raise self.refuse(node, index, "a Slice of an activation over several axes or with a step; intforge "
+                                           "takes a slice of one along one axis (q, k, v of a packed projection)")
+        axis, start, end = int(axes[0]) if axes else 0, int(starts[0]), int(ends[0])
+        where = self.where(node, index)
+
+        def one(x: torch.Tensor) -> torch.Tensor:
+            n = x.shape[axis]
+            lo, hi = (max(0, min(n, v + n if v < 0 else v)) for v in (start, end))
+            if hi - lo != 1:
+                raise UnsupportedOpError(f"{where}: a Slice of {hi - lo} along axis {axis}; intforge takes a slice "
+                                         "of one (q, k, v of a packed projection)")
+            return x.select(axis, lo).unsqueeze(axis)
+        self.step(one, [ins[0]], out, node)
 
     def op_Gather(self, node, index, a, ins, out) -> None:
         idx = self.const(node, index, ins[1], "indices")
