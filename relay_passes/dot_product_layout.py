@@ -76,7 +76,7 @@ def _ints(v) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class _Requant:
-    """A conv's requantize as `_narrow` found it after the conv: clamp((acc * m + total) >> n)."""
+    """A conv's or dense layer's requantize as `_narrow` found it after the layer: clamp((acc * m + total) >> n)."""
 
     m: np.ndarray
     total: np.ndarray
