@@ -455,10 +455,8 @@ def dense_blocked(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out
         wp = _unpacked(wp, 2, isa)
     m, k = (int(d) for d in x.shape)
     nb, kb = (int(d) for d in wp.shape[:2])
-    mc = _round_up(m, isa.rows * (dense_row_tile(isa) if m >= DENSE_TILE_MIN_ROWS else 1))
-    xp = te.compute((mc, kb * isa.group), lambda i, j: tirx.if_then_else(
-        tirx.all(i < m, j < k), _as_act(x[i, j], x.dtype, isa), tirx.const(0, isa.act_dtype)),
-        name=f"data_{isa.name}")
+    xp = _packed_rows(x, kb, isa)
+    mc = int(xp.shape[0])
     rkb, rki = te.reduce_axis((0, kb), "rkb"), te.reduce_axis((0, isa.group), "rki")
     # rows then lanes innermost: the accumulators of one instruction are contiguous
     acc = te.compute((nb, mc, isa.lanes), lambda o1, i, o2: te.sum(
@@ -478,6 +476,21 @@ def dense_blocked(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out
             name=narrow_block(isa), attrs=narrow.attrs)
         return out if mc == m else te.compute((m, out_features), lambda i, o: out[i, o], name=f"{isa.dense_block}_out")
     return te.compute((m, out_features), _out, name=f"{isa.dense_block}_out")
+
+
+def _packed_rows(x: te.Tensor, k_groups: int, isa: DotIsa) -> te.Tensor:
+    """The rows a dense kernel (or a matmul of two activations) reads, [..., M, K] -> [..., M', K']: in the
+    instruction's activation type (`_as_act`), rows padded to whole register tiles (`dense_row_tile`,
+    where there are DENSE_TILE_MIN_ROWS or more) and K to `k_groups` whole groups, with zeros."""
+    *lead, m, k = (int(d) for d in x.shape)
+    mc = _round_up(m, isa.rows * (dense_row_tile(isa) if m >= DENSE_TILE_MIN_ROWS else 1))
+
+    def packed(*idx):
+        *t, i, j = idx
+        return tirx.if_then_else(tirx.all(i < m, j < k), _as_act(x[(*t, i, j)], str(x.dtype), isa),
+                                 tirx.const(0, isa.act_dtype))
+
+    return te.compute((*lead, mc, k_groups * isa.group), packed, name=f"data_{isa.name}")
 
 
 def dense_row_tile(isa: DotIsa) -> int:
@@ -538,15 +551,9 @@ def matmul_blocked(a: te.Tensor, b: te.Tensor, isa: DotIsa, row_term: te.Tensor 
     sa, sb = matmul_shifts(str(a.dtype), str(b.dtype), isa)
     if (row_term is None) != (sb == 0) or (column_term is None) != (sa == 0):
         raise ValueError("matmul_blocked: the correction terms do not match the operands' types")
-    mc = _round_up(m, isa.rows * (dense_row_tile(isa) if m >= DENSE_TILE_MIN_ROWS else 1))
     nb = _round_up(blocks(n, isa.lanes), isa.channel_tile)
     kb = blocks(k, isa.group)
     lead_shape = a.shape[:-2]
-
-    def _ap(*idx):
-        *t, i, j = idx
-        return tirx.if_then_else(tirx.all(i < m, j < k), _shifted(a[(*t, i, j)], sa, isa.act_dtype, str(a.dtype)),
-                                 tirx.const(0, isa.act_dtype))
 
     def _bp(*idx):
         *t, o1, kk, o2, g = idx
@@ -554,7 +561,8 @@ def matmul_blocked(a: te.Tensor, b: te.Tensor, isa: DotIsa, row_term: te.Tensor 
                                  _shifted(b[(*t, kk * isa.group + g, o1 * isa.lanes + o2)], sb, "int8", str(b.dtype)),
                                  tirx.const(0, "int8"))
 
-    ap = te.compute((*lead_shape, mc, kb * isa.group), _ap, name=f"data_{isa.name}")
+    ap = _packed_rows(a, kb, isa)
+    mc = int(ap.shape[-2])
     bp = te.compute((*lead_shape, nb, kb, isa.lanes, isa.group), _bp, name=f"packed_{isa.name}")
     rkb, rki = te.reduce_axis((0, kb), "rkb"), te.reduce_axis((0, isa.group), "rki")
 

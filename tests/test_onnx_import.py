@@ -430,6 +430,16 @@ def _exported_and_pytorch_programs(model: torch.nn.Module, calib_shape: tuple[in
     return ours, theirs, calib
 
 
+def _assert_as_close_as_the_pytorch_path_and_bit_exact(model, ours, theirs, x: np.ndarray, so_of) -> None:
+    """The imported program's float output on `x` within 1.5x the PyTorch path's error against the model,
+    and its compiled library bit-exact with the reference."""
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    got, pytorch_path = reference.run_float(ours, x)[0], reference.run_float(theirs, x)[0]
+    assert np.abs(got - want).max() <= 1.5 * np.abs(pytorch_path - want).max() + 1e-6
+    assert_bit_exact_int(ours, so_of(ours, "int"))
+
+
 @pytest.mark.parametrize("dynamo", [False, True])
 def test_token_model_from_either_exporter_is_the_pytorch_programs_integers(dynamo, tmp_path, so_of):
     """The transformer-style block (LayerNormalization, GELU as Div-Erf-Add-Mul-Mul, Transpose, MatMul on
@@ -479,12 +489,7 @@ def test_vision_transformer_from_either_exporter_imports_as_the_pytorch_program(
             ra, rb = (np.asarray(op.params["multiplier"], np.float64)
                       * 2.0 ** -np.asarray(op.params.get("shift", op.attrs.get("shift")), np.float64) for op in (a, b))
             np.testing.assert_allclose(ra, rb, rtol=1e-4, err_msg=a.name)
-    x = calib[:1]
-    with torch.no_grad():
-        want = model(torch.from_numpy(x)).numpy()
-    got, pytorch_path = reference.run_float(ours, x)[0], reference.run_float(theirs, x)[0]
-    assert np.abs(got - want).max() <= 1.5 * np.abs(pytorch_path - want).max() + 1e-6
-    assert_bit_exact_int(ours, so_of(ours, "int"))
+    _assert_as_close_as_the_pytorch_path_and_bit_exact(model, ours, theirs, calib[:1], so_of)
 
 
 @pytest.mark.parametrize("dynamo", [False, True])
@@ -499,12 +504,7 @@ def test_timm_style_attention_from_either_exporter_imports_and_compiles_bit_exac
     model = TinyViT().eval()
     ours, theirs, calib = _exported_and_pytorch_programs(model, (16, 1, 28, 28), dynamo, tmp_path)
     assert [op.kind for op in ours.ops].count("matmul") == 2 and [op.kind for op in ours.ops].count("select") == 3
-    x = calib[:1]
-    with torch.no_grad():
-        want = model(torch.from_numpy(x)).numpy()
-    got, pytorch_path = reference.run_float(ours, x)[0], reference.run_float(theirs, x)[0]
-    assert np.abs(got - want).max() <= 1.5 * np.abs(pytorch_path - want).max() + 1e-6
-    assert_bit_exact_int(ours, so_of(ours, "int"))
+    _assert_as_close_as_the_pytorch_path_and_bit_exact(model, ours, theirs, calib[:1], so_of)
 
 
 def test_activation_tables_softmax_and_transpose_match_onnx_runtime(tmp_path, so_of):

@@ -340,11 +340,6 @@ class _Builder:
         self.mod._steps.append(run)
         return key
 
-    def _scalar(self, value: str) -> float | None:
-        """The number a constant of one element holds, else None."""
-        v = self.static.get(self.name(value))
-        return float(v.ravel()[0]) if v is not None and v.size == 1 else None
-
     def call_module(self, path: str, inputs: str | list[str], output: str) -> None:
         names = [inputs] if isinstance(inputs, str) else list(inputs)
         module = self._get(path)
@@ -427,17 +422,7 @@ class _Builder:
             if op in ("Mul", "Div") and len(live) == 2 and sum(i in self.shape_like for i in live) == 1:
                 # an activation scaled by a number computed from shapes (attention's 1 / sqrt(head size))
                 act, number = (live[0], live[1]) if live[1] in self.shape_like else (live[1], live[0])
-                if op == "Div" and act != ins[0]:
-                    raise self.refuse(node, index, "a number divided by an activation")
-                where = self.where(node, index)
-
-                def scale(x: Any, s: Any, _div=op == "Div") -> Any:
-                    if np.size(s) != 1:
-                        raise UnsupportedOpError(f"{where}: an activation times a tensor computed from shapes; "
-                                                 "intforge scales activations by one number")
-                    c = float(np.asarray(s).ravel()[0])
-                    return x / c if _div else x * c
-                self.step(scale, [act, number], out, node)
+                self._scale_by(node, index, act, number, out)
                 return
             raise self.refuse(node, index, "it mixes activations with values computed from shapes; intforge "
                                            "imports shape arithmetic only where it feeds a Reshape or scales an "
@@ -713,13 +698,25 @@ class _Builder:
         self.alias[out] = act
         return True
 
+    def _scale_by(self, node: Any, index: int, act: str, number: str, out: str) -> None:
+        """out = act * number (Mul) or act / number (Div), the number one value: a constant, or computed
+        from shapes at call time (the step reads it either way; the capture sees a scale by a number)."""
+        if node.op_type == "Div" and act != self.name(node.input[0]):
+            raise self.refuse(node, index, "a number divided by an activation")
+        where, div = self.where(node, index), node.op_type == "Div"
+
+        def scale(x: Any, s: Any) -> Any:
+            if np.size(s) != 1:
+                raise UnsupportedOpError(f"{where}: an activation times a tensor computed from shapes; intforge "
+                                         "scales activations by one number")
+            c = float(np.asarray(s).ravel()[0])
+            return x / c if div else x * c
+        self.step(scale, [act, number], out, node)
+
     def op_Mul(self, node, index, a, ins, out) -> None:
-        c = self._scalar(ins[1]) if ins[0] not in self.static else None
-        if c is None and node.op_type == "Mul" and ins[0] in self.static:
-            c = self._scalar(ins[0])
-            ins = [ins[1], ins[0]]
-        if c is not None and ins[0] not in self.static:  # an activation times (or over) a number
-            self.step(lambda x, _c=c, _div=node.op_type == "Div": x / _c if _div else x * _c, [ins[0]], out, node)
+        numbers = [i for i in ins[:2] if i in self.static and self.static[i].size == 1]
+        if len(numbers) == 1:  # an activation times (or over) a constant number
+            self._scale_by(node, index, ins[1] if numbers[0] == ins[0] else ins[0], numbers[0], out)
             return
         raise self.refuse(node, index, f"a {node.op_type} that is not by one number, nor a constant scale per output "
                                        "channel of the Conv, Gemm or MatMul right before it (which would fold into "
