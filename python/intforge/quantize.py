@@ -163,10 +163,8 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
         key = (name, bits)
         if key not in narrowed:
             out = new_tensor(f"{name}.int{bits}", src.signed, bits, range_of=name)
-            m, n = dyadic.quantize_multiplier(src.scale / out.scale)
-            ops.append(IntOp("requantize", f"{op.name}.input_int{bits}", [name], out.name,
-                             {"shift": n, "qmin": out.qmin, "qmax": out.qmax},
-                             {"multiplier": np.array(m, np.int64)}, op.source))
+            ops.append(_scalar_requantize("requantize", f"{op.name}.input_int{bits}", [name], out,
+                                          src.scale / out.scale, op.source))
             narrowed[key] = out.name
         return narrowed[key]
 
@@ -215,9 +213,8 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
                 ops.append(IntOp(op.kind, op.name, ins, out_name, dict(op.attrs), {}, op.source))
         elif op.kind == "scale":  # x * c, c > 0: a requantize from the input's scale to the output's
             out = new_tensor(out_name, signed=in_ts[0].signed)
-            m, n = dyadic.quantize_multiplier(op.attrs["factor"] * in_ts[0].scale / out.scale)
-            ops.append(IntOp("requantize", op.name, ins, out_name, {"shift": n, "qmin": out.qmin, "qmax": out.qmax},
-                             {"multiplier": np.array(m, np.int64)}, op.source))
+            ops.append(_scalar_requantize("requantize", op.name, ins, out,
+                                          op.attrs["factor"] * in_ts[0].scale / out.scale, op.source))
         elif op.kind == "constant":
             out = new_tensor(out_name, signed=rng(out_name)[0] < 0)
             q = dyadic.round_to_steps(np.broadcast_to(op.params["value"], out.shape), out.scale, out.qmin, out.qmax,
@@ -225,9 +222,8 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
             ops.append(IntOp("constant", op.name, [], out_name, {}, {"value": q}, op.source))
         elif op.kind == "matmul":
             out = new_tensor(out_name, signed=rng(out_name)[0] < 0)
-            m, n = dyadic.quantize_multiplier(op.attrs["alpha"] * in_ts[0].scale * in_ts[1].scale / out.scale)
-            ops.append(IntOp("matmul", op.name, ins, out_name, {"shift": n, "qmin": out.qmin, "qmax": out.qmax},
-                             {"multiplier": np.array(m, np.int64)}, op.source))
+            ops.append(_scalar_requantize("matmul", op.name, ins, out,
+                                          op.attrs["alpha"] * in_ts[0].scale * in_ts[1].scale / out.scale, op.source))
         elif op.kind in ("unary", "softmax", "layernorm"):
             ops.append(_quantize_nonlinear(op, in_ts[0], out_name, new_tensor, rng, tensors, graph))
             ops[-1].inputs = ins
@@ -263,6 +259,14 @@ def _quantize_matmul_like(op: FloatOp, x: QTensor, out: QTensor, act: FloatOp | 
     return IntOp(op.kind, op.name, [x.name], out.name, attrs,
                  {"weight": qw, "bias": bias.astype(np.int32), "multiplier": m, "shift": n,
                   "weight_scale": sw}, op.source)
+
+
+def _scalar_requantize(kind: str, name: str, ins: list[str], out: QTensor, real: float, source: str) -> IntOp:
+    """An op whose result is requantized to `out` by one dyadic multiplier for the tensor (a requantize,
+    a matmul of two activations): `real` = the input steps' product over the output's step."""
+    m, n = dyadic.quantize_multiplier(real)
+    return IntOp(kind, name, ins, out.name, {"shift": n, "qmin": out.qmin, "qmax": out.qmax},
+                 {"multiplier": np.array(m, np.int64)}, source)
 
 
 def _quantize_nonlinear(op: FloatOp, x: QTensor, out_name: str, new_tensor, rng, tensors: dict[str, QTensor],
