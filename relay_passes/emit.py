@@ -95,6 +95,9 @@ class RelaxOps:
     def shape(self, x: relax.Expr) -> tuple[int, ...]:
         return tuple(int(d) for d in x.ty.shape)
 
+    def reshape(self, x: relax.Expr, shape: tuple[int, ...]) -> relax.Expr:
+        return self.bb.emit(relax.op.reshape(x, shape))
+
 
 def _dtype(x: relax.Expr) -> str:
     return str(x.ty.dtype)
@@ -171,8 +174,8 @@ def emit_op(ops: RelaxOps, program: IntegerProgram, op: IntOp, args: list[relax.
     if op.kind == "linear":
         return _emit_linear(ops, op, args[0], out_t.dtype)
     if op.kind == "add":
-        terms = list(zip(args, [int(v) for v in op.params["multipliers"]], strict=True))
-        return dyadic.rescale_sum(ops, terms, int(a["shift"]), a["qmin"], a["qmax"], out_t.dtype)
+        shift = op.params["shift"] if "shift" in op.params else a["shift"]  # (one a channel: outlier channels)
+        return dyadic.residual_add(ops, args, op.params["multipliers"], shift, a["qmin"], a["qmax"], out_t.dtype)
     if op.kind == "concat":
         parts = [dyadic.requantize(ops, x, int(m), int(n), a["qmin"], a["qmax"], out_t.dtype)
                  for x, m, n in zip(args, op.params["multipliers"], op.params["shifts"], strict=True)]
@@ -205,7 +208,7 @@ def emit_op(ops: RelaxOps, program: IntegerProgram, op: IntOp, args: list[relax.
         t, left, b, r = a["pads"]
         return ops.bb.emit(rnn.pad(args[0], [0, 0, 0, 0, t, b, left, r], "constant", 0.0))
     if op.kind in nonlinear.KINDS:
-        return nonlinear.run(ops, op.kind, a, op.params, args[0], out_t.dtype)
+        return nonlinear.run(ops, op.kind, a, op.params, args[0], out_t.dtype, *args[1:])
     raise IntforgeError(f"the Relax emitter has no rule for op kind {op.kind!r} ({op.name})")
 
 
@@ -233,7 +236,7 @@ def emit_program(program: IntegerProgram, boundary: str = "float", func_name: st
     params = []
     for name in program.inputs:
         t = program.tensors[name]
-        dtype = "float32" if boundary == "float" else t.dtype
+        dtype = "float32" if boundary == "float" and t.index_dtype is None else t.dtype
         params.append(relax.Var(name, relax.TensorType(boundary_shape(t.shape, io_layout), dtype)))
     with bb.function(func_name, params, attrs={"intforge.boundary": boundary}):
         with bb.dataflow():
@@ -243,7 +246,7 @@ def emit_program(program: IntegerProgram, boundary: str = "float", func_name: st
                 if nhwc and len(t.shape) == 4:
                     var = bb.emit(relax.op.permute_dims(var, [0, 3, 1, 2]))
                 env[name] = dyadic.quantize_float(ops, var, t.scale, t.qmin, t.qmax, t.dtype) \
-                    if boundary == "float" else var
+                    if boundary == "float" and t.index_dtype is None else var
             for op in program.ops:
                 env[op.output] = emit_op(ops, program, op, [env[i] for i in op.inputs], gemm_kernel)
             outs = []

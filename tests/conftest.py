@@ -27,18 +27,21 @@ def quantize_module(module: torch.nn.Module, shape: tuple[int, ...], n_calib: in
 
 
 def extreme_int_inputs(program, rng: np.random.Generator) -> list[list[np.ndarray]]:
-    """Random integers over the full range, and every input at its min, max, zero, and alternating."""
+    """Random integers over the full range, and every input at its min, max, zero, and alternating (an integer
+    input, token ids or a mask, over the values it takes)."""
     cases = []
     specs = [program.tensors[n] for n in program.inputs]
-    cases.append([rng.integers(t.qmin, t.qmax + 1, t.shape).astype(t.dtype) for t in specs])
-    cases.append([rng.integers(t.qmin, t.qmax + 1, t.shape).astype(t.dtype) for t in specs])
+    bounds = [t.index_range or (t.qmin, t.qmax) for t in specs]  # (token ids, masks: the values they take)
+    for _ in range(2):
+        cases.append([rng.integers(lo, hi + 1, t.shape).astype(t.dtype)
+                      for t, (lo, hi) in zip(specs, bounds, strict=True)])
     for fill in ("min", "max", "zero", "alt"):
         case = []
-        for t in specs:
+        for t, (lo, hi) in zip(specs, bounds, strict=True):
             if fill == "alt":
-                a = np.where(np.indices(t.shape).sum(axis=0) % 2 == 0, t.qmax, t.qmin)
+                a = np.where(np.indices(t.shape).sum(axis=0) % 2 == 0, hi, lo)
             else:
-                a = np.full(t.shape, {"min": t.qmin, "max": t.qmax, "zero": 0}[fill])
+                a = np.full(t.shape, {"min": lo, "max": hi, "zero": max(lo, 0)}[fill])
             case.append(a.astype(t.dtype))
         cases.append(case)
     return cases

@@ -177,9 +177,9 @@ class _Softmax1(nn.Module):
         return torch.softmax(x, 1)
 
 
-class _Causal(nn.Module):
+class _ActivationMask(nn.Module):
     def forward(self, x):
-        return F.scaled_dot_product_attention(x, x, x, is_causal=True)
+        return F.scaled_dot_product_attention(x, x, x, attn_mask=x @ x.transpose(-1, -2))
 
 
 class _Negate(nn.Module):
@@ -199,7 +199,7 @@ class _ConstantMatmul(nn.Module):
 @pytest.mark.parametrize("module, shape, words", [
     (_Softmax1(), (2, 5, 6), ["softmax over dim 1", "last dim"]),
     (nn.LayerNorm((5, 6)), (2, 5, 6), ["LayerNorm over the last 2 dims", "last dim only"]),
-    (_Causal(), (1, 2, 5, 6), ["mask or is_causal", "unmasked attention only"]),
+    (_ActivationMask(), (1, 2, 5, 6), ["mask that is an activation", "integer mask input"]),
     (_ConstantMatmul(), (2, 5, 6), ["constant operand", "nn.Linear"]),
     (_Negate(), (2, 5, 6), ["multiplication by -2.0", "positive number only"]),
 ])

@@ -10,6 +10,7 @@ import torch
 
 from .capture import FloatGraph, run_float_graph
 from .errors import CalibrationError
+from .program import check_index_values
 
 METHODS = ("minmax", "percentile")
 
@@ -58,16 +59,34 @@ def check_calibration_data(graph: FloatGraph, data: Sequence[np.ndarray]) -> lis
         if n0 is not None and arr.shape[0] != n0:
             raise CalibrationError("calibration arrays of different inputs have different sample counts")
         n0 = arr.shape[0]
+        spec = graph.index_inputs.get(name)
+        if spec is not None:  # token ids, a mask: integers in the range the model reads them at
+            out.append(check_index_values(name, arr, spec["dtype"], spec["lo"], spec["hi"], spec["role"],
+                                          CalibrationError))
+            continue
         if not np.all(np.isfinite(arr)):
             raise CalibrationError(f"calibration data for input '{name}' contains NaN or infinity")
         out.append(arr.astype(np.float32, copy=False))
     return out
 
 
+class Ranges(dict):
+    """(lo, hi) of every tensor, plus `channels`: the largest |value| of each channel of the last axis of the
+    outputs of linear layers, adds, LayerNorms and elementwise functions on tokens (rank 3 or more), where a
+    transformer's residual stream has its outlier channels (`quantize.channel_exponents`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.channels: dict[str, np.ndarray] = {}
+
+
 def collect_ranges(graph: FloatGraph, data: Sequence[np.ndarray],
-                   config: CalibConfig | None = None) -> dict[str, tuple[float, float]]:
+                   config: CalibConfig | None = None) -> Ranges:
     """Run the float graph over `data` and return (lo, hi) for every tensor."""
     config = config or CalibConfig()
+    tokens = {op.output for op in graph.ops
+              if op.kind in ("linear", "add", "layernorm", "unary") and len(graph.shapes[op.output]) >= 3}
+    channels: dict[str, np.ndarray] = {}
     arrays = check_calibration_data(graph, data)
     n = arrays[0].shape[0]
     rng = np.random.default_rng(config.seed)
@@ -81,6 +100,9 @@ def collect_ranges(graph: FloatGraph, data: Sequence[np.ndarray],
         lo, hi = float(v.min()), float(v.max())
         mins[name] = min(mins.get(name, lo), lo)
         maxs[name] = max(maxs.get(name, hi), hi)
+        if name in tokens:
+            top = v.abs().reshape(-1, v.shape[-1]).amax(0).numpy().astype(np.float64)
+            channels[name] = np.maximum(channels[name], top) if name in channels else top
         if config.method == "percentile":
             flat = v.reshape(-1).numpy()
             if flat.size > per_batch:
@@ -99,7 +121,8 @@ def collect_ranges(graph: FloatGraph, data: Sequence[np.ndarray],
             batch = [torch.from_numpy(a[start:start + size]) for a in arrays]
             run_float_graph(graph, *batch, observe=observe)
 
-    ranges = {}
+    ranges = Ranges()
+    ranges.channels = channels
     for name in mins:
         lo, hi = mins[name], maxs[name]
         if config.method == "percentile":

@@ -28,7 +28,8 @@ SUPPORTED_OPS = (
     "dropout (eval: identity), GELU / SiLU / sigmoid / tanh / hardswish / hardsigmoid / leaky_relu / ELU / "
     "mish / softplus (as integer tables), softmax and LayerNorm over the last axis, linear on (..., features), "
     "matmul / bmm of two activations, scaled_dot_product_attention without a mask (nn.MultiheadAttention), "
-    "select / unbind, an activation times or divided by a positive number"
+    "select / unbind, an activation times or divided by a positive number, embedding of integer token ids, "
+    "attention masks (padding, causal) built from an integer mask input and added to scores before softmax"
 )
 
 #: Elementwise functions that become integer tables (`nonlinear.unary_table`): aten op -> (name, attrs
@@ -69,6 +70,9 @@ class FloatGraph:
     outputs: list[str]
     shapes: dict[str, tuple[int, ...]]
     ops: list[FloatOp]
+    #: Integer inputs (token ids, attention masks): name -> {"dtype", "lo", "hi", "role"}; they stay integers
+    #: from the caller to the embedding or the softmax that reads them (no scale).
+    index_inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def fixed_batch(self) -> bool:
         """Whether some op moves or merges the batch axis (attention's heads-and-batch reshapes), so the graph
@@ -208,6 +212,190 @@ def _rename_outputs(graph: FloatGraph, names: list[str]) -> None:
         graph.outputs[i] = new
 
 
+#: How an attention mask leaves keys out, by kind: (mask input [B, Sk] as bool, Sq, Sk) -> keys allowed,
+#: broadcastable to the scores [B, ..., Sq, Sk]. "causal" needs no input.
+MASK_KINDS = {
+    "keys": lambda m, sq, sk: m[:, None, :],
+    "causal": lambda m, sq, sk: np.tril(np.ones((sq, sk), bool), sk - sq)[None],
+    "causal_keys": lambda m, sq, sk: m[:, None, :] & np.tril(np.ones((sq, sk), bool), sk - sq)[None],
+}
+#: An additive mask's blocked entries must be at most this (exp of it is 0 in float32).
+_MASKED_BELOW = -1e4
+_FOLD_SKIP = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default"}
+
+
+class _IndexValues:
+    """The integer inputs of an exported program (token ids, attention masks), the nodes computed from them
+    (a mask's broadcasts and compares), and constants folded where a node reads constants only (position
+    ids, token types). intforge keeps integer inputs integer: an embedding gathers rows by them, and a mask
+    is recognised by evaluating its nodes on sample masks (`classify_mask`), not by the ops that built it,
+    which differ between library versions."""
+
+    def __init__(self, ep: torch.export.ExportedProgram, consts: dict[str, torch.Tensor]) -> None:
+        self.consts = consts
+        self.inputs: dict[str, dict[str, Any]] = {}
+        self.derived: set[str] = set()
+        self.folded: set[str] = set()
+        self._nodes = {n.name: n for n in ep.graph.nodes}
+
+    def placeholder(self, node: torch.fx.Node) -> None:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point:
+            self.inputs[node.name] = {"dtype": str(val.dtype).removeprefix("torch."), "shape": list(val.shape),
+                                      "lo": None, "hi": None, "role": None}
+            self.derived.add(node.name)
+
+    def input_name(self, n: torch.fx.Node) -> str:
+        """The integer input that `n` is, through dtype conversions and copies."""
+        while n.name not in self.inputs:
+            n = n.args[0]
+        return n.name
+
+    def is_input(self, n: Any) -> bool:
+        while isinstance(n, torch.fx.Node) and n.name not in self.inputs:
+            if str(n.target) not in ("aten.to.dtype", "aten._to_copy.default", "aten.clone.default",
+                                     "aten.alias.default", "aten.to.device", "aten.to.dtype_layout"):
+                return False
+            n = n.args[0]
+        return isinstance(n, torch.fx.Node)
+
+    def used_as(self, n: torch.fx.Node, role: str, lo: int, hi: int) -> None:
+        spec = self.inputs[self.input_name(n)]
+        if spec["role"] not in (None, role):
+            raise UnsupportedOpError(f"integer input '{self.input_name(n)}' is used both as {spec['role']} and "
+                                     f"as {role}; pass each as its own input")
+        spec.update(role=role, lo=lo if spec["lo"] is None else max(lo, spec["lo"]),
+                    hi=hi if spec["hi"] is None else min(hi, spec["hi"]))
+
+    def visit(self, node: torch.fx.Node) -> bool:
+        """Take `node` if it is computed from integer inputs and constants (derived) or from constants only
+        (folded into `consts`); False leaves it to the op translations."""
+        target = str(node.target)
+        if target in _FOLD_SKIP:
+            return True
+        ins = [a for a in node.all_input_nodes]
+        val = node.meta.get("val")
+        if any(a.name in self.derived for a in ins):
+            if all(a.name in self.derived or a.name in self.consts for a in ins):
+                self.derived.add(node.name)
+                return True
+            return False
+        if not isinstance(val, torch.Tensor) or not all(a.name in self.consts for a in ins):
+            return False
+        integer = [not v.dtype.is_floating_point for v in (self.consts[a.name] for a in ins)]
+        if ins and val.dtype.is_floating_point and not any(integer):
+            return False  # float parameters stay parameters (a class token expanded keeps its own rule)
+        self.consts[node.name] = self.value(node, {}).detach()
+        self.folded.add(node.name)
+        return True
+
+    def value(self, node: torch.fx.Node, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`node` evaluated from constants and the integer inputs in `feed`."""
+        memo: dict[str, Any] = {}
+
+        def ev(n: torch.fx.Node) -> Any:
+            if n.name in self.consts:
+                return self.consts[n.name]
+            if n.name in feed:
+                return feed[n.name]
+            if n.name not in memo:
+                args = torch.fx.node.map_arg(n.args, ev)
+                kwargs = torch.fx.node.map_arg(n.kwargs, ev)
+                with torch.no_grad():
+                    memo[n.name] = n.target(*args, **kwargs)
+            return memo[n.name]
+
+        return ev(node)
+
+    def _depends_on(self, node: torch.fx.Node) -> list[str]:
+        seen, stack, found = set(), [node], []
+        while stack:
+            n = stack.pop()
+            if n.name in seen:
+                continue
+            seen.add(n.name)
+            if n.name in self.inputs:
+                found.append(n.name)
+            stack.extend(n.all_input_nodes)
+        return sorted(found)
+
+    def classify_mask(self, mask: torch.fx.Node, scores_shape: tuple[int, ...], additive: bool,
+                      node: torch.fx.Node) -> tuple[str, str | None]:
+        """Which `MASK_KINDS` entry the mask node computes, by evaluating it on sample masks: ("keys" |
+        "causal" | "causal_keys", the mask input), ("causal", None) without one, or ("none", None) for a mask
+        that leaves every key in. Anything else is refused, naming the mask."""
+        where = f"the attention mask added to the scores in '{_module_path(node) or node.name}' at {user_source(node)}"
+        deps = self._depends_on(mask)
+        if len(deps) > 1:
+            raise UnsupportedOpError(f"{where} is computed from several integer inputs ({', '.join(deps)}); "
+                                     "intforge takes a mask from one input of shape (batch, keys)")
+        sq, sk = scores_shape[-2], scores_shape[-1]
+        rng = np.random.default_rng(0)
+        trials: list[np.ndarray | None] = [None]
+        if deps:
+            spec = self.inputs[deps[0]]
+            if tuple(spec["shape"]) != (scores_shape[0], sk):
+                raise UnsupportedOpError(f"{where} comes from input '{deps[0]}' of shape {tuple(spec['shape'])}; "
+                                         f"intforge takes a mask of shape (batch, keys) = {(scores_shape[0], sk)}")
+            trials = [np.ones(spec["shape"], bool)]
+            for _ in range(4):
+                m = rng.integers(0, 2, spec["shape"]).astype(bool)
+                m[:, 0] = True
+                trials.append(m)
+        allowed = []
+        for m in trials:
+            feed = {deps[0]: torch.from_numpy(m.astype(spec["dtype"]))} if deps else {}
+            v = self.value(mask, feed).detach().to(torch.float64 if additive else torch.bool).numpy()
+            ok = (v == 0) if additive else v
+            if additive and not np.all(v[~ok] <= _MASKED_BELOW):
+                raise UnsupportedOpError(f"{where} has values other than 0 and large negatives (<= "
+                                         f"{_MASKED_BELOW:g}): intforge takes masks that leave keys in or out, not "
+                                         "biases (relative position or ALiBi biases are not supported)")
+            allowed.append(np.broadcast_to(ok, scores_shape).reshape(scores_shape[0], -1, sq, sk))
+        if all(a.all() for a in allowed):
+            return "none", None
+        for kind in (("causal",) if not deps else ("keys", "causal_keys")):
+            want = [np.broadcast_to(MASK_KINDS[kind](m if m is not None else np.ones((1, sk), bool), sq, sk)[:, None],
+                                    a.shape) for m, a in zip(trials, allowed, strict=True)]
+            if all(np.array_equal(w, a) for w, a in zip(want, allowed, strict=True)):
+                if deps:
+                    self.used_as(self._nodes[deps[0]], "attention mask", 0, 1)
+                return kind, deps[0] if deps else None
+        raise UnsupportedOpError(f"{where} is neither a padding mask of keys nor causal (nor both); intforge "
+                                 "supports those masks only")
+
+    def is_mask(self, n: Any) -> bool:
+        """Whether `n` is computed from integer inputs, or is a folded constant that looks like a mask (bool,
+        or 0 and large negatives): what an attention mask is, to be classified (`classify_mask`)."""
+        if not isinstance(n, torch.fx.Node):
+            return False
+        if n.name in self.derived:
+            return True
+        if n.name not in self.folded:
+            return False
+        v = self.consts[n.name]
+        if v.dtype == torch.bool:
+            return True
+        return bool(v.dtype.is_floating_point and ((v == 0) | (v <= _MASKED_BELOW)).all() and (v != 0).any())
+
+    def refuse(self, n: torch.fx.Node, masked: tuple | None, reader: torch.fx.Node | None) -> None:
+        at = f"'{_module_path(reader) or reader.name}' ({reader.target}) at {user_source(reader)}" if reader else ""
+        if masked is not None:
+            raise UnsupportedOpError(f"scores plus an attention mask are read by {at}; intforge takes a mask "
+                                     "added to the scores right before their softmax")
+        deps = ", ".join(self._depends_on(n)) or n.name
+        raise UnsupportedOpError(f"{at} reads a value computed from the integer input(s) {deps}; intforge takes "
+                                 "integer inputs only as the token ids of an embedding (nn.Embedding) and as "
+                                 "attention masks added to scores before softmax")
+
+    def check_used(self) -> None:
+        """Integer inputs nothing reads keep their dtype's range (the caller still passes them)."""
+        for spec in self.inputs.values():
+            if spec["role"] is None:
+                info = np.iinfo(spec["dtype"]) if spec["dtype"] != "bool" else None
+                spec.update(role="unused", lo=int(info.min) if info else 0, hi=int(info.max) if info else 1)
+
+
 def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
     sig = ep.graph_signature
     consts: dict[str, torch.Tensor] = {}
@@ -220,8 +408,10 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
             consts[spec.arg.name] = src
             targets[spec.arg.name] = str(spec.target)
     user_inputs = [s.arg.name for s in sig.input_specs if s.kind.name == "USER_INPUT"]
+    index = _IndexValues(ep, consts)  # integer inputs, what is computed from them, constants folded
 
     ops: list[FloatOp] = []
+    masked: dict[str, tuple[str, str | None, str]] = {}  # scores + a mask -> (scores, mask input, mask kind)
     shapes: dict[str, tuple[int, ...]] = {}
     alias: dict[str, str] = {}  # tensors that are another tensor (identity ops, getitem)
     name_count: dict[str, int] = {}
@@ -230,6 +420,8 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
     def tname(n: Any) -> str:
         if not isinstance(n, torch.fx.Node):
             raise TypeError
+        if n.name in index.derived or n.name in masked:
+            index.refuse(n, masked.get(n.name), reader)
         return alias.get(n.name, n.name)
 
     def const(n: Any, what: str, node: torch.fx.Node) -> np.ndarray:
@@ -245,6 +437,8 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
         `constant` op, made once, whose tensor has `shape` (the parameter broadcast) or the parameter's."""
         if n.name not in shapes:
             value = const(n, "value", n)
+            if n.name in index.folded and value.ndim > 1 and value.shape[0] > 1 and (value == value[:1]).all():
+                value = value[:1].copy()  # (token types folded at the example's batch: one row, broadcast)
             name = targets.get(n.name, n.name)
             ops.append(FloatOp("constant", name, [], n.name, {}, {"value": value}, f"(the model's parameter {name})"))
             shapes[n.name] = tuple(int(d) for d in (shape or value.shape))
@@ -257,10 +451,13 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
         name_count[base] = k + 1
         return base if k == 0 else f"{base}#{k}"
 
+    reader: torch.fx.Node | None = None
     for node in ep.graph.nodes:
+        reader = node
         if node.op == "placeholder":
             if node.name in user_inputs:
                 shapes[node.name] = tuple(int(s) for s in node.meta["val"].shape)
+                index.placeholder(node)
             continue
         if node.op == "output":
             outs = node.args[0]
@@ -285,6 +482,13 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
                                attrs or {}, params or {}, _src))
             shapes[_node.name] = _shape
 
+        if target == "aten.embedding.default" and index.is_input(args[1]) and args[0].name in consts:
+            table = const(args[0], "weight", node)
+            index.used_as(args[1], "token ids", 0, table.shape[0] - 1)
+            emit("embedding", [index.input_name(args[1])], {}, {"weight": table}, parametric=True)
+            continue
+        if index.visit(node):  # computed from integer inputs (a mask) or from constants only (folded)
+            continue
         if node.target is operator.getitem:
             alias[node.name] = tname(args[0]) if args[1] == 0 else f"{tname(args[0])}[{args[1]}]"
             continue
@@ -347,6 +551,16 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
                 lo = None if len(args) < 2 or args[1] is None else float(args[1])
                 hi = None if len(args) < 3 or args[2] is None else float(args[2])
             emit("relu" if lo == 0.0 else "clamp", [tname(args[0])], {"lo": lo, "hi": hi})
+        elif target in ("aten.add.Tensor", "aten.add_.Tensor") and \
+                any(index.is_mask(a) for a in args[:2]):
+            # scores + an additive attention mask built from an integer input: the next op must be the
+            # softmax, which then takes the mask itself (the integer softmax leaves masked keys out)
+            m, x = (args[0], args[1]) if index.is_mask(args[0]) else (args[1], args[0])
+            kind, mask_input = index.classify_mask(m, shapes[tname(x)], additive=True, node=node)
+            if kind == "none":
+                alias[node.name] = tname(x)
+            else:
+                masked[node.name] = (tname(x), mask_input, kind)
         elif target in ("aten.add.Tensor", "aten.add_.Tensor"):
             if not all(isinstance(a, torch.fx.Node) for a in args[:2]) or all(a.name in consts for a in args[:2]):
                 raise UnsupportedOpError(f"add of a tensor and a number at {src}: intforge adds two activations (a "
@@ -471,9 +685,20 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
             q, k, v = (tname(a) for a in args[:3])
             mask = args[3] if len(args) > 3 else node.kwargs.get("attn_mask")
             causal = bool(args[5]) if len(args) > 5 else bool(node.kwargs.get("is_causal", False))
-            if mask is not None or causal:
-                raise UnsupportedOpError(f"scaled_dot_product_attention with a mask or is_causal at {src}: intforge "
-                                         "takes unmasked attention only")
+            scores_shape = (*shapes[q][:-1], shapes[k][-2])
+            mask_kind, mask_input = "none", None
+            if mask is not None:
+                if not index.is_mask(mask):
+                    raise UnsupportedOpError(f"scaled_dot_product_attention with a mask that is an activation or "
+                                             f"parameter at {src}: intforge takes masks computed from an integer "
+                                             "mask input (padding, causal)")
+                additive = mask.meta["val"].dtype.is_floating_point
+                mask_kind, mask_input = index.classify_mask(mask, scores_shape, additive=additive, node=node)
+            if causal:
+                if mask_kind not in ("none", "causal"):
+                    raise UnsupportedOpError(f"scaled_dot_product_attention with both is_causal and a mask at {src} "
+                                             "is not supported; build the causal mask into attn_mask")
+                mask_kind = "causal"
             scale = args[6] if len(args) > 6 else node.kwargs.get("scale")
             scale = float(scale) if scale is not None else 1.0 / float(np.sqrt(shapes[q][-1]))
             if shapes[q][:-2] != shapes[k][:-2] or shapes[k][:-2] != shapes[v][:-2]:
@@ -486,7 +711,8 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
                     ("transpose", [k], kt, {"axes": [*range(rank - 2), rank - 1, rank - 2]},
                      (*shapes[k][:-2], shapes[k][-1], shapes[k][-2])),
                     ("matmul", [q, kt], scores, {"alpha": scale}, (*shapes[q][:-1], shapes[k][-2])),
-                    ("softmax", [scores], probs, {}, (*shapes[q][:-1], shapes[k][-2]))):
+                    ("softmax", [scores] + ([mask_input] if mask_input else []), probs,
+                     {"mask": mask_kind} if mask_kind != "none" else {}, scores_shape)):
                 ops.append(FloatOp(kind, layer_name(node, kind, False), ins, out, attrs, {}, src))
                 shapes[out] = shape
             emit("matmul", [probs, v], {"alpha": 1.0})
@@ -496,6 +722,11 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
             for i, (key, default) in enumerate(defaults, start=1):
                 attrs[key] = args[i] if len(args) > i else node.kwargs.get(key, default)
             emit("unary", [tname(args[0])], attrs)
+        elif target in ("aten.softmax.int", "aten._softmax.default") and args[0].name in masked:
+            x, mask_input, kind = masked[args[0].name]
+            if int(args[1]) % len(shapes[x]) != len(shapes[x]) - 1:
+                raise UnsupportedOpError(f"masked softmax over dim {args[1]} at {src}: the last dim only")
+            emit("softmax", [x] + ([mask_input] if mask_input else []), {"mask": kind})
         elif target in ("aten.softmax.int", "aten._softmax.default"):
             x = tname(args[0])
             if int(args[1]) % len(shapes[x]) != len(shapes[x]) - 1:
@@ -521,6 +752,9 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
             emit("concat", [constant(a, None) if a.name in consts else tname(a) for a in args[0]],
                  {"axis": axis % len(out_shape)})
         else:
+            for a in node.all_input_nodes:  # (an activation times a mask: say what intforge takes them for)
+                if a.name in index.derived:
+                    index.refuse(a, None, node)
             raise UnsupportedOpError(
                 f"unsupported op {target} in layer '{_module_path(node) or node.name}'\n  at {src}\n"
                 f"intforge lowers only: {SUPPORTED_OPS}. Replace this op in the model, or open an issue "
@@ -529,7 +763,22 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
 
     for op in ops:  # resolve aliases created after an op was emitted (e.g. BN folded into its conv)
         op.inputs = [alias.get(i, i) for i in op.inputs]
-    return _fold_scales(_fold_pads(FloatGraph(user_inputs, [alias.get(o, o) for o in outputs], shapes, ops)))
+    index.check_used()
+    graph = FloatGraph(user_inputs, [alias.get(o, o) for o in outputs], shapes, ops, index.inputs)
+    return _fold_scales(_fold_pads(_dead_ops_removed(graph)))
+
+
+def _dead_ops_removed(graph: FloatGraph) -> FloatGraph:
+    """Without the ops no output depends on (a BERT's pooler when the model returns the hidden states):
+    torch.export keeps them, and they would be calibrated, compiled and run for nothing."""
+    needed = set(graph.outputs)
+    kept = []
+    for op in reversed(graph.ops):
+        if op.output in needed:
+            kept.append(op)
+            needed.update(op.inputs)
+    graph.ops = kept[::-1]
+    return graph
 
 
 def _fold_pads(graph: FloatGraph) -> FloatGraph:
@@ -561,10 +810,20 @@ def _fold_pads(graph: FloatGraph) -> FloatGraph:
 def _fold_scales(graph: FloatGraph) -> FloatGraph:
     """An activation scaled by a number and read only by a matmul of two activations (timm's `q * scale`
     before `q @ k^T`; an ONNX export of scaled_dot_product_attention, which scales q and k by sqrt(scale)
-    each) becomes the matmul's factor: one requantize, after the integer products, instead of one
-    rounding of q (and of k) to 8 bits first."""
+    each), or a matmul's product scaled and read by nothing else (HF's BERT), becomes the matmul's factor:
+    one requantize, after the integer products, instead of one rounding to 8 bits more."""
     for op in list(graph.ops):
-        if op.kind != "scale" or op.output in graph.outputs:
+        if op.kind != "scale":
+            continue
+        mm = graph.producer(op.inputs[0])
+        if mm is not None and mm.kind == "matmul" and mm.output not in graph.outputs and \
+                len(graph.users(mm.output)) == 1:  # (HF's BERT: scores = (q @ k^T) * scale, after)
+            mm.attrs["alpha"] = float(mm.attrs["alpha"]) * float(op.attrs["factor"])
+            del graph.shapes[mm.output]
+            mm.output = op.output
+            graph.ops.remove(op)
+            continue
+        if op.output in graph.outputs:
             continue
         users = graph.users(op.output)
         if len(users) != 1 or users[0].kind != "matmul" or users[0].inputs.count(op.output) != 1:
@@ -600,9 +859,22 @@ def torch_op(kind: str):
         return F.layer_norm(x, (x.shape[-1],), torch.from_numpy(op.params["weight"]).to(x.dtype),
                             torch.from_numpy(op.params["bias"]).to(x.dtype), op.attrs["eps"])
 
+    def softmax(op, x, mask=None):
+        kind = op.attrs.get("mask")
+        if kind is None:
+            return torch.softmax(x, -1)
+        sq, sk = x.shape[-2:]
+        m = np.ones((x.shape[0], sk), bool) if mask is None else (mask != 0).numpy()
+        allowed = MASK_KINDS[kind](m, sq, sk)
+        allowed = np.broadcast_to(allowed, (allowed.shape[0], sq, sk)).reshape(allowed.shape[0],
+                                                                               *([1] * (x.dim() - 3)), sq, sk)
+        p = torch.softmax(x.masked_fill(~torch.from_numpy(np.array(allowed)), float("-inf")), -1)
+        return torch.nan_to_num(p, nan=0.0)  # (a row with every key left out: zeros, as the integer softmax)
+
     table = {
         "unary": lambda op, x: _UNARY_FLOAT[op.attrs["fn"]](x, op.attrs),
-        "softmax": lambda op, x: torch.softmax(x, -1),
+        "softmax": softmax,
+        "embedding": lambda op, ids: torch.nn.functional.embedding(ids.long(), torch.from_numpy(op.params["weight"])),
         "transpose": lambda op, x: x.permute(op.attrs["axes"]),
         "constant": lambda op: torch.from_numpy(op.params["value"]),
         "scale": lambda op, x: x * op.attrs["factor"],

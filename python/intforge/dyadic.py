@@ -183,6 +183,13 @@ def rescale_sum(
     return ops.cast(acc, out_dtype)
 
 
+def residual_add(ops: IntOps, args: Sequence[Any], multipliers: np.ndarray, shift: np.ndarray | int, qmin: int,
+                 qmax: int, out_dtype: str) -> Any:
+    """The add op: input i times multipliers[i] (a number, or one a channel of the last axis where the
+    output has outlier channels), summed, one rounding shift (or one a channel), clamped."""
+    return rescale_sum(ops, list(zip(args, list(multipliers), strict=True)), shift, qmin, qmax, out_dtype)
+
+
 #: Low bits of each multiplier that `Split32` keeps apart (the high part is m >> SPLIT_BITS).
 SPLIT_BITS = 16
 #: Significant bits of an add's multipliers (`shared_shift_multipliers(..., bits=ADD_MULTIPLIER_BITS)`):

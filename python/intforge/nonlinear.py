@@ -49,24 +49,36 @@ class TensorOps(IntOps, Protocol):
     def floor_divide(self, a: Any, b: Any) -> Any: ...
     def isqrt(self, v: Any) -> Any: ...
     def shape(self, x: Any) -> tuple[int, ...]: ...
+    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any: ...
 
 
 # -- elementwise functions as tables ---------------------------------------------------------------
 
-def unary_table(fn: Callable[[np.ndarray], np.ndarray], in_scale: float, in_bits: int, in_signed: bool,
-                out_scale: float, qmin: int, qmax: int, out_dtype: str) -> np.ndarray:
+def unary_table(fn: Callable[[np.ndarray], np.ndarray], in_scale: float | np.ndarray, in_bits: int,
+                in_signed: bool, out_scale: float | np.ndarray, qmin: int, qmax: int, out_dtype: str) -> np.ndarray:
     """The 2^in_bits outputs of `fn` (float64 in, float64 out) on every input integer, lowest first:
-    clamp(floor(fn(in_scale * q) / out_scale + 1/2)). Rounds half up, like every requantize."""
+    clamp(floor(fn(in_scale * q) / out_scale + 1/2)). Rounds half up, like every requantize. With a step a
+    channel on either side (`QTensor.steps`: outlier channels), a table a channel: shape (C, 2^in_bits)."""
     lo, hi = int_range(in_bits, in_signed)
-    y = np.asarray(fn(in_scale * np.arange(lo, hi + 1, dtype=np.float64)), dtype=np.float64)
+    per_channel = np.ndim(in_scale) > 0 or np.ndim(out_scale) > 0
+    q = np.arange(lo, hi + 1, dtype=np.float64)
+    if per_channel:
+        in_scale = np.reshape(np.asarray(in_scale, np.float64), (-1, 1))
+        out_scale = np.reshape(np.asarray(out_scale, np.float64), (-1, 1))
+    y = np.asarray(fn(in_scale * q), dtype=np.float64)
     if not np.all(np.isfinite(y)):
         raise QuantizationError("an elementwise function gave a non-finite value on the input's range")
     return dyadic.round_to_steps(y, out_scale, qmin, qmax, out_dtype)
 
 
 def lookup(ops: TensorOps, x: Any, table: np.ndarray, in_qmin: int) -> Any:
-    """table[x - in_qmin]: an elementwise function of a b-bit integer as one gather."""
+    """table[x - in_qmin]: an elementwise function of a b-bit integer as one gather; a table a channel of
+    the last axis (C, 2^b) is gathered flat, at c 2^b + x - in_qmin."""
     index = ops.add(ops.cast(x, "int32"), ops.const(-in_qmin, "int32"))
+    if np.ndim(table) == 2:
+        rows, width = np.shape(table)
+        index = ops.add(index, ops.const(np.arange(rows, dtype=np.int32) * width, "int32"))
+        table = np.ascontiguousarray(table).reshape(-1)
     return ops.take(table, index)
 
 
@@ -88,20 +100,49 @@ def softmax_q(max_prob: float) -> int:
     return int(min(max(math.floor(SOFTMAX_Q / max_prob), SOFTMAX_Q), SOFTMAX_MAX_Q))
 
 
-def softmax(ops: TensorOps, x: Any, table: np.ndarray, out_dtype: str = "uint8", q: int = SOFTMAX_Q) -> Any:
+def attention_keep(ops: TensorOps, mask: Any, kind: str, shape: tuple[int, ...]) -> Any:
+    """Which keys each row of scores of `shape` (B, ..., Sq, Sk) keeps, int32 0/1 broadcastable to it: from
+    `mask` (B, Sk), nonzero = keep (the boundary admits 0 and 1 only), for kind "keys"; the causal triangle
+    (key j <= query i + Sk - Sq) for "causal"; both for "causal_keys" (`capture.MASK_KINDS`)."""
+    sq, sk = shape[-2:]
+    keep = None
+    if kind in ("keys", "causal_keys"):
+        keep = ops.reshape(ops.clip(ops.cast(mask, "int32"), 0, 1), (shape[0], *[1] * (len(shape) - 2), sk))
+    if kind in ("causal", "causal_keys"):
+        tri = np.tril(np.ones((sq, sk), np.int32), sk - sq).reshape(*[1] * (len(shape) - 2), sq, sk)
+        keep = ops.const(tri, "int32") if keep is None else ops.mul(keep, ops.const(tri, "int32"))
+    if keep is None:
+        raise ValueError(f"not an attention mask kind: {kind!r}")
+    return keep
+
+
+def softmax(ops: TensorOps, x: Any, table: np.ndarray, out_dtype: str = "uint8", q: int = SOFTMAX_Q,
+            keep: Any = None) -> Any:
     """Softmax over the last axis: e = table[x - max(x)], p = floor((2 Q e + sum e) / (2 sum e)), i.e.
     Q e / sum(e) rounded half up, in [0, Q] (e <= sum e; the max's entry is 2^22 > 0, so sum e > 0). With
     Q > 255 (`softmax_q`) p saturates at 255: the numerator is held to 512 sum e first (min(a, b) as
-    b - clip(b - a, 0, ...)), so the quotient stays at most 256 (`divide_by_row`'s bound), then clamped."""
+    b - clip(b - a, 0, ...)), so the quotient stays at most 256 (`divide_by_row`'s bound), then clamped.
+
+    With `keep` (`attention_keep`), left-out keys are moved 2^b below the input's range before the max (so
+    the max is a kept key's), their table index clipped into the table and their e multiplied by 0: the
+    kept keys get exactly the softmax of the kept scores. A row that keeps no key has sum e = 0 and gets
+    0 everywhere (its divisor held at 2; float softmax would give 0/0)."""
     x = ops.cast(x, "int32")
+    if keep is not None:
+        x = ops.sub(x, ops.mul(ops.sub(ops.const(1, "int32"), keep), ops.const(len(table), "int32")))
     index = ops.add(ops.sub(x, ops.max_last(x)), ops.const(len(table) - 1, "int32"))
+    if keep is not None:
+        index = ops.clip(index, 0, len(table) - 1)
     e = ops.cast(ops.take(table, index), "int64")
+    if keep is not None:
+        e = ops.mul(e, ops.cast(keep, "int64"))
     total = ops.sum_last(e)
     num = ops.add(ops.mul(e, ops.const(2 * q, "int64")), total)
     if q != SOFTMAX_Q:
         cap = ops.mul(total, ops.const(2 * 256, "int64"))
         num = ops.sub(cap, ops.clip(ops.sub(cap, num), 0, 1 << 62))
-    p = divide_by_row(ops, num, ops.mul(total, ops.const(2, "int64")))
+    den = total if keep is None else ops.clip(total, 1, 1 << 62)
+    p = divide_by_row(ops, num, ops.mul(den, ops.const(2, "int64")))
     if q != SOFTMAX_Q:
         p = ops.clip(p, 0, 255)
     return ops.cast(p, out_dtype)
@@ -164,6 +205,16 @@ def layer_norm_params(features: int, in_scale: float, in_bits: int, in_signed: b
     return {"eps_term": eps_term, "shift": int(shift), "mul": mul, "add": add}
 
 
+def layer_norm_max_exp(features: int, in_bits: int = 8) -> int:
+    """The largest channel exponent k (`QTensor.channel_exp`) a LayerNorm over `features` values takes: its
+    input times 2^k spans in_bits + k bits, and N (N 2^(in_bits + k))^2, its variance's bound with room for
+    eps, must stay under 2^61 (`layer_norm_params` refuses past 2^62). 10 for 384 features, 8 for 768."""
+    n, k = int(features), 0
+    while k < 24 and n * (n << (in_bits + k + 1)) ** 2 < 1 << 61:
+        k += 1
+    return k
+
+
 def layer_norm(ops: TensorOps, x: Any, eps_term: int, mul: Any, add: Any, shift: int,
                qmin: int, qmax: int, out_dtype: str) -> Any:
     """LayerNorm over the last axis (N features), on int64: d = N x - sum x, r = max(floor(sqrt(sum d^2 + E)), 1),
@@ -217,18 +268,25 @@ def isqrt_numpy(v: np.ndarray) -> np.ndarray:
 
 # -- the ops of the integer program --------------------------------------------------------------------
 
-KINDS = ("lut", "softmax", "layernorm")
+KINDS = ("lut", "softmax", "layernorm", "embedding")
 
 
 def run(ops: TensorOps, kind: str, attrs: dict[str, Any], params: dict[str, np.ndarray], x: Any,
-        out_dtype: str) -> Any:
-    """One integer-program op of these `KINDS` on `ops`: the reference executor and the Relax emitter both
-    call this, so they read the op's attrs and params the same way."""
+        out_dtype: str, *rest: Any) -> Any:
+    """One integer-program op of these `KINDS` on `ops` (its first input `x`, the others `rest`: a
+    softmax's mask): the reference executor and the Relax emitter both call this, so they read the op's
+    attrs and params the same way."""
     if kind == "lut":
         return lookup(ops, x, params["table"], attrs["in_qmin"])
+    if kind == "embedding":  # token ids (checked in range at the boundary) -> rows of the int8 table
+        return ops.take(params["table"], ops.cast(x, "int32"))
     if kind == "softmax":
-        return softmax(ops, x, params["table"], out_dtype, int(attrs.get("q", SOFTMAX_Q)))
+        keep = attention_keep(ops, rest[0] if rest else None, attrs["mask"], ops.shape(x)) \
+            if attrs.get("mask") else None
+        return softmax(ops, x, params["table"], out_dtype, int(attrs.get("q", SOFTMAX_Q)), keep)
     if kind == "layernorm":
+        if "in_mul" in params:  # outlier channels (`QTensor.channel_exp`): each to the finest step first
+            x = ops.mul(ops.cast(x, "int64"), ops.const(params["in_mul"], "int64"))
         return layer_norm(ops, x, attrs["eps_term"], params["mul"], params["add"], attrs["shift"], attrs["qmin"],
                           attrs["qmax"], out_dtype)
     raise ValueError(f"not a nonlinear op kind: {kind!r}")
@@ -259,6 +317,9 @@ class NumpyTensorOps(dyadic.NumpyOps):
 
     def shape(self, x: np.ndarray) -> tuple[int, ...]:
         return tuple(int(d) for d in np.shape(x))
+
+    def reshape(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return np.reshape(x, shape)
 
 
 NUMPY_TENSOR_OPS = NumpyTensorOps()

@@ -33,8 +33,9 @@ def export_for_ort(model: Any, example: Any, path: str | Path) -> Path:
     return Path(path)
 
 
-def ort_session(path: str | Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
-    """An ONNX Runtime CPU session on `threads` intra-op threads, as a function of the first input."""
+def ort_session(path: str | Path, threads: int) -> Callable[..., np.ndarray]:
+    """An ONNX Runtime CPU session on `threads` intra-op threads, as a function of its inputs in order
+    (the image; token ids and mask) returning the first output."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -43,17 +44,19 @@ def ort_session(path: str | Path, threads: int) -> Callable[[np.ndarray], np.nda
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
+    names = [i.name for i in sess.get_inputs()]
 
-    def run(x: np.ndarray) -> np.ndarray:
-        return sess.run(None, {name: x})[0]
+    def run(*xs: np.ndarray) -> np.ndarray:
+        return sess.run(None, dict(zip(names, xs, strict=True)))[0]
 
     return run
 
 
-def ort_quantize_static(fp32_path: str | Path, calib: np.ndarray, out_path: str | Path) -> tuple[Path, dict]:
-    """ORT's static INT8 quantization of an ONNX file on `calib` (samples first, fed one at a time): QDQ,
-    per-channel int8 weights, uint8 activations, min/max. Returns the quantized file and how it was made."""
+def ort_quantize_static(fp32_path: str | Path, calib: np.ndarray | list[np.ndarray],
+                        out_path: str | Path) -> tuple[Path, dict]:
+    """ORT's static INT8 quantization of an ONNX file on `calib` (samples first, fed one at a time; a list:
+    one array per input, token ids and mask): QDQ, per-channel int8 weights, uint8 activations, min/max.
+    Returns the quantized file and how it was made."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -66,17 +69,23 @@ def ort_quantize_static(fp32_path: str | Path, calib: np.ndarray, out_path: str 
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     graph = onnx.load(str(fp32_path), load_external_data=False).graph
     weights = {i.name for i in graph.initializer}
-    name = next(i.name for i in graph.input if i.name not in weights)
+    names = [i.name for i in graph.input if i.name not in weights]
+    arrays = [calib] if isinstance(calib, np.ndarray) else list(calib)
+
+    def sample(a: np.ndarray, i: int) -> np.ndarray:  # (floats as float32; integer inputs keep their dtype)
+        return np.ascontiguousarray(a[i:i + 1], np.float32 if a.dtype.kind == "f" else a.dtype)
 
     class Reader(CalibrationDataReader):
-        def __init__(self, samples: np.ndarray) -> None:
-            self._it = iter([{name: np.ascontiguousarray(samples[i:i + 1], np.float32)} for i in range(len(samples))])
+        def __init__(self, samples: list[np.ndarray]) -> None:
+            self._it = iter([{n: sample(a, i) for n, a in zip(names, samples, strict=True)}
+                             for i in range(len(samples[0]))])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._it, None)
 
     info: dict[str, Any] = {"format": "QDQ", "per_channel": True, "activation_type": "QUInt8",
-                            "weight_type": "QInt8", "calibrate_method": "MinMax", "calibration_samples": len(calib)}
+                            "weight_type": "QInt8", "calibrate_method": "MinMax",
+                            "calibration_samples": len(arrays[0])}
     t0 = time.perf_counter()
     src = fp32_path
     try:  # ORT's recommended preprocessing (shape inference, graph cleanup); optional
@@ -88,7 +97,7 @@ def ort_quantize_static(fp32_path: str | Path, calib: np.ndarray, out_path: str 
     except Exception as exc:  # noqa: BLE001 - preprocessing is optional; record why it was skipped
         info["quant_pre_process"] = f"skipped: {type(exc).__name__}: {exc}"
     try:
-        quantize_static(str(src), str(out_path), Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(str(src), str(out_path), Reader(arrays), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
     except Exception as exc:  # noqa: BLE001 - ORT's quantizer raises many types; the user needs the one line
@@ -96,6 +105,22 @@ def ort_quantize_static(fp32_path: str | Path, calib: np.ndarray, out_path: str 
                             f"{str(exc).strip()[:300]}") from None
     info["quantize_seconds"] = round(time.perf_counter() - t0, 2)
     return out_path, info
+
+
+def ort_quantize_dynamic(fp32_path: str | Path, out_path: str | Path) -> tuple[Path, dict]:
+    """ORT's dynamic INT8 quantization, what its documentation recommends for transformers: int8 weights,
+    activations quantized at run time from each call's own range (float arithmetic around the integer
+    matmuls, so not integer-only). Returns the quantized file and how it was made."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    t0 = time.perf_counter()
+    try:
+        quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8, per_channel=True)
+    except Exception as exc:  # noqa: BLE001 - ORT's quantizer raises many types; the user needs the one line
+        raise IntforgeError(f"ONNX Runtime could not quantize {fp32_path}: {type(exc).__name__}: "
+                            f"{str(exc).strip()[:300]}") from None
+    return Path(out_path), {"format": "dynamic (QOperator)", "per_channel": True, "weight_type": "QInt8",
+                            "quantize_seconds": round(time.perf_counter() - t0, 2)}
 
 
 def interleaved_latency(engines: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray, rounds: int, repeat: int,

