@@ -184,10 +184,11 @@ def rescale_sum(
 
 
 def residual_add(ops: IntOps, args: Sequence[Any], multipliers: np.ndarray, shift: np.ndarray | int, qmin: int,
-                 qmax: int, out_dtype: str) -> Any:
+                 qmax: int, out_dtype: str, offset: np.ndarray | int = 0) -> Any:
     """The add op: input i times multipliers[i] (a number, or one a channel of the last axis where the
-    output has outlier channels), summed, one rounding shift (or one a channel), clamped."""
-    return rescale_sum(ops, list(zip(args, list(multipliers), strict=True)), shift, qmin, qmax, out_dtype)
+    output has outlier channels), summed with `offset` (a constant added, in output steps times 2^shift),
+    one rounding shift (or one a channel), clamped."""
+    return rescale_sum(ops, list(zip(args, list(multipliers), strict=True)), shift, qmin, qmax, out_dtype, offset)
 
 
 #: Low bits of each multiplier that `Split32` keeps apart (the high part is m >> SPLIT_BITS).

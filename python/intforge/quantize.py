@@ -167,23 +167,29 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
             consumers.setdefault(i, []).append(op.kind)
     channels = getattr(ranges, "channels", {})
 
-    def with_outlier_channels(t: QTensor) -> QTensor:
+    # A constant read only by an add (a positional embedding) joins that add's rounding offset at the output's
+    # step, unrounded to 8 bits of its own: its largest entries (position 0's) had set a step 20x the rest's.
+    added = {op.output: op for op, _, out_name, _ in entries
+             if op.kind == "constant" and consumers.get(out_name) == ["add"] and out_name not in outputs}
+
+    def with_outlier_channels(t: QTensor, absmax: np.ndarray | None = None) -> QTensor:
         """`t`, or `t` with a step per channel (`channel_exponents`) where it has outlier channels and only
         adds, LayerNorms, elementwise tables and 8-bit linear layers read it: adds and LayerNorms rescale per
         channel, a table becomes a table a channel, and a linear layer takes 2^k_c into its weights' column c
         (SmoothQuant's migration, by powers of two)."""
         kinds = consumers.get(t.name, [])
-        if t.name in outputs or t.name not in channels or not kinds or t.bits != 8 or \
+        absmax = channels.get(t.name) if absmax is None else absmax
+        if t.name in outputs or absmax is None or not kinds or t.bits != 8 or \
                 any(k not in ("add", "layernorm", "linear", "unary") for k in kinds):
             return t
         limit = MAX_CHANNEL_EXP
         if "layernorm" in kinds:
             limit = min(limit, nonlinear.layer_norm_max_exp(t.shape[-1], t.bits))
-        exp = channel_exponents(channels[t.name], limit)
+        exp = channel_exponents(absmax, limit)
         if exp is None:
             return t
         qmax = int_range(t.bits, True)[1]
-        wide = QTensor(t.name, t.shape, float(np.median(channels[t.name])) / qmax, t.bits, True, channel_exp=exp)
+        wide = QTensor(t.name, t.shape, float(np.median(absmax)) / qmax, t.bits, True, channel_exp=exp)
         tensors[t.name] = wide
         return wide
 
@@ -226,6 +232,10 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
         new_tensor(name, signed=lo < 0)
 
     for op, ins, out_name, act in entries:
+        if out_name in added:
+            continue  # (the add that reads it takes its value)
+        constant = next((added[i].params["value"] for i in ins if i in added), None)
+        ins = [i for i in ins if i not in added]
         in_ts = [tensors[i] for i in ins]
         unsigned = act is not None and act.attrs.get("lo") is not None and act.attrs["lo"] >= 0
 
@@ -238,14 +248,14 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
             ops.append(_quantize_matmul_like(op, tensors[ins[0]], out, act, bits, config.short_requant))
             ops[-1].inputs = ins
         elif op.kind == "add":
-            if in_ts[0].shape != in_ts[1].shape:
+            if len(in_ts) == 2 and in_ts[0].shape != in_ts[1].shape:
                 raise UnsupportedOpError(f"add of shapes {in_ts[0].shape} and {in_ts[1].shape} in '{op.name}' "
                                          f"(broadcasting) is not supported\n  at {op.source}")
             out = new_tensor(out_name, signed=not unsigned)
             if act is None:
                 out = with_outlier_channels(out)
             lo, hi = _act_bounds(act, out)
-            ops.append(_quantize_add(op, ins, in_ts, out, lo, hi))
+            ops.append(_quantize_add(op, ins, in_ts, out, lo, hi, constant))
         elif op.kind == "concat":
             out = new_tensor(out_name, signed=any(t.signed for t in in_ts))
             pairs = [dyadic.quantize_multiplier(t.scale / out.scale) for t in in_ts]
@@ -278,12 +288,13 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
             out = new_tensor(out_name, signed=rng(out_name)[0] < 0)
             ops.append(_scalar_requantize("matmul", op.name, ins, out,
                                           op.attrs["alpha"] * in_ts[0].scale * in_ts[1].scale / out.scale, op.source))
-        elif op.kind == "embedding":  # the table at one symmetric scale over all its rows (any id may come)
-            w = op.params["weight"]
+        elif op.kind == "embedding":  # the table's range over all its rows (any id may come), a step a column
+            w = op.params["weight"]  # where some columns reach far beyond the rest
             amax = float(np.max(np.abs(w))) or 1.0
             out = QTensor(out_name, tuple(graph.shapes[out_name]), amax / 127.0, 8, True)
             tensors[out_name] = out
-            table = np.clip(np.floor(w.astype(np.float64) / out.scale + 0.5), -127, 127).astype(np.int8)
+            out = with_outlier_channels(out, np.maximum(np.abs(w).max(axis=0).astype(np.float64), 1e-12))
+            table = np.clip(np.floor(w.astype(np.float64) / out.steps + 0.5), -127, 127).astype(np.int8)
             ops.append(IntOp("embedding", op.name, ins, out_name, {}, {"table": table}, op.source))
         elif op.kind in ("unary", "softmax", "layernorm"):
             ops.append(_quantize_nonlinear(op, in_ts[0], out_name, new_tensor, rng, tensors, graph,
@@ -298,21 +309,32 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
     return prog
 
 
-def _quantize_add(op: FloatOp, ins: list[str], in_ts: list[QTensor], out: QTensor, lo: int, hi: int) -> IntOp:
+def _quantize_add(op: FloatOp, ins: list[str], in_ts: list[QTensor], out: QTensor, lo: int, hi: int,
+                  constant: np.ndarray | None = None) -> IntOp:
     """A residual add: each input rescaled to the output's step by a multiplier over one shared shift; where
     an input or the output has outlier channels (`QTensor.channel_exp`), a multiplier a channel and a shift
-    a channel (full 31-bit multipliers: the channels' ratios span up to 2^12)."""
+    a channel (full 31-bit multipliers: the channels' ratios span up to 2^12). A `constant` term (a
+    positional embedding) is the `offset` param: its value in output steps times 2^shift, rounded once."""
     reals = [np.asarray(t.steps, np.float64) / np.asarray(out.steps, np.float64) for t in in_ts]
     if all(r.ndim == 0 for r in reals):
-        ms, shift = dyadic.shared_shift_multipliers([float(r) for r in reals], bits=dyadic.ADD_MULTIPLIER_BITS)
-        return IntOp("add", op.name, ins, out.name, {"shift": shift, "qmin": lo, "qmax": hi},
-                     {"multipliers": np.array(ms, dtype=np.int64)}, op.source)
-    c = out.shape[-1]
-    reals = [np.broadcast_to(r, (c,)) for r in reals]
-    pairs = [dyadic.shared_shift_multipliers([float(r[j]) for r in reals]) for j in range(c)]
-    return IntOp("add", op.name, ins, out.name, {"qmin": lo, "qmax": hi},
-                 {"multipliers": np.array([p[0] for p in pairs], dtype=np.int64).T.copy(),
-                  "shift": np.array([p[1] for p in pairs], dtype=np.int64)}, op.source)
+        bits = dyadic.ADD_MULTIPLIER_BITS if constant is None else dyadic.MULTIPLIER_BITS
+        ms, shift = dyadic.shared_shift_multipliers([float(r) for r in reals], bits=bits)
+        attrs = {"shift": shift, "qmin": lo, "qmax": hi}
+        params = {"multipliers": np.array(ms, dtype=np.int64)}
+    else:
+        c = out.shape[-1]
+        reals = [np.broadcast_to(r, (c,)) for r in reals]
+        pairs = [dyadic.shared_shift_multipliers([float(r[j]) for r in reals]) for j in range(c)]
+        shift = np.array([p[1] for p in pairs], dtype=np.int64)
+        attrs = {"qmin": lo, "qmax": hi}
+        params = {"multipliers": np.array([p[0] for p in pairs], dtype=np.int64).T.copy(), "shift": shift}
+    if constant is not None:
+        units = np.asarray(constant, np.float64) / np.asarray(out.steps, np.float64) * np.exp2(shift)
+        if not np.all(np.abs(units) < 2.0 ** 60):
+            raise QuantizationError(f"the constant added in '{op.name}' is too large for the output's scale "
+                                    f"{out.scale:.3g}; calibrate on more representative data\n  at {op.source}")
+        params["offset"] = np.floor(units + 0.5).astype(np.int64)
+    return IntOp("add", op.name, ins, out.name, attrs, params, op.source)
 
 
 def _quantize_matmul_like(op: FloatOp, x: QTensor, out: QTensor, act: FloatOp | None, wbits: int,
