@@ -108,7 +108,7 @@ def profile(library: Path, runs: int) -> tuple[list[dict[str, Any]], float]:
     vm, times = _instrumented(library, arg, shapes)
     with off_worker_cores(own_pool=pool.active()):  # where a model call runs (`CompiledModel`)
         for _ in range(runs):
-            vm["main"](arg)
+            vm["main"](*arg)
     rows = []
     for symbol, ts in times.items():
         if symbol.startswith("vm.builtin"):
@@ -123,15 +123,16 @@ def profile(library: Path, runs: int) -> tuple[list[dict[str, Any]], float]:
     return rows, plain
 
 
-def _model_input(library: Path) -> tuple[Any, Any]:
-    """The loaded model and one seeded random input for it, as a TVM tensor (what the VM calls take)."""
+def _model_input(library: Path) -> tuple[Any, list[Any]]:
+    """The loaded model and seeded random inputs for it (an image; token ids and a mask), as TVM tensors
+    (what the VM calls take)."""
     import tvm
 
     import intforge
+    from intforge.runtime import random_inputs
 
     model = intforge.load(library)
-    x = np.random.default_rng(0).standard_normal(model.inputs[0]["shape"]).astype(np.float32)
-    return model, tvm.runtime.tensor(x, tvm.cpu())
+    return model, [tvm.runtime.tensor(x, tvm.cpu()) for x in random_inputs(model.inputs)]
 
 
 def _per_call(ts: list[float], runs: int) -> tuple[np.ndarray, int]:
@@ -155,7 +156,7 @@ def _instrumented(library: Path, arg, shapes: dict) -> tuple[Any, dict[str, list
     vm = relax.VirtualMachine(module, tvm.cpu())
     with off_worker_cores(own_pool=pool.active()):
         for _ in range(5):
-            vm["main"](arg)
+            vm["main"](*arg)
     times: dict[str, list[float]] = collections.defaultdict(list)
     start = [0.0]
 
@@ -186,7 +187,7 @@ def compare(a: Path, b: Path, runs: int) -> tuple[list[dict[str, Any]], dict[str
         for k, vm in enumerate((vm_a, vm_b)):
             with off_worker_cores(own_pool=pool.active()):
                 t0 = time.perf_counter()
-                vm["main"](arg)
+                vm["main"](*arg)
                 calls[k].append(time.perf_counter() - t0)
 
     rows = []

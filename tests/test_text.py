@@ -280,3 +280,27 @@ def test_all_minilm_l6_on_real_snippets_compiles_bit_exact_and_keeps_the_embeddi
             want = model(torch.from_numpy(ids[i:i + 1]), torch.from_numpy(mask[i:i + 1])).numpy()
         cos.append(float((zoo.mean_pooled(got, mask[i:i + 1]) * zoo.mean_pooled(want, mask[i:i + 1])).sum()))
     assert np.mean(cos) > 0.97 and min(cos) > 0.93, cos
+
+
+def test_the_cli_compiles_runs_and_times_all_minilm_l6_from_snippets(tmp_path):
+    """`intforge compile` on the real MiniLM calibrated on `snippets:N` (token ids and masks, --input-shape
+    batch,tokens), then `run` on a tokenized snippet's two .npy files (the reference's integers, printed)
+    and `bench` (random ids and masks in range)."""
+    from conftest import intforge_cli
+
+    out = tmp_path / "minilm"
+    proc = intforge_cli("compile", "intforge.zoo:minilm_l6", "--calib", "snippets:24", "--input-shape", "1,24",
+                        "-o", str(out))
+    assert "integer-only: yes" in proc.stdout and "36 quantized layers" in proc.stdout
+    ids, mask = zoo.tokenize(["a gripping, funny film"], tokens=24)
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "mask.npy", mask)
+    proc = intforge_cli("run", str(out / "model.so"), "--input", str(tmp_path / "ids.npy"),
+                        str(tmp_path / "mask.npy"), "--output", str(tmp_path / "hidden.npy"))
+    program = IntegerProgram.load(out / "model.iprog")
+    np.testing.assert_array_equal(np.load(tmp_path / "hidden.npy"), reference.run_float(program, ids, mask)[0])
+    proc = intforge_cli("bench", str(out / "model.so"), "--repeat", "5")
+    assert "median" in proc.stdout
+    bad = intforge_cli("run", str(out / "model.so"), "--input", str(tmp_path / "mask.npy"), str(tmp_path / "ids.npy"),
+                       check=False)
+    assert bad.returncode != 0 and "input 'mask'" in bad.stderr and "takes values in [0, 1]" in bad.stderr

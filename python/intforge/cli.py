@@ -94,8 +94,13 @@ def _program_from_args(args: argparse.Namespace) -> Any:
     model = load_model_ref(args.model)
     _shape_from_model(args, model)
     distilled = bool(args.calib) and args.calib.split(":")[0] == "distilled"
-    calib, _ = load_data(args.calib, args.calib_count) if args.calib and not distilled else (None, None)
-    if distilled:
+    tokens = args.input_shape[-1] if args.input_shape else 64  # (text data: --input-shape batch,tokens)
+    calib, _ = load_data(args.calib, args.calib_count, tokens) if args.calib and not distilled else (None, None)
+    if isinstance(calib, tuple):  # several inputs (token ids, mask): the example is the first batch of each
+        batch = args.input_shape[0] if args.input_shape else 1
+        example = tuple(torch.from_numpy(np.ascontiguousarray(a[:batch])) for a in calib)
+        calib = list(calib)
+    elif distilled:
         from .distill import distill_inputs
 
         if not args.input_shape:
@@ -103,7 +108,9 @@ def _program_from_args(args: argparse.Namespace) -> Any:
         count = spec_count(args.calib) or 32
         print(f"distilling {count} calibration inputs from the model's BatchNorm statistics (ZeroQ)...")
         calib = distill_inputs(model, args.input_shape[1:], count=count)
-    if args.input_shape:
+    if isinstance(calib, list):
+        pass
+    elif args.input_shape:
         example = torch.zeros(args.input_shape)
         if calib is not None and calib.ndim == len(args.input_shape):
             if tuple(calib.shape[1:]) != tuple(args.input_shape[1:]):
@@ -123,7 +130,8 @@ def _program_from_args(args: argparse.Namespace) -> Any:
         layer_bits = read_plan_bits(args.plan)
     quant = QuantConfig(bits=args.bits, layer_bits=layer_bits,
                         short_requant=not getattr(args, "precise_requant", False))
-    program, _ = api.quantize_model(model, (example,), calib, calibration=args.calib_method, quant=quant)
+    example = example if isinstance(example, tuple) else (example,)
+    program, _ = api.quantize_model(model, example, calib, calibration=args.calib_method, quant=quant)
     return program
 
 
@@ -176,6 +184,9 @@ def _example_and_data(args: argparse.Namespace, model: Any) -> tuple[Any, np.nda
     x = y = None
     if getattr(args, "data", None):
         x, y = load_data(args.data, getattr(args, "count", None))
+        if isinstance(x, tuple):
+            raise IntforgeError(f"--data {args.data}: this command takes one-input models' data (images); text "
+                                "data (token ids and masks) works with compile and tune (--calib)")
         x = np.ascontiguousarray(x, dtype=np.float32)
     if args.input_shape:
         want = tuple(args.input_shape[1:])
@@ -604,7 +615,8 @@ def _model_args(c: argparse.ArgumentParser) -> None:
     """The arguments that say how to turn a model into an integer program (shared by compile and tune)."""
     c.add_argument("model", help="pkg.module:factory, a torch.export .pt2 file or an .onnx file")
     c.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,3,224,224 (batch first)")
-    c.add_argument("--calib", help="calibration data: mnist[:N], random:N, a .npy / .npz file of inputs, or "
+    c.add_argument("--calib", help="calibration data: mnist[:N], random:N, snippets:N (token ids and masks, "
+                   "--input-shape batch,tokens), a .npy / .npz file of inputs, or "
                    "distilled[:N] (data-free: synthesized from BatchNorm statistics)")
     c.add_argument("--calib-count", type=_COUNT, default=512, help="calibration samples to use (default 512)")
     c.add_argument("--calib-method", choices=("minmax", "percentile"), default="minmax")

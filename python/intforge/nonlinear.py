@@ -71,15 +71,27 @@ def unary_table(fn: Callable[[np.ndarray], np.ndarray], in_scale: float | np.nda
     return dyadic.round_to_steps(y, out_scale, qmin, qmax, out_dtype)
 
 
-def lookup(ops: TensorOps, x: Any, table: np.ndarray, in_qmin: int) -> Any:
-    """table[x - in_qmin]: an elementwise function of a b-bit integer as one gather; a table a channel of
-    the last axis (C, 2^b) is gathered flat, at c 2^b + x - in_qmin."""
+def lookup(ops: TensorOps, x: Any, table: np.ndarray, in_qmin: int, row_of_channel: np.ndarray | None = None) -> Any:
+    """table[x - in_qmin]: an elementwise function of a b-bit integer as one gather. With a table a channel
+    of the last axis (`unary_table` with steps a channel), `table` holds its distinct rows (R, 2^b) and
+    `row_of_channel` channel c's row: gathered flat at row_of_channel[c] 2^b + x - in_qmin. Channels' steps
+    differ by powers of two, so a few rows serve them all (a BERT FFN's 1536 channels: about a dozen rows,
+    a few kB that stay in L1 where 1536 rows took 384 kB)."""
     index = ops.add(ops.cast(x, "int32"), ops.const(-in_qmin, "int32"))
-    if np.ndim(table) == 2:
-        rows, width = np.shape(table)
-        index = ops.add(index, ops.const(np.arange(rows, dtype=np.int32) * width, "int32"))
+    if row_of_channel is not None:
+        width = np.shape(table)[1]
+        index = ops.add(index, ops.const(np.asarray(row_of_channel, np.int32) * width, "int32"))
         table = np.ascontiguousarray(table).reshape(-1)
     return ops.take(table, index)
+
+
+def distinct_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """A table a channel (C, 2^b) as its distinct rows and each channel's row (`lookup`); a single table as
+    itself and None."""
+    if np.ndim(table) != 2:
+        return table, None
+    rows, row_of_channel = np.unique(table, axis=0, return_inverse=True)
+    return rows, row_of_channel.reshape(-1).astype(np.int32)
 
 
 # -- softmax ---------------------------------------------------------------------------------------
@@ -277,7 +289,7 @@ def run(ops: TensorOps, kind: str, attrs: dict[str, Any], params: dict[str, np.n
     softmax's mask): the reference executor and the Relax emitter both call this, so they read the op's
     attrs and params the same way."""
     if kind == "lut":
-        return lookup(ops, x, params["table"], attrs["in_qmin"])
+        return lookup(ops, x, params["table"], attrs["in_qmin"], params.get("row_of_channel"))
     if kind == "embedding":  # token ids (checked in range at the boundary) -> rows of the int8 table
         return ops.take(params["table"], ops.cast(x, "int32"))
     if kind == "softmax":

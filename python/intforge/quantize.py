@@ -400,8 +400,9 @@ def _quantize_nonlinear(op: FloatOp, x: QTensor, out_name: str, new_tensor, rng,
 
     # (outlier channels in the input or the output: a table a channel)
     table = nonlinear.unary_table(fn, x.steps, x.bits, x.signed, out.steps, out.qmin, out.qmax, out.dtype)
-    return IntOp("lut", op.name, [x.name], out_name, {"fn": op.attrs["fn"], "in_qmin": x.qmin}, {"table": table},
-                 op.source)
+    table, row_of_channel = nonlinear.distinct_rows(table)
+    params = {"table": table} if row_of_channel is None else {"table": table, "row_of_channel": row_of_channel}
+    return IntOp("lut", op.name, [x.name], out_name, {"fn": op.attrs["fn"], "in_qmin": x.qmin}, params, op.source)
 
 
 def _quantize_avg_pool(op: FloatOp, x: QTensor, out: QTensor) -> IntOp:
