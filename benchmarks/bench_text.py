@@ -193,9 +193,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     a.bar(names, [result["latency_ms"][n]["median_ms"] for n in names], color="#4c72b0")
     a.set_ylabel("ms (median)")
     a.set_title(f"all-MiniLM-L6-v2, batch 1, {result['tokens']} tokens, {result['threads']} threads", fontsize=9)
-    b.bar(names, [result["accuracy"][n]["probe_accuracy"] for n in names], color="#55a868")
-    lo = min(result["accuracy"][n]["probe_accuracy"] for n in names)
-    b.set_ylim(max(0.0, lo - 0.05), min(1.0, lo + 0.05))
+    acc = [result["accuracy"][n]["probe_accuracy"] for n in names]
+    b.bar(names, acc, color="#55a868")
+    b.set_ylim(max(0.0, min(acc) - 0.05), min(1.0, max(acc) + 0.03))
+    for i, v in enumerate(acc):
+        b.text(i, v + 0.003, f"{v:.3f}", ha="center", fontsize=8)
     b.set_title("fresh/rotten probe accuracy (held out)", fontsize=9)
     for ax in (a, b):
         ax.tick_params(axis="x", labelsize=8, rotation=15)
