@@ -10,7 +10,8 @@ Accuracy, on snippets none of the calibration saw (a seeded split):
 Engines, timed in one process, side by side in `--rounds` rounds (bench_resnet18.time_interleaved), batch 1,
 `--tokens` tokens, `--threads` threads:
     torch_fp32      PyTorch eager (Hugging Face's BertModel)
-    ort_fp32        ONNX Runtime on torch.onnx.export of the model
+    ort_fp32        ONNX Runtime on torch.onnx.export of the model (its eager-attention form, which ORT
+                    runs faster than the default form's export)
     ort_int8        ONNX Runtime, static QDQ INT8 (per-channel s8 weights, u8 activations, MinMax) calibrated
                     on the same snippets as intforge (`intforge.peers.ort_quantize_static`)
     ort_int8_dynamic  ONNX Runtime's dynamic INT8, what its documentation recommends for transformers
@@ -131,7 +132,9 @@ def main() -> None:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (torch.from_numpy(cal_ids[:1]), torch.from_numpy(cal_mask[:1])),
+            # (the eager form's export: ORT ran it 5-10% faster than the default form's, 2026-12-06)
+            torch.onnx.export(zoo.minilm_l6(attention="eager"), (torch.from_numpy(cal_ids[:1]),
+                                                                 torch.from_numpy(cal_mask[:1])),
                               str(onnx_path), dynamo=False, opset_version=17, input_names=["ids", "mask"],
                               output_names=["hidden"])
         int8_path, out["ort_int8_quantization"] = ort_quantize_static(onnx_path, [cal_ids, cal_mask],

