@@ -296,7 +296,7 @@ def test_reduce_mean_global_pool_dropout_and_identity(tmp_path):
     ("split_wide", "a Split of an activation into parts of [2, 2]"),
     ("normalize", "input normalization"),
     ("computed_weight", "its weight"),
-    ("int_input", "is not a float32 tensor"),
+    ("half_input", "neither a float32 tensor nor integers"),
     ("custom_domain", "outside the standard ONNX domain"),
     ("quantized", "give it the float model"),
 ])
@@ -325,7 +325,7 @@ def test_unsupported_graphs_are_refused_naming_the_node_and_file(case, message, 
         "normalize": [helper.make_node("Sub", ["x", "k3"], ["s"], name="minus_mean"), conv],
         "computed_weight": [helper.make_node("Relu", ["x"], ["r"]),
                             helper.make_node("Conv", ["x", "r"], ["y"], name="conv0")],
-        "int_input": [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
+        "half_input": [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
         "custom_domain": [helper.make_node("Gelu", ["x"], ["y"], name="g", domain="com.microsoft")],
         "quantized": [helper.make_node("QuantizeLinear", ["x", "qs"], ["q"], name="quant"),
                       helper.make_node("DequantizeLinear", ["q", "qs"], ["y"], name="dequant")],
@@ -349,8 +349,8 @@ def test_unsupported_graphs_are_refused_naming_the_node_and_file(case, message, 
     if case == "normalize":
         inits.append(("k3", np.full((1, 3, 1, 1), 0.5, np.float32)))
         nodes[1].input[0] = "s"
-    if case == "int_input":
-        x = helper.make_tensor_value_info("x", TensorProto.INT64, [1, 3, 8, 8])
+    if case == "half_input":  # (int64 / int32 / bool inputs are token ids and masks: test_text.py)
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 8, 8])
     graph = helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(v, k) for k, v in inits])
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     path = tmp_path / f"{case}.onnx"
@@ -359,7 +359,7 @@ def test_unsupported_graphs_are_refused_naming_the_node_and_file(case, message, 
         load_onnx(path)
     text = str(info.value)
     assert message in text and str(path) in text
-    if case != "int_input":
+    if case != "half_input":
         assert isinstance(info.value, UnsupportedOpError) and "ONNX node '" in text
 
 

@@ -304,3 +304,33 @@ def test_the_cli_compiles_runs_and_times_all_minilm_l6_from_snippets(tmp_path):
     bad = intforge_cli("run", str(out / "model.so"), "--input", str(tmp_path / "mask.npy"), str(tmp_path / "ids.npy"),
                        check=False)
     assert bad.returncode != 0 and "input 'mask'" in bad.stderr and "takes values in [0, 1]" in bad.stderr
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_a_berts_onnx_file_from_either_exporter_gives_the_pytorch_paths_integers(tmp_path, dynamo):
+    """The BERT exported to ONNX by either exporter (int64 ids and mask; the ids' Gather of the embedding
+    table; the mask's Cast, Flatten, Gather / GatherND, Reshape, And, Expand and Where run as torch at call
+    time, which capture evaluates) imports as a program whose outputs equal the PyTorch path's integer for
+    integer, and compiles bit-exact."""
+    import warnings
+
+    model = tiny_bert()
+    ids, mask = padded_batch(32, seed=0)
+    example = (torch.from_numpy(ids[:2]), torch.from_numpy(mask[:2]))
+    path = tmp_path / "bert.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, example, str(path), dynamo=dynamo, opset_version=18 if dynamo else 17,
+                          input_names=["ids", "mask"], output_names=["hidden"])
+    theirs, _ = intforge.quantize_model(model, example, [ids, mask])
+    art = intforge.compile(path, example, [ids, mask], output=tmp_path / "onnx")
+    ours = IntegerProgram.load(art.program_path)
+    assert [op.attrs.get("mask") for op in ours.ops if op.kind == "softmax"] == ["keys", "keys"]
+    assert [op.kind for op in ours.ops].count("embedding") == 1
+    lib = intforge.load(art.library)
+    test_ids, test_mask = padded_batch(6, seed=7)
+    for i in range(0, 6, 2):
+        a = (test_ids[i:i + 2], test_mask[i:i + 2])
+        want = reference.run_int(theirs, *a)[0]
+        np.testing.assert_array_equal(reference.run_int(ours, *a)[0], want)
+        np.testing.assert_array_equal(lib(*a), reference.run_float(ours, *a)[0])

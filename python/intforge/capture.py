@@ -222,6 +222,11 @@ MASK_KINDS = {
 #: An additive mask's blocked entries must be at most this (exp of it is 0 in float32).
 _MASKED_BELOW = -1e4
 _FOLD_SKIP = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default"}
+#: A constant's copy or conversion (torch.as_tensor of a number inside forward, as the ONNX import's mask
+#: steps make): folded like integer computations.
+_CONSTANT_COPIES = {"aten.lift_fresh_copy.default", "aten.lift_fresh.default", "aten.clone.default",
+                    "aten.detach.default", "aten.to.dtype", "aten.to.device", "aten.to.dtype_layout",
+                    "aten._to_copy.default"}
 
 
 class _IndexValues:
@@ -283,7 +288,7 @@ class _IndexValues:
         if not isinstance(val, torch.Tensor) or not all(a.name in self.consts for a in ins):
             return False
         integer = [not v.dtype.is_floating_point for v in (self.consts[a.name] for a in ins)]
-        if ins and val.dtype.is_floating_point and not any(integer):
+        if ins and val.dtype.is_floating_point and not any(integer) and target not in _CONSTANT_COPIES:
             return False  # float parameters stay parameters (a class token expanded keeps its own rule)
         self.consts[node.name] = self.value(node, {}).detach()
         self.folded.add(node.name)
@@ -437,8 +442,10 @@ def _translate(ep: torch.export.ExportedProgram) -> FloatGraph:
         `constant` op, made once, whose tensor has `shape` (the parameter broadcast) or the parameter's."""
         if n.name not in shapes:
             value = const(n, "value", n)
-            if n.name in index.folded and value.ndim > 1 and value.shape[0] > 1 and (value == value[:1]).all():
-                value = value[:1].copy()  # (token types folded at the example's batch: one row, broadcast)
+            if shape is not None and value.ndim > 1 and value.shape[0] > 1 and (value == value[:1]).all():
+                # (added, and the same for every sample: token types folded at the example's batch, here or
+                # by an ONNX exporter; one row, broadcast, so calibration may run other batch sizes)
+                value = value[:1].copy()
             name = targets.get(n.name, n.name)
             ops.append(FloatOp("constant", name, [], n.name, {}, {"value": value}, f"(the model's parameter {name})"))
             shapes[n.name] = tuple(int(d) for d in (shape or value.shape))

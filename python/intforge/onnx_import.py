@@ -40,11 +40,13 @@ SUPPORTED_ONNX_OPS = (
     "slices of one), Sigmoid, Tanh, Gelu (and "
     "its Div-Erf-Add-Mul-Mul form), HardSwish, HardSigmoid (PyTorch's), LeakyRelu, Elu, Softplus, Mish, Softmax "
     "and LayerNormalization over the last axis, Dropout, Identity; and shape arithmetic on constants (Constant, "
-    "Shape, Gather, Unsqueeze, Squeeze, Concat, Cast, Slice, Add, Sub, Mul, Div, ConstantOfShape, Expand, Equal, "
-    "Where, Mod, Sqrt)"
+    "Shape, Gather, GatherElements, Unsqueeze, Squeeze, Concat, Cast, Slice, Add, Sub, Mul, Div, ConstantOfShape, "
+    "Expand, Equal, compares, And / Or / Not, Where, Mod, Sqrt); integer inputs (token ids: Gather of a weight "
+    "by them, an embedding; an attention mask: those ops on its values, then added to the scores)"
 )
 
 _FLOAT = 1  # onnx.TensorProto.FLOAT
+_INTEGER_INPUTS = {6: "int32", 7: "int64", 9: "bool"}  # token ids, attention masks
 _QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
                   "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd"}
 # the op kind capture.py names a layer by (`layer1.0.add`), for each ONNX op run inside a module's scope
@@ -191,6 +193,7 @@ class _Builder:
         self.mod = OnnxModule(source)
         self.static: dict[str, np.ndarray] = {}  # initializers and Constant outputs, known at import
         self.shape_like: set[str] = set()  # values computed from shapes: numpy at call time
+        self.integer: set[str] = set()  # integer inputs and what is computed from them: torch at call time
         self.alias: dict[str, str] = {}
         self.producer: dict[str, Any] = {}
         self.users: dict[str, int] = {}
@@ -360,9 +363,12 @@ class _Builder:
             raise IntforgeError(f"{self.source} has no graph inputs besides its weights")
         for inp in inputs:
             tt = inp.type.tensor_type
-            if not inp.type.HasField("tensor_type") or tt.elem_type != _FLOAT:
-                raise IntforgeError(f"{self.source}: input {inp.name!r} is not a float32 tensor; intforge compiles "
-                                    "models whose inputs are float32 (the library quantizes them at its boundary)")
+            if not inp.type.HasField("tensor_type") or tt.elem_type not in (_FLOAT, *_INTEGER_INPUTS):
+                raise IntforgeError(f"{self.source}: input {inp.name!r} is neither a float32 tensor nor integers "
+                                    "(token ids, a mask); intforge compiles models whose inputs are float32 (the "
+                                    "library quantizes them at its boundary) or int64 / int32 / bool")
+            if tt.elem_type != _FLOAT:
+                self.integer.add(inp.name)
             dims = tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
                          for d in tt.shape.dim)
             self.mod.input_names.append(inp.name)
@@ -414,6 +420,18 @@ class _Builder:
         if op == "Shape" and live:  # a value's shape, read at call time (static under torch.export)
             self.shape_like.add(out)
             self.step(lambda x: np.array(x.shape, np.int64), [ins[0]], out)
+            return
+        if op == "Gather" and ins[0] in self.static and self.static[ins[0]].dtype.kind == "f" and \
+                ins[1] in self.integer:  # rows of a weight by token ids: an embedding
+            self.step(lambda ids, w: torch.nn.functional.embedding(ids.long(), w), [ins[1], self.parameter(ins[0])],
+                      out, node)
+            return
+        if live and any(i in self.integer for i in live) and \
+                all(i in self.integer or i in self.shape_like for i in live):
+            # computed from integer inputs (an attention mask's compares and broadcasts): torch at call time,
+            # which capture reads by evaluating it (capture._IndexValues)
+            self.integer.add(out)
+            self.step(self._integer_fn(node, index, op, a), [i for i in ins if i], out)
             return
         if not live or all(i in self.shape_like for i in live):  # shape arithmetic: numpy at call time
             self._numpy_node(node, index, op, a, ins, out)
@@ -521,15 +539,92 @@ class _Builder:
         if op == "Expand":  # (ONNX's broadcast: either side may be 1)
             return lambda x, s: np.broadcast_to(np.asarray(x), np.broadcast_shapes(
                 np.shape(x), tuple(int(d) for d in np.asarray(s).ravel()))).copy()
-        if op in ("Equal", "Where", "Mod", "Sqrt"):
+        if op in ("Equal", "Where", "Mod", "Sqrt", "And", "Or", "Not", "Greater", "GreaterOrEqual", "Less",
+                  "LessOrEqual"):
             fmod = int(a.get("fmod", 0))
-            return {"Equal": np.equal, "Where": np.where, "Sqrt": np.sqrt,
-                    "Mod": np.fmod if fmod else np.mod}[op]
+            return {"Equal": np.equal, "Where": np.where, "Sqrt": np.sqrt, "Mod": np.fmod if fmod else np.mod,
+                    "And": np.logical_and, "Or": np.logical_or, "Not": np.logical_not, "Greater": np.greater,
+                    "GreaterOrEqual": np.greater_equal, "Less": np.less, "LessOrEqual": np.less_equal}[op]
+        if op == "GatherElements":
+            axis = int(a.get("axis", 0))
+            return lambda x, i: np.take_along_axis(np.asarray(x), np.asarray(i), axis)
         if op == "Flatten":
             axis = int(a.get("axis", 1))
             return lambda x: np.asarray(x).reshape(int(np.prod(np.shape(x)[:axis])), -1)
         raise self.refuse(node, index, f"op {op} on constants or shapes is not among what intforge folds: "
                                        f"{SUPPORTED_ONNX_OPS}")
+
+    def _integer_fn(self, node: Any, index: int, op: str, a: dict[str, Any]) -> Callable[..., Any]:
+        """A node on integer inputs' values (and constants, shapes) as torch ops, so torch.export keeps them
+        and capture can evaluate what they compute (an attention mask)."""
+        import onnx
+
+        def t(v: Any) -> torch.Tensor:
+            return v if isinstance(v, torch.Tensor) else torch.as_tensor(np.array(v))
+
+        def ints(v: Any) -> list[int]:
+            return [int(d) for d in np.asarray(v).ravel()]
+
+        def axes(rank: int, given: Any) -> list[int]:
+            return sorted(d % rank for d in ints(given if given is not None else a.get("axes", [])))
+
+        if op in ("Identity", "Dropout"):
+            return lambda x, *_: x
+        if op == "Cast":
+            dtype = torch.from_numpy(np.zeros(0, onnx.helper.tensor_dtype_to_np_dtype(a["to"]))).dtype
+            return lambda x: t(x).to(dtype)
+        if op == "Flatten":
+            axis = int(a.get("axis", 1))
+            return lambda x: t(x).reshape(int(np.prod(tuple(t(x).shape)[:axis])), -1)
+        if op == "Reshape":
+            return lambda x, s: t(x).reshape(_reshape_target(tuple(t(x).shape), s, a))
+        if op == "Expand":
+            return lambda x, s: t(x).expand(np.broadcast_shapes(tuple(t(x).shape), tuple(ints(s))))
+        if op == "Unsqueeze":
+            def unsqueeze(x: Any, given: Any = None) -> torch.Tensor:
+                x = t(x)
+                added = ints(given if given is not None else a.get("axes", []))
+                for d in axes(x.dim() + len(added), added):
+                    x = x.unsqueeze(d)
+                return x
+            return unsqueeze
+        if op == "Squeeze":
+            def squeeze(x: Any, given: Any = None) -> torch.Tensor:
+                x = t(x)
+                for d in reversed(axes(x.dim(), given)):
+                    x = x.squeeze(d)
+                return x
+            return squeeze
+        if op == "Gather":
+            axis = int(a.get("axis", 0))
+
+            def gather(x: Any, i: Any) -> torch.Tensor:
+                x, i = t(x), t(i).long()
+                picked = x.index_select(axis, i.reshape(-1) % x.shape[axis])
+                return picked.reshape(*x.shape[:axis], *i.shape, *x.shape[axis + 1:])
+            return gather
+        if op == "GatherND" and int(a.get("batch_dims", 0)) == 0:
+            def gather_nd(x: Any, i: Any) -> torch.Tensor:
+                x, i = t(x), t(i).long()
+                return x[tuple(i[..., j] for j in range(i.shape[-1]))]
+            return gather_nd
+        if op == "Concat":
+            return lambda *xs: torch.cat([t(x) for x in xs], int(a.get("axis", 0)))
+        if op == "Where":
+            return lambda c, x, y: torch.where(t(c).bool(), t(x), t(y))
+        if op == "Not":
+            return lambda x: torch.logical_not(t(x))
+        binary = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Equal": torch.eq, "Greater": torch.gt,
+                  "GreaterOrEqual": torch.ge, "Less": torch.lt, "LessOrEqual": torch.le,
+                  "And": torch.logical_and, "Or": torch.logical_or, "Xor": torch.logical_xor}
+        if op in binary:
+            return lambda x, y, _f=binary[op]: _f(t(x), t(y))
+        if op == "Div":
+            return lambda x, y: torch.div(t(x), t(y), rounding_mode="trunc" if not t(x).is_floating_point() else None)
+        raise self.refuse(node, index, f"op {op} on an integer input's values (a token id or mask computation) "
+                                       "is not among what intforge runs there: Cast, Flatten, Reshape, Expand, "
+                                       "Unsqueeze, Squeeze, Gather, GatherND, Concat, Where, compares, logic and "
+                                       "arithmetic")
 
     # -- ops on activations -----------------------------------------------------------------------------
     def op_Conv(self, node, index, a, ins, out) -> None:
