@@ -216,7 +216,7 @@ def test_outlier_channels_get_power_of_two_steps():
 
 class OutlierBlock(nn.Module):
     """A post-norm residual block whose MLP writes two channels 100x the others (BERT's outlier
-    dimensions), then LayerNorm and a GELU MLP."""
+    dimensions), then LayerNorm (one channel's gain 12) and a residual GELU MLP."""
 
     def __init__(self, dim: int = 32):
         super().__init__()
@@ -228,7 +228,7 @@ class OutlierBlock(nn.Module):
 
     def forward(self, x):
         t = self.norm(x + self.fc2(F.gelu(self.fc1(x))))
-        return self.fc4(F.gelu(self.fc3(t)))
+        return t + self.fc4(F.gelu(self.fc3(t)))
 
 
 def test_outlier_channels_keep_a_residual_stream_accurate_and_bit_exact(tmp_path, monkeypatch):
@@ -249,6 +249,13 @@ def test_outlier_channels_keep_a_residual_stream_accurate_and_bit_exact(tmp_path
     wide = [t for t in program.tensors.values() if t.channel_exp is not None]
     assert len(wide) >= 2 and any(max(t.channel_exp) >= 6 for t in wide)
     assert any("in_mul" in op.params for op in program.ops if op.kind == "layernorm")
+    # an INT4 layer reading the LayerNorm's output (an add reads it too) takes it at one step: its input is
+    # requantized to 4 bits from the tensor's one scale
+    mixed, _ = intforge.quantize_model(model, (torch.from_numpy(data[:1]),), data,
+                                       quant=quantize.QuantConfig(layer_bits={"fc3": 4}))
+    normed = next(op.output for op in mixed.ops if op.kind == "layernorm")
+    assert program.tensors[normed].channel_exp is not None and mixed.tensors[normed].channel_exp is None
+    assert error(mixed) < 0.5
     monkeypatch.setattr(quantize, "OUTLIER_RATIO", float("inf"))
     flat, _ = intforge.quantize_model(model, (torch.from_numpy(data[:1]),), data)
     assert all(t.channel_exp is None for t in flat.tensors.values())

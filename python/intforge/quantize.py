@@ -161,10 +161,11 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
     outputs = [alias.get(o, o) for o in graph.outputs]
     tbits = _tensor_bits(entries, outputs, config)
 
-    consumers: dict[str, list[str]] = {}
+    consumers: dict[str, list[str]] = {}  # tensor -> the kinds of the ops reading it (a linear: at its bits)
     for op, ins, _, _ in entries:
         for i in ins:
-            consumers.setdefault(i, []).append(op.kind)
+            consumers.setdefault(i, []).append(f"linear{config.bits_of(op.name)}" if op.kind == "linear"
+                                               else op.kind)
     channels = getattr(ranges, "channels", {})
 
     # A constant read only by an add (a positional embedding) joins that add's rounding offset at the output's
@@ -180,7 +181,7 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
         kinds = consumers.get(t.name, [])
         absmax = channels.get(t.name) if absmax is None else absmax
         if t.name in outputs or absmax is None or not kinds or t.bits != 8 or \
-                any(k not in ("add", "layernorm", "linear", "unary") for k in kinds):
+                any(k not in ("add", "layernorm", "linear8", "unary") for k in kinds):
             return t
         limit = MAX_CHANNEL_EXP
         if "layernorm" in kinds:
