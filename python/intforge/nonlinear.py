@@ -220,7 +220,7 @@ def layer_norm_params(features: int, in_scale: float, in_bits: int, in_signed: b
 def layer_norm_max_exp(features: int, in_bits: int = 8) -> int:
     """The largest channel exponent k (`QTensor.channel_exp`) a LayerNorm over `features` values takes: its
     input times 2^k spans in_bits + k bits, and N (N 2^(in_bits + k))^2, its variance's bound with room for
-    eps, must stay under 2^61 (`layer_norm_params` refuses past 2^62). 10 for 384 features, 8 for 768."""
+    eps, must stay under 2^61 (`layer_norm_params` refuses past 2^62). 9 for 384 features, 8 for 768."""
     n, k = int(features), 0
     while k < 24 and n * (n << (in_bits + k + 1)) ** 2 < 1 << 61:
         k += 1
