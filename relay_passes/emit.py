@@ -174,8 +174,7 @@ def emit_op(ops: RelaxOps, program: IntegerProgram, op: IntOp, args: list[relax.
     if op.kind == "linear":
         return _emit_linear(ops, op, args[0], out_t.dtype)
     if op.kind == "add":
-        shift = op.params["shift"] if "shift" in op.params else a["shift"]  # (one a channel: outlier channels)
-        return dyadic.residual_add(ops, args, op.params["multipliers"], shift, a["qmin"], a["qmax"], out_t.dtype,
+        return dyadic.residual_add(ops, args, op.params["multipliers"], op.shift, a["qmin"], a["qmax"], out_t.dtype,
                                    op.params.get("offset", 0))
     if op.kind == "concat":
         parts = [dyadic.requantize(ops, x, int(m), int(n), a["qmin"], a["qmax"], out_t.dtype)

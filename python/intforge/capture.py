@@ -222,11 +222,12 @@ MASK_KINDS = {
 #: An additive mask's blocked entries must be at most this (exp of it is 0 in float32).
 _MASKED_BELOW = -1e4
 _FOLD_SKIP = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default"}
-#: A constant's copy or conversion (torch.as_tensor of a number inside forward, as the ONNX import's mask
-#: steps make): folded like integer computations.
-_CONSTANT_COPIES = {"aten.lift_fresh_copy.default", "aten.lift_fresh.default", "aten.clone.default",
-                    "aten.detach.default", "aten.to.dtype", "aten.to.device", "aten.to.dtype_layout",
-                    "aten._to_copy.default"}
+#: Ops that give their input again, as another dtype, device or copy: token ids read through them are still
+#: the ids (`_IndexValues.is_input`), and a constant read through them is still a constant (folded).
+_CONVERSIONS = {"aten.to.dtype", "aten.to.device", "aten.to.dtype_layout", "aten._to_copy.default",
+                "aten.clone.default", "aten.alias.default", "aten.detach.default"}
+#: ...and a constant's copy (torch.as_tensor of a number inside forward, as the ONNX import's mask steps make).
+_CONSTANT_COPIES = _CONVERSIONS | {"aten.lift_fresh_copy.default", "aten.lift_fresh.default"}
 
 
 class _IndexValues:
@@ -258,8 +259,7 @@ class _IndexValues:
 
     def is_input(self, n: Any) -> bool:
         while isinstance(n, torch.fx.Node) and n.name not in self.inputs:
-            if str(n.target) not in ("aten.to.dtype", "aten._to_copy.default", "aten.clone.default",
-                                     "aten.alias.default", "aten.to.device", "aten.to.dtype_layout"):
+            if str(n.target) not in _CONVERSIONS:
                 return False
             n = n.args[0]
         return isinstance(n, torch.fx.Node)

@@ -113,6 +113,12 @@ class IntOp:
     params: dict[str, np.ndarray] = field(default_factory=dict)
     source: str = ""
 
+    @property
+    def shift(self) -> np.ndarray | int:
+        """The op's rounding shift: one a channel (params, as a conv's or an add's with outlier channels) or
+        one for the op (attrs)."""
+        return self.params["shift"] if "shift" in self.params else self.attrs["shift"]
+
 
 @dataclass
 class IntegerProgram:

@@ -107,16 +107,21 @@ def _act_bounds(act: FloatOp | None, out: QTensor) -> tuple[int, int]:
     return lo, hi
 
 
-def _tensor_bits(entries, outputs: list[str], config: QuantConfig) -> dict[str, int]:
+def _readers(entries) -> dict[str, list]:
+    """Each tensor's consuming entries (op, inputs, output, fused activation), in order."""
+    readers: dict[str, list] = {}
+    for e in entries:
+        for i in e[1]:
+            readers.setdefault(i, []).append(e)
+    return readers
+
+
+def _tensor_bits(consumers: dict[str, list], outputs: list[str], config: QuantConfig) -> dict[str, int]:
     """Bits of each activation tensor: 4 only when every consumer wants 4-bit input.
 
     A conv/linear wants its layer's bits; adds, concats and model outputs want 8; pass-through ops
     (pooling, reshape, clamp) want what their own output gets.
     """
-    consumers: dict[str, list] = {}
-    for e in entries:
-        for i in e[1]:
-            consumers.setdefault(i, []).append(e)
     memo: dict[str, int] = {}
 
     def need(entry) -> int:
@@ -159,13 +164,11 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
             graph.shapes.setdefault(out_name, graph.shapes[op.output])
         entries.append((op, [alias.get(i, i) for i in op.inputs], out_name, act))
     outputs = [alias.get(o, o) for o in graph.outputs]
-    tbits = _tensor_bits(entries, outputs, config)
-
-    consumers: dict[str, list[str]] = {}  # tensor -> the kinds of the ops reading it (a linear: at its bits)
-    for op, ins, _, _ in entries:
-        for i in ins:
-            consumers.setdefault(i, []).append(f"linear{config.bits_of(op.name)}" if op.kind == "linear"
-                                               else op.kind)
+    readers = _readers(entries)
+    tbits = _tensor_bits(readers, outputs, config)
+    # tensor -> the kinds of the ops reading it (a linear: at its bits)
+    consumers = {t: [f"linear{config.bits_of(e[0].name)}" if e[0].kind == "linear" else e[0].kind for e in es]
+                 for t, es in readers.items()}
     channels = getattr(ranges, "channels", {})
 
     # A constant read only by an add (a positional embedding) joins that add's rounding offset at the output's

@@ -115,8 +115,7 @@ def run_op(program: IntegerProgram, op: IntOp, args: list[np.ndarray]) -> np.nda
     if op.kind == "linear":
         return _linear(op, args[0], out_t)
     if op.kind == "add":
-        shift = op.params["shift"] if "shift" in op.params else a["shift"]  # (one a channel: outlier channels)
-        return dyadic.residual_add(OPS, args, op.params["multipliers"], shift, a["qmin"], a["qmax"], out_t.dtype,
+        return dyadic.residual_add(OPS, args, op.params["multipliers"], op.shift, a["qmin"], a["qmax"], out_t.dtype,
                                    op.params.get("offset", 0))
     if op.kind == "concat":
         parts = [
