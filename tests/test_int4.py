@@ -149,6 +149,19 @@ def test_int4_op_is_bit_exact(case, so_of):
     assert_bit_exact_int(program, so_of(program, boundary="int"))
 
 
+@pytest.mark.parametrize("case", ["conv_plain", "conv_1x1_batch4", "conv_depthwise", "depthwise_dot_rect_dilated",
+                                  "conv_stem_7x7", "linear", "linear_tokens_tiled", "add_downsample"])
+def test_w4a8_op_is_bit_exact(case, so_of):
+    """4-bit weights on 8-bit inputs (`QuantConfig.int4_input_bits=8`, W4A8): the same unpacking kernels,
+    inputs across the whole 8-bit range, and no 4-bit requantize before a layer."""
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    program = quantize_module(make(), shape, quant=QuantConfig(bits=4, int4_input_bits=8))
+    assert all(r["weight_bits"] == 4 and r["act_bits"] == 8 for r in program.layers())
+    assert all(t.bits == 8 for t in program.tensors.values() if t.index_dtype is None)
+    assert_bit_exact_int(program, so_of(program, boundary="int"))
+
+
 def test_residual_add_stays_8_bit_and_int4_layers_get_a_requantized_input():
     make, shape = CASES["add_relu"]
     program = quantize_module(make(), shape, quant=QuantConfig(bits=4))

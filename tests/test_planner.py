@@ -350,3 +350,17 @@ def test_missing_highs_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(cp, "installed_solvers", lambda: ["SCIPY"])
     with pytest.raises(PlanError, match="pip install highspy"):
         plan(random_layers(np.random.default_rng(0), 3, (4, 8)))
+
+
+def test_w4a8_layers_count_8_bit_inputs_in_bops_and_the_plan_keeps_them(tmp_path):
+    """A 4-bit choice reading 8-bit inputs (W4A8) costs macs * 4 * 8 BOPS, not 4 * 4; its weight bytes are
+    still 4-bit; the plan's JSON keeps the input bits, so `compile --plan` quantizes the same way."""
+    w4a8 = [PlanLayer(f"l{i}", 1000, 5000, 1.0 + i, {4: 1.0, 8: 0.1}, input_bits={4: 8, 8: 8}) for i in range(3)]
+    assert w4a8[0].cost("bops", 4) == 5000 * 32 and w4a8[0].cost("bops", 8) == 5000 * 64
+    assert w4a8[0].cost("size", 4) == 500
+    got = plan(w4a8, budgets=Budget("size", 0.0, relative=True))
+    assert set(got.bits.values()) == {4} and got.bops == 3 * 5000 * 32 and got.int4_input_bits == 8
+    back = Plan.from_json(got.to_json(tmp_path / "plan.json"))
+    assert back.int4_input_bits == 8 and back.bops == got.bops
+    w4a4 = [PlanLayer(f"l{i}", 1000, 5000, 1.0, {4: 1.0, 8: 0.1}) for i in range(3)]
+    assert plan(w4a4, budgets=Budget("size", 0.0, relative=True)).int4_input_bits == 4

@@ -313,6 +313,41 @@ def test_the_cli_compiles_runs_and_times_all_minilm_l6_from_snippets(tmp_path):
     assert bad.returncode != 0 and "input 'mask'" in bad.stderr and "takes values in [0, 1]" in bad.stderr
 
 
+def test_hessian_plan_and_w4a8_compile_of_all_minilm_l6_from_the_cli(tmp_path):
+    """`analyze` on snippets (two inputs, no classes: the loss is the hidden states' squared distance to
+    float's, padded tokens left out), `plan` under a size budget with 4-bit layers on 8-bit inputs (W4A8),
+    then `compile --plan`: the 4-bit layers read 8-bit inputs, and the library equals the reference."""
+    import json
+
+    from conftest import intforge_cli
+
+    analysis, plan_json, out = tmp_path / "analysis.json", tmp_path / "plan.json", tmp_path / "w4a8"
+    proc = intforge_cli("analyze", "intforge.zoo:minilm_l6", "--data", "snippets:4", "--input-shape", "1,16",
+                        "--max-probes", "10", "--power-iters", "0", "--quiet", "-o", str(analysis))
+    assert "padded tokens left out" in proc.stdout and "analyzed 37 layers on 4 samples" in proc.stdout
+    report = json.loads(analysis.read_text())
+    traces = {entry["name"]: entry["trace_per_param"] for entry in report["layers"]}
+    assert traces["encoder.pooler.dense"] == 0.0  # (not on the output's path)
+    assert all(v > 0 for k, v in traces.items() if "pooler" not in k)
+    proc = intforge_cli("plan", "intforge.zoo:minilm_l6", "--analysis", str(analysis), "--data", "snippets:1",
+                        "--input-shape", "1,16", "--size", "75%", "--int4-inputs", "8", "-o", str(plan_json))
+    chosen = json.loads(plan_json.read_text())["layers"]
+    four = {entry["name"] for entry in chosen if entry["bits"] == 4}
+    assert four and len(four) < len(chosen) and all(entry["input_bits"] == {"4": 8, "8": 8} for entry in chosen)
+    # the 4-bit layers are the less sensitive ones (the objective weighs each trace by its 4-bit error)
+    eight = [v for n, v in traces.items() if n not in four and "pooler" not in n]
+    assert max(eight) > max(traces[n] for n in four) and np.mean(eight) > np.mean([traces[n] for n in four])
+    proc = intforge_cli("compile", "intforge.zoo:minilm_l6", "--calib", "snippets:16", "--input-shape", "1,16",
+                        "--plan", str(plan_json), "-o", str(out))
+    layers = json.loads((out / "model.json").read_text())["layers"]
+    assert {(entry["weight_bits"], entry["act_bits"]) for entry in layers if entry["name"] in four} == {(4, 8)}
+    program, lib = IntegerProgram.load(out / "model.iprog"), intforge.load(out / "model.so")
+    ids, mask = zoo.tokenize(zoo.rotten_tomatoes()[0][100:103], tokens=16)
+    for i in range(3):
+        np.testing.assert_array_equal(lib(ids[i:i + 1], mask[i:i + 1]),
+                                      reference.run_float(program, ids[i:i + 1], mask[i:i + 1])[0])
+
+
 @pytest.mark.parametrize("dynamo", [False, True])
 def test_a_berts_onnx_file_from_either_exporter_gives_the_pytorch_paths_integers(tmp_path, dynamo):
     """The BERT exported to ONNX by either exporter (int64 ids and mask; the ids' Gather of the embedding

@@ -123,12 +123,14 @@ def _program_from_args(args: argparse.Namespace) -> Any:
         raise IntforgeError("give --input-shape (e.g. 1,3,224,224) or --calib data to take the shape from")
     from .quantize import QuantConfig
 
-    layer_bits = {}
+    layer_bits, int4_inputs = {}, 4
     if args.plan:
-        from .bitplan import read_plan_bits
+        from .bitplan import read_plan
 
-        layer_bits = read_plan_bits(args.plan)
-    quant = QuantConfig(bits=args.bits, layer_bits=layer_bits,
+        layer_bits, int4_inputs = read_plan(args.plan)
+    if getattr(args, "int4_inputs", None):
+        int4_inputs = args.int4_inputs
+    quant = QuantConfig(bits=args.bits, layer_bits=layer_bits, int4_input_bits=int4_inputs,
                         short_requant=not getattr(args, "precise_requant", False))
     example = example if isinstance(example, tuple) else (example,)
     program, _ = api.quantize_model(model, example, calib, calibration=args.calib_method, quant=quant)
@@ -172,9 +174,11 @@ def _shape_from_model(args: argparse.Namespace, model: Any) -> None:
         print(f"input shape {','.join(map(str, args.input_shape))} (from {args.model}; --input-shape to change it)")
 
 
-def _example_and_data(args: argparse.Namespace, model: Any) -> tuple[Any, np.ndarray | None, np.ndarray | None]:
+def _example_and_data(args: argparse.Namespace, model: Any,
+                      several: bool = False) -> tuple[Any, np.ndarray | None, np.ndarray | None]:
     """Example input (from --input-shape, the model file or the data) and the data set (x, y) if --data was
-    given."""
+    given. With `several` (analyze, plan), data of several inputs (token ids and masks) comes as a tuple of
+    arrays, and the example as a tuple of their first rows (as many as --input-shape's batch)."""
     import torch
 
     from .datasets import load_data
@@ -183,10 +187,14 @@ def _example_and_data(args: argparse.Namespace, model: Any) -> tuple[Any, np.nda
 
     x = y = None
     if getattr(args, "data", None):
-        x, y = load_data(args.data, getattr(args, "count", None))
+        tokens = args.input_shape[1] if args.input_shape and len(args.input_shape) == 2 else 64
+        x, y = load_data(args.data, getattr(args, "count", None), tokens)
         if isinstance(x, tuple):
-            raise IntforgeError(f"--data {args.data}: this command takes one-input models' data (images); text "
-                                "data (token ids and masks) works with compile and tune (--calib)")
+            if not several:
+                raise IntforgeError(f"--data {args.data}: this command takes one-input models' data (images); "
+                                    "text data (token ids and masks) works with compile, tune, analyze and plan")
+            batch = args.input_shape[0] if args.input_shape else 1
+            return tuple(torch.from_numpy(np.ascontiguousarray(a[:batch])) for a in x), x, y
         x = np.ascontiguousarray(x, dtype=np.float32)
     if args.input_shape:
         want = tuple(args.input_shape[1:])
@@ -204,14 +212,15 @@ def _example_and_data(args: argparse.Namespace, model: Any) -> tuple[Any, np.nda
 def cmd_analyze(args: argparse.Namespace) -> int:
     import torch
 
-    from .hessian import analyze
-
     model = load_model_ref(args.model)
     if not isinstance(model, torch.nn.Module):
         raise IntforgeError("`analyze` needs the nn.Module (pkg.module:factory): a .pt2 program has no gradients")
-    _, x, y = _example_and_data(args, model)
+    _, x, y = _example_and_data(args, model, several=True)
     if x is None:
-        raise IntforgeError("`analyze` needs data: --data mnist:256, random:32 or an .npz with x (and y)")
+        raise IntforgeError("`analyze` needs data: --data mnist:256, random:32, snippets:16 or an .npz with x "
+                            "(and y)")
+    if isinstance(x, tuple):
+        return _analyze_encoder(args, model, x)
     try:  # one sample first: a model that cannot take the data fails here, not deep inside a Hessian product
         with torch.no_grad():
             model.eval()(torch.from_numpy(x[:1]))
@@ -225,17 +234,57 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(f"  no labels in {args.data}: using the float model's predictions as targets")
     batches = [(torch.from_numpy(x[i:i + args.batch_size]), torch.as_tensor(y[i:i + args.batch_size]))
                for i in range(0, len(x), args.batch_size)]
+    return _analyze_and_report(args, model, batches, None, len(x))
+
+
+def _analyze_encoder(args: argparse.Namespace, model: Any, xs: tuple[np.ndarray, ...]) -> int:
+    """`analyze` on data of several inputs (token ids and a padding mask): the loss is the output's squared
+    distance to the float model's own (`hessian.output_distortion`), whose Hessian is the output's
+    sensitivity to each layer's weights; a padded token's output does not count."""
+    import torch
+
+    from .hessian import output_distortion
+
+    n = len(xs[0])
+    batches = []
+    for i in range(0, n, args.batch_size):
+        part = tuple(torch.from_numpy(np.ascontiguousarray(a[i:i + args.batch_size])) for a in xs)
+        try:
+            with torch.no_grad():
+                want = model.eval()(*part)
+        except Exception as exc:  # noqa: BLE001 - whatever the model raises, the fix is the data or the model
+            shapes = [tuple(a.shape[1:]) for a in xs]
+            raise IntforgeError(f"{args.model} cannot run on the {len(xs)} inputs of {args.data} (shapes {shapes}; "
+                                f"{type(exc).__name__}: {str(exc)[:200]})") from None
+        if not isinstance(want, torch.Tensor):
+            raise IntforgeError(f"{args.model} returns {type(want).__name__}; `analyze` takes a model of one "
+                                "tensor output (an encoder's hidden states)")
+        want = want.detach().clone().float()
+        mask = part[-1]
+        if len(xs) > 1 and want.dim() >= 3 and tuple(want.shape[:2]) == tuple(mask.shape):
+            want[mask == 0] = float("nan")  # (a padded token's hidden state is no part of the result)
+        batches.append((part, want))
+    print(f"  {args.data}: {len(xs)} inputs; the loss is the output's squared distance to the float model's "
+          "(padded tokens left out)")
+    return _analyze_and_report(args, model, batches, output_distortion, n)
+
+
+def _analyze_and_report(args: argparse.Namespace, model: Any, batches: list, loss_fn: Any, samples: int) -> int:
+    from .hessian import analyze
+
     t0 = time.perf_counter()
-    report = analyze(model, batches, tol=args.tol, max_probes=args.max_probes, power_iters=args.power_iters,
-                     density=args.density, seed=args.seed, progress=not args.quiet, probe=args.probe)
+    report = analyze(model, batches, loss_fn=loss_fn, tol=args.tol, max_probes=args.max_probes,
+                     power_iters=args.power_iters, density=args.density, seed=args.seed, progress=not args.quiet,
+                     probe=args.probe)
     out = Path(args.output)
     report.to_json(out)
     plot = report.plot(out.with_suffix(".png"))
-    print(f"analyzed {len(report.layers)} layers on {len(x)} samples in {time.perf_counter() - t0:.1f}s "
+    print(f"analyzed {len(report.layers)} layers on {samples} samples in {time.perf_counter() - t0:.1f}s "
           f"-> {out}, {plot}")
     print(f"{'layer':32s} {'params':>9s} {'trace/n':>11s} {'top eig':>11s} {'probes':>6s}")
     for s in sorted(report.layers, key=lambda s: -s.trace_per_param):
-        print(f"{s.name[:32]:32s} {s.num_params:9d} {s.trace_per_param:11.4g} {s.top_eigenvalue:11.4g} {s.probes:6d}")
+        name = s.name if len(s.name) <= 32 else "..." + s.name[-29:]  # (a transformer's names differ at the end)
+        print(f"{name:32s} {s.num_params:9d} {s.trace_per_param:11.4g} {s.top_eigenvalue:11.4g} {s.probes:6d}")
     return 0
 
 
@@ -277,8 +326,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .quantize import SUPPORTED_BITS
 
     model = load_model_ref(args.model)
-    example, _, _ = _example_and_data(args, model)
-    graph = capture(model, (example,))
+    example, _, _ = _example_and_data(args, model, several=True)
+    graph = capture(model, example if isinstance(example, tuple) else (example,))
     report = SensitivityReport.from_json(args.analysis)
     try:
         bits = tuple(int(b) for b in args.bits.split(","))
@@ -295,7 +344,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         print("measuring per-layer latency on the target (cached for next time)...")
         latency = measure_layer_latency(graph, bits, target=args.target, progress=not args.quiet)
-    layers = plan_layers(graph, report, bits, latency)
+    layers = plan_layers(graph, report, bits, latency, int4_input_bits=args.int4_inputs)
     pin = {}
     for item in args.pin or []:
         name, _, b = item.partition("=")
@@ -625,6 +674,9 @@ def _model_args(c: argparse.ArgumentParser) -> None:
                    help="float: float32 in/out with one quantize/dequantize; int: integer in/out")
     c.add_argument("--plan", help="per-layer bits from `intforge plan` (plan.json)")
     c.add_argument("--bits", type=int, choices=(4, 8), default=8, help="bits of layers the plan does not name")
+    c.add_argument("--int4-inputs", type=int, choices=(4, 8),
+                   help="input bits of 4-bit layers: 4 (W4A4) or 8 (W4A8, for transformers); default: the plan's, "
+                        "else 4")
     c.add_argument("--precise-requant", action="store_true",
                    help="conv requantize multipliers keep 24+ bits (default: 12+ at shift 24, which x86 "
                         "kernels run on 32-bit lanes, 2-9%% faster kernels)")
@@ -650,7 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("analyze", help="per-layer Hessian sensitivity (trace, top eigenvalue): JSON + plot")
     a.add_argument("model", help="pkg.module:factory or an .onnx file")
-    a.add_argument("--data", required=True, help="mnist[:N], random:N (224x224 images), or an .npz with x (and y)")
+    a.add_argument("--data", required=True, help="mnist[:N], random:N (224x224 images), snippets:N (token ids and "
+                   "masks, --input-shape batch,tokens), or an .npz with x (and y)")
     a.add_argument("--count", type=_COUNT, help="use only the first N samples")
     a.add_argument("--input-shape", type=_shape, help="reshape samples to this shape (batch first)")
     a.add_argument("--batch-size", type=_COUNT, default=64)
@@ -677,6 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--latency", help="latency budget, measured per layer on the target: 50%% or 12ms")
     pl.add_argument("--measure-latency", action="store_true", help="measure latency even without a latency budget")
     pl.add_argument("--bits", default="4,8", help="candidate bit widths (default 4,8)")
+    pl.add_argument("--int4-inputs", type=int, choices=(4, 8), default=4,
+                    help="input bits of 4-bit layers: 4 (W4A4, HAWQ-V3's) or 8 (W4A8: transformers need it); "
+                         "counted in BOPS, kept in the plan for compile")
     pl.add_argument("--pin-first-last", action="store_true", help="keep the first and last layer at the top bits")
     pl.add_argument("--pin", action="append", help="NAME=BITS (repeatable)")
     pl.add_argument("--tie", action="append", help="NAME,NAME,... layers that must share bits (repeatable)")

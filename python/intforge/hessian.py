@@ -39,7 +39,7 @@ from torch import nn
 from .errors import IntforgeError
 
 __all__ = ["LayerSensitivity", "SensitivityError", "SensitivityReport", "SpectralDensity", "analyze",
-           "quantizable_layers"]
+           "output_distortion", "quantizable_layers"]
 
 #: loss_fn(model_output, target) -> scalar loss, the mean over the batch (like nn.CrossEntropyLoss()).
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -240,9 +240,30 @@ def _select_layers(model: nn.Module, layers: Sequence[str] | None) -> list[tuple
     return [(n, kinds[n], modules[n].weight) for n in names]
 
 
+def _is_array(obj: Any) -> bool:
+    return isinstance(obj, (torch.Tensor, np.ndarray))
+
+
 def _is_batch(obj: Any) -> bool:
-    return (isinstance(obj, (tuple, list)) and len(obj) == 2
-            and isinstance(obj[0], (torch.Tensor, np.ndarray)) and isinstance(obj[1], (torch.Tensor, np.ndarray)))
+    """An (x, y) pair: x one array, or a tuple of them (a model of several inputs: token ids and a mask)."""
+    return (isinstance(obj, (tuple, list)) and len(obj) == 2 and _is_array(obj[1])
+            and (_is_array(obj[0]) or (isinstance(obj[0], tuple) and bool(obj[0])
+                                       and all(_is_array(a) for a in obj[0]))))
+
+
+def output_distortion(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The mean squared difference between a model's output and `target` over the target's finite entries
+    (NaN marks what does not count: a padded token's hidden state).
+
+    For a model without labels or classes (an encoder's hidden states), `target` is the float model's own
+    output: at the trained weights the loss and its gradient are zero and its Hessian is J^T J (J the
+    output's Jacobian in the weights, averaged over the samples), the expected growth of the output's
+    squared error under a small weight perturbation: what quantizing a layer's weights does."""
+    keep = torch.isfinite(target)
+    if not bool(keep.any()):
+        raise SensitivityError("the distortion target has no finite entry: nothing to measure")
+    diff = output[keep] - target[keep]
+    return (diff * diff).mean()
 
 
 def _as_batches(data: Any) -> list[Any] | Iterable[Any]:
@@ -297,9 +318,14 @@ class _Hessian:
         if not _is_batch(batch):
             raise SensitivityError(f"batch {k} is not an (x, y) pair of tensors/arrays: got "
                                    f"{type(batch).__name__}")
-        x, y = (torch.from_numpy(np.ascontiguousarray(t)) if isinstance(t, np.ndarray) else t for t in batch)
-        x = x.to(self.device, self.dtype if x.is_floating_point() else None)
-        return x, y.to(self.device), int(x.shape[0]) if x.dim() else 1
+        def tensor(t: Any) -> torch.Tensor:
+            t = torch.from_numpy(np.ascontiguousarray(t)) if isinstance(t, np.ndarray) else t
+            return t.to(self.device, self.dtype if t.is_floating_point() else None)
+
+        x, y = batch
+        x = tuple(tensor(a) for a in x) if isinstance(x, tuple) else tensor(x)
+        first = x[0] if isinstance(x, tuple) else x
+        return x, tensor(y), int(first.shape[0]) if first.dim() else 1
 
     def _gradients(self, idx: list[int]) -> Iterator[tuple[list[torch.Tensor], int]]:
         """Per local batch: the gradients (with graph) of the batch loss w.r.t. the weights in `idx`, and n."""
@@ -313,7 +339,7 @@ class _Hessian:
             x, y, n = self._prepare(batch, k)
             if n == 0:
                 continue
-            loss = self.loss_fn(self.model(x), y)
+            loss = self.loss_fn(self.model(*x) if isinstance(x, tuple) else self.model(x), y)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise SensitivityError("loss_fn must return a scalar tensor (the mean loss over the batch)")
             if not torch.isfinite(loss.detach()).item():
@@ -367,14 +393,19 @@ class _Hessian:
 @contextlib.contextmanager
 def _analysis_mode(model: nn.Module, weights: Sequence[nn.Parameter]) -> Iterator[None]:
     """Eval mode (BatchNorm on running statistics, no dropout) with gradients on the analyzed weights;
-    every module's mode and every weight's requires_grad are restored afterwards."""
+    every module's mode and every weight's requires_grad are restored afterwards. Attention
+    (`scaled_dot_product_attention`) runs on PyTorch's math kernel: the fused CPU kernel has no second
+    derivative, which every Hessian-vector product takes."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     modes = [(m, m.training) for m in model.modules()]
     flags = [(w, w.requires_grad) for w in weights]
     model.eval()
     for w in weights:
         w.requires_grad_(True)
     try:
-        yield
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
     finally:
         for m, training in modes:
             m.training = training
@@ -548,9 +579,11 @@ def analyze(model: nn.Module, data: Any, loss_fn: LossFn | None = None, layers: 
             density_vectors: int = 1, density_steps: int = 64) -> SensitivityReport:
     """Hessian sensitivity of the weight of each conv2d / linear layer, for HAWQ-style bit planning.
 
-    `data` is one (x, y) batch (tensors or numpy arrays), a list of them, or a data loader; the Hessian is
-    that of the mean loss over all its samples. `loss_fn(model(x), y)` must return the batch's mean loss
-    (default: cross-entropy). `layers` picks layers by module path (default: every conv2d / linear).
+    `data` is one (x, y) batch (tensors or numpy arrays; x a tuple of them for a model of several inputs,
+    called as model(*x)), a list of them, or a data loader; the Hessian is that of the mean loss over all
+    its samples. `loss_fn(model(x), y)` must return the batch's mean loss (default: cross-entropy;
+    `output_distortion` with y the float model's outputs for a model without labels or classes). `layers`
+    picks layers by module path (default: every conv2d / linear).
 
     Per layer: the Hutchinson trace of its diagonal Hessian block, until the relative standard error is
     below `tol` or after `max_probes` probes (`probe="layer"`: probes restricted to one layer, the default;

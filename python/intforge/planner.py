@@ -89,8 +89,9 @@ class PlanLayer:
     """One quantizable layer as the planner sees it.
 
     `perturbation[b]` is ||Q_b(W) - W||^2 (see `perturbations`), `sensitivity` the Hessian trace divided by
-    the parameter count, `macs` the multiply-accumulates per inference (BOPS at b bits = macs * b * b, since
-    activations use the layer's bit width too), and `latency_ms[b]` an optional measured latency.
+    the parameter count, `macs` the multiply-accumulates per inference (BOPS at b bits = macs * b * a, a the
+    bits of its input activations: `input_bits[b]`, by default b itself), and `latency_ms[b]` an optional
+    measured latency.
     """
 
     name: str
@@ -99,6 +100,7 @@ class PlanLayer:
     sensitivity: float
     perturbation: dict[int, float]
     latency_ms: dict[int, float] | None = None
+    input_bits: dict[int, int] | None = None  # (W4A8: {4: 8, 8: 8})
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -117,7 +119,7 @@ class PlanLayer:
         if kind == "size":
             return self.params * bits / 8
         if kind == "bops":
-            return float(self.macs * bits * bits)
+            return float(self.macs * bits * (self.input_bits or {}).get(bits, bits))
         if kind == "latency":
             if self.latency_ms is None or bits not in self.latency_ms:
                 raise PlanError(f"layer {self.name!r} has no latency measurement at {bits} bits")
@@ -259,6 +261,12 @@ class Plan:
     tie: list[list[str]] = field(default_factory=list)
     layers: tuple[PlanLayer, ...] = field(default=(), repr=False)
 
+    @property
+    def int4_input_bits(self) -> int:
+        """The input activations' bits of the plan's 4-bit layers (`QuantConfig.int4_input_bits`): 8 where
+        the plan was made for W4A8, else 4."""
+        return next((lay.input_bits[4] for lay in self.layers if lay.input_bits and 4 in lay.input_bits), 4)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (see `to_json`)."""
         layers = self.layers or tuple(PlanLayer(n, 0, 0, 0.0, {b: 0.0}) for n, b in self.bits.items())
@@ -278,7 +286,9 @@ class Plan:
                         "sensitivity": lay.sensitivity,
                         "perturbation": {str(b): v for b, v in lay.perturbation.items()},
                         "latency_ms": None if lay.latency_ms is None
-                        else {str(b): v for b, v in lay.latency_ms.items()}}
+                        else {str(b): v for b, v in lay.latency_ms.items()},
+                        **({} if lay.input_bits is None
+                           else {"input_bits": {str(b): a for b, a in lay.input_bits.items()}})}
                        for lay in layers],
         }
 
@@ -292,7 +302,9 @@ class Plan:
             layers = tuple(PlanLayer(d["name"], d["params"], d["macs"], d["sensitivity"],
                                      {int(b): v for b, v in d["perturbation"].items()},
                                      None if d.get("latency_ms") is None
-                                     else {int(b): v for b, v in d["latency_ms"].items()})
+                                     else {int(b): v for b, v in d["latency_ms"].items()},
+                                     None if d.get("input_bits") is None
+                                     else {int(b): int(a) for b, a in d["input_bits"].items()})
                            for d in data["layers"])
             return cls(bits={d["name"]: int(d["bits"]) for d in data["layers"]},
                        objective=float(data["objective"]), size_bytes=float(data["size_bytes"]),
@@ -562,7 +574,7 @@ class _Problem:
             bits=bits,
             objective=math.fsum(self.objective[np.arange(len(choice)), choice]),
             size_bytes=sum(lay.params * bits[lay.name] for lay in layers) / 8,
-            bops=float(sum(lay.macs * bits[lay.name] ** 2 for lay in layers)),
+            bops=float(sum(lay.cost("bops", bits[lay.name]) for lay in layers)),
             latency_ms=math.fsum(lay.latency_ms[bits[lay.name]] for lay in layers) if has_latency else None,
             budgets=budgets, limits=limits, status=status, bit_choices=self.bits, pin=dict(self.pin),
             tie=[list(g) for g in self.tie], layers=layers)

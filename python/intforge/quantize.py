@@ -50,12 +50,17 @@ def channel_exponents(absmax: np.ndarray, limit: int = MAX_CHANNEL_EXP) -> tuple
 class QuantConfig:
     """The quantization scheme: a default bit width and optional per-layer bits (from a plan).
 
-    A layer at b bits has b-bit weights (symmetric per channel) and b-bit input activations. Tensors
-    feeding residual adds, concats and the model's outputs stay 8-bit.
+    A layer at b bits has b-bit weights (symmetric per channel) and b-bit input activations, except that
+    with `int4_input_bits=8` a 4-bit layer reads 8-bit inputs (W4A8: 4-bit weights, which halve the
+    weight bytes, on activations kept at 8 bits; transformers need it, as 4-bit inputs to any of
+    MiniLM's linears cost its sentence embeddings most of their cosine to float). Tensors feeding
+    residual adds, concats and the model's outputs stay 8-bit.
     """
 
     bits: int = 8
     layer_bits: dict[str, int] = field(default_factory=dict)
+    # the input activations' bits of a 4-bit layer: 4 (W4A4, HAWQ-V3's scheme) or 8 (W4A8)
+    int4_input_bits: int = 4
     # conv requantizes at shift 24 where every channel's multiplier keeps 12 bits there
     # (`dyadic.conv_multipliers`: x86's epilogue then runs on 32-bit lanes); False keeps 24+ bits
     short_requant: bool = True
@@ -64,9 +69,18 @@ class QuantConfig:
         for name, b in [("bits", self.bits), *self.layer_bits.items()]:
             if b not in SUPPORTED_BITS:
                 raise QuantizationError(f"bit width of {name!r} must be one of {SUPPORTED_BITS}, got {b}")
+        if self.int4_input_bits not in SUPPORTED_BITS:
+            raise QuantizationError(f"int4_input_bits (the inputs of a 4-bit layer) must be 4 or 8, got "
+                                    f"{self.int4_input_bits}")
 
     def bits_of(self, layer: str) -> int:
         return int(self.layer_bits.get(layer, self.bits))
+
+    def input_bits_of(self, layer: str) -> int:
+        """The bits of the input activations a conv/linear reads: its own, or 8 where a 4-bit layer reads
+        8-bit inputs (`int4_input_bits`)."""
+        bits = self.bits_of(layer)
+        return self.int4_input_bits if bits == 4 else bits
 
 
 def _scale(lo: float, hi: float, bits: int, signed: bool) -> float:
@@ -127,7 +141,7 @@ def _tensor_bits(consumers: dict[str, list], outputs: list[str], config: QuantCo
     def need(entry) -> int:
         op = entry[0]
         if op.kind in ("conv2d", "linear"):
-            return config.bits_of(op.name)
+            return config.input_bits_of(op.name)
         if op.kind in PASS_THROUGH:
             return req(entry[2])
         return 8
@@ -166,8 +180,8 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
     outputs = [alias.get(o, o) for o in graph.outputs]
     readers = _readers(entries)
     tbits = _tensor_bits(readers, outputs, config)
-    # tensor -> the kinds of the ops reading it (a linear: at its bits)
-    consumers = {t: [f"linear{config.bits_of(e[0].name)}" if e[0].kind == "linear" else e[0].kind for e in es]
+    # tensor -> the kinds of the ops reading it (a linear: at its input's bits)
+    consumers = {t: [f"linear{config.input_bits_of(e[0].name)}" if e[0].kind == "linear" else e[0].kind for e in es]
                  for t, es in readers.items()}
     channels = getattr(ranges, "channels", {})
 
@@ -245,7 +259,7 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
 
         if op.kind in ("conv2d", "linear"):
             bits = config.bits_of(op.name)
-            ins = [input_at(ins[0], bits, op)]
+            ins = [input_at(ins[0], config.input_bits_of(op.name), op)]
             out = new_tensor(out_name, signed=not unsigned)
             if op.kind == "linear" and act is None:
                 out = with_outlier_channels(out)
@@ -308,7 +322,8 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
             raise UnsupportedOpError(f"no quantization rule for op {op.kind!r} ('{op.name}')\n  at {op.source}")
 
     prog = IntegerProgram(list(graph.inputs), outputs, tensors, ops,
-                          {"bits": config.bits, "layer_bits": {n: config.bits_of(n) for n in sorted(known)}})
+                          {"bits": config.bits, "layer_bits": {n: config.bits_of(n) for n in sorted(known)},
+                           "int4_input_bits": config.int4_input_bits})
     check_accumulators(prog)
     return prog
 
