@@ -285,6 +285,8 @@ def build(program: IntegerProgram, output: str | Path, target: str | TargetPrese
         "io_layout": io_layout,
         "layers": program.layers(),
         "weight_bytes": sum(r["weight_bytes"] for r in program.layers()),
+        # (embedding tables, int8: not layers a bit plan chooses for, but bytes the library carries)
+        "table_bytes": sum(int(op.params["table"].nbytes) for op in program.ops if op.kind == "embedding"),
         "target": preset.describe(),
         "versions": versions(),
         "build_seconds": round(build_s, 3),

@@ -339,8 +339,10 @@ def test_hessian_plan_and_w4a8_compile_of_all_minilm_l6_from_the_cli(tmp_path):
     assert max(eight) > max(traces[n] for n in four) and np.mean(eight) > np.mean([traces[n] for n in four])
     proc = intforge_cli("compile", "intforge.zoo:minilm_l6", "--calib", "snippets:16", "--input-shape", "1,16",
                         "--plan", str(plan_json), "-o", str(out))
-    layers = json.loads((out / "model.json").read_text())["layers"]
-    assert {(entry["weight_bits"], entry["act_bits"]) for entry in layers if entry["name"] in four} == {(4, 8)}
+    manifest = json.loads((out / "model.json").read_text())
+    assert {(entry["weight_bits"], entry["act_bits"]) for entry in manifest["layers"]
+            if entry["name"] in four} == {(4, 8)}
+    assert manifest["table_bytes"] >= 30522 * 384 and "MB of embedding tables" in proc.stdout
     program, lib = IntegerProgram.load(out / "model.iprog"), intforge.load(out / "model.so")
     ids, mask = zoo.tokenize(zoo.rotten_tomatoes()[0][100:103], tokens=16)
     for i in range(3):

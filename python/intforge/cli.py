@@ -149,7 +149,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"  target {m['target']['preset']} (mcpu {m['target']['mcpu']}), boundary {m['boundary']}, "
           f"{len(m['layers'])} quantized layers, integer-only: {'yes' if m['integer_only'] else 'NO'}")
     n4 = sum(r["weight_bits"] == 4 for r in m["layers"])
-    print(f"  bits: {len(m['layers']) - n4} layers INT8, {n4} INT4; weights {m['weight_bytes'] / 1e6:.3f} MB")
+    tables = f" (+ {m['table_bytes'] / 1e6:.3f} MB of embedding tables)" if m.get("table_bytes") else ""
+    print(f"  bits: {len(m['layers']) - n4} layers INT8, {n4} INT4; weights {m['weight_bytes'] / 1e6:.3f} MB{tables}")
     print(f"  kernels: {m['kernels']}; schedule: {m['schedule']}")
     print(f"  manifest {art.manifest_path}, integer program {art.program_path}")
     return 0
