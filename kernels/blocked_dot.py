@@ -771,6 +771,7 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
         rows, nb = int(sch.get(i).extent) // isa.rows, int(sch.get(o1).extent)
         rt = dense_row_tile(isa, rows * isa.rows) if rows * isa.rows >= DENSE_TILE_MIN_ROWS else 1
         ji = o1i = None
+        unpack_once = None  # (a W4A8 linear's parallel loop, over channel tiles, whose weights unpack once)
         if rt > 1 and rows % rt == 0:
             # Tokens: a register tile of rt rows by up to channel_tile blocks, each broadcast feeding
             # channel_tile instructions and each weight load rt (one row by one block fed each
@@ -778,15 +779,23 @@ def schedule_blocked_func(sch: s_tir.Schedule) -> set[str] | None:
             # weights, else the channel tiles (each thread then reads its share of the weights once).
             o1, o1i = sch.split(o1, [None, _largest_divisor(nb, isa.channel_tile)])
             io, ji, jr = sch.split(i, [None, rt, isa.rows])
-            outer = (io, o1) if rows * isa.rows > nb * isa.lanes else (o1, io)  # (activations, weights: K bytes a row)
+            # Packed INT4 weights: a task is a channel tile over every row tile, its weights unpacked once
+            # (`_unpack_at`) rather than again for each row tile
+            whole = INT4_BLOCK in names and not lead and int(sch.get(o1).extent) >= MIN_INT4_BLOCKS
+            # (activations, weights: K bytes a row)
+            outer = (io, o1) if rows * isa.rows > nb * isa.lanes and not whole else (o1, io)
             sch.reorder(*lead, *outer, rkb, ji, o1i, jr, o2, rki)
-            tile = sch.fuse(*lead, *outer)
+            if whole:
+                unpack_once, tile = outer
+            else:
+                tile = sch.fuse(*lead, *outer)
         else:
             io, jr = sch.split(i, [None, isa.rows])
             sch.reorder(*lead, o1, io, rkb, jr, o2, rki)
             tile = sch.fuse(*lead, o1, io)
-        sch.parallel(tile)
-        first_reduce, rblock, inputs_at, ii = rkb, rkb, None, None
+        sch.parallel(unpack_once if unpack_once is not None else tile)
+        first_reduce, inputs_at, ii = rkb, None, None
+        rblock = unpack_once if unpack_once is not None else rkb
         few_channels = pack_once = False
     sch.reverse_compute_at(acc, tile)
     if staged is not None:

@@ -361,6 +361,8 @@ CASES = {
     # (the first two with their requantize in the kernel where the CPU has IFMA: whole 16-feature blocks)
     "linear_tokens_tiled": (lambda: nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(),
                                                   nn.Linear(32, 24)), (2, 19, 16)),
+    # 16 channel tiles of 2 blocks: an INT4 one unpacks each tile's weights once for all its row tiles
+    "linear_tokens_wide": (lambda: nn.Sequential(nn.Linear(40, 512), nn.ReLU(), nn.Linear(512, 24)), (1, 32, 40)),
     "attention_mha_tokens": (lambda: MhaBlock(32), (1, 20, 32)),
     # q scaled before q @ k^T: the factor folds into the matmul's requantize (capture._fold_scales)
     "attention_scaled_q": (lambda: ScaledQAttention(), (1, 18, 16)),
