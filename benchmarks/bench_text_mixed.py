@@ -7,7 +7,8 @@ Steps (the library API; the CLI's `analyze --data snippets:N`, `plan --int4-inpu
     plan        the ILP at weight-size budgets of `--budgets` percent (0% every linear at 4 bits, 100% at 8),
                 4-bit layers on 8-bit inputs (W4A8); `--budgets` also gets two baselines at the same
                 4-bit weight count as each plan: the layers of *highest* trace per parameter at 4 bits
-                ("sensitive first"), and the plan's own layers on 4-bit inputs (W4A4, HAWQ-V3's scheme)
+                ("sensitive first"), and the plan's own layers on 4-bit inputs (W4A4, HAWQ-V3's scheme);
+                and each budget's plan with clipped 4-bit weights ("mse", `QuantConfig.int4_clip`)
     score       each configuration compiled (`--calib` snippets), checked bit-exact against the reference
                 on `--exact` snippets, and its sentence embeddings (mean-pooled) scored on `--test` held-out
                 snippets: cosine to float's and a fresh/rotten probe trained on float embeddings of `--train`
@@ -91,30 +92,34 @@ def main() -> None:
                            "calibration_snippets": args.calib, "train": args.train, "test": args.test}
 
     t0 = time.perf_counter()
-    batches = []
-    for i in range(0, args.analyze, 8):
-        part = (torch.from_numpy(tr_ids[-args.analyze:][i:i + 8]), torch.from_numpy(tr_mask[-args.analyze:][i:i + 8]))
-        with torch.no_grad():
-            want = model(*part).clone()
-        want[part[1] == 0] = float("nan")
-        batches.append((part, want))
+    # one batch: its first-order graph is kept between Hessian-vector products (`hessian._Hessian`)
+    part = (torch.from_numpy(tr_ids[-args.analyze:]), torch.from_numpy(tr_mask[-args.analyze:]))
+    with torch.no_grad():
+        want = model(*part).clone()
+    want[part[1] == 0] = float("nan")
+    batches = [(part, want)]
     report = analyze(model, batches, loss_fn=output_distortion, max_probes=args.probes, power_iters=0,
                      progress=False)
     out["analysis_seconds"] = round(time.perf_counter() - t0, 1)
     print(f"analyzed {len(report.layers)} layers in {out['analysis_seconds']} s")
     example = (torch.from_numpy(cal_ids[:1]), torch.from_numpy(cal_mask[:1]))
-    layers = plan_layers(capture(model, example), report, (4, 8), int4_input_bits=8)
+    graph = capture(model, example)
+    layers = plan_layers(graph, report, (4, 8), int4_input_bits=8)
+    clipped = plan_layers(graph, report, (4, 8), int4_input_bits=8, int4_clip="mse")
     out["sensitivity"] = {lay.name: lay.sensitivity for lay in layers}
 
-    configs: dict[str, tuple[dict[str, int], int]] = {"int8": ({}, 8)}
+    # name -> (layers at 4 bits, their input bits, their weights' clip)
+    configs: dict[str, tuple[dict[str, int], int, str]] = {"int8": ({}, 8, "max")}
     for pct in (int(b) for b in args.budgets.split(",")):
-        chosen = plan(layers, budgets=Budget("size", pct / 100.0, relative=True))
-        four = {n: 4 for n, b in chosen.bits.items() if b == 4}
-        configs[f"plan {pct}% W4A8"] = (four, 8)
+        budget = Budget("size", pct / 100.0, relative=True)
+        four = {n: 4 for n, b in plan(layers, budgets=budget).bits.items() if b == 4}
+        configs[f"plan {pct}% W4A8"] = (four, 8, "max")
+        configs[f"plan {pct}% W4A8 mse"] = ({n: 4 for n, b in plan(clipped, budgets=budget).bits.items() if b == 4},
+                                            8, "mse")
         if 0 < pct < 100:
             held = sum(lay.params for lay in layers if lay.name in four)
-            configs[f"sensitive first {pct}% W4A8"] = (sensitive_first(layers, held), 8)
-            configs[f"plan {pct}% W4A4"] = (four, 4)
+            configs[f"sensitive first {pct}% W4A8"] = (sensitive_first(layers, held), 8, "max")
+            configs[f"plan {pct}% W4A4"] = (four, 4, "max")
 
     def float_fn(i: np.ndarray, m: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -126,16 +131,16 @@ def main() -> None:
     rows: dict[str, Any] = {}
     libs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for k, (name, (four, inputs)) in enumerate(configs.items()):
+        for k, (name, (four, inputs, clip)) in enumerate(configs.items()):
             art = intforge.compile(model, example, [cal_ids, cal_mask], output=Path(tmp) / f"c{k}",
-                                   quant=QuantConfig(layer_bits=four, int4_input_bits=inputs))
+                                   quant=QuantConfig(layer_bits=four, int4_input_bits=inputs, int4_clip=clip))
             lib, program = intforge.load(art.library), IntegerProgram.load(art.program_path)
             exact = sum(np.array_equal(lib(te_ids[i:i + 1], te_mask[i:i + 1]),
                                        reference.run_float(program, te_ids[i:i + 1], te_mask[i:i + 1])[0])
                         for i in range(args.exact))
             e = embed(lib, te_ids, te_mask)
             cos = (e * ref).sum(1)
-            rows[name] = {"layers_at_4": len(four), "int4_input_bits": inputs,
+            rows[name] = {"layers_at_4": len(four), "int4_input_bits": inputs, "int4_clip": clip,
                           "linear_weight_mb": art.manifest["weight_bytes"] / 1e6,
                           "library_mb": art.library.stat().st_size / 1e6,
                           "bit_exact": f"{exact}/{args.exact}", "cosine_mean": float(cos.mean()),
@@ -144,7 +149,7 @@ def main() -> None:
             print(f"{name:26s} {len(four):2d} layers at 4  linear weights {rows[name]['linear_weight_mb']:6.2f} MB  "
                   f"cosine {cos.mean():.4f} (p1 {np.percentile(cos, 1):.4f})  probe "
                   f"{rows[name]['probe_accuracy']:.4f}  bit-exact {exact}/{args.exact}", flush=True)
-            if name == "int8" or (name.startswith("plan") and name.endswith("W4A8")):
+            if name == "int8" or (name.startswith("plan") and "W4A8" in name):
                 libs[name] = lib
         x = (te_ids[:1], te_mask[:1])
         timed = time_interleaved({n: (lambda a, f=f: f(*a)) for n, f in libs.items()}, x, args.repeat, 10,
@@ -166,11 +171,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for kind, style in (("W4A8", "o-"), ("sensitive first", "s--"), ("W4A4", "^:")):
+    kinds = {"W4A8": ("o-", "Hessian plan, W4A8"), "W4A8 mse": ("D-", "Hessian plan, W4A8, clipped weights"),
+             "sensitive first": ("s--", "most sensitive at 4 bits, W4A8"), "W4A4": ("^:", "Hessian plan, W4A4")}
+
+    def kind_of(name: str) -> str:
+        if name == "int8":
+            return "int8"
+        return next(k for k in ("sensitive first", "W4A8 mse", "W4A4", "W4A8") if k in name)
+
+    for kind, (style, label) in kinds.items():
         pts = sorted((r["linear_weight_mb"], r["cosine_mean"]) for n, r in result["configs"].items()
-                     if (kind in n and (kind != "W4A8" or n.startswith("plan"))) or (kind == "W4A8" and n == "int8"))
-        label = {"W4A8": "Hessian plan, W4A8", "sensitive first": "most sensitive at 4 bits, W4A8",
-                 "W4A4": "Hessian plan, W4A4"}[kind]
+                     if kind_of(n) == kind or (kind.startswith("W4A8") and n == "int8"))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
     ax.set_xlabel("linear layers' weights (MB)")
     ax.set_ylabel("sentence-embedding cosine to float (mean)")

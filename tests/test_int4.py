@@ -133,7 +133,8 @@ def _shape(t) -> list[int]:
 INT4_CASES = ["conv_plain", "conv_stride_pad", "conv_stride_pad_batch3", "conv_1x1_batch4", "conv_wide_batch2",
               "conv_depthwise", "depthwise_stack", "depthwise_rows", "depthwise_dot_rect_dilated",
               "depthwise_row_pairs", "conv_groups", "conv_bn_relu", "linear", "linear_relu", "add_relu",
-              "add_downsample", "concat", "max_pool", "mean_flatten_linear", "conv_stem_7x7", "linear_tokens_tiled", "linear_tokens_wide"]
+              "add_downsample", "concat", "max_pool", "mean_flatten_linear", "conv_stem_7x7", "linear_tokens_tiled",
+              "linear_tokens_wide"]
 
 
 @pytest.mark.parametrize("case", INT4_CASES)
@@ -153,11 +154,13 @@ def test_int4_op_is_bit_exact(case, so_of):
                                   "conv_stem_7x7", "linear", "linear_tokens_tiled", "linear_tokens_wide",
                                   "add_downsample"])
 def test_w4a8_op_is_bit_exact(case, so_of):
-    """4-bit weights on 8-bit inputs (`QuantConfig.int4_input_bits=8`, W4A8): the same unpacking kernels,
+    """4-bit weights on 8-bit inputs (`QuantConfig.int4_input_bits=8`, W4A8), clipped: the same unpacking kernels,
     inputs across the whole 8-bit range, and no 4-bit requantize before a layer."""
     make, shape = CASES[case]
     torch.manual_seed(0)
-    program = quantize_module(make(), shape, quant=QuantConfig(bits=4, int4_input_bits=8))
+    # (and each 4-bit channel's clipping range searched: `quantize_weight(..., clip="mse")`)
+    program = quantize_module(make(), shape, quant=QuantConfig(bits=4, int4_input_bits=8, int4_clip="mse"))
+    assert program.meta["int4_clip"] == "mse"
     assert all(r["weight_bits"] == 4 and r["act_bits"] == 8 for r in program.layers())
     assert all(t.bits == 8 for t in program.tensors.values() if t.index_dtype is None)
     assert_bit_exact_int(program, so_of(program, boundary="int"))

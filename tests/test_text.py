@@ -315,8 +315,9 @@ def test_the_cli_compiles_runs_and_times_all_minilm_l6_from_snippets(tmp_path):
 
 def test_hessian_plan_and_w4a8_compile_of_all_minilm_l6_from_the_cli(tmp_path):
     """`analyze` on snippets (two inputs, no classes: the loss is the hidden states' squared distance to
-    float's, padded tokens left out), `plan` under a size budget with 4-bit layers on 8-bit inputs (W4A8),
-    then `compile --plan`: the 4-bit layers read 8-bit inputs, and the library equals the reference."""
+    float's, padded tokens left out), `plan` under a size budget with 4-bit layers on 8-bit inputs (W4A8)
+    and clipped weights, then `compile --plan`: the 4-bit layers read 8-bit inputs, their weights clipped
+    as planned, and the library equals the reference."""
     import json
 
     from conftest import intforge_cli
@@ -330,7 +331,8 @@ def test_hessian_plan_and_w4a8_compile_of_all_minilm_l6_from_the_cli(tmp_path):
     assert traces["encoder.pooler.dense"] == 0.0  # (not on the output's path)
     assert all(v > 0 for k, v in traces.items() if "pooler" not in k)
     proc = intforge_cli("plan", "intforge.zoo:minilm_l6", "--analysis", str(analysis), "--data", "snippets:1",
-                        "--input-shape", "1,16", "--size", "75%", "--int4-inputs", "8", "-o", str(plan_json))
+                        "--input-shape", "1,16", "--size", "75%", "--int4-inputs", "8", "--int4-clip", "mse",
+                        "-o", str(plan_json))
     chosen = json.loads(plan_json.read_text())["layers"]
     four = {entry["name"] for entry in chosen if entry["bits"] == 4}
     assert four and len(four) < len(chosen) and all(entry["input_bits"] == {"4": 8, "8": 8} for entry in chosen)
@@ -344,6 +346,7 @@ def test_hessian_plan_and_w4a8_compile_of_all_minilm_l6_from_the_cli(tmp_path):
             if entry["name"] in four} == {(4, 8)}
     assert manifest["table_bytes"] >= 30522 * 384 and "MB of embedding tables" in proc.stdout
     program, lib = IntegerProgram.load(out / "model.iprog"), intforge.load(out / "model.so")
+    assert program.meta["int4_clip"] == "mse" and program.meta["int4_input_bits"] == 8  # (from the plan)
     ids, mask = zoo.tokenize(zoo.rotten_tomatoes()[0][100:103], tokens=16)
     for i in range(3):
         np.testing.assert_array_equal(lib(ids[i:i + 1], mask[i:i + 1]),

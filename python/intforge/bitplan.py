@@ -14,10 +14,12 @@ from .quantize import PASS_THROUGH
 
 
 def plan_layers(graph: FloatGraph, report: SensitivityReport, bits: Iterable[int] = (4, 8),
-                latency: dict[str, dict[int, float]] | None = None, int4_input_bits: int = 4) -> list[PlanLayer]:
+                latency: dict[str, dict[int, float]] | None = None, int4_input_bits: int = 4,
+                int4_clip: str = "max") -> list[PlanLayer]:
     """One PlanLayer per quantizable layer: size and MACs from the graph, sensitivity from the report,
     perturbation ||Q_b(W) - W||^2 of the deployed (BatchNorm-folded) weight; with `int4_input_bits=8`
-    its 4-bit choice reads 8-bit inputs (W4A8, `QuantConfig.int4_input_bits`), which its BOPS count."""
+    its 4-bit choice reads 8-bit inputs (W4A8, `QuantConfig.int4_input_bits`), which its BOPS count;
+    `int4_clip` is how the 4-bit weights will be quantized (`QuantConfig.int4_clip`)."""
     bits = tuple(bits)
     input_bits = {b: (int4_input_bits if b == 4 else b) for b in bits} if int4_input_bits != 4 else None
     known = {layer.name for layer in report.layers}
@@ -32,7 +34,7 @@ def plan_layers(graph: FloatGraph, report: SensitivityReport, bits: Iterable[int
         s = report.layer(r["name"])
         out.append(PlanLayer(name=r["name"], params=r["params"], macs=r["macs"],
                              sensitivity=max(0.0, float(s.trace_per_param)),
-                             perturbation=perturbations(weights[r["name"]], bits),
+                             perturbation=perturbations(weights[r["name"]], bits, int4_clip),
                              latency_ms=(latency or {}).get(r["name"]), input_bits=input_bits))
     return out
 
@@ -62,7 +64,7 @@ def read_plan_bits(path: str | Path) -> dict[str, int]:
     return dict(Plan.from_json(path).bits)
 
 
-def read_plan(path: str | Path) -> tuple[dict[str, int], int]:
-    """(per-layer bits, the 4-bit layers' input bits) of a plan written by `intforge plan`."""
+def read_plan(path: str | Path) -> tuple[dict[str, int], int, str]:
+    """(per-layer bits, the 4-bit layers' input bits, their weight clip) of a plan written by `intforge plan`."""
     plan = Plan.from_json(path)
-    return dict(plan.bits), plan.int4_input_bits
+    return dict(plan.bits), plan.int4_input_bits, plan.int4_clip

@@ -123,14 +123,14 @@ def _program_from_args(args: argparse.Namespace) -> Any:
         raise IntforgeError("give --input-shape (e.g. 1,3,224,224) or --calib data to take the shape from")
     from .quantize import QuantConfig
 
-    layer_bits, int4_inputs = {}, 4
+    layer_bits, int4_inputs, int4_clip = {}, 4, "max"
     if args.plan:
         from .bitplan import read_plan
 
-        layer_bits, int4_inputs = read_plan(args.plan)
-    if getattr(args, "int4_inputs", None):
-        int4_inputs = args.int4_inputs
-    quant = QuantConfig(bits=args.bits, layer_bits=layer_bits, int4_input_bits=int4_inputs,
+        layer_bits, int4_inputs, int4_clip = read_plan(args.plan)
+    int4_inputs = getattr(args, "int4_inputs", None) or int4_inputs
+    int4_clip = getattr(args, "int4_clip", None) or int4_clip
+    quant = QuantConfig(bits=args.bits, layer_bits=layer_bits, int4_input_bits=int4_inputs, int4_clip=int4_clip,
                         short_requant=not getattr(args, "precise_requant", False))
     example = example if isinstance(example, tuple) else (example,)
     program, _ = api.quantize_model(model, example, calib, calibration=args.calib_method, quant=quant)
@@ -345,7 +345,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         print("measuring per-layer latency on the target (cached for next time)...")
         latency = measure_layer_latency(graph, bits, target=args.target, progress=not args.quiet)
-    layers = plan_layers(graph, report, bits, latency, int4_input_bits=args.int4_inputs)
+    layers = plan_layers(graph, report, bits, latency, int4_input_bits=args.int4_inputs, int4_clip=args.int4_clip)
     pin = {}
     for item in args.pin or []:
         name, _, b = item.partition("=")
@@ -365,6 +365,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"  size {p.size_bytes / 1e6:8.3f} MB  bops {p.bops / 1e9:9.3f} G  objective {p.objective:.4g}  "
                   f"{n4} layers at {min(bits)} bits")
     result = plan(layers, budgets=budgets, **common)
+    result.int4_clip = args.int4_clip
     result.to_json(args.output)
     print(result.summary())
     print(f"plan -> {args.output}   (use: intforge compile {args.model} --plan {args.output} ...)")
@@ -678,6 +679,9 @@ def _model_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--int4-inputs", type=int, choices=(4, 8),
                    help="input bits of 4-bit layers: 4 (W4A4) or 8 (W4A8, for transformers); default: the plan's, "
                         "else 4")
+    c.add_argument("--int4-clip", choices=("max", "mse"),
+                   help="4-bit weights' step a channel: its largest magnitude (max) or the clipping range of least "
+                        "squared error (mse); default: the plan's, else max")
     c.add_argument("--precise-requant", action="store_true",
                    help="conv requantize multipliers keep 24+ bits (default: 12+ at shift 24, which x86 "
                         "kernels run on 32-bit lanes, 2-9%% faster kernels)")
@@ -734,6 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--int4-inputs", type=int, choices=(4, 8), default=4,
                     help="input bits of 4-bit layers: 4 (W4A4, HAWQ-V3's) or 8 (W4A8: transformers need it); "
                          "counted in BOPS, kept in the plan for compile")
+    pl.add_argument("--int4-clip", choices=("max", "mse"), default="max",
+                    help="4-bit weights' step a channel: largest magnitude (max) or least squared error (mse); "
+                         "the perturbations use it, and compile --plan takes it from the plan")
     pl.add_argument("--pin-first-last", action="store_true", help="keep the first and last layer at the top bits")
     pl.add_argument("--pin", action="append", help="NAME=BITS (repeatable)")
     pl.add_argument("--tie", action="append", help="NAME,NAME,... layers that must share bits (repeatable)")

@@ -175,11 +175,13 @@ def _fmt(kind: str, value: float) -> str:
     return f"{value:.6g} ms"
 
 
-def perturbations(weight: np.ndarray, bits: Iterable[int] = (4, 8)) -> dict[int, float]:
+def perturbations(weight: np.ndarray, bits: Iterable[int] = (4, 8), int4_clip: str = "max") -> dict[int, float]:
     """||Q_b(W) - W||^2 for each bit width b, the planner's per-layer quantization error.
 
-    Q_b is symmetric per output channel (axis 0), as intforge quantizes weights: scale = max|W_c| /
-    (2^(b-1) - 1), round half to even, clip to +-(2^(b-1) - 1); a channel of zeros quantizes exactly.
+    Q_b is `quantize.quantize_weight`, as intforge quantizes weights: symmetric per output channel (axis
+    0), scale = max|W_c| / (2^(b-1) - 1), round half to even, clip to +-(2^(b-1) - 1); a channel of zeros
+    quantizes exactly. At 4 bits or fewer with `int4_clip="mse"` (`QuantConfig.int4_clip`), each
+    channel's scale is instead that of the clipping range with the least squared error.
     """
     w = np.asarray(weight, dtype=np.float64)
     if w.ndim == 0 or w.shape[0] == 0:
@@ -194,7 +196,7 @@ def perturbations(weight: np.ndarray, bits: Iterable[int] = (4, 8)) -> dict[int,
         b = _index(b, "a bit width")
         if not 2 <= b <= 8:
             raise PlanError(f"bit widths must be between 2 and 8 for weight quantization, got {b}")
-        q, scale = quantize_weight(w, b)
+        q, scale = quantize_weight(w, b, int4_clip if b <= 4 else "max")
         out[b] = float(np.sum((q.astype(np.float64) * scale.reshape(-1, 1) - w) ** 2))
     return out
 
@@ -260,6 +262,7 @@ class Plan:
     pin: dict[str, int] = field(default_factory=dict)
     tie: list[list[str]] = field(default_factory=list)
     layers: tuple[PlanLayer, ...] = field(default=(), repr=False)
+    int4_clip: str = "max"  # how its 4-bit layers' weights were taken to be quantized (`QuantConfig.int4_clip`)
 
     @property
     def int4_input_bits(self) -> int:
@@ -282,6 +285,7 @@ class Plan:
                         for b in self.budgets],
             "pin": dict(self.pin),
             "tie": [list(g) for g in self.tie],
+            "int4_clip": self.int4_clip,
             "layers": [{"name": lay.name, "bits": self.bits[lay.name], "params": lay.params, "macs": lay.macs,
                         "sensitivity": lay.sensitivity,
                         "perturbation": {str(b): v for b, v in lay.perturbation.items()},
@@ -314,7 +318,8 @@ class Plan:
                        limits={b["kind"]: float(b["limit"]) for b in data["budgets"] if b.get("limit") is not None},
                        status=str(data["status"]), bit_choices=tuple(int(b) for b in data["bit_choices"]),
                        pin={k: int(v) for k, v in data.get("pin", {}).items()},
-                       tie=[list(g) for g in data.get("tie", [])], layers=layers)
+                       tie=[list(g) for g in data.get("tie", [])], layers=layers,
+                       int4_clip=str(data.get("int4_clip", "max")))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PlanError(f"malformed bit plan: {exc!r}") from None
 
