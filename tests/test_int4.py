@@ -158,9 +158,10 @@ def test_w4a8_op_is_bit_exact(case, so_of):
     inputs across the whole 8-bit range, and no 4-bit requantize before a layer."""
     make, shape = CASES[case]
     torch.manual_seed(0)
-    # (and each 4-bit channel's clipping range searched: `quantize_weight(..., clip="mse")`)
-    program = quantize_module(make(), shape, quant=QuantConfig(bits=4, int4_input_bits=8, int4_clip="mse"))
-    assert program.meta["int4_clip"] == "mse"
+    # (and each 4-bit channel's clipping range searched: by the error on calibration inputs for linears,
+    # `quantize_weight(..., clip="output")`, by the weights' own error for convs)
+    program = quantize_module(make(), shape, quant=QuantConfig(bits=4, int4_input_bits=8, int4_clip="output"))
+    assert program.meta["int4_clip"] == "output"
     assert all(r["weight_bits"] == 4 and r["act_bits"] == 8 for r in program.layers())
     assert all(t.bits == 8 for t in program.tensors.values() if t.index_dtype is None)
     assert_bit_exact_int(program, so_of(program, boundary="int"))

@@ -375,6 +375,7 @@ def test_mse_clip_perturbations_search_each_channels_clipping_range(tmp_path):
     w[2] = rng.standard_normal(64)
     plain, mse = perturbations(w, bits=(4, 8)), perturbations(w, bits=(4, 8), int4_clip="mse")
     assert mse[8] == plain[8] and mse[4] < 0.95 * plain[4]
+    assert perturbations(w, bits=(4, 8), int4_clip="output") == mse  # (no calibration inputs here: as mse)
     expected = 0.0
     for row in w:
         expected += min(float(((np.clip(np.rint(row / (r * np.abs(row).max() / 7)), -7, 7) * (r * np.abs(row).max() / 7)

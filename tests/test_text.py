@@ -10,7 +10,7 @@ from torch import nn
 
 import intforge
 from conftest import assert_bit_exact_int
-from intforge import nonlinear, quantize, reference, zoo
+from intforge import calibrate, capture, nonlinear, quantize, reference, zoo
 from intforge.errors import IntforgeError, UnsupportedOpError
 from intforge.program import IntegerProgram
 
@@ -313,6 +313,45 @@ def test_the_cli_compiles_runs_and_times_all_minilm_l6_from_snippets(tmp_path):
     assert bad.returncode != 0 and "input 'mask'" in bad.stderr and "takes values in [0, 1]" in bad.stderr
 
 
+def test_output_clip_keeps_attention_scores_unclipped_and_clips_by_output_error():
+    """`int4_clip="output"`: the query and key projections (they reach the scores' matmul, which a softmax
+    reads) keep their largest magnitude; every other 4-bit linear takes, channel by channel, the clipping
+    range of least squared error on the calibration inputs it saw (`Ranges.rows`), which is never worse
+    there than the unclipped range or the weights' own least squared error."""
+    model = tiny_bert()
+    ids, mask = padded_batch(24, seed=3)
+    graph = capture.capture(model, (torch.from_numpy(ids[:2]), torch.from_numpy(mask[:2])))
+    scores = quantize.attention_score_inputs(graph)
+    assert {name.rsplit(".", 1)[-1] for name in scores} == {"query", "key"} and len(scores) == 4
+    linears = [op.name for op in graph.ops if op.kind == "linear"]
+    program, _ = intforge.quantize_model(model, (torch.from_numpy(ids[:2]), torch.from_numpy(mask[:2])),
+                                         [ids, mask], quant=quantize.QuantConfig(
+                                             layer_bits={n: 4 for n in linears}, int4_input_bits=8,
+                                             int4_clip="output"))
+    ranges = calibrate.collect_ranges(graph, [ids, mask])
+    weights = {op.name: op for op in graph.ops if op.kind == "linear"}
+    for op in program.ops:
+        if op.kind != "linear":
+            continue
+        w = weights[op.name].params["weight"].astype(np.float64)
+        rows = ranges.rows[weights[op.name].inputs[0]]
+        exp = program.tensors[op.inputs[0]].channel_exp
+        if exp is not None:  # (outlier input channels: their 2^k joins the weights and leaves the inputs)
+            w, rows = w * np.exp2(np.asarray(exp, np.float64)), rows * np.exp2(-np.asarray(exp, np.float64))
+        if op.name in scores:
+            np.testing.assert_array_equal(op.params["weight"], quantize.quantize_weight(w, 4)[0])
+            continue
+        assert rows.shape == (calibrate.KEEP_ROWS, w.shape[1])
+        np.testing.assert_array_equal(op.params["weight"], quantize.quantize_weight(w, 4, "output", rows)[0])
+
+        def output_error(clip: str, w=w, rows=rows) -> float:
+            q, s = quantize.quantize_weight(w, 4, clip, rows)
+            return float(((rows @ (q * s[:, None] - w).T) ** 2).sum())
+
+        assert output_error("output") <= min(output_error("max"), output_error("mse")) + 1e-9
+        assert output_error("output") < output_error("max")
+
+
 def test_hessian_plan_and_w4a8_compile_of_all_minilm_l6_from_the_cli(tmp_path):
     """`analyze` on snippets (two inputs, no classes: the loss is the hidden states' squared distance to
     float's, padded tokens left out), `plan` under a size budget with 4-bit layers on 8-bit inputs (W4A8)
@@ -331,7 +370,7 @@ def test_hessian_plan_and_w4a8_compile_of_all_minilm_l6_from_the_cli(tmp_path):
     assert traces["encoder.pooler.dense"] == 0.0  # (not on the output's path)
     assert all(v > 0 for k, v in traces.items() if "pooler" not in k)
     proc = intforge_cli("plan", "intforge.zoo:minilm_l6", "--analysis", str(analysis), "--data", "snippets:1",
-                        "--input-shape", "1,16", "--size", "75%", "--int4-inputs", "8", "--int4-clip", "mse",
+                        "--input-shape", "1,16", "--size", "75%", "--int4-inputs", "8", "--int4-clip", "output",
                         "-o", str(plan_json))
     chosen = json.loads(plan_json.read_text())["layers"]
     four = {entry["name"] for entry in chosen if entry["bits"] == 4}
@@ -346,7 +385,7 @@ def test_hessian_plan_and_w4a8_compile_of_all_minilm_l6_from_the_cli(tmp_path):
             if entry["name"] in four} == {(4, 8)}
     assert manifest["table_bytes"] >= 30522 * 384 and "MB of embedding tables" in proc.stdout
     program, lib = IntegerProgram.load(out / "model.iprog"), intforge.load(out / "model.so")
-    assert program.meta["int4_clip"] == "mse" and program.meta["int4_input_bits"] == 8  # (from the plan)
+    assert program.meta["int4_clip"] == "output" and program.meta["int4_input_bits"] == 8  # (from the plan)
     ids, mask = zoo.tokenize(zoo.rotten_tomatoes()[0][100:103], tokens=16)
     for i in range(3):
         np.testing.assert_array_equal(lib(ids[i:i + 1], mask[i:i + 1]),

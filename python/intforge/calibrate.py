@@ -78,6 +78,12 @@ class Ranges(dict):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.channels: dict[str, np.ndarray] = {}
+        # a few rows (last axis) of each linear layer's input: what `int4_clip="output"` measures errors on
+        self.rows: dict[str, np.ndarray] = {}
+
+
+#: Rows of each linear layer's input that calibration keeps (`Ranges.rows`), spread over its batches.
+KEEP_ROWS = 128
 
 
 def collect_ranges(graph: FloatGraph, data: Sequence[np.ndarray],
@@ -87,6 +93,8 @@ def collect_ranges(graph: FloatGraph, data: Sequence[np.ndarray],
     tokens = {op.output for op in graph.ops
               if op.kind in ("linear", "add", "layernorm", "unary") and len(graph.shapes[op.output]) >= 3}
     channels: dict[str, np.ndarray] = {}
+    linear_inputs = {op.inputs[0] for op in graph.ops if op.kind == "linear"}
+    rows: dict[str, list[np.ndarray]] = {}
     arrays = check_calibration_data(graph, data)
     n = arrays[0].shape[0]
     rng = np.random.default_rng(config.seed)
@@ -103,6 +111,10 @@ def collect_ranges(graph: FloatGraph, data: Sequence[np.ndarray],
         if name in tokens:
             top = v.abs().reshape(-1, v.shape[-1]).amax(0).numpy().astype(np.float64)
             channels[name] = np.maximum(channels[name], top) if name in channels else top
+        if name in linear_inputs and sum(len(r) for r in rows.get(name, [])) < KEEP_ROWS:
+            flat = v.reshape(-1, v.shape[-1]).numpy()
+            take = np.linspace(0, len(flat) - 1, min(len(flat), per_batch_rows), dtype=np.int64)
+            rows.setdefault(name, []).append(flat[take].astype(np.float64))
         if config.method == "percentile":
             flat = v.reshape(-1).numpy()
             if flat.size > per_batch:
@@ -116,6 +128,7 @@ def collect_ranges(graph: FloatGraph, data: Sequence[np.ndarray],
             arrays = [np.concatenate([a, np.resize(a, (size - n % size, *a.shape[1:]))]) for a in arrays]
             n = arrays[0].shape[0]
     per_batch = max(1, config.max_samples_per_tensor // max(1, -(-n // size)))  # (observe reads it)
+    per_batch_rows = max(8, KEEP_ROWS // max(1, -(-n // size)))
     with torch.no_grad():
         for start in range(0, n, size):
             batch = [torch.from_numpy(a[start:start + size]) for a in arrays]
@@ -123,6 +136,7 @@ def collect_ranges(graph: FloatGraph, data: Sequence[np.ndarray],
 
     ranges = Ranges()
     ranges.channels = channels
+    ranges.rows = {name: np.concatenate(r)[:KEEP_ROWS] for name, r in rows.items()}
     for name in mins:
         lo, hi = mins[name], maxs[name]
         if config.method == "percentile":

@@ -181,7 +181,8 @@ def perturbations(weight: np.ndarray, bits: Iterable[int] = (4, 8), int4_clip: s
     Q_b is `quantize.quantize_weight`, as intforge quantizes weights: symmetric per output channel (axis
     0), scale = max|W_c| / (2^(b-1) - 1), round half to even, clip to +-(2^(b-1) - 1); a channel of zeros
     quantizes exactly. At 4 bits or fewer with `int4_clip="mse"` (`QuantConfig.int4_clip`), each
-    channel's scale is instead that of the clipping range with the least squared error.
+    channel's scale is instead that of the clipping range with the least squared error; "output" (which
+    weighs errors by calibration inputs the planner does not have) is estimated as "mse".
     """
     w = np.asarray(weight, dtype=np.float64)
     if w.ndim == 0 or w.shape[0] == 0:
@@ -196,7 +197,7 @@ def perturbations(weight: np.ndarray, bits: Iterable[int] = (4, 8), int4_clip: s
         b = _index(b, "a bit width")
         if not 2 <= b <= 8:
             raise PlanError(f"bit widths must be between 2 and 8 for weight quantization, got {b}")
-        q, scale = quantize_weight(w, b, int4_clip if b <= 4 else "max")
+        q, scale = quantize_weight(w, b, ("mse" if int4_clip == "output" else int4_clip) if b <= 4 else "max")
         out[b] = float(np.sum((q.astype(np.float64) * scale.reshape(-1, 1) - w) ** 2))
     return out
 

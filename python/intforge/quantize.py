@@ -61,7 +61,8 @@ class QuantConfig:
     layer_bits: dict[str, int] = field(default_factory=dict)
     # the input activations' bits of a 4-bit layer: 4 (W4A4, HAWQ-V3's scheme) or 8 (W4A8)
     int4_input_bits: int = 4
-    # how a 4-bit layer's weight channels choose their step (`quantize_weight`): "max" or "mse"
+    # how a 4-bit layer's weight channels choose their step (`quantize_weight`): "max", "mse" or "output"
+    # ("output": by the error on calibration inputs, attention's query and key projections unclipped)
     int4_clip: str = "max"
     # conv requantizes at shift 24 where every channel's multiplier keeps 12 bits there
     # (`dyadic.conv_multipliers`: x86's epilogue then runs on 32-bit lanes); False keeps 24+ bits
@@ -94,12 +95,13 @@ def _scale(lo: float, hi: float, bits: int, signed: bool) -> float:
 
 
 #: How a weight channel's step is chosen (`quantize_weight`).
-WEIGHT_CLIPS = ("max", "mse")
+WEIGHT_CLIPS = ("max", "mse", "output")
 #: The clipping ranges the "mse" choice tries, as fractions of a channel's largest magnitude.
 CLIP_RATIOS = np.linspace(1.0, 0.5, 26)
 
 
-def quantize_weight(w: np.ndarray, bits: int, clip: str = "max") -> tuple[np.ndarray, np.ndarray]:
+def quantize_weight(w: np.ndarray, bits: int, clip: str = "max",
+                    rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-output-channel quantization: returns (q as int8, scales as float64).
 
     clip="max": a channel's step is its largest magnitude over qmax. clip="mse": the step of the
@@ -107,22 +109,52 @@ def quantize_weight(w: np.ndarray, bits: int, clip: str = "max") -> tuple[np.nda
     the channel the least squared error; at 4 bits (7 steps a side) one outlier weight otherwise spends
     the steps every other weight needs. Neither wins everywhere: on all-MiniLM-L6-v2 at W4A8 (2026-12-06)
     "mse" took the FFN output linears from cosine 0.89 to 0.95 and every linear at 4 bits from 0.63 to
-    0.75, but its attention projections (query, key, output) from 0.965 to 0.936."""
+    0.75, but its attention projections (query, key, output) from 0.965 to 0.936. clip="output": the
+    clipping range of least squared error in the layer's outputs on `rows` (a linear's calibration
+    inputs, [R, K]), ||rows (w_c - q_c)||^2 a channel; without rows, as "mse"."""
     if clip not in WEIGHT_CLIPS:
         raise QuantizationError(f"weight clip must be one of {WEIGHT_CLIPS}, got {clip!r}")
     qmax = (1 << (bits - 1)) - 1
     flat = w.reshape(w.shape[0], -1).astype(np.float64)
     amax = np.abs(flat).max(axis=1)
     scale = np.where(amax > 0, amax / qmax, 1.0)
-    if clip == "mse":
+    if clip == "output" and (rows is None or rows.shape[-1] != flat.shape[1]):
+        clip = "mse"
+    if clip in ("mse", "output"):
         best = np.full(len(flat), np.inf)
         for ratio in CLIP_RATIOS:  # (ratio 1 first: a tie keeps the unclipped range)
             s = np.where(amax > 0, ratio * amax / qmax, 1.0)
-            err = ((np.clip(np.round(flat / s[:, None]), -qmax, qmax) * s[:, None] - flat) ** 2).sum(axis=1)
+            diff = np.clip(np.round(flat / s[:, None]), -qmax, qmax) * s[:, None] - flat
+            err = (diff ** 2).sum(axis=1) if clip == "mse" else ((rows @ diff.T) ** 2).sum(axis=0)
             better = err < best
             best, scale = np.where(better, err, best), np.where(better, s, scale)
     q = np.clip(np.round(w / scale.reshape(-1, *([1] * (w.ndim - 1)))), -qmax, qmax).astype(np.int8)
     return q, scale
+
+
+def attention_score_inputs(graph: FloatGraph) -> set[str]:
+    """The linear layers whose outputs reach, through reshapes, transposes and scalings, a matmul of two
+    activations that a softmax reads: attention's query and key projections. `int4_clip="output"` keeps
+    their 4-bit weights unclipped: their largest outputs decide which keys win the softmax, which a
+    squared error on the outputs understates (MiniLM's query and key linears at W4A8, 2026-12-06: cosine
+    0.974 to float unclipped, 0.936 clipped by output error, while its value and output projections
+    gained by clipping, 0.968 -> 0.977 and 0.979 -> 0.983)."""
+    path = ("reshape", "transpose", "scale", "select")
+    scores = {op.name for op in graph.ops if op.kind == "matmul"
+              and any(u.kind == "softmax" for u in _readers_past(graph, op.output, (*path, "add")))}
+    return {op.name for op in graph.ops if op.kind == "linear"
+            and any(u.name in scores for u in _readers_past(graph, op.output, path))}
+
+
+def _readers_past(graph: FloatGraph, tensor: str, through: tuple[str, ...], depth: int = 8) -> list[FloatOp]:
+    """The ops that read `tensor`, looking past ops of the kinds `through` (at most `depth` deep)."""
+    out = []
+    for user in graph.users(tensor):
+        if user.kind in through and depth:
+            out += _readers_past(graph, user.output, through, depth - 1)
+        else:
+            out.append(user)
+    return out
 
 
 def _fusions(graph: FloatGraph) -> dict[str, FloatOp]:
@@ -211,6 +243,8 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
     consumers = {t: [f"linear{config.input_bits_of(e[0].name)}" if e[0].kind == "linear" else e[0].kind for e in es]
                  for t, es in readers.items()}
     channels = getattr(ranges, "channels", {})
+    inputs = getattr(ranges, "rows", {})
+    unclipped = attention_score_inputs(graph) if config.int4_clip == "output" else set()
 
     # A constant read only by an add (a positional embedding) joins that add's rounding offset at the output's
     # step, unrounded to 8 bits of its own: its largest entries (position 0's) had set a step 20x the rest's.
@@ -286,12 +320,14 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
 
         if op.kind in ("conv2d", "linear"):
             bits = config.bits_of(op.name)
+            source = ins[0]  # (calibration kept rows of it: `Ranges.rows`)
             ins = [input_at(ins[0], config.input_bits_of(op.name), op)]
             out = new_tensor(out_name, signed=not unsigned)
             if op.kind == "linear" and act is None:
                 out = with_outlier_channels(out)
             ops.append(_quantize_matmul_like(op, tensors[ins[0]], out, act, bits, config.short_requant,
-                                             config.int4_clip if bits == 4 else "max"))
+                                             config.int4_clip if bits == 4 and op.name not in unclipped else "max",
+                                             inputs.get(source)))
             ops[-1].inputs = ins
         elif op.kind == "add":
             if len(in_ts) == 2 and in_ts[0].shape != in_ts[1].shape:
@@ -385,11 +421,13 @@ def _quantize_add(op: FloatOp, ins: list[str], in_ts: list[QTensor], out: QTenso
 
 
 def _quantize_matmul_like(op: FloatOp, x: QTensor, out: QTensor, act: FloatOp | None, wbits: int,
-                          short_requant: bool = True, clip: str = "max") -> IntOp:
+                          short_requant: bool = True, clip: str = "max", rows: np.ndarray | None = None) -> IntOp:
     w = op.params["weight"]
     if x.channel_exp is not None:  # input channel c at step x.scale * 2^k_c: the 2^k_c joins the weights
         w = w * np.exp2(np.asarray(x.channel_exp, np.float64)).astype(np.float32)
-    qw, sw = quantize_weight(w, wbits, clip)
+        if rows is not None and rows.shape[-1] == w.shape[1]:  # (and leaves the inputs it multiplies)
+            rows = rows * np.exp2(-np.asarray(x.channel_exp, np.float64))
+    qw, sw = quantize_weight(w, wbits, clip, rows if op.kind == "linear" else None)
     acc_scale = x.scale * sw
     bias = np.round(op.params["bias"].astype(np.float64) / acc_scale)
     if np.any(np.abs(bias) > ACC_LIMIT):
