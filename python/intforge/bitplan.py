@@ -15,7 +15,7 @@ from .quantize import PASS_THROUGH, attention_score_inputs
 
 def plan_layers(graph: FloatGraph, report: SensitivityReport, bits: Iterable[int] = (4, 8),
                 latency: dict[str, dict[int, float]] | None = None, int4_input_bits: int = 4,
-                int4_clip: str = "max") -> list[PlanLayer]:
+                int4_clip: str = "output") -> list[PlanLayer]:
     """One PlanLayer per quantizable layer: size and MACs from the graph, sensitivity from the report,
     perturbation ||Q_b(W) - W||^2 of the deployed (BatchNorm-folded) weight; with `int4_input_bits=8`
     its 4-bit choice reads 8-bit inputs (W4A8, `QuantConfig.int4_input_bits`), which its BOPS count;

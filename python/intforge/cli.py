@@ -123,7 +123,7 @@ def _program_from_args(args: argparse.Namespace) -> Any:
         raise IntforgeError("give --input-shape (e.g. 1,3,224,224) or --calib data to take the shape from")
     from .quantize import QuantConfig
 
-    layer_bits, int4_inputs, int4_clip = {}, 4, "max"
+    layer_bits, int4_inputs, int4_clip = {}, 4, QuantConfig().int4_clip
     if args.plan:
         from .bitplan import read_plan
 
@@ -682,7 +682,7 @@ def _model_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--int4-clip", choices=("max", "mse", "output"),
                    help="4-bit weights' step a channel: its largest magnitude (max), the clipping range of least "
                         "squared error (mse) or of least error on calibration inputs, attention's query and key "
-                        "unclipped (output); default: the plan's, else max")
+                        "unclipped (output); default: the plan's, else output")
     c.add_argument("--precise-requant", action="store_true",
                    help="conv requantize multipliers keep 24+ bits (default: 12+ at shift 24, which x86 "
                         "kernels run on 32-bit lanes, 2-9%% faster kernels)")
@@ -739,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--int4-inputs", type=int, choices=(4, 8), default=4,
                     help="input bits of 4-bit layers: 4 (W4A4, HAWQ-V3's) or 8 (W4A8: transformers need it); "
                          "counted in BOPS, kept in the plan for compile")
-    pl.add_argument("--int4-clip", choices=("max", "mse", "output"), default="max",
+    pl.add_argument("--int4-clip", choices=("max", "mse", "output"), default="output",
                     help="4-bit weights' step a channel: largest magnitude (max) or least squared error (mse); "
                          "the perturbations use it, and compile --plan takes it from the plan")
     pl.add_argument("--pin-first-last", action="store_true", help="keep the first and last layer at the top bits")

@@ -263,7 +263,7 @@ class Plan:
     pin: dict[str, int] = field(default_factory=dict)
     tie: list[list[str]] = field(default_factory=list)
     layers: tuple[PlanLayer, ...] = field(default=(), repr=False)
-    int4_clip: str = "max"  # how its 4-bit layers' weights were taken to be quantized (`QuantConfig.int4_clip`)
+    int4_clip: str = "output"  # how its 4-bit layers' weights were taken to be quantized (`QuantConfig.int4_clip`)
 
     @property
     def int4_input_bits(self) -> int:
@@ -320,7 +320,7 @@ class Plan:
                        status=str(data["status"]), bit_choices=tuple(int(b) for b in data["bit_choices"]),
                        pin={k: int(v) for k, v in data.get("pin", {}).items()},
                        tie=[list(g) for g in data.get("tie", [])], layers=layers,
-                       int4_clip=str(data.get("int4_clip", "max")))
+                       int4_clip=str(data.get("int4_clip", "max")))  # (plans from before the choice: max)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PlanError(f"malformed bit plan: {exc!r}") from None
 
