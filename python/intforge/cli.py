@@ -740,8 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="input bits of 4-bit layers: 4 (W4A4, HAWQ-V3's) or 8 (W4A8: transformers need it); "
                          "counted in BOPS, kept in the plan for compile")
     pl.add_argument("--int4-clip", choices=("max", "mse", "output"), default="output",
-                    help="4-bit weights' step a channel: largest magnitude (max) or least squared error (mse); "
-                         "the perturbations use it, and compile --plan takes it from the plan")
+                    help="4-bit weights' step a channel: largest magnitude (max), least squared error (mse) or "
+                         "least error on calibration inputs (output; estimated here as mse); the perturbations use "
+                         "it, and compile --plan takes it from the plan")
     pl.add_argument("--pin-first-last", action="store_true", help="keep the first and last layer at the top bits")
     pl.add_argument("--pin", action="append", help="NAME=BITS (repeatable)")
     pl.add_argument("--tie", action="append", help="NAME,NAME,... layers that must share bits (repeatable)")

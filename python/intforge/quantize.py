@@ -112,7 +112,8 @@ def quantize_weight(w: np.ndarray, bits: int, clip: str = "max",
     "mse" took the FFN output linears from cosine 0.89 to 0.95 and every linear at 4 bits from 0.63 to
     0.75, but its attention projections (query, key, output) from 0.965 to 0.936. clip="output": the
     clipping range of least squared error in the layer's outputs on `rows` (a linear's calibration
-    inputs, [R, K]), ||rows (w_c - q_c)||^2 a channel; without rows, as "mse"."""
+    inputs, [R, K]), ||rows (w_c - q_c)||^2 a channel; without rows, as "mse". `QuantConfig.int4_clip`
+    picks one for 4-bit layers ("output" by default, attention's query and key kept at "max")."""
     if clip not in WEIGHT_CLIPS:
         raise QuantizationError(f"weight clip must be one of {WEIGHT_CLIPS}, got {clip!r}")
     qmax = (1 << (bits - 1)) - 1
