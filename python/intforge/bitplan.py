@@ -10,7 +10,7 @@ from .capture import FloatGraph
 from .errors import IntforgeError
 from .hessian import SensitivityReport
 from .planner import Plan, PlanLayer, perturbations
-from .quantize import PASS_THROUGH, attention_score_inputs
+from .quantize import PASS_THROUGH, int4_clips
 
 
 def plan_layers(graph: FloatGraph, report: SensitivityReport, bits: Iterable[int] = (4, 8),
@@ -29,15 +29,13 @@ def plan_layers(graph: FloatGraph, report: SensitivityReport, bits: Iterable[int
         raise IntforgeError(f"the sensitivity report has no entry for layers {missing}; it was made for another "
                             "model or a subset of layers. Re-run `intforge analyze` on this model.")
     weights = {op.name: op.params["weight"] for op in graph.ops if op.kind in ("conv2d", "linear")}
-    # (with int4_clip="output" attention's query and key projections stay unclipped: `quantize_weight`)
-    unclipped = attention_score_inputs(graph) if int4_clip == "output" else set()
+    clips = int4_clips(graph, int4_clip)
     out = []
     for r in rows:
         s = report.layer(r["name"])
         out.append(PlanLayer(name=r["name"], params=r["params"], macs=r["macs"],
                              sensitivity=max(0.0, float(s.trace_per_param)),
-                             perturbation=perturbations(weights[r["name"]], bits,
-                                                        "max" if r["name"] in unclipped else int4_clip),
+                             perturbation=perturbations(weights[r["name"]], bits, clips[r["name"]]),
                              latency_ms=(latency or {}).get(r["name"]), input_bits=input_bits))
     return out
 

@@ -41,11 +41,18 @@ SUPPORTED_ONNX_OPS = (
     "its Div-Erf-Add-Mul-Mul form), HardSwish, HardSigmoid (PyTorch's), LeakyRelu, Elu, Softplus, Mish, Softmax "
     "and LayerNormalization over the last axis, Dropout, Identity; and shape arithmetic on constants (Constant, "
     "Shape, Gather, GatherElements, Unsqueeze, Squeeze, Concat, Cast, Slice, Add, Sub, Mul, Div, ConstantOfShape, "
-    "Expand, Equal, compares, And / Or / Not, Where, Mod, Sqrt); integer inputs (token ids: Gather of a weight "
+    "Expand, Equal, compares, And / Or / Xor / Not, Where, Mod, Sqrt); integer inputs (token ids: Gather of a weight "
     "by them, an embedding; an attention mask: those ops on its values, then added to the scores)"
 )
 
 _FLOAT = 1  # onnx.TensorProto.FLOAT
+#: Compares and logic, as numpy (folded on constants and shapes) and as torch (on an integer input's values,
+#: for capture to evaluate): one table for both.
+_COMPARE_LOGIC = {"Equal": (np.equal, torch.eq), "Greater": (np.greater, torch.gt),
+                  "GreaterOrEqual": (np.greater_equal, torch.ge), "Less": (np.less, torch.lt),
+                  "LessOrEqual": (np.less_equal, torch.le), "And": (np.logical_and, torch.logical_and),
+                  "Or": (np.logical_or, torch.logical_or), "Xor": (np.logical_xor, torch.logical_xor),
+                  "Not": (np.logical_not, torch.logical_not)}
 _INTEGER_INPUTS = {6: "int32", 7: "int64", 9: "bool"}  # token ids, attention masks
 _QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
                   "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd"}
@@ -539,12 +546,11 @@ class _Builder:
         if op == "Expand":  # (ONNX's broadcast: either side may be 1)
             return lambda x, s: np.broadcast_to(np.asarray(x), np.broadcast_shapes(
                 np.shape(x), tuple(int(d) for d in np.asarray(s).ravel()))).copy()
-        if op in ("Equal", "Where", "Mod", "Sqrt", "And", "Or", "Not", "Greater", "GreaterOrEqual", "Less",
-                  "LessOrEqual"):
+        if op in _COMPARE_LOGIC:
+            return _COMPARE_LOGIC[op][0]
+        if op in ("Where", "Mod", "Sqrt"):
             fmod = int(a.get("fmod", 0))
-            return {"Equal": np.equal, "Where": np.where, "Sqrt": np.sqrt, "Mod": np.fmod if fmod else np.mod,
-                    "And": np.logical_and, "Or": np.logical_or, "Not": np.logical_not, "Greater": np.greater,
-                    "GreaterOrEqual": np.greater_equal, "Less": np.less, "LessOrEqual": np.less_equal}[op]
+            return {"Where": np.where, "Sqrt": np.sqrt, "Mod": np.fmod if fmod else np.mod}[op]
         if op == "GatherElements":
             axis = int(a.get("axis", 0))
             return lambda x, i: np.take_along_axis(np.asarray(x), np.asarray(i), axis)
@@ -612,11 +618,9 @@ class _Builder:
             return lambda *xs: torch.cat([t(x) for x in xs], int(a.get("axis", 0)))
         if op == "Where":
             return lambda c, x, y: torch.where(t(c).bool(), t(x), t(y))
-        if op == "Not":
-            return lambda x: torch.logical_not(t(x))
-        binary = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Equal": torch.eq, "Greater": torch.gt,
-                  "GreaterOrEqual": torch.ge, "Less": torch.lt, "LessOrEqual": torch.le,
-                  "And": torch.logical_and, "Or": torch.logical_or, "Xor": torch.logical_xor}
+        if op in _COMPARE_LOGIC:
+            return lambda *xs, _f=_COMPARE_LOGIC[op][1]: _f(*(t(x) for x in xs))
+        binary = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul}
         if op in binary:
             return lambda x, y, _f=binary[op]: _f(t(x), t(y))
         if op == "Div":

@@ -197,7 +197,7 @@ def perturbations(weight: np.ndarray, bits: Iterable[int] = (4, 8), int4_clip: s
         b = _index(b, "a bit width")
         if not 2 <= b <= 8:
             raise PlanError(f"bit widths must be between 2 and 8 for weight quantization, got {b}")
-        q, scale = quantize_weight(w, b, ("mse" if int4_clip == "output" else int4_clip) if b <= 4 else "max")
+        q, scale = quantize_weight(w, b, int4_clip if b <= 4 else "max")  # ("output" without inputs: as "mse")
         out[b] = float(np.sum((q.astype(np.float64) * scale.reshape(-1, 1) - w) ** 2))
     return out
 

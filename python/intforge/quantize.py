@@ -148,6 +148,14 @@ def attention_score_inputs(graph: FloatGraph) -> set[str]:
             and any(u.name in scores for u in _readers_past(graph, op.output, path))}
 
 
+def int4_clips(graph: FloatGraph, clip: str) -> dict[str, str]:
+    """How each conv/linear's weights are clipped at 4 bits under `QuantConfig.int4_clip=clip`: `clip`,
+    but "max" for attention's query and key projections under "output" (`attention_score_inputs`). The
+    quantizer and the planner's perturbations both read it."""
+    keep = attention_score_inputs(graph) if clip == "output" else set()
+    return {op.name: "max" if op.name in keep else clip for op in graph.ops if op.kind in ("conv2d", "linear")}
+
+
 def _readers_past(graph: FloatGraph, tensor: str, through: tuple[str, ...], depth: int = 8) -> list[FloatOp]:
     """The ops that read `tensor`, looking past ops of the kinds `through` (at most `depth` deep)."""
     out = []
@@ -246,7 +254,7 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
                  for t, es in readers.items()}
     channels = getattr(ranges, "channels", {})
     inputs = getattr(ranges, "rows", {})
-    unclipped = attention_score_inputs(graph) if config.int4_clip == "output" else set()
+    clips = int4_clips(graph, config.int4_clip)
 
     # A constant read only by an add (a positional embedding) joins that add's rounding offset at the output's
     # step, unrounded to 8 bits of its own: its largest entries (position 0's) had set a step 20x the rest's.
@@ -328,7 +336,7 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
             if op.kind == "linear" and act is None:
                 out = with_outlier_channels(out)
             ops.append(_quantize_matmul_like(op, tensors[ins[0]], out, act, bits, config.short_requant,
-                                             config.int4_clip if bits == 4 and op.name not in unclipped else "max",
+                                             clips[op.name] if bits == 4 else "max",
                                              inputs.get(source)))
             ops[-1].inputs = ins
         elif op.kind == "add":
