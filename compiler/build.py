@@ -16,6 +16,7 @@ from intforge.kernels import default_schedule_pass
 from intforge.kernels.winograd import FLAVOURS as WINOGRAD_FLAVOURS
 from intforge.program import IntegerProgram
 from intforge.relay_passes import dot_product_layout_pass, emit_program, verify_integer_only
+from intforge.relay_passes.inplace_residual import InplaceResidual
 from intforge.relay_passes.nhwc_layout import nhwc_layout_pass
 from intforge.relay_passes.residual_add import residual_add_pass
 from intforge.relay_passes.tensor_core import tensor_core_kernels
@@ -80,6 +81,12 @@ def winograd_convs(preset: TargetPreset) -> bool:
     return blocked_kernels(preset) in WINOGRAD_FLAVOURS and os.environ.get("INTFORGE_WINOGRAD", "1") != "0"
 
 
+def in_place_residuals() -> bool:
+    """Whether residual adds write over their shortcut where it dies there (relay_passes.inplace_residual),
+    unless INTFORGE_INPLACE_RESIDUAL=0 (to compare)."""
+    return os.environ.get("INTFORGE_INPLACE_RESIDUAL", "1") != "0"
+
+
 def _legalize_passes(preset: TargetPreset | None = None, dot_kernels: bool = True) -> list[tvm.transform.Pass]:
     """The target's kernels, then TVM's CPU legalization minus FoldConstant: folding would unpack INT4
     weights at compile time and embed them as int8, undoing the packing. Our emitted graphs have nothing
@@ -92,17 +99,20 @@ def _legalize_passes(preset: TargetPreset | None = None, dot_kernels: bool = Tru
 def _pipeline(target: tvm.target.Target, database=None, default_schedule: bool = True,
               preset: TargetPreset | None = None, dot_kernels: bool = True) -> tvm.transform.Pass:
     """TVM's CPU pipeline: our legalization, tuned schedules from `database` where it has them, then the
-    default schedule for the rest."""
+    default schedule for the rest, then residual adds written over their dying shortcuts."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     @tvm.transform.module_pass(opt_level=0, name="intforge.CPUPipeline")
     def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        inplace = InplaceResidual()
         with target:
             seq = tvm.transform.Sequential(
                 cpu_generic.library_dispatch_passes(target)
                 + _legalize_passes(preset, dot_kernels)
+                + ([inplace.find()] if in_place_residuals() else [])
                 + ([apply_database_pass(database, target)] if database is not None else [])
                 + ([default_schedule_pass(target)] if default_schedule else [])
+                + [inplace.apply()]
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)
             )
