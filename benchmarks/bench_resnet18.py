@@ -121,28 +121,6 @@ def time_engine(fn: Callable[[np.ndarray], Any], x: np.ndarray, repeat: int, war
     return timing_stats(ts, warmup, other_cpu_load(ticks, cpu_ticks()))
 
 
-SWITCH_PAUSE_S = 0.2  # between two engines' blocks: the last one's spinning threads park
-QUIET_WINDOW_S = 0.05  # ... and then until this process's threads used under QUIET_SHARE of a CPU this long
-QUIET_SHARE = 0.1
-QUIET_MOST_S = 3.0
-
-
-def settle() -> float:
-    """Sleep SWITCH_PAUSE_S, then until this process's threads are idle (under QUIET_SHARE of one CPU over
-    QUIET_WINDOW_S, at most QUIET_MOST_S): the seconds slept. An engine's pool threads spin after its last
-    call, and the next engine shares their cores meanwhile. TVM's workers spin-yield about 0.26 s on the
-    Zen 3 VM of 2026-12-05 (0.2 s had been enough on the Zen 5): the core probe after them read 2 threads
-    no faster than 1, and whatever ran next lost a core to them."""
-    t0 = time.perf_counter()
-    time.sleep(SWITCH_PAUSE_S)
-    while time.perf_counter() - t0 < QUIET_MOST_S:
-        c0 = time.process_time()
-        time.sleep(QUIET_WINDOW_S)
-        if time.process_time() - c0 < QUIET_SHARE * QUIET_WINDOW_S:
-            break
-    return time.perf_counter() - t0
-
-
 def time_interleaved(fns: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray, repeat: int, warmup: int,
                      rounds: int = 5, before: Callable[[], Any] | None = None,
                      each_round: Callable[[], Any] | None = None) -> dict[str, dict[str, Any]]:
@@ -155,6 +133,8 @@ def time_interleaved(fns: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray,
     compared round by round (`paired_ratio`). `before`, if given, runs before every timed call, outside
     its time (`bench_contention.py`: evict the caches); `each_round`, at the start of every round, also
     untimed (`bench_cpu_suite.py`: probe whether the two vCPUs run on cores of their own)."""
+    from intforge.peers import settle  # (imported here: the caller sets the thread variables before intforge)
+
     per_round = max(1, -(-repeat // rounds))
     ts: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():

@@ -418,6 +418,31 @@ def test_cli_compare_scores_and_times_intforge_against_onnx_runtime_on_the_same_
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_cli_compare_on_a_text_encoder_scores_embeddings_against_ort_static_and_dynamic(tmp_path):
+    """`intforge compare` on the real all-MiniLM-L6-v2 with movie-review snippets (token ids and masks): the
+    model exported with a dynamic batch axis, which both engines compile; ORT's static and dynamic INT8
+    (its advice for transformers) beside intforge's, scored by the cosine of their sentence embeddings to
+    ORT FP32's, and timed in turns, intforge against each."""
+    out = tmp_path / "cmp.json"
+    proc = intforge_cli("compare", "intforge.zoo:minilm_l6", "--calib", "snippets:12", "--data", "snippets:16",
+                        "--input-shape", "1,16", "--rounds", "2", "--repeat", "3", "--threads", "1", "--json",
+                        str(out), "-o", str(tmp_path / "cmp"))
+    assert "ORT INT8 dyn" in proc.stdout and "intforge INT8 / ORT INT8 dyn latency:" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["samples"] == 16 and result["batch"] == 1
+    cos = result["embedding_cosine_to_ort_fp32"]
+    assert cos["intforge_int8"]["mean"] > 0.97 and cos["ort_int8_dynamic"]["mean"] > 0.97
+    assert "top1_agreement_with_ort_fp32" not in result  # hidden states are not class scores
+    timing = result["latency"]
+    assert set(timing["engines"]) == {"ort_int8", "ort_int8_dynamic", "intforge_int8"}
+    assert timing["ratio_over_ort_int8_dynamic"] > 0 and timing["ratio"] == timing["ratio_over_ort_int8"]
+    assert (tmp_path / "cmp" / "ort_int8_dynamic.onnx").is_file() and (tmp_path / "cmp" / "model.onnx").is_file()
+    # an image model given text data: named, not a traceback from the exporter
+    proc = intforge_cli("compare", "intforge.zoo:mnist_net", "--calib", "snippets:4", "-o", str(tmp_path / "bad"),
+                        check=False)
+    assert proc.returncode == 2 and "gives 2 inputs a sample" in proc.stderr and "takes 1" in proc.stderr
+
+
 def _exported_and_pytorch_programs(model: torch.nn.Module, calib_shape: tuple[int, ...], dynamo: bool, tmp_path):
     """The integer programs of `model` exported to ONNX (by the dynamo exporter or TorchScript's) and of
     the model itself, quantized on the same random calibration set; and that set."""

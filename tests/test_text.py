@@ -17,13 +17,14 @@ from intforge.program import IntegerProgram
 VOCAB, TOKENS = 120, 16
 
 
-def tiny_bert(seed: int = 0) -> nn.Module:
-    """Hugging Face's BertModel class (its own embeddings, mask building and eager attention), 2 layers of
-    2 heads, width 32, seeded random weights, as a `zoo.TokenEncoder` (ids, mask) -> hidden states."""
+def tiny_bert(seed: int = 0, attention: str = "eager") -> nn.Module:
+    """Hugging Face's BertModel class (its own embeddings, mask building and eager attention, or "sdpa"),
+    2 layers of 2 heads, width 32, seeded random weights, as a `zoo.TokenEncoder` (ids, mask) -> hidden
+    states."""
     transformers = zoo._transformers()
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64, max_position_embeddings=32)
-    config._attn_implementation = "eager"
+    config._attn_implementation = attention
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = transformers.BertModel(config, add_pooling_layer=False)
@@ -392,22 +393,30 @@ def test_hessian_plan_and_w4a8_compile_of_all_minilm_l6_from_the_cli(tmp_path):
                                       reference.run_float(program, ids[i:i + 1], mask[i:i + 1])[0])
 
 
-@pytest.mark.parametrize("dynamo", [False, True])
+@pytest.mark.parametrize("dynamo", [False, True, "dynamic batch, sdpa"])
 def test_a_berts_onnx_file_from_either_exporter_gives_the_pytorch_paths_integers(tmp_path, dynamo):
     """The BERT exported to ONNX by either exporter (int64 ids and mask; the ids' Gather of the embedding
     table; the mask's Cast, Flatten, Gather / GatherND, Reshape, And, Expand and Where run as torch at call
     time, which capture evaluates) imports as a program whose outputs equal the PyTorch path's integer for
-    integer, and compiles bit-exact."""
+    integer, and compiles bit-exact. Also as `intforge compare` exports it (`peers.export_for_ort`: a
+    dynamic batch axis, so the token-type ids and positions come from Expand and Range on the input's shape,
+    an activation plus a table looked up by them; transformers' default attention, whose export guards the
+    softmax with Where(IsNaN(p), 0, p))."""
     import warnings
 
-    model = tiny_bert()
+    from intforge.peers import export_for_ort
+
+    model = tiny_bert(attention="sdpa" if isinstance(dynamo, str) else "eager")
     ids, mask = padded_batch(32, seed=0)
     example = (torch.from_numpy(ids[:2]), torch.from_numpy(mask[:2]))
     path = tmp_path / "bert.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, example, str(path), dynamo=dynamo, opset_version=18 if dynamo else 17,
-                          input_names=["ids", "mask"], output_names=["hidden"])
+    if isinstance(dynamo, str):
+        export_for_ort(model, example, path)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, example, str(path), dynamo=dynamo, opset_version=18 if dynamo else 17,
+                              input_names=["ids", "mask"], output_names=["hidden"])
     theirs, _ = intforge.quantize_model(model, example, [ids, mask])
     art = intforge.compile(path, example, [ids, mask], output=tmp_path / "onnx")
     ours = IntegerProgram.load(art.program_path)

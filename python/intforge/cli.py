@@ -538,11 +538,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """intforge INT8 against ONNX Runtime INT8 on the same .onnx file and calibration samples: accuracy (or
-    top-1 agreement with ORT's float run) and latency, timed in turns on the same threads."""
+    top-1 agreement with ORT's float run; for a text encoder, its sentence embeddings' cosine to ORT's float
+    ones) and latency, timed in turns on the same threads. A text encoder (data of token ids and masks,
+    `snippets:N`) is also compared with ORT's dynamic INT8, which ORT recommends for transformers."""
     import os
 
     from .datasets import load_data
-    from .peers import interleaved_latency, ort_quantize_static, ort_session
+    from .peers import (
+        interleaved_latency,
+        ort_quantize_dynamic,
+        ort_quantize_static,
+        ort_session,
+        ratio_of_medians,
+        round_ratio,
+    )
 
     if not args.calib or args.calib.split(":")[0] == "distilled":
         raise IntforgeError("compare needs --calib data: ONNX Runtime calibrates on the same samples as intforge")
@@ -561,58 +570,105 @@ def cmd_compare(args: argparse.Namespace) -> int:
     art = build(_program_from_args(args), out / "intforge", target="x86", boundary="float", tuned=not args.untuned)
     lib = load(art.library)
     threads = pool_threads()
-    shape = tuple(lib.inputs[0]["shape"])
+    shapes = [tuple(i["shape"]) for i in lib.inputs]
+    b = shapes[0][0]
 
-    def samples(spec: str, count: int | None) -> tuple[np.ndarray, np.ndarray | None]:
-        x, y = load_data(spec, count)
-        return _fit_samples(np.ascontiguousarray(x, np.float32), shape[1:], f"the samples of {spec}"), y
+    def samples(spec: str, count: int | None) -> tuple[tuple[np.ndarray, ...], np.ndarray | None]:
+        x, y = load_data(spec, count, shapes[0][-1])
+        if isinstance(x, tuple) != (len(shapes) > 1) or (isinstance(x, tuple) and len(x) != len(shapes)):
+            raise IntforgeError(f"{spec} gives {len(x) if isinstance(x, tuple) else 1} input(s) a sample; the model "
+                                f"takes {len(shapes)}")
+        if not isinstance(x, tuple):
+            return (_fit_samples(np.ascontiguousarray(x, np.float32), shapes[0][1:], f"the samples of {spec}"),), y
+        for a, shape, spec_in in zip(x, shapes, lib.inputs, strict=True):
+            if tuple(a.shape[1:]) != shape[1:]:
+                raise IntforgeError(f"the samples of {spec} have input '{spec_in['name']}' of shape {a.shape[1:]}, "
+                                    f"the model takes {shape[1:]}")
+        return x, y
 
     calib, _ = samples(args.calib, args.calib_count)
-    print(f"quantizing {args.model} with ONNX Runtime (static QDQ, per-channel, {len(calib)} samples)...")
-    qpath, qinfo = ort_quantize_static(args.model, calib, out / "ort_int8_qdq.onnx")
-    engines = {"ort_fp32": ort_session(args.model, threads), "ort_int8": ort_session(qpath, threads),
-               "intforge_int8": lib}
+    text = len(calib) > 1
+    print(f"quantizing {args.model} with ONNX Runtime (static QDQ, per-channel, {len(calib[0])} samples"
+          f"{'; and dynamic' if text else ''})...")
+    qpath, qinfo = ort_quantize_static(args.model, list(calib), out / "ort_int8_qdq.onnx")
+    engines = {"ort_fp32": ort_session(args.model, threads), "ort_int8": ort_session(qpath, threads)}
+    quantization = {"ort_int8": qinfo}
+    if text:
+        dpath, quantization["ort_int8_dynamic"] = ort_quantize_dynamic(args.model, out / "ort_int8_dynamic.onnx")
+        engines["ort_int8_dynamic"] = ort_session(dpath, threads)
+    engines["intforge_int8"] = lib
+    peers = [n for n in engines if n not in ("ort_fp32", "intforge_int8")]
+    quantized = [*peers, "intforge_int8"]
     x, y = samples(args.data, args.count) if args.data else (calib, None)
-    b = shape[0]
-    x = x[: len(x) - len(x) % b] if len(x) >= b else np.concatenate([x] * (-(-b // len(x))))[:b]
-    y = y[: len(x)] if y is not None else None
-    outs = {n: np.concatenate([np.asarray(fn(x[i:i + b])).reshape(b, -1) for i in range(0, len(x), b)])
-            for n, fn in engines.items()}
-    result: dict[str, Any] = {"model": args.model, "threads": threads, "batch": b, "samples": len(x),
-                              "data": args.data or f"{args.calib} (the calibration samples)", "ort_quantization": qinfo,
-                              "intforge_library": str(art.library)}
-    if outs["ort_fp32"].shape[1] > 1:  # class scores: top-1
-        top = {n: o.argmax(1) for n, o in outs.items()}
-        result["top1_agreement_with_ort_fp32"] = {n: float((top[n] == top["ort_fp32"]).mean())
-                                                  for n in ("ort_int8", "intforge_int8")}
-        if y is not None:
-            result["accuracy"] = {n: float((top[n] == y).mean()) for n in engines}
+    n = len(x[0])
+    x = tuple(a[: n - n % b] if n >= b else np.concatenate([a] * (-(-b // n)))[:b] for a in x)
+    y = y[: len(x[0])] if y is not None else None
+    outs = {name: np.concatenate([np.asarray(fn(*(a[i:i + b] for a in x))) for i in range(0, len(x[0]), b)])
+            for name, fn in engines.items()}
+    result: dict[str, Any] = {"model": args.model, "threads": threads, "batch": b, "samples": len(x[0]),
+                              "data": args.data or f"{args.calib} (the calibration samples)",
+                              "ort_quantization": quantization["ort_int8"], "intforge_library": str(art.library)}
+    if text:
+        result["ort_dynamic_quantization"] = quantization["ort_int8_dynamic"]
     ref = outs["ort_fp32"]
-    result["relative_error_vs_ort_fp32"] = {n: float(np.linalg.norm(outs[n] - ref) / max(np.linalg.norm(ref), 1e-30))
-                                            for n in ("ort_int8", "intforge_int8")}
+    if text and ref.ndim == 3:  # hidden states (batch, tokens, width): sentence embeddings over the real tokens
+        from .zoo import mean_pooled
+
+        mask = x[-1]
+        cos = {name: (mean_pooled(outs[name], mask) * mean_pooled(ref, mask)).sum(1) for name in quantized}
+        result["embedding_cosine_to_ort_fp32"] = {name: {"mean": float(c.mean()), "min": float(c.min())}
+                                                  for name, c in cos.items()}
+    elif ref.reshape(len(ref), -1).shape[1] > 1:  # class scores: top-1
+        top = {name: o.reshape(len(o), -1).argmax(1) for name, o in outs.items()}
+        result["top1_agreement_with_ort_fp32"] = {name: float((top[name] == top["ort_fp32"]).mean())
+                                                  for name in quantized}
+        if y is not None:
+            result["accuracy"] = {name: float((top[name] == y).mean()) for name in engines}
+    scale = max(float(np.linalg.norm(ref)), 1e-30)
+    result["relative_error_vs_ort_fp32"] = {name: float(np.linalg.norm(outs[name] - ref)) / scale for name in quantized}
     print(f"timing at batch {b} on {threads} threads: {args.rounds} rounds of {args.repeat} calls each, in turns...")
-    timing = interleaved_latency({"ort_int8": engines["ort_int8"], "intforge_int8": lib}, x[:b], args.rounds,
-                                 args.repeat)
+    timing = interleaved_latency({name: engines[name] for name in quantized},
+                                 tuple(a[:b] for a in x), args.rounds, args.repeat)
+    for peer in peers:  # (intforge over each ORT INT8: round by round, and of the medians)
+        timing[f"ratio_over_{peer}"] = round_ratio(timing, peer, "intforge_int8")
+        timing[f"ratio_of_medians_over_{peer}"] = ratio_of_medians(timing, peer, "intforge_int8")
+    timing["ratio"], timing["ratio_of_medians"] = (timing["ratio_over_ort_int8"],
+                                                   timing["ratio_of_medians_over_ort_int8"])
     result["latency"] = timing
-    print(f"\n{'':16s} {'ORT FP32':>10s} {'ORT INT8':>10s} {'intforge INT8':>14s}")
-    if "accuracy" in result:
-        a = result["accuracy"]
-        print(f"{'accuracy':16s} {a['ort_fp32']:10.4f} {a['ort_int8']:10.4f} {a['intforge_int8']:14.4f}   "
-              f"({len(x)} labelled samples)")
-    if "top1_agreement_with_ort_fp32" in result:
-        t = result["top1_agreement_with_ort_fp32"]
-        print(f"{'top-1 = FP32':16s} {1.0:10.4f} {t['ort_int8']:10.4f} {t['intforge_int8']:14.4f}")
-    e = result["relative_error_vs_ort_fp32"]
-    print(f"{'rel. error':16s} {0.0:10.4f} {e['ort_int8']:10.4f} {e['intforge_int8']:14.4f}   (vs ORT FP32 outputs)")
-    lat = timing["engines"]
-    print(f"{'latency (ms)':16s} {'':>10s} {lat['ort_int8']['median_ms']:10.3f} "
-          f"{lat['intforge_int8']['median_ms']:14.3f}   (medians)")
-    print(f"\nintforge INT8 / ORT INT8 latency: {timing['ratio']:.3f} round by round, "
-          f"{timing['ratio_of_medians']:.3f} by medians")
+    _print_comparison(result, peers, len(x[0]))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _print_comparison(result: dict[str, Any], peers: list[str], samples: int) -> None:
+    """`compare`'s table: a column an engine (ORT FP32, ORT's INT8s, intforge INT8), a row a measure."""
+    heads = {"ort_fp32": "ORT FP32", "ort_int8": "ORT INT8", "ort_int8_dynamic": "ORT INT8 dyn",
+             "intforge_int8": "intforge INT8"}
+    names = ["ort_fp32", *peers, "intforge_int8"]
+    print("\n" + f"{'':16s}" + " ".join(f"{heads[n]:>14s}" for n in names))
+
+    def row(label: str, values: dict[str, float], fmt: str = "14.4f", note: str = "") -> None:
+        cells = " ".join(f"{values[n]:{fmt}}" if n in values else f"{'':14s}" for n in names)
+        print(f"{label:16s}{cells}{note}")
+
+    if "accuracy" in result:
+        row("accuracy", result["accuracy"], note=f"   ({samples} labelled samples)")
+    if "top1_agreement_with_ort_fp32" in result:
+        row("top-1 = FP32", {"ort_fp32": 1.0, **result["top1_agreement_with_ort_fp32"]})
+    if "embedding_cosine_to_ort_fp32" in result:
+        cos = result["embedding_cosine_to_ort_fp32"]
+        row("cosine, mean", {"ort_fp32": 1.0, **{n: c["mean"] for n, c in cos.items()}},
+            note=f"   (sentence embeddings vs ORT FP32's, {samples} samples)")
+        row("cosine, min", {"ort_fp32": 1.0, **{n: c["min"] for n, c in cos.items()}})
+    row("rel. error", {"ort_fp32": 0.0, **result["relative_error_vs_ort_fp32"]}, note="   (vs ORT FP32 outputs)")
+    lat = result["latency"]
+    row("latency (ms)", {n: e["median_ms"] for n, e in lat["engines"].items()}, "14.3f", "   (medians)")
+    print()
+    for peer in peers:
+        print(f"intforge INT8 / {heads[peer]} latency: {lat[f'ratio_over_{peer}']:.3f} round by round, "
+              f"{lat[f'ratio_of_medians_over_{peer}']:.3f} by medians")
 
 
 def _export_for_ort(args: argparse.Namespace, path: Path) -> str:
@@ -626,10 +682,17 @@ def _export_for_ort(args: argparse.Namespace, path: Path) -> str:
     model = load_model_ref(args.model)
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
-    if args.input_shape:
+    tokens = args.input_shape[-1] if args.input_shape and len(args.input_shape) == 2 else 64
+    x, _ = load_data(args.calib, 1, tokens)
+    if isinstance(x, tuple):  # token ids and masks: the first sample of each (batch 1; the axis is dynamic)
+        takes = _positional_inputs(model)
+        if takes is not None and takes != len(x):
+            raise IntforgeError(f"--calib {args.calib} gives {len(x)} inputs a sample (token ids and masks); "
+                                f"{args.model} takes {takes}: give data of its own inputs")
+        example = tuple(torch.from_numpy(np.ascontiguousarray(a[:1])) for a in x)
+    elif args.input_shape:
         example = torch.zeros(args.input_shape)
     else:
-        x, _ = load_data(args.calib, 1)
         example = torch.from_numpy(np.ascontiguousarray(x[:1], np.float32))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -640,6 +703,16 @@ def _export_for_ort(args: argparse.Namespace, path: Path) -> str:
                             "yourself and pass the .onnx file") from None
     print(f"exported {args.model} to {path} (ONNX Runtime and intforge both compile this file)")
     return str(path)
+
+
+def _positional_inputs(model: Any) -> int | None:
+    """How many positional inputs a module's forward takes; None where it takes any number (*args)."""
+    import inspect
+
+    kinds = [p.kind for p in inspect.signature(model.forward).parameters.values()]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return None
+    return sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds)
 
 
 def cmd_board_server(args: argparse.Namespace) -> int:
@@ -789,7 +862,8 @@ def build_parser() -> argparse.ArgumentParser:
     cm = sub.add_parser("compare", help="intforge INT8 against ONNX Runtime INT8 on the same .onnx file (a "
                                         "PyTorch model is exported first): accuracy and latency, side by side")
     _model_args(cm)
-    cm.add_argument("--data", help="labelled set to score both on: mnist[:N], or an .npz with x and y (default: "
+    cm.add_argument("--data", help="set to score both on: mnist[:N], snippets[:N] (a text encoder's token ids and "
+                                   "masks), or an .npz with x and y (default: "
                                    "the calibration samples, top-1 agreement with ORT FP32 only)")
     cm.add_argument("--count", type=_COUNT, help="score only the first N samples of --data")
     cm.add_argument("--threads", type=_COUNT, help="threads for both engines (default: one per physical core)")

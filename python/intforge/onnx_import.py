@@ -41,8 +41,9 @@ SUPPORTED_ONNX_OPS = (
     "its Div-Erf-Add-Mul-Mul form), HardSwish, HardSigmoid (PyTorch's), LeakyRelu, Elu, Softplus, Mish, Softmax "
     "and LayerNormalization over the last axis, Dropout, Identity; and shape arithmetic on constants (Constant, "
     "Shape, Gather, GatherElements, Unsqueeze, Squeeze, Concat, Cast, Slice, Add, Sub, Mul, Div, ConstantOfShape, "
-    "Expand, Equal, compares, And / Or / Xor / Not, Where, Mod, Sqrt); integer inputs (token ids: Gather of a weight "
-    "by them, an embedding; an attention mask: those ops on its values, then added to the scores)"
+    "Expand, Range, Equal, compares, And / Or / Xor / Not, Where, Mod, Sqrt); integer inputs (token ids: Gather of a "
+    "weight by them, an embedding; an attention mask: those ops on its values, then added to the scores); a "
+    "softmax's NaN guard (Where(IsNaN(p), 0, p))"
 )
 
 _FLOAT = 1  # onnx.TensorProto.FLOAT
@@ -210,6 +211,7 @@ class _Builder:
         self.fns: dict[str, tuple[Any, _Fn]] = {}
         self.made: dict[str, torch.nn.Conv2d | torch.nn.Linear] = {}  # output value -> the layer computing it
         self.params: dict[str, str] = {}  # constant value -> the env key of its parameter (`parameter`)
+        self.nan_guards: dict[str, str] = {}  # IsNaN(p) of a softmax's output p -> p (`op_IsNaN`)
 
     # -- helpers --------------------------------------------------------------------------------------
     def where(self, node: Any, index: int) -> str:
@@ -449,6 +451,12 @@ class _Builder:
                 act, number = (live[0], live[1]) if live[1] in self.shape_like else (live[1], live[0])
                 self._scale_by(node, index, act, number, out)
                 return
+            if op == "Add" and len(live) == 2 and sum(i in self.shape_like for i in live) == 1:
+                # an activation plus a tensor computed from shapes: a BERT exported with a dynamic batch axis
+                # looks its token-type embeddings up by ids that Expand makes from the input's shape
+                act, table = (live[0], live[1]) if live[1] in self.shape_like else (live[1], live[0])
+                self._add_computed(node, index, act, table, out)
+                return
             raise self.refuse(node, index, "it mixes activations with values computed from shapes; intforge "
                                            "imports shape arithmetic only where it feeds a Reshape or scales an "
                                            "activation by one number")
@@ -554,6 +562,9 @@ class _Builder:
         if op == "GatherElements":
             axis = int(a.get("axis", 0))
             return lambda x, i: np.take_along_axis(np.asarray(x), np.asarray(i), axis)
+        if op == "Range":  # (position ids up to the input's length)
+            return lambda start, limit, delta: np.arange(np.asarray(start).item(), np.asarray(limit).item(),
+                                                         np.asarray(delta).item()).astype(np.asarray(start).dtype)
         if op == "Flatten":
             axis = int(a.get("axis", 1))
             return lambda x: np.asarray(x).reshape(int(np.prod(np.shape(x)[:axis])), -1)
@@ -812,6 +823,20 @@ class _Builder:
             return x / c if div else x * c
         self.step(scale, [act, number], out, node)
 
+    def _add_computed(self, node: Any, index: int, act: str, value: str, out: str) -> None:
+        """out = act + value, the value a float tensor computed from constants and shapes at call time: for
+        the one input shape intforge compiles, a constant tensor, which the capture sees added (as a
+        positional embedding)."""
+        where = self.where(node, index)
+
+        def add(x: Any, v: Any) -> Any:
+            v = np.asarray(v)
+            if v.dtype.kind != "f":
+                raise UnsupportedOpError(f"{where}: an activation plus integers computed from shapes; intforge "
+                                         "adds an activation and a constant float tensor")
+            return x + torch.from_numpy(np.ascontiguousarray(v, np.float32))
+        self.step(add, [act, value], out, node)
+
     def op_Mul(self, node, index, a, ins, out) -> None:
         numbers = [i for i in ins[:2] if i in self.static and self.static[i].size == 1]
         if len(numbers) == 1:  # an activation times (or over) a constant number
@@ -1021,6 +1046,26 @@ class _Builder:
         self.skip.update(self.consumers[v][0] for v in (node.output[0], erf.output[0], add.output[0], mul.output[0]))
         self.step(lambda v: torch.nn.functional.gelu(v), [x], last.output[0], erf)
         return True
+
+    def op_IsNaN(self, node, index, a, ins, out) -> None:
+        """Where(IsNaN(p), 0, p), p a Softmax's output: the guard PyTorch's exported scaled_dot_product_attention
+        puts on its probabilities (NaN where a row's every key is masked). Imported as p itself (`op_Where`):
+        intforge's integer softmax yields no NaN. Any other IsNaN is refused."""
+        users = self.consumers.get(node.output[0], [])
+        guard = self.graph.node[users[0]] if len(users) == 1 else None
+        src = self.producer.get(node.input[0])
+        if (guard is None or guard.op_type != "Where" or guard.input[0] != node.output[0]
+                or guard.input[2] != node.input[0] or src is None or src.op_type != "Softmax"):
+            raise self.refuse(node, index, "an IsNaN other than a softmax's NaN guard (Where(IsNaN(p), 0, p) on a "
+                                           "Softmax's output p); intforge's integer arithmetic has no NaN")
+        self.nan_guards[out] = ins[0]
+
+    def op_Where(self, node, index, a, ins, out) -> None:
+        zero = ins[1] in self.static and not np.any(self.static[ins[1]])
+        if ins[0] not in self.nan_guards or self.nan_guards[ins[0]] != ins[2] or not zero:
+            raise self.refuse(node, index, "a Where on activations; intforge imports Where on constants, shapes and "
+                                           "an attention mask, and a softmax's NaN guard (Where(IsNaN(p), 0, p))")
+        self.alias[node.output[0]] = ins[2]
 
     def op_Softmax(self, node, index, a, ins, out) -> None:
         if self.opset >= 13:

@@ -21,15 +21,20 @@ from .errors import IntforgeError
 
 def export_for_ort(model: Any, example: Any, path: str | Path) -> Path:
     """A PyTorch module as the .onnx file ORT runs: torch.onnx.export's TorchScript exporter, opset 17, the
-    batch axis dynamic (ORT's calibration feeds one sample at a time whatever batch is timed)."""
+    batch axis dynamic (ORT's calibration feeds one sample at a time whatever batch is timed). `example`: one
+    tensor (an image model's input), or a tuple of them (a text encoder's token ids and mask)."""
     import warnings
 
     import torch
 
+    several = isinstance(example, tuple)
+    inputs = [f"input{i}" for i in range(len(example))] if several else ["input"]
+    output = "output" if several else "logits"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (the TorchScript exporter announces its deprecation)
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(model, example if several else (example,), str(path), dynamo=False, opset_version=17,
+                          input_names=inputs, output_names=[output],
+                          dynamic_axes={n: {0: "batch"} for n in [*inputs, output]})
     return Path(path)
 
 
@@ -123,24 +128,50 @@ def ort_quantize_dynamic(fp32_path: str | Path, out_path: str | Path) -> tuple[P
                             "quantize_seconds": round(time.perf_counter() - t0, 2)}
 
 
-def interleaved_latency(engines: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray, rounds: int, repeat: int,
-                        warmup: int = 5) -> dict[str, Any]:
-    """Each engine's latency (ms) on `x`, measured in turns: every round times `repeat` calls of each engine,
-    the order alternating between rounds, so a slow phase of a shared machine lands on all of them alike.
-    Per engine: the median over all calls and each round's median; with two engines, `ratio`: the median
-    over rounds of the second's round median over the first's (the "round by round" ratio)."""
+SWITCH_PAUSE_S = 0.2  # between two engines' blocks: the last one's spinning threads park
+QUIET_WINDOW_S = 0.05  # ... and then until this process's threads used under QUIET_SHARE of a CPU this long
+QUIET_SHARE = 0.1
+QUIET_MOST_S = 3.0
+
+
+def settle() -> float:
+    """Sleep SWITCH_PAUSE_S, then until this process's threads are idle (under QUIET_SHARE of one CPU over
+    QUIET_WINDOW_S, at most QUIET_MOST_S): the seconds slept. An engine's pool threads spin after its last
+    call, and the next engine shares their cores meanwhile. TVM's workers spin-yield about 0.26 s on the
+    Zen 3 VM of 2026-12-05 (0.2 s had been enough on the Zen 5): the core probe after them read 2 threads
+    no faster than 1, and whatever ran next lost a core to them."""
+    t0 = time.perf_counter()
+    time.sleep(SWITCH_PAUSE_S)
+    while time.perf_counter() - t0 < QUIET_MOST_S:
+        c0 = time.process_time()
+        time.sleep(QUIET_WINDOW_S)
+        if time.process_time() - c0 < QUIET_SHARE * QUIET_WINDOW_S:
+            break
+    return time.perf_counter() - t0
+
+
+def interleaved_latency(engines: dict[str, Callable[..., Any]], x: np.ndarray | tuple[np.ndarray, ...], rounds: int,
+                        repeat: int, warmup: int = 5) -> dict[str, Any]:
+    """Each engine's latency (ms) on `x` (one input, or a tuple of them: token ids and mask), measured in
+    turns: every round times `repeat` calls of each engine, the order alternating between rounds, so a slow
+    phase of a shared machine lands on all of them alike; each block after `settle` and one untimed call
+    (the engine before it leaves its threads spinning). Per engine: the median over all calls and each
+    round's median; with two engines, `ratio`: `round_ratio` of the second over the first."""
     names = list(engines)
+    args = x if isinstance(x, tuple) else (x,)
     for fn in engines.values():
         for _ in range(warmup):
-            fn(x)
+            fn(*args)
     per_round: dict[str, list[float]] = {n: [] for n in names}
     calls: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for n in (names if r % 2 == 0 else names[::-1]):
+            settle()
+            engines[n](*args)
             ts = []
             for _ in range(repeat):
                 t0 = time.perf_counter()
-                engines[n](x)
+                engines[n](*args)
                 ts.append((time.perf_counter() - t0) * 1e3)
             calls[n] += ts
             per_round[n].append(statistics.median(ts))
@@ -149,7 +180,17 @@ def interleaved_latency(engines: dict[str, Callable[[np.ndarray], Any]], x: np.n
                                            "round_medians_ms": [round(v, 4) for v in per_round[n]]}
                                        for n in names}}
     if len(names) == 2:
-        a, b = names
-        out["ratio"] = statistics.median(rb / ra for ra, rb in zip(per_round[a], per_round[b], strict=True))
-        out["ratio_of_medians"] = out["engines"][b]["median_ms"] / out["engines"][a]["median_ms"]
+        out["ratio"], out["ratio_of_medians"] = round_ratio(out, *names), ratio_of_medians(out, *names)
     return out
+
+
+def round_ratio(timing: dict[str, Any], a: str, b: str) -> float:
+    """The "round by round" ratio of an `interleaved_latency` timing: the median over rounds of engine b's
+    round median over engine a's."""
+    ra, rb = (timing["engines"][n]["round_medians_ms"] for n in (a, b))
+    return statistics.median(y / x for x, y in zip(ra, rb, strict=True))
+
+
+def ratio_of_medians(timing: dict[str, Any], a: str, b: str) -> float:
+    """Engine b's median call over engine a's, in an `interleaved_latency` timing."""
+    return timing["engines"][b]["median_ms"] / timing["engines"][a]["median_ms"]
