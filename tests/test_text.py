@@ -17,13 +17,13 @@ from intforge.program import IntegerProgram
 VOCAB, TOKENS = 120, 16
 
 
-def tiny_bert(seed: int = 0, attention: str = "eager") -> nn.Module:
+def tiny_bert(seed: int = 0, attention: str = "eager", vocab: int = VOCAB, layers: int = 2) -> nn.Module:
     """Hugging Face's BertModel class (its own embeddings, mask building and eager attention, or "sdpa"),
     2 layers of 2 heads, width 32, seeded random weights, as a `zoo.TokenEncoder` (ids, mask) -> hidden
     states."""
     transformers = zoo._transformers()
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=32)
+    config = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
     config._attn_implementation = attention
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -312,6 +312,28 @@ def test_the_cli_compiles_runs_and_times_all_minilm_l6_from_snippets(tmp_path):
     bad = intforge_cli("run", str(out / "model.so"), "--input", str(tmp_path / "mask.npy"), str(tmp_path / "ids.npy"),
                        check=False)
     assert bad.returncode != 0 and "input 'mask'" in bad.stderr and "takes values in [0, 1]" in bad.stderr
+
+
+def snippet_bert() -> nn.Module:
+    """One layer of `tiny_bert` with all-MiniLM-L6-v2's vocabulary, so that `snippets:N` ids fit it: a text
+    encoder for the CLI tests (`PYTHONPATH=tests`, `test_text:snippet_bert`)."""
+    return tiny_bert(vocab=30522, layers=1)
+
+
+def test_the_cli_schedules_times_a_text_encoders_layers(tmp_path):
+    """`intforge schedules` on a text encoder (token ids and masks from --data snippets:N): each linear on
+    tokens compiled alone under each schedule, the table naming layers by their tails."""
+    import json
+    import os
+
+    from conftest import intforge_cli
+
+    out = tmp_path / "sched.json"
+    proc = intforge_cli("schedules", "test_text:snippet_bert", "--data", "snippets:2", "--input-shape", "1,8",
+                        "--repeat", "2", "-o", str(out), env={**os.environ, "PYTHONPATH": "tests"})
+    rows = json.loads(out.read_text())
+    assert len(rows) == 6 and all(r["kind"] == "linear" and r["ms"]["tensorized"] > 0 for r in rows)
+    assert "...er.0.attention.self.query" in proc.stdout and "...ayer.0.intermediate.dense" in proc.stdout
 
 
 def test_output_clip_keeps_attention_scores_unclipped_and_clips_by_output_error():

@@ -115,6 +115,12 @@ _RESHAPE = {"aten.flatten.using_ints", "aten.view.default", "aten.reshape.defaul
             "aten.squeeze.dim", "aten.squeeze.dims", "aten.unsqueeze.default", "aten.unflatten.int"}
 
 
+def short_layer_name(name: str, width: int) -> str:
+    """A layer name cut to `width` characters for a table, keeping its tail: a transformer's layer names
+    differ at the end (`...layer.3.attention.self.query`)."""
+    return name if len(name) <= width else "..." + name[-(width - 3):]
+
+
 def user_source(node: torch.fx.Node) -> str:
     """'file:line: code' of the innermost frame of model code (not torch's) that made `node`."""
     trace = node.meta.get("stack_trace") or ""

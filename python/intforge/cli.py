@@ -193,7 +193,8 @@ def _example_and_data(args: argparse.Namespace, model: Any,
         if isinstance(x, tuple):
             if not several:
                 raise IntforgeError(f"--data {args.data}: this command takes one-input models' data (images); "
-                                    "text data (token ids and masks) works with compile, tune, analyze and plan")
+                                    "text data (token ids and masks) works with compile, tune, analyze, plan, "
+                                    "schedules and compare")
             batch = args.input_shape[0] if args.input_shape else 1
             return tuple(torch.from_numpy(np.ascontiguousarray(a[:batch])) for a in x), x, y
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -271,6 +272,7 @@ def _analyze_encoder(args: argparse.Namespace, model: Any, xs: tuple[np.ndarray,
 
 
 def _analyze_and_report(args: argparse.Namespace, model: Any, batches: list, loss_fn: Any, samples: int) -> int:
+    from .capture import short_layer_name
     from .hessian import analyze
 
     t0 = time.perf_counter()
@@ -284,8 +286,8 @@ def _analyze_and_report(args: argparse.Namespace, model: Any, batches: list, los
           f"-> {out}, {plot}")
     print(f"{'layer':32s} {'params':>9s} {'trace/n':>11s} {'top eig':>11s} {'probes':>6s}")
     for s in sorted(report.layers, key=lambda s: -s.trace_per_param):
-        name = s.name if len(s.name) <= 32 else "..." + s.name[-29:]  # (a transformer's names differ at the end)
-        print(f"{name:32s} {s.num_params:9d} {s.trace_per_param:11.4g} {s.top_eigenvalue:11.4g} {s.probes:6d}")
+        print(f"{short_layer_name(s.name, 32):32s} {s.num_params:9d} {s.trace_per_param:11.4g} "
+              f"{s.top_eigenvalue:11.4g} {s.probes:6d}")
     return 0
 
 
@@ -486,13 +488,14 @@ def cmd_schedules(args: argparse.Namespace) -> int:
     from .schedules import compare_schedules, format_table, write_report
 
     model = load_model_ref(args.model)
-    example, _, _ = _example_and_data(args, model)
+    example, _, _ = _example_and_data(args, model, several=True)  # (a text encoder: ids and mask from --data)
     bits = {}
     if args.plan:
         from .bitplan import read_plan_bits
 
         bits = read_plan_bits(args.plan)
-    rows = compare_schedules(capture(model, (example,)), target=args.target, bits=bits, repeat=args.repeat)
+    rows = compare_schedules(capture(model, example if isinstance(example, tuple) else (example,)),
+                             target=args.target, bits=bits, repeat=args.repeat)
     print(format_table(rows))
     js, png = write_report(rows, args.output)
     print(f"wrote {js} and {png}")

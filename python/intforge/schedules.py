@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .capture import FloatGraph
+from .capture import FloatGraph, short_layer_name
 from .errors import IntforgeError
 from .latency import layer_program, time_layer_program
 
@@ -74,7 +74,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = " ".join(f"{r['ms'][v]:13.3f} {r['gops'][v]:15.2f}" for v in variants)
-        lines.append(f"{r['name'][:28]:28s} {r['bits']:4d} {r['macs'] / 1e6:8.2f} {cells} "
+        lines.append(f"{short_layer_name(r['name'], 28):28s} {r['bits']:4d} {r['macs'] / 1e6:8.2f} {cells} "
                      f"{100 * r['share_of_default']:5.1f}%")
     totals = " ".join(f"{sum(r['ms'][v] for r in rows):13.3f} {'':15s}" for v in variants)
     lines.append(f"{'total':28s} {'':4s} {sum(r['macs'] for r in rows) / 1e6:8.2f} {totals}")
