@@ -8,7 +8,9 @@ Steps (the library API; the CLI's `analyze --data snippets:N`, `plan --int4-inpu
                 4-bit layers on 8-bit inputs (W4A8); `--budgets` also gets two baselines at the same
                 4-bit weight count as each plan: the layers of *highest* trace per parameter at 4 bits
                 ("sensitive first"), and the plan's own layers on 4-bit inputs (W4A4, HAWQ-V3's scheme);
-                and each budget's plan with clipped 4-bit weights ("mse", "output": `QuantConfig.int4_clip`)
+                and each budget's plan with clipped 4-bit weights ("mse", "output": `QuantConfig.int4_clip`;
+                "output measured": its 4-bit perturbations measured on the quantized model, as `plan --data`
+                does, where "output" estimates them as "mse"'s)
     score       each configuration compiled (`--calib` snippets), checked bit-exact against the reference
                 on `--exact` snippets, and its sentence embeddings (mean-pooled) scored on `--test` held-out
                 snippets: cosine to float's and a fresh/rotten probe trained on float embeddings of `--train`
@@ -71,7 +73,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import intforge
     from intforge import reference, zoo
-    from intforge.bitplan import plan_layers
+    from intforge.bitplan import deployed_int4_perturbations, plan_layers
     from intforge.capture import capture
     from intforge.hessian import analyze, output_distortion
     from intforge.planner import Budget, plan
@@ -103,6 +105,11 @@ def main() -> None:
     layers = plan_layers(graph, report, (4, 8), int4_input_bits=8)
     clipped = {clip: plan_layers(graph, report, (4, 8), int4_input_bits=8, int4_clip=clip)
                for clip in ("mse", "output")}
+    # the "output" clip's 4-bit perturbations as compile deploys them (measured on the calibration snippets),
+    # what `plan --data` uses, beside the mse estimate the planner used before (2026-12-06 evening)
+    measured = deployed_int4_perturbations(model, example, [cal_ids, cal_mask], 8, "output")
+    clipped["output measured"] = plan_layers(graph, report, (4, 8), int4_input_bits=8, int4_clip="output",
+                                             int4_perturbations=measured)
     out["sensitivity"] = {lay.name: lay.sensitivity for lay in layers}
 
     # name -> (layers at 4 bits, their input bits, their weights' clip)
@@ -111,9 +118,9 @@ def main() -> None:
         budget = Budget("size", pct / 100.0, relative=True)
         four = {n: 4 for n, b in plan(layers, budgets=budget).bits.items() if b == 4}
         configs[f"plan {pct}% W4A8"] = (four, 8, "max")
-        for clip, planned in clipped.items():
-            configs[f"plan {pct}% W4A8 {clip}"] = ({n: 4 for n, b in plan(planned, budgets=budget).bits.items()
-                                                    if b == 4}, 8, clip)
+        for label, planned in clipped.items():
+            configs[f"plan {pct}% W4A8 {label}"] = ({n: 4 for n, b in plan(planned, budgets=budget).bits.items()
+                                                     if b == 4}, 8, label.split()[0])
         if 0 < pct < 100:
             held = sum(lay.params for lay in layers if lay.name in four)
             configs[f"sensitive first {pct}% W4A8"] = (sensitive_first(layers, held), 8, "max")
@@ -170,13 +177,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     kinds = {"W4A8": ("o-", "Hessian plan, W4A8"), "W4A8 mse": ("D-", "Hessian plan, W4A8, clipped (mse)"),
-             "W4A8 output": ("v-", "Hessian plan, W4A8, clipped (output)"),
+             "W4A8 output": ("v-", "Hessian plan, W4A8, clipped (output; perturbations as mse's)"),
+             "W4A8 output measured": ("P-", "Hessian plan, W4A8, clipped (output; perturbations measured)"),
              "sensitive first": ("s--", "most sensitive at 4 bits, W4A8"), "W4A4": ("^:", "Hessian plan, W4A4")}
 
     def kind_of(name: str) -> str:
         if name == "int8":
             return "int8"
-        return next(k for k in ("sensitive first", "W4A8 mse", "W4A8 output", "W4A4", "W4A8") if k in name)
+        return next(k for k in ("sensitive first", "W4A8 mse", "W4A8 output measured", "W4A8 output", "W4A4",
+                                "W4A8") if k in name)
 
     for kind, (style, label) in kinds.items():
         pts = sorted((r["linear_weight_mb"], r["cosine_mean"]) for n, r in result["configs"].items()

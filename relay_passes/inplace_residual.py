@@ -25,23 +25,14 @@ _CALL_TIR = "relax.call_tir"
 
 
 def _blocks(func: tirx.PrimFunc) -> list[s_tir.SBlock]:
-    found: list[s_tir.SBlock] = []
-    _walk(func.body, found)
+    """Every block of `func` under its root, nested ones included."""
+    sch = s_tir.Schedule(func)
+    found, todo = [], list(sch.get_child_blocks(sch.get_sblock("root")))
+    while todo:
+        b = todo.pop()
+        found.append(sch.get(b))
+        todo += sch.get_child_blocks(b)
     return found
-
-
-def _walk(stmt, found: list) -> None:
-    """The SBlocks under `stmt` (unscheduled fused PrimFuncs: a root block over loop nests of blocks)."""
-    if isinstance(stmt, s_tir.SBlockRealize):
-        _walk(stmt.block, found)
-    elif isinstance(stmt, s_tir.SBlock):
-        found.append(stmt)
-        _walk(stmt.body, found)
-    elif isinstance(stmt, tirx.SeqStmt):
-        for s in stmt.seq:
-            _walk(s, found)
-    elif hasattr(stmt, "body"):
-        _walk(stmt.body, found)
 
 
 def _same_region(a, b) -> bool:

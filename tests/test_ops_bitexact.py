@@ -1324,17 +1324,17 @@ def _in_place_adds(program) -> int:
     return inplace.rewritten
 
 
-@pytest.mark.parametrize("keep", [False, True])
-def test_residual_add_writes_over_a_dying_shortcut_and_only_there(keep, tmp_path):
+@pytest.mark.parametrize("keep,batch", [(False, 1), (True, 1), (False, 2)])
+def test_residual_add_writes_over_a_dying_shortcut_and_only_there(keep, batch, tmp_path):
     """relay_passes.inplace_residual: each identity block's add writes its result into its shortcut's
     buffer (no write-allocate of a fresh output, ResNet50 1-3% faster on the Zen 4), the same integers as
-    the reference; a shortcut still needed after the add (`keep`: concatenated to the output) is not
-    overwritten, and the off switch (INTFORGE_INPLACE_RESIDUAL=0) rewrites nothing."""
+    the reference, at batch 1 and 2; a shortcut still needed after the add (`keep`: a second output of
+    the model) is not overwritten."""
     import intforge
     from intforge.compiler import build
 
     torch.manual_seed(0)
-    program = quantize_module(IdentityBlocks(keep=keep), (1, 32, 12, 12))
+    program = quantize_module(IdentityBlocks(keep=keep), (batch, 32, 12, 12))
     assert _in_place_adds(program) == (1 if keep else 2)
     assert_bit_exact_int(program, intforge.load(build(program, tmp_path, boundary="int").library))
 

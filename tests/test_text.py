@@ -375,6 +375,38 @@ def test_output_clip_keeps_attention_scores_unclipped_and_clips_by_output_error(
         assert output_error("output") < output_error("max")
 
 
+def test_plans_take_the_4_bit_perturbations_the_quantizer_deploys():
+    """A plan's 4-bit perturbation ||Q_4(W) - W||^2 is that of the weights compile deploys: measured on the
+    model quantized at 4 bits (`bitplan.deployed_int4_perturbations`), it equals `planner.perturbations`'
+    from the weight alone under the "max" and "mse" clips, and under "output", which chooses each channel's
+    step by the error on calibration inputs, it is what that choice costs in the weights (not "mse"'s,
+    which the planner used to assume: 15-27% smaller on this BERT); `plan_layers` takes it."""
+    from intforge.bitplan import deployed_int4_perturbations, plan_layers
+    from intforge.hessian import LayerSensitivity, SensitivityReport
+    from intforge.planner import perturbations
+
+    model = tiny_bert()
+    ids, mask = padded_batch(32, seed=0)
+    example = (torch.from_numpy(ids[:2]), torch.from_numpy(mask[:2]))
+    graph = capture.capture(model, example)
+    weights = {op.name: op.params["weight"] for op in graph.ops if op.kind == "linear"}
+    clips = quantize.int4_clips(graph, "output")
+    for clip in ("max", "mse"):
+        got = deployed_int4_perturbations(model, example, [ids, mask], 8, clip)
+        for name, w in weights.items():
+            assert got[name] == pytest.approx(perturbations(w, (4,), clip)[4], rel=1e-9)
+    got = deployed_int4_perturbations(model, example, [ids, mask], 8, "output")
+    for name, w in weights.items():
+        if clips[name] == "max":  # attention's query and key projections keep their largest magnitude
+            assert got[name] == pytest.approx(perturbations(w, (4,), "max")[4], rel=1e-9)
+        else:
+            assert got[name] > perturbations(w, (4,), "mse")[4] * (1 + 1e-6)
+    report = SensitivityReport([LayerSensitivity(r["name"], r["kind"], r["params"], 1.0, 1.0, 1.0, 1, 1)
+                                for r in graph.layers()])
+    layers = plan_layers(graph, report, int4_input_bits=8, int4_perturbations=got)
+    assert {layer.name: layer.perturbation[4] for layer in layers} == got
+
+
 def test_hessian_plan_and_w4a8_compile_of_all_minilm_l6_from_the_cli(tmp_path):
     """`analyze` on snippets (two inputs, no classes: the loss is the hidden states' squared distance to
     float's, padded tokens left out), `plan` under a size budget with 4-bit layers on 8-bit inputs (W4A8)
@@ -395,6 +427,7 @@ def test_hessian_plan_and_w4a8_compile_of_all_minilm_l6_from_the_cli(tmp_path):
     proc = intforge_cli("plan", "intforge.zoo:minilm_l6", "--analysis", str(analysis), "--data", "snippets:1",
                         "--input-shape", "1,16", "--size", "75%", "--int4-inputs", "8", "--int4-clip", "output",
                         "-o", str(plan_json))
+    assert "4-bit perturbations measured on the model quantized at 4 bits (1 samples of snippets:1)" in proc.stdout
     chosen = json.loads(plan_json.read_text())["layers"]
     four = {entry["name"] for entry in chosen if entry["bits"] == 4}
     assert four and len(four) < len(chosen) and all(entry["input_bits"] == {"4": 8, "8": 8} for entry in chosen)

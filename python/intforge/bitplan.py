@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from .capture import FloatGraph
 from .errors import IntforgeError
@@ -15,11 +18,13 @@ from .quantize import PASS_THROUGH, int4_clips
 
 def plan_layers(graph: FloatGraph, report: SensitivityReport, bits: Iterable[int] = (4, 8),
                 latency: dict[str, dict[int, float]] | None = None, int4_input_bits: int = 4,
-                int4_clip: str = "output") -> list[PlanLayer]:
+                int4_clip: str = "output", int4_perturbations: dict[str, float] | None = None) -> list[PlanLayer]:
     """One PlanLayer per quantizable layer: size and MACs from the graph, sensitivity from the report,
     perturbation ||Q_b(W) - W||^2 of the deployed (BatchNorm-folded) weight; with `int4_input_bits=8`
     its 4-bit choice reads 8-bit inputs (W4A8, `QuantConfig.int4_input_bits`), which its BOPS count;
-    `int4_clip` is how the 4-bit weights will be quantized (`QuantConfig.int4_clip`)."""
+    `int4_clip` is how the 4-bit weights will be quantized (`QuantConfig.int4_clip`). The 4-bit
+    perturbations are `int4_perturbations`' where given (`deployed_int4_perturbations`: measured on the
+    quantized model, which the "output" clip needs), else computed from the weight alone."""
     bits = tuple(bits)
     input_bits = {b: (int4_input_bits if b == 4 else b) for b in bits} if int4_input_bits != 4 else None
     known = {layer.name for layer in report.layers}
@@ -33,10 +38,40 @@ def plan_layers(graph: FloatGraph, report: SensitivityReport, bits: Iterable[int
     out = []
     for r in rows:
         s = report.layer(r["name"])
+        delta = perturbations(weights[r["name"]], bits, clips[r["name"]])
+        if int4_perturbations and 4 in delta and r["name"] in int4_perturbations:
+            delta[4] = float(int4_perturbations[r["name"]])
         out.append(PlanLayer(name=r["name"], params=r["params"], macs=r["macs"],
-                             sensitivity=max(0.0, float(s.trace_per_param)),
-                             perturbation=perturbations(weights[r["name"]], bits, clips[r["name"]]),
+                             sensitivity=max(0.0, float(s.trace_per_param)), perturbation=delta,
                              latency_ms=(latency or {}).get(r["name"]), input_bits=input_bits))
+    return out
+
+
+def deployed_int4_perturbations(model: Any, example: tuple, calib: Any, int4_input_bits: int = 4,
+                                int4_clip: str = "output") -> dict[str, float]:
+    """Each conv/linear's ||Q_4(W) - W||^2 as `compile` deploys it at 4 bits: the model quantized with every
+    layer at 4 bits on `calib` (`quantize_model`, the one quantizer), each layer's dequantized weights
+    (their channel steps, and an outlier channel's power of two of its input taken back out) against the
+    float model's (BatchNorm folded). `planner.perturbations` computes the same from the weight alone for
+    the "max" and "mse" clips; the "output" clip chooses its steps by the error on calibration inputs, which
+    only the quantizer sees."""
+    from .api import quantize_model
+    from .quantize import QuantConfig
+
+    program, graph = quantize_model(model, example, calib, quant=QuantConfig(bits=4, int4_input_bits=int4_input_bits,
+                                                                            int4_clip=int4_clip))
+    weights = {op.name: op.params["weight"] for op in graph.ops if op.kind in ("conv2d", "linear")}
+    out = {}
+    for op in program.ops:
+        if op.kind not in ("conv2d", "linear") or op.name not in weights:
+            continue
+        w = np.asarray(weights[op.name], np.float64)
+        q = np.asarray(op.params["weight"], np.float64)
+        deq = q * np.asarray(op.params["weight_scale"], np.float64).reshape(-1, *([1] * (q.ndim - 1)))
+        exp = program.tensors[op.inputs[0]].channel_exp
+        if exp is not None:  # input channel c at 2^k_c times the tensor's step: the weights took the 2^k_c
+            deq = deq * np.exp2(-np.asarray(exp, np.float64)).reshape(1, -1, *([1] * (q.ndim - 2)))
+        out[op.name] = float(np.sum((deq - w.reshape(deq.shape)) ** 2))
     return out
 
 

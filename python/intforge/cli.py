@@ -329,8 +329,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .quantize import SUPPORTED_BITS
 
     model = load_model_ref(args.model)
-    example, _, _ = _example_and_data(args, model, several=True)
-    graph = capture(model, example if isinstance(example, tuple) else (example,))
+    example, x, _ = _example_and_data(args, model, several=True)
+    example = example if isinstance(example, tuple) else (example,)
+    graph = capture(model, example)
     report = SensitivityReport.from_json(args.analysis)
     try:
         bits = tuple(int(b) for b in args.bits.split(","))
@@ -347,7 +348,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         print("measuring per-layer latency on the target (cached for next time)...")
         latency = measure_layer_latency(graph, bits, target=args.target, progress=not args.quiet)
-    layers = plan_layers(graph, report, bits, latency, int4_input_bits=args.int4_inputs, int4_clip=args.int4_clip)
+    int4 = None
+    if args.int4_clip == "output" and 4 in bits:
+        if x is None:
+            print("  (the 4-bit perturbations estimated with the mse clip: give --data, the calibration data, to "
+                  "measure them as compile will quantize)")
+        else:  # the "output" clip reads calibration inputs: measured on the model quantized at 4 bits
+            from .bitplan import deployed_int4_perturbations
+
+            calib = list(x) if isinstance(x, tuple) else x
+            int4 = deployed_int4_perturbations(model, example, calib, args.int4_inputs, args.int4_clip)
+            samples = len(x[0]) if isinstance(x, tuple) else len(x)
+            print(f"  4-bit perturbations measured on the model quantized at 4 bits ({samples} samples of "
+                  f"{args.data})")
+    layers = plan_layers(graph, report, bits, latency, int4_input_bits=args.int4_inputs, int4_clip=args.int4_clip,
+                         int4_perturbations=int4)
     pin = {}
     for item in args.pin or []:
         name, _, b = item.partition("=")
@@ -806,7 +821,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("model", help="pkg.module:factory, .pt2 or .onnx")
     pl.add_argument("--analysis", required=True, help="analysis.json from `intforge analyze`")
     pl.add_argument("--input-shape", type=_shape, help="example input shape (batch first)")
-    pl.add_argument("--data", help="take the input shape from this data instead")
+    pl.add_argument("--data", help="take the input shape from this data instead; with --int4-clip output, the "
+                                   "calibration data the 4-bit perturbations are measured on (as compile's)")
     pl.add_argument("--size", help="weight size budget: 50%% (between all-INT4 and all-INT8) or 3.2MB")
     pl.add_argument("--bops", help="bit-operations budget: 50%% or 1.5G")
     pl.add_argument("--latency", help="latency budget, measured per layer on the target: 50%% or 12ms")
@@ -817,8 +833,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "counted in BOPS, kept in the plan for compile")
     pl.add_argument("--int4-clip", choices=("max", "mse", "output"), default="output",
                     help="4-bit weights' step a channel: largest magnitude (max), least squared error (mse) or "
-                         "least error on calibration inputs (output; estimated here as mse); the perturbations use "
-                         "it, and compile --plan takes it from the plan")
+                         "least error on calibration inputs (output: measured on --data, without it estimated as "
+                         "mse); the perturbations use it, and compile --plan takes it from the plan")
     pl.add_argument("--pin-first-last", action="store_true", help="keep the first and last layer at the top bits")
     pl.add_argument("--pin", action="append", help="NAME=BITS (repeatable)")
     pl.add_argument("--tie", action="append", help="NAME,NAME,... layers that must share bits (repeatable)")
