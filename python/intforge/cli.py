@@ -629,6 +629,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if text:
         result["ort_dynamic_quantization"] = quantization["ort_int8_dynamic"]
     ref = outs["ort_fp32"]
+    flat = {name: o.reshape(len(o), -1) for name, o in outs.items()}  # (each engine's outputs, sample by sample)
     if text and ref.ndim == 3:  # hidden states (batch, tokens, width): sentence embeddings over the real tokens
         from .zoo import mean_pooled
 
@@ -636,14 +637,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         cos = {name: (mean_pooled(outs[name], mask) * mean_pooled(ref, mask)).sum(1) for name in quantized}
         result["embedding_cosine_to_ort_fp32"] = {name: {"mean": float(c.mean()), "min": float(c.min())}
                                                   for name, c in cos.items()}
-    elif ref.reshape(len(ref), -1).shape[1] > 1:  # class scores: top-1
-        top = {name: o.reshape(len(o), -1).argmax(1) for name, o in outs.items()}
+    elif flat["ort_fp32"].shape[1] > 1:  # class scores: top-1
+        top = {name: f.argmax(1) for name, f in flat.items()}
         result["top1_agreement_with_ort_fp32"] = {name: float((top[name] == top["ort_fp32"]).mean())
                                                   for name in quantized}
         if y is not None:
             result["accuracy"] = {name: float((top[name] == y).mean()) for name in engines}
-    scale = max(float(np.linalg.norm(ref)), 1e-30)
-    result["relative_error_vs_ort_fp32"] = {name: float(np.linalg.norm(outs[name] - ref)) / scale for name in quantized}
+    scale = max(float(np.linalg.norm(flat["ort_fp32"])), 1e-30)
+    result["relative_error_vs_ort_fp32"] = {name: float(np.linalg.norm(flat[name] - flat["ort_fp32"])) / scale
+                                            for name in quantized}
     print(f"timing at batch {b} on {threads} threads: {args.rounds} rounds of {args.repeat} calls each, in turns...")
     timing = interleaved_latency({name: engines[name] for name in quantized},
                                  tuple(a[:b] for a in x), args.rounds, args.repeat)
