@@ -187,10 +187,15 @@ def main() -> None:
         print(f"intforge INT8 / ORT INT8 static: {out['ratio_intforge_over_ort_int8']}, dynamic: "
               f"{out['ratio_intforge_over_ort_int8_dynamic']}")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
-    plot(out, args.out.with_suffix(".png"))
-    print(f"wrote {args.out}")
+    write_result(out, args.out, plot)
+
+
+def write_result(result: dict[str, Any], path: Path, plot_fn) -> None:
+    """`result` as JSON at `path`, and `plot_fn(result, png)` beside it (the text benchmarks' outputs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    plot_fn(result, path.with_suffix(".png"))
+    print(f"wrote {path}")
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -22,7 +22,6 @@ Writes JSON (`--out`) and a plot of cosine against weight bytes beside it. About
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_resnet18 import result_header, set_thread_env, time_interleaved  # noqa: E402
-from bench_text import Split, embed, probe  # noqa: E402
+from bench_text import Split, embed, probe, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -107,7 +106,7 @@ def main() -> None:
                for clip in ("mse", "output")}
     # the "output" clip's 4-bit perturbations as compile deploys them (measured on the calibration snippets),
     # what `plan --data` uses, beside the mse estimate the planner used before (2026-12-06 evening)
-    measured = deployed_int4_perturbations(model, example, [cal_ids, cal_mask], 8, "output")
+    measured = deployed_int4_perturbations(graph, [cal_ids, cal_mask], 8, "output")
     clipped["output measured"] = plan_layers(graph, report, (4, 8), int4_input_bits=8, int4_clip="output",
                                              int4_perturbations=measured)
     out["sensitivity"] = {lay.name: lay.sensitivity for lay in layers}
@@ -163,10 +162,7 @@ def main() -> None:
             rows[n]["latency_ms"] = t["median_ms"]
             print(f"{n:26s} {t['median_ms']:.3f} ms (batch 1, {args.tokens} tokens, {args.threads} threads)")
     out["configs"] = rows
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
-    plot(out, args.out.with_suffix(".png"))
-    print(f"wrote {args.out}")
+    write_result(out, args.out, plot)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

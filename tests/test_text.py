@@ -392,10 +392,10 @@ def test_plans_take_the_4_bit_perturbations_the_quantizer_deploys():
     weights = {op.name: op.params["weight"] for op in graph.ops if op.kind == "linear"}
     clips = quantize.int4_clips(graph, "output")
     for clip in ("max", "mse"):
-        got = deployed_int4_perturbations(model, example, [ids, mask], 8, clip)
+        got = deployed_int4_perturbations(graph, [ids, mask], 8, clip)
         for name, w in weights.items():
             assert got[name] == pytest.approx(perturbations(w, (4,), clip)[4], rel=1e-9)
-    got = deployed_int4_perturbations(model, example, [ids, mask], 8, "output")
+    got = deployed_int4_perturbations(graph, [ids, mask], 8, "output")
     for name, w in weights.items():
         if clips[name] == "max":  # attention's query and key projections keep their largest magnitude
             assert got[name] == pytest.approx(perturbations(w, (4,), "max")[4], rel=1e-9)

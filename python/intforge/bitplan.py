@@ -47,19 +47,20 @@ def plan_layers(graph: FloatGraph, report: SensitivityReport, bits: Iterable[int
     return out
 
 
-def deployed_int4_perturbations(model: Any, example: tuple, calib: Any, int4_input_bits: int = 4,
+def deployed_int4_perturbations(graph: FloatGraph, calib: Any, int4_input_bits: int = 4,
                                 int4_clip: str = "output") -> dict[str, float]:
-    """Each conv/linear's ||Q_4(W) - W||^2 as `compile` deploys it at 4 bits: the model quantized with every
-    layer at 4 bits on `calib` (`quantize_model`, the one quantizer), each layer's dequantized weights
-    (their channel steps, and an outlier channel's power of two of its input taken back out) against the
-    float model's (BatchNorm folded). `planner.perturbations` computes the same from the weight alone for
-    the "max" and "mse" clips; the "output" clip chooses its steps by the error on calibration inputs, which
-    only the quantizer sees."""
-    from .api import quantize_model
-    from .quantize import QuantConfig
+    """Each conv/linear's ||Q_4(W) - W||^2 as `compile` deploys it at 4 bits: `graph` calibrated on `calib`
+    (one array per input) and quantized with every layer at 4 bits (`quantize`, the one quantizer), each
+    layer's dequantized weights (their channel steps, and an outlier channel's power of two of its input
+    taken back out) against the float graph's (BatchNorm folded). `planner.perturbations` computes the
+    same from the weight alone for the "max" and "mse" clips; the "output" clip chooses its steps by the
+    error on calibration inputs, which only the quantizer sees."""
+    from .calibrate import collect_ranges
+    from .quantize import QuantConfig, quantize
 
-    program, graph = quantize_model(model, example, calib, quant=QuantConfig(bits=4, int4_input_bits=int4_input_bits,
-                                                                            int4_clip=int4_clip))
+    calib = list(calib) if isinstance(calib, (list, tuple)) else [calib]
+    program = quantize(graph, collect_ranges(graph, calib),
+                       QuantConfig(bits=4, int4_input_bits=int4_input_bits, int4_clip=int4_clip))
     weights = {op.name: op.params["weight"] for op in graph.ops if op.kind in ("conv2d", "linear")}
     out = {}
     for op in program.ops:

@@ -356,8 +356,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         else:  # the "output" clip reads calibration inputs: measured on the model quantized at 4 bits
             from .bitplan import deployed_int4_perturbations
 
-            calib = list(x) if isinstance(x, tuple) else x
-            int4 = deployed_int4_perturbations(model, example, calib, args.int4_inputs, args.int4_clip)
+            int4 = deployed_int4_perturbations(graph, x, args.int4_inputs, args.int4_clip)
             samples = len(x[0]) if isinstance(x, tuple) else len(x)
             print(f"  4-bit perturbations measured on the model quantized at 4 bits ({samples} samples of "
                   f"{args.data})")

@@ -182,7 +182,8 @@ def perturbations(weight: np.ndarray, bits: Iterable[int] = (4, 8), int4_clip: s
     0), scale = max|W_c| / (2^(b-1) - 1), round half to even, clip to +-(2^(b-1) - 1); a channel of zeros
     quantizes exactly. At 4 bits or fewer with `int4_clip="mse"` (`QuantConfig.int4_clip`), each
     channel's scale is instead that of the clipping range with the least squared error; "output" (which
-    weighs errors by calibration inputs the planner does not have) is estimated as "mse".
+    weighs errors by calibration inputs the planner does not have) is estimated as "mse" here, and
+    measured by `bitplan.deployed_int4_perturbations` where there is calibration data.
     """
     w = np.asarray(weight, dtype=np.float64)
     if w.ndim == 0 or w.shape[0] == 0:
