@@ -152,6 +152,66 @@ def test_workers_go_free_while_their_core_is_taken_and_are_pinned_again_after(tm
     assert r["same"]  # (placement never changes a result)
 
 
+# Back-to-back calls read the workers' clocks only on every CHECK_EVERY-th call, and a call that took
+# SLOW_CALL times the fastest has the next one checked; none reads the CPU it runs on while the calls follow
+# each other closely, and the first (no call before it) and one after a rest do.
+SAMPLED_CHECKS = """
+import json, sys, time
+import numpy as np
+import intforge
+from intforge import threads
+threads.MEASURE_AFTER_S = 0.0
+lib = intforge.load(sys.argv[1])
+x = np.zeros(lib.inputs[0]["shape"], dtype=lib.inputs[0]["dtype"])
+reads = {"clock": 0, "cpu": 0}
+workers_time, current_cpu = threads._workers_time, threads._current_cpu
+def counted_time(clocks):
+    reads["clock"] += 1
+    return workers_time(clocks)
+def counted_cpu():
+    reads["cpu"] += 1
+    return current_cpu()
+threads._workers_time, threads._current_cpu = counted_time, counted_cpu
+lib(x)
+first = dict(reads)
+for _ in range(5):
+    lib(x)
+lib._placement.fastest = lib._placement.last / 1e6  # pretend there was a far faster call before
+before = dict(reads)
+lib(x)
+lib(x)
+after_slow = {k: reads[k] - before[k] for k in reads}
+threads._PINNED.calls = 0
+threads.SLOW_CALL, threads.RESTED_S = 1e9, 1e9  # (this machine's own slow calls and stalls left out)
+before = dict(reads)
+for _ in range(3 * threads.CHECK_EVERY):
+    lib(x)
+steady = {k: reads[k] - before[k] for k in reads}
+threads.RESTED_S = 1e-3
+time.sleep(0.01)
+before = dict(reads)
+lib(x)
+rested = {k: reads[k] - before[k] for k in reads}
+print(json.dumps({"first": first, "after_slow": after_slow, "steady": steady, "rested": rested,
+                  "every": threads.CHECK_EVERY, "pinned": bool(threads.pin_workers())}))
+"""
+
+
+@pytest.mark.skipif(not _two_cores(), reason="needs 2 physical cores (the checks are of pinned workers)")
+def test_back_to_back_calls_check_their_workers_one_call_in_check_every(tmp_path):
+    torch.manual_seed(0)
+    program = quantize_module(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()), (1, 16, 16, 16))
+    library = build(program, tmp_path / "conv", boundary="int").library
+    r = run_fresh_python(SAMPLED_CHECKS, str(library), unset=("TVM_BIND_THREADS",), TVM_NUM_THREADS="2")
+    assert r["pinned"]
+    assert r["first"]["cpu"] == 1  # no call before it: where the thread is, read
+    # the call after the slow one and the one after that (checked while fastest was still far below)
+    assert r["after_slow"]["clock"] >= 2 and r["after_slow"]["cpu"] >= 1
+    assert r["steady"]["clock"] == 2 * 3  # three checks in 3 x CHECK_EVERY calls, two clock reads each
+    assert r["steady"]["cpu"] == 3  # (read where a check is due)
+    assert r["rested"]["cpu"] == 1  # after 10 ms without a call the thread may have moved
+
+
 def test_core_cpus_groups_hardware_threads_by_core(tmp_path):
     smt = _fake_topology(tmp_path / "smt", {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"})
     assert core_cpus([0, 1, 2, 3], smt) == [frozenset({0, 2}), frozenset({1, 3})]

@@ -13,7 +13,7 @@ from . import pool
 from .dyadic import refuse_nan
 from .errors import ArtifactError, IntforgeError
 from .program import IntegerProgram, check_index_values
-from .threads import note_tvm_pool, off_worker_cores
+from .threads import Placement, note_tvm_pool
 
 
 def _load_fresh(library: Path):
@@ -143,6 +143,7 @@ class CompiledModel:
         self._inputs: list | None = None
         self._input_views: list[np.ndarray] | None = None
         self._call_lock = threading.Lock()
+        self._placement = None if self.on_gpu else Placement(own_pool=own_pool)
 
     @property
     def inputs(self) -> list[dict[str, Any]]:
@@ -175,20 +176,30 @@ class CompiledModel:
             else:
                 for t, a in zip(self._inputs, arrays, strict=True):
                     t.copyfrom(a)
-            with self._placed():
+            placement = self._placement
+            entered = placement.enter() if placement is not None else None
+            try:
                 res = self._fn(*self._inputs)
+            finally:
+                if placement is not None:
+                    placement.exit(entered)
             if len(self.outputs) == 1:
                 return self._numpy(res)
             return tuple(self._numpy(r) for r in res)
 
+    @contextlib.contextmanager
     def _placed(self):
-        """On the CPU, TVM's pool workers pinned and this thread off their cores for the call
-        (`threads.off_worker_cores`): each kernel splits its work evenly, so one core shared by two of
-        its threads halves the speed; a call that finds a worker's core taken by something else sets the
-        workers free for a while."""
-        if self.on_gpu:
-            return contextlib.nullcontext()
-        return off_worker_cores(self, own_pool=self.thread_pool == "intforge")
+        """On the CPU, the pool's workers pinned and this thread off their cores for the call
+        (`threads.Placement`, which `__call__` runs inline): each kernel splits its work evenly, so one
+        core shared by two of its threads halves the speed; a call that finds a worker's core taken by
+        something else sets the workers free for a while."""
+        placement = self._placement
+        entered = placement.enter() if placement is not None else None
+        try:
+            yield
+        finally:
+            if placement is not None:
+                placement.exit(entered)
 
     def _numpy(self, t) -> np.ndarray:
         """A result as a numpy array of its own. On the CPU through DLPack and one copy: 1 us for

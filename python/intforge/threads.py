@@ -23,10 +23,11 @@ pins workers, and sets the caller free on all cores.
 When something else runs on a pinned worker's core: that worker can go nowhere else, and every kernel
 waits for its half until the scheduler gives it a turn. With a busy process on the second of 2 cores,
 ResNet18 took 94-108 ms a call instead of 1.65 (2026-12-05; unpinned 3.1 ms, ORT INT8 8.2-8.6), and
-the worker had 1-2% of the call's time on its core. So each call long enough to tell
-(`MEASURE_AFTER_S`) also reads the workers' CPU time (intforge's pool: each worker's own clock; TVM's:
-the process's clock less the caller's share, which keeps up with workers that yield but lags by up to
-a scheduler tick behind ones that spin without system calls): a call whose workers ran for less than
+the worker had 1-2% of the call's time on its core. So calls long enough to tell (`MEASURE_AFTER_S`)
+also read the workers' CPU time, one in `CHECK_EVERY` and every one after a slow call (`SLOW_CALL`)
+(intforge's pool: each worker's own clock; TVM's: the process's clock less the caller's share, which
+keeps up with workers that yield but lags by up to a scheduler tick behind ones that spin without
+system calls): a call whose workers ran for less than
 `MIN_WORKER_SHARE` of it (CPU time over workers x wall time; 1.0 on a quiet machine, 0.63 the lowest of
 400 quiet calls on TVM's pool), `TAKEN_CALLS` times in a row (the first call after an idle
 while finds the workers asleep, and may read low alone), sets them free on every allowed core, and they
@@ -60,6 +61,16 @@ MIN_WORKER_SHARE = 0.5  # a pinned call whose workers ran less of it than this s
 MEASURE_AFTER_S = 200e-6  # a call is checked when the model's previous one took this long (two CPU-clock
 # reads, about 1 us: 5% of the MNIST demo's call, which is not checked while it stays that short)
 TAKEN_CALLS = 2  # checked calls in a row below MIN_WORKER_SHARE that set the workers free
+# Of the calls long enough to tell, one in CHECK_EVERY is checked, and every one after a call that took
+# SLOW_CALL times the model's fastest (a taken core slows a call 2x or far more) or after a strike. Each
+# check costs more than its microsecond: the model's call has just evicted the interpreter's own data from
+# the caches, and on the Zen 4 (2026-12-06) reading the workers' clocks after a ResNet50 call took 15-90 us
+# (with the list of their clocks fetched from the pool each time), 1-1.5% of the call.
+CHECK_EVERY = 16
+SLOW_CALL = 1.5
+FASTEST_DRIFT = 1.02  # the fastest call a model is measured against rises 2% a call: a slower phase of the
+# machine stops setting off checks after some 20 calls (a taken core is found within the first two)
+RESTED_S = 1e-3  # a call this long after the model's last one reads the CPU its thread is on (it may have slept)
 FREE_HOLD_S = (1.0, 64.0)  # the workers stay free this long before pinning is tried again; doubles up to
 # the second value each time the try finds them taken again
 
@@ -186,7 +197,8 @@ def pin_workers() -> frozenset[int]:
     _PINNED.free_until = None  # pinned (else the monotonic time until which the workers run free)
     _PINNED.hold = FREE_HOLD_S[0]
     _PINNED.strikes = 0  # checked calls in a row whose workers ran less than MIN_WORKER_SHARE of them
-    _PINNED.last = weakref.WeakKeyDictionary()  # the previous call's wall time, by model
+    _PINNED.calls = 0  # calls placed (a check every CHECK_EVERY of them)
+    _PINNED.clocks = None  # the pool's workers' CPU clocks (`_pool_clocks`)
     return busy
 
 
@@ -231,10 +243,15 @@ def _set_free(free: bool) -> None:
         _PINNED.free_until = None
 
 
-def _worker_clocks() -> list[int]:
-    from . import pool
+def _pool_clocks() -> list[int]:
+    """The CPU clocks of intforge's pool's workers, fetched from the pool once (its workers stay the same
+    threads; `off_worker_cores` fetches them again where one cannot be read)."""
+    clocks = _PINNED.clocks
+    if not clocks:
+        from . import pool
 
-    return pool.worker_clocks()
+        clocks = _PINNED.clocks = pool.worker_clocks()
+    return clocks
 
 
 def _workers_time(clocks: list[int]) -> float:
@@ -261,48 +278,89 @@ def _current_cpu() -> int:
     return int(_sched_getcpu()())
 
 
-@contextmanager
-def off_worker_cores(key: object = _PINNED, own_pool: bool = False) -> Iterator[None]:
-    """Run the body (a call of model `key`) with this thread off the pinned workers' cores where it is on
-    one now, its CPU affinity as before afterwards. A thread already elsewhere is left alone: while a
-    call runs it never sleeps, so the scheduler has no reason to move it onto a busy core. A call that
-    finds the pinned workers sharing their cores with something else sets them free for a while (the
-    module's docstring); one after that while pins them again. `own_pool`: the body's parallel loops
-    run on intforge's pool (pool.py), whose workers' time is read from their own clocks."""
-    busy = pin_workers()
-    if not busy:
-        yield
-        return
-    free_until = _PINNED.free_until
-    if free_until is not None and time.monotonic() >= free_until:
-        _set_free(False)
-    elif free_until is not None:
-        yield  # free: nothing to move, nothing to check
-        return
-    check = _PINNED.last.get(key, 0.0) >= MEASURE_AFTER_S
-    before = None  # this thread's affinity, where the call moves it off a worker's core
-    if _current_cpu() in busy:
-        allowed = os.sched_getaffinity(0)
-        if allowed - busy:
-            before = allowed
-            os.sched_setaffinity(0, allowed - busy)
-    clocks = _worker_clocks() if check and own_pool else []
-    cpu0 = _workers_time(clocks) if check else 0.0
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        wall = time.perf_counter() - t0
-        # the workers' CPU time in the call; the process's clock also counts the caller's (about wall)
-        cpu = _workers_time(clocks) - cpu0 + (0.0 if clocks else -wall) if check else 0.0
+class Placement:
+    """One model's calls kept off the pinned workers' cores (`enter` before a call, `exit` after it, or
+    `off_worker_cores` around it): this thread moved off a worker's core for the call where it is on one
+    now, its CPU affinity as before afterwards. A thread already elsewhere is left alone: while a call
+    runs it never sleeps, so the scheduler has no reason to move it onto a busy core. A call that finds
+    the pinned workers sharing their cores with something else sets them free for a while (the module's
+    docstring); one after that while pins them again. `own_pool`: the calls' parallel loops run on
+    intforge's pool (pool.py), whose workers' time is read from their own clocks.
+
+    Plain methods, not a generator: right after a model's call the interpreter's own data is out of the
+    caches, and each object a call's wrapper touches costs microseconds (a context manager's generator
+    20 us, a WeakKeyDictionary lookup 12, a ctypes call 17, after a ResNet50 call on the Zen 4). So the
+    CPU the thread is on is read only where the thread may have moved since the model's last call
+    (`RESTED_S` between them, or a check due)."""
+
+    __slots__ = ("own_pool", "last", "fastest", "ended", "__weakref__")
+
+    def __init__(self, own_pool: bool = False) -> None:
+        self.own_pool = own_pool
+        self.last = 0.0  # the previous call's wall time (s)
+        self.fastest = float("inf")  # the fastest call's, drifting up (FASTEST_DRIFT)
+        self.ended = float("-inf")  # when the previous call ended (perf_counter)
+
+    def enter(self) -> tuple | None:
+        """Before a call: returns what `exit` takes after it."""
+        busy = pin_workers()
+        if not busy:
+            return None
+        free_until = _PINNED.free_until
+        if free_until is not None:
+            if time.monotonic() < free_until:
+                return None  # free: nothing to move, nothing to check
+            _set_free(False)
+        _PINNED.calls += 1
+        due = bool(_PINNED.strikes or self.last > SLOW_CALL * self.fastest or _PINNED.calls % CHECK_EVERY == 0)
+        check = due and self.last >= MEASURE_AFTER_S
+        before = None  # this thread's affinity, where the call moves it off a worker's core
+        if (due or time.perf_counter() - self.ended > RESTED_S) and _current_cpu() in busy:
+            allowed = os.sched_getaffinity(0)
+            if allowed - busy:
+                before = allowed
+                os.sched_setaffinity(0, allowed - busy)
+        clocks = _pool_clocks() if check and self.own_pool else []
+        cpu0 = _workers_time(clocks) if check else 0.0
+        return before, check, clocks, cpu0, time.perf_counter()
+
+    def exit(self, entered: tuple | None) -> None:
+        """After the call `enter` returned `entered` for."""
+        if entered is None:
+            return
+        before, check, clocks, cpu0, t0 = entered
+        self.ended = time.perf_counter()
+        wall = self.ended - t0
         if before is not None:
             os.sched_setaffinity(0, before)
-        _PINNED.last[key] = wall
+        self.last, self.fastest = wall, min(wall, self.fastest * FASTEST_DRIFT)
+        if not check:
+            return
+        # the workers' CPU time in the call; the process's clock also counts the caller's (about wall)
+        cpu = _workers_time(clocks) - cpu0 + (0.0 if clocks else -wall)
+        if cpu != cpu:  # (nan: a worker's clock could not be read) fetch the workers' clocks afresh next time
+            _PINNED.clocks = None
         workers = _PINNED.pool[0] - 1
-        if check and cpu < MIN_WORKER_SHARE * workers * wall:
+        if cpu < MIN_WORKER_SHARE * workers * wall:
             _PINNED.strikes += 1  # (one alone may be a worker waking from sleep after an idle while)
             if _PINNED.strikes >= TAKEN_CALLS:
                 _set_free(True)  # a worker's core was taken: free them for a while
-        elif check:
+        else:
             _PINNED.strikes = 0
             _PINNED.hold = FREE_HOLD_S[0]  # pinned and unhindered: the next taken core starts the wait over
+
+
+_PLACEMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def off_worker_cores(key: object = _PINNED, own_pool: bool = False) -> Iterator[None]:
+    """`Placement` around the body (a call of model `key`), one Placement a key."""
+    placement = _PLACEMENTS.get(key)
+    if placement is None:
+        placement = _PLACEMENTS[key] = Placement(own_pool)
+    entered = placement.enter()
+    try:
+        yield
+    finally:
+        placement.exit(entered)
