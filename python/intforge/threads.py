@@ -245,7 +245,7 @@ def _set_free(free: bool) -> None:
 
 def _pool_clocks() -> list[int]:
     """The CPU clocks of intforge's pool's workers, fetched from the pool once (its workers stay the same
-    threads; `off_worker_cores` fetches them again where one cannot be read)."""
+    threads; `Placement.exit` has them fetched again where one cannot be read)."""
     clocks = _PINNED.clocks
     if not clocks:
         from . import pool
