@@ -410,8 +410,8 @@ def test_plans_take_the_4_bit_perturbations_the_quantizer_deploys():
 def test_hessian_plan_and_w4a8_compile_of_all_minilm_l6_from_the_cli(tmp_path):
     """`analyze` on snippets (two inputs, no classes: the loss is the hidden states' squared distance to
     float's, padded tokens left out), `plan` under a size budget with 4-bit layers on 8-bit inputs (W4A8)
-    and clipped weights, then `compile --plan`: the 4-bit layers read 8-bit inputs, their weights clipped
-    as planned, and the library equals the reference."""
+    and clipped weights, then `compile --plan --int4-rounding gptq`: the 4-bit layers read 8-bit inputs,
+    their weights clipped as planned and rounded by GPTQ, and the library equals the reference."""
     import json
 
     from conftest import intforge_cli
@@ -435,13 +435,14 @@ def test_hessian_plan_and_w4a8_compile_of_all_minilm_l6_from_the_cli(tmp_path):
     eight = [v for n, v in traces.items() if n not in four and "pooler" not in n]
     assert max(eight) > max(traces[n] for n in four) and np.mean(eight) > np.mean([traces[n] for n in four])
     proc = intforge_cli("compile", "intforge.zoo:minilm_l6", "--calib", "snippets:16", "--input-shape", "1,16",
-                        "--plan", str(plan_json), "-o", str(out))
+                        "--plan", str(plan_json), "--int4-rounding", "gptq", "-o", str(out))
     manifest = json.loads((out / "model.json").read_text())
     assert {(entry["weight_bits"], entry["act_bits"]) for entry in manifest["layers"]
             if entry["name"] in four} == {(4, 8)}
     assert manifest["table_bytes"] >= 30522 * 384 and "MB of embedding tables" in proc.stdout
     program, lib = IntegerProgram.load(out / "model.iprog"), intforge.load(out / "model.so")
     assert program.meta["int4_clip"] == "output" and program.meta["int4_input_bits"] == 8  # (from the plan)
+    assert program.meta["int4_rounding"] == "gptq"
     ids, mask = zoo.tokenize(zoo.rotten_tomatoes()[0][100:103], tokens=16)
     for i in range(3):
         np.testing.assert_array_equal(lib(ids[i:i + 1], mask[i:i + 1]),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,6 +80,9 @@ class Ranges(dict):
         self.channels: dict[str, np.ndarray] = {}
         # a few rows (last axis) of each linear layer's input: what `int4_clip="output"` measures errors on
         self.rows: dict[str, np.ndarray] = {}
+        # the mean of x x^T over every row of the inputs `collect_ranges` was asked for (`hessians`): what
+        # GPTQ rounds a 4-bit linear's weights by (`quantize.gptq_round`)
+        self.hessians: dict[str, np.ndarray] = {}
 
 
 #: Rows of each linear layer's input that calibration keeps (`Ranges.rows`), spread over its batches.
@@ -87,9 +90,12 @@ KEEP_ROWS = 128
 
 
 def collect_ranges(graph: FloatGraph, data: Sequence[np.ndarray],
-                   config: CalibConfig | None = None) -> Ranges:
-    """Run the float graph over `data` and return (lo, hi) for every tensor."""
+                   config: CalibConfig | None = None, hessians: Collection[str] = ()) -> Ranges:
+    """Run the float graph over `data` and return (lo, hi) for every tensor, and for each tensor named in
+    `hessians` (linear layers' inputs) the mean of x x^T over its rows (`Ranges.hessians`)."""
     config = config or CalibConfig()
+    second: dict[str, torch.Tensor] = {}  # sums of x x^T (float64), and their rows
+    counted: dict[str, int] = {}
     tokens = {op.output for op in graph.ops
               if op.kind in ("linear", "add", "layernorm", "unary") and len(graph.shapes[op.output]) >= 3}
     channels: dict[str, np.ndarray] = {}
@@ -115,6 +121,11 @@ def collect_ranges(graph: FloatGraph, data: Sequence[np.ndarray],
             flat = v.reshape(-1, v.shape[-1]).numpy()
             take = np.linspace(0, len(flat) - 1, min(len(flat), per_batch_rows), dtype=np.int64)
             rows.setdefault(name, []).append(flat[take].astype(np.float64))
+        if name in hessians:
+            flat = v.reshape(-1, v.shape[-1]).to(torch.float32)
+            xx = (flat.T @ flat).to(torch.float64)
+            second[name] = second[name] + xx if name in second else xx
+            counted[name] = counted.get(name, 0) + flat.shape[0]
         if config.method == "percentile":
             flat = v.reshape(-1).numpy()
             if flat.size > per_batch:
@@ -137,6 +148,7 @@ def collect_ranges(graph: FloatGraph, data: Sequence[np.ndarray],
     ranges = Ranges()
     ranges.channels = channels
     ranges.rows = {name: np.concatenate(r)[:KEEP_ROWS] for name, r in rows.items()}
+    ranges.hessians = {name: (h / counted[name]).numpy() for name, h in second.items()}
     for name in mins:
         lo, hi = mins[name], maxs[name]
         if config.method == "percentile":

@@ -131,6 +131,7 @@ def _program_from_args(args: argparse.Namespace) -> Any:
     int4_inputs = getattr(args, "int4_inputs", None) or int4_inputs
     int4_clip = getattr(args, "int4_clip", None) or int4_clip
     quant = QuantConfig(bits=args.bits, layer_bits=layer_bits, int4_input_bits=int4_inputs, int4_clip=int4_clip,
+                        int4_rounding=getattr(args, "int4_rounding", None) or "nearest",
                         short_requant=not getattr(args, "precise_requant", False))
     example = example if isinstance(example, tuple) else (example,)
     program, _ = api.quantize_model(model, example, calib, calibration=args.calib_method, quant=quant)
@@ -775,6 +776,9 @@ def _model_args(c: argparse.ArgumentParser) -> None:
                    help="4-bit weights' step a channel: its largest magnitude (max), the clipping range of least "
                         "squared error (mse) or of least error on calibration inputs, attention's query and key "
                         "unclipped (output); default: the plan's, else output")
+    c.add_argument("--int4-rounding", choices=("nearest", "gptq"), default="nearest",
+                   help="4-bit linears' weights rounded to nearest, or by GPTQ on the calibration inputs (each "
+                        "column's error spread over the columns after it; convs round to nearest)")
     c.add_argument("--precise-requant", action="store_true",
                    help="conv requantize multipliers keep 24+ bits (default: 12+ at shift 24, which x86 "
                         "kernels run on 32-bit lanes, 2-9%% faster kernels)")

@@ -65,6 +65,10 @@ class QuantConfig:
     # ("output": by the error on calibration inputs, attention's query and key projections unclipped; the
     # best of the three on MiniLM and MNIST, 2026-12-06)
     int4_clip: str = "output"
+    # how a 4-bit linear's weights round to its channel steps (`quantize_weight`'s, whatever the clip chose):
+    # "nearest", or "gptq": column by column, each column's rounding error spread over the columns not yet
+    # rounded by the calibration inputs' second moments (`gptq_round`; convs round to nearest)
+    int4_rounding: str = "nearest"
     # conv requantizes at shift 24 where every channel's multiplier keeps 12 bits there
     # (`dyadic.conv_multipliers`: x86's epilogue then runs on 32-bit lanes); False keeps 24+ bits
     short_requant: bool = True
@@ -78,6 +82,8 @@ class QuantConfig:
                                     f"{self.int4_input_bits}")
         if self.int4_clip not in WEIGHT_CLIPS:
             raise QuantizationError(f"int4_clip must be one of {WEIGHT_CLIPS}, got {self.int4_clip!r}")
+        if self.int4_rounding not in WEIGHT_ROUNDINGS:
+            raise QuantizationError(f"int4_rounding must be one of {WEIGHT_ROUNDINGS}, got {self.int4_rounding!r}")
 
     def bits_of(self, layer: str) -> int:
         return int(self.layer_bits.get(layer, self.bits))
@@ -97,6 +103,7 @@ def _scale(lo: float, hi: float, bits: int, signed: bool) -> float:
 
 #: How a weight channel's step is chosen (`quantize_weight`).
 WEIGHT_CLIPS = ("max", "mse", "output")
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
 #: The clipping ranges the "mse" choice tries, as fractions of a channel's largest magnitude.
 CLIP_RATIOS = np.linspace(1.0, 0.5, 26)
 
@@ -132,6 +139,58 @@ def quantize_weight(w: np.ndarray, bits: int, clip: str = "max",
             best, scale = np.where(better, err, best), np.where(better, s, scale)
     q = np.clip(np.round(w / scale.reshape(-1, *([1] * (w.ndim - 1)))), -qmax, qmax).astype(np.int8)
     return q, scale
+
+
+def gptq_round(w: np.ndarray, scale: np.ndarray, hessian: np.ndarray, bits: int, damp: float = 0.01,
+               block: int = 128, order: bool = True) -> np.ndarray:
+    """A linear's weights [O, K] rounded to their channel steps `scale` [O] GPTQ's way (Frantar et al.,
+    2022: optimal brain quantization one column at a time), as int8 values in [-qmax, qmax]: column k is
+    rounded to nearest, and its rounding error moved onto the columns after it, weighted by the inverse
+    of `hessian` (the calibration inputs' mean x x^T, [K, K]; its diagonal damped by `damp` of its mean),
+    which lowers the layer's output error on inputs like those where rounding every weight to nearest
+    only lowers each weight's own. Same steps, same integer contract: only which integers the weights get.
+    With `order` the columns go largest input energy first (GPTQ's "act order"), blocks of `block`
+    columns take their updates at once (its lazy batches); columns whose inputs are always 0 go to 0.
+    Our own (numpy) implementation of the published algorithm. On all-MiniLM-L6-v2 with every linear at
+    4 bits on 8-bit inputs (2026-12-06, 300 held-out snippets): embedding cosine to float 0.824 rounded to
+    nearest, 0.886 by GPTQ in input order, 0.894 in act order; its 12 FFN linears alone 0.851, 0.905,
+    0.911. On correlated random inputs the output error fell 39-41%."""
+    qmax = (1 << (bits - 1)) - 1
+    W = np.array(w, np.float64).reshape(w.shape[0], -1)
+    K = W.shape[1]
+    H = np.array(hessian, np.float64)
+    perm = np.argsort(-np.diag(H), kind="stable") if order else np.arange(K)
+    W, H = W[:, perm], H[np.ix_(perm, perm)]
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H[np.diag_indices(K)] += damp * float(np.mean(np.diag(H)))
+    # the upper Cholesky factor of H^-1: row k says how column k's error spreads over the columns after it
+    hinv = np.linalg.inv(H)
+    U = np.linalg.cholesky((hinv + hinv.T) / 2).T
+    s = np.asarray(scale, np.float64)
+    Q = np.zeros_like(W)
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        W1, E1 = W[:, i1:i2].copy(), np.zeros((W.shape[0], i2 - i1))
+        for j in range(i2 - i1):
+            q = np.clip(np.round(W1[:, j] / s), -qmax, qmax)
+            Q[:, i1 + j] = q
+            err = (W1[:, j] - q * s) / U[i1 + j, i1 + j]
+            W1[:, j:] -= np.outer(err, U[i1 + j, i1 + j:i2])
+            E1[:, j] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    out = np.empty_like(Q)
+    out[:, perm] = Q
+    return out.astype(np.int8).reshape(w.shape)
+
+
+def hessian_inputs(graph: FloatGraph, config: QuantConfig) -> set[str]:
+    """The inputs of the linears whose weights `config` rounds by GPTQ (4-bit, `int4_rounding="gptq"`):
+    what calibration collects second moments of (`calibrate.collect_ranges(..., hessians=)`)."""
+    if config.int4_rounding != "gptq":
+        return set()
+    return {op.inputs[0] for op in graph.ops if op.kind == "linear" and config.bits_of(op.name) == 4}
 
 
 def attention_score_inputs(graph: FloatGraph) -> set[str]:
@@ -254,6 +313,7 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
                  for t, es in readers.items()}
     channels = getattr(ranges, "channels", {})
     inputs = getattr(ranges, "rows", {})
+    hessians = getattr(ranges, "hessians", {}) if config.int4_rounding == "gptq" else {}
     clips = int4_clips(graph, config.int4_clip)
 
     # A constant read only by an add (a positional embedding) joins that add's rounding offset at the output's
@@ -337,7 +397,7 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
                 out = with_outlier_channels(out)
             ops.append(_quantize_matmul_like(op, tensors[ins[0]], out, act, bits, config.short_requant,
                                              clips[op.name] if bits == 4 else "max",
-                                             inputs.get(source)))
+                                             inputs.get(source), hessians.get(source) if bits == 4 else None))
             ops[-1].inputs = ins
         elif op.kind == "add":
             if len(in_ts) == 2 and in_ts[0].shape != in_ts[1].shape:
@@ -397,7 +457,8 @@ def quantize(graph: FloatGraph, ranges: dict[str, tuple[float, float]],
 
     prog = IntegerProgram(list(graph.inputs), outputs, tensors, ops,
                           {"bits": config.bits, "layer_bits": {n: config.bits_of(n) for n in sorted(known)},
-                           "int4_input_bits": config.int4_input_bits, "int4_clip": config.int4_clip})
+                           "int4_input_bits": config.int4_input_bits, "int4_clip": config.int4_clip,
+                           "int4_rounding": config.int4_rounding})
     check_accumulators(prog)
     return prog
 
@@ -431,13 +492,21 @@ def _quantize_add(op: FloatOp, ins: list[str], in_ts: list[QTensor], out: QTenso
 
 
 def _quantize_matmul_like(op: FloatOp, x: QTensor, out: QTensor, act: FloatOp | None, wbits: int,
-                          short_requant: bool = True, clip: str = "max", rows: np.ndarray | None = None) -> IntOp:
+                          short_requant: bool = True, clip: str = "max", rows: np.ndarray | None = None,
+                          hessian: np.ndarray | None = None) -> IntOp:
     w = op.params["weight"]
+    if op.kind != "linear" or (hessian is not None and hessian.shape != (w.shape[1], w.shape[1])):
+        hessian = None
     if x.channel_exp is not None:  # input channel c at step x.scale * 2^k_c: the 2^k_c joins the weights
         w = w * np.exp2(np.asarray(x.channel_exp, np.float64)).astype(np.float32)
         if rows is not None and rows.shape[-1] == w.shape[1]:  # (and leaves the inputs it multiplies)
             rows = rows * np.exp2(-np.asarray(x.channel_exp, np.float64))
+        if hessian is not None:
+            inv = np.exp2(-np.asarray(x.channel_exp, np.float64))
+            hessian = hessian * inv[:, None] * inv[None, :]
     qw, sw = quantize_weight(w, wbits, clip, rows if op.kind == "linear" else None)
+    if hessian is not None:
+        qw = gptq_round(w, sw, hessian, wbits)
     acc_scale = x.scale * sw
     bias = np.round(op.params["bias"].astype(np.float64) / acc_scale)
     if np.any(np.abs(bias) > ACC_LIMIT):
