@@ -35,8 +35,21 @@ print(json.dumps({"threads": len(tasks), "caller": sorted(os.sched_getaffinity(0
 """
 
 
+def _run_pinned(script: str, *args: str, **env) -> dict:
+    """`script` in a fresh process with a pool of 2 threads and TVM_BIND_THREADS unset (intforge pins them)."""
+    return run_fresh_python(script, *args, unset=("TVM_BIND_THREADS",), **{"TVM_NUM_THREADS": "2", **env})
+
+
+def _conv_library(tmp_path, channels: int, out_channels: int, size: int):
+    """A built 3x3 conv + ReLU on integer boundaries: a model whose call runs parallel kernels."""
+    torch.manual_seed(0)
+    program = quantize_module(nn.Sequential(nn.Conv2d(channels, out_channels, 3, padding=1), nn.ReLU()),
+                              (1, channels, size, size))
+    return build(program, tmp_path / "conv", boundary="int").library
+
+
 def _probe(library, **env) -> dict:
-    return run_fresh_python(PROBE, str(library), unset=("TVM_BIND_THREADS",), **{"TVM_NUM_THREADS": "2", **env})
+    return _run_pinned(PROBE, str(library), **env)
 
 
 def _two_cores() -> bool:
@@ -46,9 +59,7 @@ def _two_cores() -> bool:
 
 @pytest.mark.skipif(not _two_cores(), reason="needs 2 physical cores to tell pinned from free")
 def test_pool_workers_are_pinned_and_the_caller_left_free_unless_the_user_binds_them(tmp_path):
-    torch.manual_seed(0)
-    program = quantize_module(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU()), (1, 16, 32, 32))
-    library = build(program, tmp_path / "conv", boundary="int").library
+    library = _conv_library(tmp_path, 16, 32, 32)
     allowed = sorted(os.sched_getaffinity(0))
     cores = core_cpus(allowed)
     second = sorted(cores[1])
@@ -91,7 +102,7 @@ print(json.dumps({"busy": sorted(busy), "before": before, "during": during, "dur
 
 @pytest.mark.skipif(not _two_cores(), reason="needs 2 physical cores")
 def test_a_call_moves_its_thread_off_the_workers_cores_and_back():
-    r = run_fresh_python(OFF_CORES, unset=("TVM_BIND_THREADS",), TVM_NUM_THREADS="2")
+    r = _run_pinned(OFF_CORES)
     assert r["before"] in r["busy"]
     assert r["during"] not in r["busy"]
     assert not set(r["during_allowed"]) & set(r["busy"])
@@ -140,10 +151,7 @@ print(json.dumps({"busy": sorted(busy), "pinned_quiet": pinned_quiet, "pinned_af
 
 @pytest.mark.skipif(not _two_cores(), reason="needs 2 physical cores")
 def test_workers_go_free_while_their_core_is_taken_and_are_pinned_again_after(tmp_path):
-    torch.manual_seed(0)
-    program = quantize_module(nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()), (1, 32, 28, 28))
-    library = build(program, tmp_path / "conv", boundary="int").library
-    r = run_fresh_python(TAKEN_CORE, str(library), unset=("TVM_BIND_THREADS",), TVM_NUM_THREADS="2")
+    r = _run_pinned(TAKEN_CORE, str(_conv_library(tmp_path, 32, 32, 28)))
     assert r["busy"] and r["pinned_quiet"]
     assert r["busy"] in r["pinned_affinity"]  # a worker on the second core alone
     assert r["freed"]
@@ -199,10 +207,7 @@ print(json.dumps({"first": first, "after_slow": after_slow, "steady": steady, "r
 
 @pytest.mark.skipif(not _two_cores(), reason="needs 2 physical cores (the checks are of pinned workers)")
 def test_back_to_back_calls_check_their_workers_one_call_in_check_every(tmp_path):
-    torch.manual_seed(0)
-    program = quantize_module(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()), (1, 16, 16, 16))
-    library = build(program, tmp_path / "conv", boundary="int").library
-    r = run_fresh_python(SAMPLED_CHECKS, str(library), unset=("TVM_BIND_THREADS",), TVM_NUM_THREADS="2")
+    r = _run_pinned(SAMPLED_CHECKS, str(_conv_library(tmp_path, 16, 16, 16)))
     assert r["pinned"]
     assert r["first"]["cpu"] == 1  # no call before it: where the thread is, read
     # the call after the slow one and the one after that (checked while fastest was still far below)

@@ -108,6 +108,12 @@ WEIGHT_ROUNDINGS = ("nearest", "gptq")
 CLIP_RATIOS = np.linspace(1.0, 0.5, 26)
 
 
+def _to_steps(w: np.ndarray, steps: np.ndarray, qmax: int) -> np.ndarray:
+    """`w` in whole steps (`steps` broadcast against it), rounded half to even and clipped to +-qmax: the one
+    rounding of weights to integers (`quantize_weight`'s clip search and result, `gptq_round`'s columns)."""
+    return np.clip(np.round(w / steps), -qmax, qmax)
+
+
 def quantize_weight(w: np.ndarray, bits: int, clip: str = "max",
                     rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-output-channel quantization: returns (q as int8, scales as float64).
@@ -133,11 +139,11 @@ def quantize_weight(w: np.ndarray, bits: int, clip: str = "max",
         best = np.full(len(flat), np.inf)
         for ratio in CLIP_RATIOS:  # (ratio 1 first: a tie keeps the unclipped range)
             s = np.where(amax > 0, ratio * amax / qmax, 1.0)
-            diff = np.clip(np.round(flat / s[:, None]), -qmax, qmax) * s[:, None] - flat
+            diff = _to_steps(flat, s[:, None], qmax) * s[:, None] - flat
             err = (diff ** 2).sum(axis=1) if clip == "mse" else ((rows @ diff.T) ** 2).sum(axis=0)
             better = err < best
             best, scale = np.where(better, err, best), np.where(better, s, scale)
-    q = np.clip(np.round(w / scale.reshape(-1, *([1] * (w.ndim - 1)))), -qmax, qmax).astype(np.int8)
+    q = _to_steps(w, scale.reshape(-1, *([1] * (w.ndim - 1))), qmax).astype(np.int8)
     return q, scale
 
 
@@ -174,7 +180,7 @@ def gptq_round(w: np.ndarray, scale: np.ndarray, hessian: np.ndarray, bits: int,
         i2 = min(i1 + block, K)
         W1, E1 = W[:, i1:i2].copy(), np.zeros((W.shape[0], i2 - i1))
         for j in range(i2 - i1):
-            q = np.clip(np.round(W1[:, j] / s), -qmax, qmax)
+            q = _to_steps(W1[:, j], s, qmax)
             Q[:, i1 + j] = q
             err = (W1[:, j] - q * s) / U[i1 + j, i1 + j]
             W1[:, j:] -= np.outer(err, U[i1 + j, i1 + j:i2])

@@ -13,7 +13,7 @@ from . import pool
 from .dyadic import refuse_nan
 from .errors import ArtifactError, IntforgeError
 from .program import IntegerProgram, check_index_values
-from .threads import Placement, note_tvm_pool
+from .threads import Placement, note_tvm_pool, placed
 
 
 def _load_fresh(library: Path):
@@ -187,19 +187,12 @@ class CompiledModel:
                 return self._numpy(res)
             return tuple(self._numpy(r) for r in res)
 
-    @contextlib.contextmanager
-    def _placed(self):
+    def _placed(self) -> contextlib.AbstractContextManager:
         """On the CPU, the pool's workers pinned and this thread off their cores for the call
-        (`threads.Placement`, which `__call__` runs inline): each kernel splits its work evenly, so one
-        core shared by two of its threads halves the speed; a call that finds a worker's core taken by
-        something else sets the workers free for a while."""
-        placement = self._placement
-        entered = placement.enter() if placement is not None else None
-        try:
-            yield
-        finally:
-            if placement is not None:
-                placement.exit(entered)
+        (`threads.Placement`, which `__call__` runs inline: a generator costs a cold call 20 us): each
+        kernel splits its work evenly, so one core shared by two of its threads halves the speed; a call
+        that finds a worker's core taken by something else sets the workers free for a while."""
+        return placed(self._placement)
 
     def _numpy(self, t) -> np.ndarray:
         """A result as a numpy array of its own. On the CPU through DLPack and one copy: 1 us for

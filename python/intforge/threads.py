@@ -36,6 +36,7 @@ are pinned again after `FREE_HOLD_S`, doubling while the next try finds them tak
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -354,13 +355,19 @@ _PLACEMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @contextmanager
-def off_worker_cores(key: object = _PINNED, own_pool: bool = False) -> Iterator[None]:
+def placed(placement: Placement | None) -> Iterator[None]:
+    """`placement` entered around the body (None: nothing to place, a GPU model's call)."""
+    entered = placement.enter() if placement is not None else None
+    try:
+        yield
+    finally:
+        if placement is not None:
+            placement.exit(entered)
+
+
+def off_worker_cores(key: object = _PINNED, own_pool: bool = False) -> contextlib.AbstractContextManager:
     """`Placement` around the body (a call of model `key`), one Placement a key."""
     placement = _PLACEMENTS.get(key)
     if placement is None:
         placement = _PLACEMENTS[key] = Placement(own_pool)
-    entered = placement.enter()
-    try:
-        yield
-    finally:
-        placement.exit(entered)
+    return placed(placement)
