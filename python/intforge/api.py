@@ -12,7 +12,7 @@ import torch
 from .calibrate import CalibConfig, collect_ranges
 from .capture import FloatGraph, capture
 from .program import IntegerProgram
-from .quantize import QuantConfig, hessian_inputs, quantize
+from .quantize import QuantConfig, hessian_layers, quantize
 
 
 def _as_tuple(x) -> tuple:
@@ -67,7 +67,7 @@ def quantize_model(
     else:
         calib = list(_as_tuple(calib_data)) if not isinstance(calib_data, np.ndarray) else [calib_data]
     cfg = calibration if isinstance(calibration, CalibConfig) else CalibConfig(method=calibration)
-    ranges = collect_ranges(graph, calib, cfg, hessians=hessian_inputs(graph, quant or QuantConfig()))
+    ranges = collect_ranges(graph, calib, cfg, hessians=hessian_layers(graph, quant or QuantConfig()))
     program = quantize(graph, ranges, quant)
     program.meta["calibration"] = {"method": cfg.method, "percentile": cfg.percentile,
                                    "samples": int(np.asarray(calib[0]).shape[0])}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .capture import FloatGraph, run_float_graph
+from .capture import FloatGraph, FloatOp, run_float_graph
 from .errors import CalibrationError
 from .program import check_index_values
 
@@ -80,22 +80,54 @@ class Ranges(dict):
         self.channels: dict[str, np.ndarray] = {}
         # a few rows (last axis) of each linear layer's input: what `int4_clip="output"` measures errors on
         self.rows: dict[str, np.ndarray] = {}
-        # the mean of x x^T over every row of the inputs `collect_ranges` was asked for (`hessians`): what
-        # GPTQ rounds a 4-bit linear's weights by (`quantize.gptq_round`)
+        # the mean of x x^T over the rows of the layers' inputs `collect_ranges` was asked for (`hessians`),
+        # by `hessian_key`: what GPTQ rounds a 4-bit layer's weights by (`quantize.gptq_round`)
         self.hessians: dict[str, np.ndarray] = {}
+        self.hessian_rows: dict[str, int] = {}  # the rows each of those means is over
 
 
 #: Rows of each linear layer's input that calibration keeps (`Ranges.rows`), spread over its batches.
 KEEP_ROWS = 128
+#: Window patches a batch adds to a conv's second moments (`conv_patches`), spread over its images and pixels.
+PATCHES_PER_BATCH = 4096
+
+
+def hessian_key(op: FloatOp) -> str:
+    """Where `Ranges.hessians` keeps a layer's second moments: a linear's under its input tensor (the linears
+    reading one tensor share them), a conv's under its own name (its window decides what a row is)."""
+    return op.inputs[0] if op.kind == "linear" else op.name
+
+
+def conv_patches(op: FloatOp, x: torch.Tensor, most: int = PATCHES_PER_BATCH) -> torch.Tensor:
+    """Up to `most` of the windows a groups-1 conv multiplies its weights by, evenly spread over the batch's
+    output pixels, as rows [R, C * KH * KW] in the order of `weight.reshape(O, -1)` (channel, then window
+    row, then column): a conv is a linear layer on these rows, which is how GPTQ treats it."""
+    (sh, sw), (ph, pw), (dh, dw) = op.attrs["stride"], op.attrs["padding"], op.attrs["dilation"]
+    kh, kw = op.params["weight"].shape[2:]
+    n, _, h, w = x.shape
+    oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    pick = torch.from_numpy(np.unique(np.linspace(0, n * oh * ow - 1, min(most, n * oh * ow)).astype(np.int64)))
+    b, y, z = pick // (oh * ow), (pick // ow) % oh * sh, pick % ow * sw
+    xp = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+    taps = [xp[b, :, y + i * dh, z + j * dw] for i in range(kh) for j in range(kw)]  # each [R, C]
+    return torch.stack(taps, dim=2).reshape(len(pick), -1)
 
 
 def collect_ranges(graph: FloatGraph, data: Sequence[np.ndarray],
-                   config: CalibConfig | None = None, hessians: Collection[str] = ()) -> Ranges:
-    """Run the float graph over `data` and return (lo, hi) for every tensor, and for each tensor named in
-    `hessians` (linear layers' inputs) the mean of x x^T over its rows (`Ranges.hessians`)."""
+                   config: CalibConfig | None = None, hessians: Collection[FloatOp] = ()) -> Ranges:
+    """Run the float graph over `data` and return (lo, hi) for every tensor, and for each layer in
+    `hessians` (linears, groups-1 convs) the mean of x x^T over the rows it multiplies its weights by
+    (`Ranges.hessians`, by `hessian_key`): a linear's input rows, every one; a conv's window patches,
+    `PATCHES_PER_BATCH` a batch."""
     config = config or CalibConfig()
-    second: dict[str, torch.Tensor] = {}  # sums of x x^T (float64), and their rows
+    second: dict[str, torch.Tensor] = {}  # sums of x x^T (float64; a conv's float32), and their rows
     counted: dict[str, int] = {}
+    reading: dict[str, dict[str, FloatOp]] = {}  # tensor -> {hessian key: the layer (one of the linears) it serves}
+    for op in hessians:
+        if op.kind == "conv2d" and op.attrs["groups"] != 1:
+            raise CalibrationError(f"second moments of a grouped conv ('{op.name}') are not collected: GPTQ "
+                                   f"rounds linears and groups-1 convs")
+        reading.setdefault(op.inputs[0], {}).setdefault(hessian_key(op), op)
     tokens = {op.output for op in graph.ops
               if op.kind in ("linear", "add", "layernorm", "unary") and len(graph.shapes[op.output]) >= 3}
     channels: dict[str, np.ndarray] = {}
@@ -121,11 +153,15 @@ def collect_ranges(graph: FloatGraph, data: Sequence[np.ndarray],
             flat = v.reshape(-1, v.shape[-1]).numpy()
             take = np.linspace(0, len(flat) - 1, min(len(flat), per_batch_rows), dtype=np.int64)
             rows.setdefault(name, []).append(flat[take].astype(np.float64))
-        if name in hessians:
-            flat = v.reshape(-1, v.shape[-1]).to(torch.float32)
-            xx = (flat.T @ flat).to(torch.float64)
-            second[name] = second[name] + xx if name in second else xx
-            counted[name] = counted.get(name, 0) + flat.shape[0]
+        for key, op in reading.get(name, {}).items():
+            if op.kind == "conv2d":
+                flat = conv_patches(op, v.to(torch.float32))
+                xx = flat.T @ flat  # (float32: K x K is up to 4608 x 4608 a conv)
+            else:
+                flat = v.reshape(-1, v.shape[-1]).to(torch.float32)
+                xx = (flat.T @ flat).to(torch.float64)
+            second[key] = second[key] + xx if key in second else xx
+            counted[key] = counted.get(key, 0) + flat.shape[0]
         if config.method == "percentile":
             flat = v.reshape(-1).numpy()
             if flat.size > per_batch:
@@ -148,7 +184,8 @@ def collect_ranges(graph: FloatGraph, data: Sequence[np.ndarray],
     ranges = Ranges()
     ranges.channels = channels
     ranges.rows = {name: np.concatenate(r)[:KEEP_ROWS] for name, r in rows.items()}
-    ranges.hessians = {name: (h / counted[name]).numpy() for name, h in second.items()}
+    ranges.hessians = {key: (h.to(torch.float64) / counted[key]).numpy() for key, h in second.items()}
+    ranges.hessian_rows = {key: counted[key] for key in second}
     for name in mins:
         lo, hi = mins[name], maxs[name]
         if config.method == "percentile":

@@ -777,8 +777,9 @@ def _model_args(c: argparse.ArgumentParser) -> None:
                         "squared error (mse) or of least error on calibration inputs, attention's query and key "
                         "unclipped (output); default: the plan's, else output")
     c.add_argument("--int4-rounding", choices=("nearest", "gptq"), default="nearest",
-                   help="4-bit linears' weights rounded to nearest, or by GPTQ on the calibration inputs (each "
-                        "column's error spread over the columns after it; convs round to nearest)")
+                   help="4-bit weights rounded to nearest, or by GPTQ on the calibration inputs (each column's "
+                        "error spread over the columns after it; linears and groups-1 convs, on their window "
+                        "patches; grouped and depthwise convs round to nearest)")
     c.add_argument("--precise-requant", action="store_true",
                    help="conv requantize multipliers keep 24+ bits (default: 12+ at shift 24, which x86 "
                         "kernels run on 32-bit lanes, 2-9%% faster kernels)")
