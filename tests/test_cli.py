@@ -93,8 +93,10 @@ def test_cli_compiles_a_saved_torch_export_program_with_npy_calibration(tmp_path
 
 
 def test_cli_analyze_plan_compile_closed_loop_on_mnist(tmp_path):
-    """analyze -> plan (size at 50% between all-INT4 and all-INT8) -> compile --plan -> run."""
+    """analyze -> plan (size at 50% between all-INT4 and all-INT8) -> compile --plan --int4-rounding gptq
+    -> run."""
     import intforge
+    from intforge.program import IntegerProgram
 
     an = tmp_path / "analysis.json"
     proc = intforge_cli("analyze", "intforge.zoo:mnist_net", "--data", "mnist:64", "--max-probes", "4",
@@ -107,8 +109,10 @@ def test_cli_analyze_plan_compile_closed_loop_on_mnist(tmp_path):
     assert plan_path.with_suffix(".pareto.png").exists()
     bits = json.loads(plan_path.read_text())
     intforge_cli("compile", "intforge.zoo:mnist_net", "--input-shape", "1,1,28,28", "--calib", "mnist:200",
-                 "--plan", str(plan_path), "-o", str(tmp_path / "mixed"))
+                 "--plan", str(plan_path), "--int4-rounding", "gptq", "-o", str(tmp_path / "mixed"))
     lib = intforge.load(tmp_path / "mixed" / "model.so")
+    program = IntegerProgram.load(tmp_path / "mixed" / "model.iprog")
+    assert program.meta["int4_rounding"] == "gptq"  # (its 4-bit convs and linears GPTQ's way)
     got = {r["name"]: r["weight_bits"] for r in lib.manifest["layers"]}
     assert got == {layer["name"]: layer["bits"] for layer in bits["layers"]}
     assert 4 in got.values()  # 50% of the way from all-INT4 to all-INT8 needs some INT4
