@@ -146,3 +146,26 @@ def test_a_timed_layer_takes_the_requantize_a_calibrated_layer_takes():
         for bits in (4, 8):
             timed = layer_program(op, in_shape, out_shape, bits).ops[0]
             assert set(np.asarray(timed.params["shift"]).tolist()) == shifts[op.kind], (op.kind, bits)
+
+
+def test_gptq_perturbations_are_measured_as_the_inputs_see_them_on_held_out_samples():
+    """With `int4_rounding="gptq"` a layer's 4-bit perturbation is tr(D S D^T) K / tr(S), S its inputs'
+    second moments on the samples GPTQ did not round on: on white inputs (S about a multiple of the
+    identity, where GPTQ rounds about as nearest does) it is about nearest rounding's ||D||^2; on
+    correlated ones GPTQ's far smaller, though its ||D||^2 is larger."""
+    from torch import nn
+
+    from intforge.bitplan import deployed_int4_perturbations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48)).eval()
+    rng = np.random.default_rng(0)
+    white = rng.standard_normal((2000, 32)).astype(np.float32)
+    graph = capture(model, (torch.from_numpy(white[:1]),))
+    near = deployed_int4_perturbations(graph, white, 8, "max", "nearest")["0"]
+    gptq = deployed_int4_perturbations(graph, white, 8, "max", "gptq")["0"]
+    assert 0.8 * near < gptq < 1.2 * near, (near, gptq)
+    mixed = (white @ (np.eye(32) + 0.9 * rng.standard_normal((32, 32)) / np.sqrt(32))).astype(np.float32)
+    near = deployed_int4_perturbations(graph, mixed, 8, "max", "nearest")["0"]
+    gptq = deployed_int4_perturbations(graph, mixed, 8, "max", "gptq")["0"]
+    assert gptq < 0.7 * near, (near, gptq)

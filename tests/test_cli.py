@@ -93,8 +93,8 @@ def test_cli_compiles_a_saved_torch_export_program_with_npy_calibration(tmp_path
 
 
 def test_cli_analyze_plan_compile_closed_loop_on_mnist(tmp_path):
-    """analyze -> plan (size at 50% between all-INT4 and all-INT8) -> compile --plan --int4-rounding gptq
-    -> run."""
+    """analyze -> plan (size at 50% between all-INT4 and all-INT8, GPTQ's rounding, the 4-bit perturbations
+    measured on the data) -> compile --plan (which takes the rounding from the plan) -> run."""
     import intforge
     from intforge.program import IntegerProgram
 
@@ -103,16 +103,16 @@ def test_cli_analyze_plan_compile_closed_loop_on_mnist(tmp_path):
                         "--power-iters", "4", "--tol", "0.5", "--quiet", "-o", str(an))
     assert "classifier.0" in proc.stdout and an.exists() and an.with_suffix(".png").exists()
     plan_path = tmp_path / "plan.json"
-    proc = intforge_cli("plan", "intforge.zoo:mnist_net", "--analysis", str(an), "--input-shape", "1,1,28,28",
-                        "--size", "50%", "--pareto", "--points", "3", "-o", str(plan_path))
-    assert "status: optimal" in proc.stdout
+    proc = intforge_cli("plan", "intforge.zoo:mnist_net", "--analysis", str(an), "--data", "mnist:64",
+                        "--int4-rounding", "gptq", "--size", "50%", "--pareto", "--points", "3", "-o", str(plan_path))
+    assert "status: optimal" in proc.stdout and "as its inputs see them" in proc.stdout
     assert plan_path.with_suffix(".pareto.png").exists()
     bits = json.loads(plan_path.read_text())
     intforge_cli("compile", "intforge.zoo:mnist_net", "--input-shape", "1,1,28,28", "--calib", "mnist:200",
-                 "--plan", str(plan_path), "--int4-rounding", "gptq", "-o", str(tmp_path / "mixed"))
+                 "--plan", str(plan_path), "-o", str(tmp_path / "mixed"))
     lib = intforge.load(tmp_path / "mixed" / "model.so")
     program = IntegerProgram.load(tmp_path / "mixed" / "model.iprog")
-    assert program.meta["int4_rounding"] == "gptq"  # (its 4-bit convs and linears GPTQ's way)
+    assert bits["int4_rounding"] == program.meta["int4_rounding"] == "gptq"  # (from the plan: its 4-bit layers)
     got = {r["name"]: r["weight_bits"] for r in lib.manifest["layers"]}
     assert got == {layer["name"]: layer["bits"] for layer in bits["layers"]}
     assert 4 in got.values()  # 50% of the way from all-INT4 to all-INT8 needs some INT4

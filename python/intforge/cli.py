@@ -123,16 +123,16 @@ def _program_from_args(args: argparse.Namespace) -> Any:
         raise IntforgeError("give --input-shape (e.g. 1,3,224,224) or --calib data to take the shape from")
     from .quantize import QuantConfig
 
-    layer_bits, int4_inputs, int4_clip = {}, 4, QuantConfig().int4_clip
+    layer_bits, int4_inputs, int4_clip, int4_rounding = {}, 4, QuantConfig().int4_clip, QuantConfig().int4_rounding
     if args.plan:
         from .bitplan import read_plan
 
-        layer_bits, int4_inputs, int4_clip = read_plan(args.plan)
+        layer_bits, int4_inputs, int4_clip, int4_rounding = read_plan(args.plan)
     int4_inputs = getattr(args, "int4_inputs", None) or int4_inputs
     int4_clip = getattr(args, "int4_clip", None) or int4_clip
+    int4_rounding = getattr(args, "int4_rounding", None) or int4_rounding
     quant = QuantConfig(bits=args.bits, layer_bits=layer_bits, int4_input_bits=int4_inputs, int4_clip=int4_clip,
-                        int4_rounding=getattr(args, "int4_rounding", None) or "nearest",
-                        short_requant=not getattr(args, "precise_requant", False))
+                        int4_rounding=int4_rounding, short_requant=not getattr(args, "precise_requant", False))
     example = example if isinstance(example, tuple) else (example,)
     program, _ = api.quantize_model(model, example, calib, calibration=args.calib_method, quant=quant)
     return program
@@ -350,17 +350,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print("measuring per-layer latency on the target (cached for next time)...")
         latency = measure_layer_latency(graph, bits, target=args.target, progress=not args.quiet)
     int4 = None
-    if args.int4_clip == "output" and 4 in bits:
+    if (args.int4_clip == "output" or args.int4_rounding == "gptq") and 4 in bits:
         if x is None:
-            print("  (the 4-bit perturbations estimated with the mse clip: give --data, the calibration data, to "
-                  "measure them as compile will quantize)")
-        else:  # the "output" clip reads calibration inputs: measured on the model quantized at 4 bits
+            print(f"  (the 4-bit perturbations estimated with the mse clip"
+                  f"{' and rounding to nearest' if args.int4_rounding == 'gptq' else ''}: give --data, the "
+                  f"calibration data, to measure them as compile will quantize)")
+        else:  # the "output" clip and GPTQ read calibration inputs: measured on the model quantized at 4 bits
             from .bitplan import deployed_int4_perturbations
 
-            int4 = deployed_int4_perturbations(graph, x, args.int4_inputs, args.int4_clip)
+            int4 = deployed_int4_perturbations(graph, x, args.int4_inputs, args.int4_clip, args.int4_rounding)
             samples = len(x[0]) if isinstance(x, tuple) else len(x)
             print(f"  4-bit perturbations measured on the model quantized at 4 bits ({samples} samples of "
-                  f"{args.data})")
+                  f"{args.data}{', as its inputs see them' if args.int4_rounding == 'gptq' else ''})")
     layers = plan_layers(graph, report, bits, latency, int4_input_bits=args.int4_inputs, int4_clip=args.int4_clip,
                          int4_perturbations=int4)
     pin = {}
@@ -382,7 +383,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"  size {p.size_bytes / 1e6:8.3f} MB  bops {p.bops / 1e9:9.3f} G  objective {p.objective:.4g}  "
                   f"{n4} layers at {min(bits)} bits")
     result = plan(layers, budgets=budgets, **common)
-    result.int4_clip = args.int4_clip
+    result.int4_clip, result.int4_rounding = args.int4_clip, args.int4_rounding
     result.to_json(args.output)
     print(result.summary())
     print(f"plan -> {args.output}   (use: intforge compile {args.model} --plan {args.output} ...)")
@@ -776,10 +777,10 @@ def _model_args(c: argparse.ArgumentParser) -> None:
                    help="4-bit weights' step a channel: its largest magnitude (max), the clipping range of least "
                         "squared error (mse) or of least error on calibration inputs, attention's query and key "
                         "unclipped (output); default: the plan's, else output")
-    c.add_argument("--int4-rounding", choices=("nearest", "gptq"), default="nearest",
+    c.add_argument("--int4-rounding", choices=("nearest", "gptq"),
                    help="4-bit weights rounded to nearest, or by GPTQ on the calibration inputs (each column's "
                         "error spread over the columns after it; linears and groups-1 convs, on their window "
-                        "patches; grouped and depthwise convs round to nearest)")
+                        "patches; grouped and depthwise convs round to nearest); default: the plan's, else nearest")
     c.add_argument("--precise-requant", action="store_true",
                    help="conv requantize multipliers keep 24+ bits (default: 12+ at shift 24, which x86 "
                         "kernels run on 32-bit lanes, 2-9%% faster kernels)")
@@ -841,6 +842,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="4-bit weights' step a channel: largest magnitude (max), least squared error (mse) or "
                          "least error on calibration inputs (output: measured on --data, without it estimated as "
                          "mse); the perturbations use it, and compile --plan takes it from the plan")
+    pl.add_argument("--int4-rounding", choices=("nearest", "gptq"), default="nearest",
+                    help="how compile will round the 4-bit weights (nearest, or gptq: then each 4-bit "
+                         "perturbation is measured on --data as the layer's inputs see it, and compile --plan "
+                         "takes it from the plan)")
     pl.add_argument("--pin-first-last", action="store_true", help="keep the first and last layer at the top bits")
     pl.add_argument("--pin", action="append", help="NAME=BITS (repeatable)")
     pl.add_argument("--tie", action="append", help="NAME,NAME,... layers that must share bits (repeatable)")

@@ -265,6 +265,7 @@ class Plan:
     tie: list[list[str]] = field(default_factory=list)
     layers: tuple[PlanLayer, ...] = field(default=(), repr=False)
     int4_clip: str = "output"  # how its 4-bit layers' weights were taken to be quantized (`QuantConfig.int4_clip`)
+    int4_rounding: str = "nearest"  # and rounded (`QuantConfig.int4_rounding`)
 
     @property
     def int4_input_bits(self) -> int:
@@ -288,6 +289,7 @@ class Plan:
             "pin": dict(self.pin),
             "tie": [list(g) for g in self.tie],
             "int4_clip": self.int4_clip,
+            "int4_rounding": self.int4_rounding,
             "layers": [{"name": lay.name, "bits": self.bits[lay.name], "params": lay.params, "macs": lay.macs,
                         "sensitivity": lay.sensitivity,
                         "perturbation": {str(b): v for b, v in lay.perturbation.items()},
@@ -321,7 +323,8 @@ class Plan:
                        status=str(data["status"]), bit_choices=tuple(int(b) for b in data["bit_choices"]),
                        pin={k: int(v) for k, v in data.get("pin", {}).items()},
                        tie=[list(g) for g in data.get("tie", [])], layers=layers,
-                       int4_clip=str(data.get("int4_clip", "max")))  # (plans from before the choice: max)
+                       int4_clip=str(data.get("int4_clip", "max")),  # (plans from before the choice: max)
+                       int4_rounding=str(data.get("int4_rounding", "nearest")))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PlanError(f"malformed bit plan: {exc!r}") from None
 
