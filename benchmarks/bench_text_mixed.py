@@ -10,7 +10,8 @@ Steps (the library API; the CLI's `analyze --data snippets:N`, `plan --int4-inpu
                 ("sensitive first"), and the plan's own layers on 4-bit inputs (W4A4, HAWQ-V3's scheme);
                 and each budget's plan with clipped 4-bit weights ("mse", "output": `QuantConfig.int4_clip`;
                 "output measured": its 4-bit perturbations measured on the quantized model, as `plan --data`
-                does, where "output" estimates them as "mse"'s)
+                does, where "output" estimates them as "mse"'s; "output gptq": GPTQ's rounding, its
+                perturbations measured as the layers' inputs see them, as `plan --int4-rounding gptq`)
     score       each configuration compiled (`--calib` snippets), checked bit-exact against the reference
                 on `--exact` snippets, and its sentence embeddings (mean-pooled) scored on `--test` held-out
                 snippets: cosine to float's and a fresh/rotten probe trained on float embeddings of `--train`
@@ -109,21 +110,27 @@ def main() -> None:
     measured = deployed_int4_perturbations(graph, [cal_ids, cal_mask], 8, "output")
     clipped["output measured"] = plan_layers(graph, report, (4, 8), int4_input_bits=8, int4_clip="output",
                                              int4_perturbations=measured)
+    # and GPTQ's rounding, its perturbations measured as the layers' inputs see them (`plan --int4-rounding
+    # gptq --data`), compiled with it (2026-12-07)
+    gptq = deployed_int4_perturbations(graph, [cal_ids, cal_mask], 8, "output", "gptq")
+    clipped["output gptq"] = plan_layers(graph, report, (4, 8), int4_input_bits=8, int4_clip="output",
+                                         int4_perturbations=gptq)
     out["sensitivity"] = {lay.name: lay.sensitivity for lay in layers}
 
-    # name -> (layers at 4 bits, their input bits, their weights' clip)
-    configs: dict[str, tuple[dict[str, int], int, str]] = {"int8": ({}, 8, "max")}
+    # name -> (layers at 4 bits, their input bits, their weights' clip, their rounding)
+    configs: dict[str, tuple[dict[str, int], int, str, str]] = {"int8": ({}, 8, "max", "nearest")}
     for pct in (int(b) for b in args.budgets.split(",")):
         budget = Budget("size", pct / 100.0, relative=True)
         four = {n: 4 for n, b in plan(layers, budgets=budget).bits.items() if b == 4}
-        configs[f"plan {pct}% W4A8"] = (four, 8, "max")
+        configs[f"plan {pct}% W4A8"] = (four, 8, "max", "nearest")
         for label, planned in clipped.items():
             configs[f"plan {pct}% W4A8 {label}"] = ({n: 4 for n, b in plan(planned, budgets=budget).bits.items()
-                                                     if b == 4}, 8, label.split()[0])
+                                                     if b == 4}, 8, label.split()[0],
+                                                    "gptq" if label.endswith("gptq") else "nearest")
         if 0 < pct < 100:
             held = sum(lay.params for lay in layers if lay.name in four)
-            configs[f"sensitive first {pct}% W4A8"] = (sensitive_first(layers, held), 8, "max")
-            configs[f"plan {pct}% W4A4"] = (four, 4, "max")
+            configs[f"sensitive first {pct}% W4A8"] = (sensitive_first(layers, held), 8, "max", "nearest")
+            configs[f"plan {pct}% W4A4"] = (four, 4, "max", "nearest")
 
     def float_fn(i: np.ndarray, m: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -135,9 +142,10 @@ def main() -> None:
     rows: dict[str, Any] = {}
     libs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for k, (name, (four, inputs, clip)) in enumerate(configs.items()):
+        for k, (name, (four, inputs, clip, rounding)) in enumerate(configs.items()):
             art = intforge.compile(model, example, [cal_ids, cal_mask], output=Path(tmp) / f"c{k}",
-                                   quant=QuantConfig(layer_bits=four, int4_input_bits=inputs, int4_clip=clip))
+                                   quant=QuantConfig(layer_bits=four, int4_input_bits=inputs, int4_clip=clip,
+                                                     int4_rounding=rounding))
             lib, program = intforge.load(art.library), IntegerProgram.load(art.program_path)
             exact = sum(np.array_equal(lib(te_ids[i:i + 1], te_mask[i:i + 1]),
                                        reference.run_float(program, te_ids[i:i + 1], te_mask[i:i + 1])[0])
@@ -145,6 +153,7 @@ def main() -> None:
             e = embed(lib, te_ids, te_mask)
             cos = (e * ref).sum(1)
             rows[name] = {"layers_at_4": len(four), "int4_input_bits": inputs, "int4_clip": clip,
+                          "int4_rounding": rounding,
                           "linear_weight_mb": art.manifest["weight_bytes"] / 1e6,
                           "library_mb": art.library.stat().st_size / 1e6,
                           "bit_exact": f"{exact}/{args.exact}", "cosine_mean": float(cos.mean()),
@@ -175,13 +184,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     kinds = {"W4A8": ("o-", "Hessian plan, W4A8"), "W4A8 mse": ("D-", "Hessian plan, W4A8, clipped (mse)"),
              "W4A8 output": ("v-", "Hessian plan, W4A8, clipped (output; perturbations as mse's)"),
              "W4A8 output measured": ("P-", "Hessian plan, W4A8, clipped (output; perturbations measured)"),
+             "W4A8 output gptq": ("X-", "Hessian plan, W4A8, clipped (output), GPTQ (perturbations as inputs see)"),
              "sensitive first": ("s--", "most sensitive at 4 bits, W4A8"), "W4A4": ("^:", "Hessian plan, W4A4")}
 
     def kind_of(name: str) -> str:
         if name == "int8":
             return "int8"
-        return next(k for k in ("sensitive first", "W4A8 mse", "W4A8 output measured", "W4A8 output", "W4A4",
-                                "W4A8") if k in name)
+        return next(k for k in ("sensitive first", "W4A8 mse", "W4A8 output measured", "W4A8 output gptq",
+                                "W4A8 output", "W4A4", "W4A8") if k in name)
 
     for kind, (style, label) in kinds.items():
         pts = sorted((r["linear_weight_mb"], r["cosine_mean"]) for n, r in result["configs"].items()

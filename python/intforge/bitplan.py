@@ -62,21 +62,23 @@ def deployed_int4_perturbations(graph: FloatGraph, calib: Any, int4_input_bits: 
     (uncorrelated with the inputs) measure about the same either way; GPTQ moves the weights further than
     nearest rounding does, towards where the inputs do not reach, and ||D||^2 alone would price its
     layers above nearest rounding's. GPTQ fits the data it rounds on, so the weights are rounded on the
-    first 3/4 of the samples and S taken over the other 1/4 (MNISTNet's 3136-input linear: 24.0 measured
-    on the 500 digits it was rounded on, 37.5 rounded on 375 and measured on the other 125, where nearest
-    rounding's measures 81.4 and its ||D||^2 167)."""
+    first 3/4 of the samples and S taken over the other 1/4 (with fewer than 8 samples, all of them).
+    MNISTNet's 3136-input linear: 24.0 measured on the 500 digits it was rounded on, 37.5 rounded on 375
+    and measured on the other 125, where nearest rounding's measures 81.4 and its ||D||^2 167."""
     from .calibrate import collect_ranges, hessian_key
     from .quantize import QuantConfig, hessian_layers, quantize
 
     calib = list(calib) if isinstance(calib, (list, tuple)) else [calib]
     config = QuantConfig(bits=4, int4_input_bits=int4_input_bits, int4_clip=int4_clip, int4_rounding=int4_rounding)
     layers = hessian_layers(graph, config)
-    samples = len(calib[0])
-    fit = [a[:max(1, samples * 3 // 4)] for a in calib] if layers and samples >= 8 else calib
-    ranges = collect_ranges(graph, fit, hessians=layers)
+    if layers and len(calib[0]) >= 8:  # GPTQ fits the samples it rounds on: S from the others
+        cut = len(calib[0]) * 3 // 4
+        ranges = collect_ranges(graph, [a[:cut] for a in calib], hessians=layers)
+        held = collect_ranges(graph, [a[cut:] for a in calib], hessians=layers).hessians
+    else:
+        ranges = collect_ranges(graph, calib, hessians=layers)
+        held = ranges.hessians
     program = quantize(graph, ranges, config)
-    held = collect_ranges(graph, [a[len(fit[0]):] for a in calib], hessians=layers).hessians if fit is not calib \
-        else ranges.hessians
     ops = {op.name: op for op in graph.ops if op.kind in ("conv2d", "linear")}
     out = {}
     for op in program.ops:
