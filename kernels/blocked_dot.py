@@ -64,9 +64,10 @@ SPREAD_TILE_BYTES = 32 * 1024
 # A dense kernel with at least this many rows (a transformer's tokens, not a batch of images) takes a
 # register tile of several rows by `channel_tile` blocks, like a conv's, its rows padded to the tile
 # (`dense_row_tile`); with fewer, one row by one block a task. This and the matmul of two activations
-# (`matmul_blocked`) on TOKEN_KERNEL_ISAS only: measured there.
+# (`matmul_blocked`) on TOKEN_KERNEL_ISAS only: measured there. The dense row tiles on DENSE_TILE_ISAS.
 DENSE_TILE_MIN_ROWS = 16
 TOKEN_KERNEL_ISAS = ("vnni",)
+DENSE_TILE_ISAS = ("vnni", "avx2")
 SUM_BLOCKS = ("row_sums", "column_sums")  # the kernels of a matmul of two activations' correction terms
 ROW_UNPACK_BYTES = 16 * 1024  # an INT4 conv with fewer blocks and at most this many weights a tile
 # unpacks its tile's weights once per output row (they stay in L1), not once per pixel tile
@@ -502,10 +503,13 @@ ROW_TILE_SAVING = 0.04
 def dense_row_tile(isa: DotIsa, m: int | None = None) -> int:
     """Rows (in instructions' worth) of a dense kernel's register tile where it has at least
     DENSE_TILE_MIN_ROWS rows: as many as keep `channel_tile` blocks of accumulators on the stack (the
-    conv's tile: 7 rows x 2 blocks on VNNI), or 1 (one row a tile) on the instructions not measured so;
+    conv's tile: 7 rows x 2 blocks on VNNI, 14 rows x 1 block on AVX2), or 1 (one row a tile) on the
+    instructions not measured so (ARM's). On AVX2 (Zen 3, 2026-12-07, whole MiniLM calls both ways
+    round) the row tiles took INT8 to 0.71-0.76x its time one row a task, and all-4-bit W4A8 to 0.32x
+    (a row a task unpacked its channel block's INT4 weights again for every row);
     with the row count `m`, fewer (down to 4) where that pads `m` ROW_TILE_SAVING less. A function of
     the padded count gives the same tile (`_packed_rows` pads, the schedule sees the padded rows)."""
-    if isa.name not in TOKEN_KERNEL_ISAS:
+    if isa.name not in DENSE_TILE_ISAS:
         return 1
     top = max(1, min(isa.pixel_tile // isa.rows, (STACK_BYTES - 1) // (isa.rows * isa.channel_tile * isa.lanes * 4)))
     if m is None or top <= 4:

@@ -1092,7 +1092,7 @@ def test_each_call_returns_arrays_of_its_own(so_of):
 # them: strided and padded, batches, 1x1 by rows, signed input and output, the short epilogue with a
 # residual add fused after it, RGB stems folded into 2-channel groups, dense; and Winograd's products on
 # AVX2 (one channel block a register tile), with every epilogue form and the odd rows' halves; depthwise
-# convs with the short epilogue in the window sum's expression
+# convs with the short epilogue in the window sum's expression; linears on tokens in register tiles of rows
 AVX2_CASES = ["conv_stride_pad_batch3", "conv_1x1_batch4", "conv_wide_batch2", "conv_ifma_signed_in",
               "conv_ifma_signed_out", "conv_ifma_residual", "conv_stem_7x7", "conv_fold_2ch", "add_downsample",
               "mean_flatten_linear", "conv_weights_from_memory", "conv_pipelined_3x3", "conv_winograd",
@@ -1103,7 +1103,8 @@ AVX2_CASES = ["conv_stride_pad_batch3", "conv_1x1_batch4", "conv_wide_batch2", "
               "depthwise_rows", "depthwise_dot_rect_dilated", "depthwise_row_pairs", "depthwise_5x5",
               "depthwise_odd_rows_24", "conv_24_channels", "conv_1x1_two_rows", "conv_stride2_two_rows",
               "conv_winograd_f4_channels_7x7", "conv_1x1_row_tasks", "conv_1x1_row_tasks_stride2",
-              "depthwise_5x5_stride2", "depthwise_stride_across"]
+              "depthwise_5x5_stride2", "depthwise_stride_across", "linear_tokens_tiled", "linear_tokens_wide",
+              "attention_mha_tokens"]
 
 
 @pytest.mark.skipif(not resolve_target("x86").has("avx2"), reason="runs haswell code")
