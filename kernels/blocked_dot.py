@@ -64,10 +64,10 @@ SPREAD_TILE_BYTES = 32 * 1024
 # A dense kernel with at least this many rows (a transformer's tokens, not a batch of images) takes a
 # register tile of several rows by `channel_tile` blocks, like a conv's, its rows padded to the tile
 # (`dense_row_tile`); with fewer, one row by one block a task. This and the matmul of two activations
-# (`matmul_blocked`) on TOKEN_KERNEL_ISAS only: measured there. The dense row tiles on DENSE_TILE_ISAS.
+# (`matmul_blocked`) on TOKEN_KERNEL_ISAS only: measured there (AVX2 since 2026-12-07: MiniLM's whole
+# calls on the Zen 3, INT8 13.1 -> 9.5 ms with the row tiles, -> 7.3-7.6 with the matmuls too).
 DENSE_TILE_MIN_ROWS = 16
-TOKEN_KERNEL_ISAS = ("vnni",)
-DENSE_TILE_ISAS = ("vnni", "avx2")
+TOKEN_KERNEL_ISAS = ("vnni", "avx2")
 SUM_BLOCKS = ("row_sums", "column_sums")  # the kernels of a matmul of two activations' correction terms
 ROW_UNPACK_BYTES = 16 * 1024  # an INT4 conv with fewer blocks and at most this many weights a tile
 # unpacks its tile's weights once per output row (they stay in L1), not once per pixel tile
@@ -509,7 +509,7 @@ def dense_row_tile(isa: DotIsa, m: int | None = None) -> int:
     (a row a task unpacked its channel block's INT4 weights again for every row);
     with the row count `m`, fewer (down to 4) where that pads `m` ROW_TILE_SAVING less. A function of
     the padded count gives the same tile (`_packed_rows` pads, the schedule sees the padded rows)."""
-    if isa.name not in DENSE_TILE_ISAS:
+    if isa.name not in TOKEN_KERNEL_ISAS:
         return 1
     top = max(1, min(isa.pixel_tile // isa.rows, (STACK_BYTES - 1) // (isa.rows * isa.channel_tile * isa.lanes * 4)))
     if m is None or top <= 4:
@@ -553,9 +553,9 @@ def matmul_blocked(a: te.Tensor, b: te.Tensor, isa: DotIsa, row_term: te.Tensor 
 
     The dense kernel with its weights packed at run time: b to [..., N/lanes, K/group, lanes, group] (N
     padded to whole register tiles of `channel_tile` blocks, K to whole groups), a to [..., M', K'] (M
-    padded to the register tile's rows). Where an operand has the other signedness than the instruction
-    takes, it runs shifted by 128 (`matmul_shifts`) and the sums are corrected from the other operand's
-    row or column sums: with a' = a + sa and b' = b + sb,
+    padded to the register tile's rows; on AVX2 widened to int16, b staying signed bytes). Where an
+    operand has the other signedness than the instruction takes, it runs shifted by 128 (`matmul_shifts`)
+    and the sums are corrected from the other operand's row or column sums: with a' = a + sa and b' = b + sb,
     sum(a b) = sum(a' b') - sb sum_k a' - sa sum_k b' + K sa sb, on wrapping int32 lanes. The two terms
     come in computed by kernels of their own (`matmul_row_term`, `matmul_column_term`): as blocks of this
     one they would have to run inside each tile, which reads them."""
@@ -563,8 +563,6 @@ def matmul_blocked(a: te.Tensor, b: te.Tensor, isa: DotIsa, row_term: te.Tensor 
     n = int(b.shape[-1])
     if [int(d) for d in b.shape[:-2]] != lead or int(b.shape[-2]) != k:
         raise ValueError(f"matmul_blocked: shapes {list(a.shape)} and {list(b.shape)} do not chain")
-    if isa.act_dtype == "int16":
-        raise ValueError("matmul_blocked: not on an instruction of widened activations")
     sa, sb = matmul_shifts(str(a.dtype), str(b.dtype), isa)
     if (row_term is None) != (sb == 0) or (column_term is None) != (sa == 0):
         raise ValueError("matmul_blocked: the correction terms do not match the operands' types")
