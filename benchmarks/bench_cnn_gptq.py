@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_resnet18 import result_header, set_thread_env  # noqa: E402
 from bench_text import write_result  # noqa: E402
+from bench_text_gptq import rounding_bars  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -89,22 +90,8 @@ def main() -> None:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["configs"]
-    names = list(rows)
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.barh(names, [rows[n]["logit_relative_mse"] for n in names],
-            color=["tab:red" if rows[n]["int4_rounding"] == "gptq" else "tab:gray" for n in names])
-    ax.set_xlabel("logits' squared error relative to float's (held-out digits)")
-    ax.set_title("MNISTNet at 4 bits: nearest vs GPTQ rounding")
-    ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    rounding_bars(result, path, "logit_relative_mse", "logits' squared error relative to float's (held-out digits)",
+                  "MNISTNet at 4 bits: nearest vs GPTQ rounding", height=3.5)
 
 
 if __name__ == "__main__":

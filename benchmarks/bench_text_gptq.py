@@ -91,7 +91,10 @@ def main() -> None:
     write_result(out, args.out, plot)
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
+def rounding_bars(result: dict[str, Any], path: Path, metric: str, xlabel: str, title: str,
+                  height: float = 4.0, xlim: tuple[float, float] | None = None) -> None:
+    """A bar a configuration of `result["configs"]`, its `metric`, GPTQ's in red and nearest rounding's in
+    grey (this script's plot, and bench_cnn_gptq.py's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,16 +102,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     rows = result["configs"]
     names = list(rows)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.barh(names, [rows[n]["cosine_mean"] for n in names],
+    fig, ax = plt.subplots(figsize=(8, height))
+    ax.barh(names, [rows[n][metric] for n in names],
             color=["tab:red" if rows[n]["int4_rounding"] == "gptq" else "tab:gray" for n in names])
-    ax.set_xlim(0.7, 1.0)
-    ax.set_xlabel("embedding cosine to float (mean)")
-    ax.set_title("all-MiniLM-L6-v2, W4A8 linears: nearest vs GPTQ rounding")
+    if xlim is not None:
+        ax.set_xlim(*xlim)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    rounding_bars(result, path, "cosine_mean", "embedding cosine to float (mean)",
+                  "all-MiniLM-L6-v2, W4A8 linears: nearest vs GPTQ rounding", xlim=(0.7, 1.0))
 
 
 if __name__ == "__main__":

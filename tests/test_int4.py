@@ -277,6 +277,27 @@ def test_gptq_rounding_is_nearest_where_inputs_are_uncorrelated_or_were_always_z
     assert np.array_equal(gptq_round(w, s, h, 4), q)
 
 
+def _nearest_and_gptq(model, calib: np.ndarray, held: np.ndarray, want: np.ndarray, layer_bits: dict[str, int],
+                      tmp_path, exact_calls: int) -> tuple[dict, dict, object]:
+    """`model` quantized W4A8 with `layer_bits`, rounded each way: ({rounding: mean squared error to `want` on
+    `held`}, {rounding: {layer: (its integers, its steps)}}, GPTQ's program), every 4-bit weight checked
+    within [-7, 7] and GPTQ's library bit-exact against the reference on `exact_calls` of `held`."""
+    errors, weights = {}, {}
+    for rounding in ("nearest", "gptq"):
+        quant = QuantConfig(layer_bits=layer_bits, int4_input_bits=8, int4_rounding=rounding)
+        program, _ = intforge.quantize_model(model, (torch.from_numpy(held[:1]),), calib, quant=quant)
+        assert program.meta["int4_rounding"] == rounding
+        weights[rounding] = {op.name: (op.params["weight"], op.params["weight_scale"]) for op in program.ops
+                             if op.kind in ("conv2d", "linear")}
+        assert all(np.abs(w).max() <= 7 for w, _ in weights[rounding].values())
+        got = np.concatenate([reference.run_float(program, held[i:i + 1])[0] for i in range(len(held))])
+        errors[rounding] = float(np.mean((got - want) ** 2))
+    lib = intforge.load(build(program, tmp_path / "gptq").library)
+    for i in range(exact_calls):
+        np.testing.assert_array_equal(lib(held[i:i + 1]), reference.run_float(program, held[i:i + 1])[0])
+    return errors, weights, program
+
+
 def test_gptq_rounded_int4_linears_are_bit_exact_and_closer_to_float(tmp_path):
     """`int4_rounding="gptq"`: a 4-bit linear's weights keep their channel steps and 4-bit range, the
     library equals the reference, and on inputs like the calibration's (correlated features) the model's
@@ -291,21 +312,9 @@ def test_gptq_rounded_int4_linears_are_bit_exact_and_closer_to_float(tmp_path):
     calib, held = data[:256], data[256:]
     with torch.no_grad():
         want = model(torch.from_numpy(held)).numpy()
-    errors, weights = {}, {}
-    for rounding in ("nearest", "gptq"):
-        quant = QuantConfig(layer_bits={"0": 4, "2": 4}, int4_input_bits=8, int4_rounding=rounding)
-        program, _ = intforge.quantize_model(model, (torch.from_numpy(held[:1]),), calib, quant=quant)
-        assert program.meta["int4_rounding"] == rounding
-        linears = [op for op in program.ops if op.kind == "linear"]
-        weights[rounding] = [(op.params["weight"], op.params["weight_scale"]) for op in linears]
-        assert all(np.abs(w).max() <= 7 for w, _ in weights[rounding])
-        got = np.concatenate([reference.run_float(program, held[i:i + 1])[0] for i in range(len(held))])
-        errors[rounding] = float(np.mean((got - want) ** 2))
-        if rounding == "gptq":
-            lib = intforge.load(build(program, tmp_path / "gptq").library)
-            for i in range(8):
-                np.testing.assert_array_equal(lib(held[i:i + 1]), reference.run_float(program, held[i:i + 1])[0])
-    for (wn, sn), (wg, sg) in zip(weights["nearest"], weights["gptq"], strict=True):
+    errors, weights, _ = _nearest_and_gptq(model, calib, held, want, {"0": 4, "2": 4}, tmp_path, exact_calls=8)
+    for name, (wn, sn) in weights["nearest"].items():
+        wg, sg = weights["gptq"][name]
         np.testing.assert_array_equal(sn, sg)  # the same steps ...
         assert not np.array_equal(wn, wg)  # ... other integers
     assert errors["gptq"] < 0.85 * errors["nearest"], errors
@@ -349,19 +358,7 @@ def test_gptq_rounded_int4_convs_are_bit_exact_and_closer_to_float(tmp_path):
     with torch.no_grad():
         want = model(torch.from_numpy(held)).numpy()
     layers = {"0": 4, "2": 4, "4": 4, "6": 4}
-    errors, weights = {}, {}
-    for rounding in ("nearest", "gptq"):
-        quant = QuantConfig(layer_bits=layers, int4_input_bits=8, int4_rounding=rounding)
-        program, _ = intforge.quantize_model(model, (torch.from_numpy(held[:1]),), calib, quant=quant)
-        convs = [op for op in program.ops if op.kind == "conv2d"]
-        weights[rounding] = {op.name: (op.params["weight"], op.params["weight_scale"]) for op in convs}
-        assert all(np.abs(w).max() <= 7 for w, _ in weights[rounding].values())
-        got = np.concatenate([reference.run_float(program, held[i:i + 1])[0] for i in range(len(held))])
-        errors[rounding] = float(np.mean((got - want) ** 2))
-        if rounding == "gptq":
-            lib = intforge.load(build(program, tmp_path / "gptq").library)
-            for i in range(4):
-                np.testing.assert_array_equal(lib(held[i:i + 1]), reference.run_float(program, held[i:i + 1])[0])
+    errors, weights, program = _nearest_and_gptq(model, calib, held, want, layers, tmp_path, exact_calls=4)
     depthwise = next(op.name for op in program.ops if op.kind == "conv2d" and op.attrs["groups"] > 1)
     for name, (wn, sn) in weights["nearest"].items():
         wg, sg = weights["gptq"][name]
