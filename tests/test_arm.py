@@ -182,9 +182,10 @@ def imagenet_program(request):
 
 
 # arm64 and arm64-dotprod compile the same kernels as rpi4 and rpi5 (only -mcpu differs), and MNIST covers
-# them in the default run; their ImageNet models run with `make test-all`.
-@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.slow) if p.startswith("arm64") else p
-                                    for p in ARM_PRESETS])
+# them in the default run; their ImageNet models run with `make test-all`. So do graviton's (its i8mm
+# kernels: MNIST on every preset and the INT4 ones cover them; 25 s of a default run on the Zen 3).
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.slow)
+                                    if p.startswith("arm64") or p == "graviton" else p for p in ARM_PRESETS])
 def test_imagenet_models_cross_compiled_and_bit_exact_under_emulation(board, imagenet_program, tmp_path, preset):
     program, x, want = imagenet_program
     art = build(program, tmp_path / "m", target=preset)
