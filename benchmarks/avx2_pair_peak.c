@@ -58,16 +58,19 @@ static void *pair(void *arg) {
   return NULL;
 }
 
-/* the -mem forms: 8 pixels by one block a step, each pixel's activations broadcast from memory */
+/* the -mem forms: 8 pixels by one block a step, each pixel's activations broadcast from memory; one loop
+ * for both, STEP(offset, accumulator) a product (accumulators ymm2-5 and ymm8-11) */
+#define MEM_LOOP(STEP)                                                                                     \
+  __asm__ volatile(REGS_SETUP "vmovdqa %%ymm8, %%ymm2\n\tvmovdqa %%ymm8, %%ymm3\n\tvmovdqa %%ymm8, %%ymm4\n\t"     \
+                   "vmovdqa %%ymm8, %%ymm5\n\t1:\n\t" STEP(0, 2) STEP(64, 3) STEP(128, 4) STEP(192, 5)          \
+                   STEP(256, 8) STEP(320, 9) STEP(384, 10) STEP(448, 11) "dec %0\n\tjnz 1b\n\t"                 \
+                   "vpaddd %%ymm2, %%ymm11, %%ymm2\n\tvmovd %%xmm2, %1\n\tvzeroupper"                          \
+                   : "+r"(n), "=m"(*(int *)arg) : "r"(buf) : CLOBBERS)
 #define DM(off, acc) "vpbroadcastd " #off "(%2), %%ymm12\n\tvpmaddwd %%ymm12, %%ymm0, %%ymm12\n\t"        \
   "vpaddd %%ymm12, %%ymm" #acc ", %%ymm" #acc "\n\t"
 static void *direct_mem(void *arg) {
   long n = iters;
-  __asm__ volatile(REGS_SETUP "vmovdqa %%ymm8, %%ymm2\n\tvmovdqa %%ymm8, %%ymm3\n\tvmovdqa %%ymm8, %%ymm4\n\t"
-                   "vmovdqa %%ymm8, %%ymm5\n\t1:\n\t" DM(0, 2) DM(64, 3) DM(128, 4) DM(192, 5) DM(256, 8)
-                   DM(320, 9) DM(384, 10) DM(448, 11) "dec %0\n\tjnz 1b\n\tvpaddd %%ymm2, %%ymm11, %%ymm2\n\t"
-                   "vmovd %%xmm2, %1\n\tvzeroupper"
-                   : "+r"(n), "=m"(*(int *)arg) : "r"(buf) : CLOBBERS);
+  MEM_LOOP(DM);
   return NULL;
 }
 #define PM(off, acc)                                                                                       \
@@ -76,11 +79,7 @@ static void *direct_mem(void *arg) {
   "vpmaddwd %%ymm12, %%ymm13, %%ymm12\n\tvpaddd %%ymm12, %%ymm" #acc ", %%ymm" #acc "\n\t"
 static void *pair_mem(void *arg) {
   long n = iters;
-  __asm__ volatile(REGS_SETUP "vmovdqa %%ymm8, %%ymm2\n\tvmovdqa %%ymm8, %%ymm3\n\tvmovdqa %%ymm8, %%ymm4\n\t"
-                   "vmovdqa %%ymm8, %%ymm5\n\t1:\n\t" PM(0, 2) PM(64, 3) PM(128, 4) PM(192, 5) PM(256, 8)
-                   PM(320, 9) PM(384, 10) PM(448, 11) "dec %0\n\tjnz 1b\n\tvpaddd %%ymm2, %%ymm11, %%ymm2\n\t"
-                   "vmovd %%xmm2, %1\n\tvzeroupper"
-                   : "+r"(n), "=m"(*(int *)arg) : "r"(buf) : CLOBBERS);
+  MEM_LOOP(PM);
   return NULL;
 }
 
