@@ -46,7 +46,8 @@ def _kernel_passes(preset: TargetPreset | None, dot_kernels: bool = True) -> lis
         return []
     return [nhwc_layout_pass(), dot_product_layout_pass(shift_unsigned=shift_unsigned(preset),
                                                         blocked=blocked_kernels(preset), ifma=ifma_epilogues(preset),
-                                                        winograd_convs=winograd_convs(preset)),
+                                                        winograd_convs=winograd_convs(preset),
+                                                        amx=amx_kernels(preset)),
             residual_add_pass()]
 
 
@@ -72,6 +73,14 @@ def ifma_epilogues(preset: TargetPreset) -> bool:
     """Whether the VNNI convs' requantize runs as 52-bit multiply-adds (kernels/x86_ifma.py): AVX512-IFMA
     for `vpmadd52luq` and AVX512-VBMI for `vpermi2b` (Ice Lake, Sapphire Rapids, Zen 4 and later)."""
     return blocked_kernels(preset) == "vnni" and preset.has("avx512ifma") and preset.has("avx512vbmi")
+
+
+def amx_kernels(preset: TargetPreset) -> bool:
+    """Whether 1x1 convs and dense layers run on AMX's tiles (kernels/x86_amx.py): x86 with AMX-INT8 (the
+    `x86-amx` preset, or `x86` on such a CPU) and the VNNI kernels for the rest, unless INTFORGE_AMX=0
+    (to compare with the VNNI kernels)."""
+    return (blocked_kernels(preset) == "vnni" and preset.has("amx-int8") and preset.has("amx-tile")
+            and os.environ.get("INTFORGE_AMX", "1") != "0")
 
 
 def winograd_convs(preset: TargetPreset) -> bool:

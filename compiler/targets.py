@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import tvm
 
@@ -14,6 +16,31 @@ from intforge.errors import IntforgeError
 def host_cpu() -> str:
     """LLVM's name for this machine's CPU (e.g. 'znver4', 'sapphirerapids')."""
     return str(tvm.target.codegen.llvm_get_system_cpu())
+
+
+# LLVM features a hypervisor's CPU model can hide from LLVM's name for the host CPU while the CPU (and
+# Linux) has them: /proc/cpuinfo's flag for each. Seen 2026-12-07: a KVM guest on an Intel Xeon with
+# AMX-INT8 reported family 6 model 167, which LLVM names 'rocketlake' (no AMX).
+HOST_FLAGS = {"amx-tile": "amx_tile", "amx-int8": "amx_int8"}
+
+
+def extra_features(flags: set[str], cpu: str) -> tuple[str, ...]:
+    """'+feature' for each of HOST_FLAGS in the CPU's `flags` (as /proc/cpuinfo lists them) that LLVM's CPU
+    `cpu` lacks."""
+    named = tvm.target.Target({"kind": "llvm", "mcpu": cpu})
+    return tuple(f"+{feature}" for feature, flag in HOST_FLAGS.items()
+                 if flag in flags and not tvm.target.codegen.target_has_features(feature, named))
+
+
+@functools.cache
+def host_extra_features() -> tuple[str, ...]:
+    """`extra_features` of this machine (Linux; none where /proc/cpuinfo cannot be read)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ()
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return extra_features(set(flags), host_cpu())
 
 
 def host_arch() -> str:
@@ -55,13 +82,19 @@ class TargetPreset:
         spec: dict = {"kind": self.kind, "mcpu": self.mcpu or host_cpu()}
         if self.mtriple:
             spec["mtriple"] = self.mtriple
-        if self.mattr:
-            spec["mattr"] = list(self.mattr)
+        mattr = self.all_mattr()
+        if mattr:
+            spec["mattr"] = mattr
         return tvm.target.Target(spec)
+
+    def all_mattr(self) -> list[str]:
+        """The preset's mattr, and for the host's own preset what LLVM's name for its CPU hides
+        (`host_extra_features`)."""
+        return list(self.mattr) + (list(host_extra_features()) if self.mcpu is None and not self.is_cross else [])
 
     def describe(self) -> dict:
         d = {"preset": self.name, "kind": self.kind, "mcpu": self.mcpu or host_cpu(),
-             "mtriple": self.mtriple or "host", "mattr": list(self.mattr), "arch": self.arch}
+             "mtriple": self.mtriple or "host", "mattr": self.all_mattr(), "arch": self.arch}
         if self.is_cuda:
             d.update({"device": "cuda", "cuda_arch": self.cuda_arch})
         return d
@@ -109,6 +142,8 @@ def _gpu(name: str, description: str, arch: str | None) -> TargetPreset:
 
 PRESETS: dict[str, TargetPreset] = {
     "x86": TargetPreset("x86", "this x86-64 machine (LLVM, -mcpu of the host)"),
+    "x86-amx": TargetPreset("x86-amx", "Intel Xeon with AMX-INT8 (Sapphire Rapids and later: tile kernels for "
+                            "1x1 convs and linears, AVX512-VNNI for the rest)", mcpu="sapphirerapids"),
     "x86-avx2": TargetPreset("x86-avx2", "any x86-64 CPU with AVX2 (Haswell and later, Zen 1-3: vpmaddwd kernels)",
                              mcpu="haswell"),
     "x86-generic": TargetPreset("x86-generic", "any x86-64-v2 CPU (portable, slower)", mcpu="x86-64-v2"),

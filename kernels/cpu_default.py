@@ -18,6 +18,7 @@ from .depthwise_dot import schedule_depthwise_dot_func
 from .epilogue_pipeline import pipeline_epilogues
 from .stages import split_vector, vectorize_inner
 from .winograd import balance_odd_tasks, schedule_winograd_func
+from .x86_amx import request_tiles, schedule_amx_func
 
 MIN_PARALLEL_EXTENT = 4
 
@@ -42,6 +43,10 @@ def _schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
     except Exception:  # noqa: BLE001 - functions without a root block are left as they are
         return func
     left = schedule_winograd_func(sch)  # our tensorized kernels bring their own schedule
+    tiles = False
+    if left is None:
+        left = schedule_amx_func(sch)
+        tiles = left is not None
     if left is None:
         left = schedule_blocked_func(sch)
     if left is None:
@@ -85,7 +90,8 @@ def _schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
             sch.vectorize(lanes)
         elif len(take) < len(spatial) == len(loops):
             vectorize_inner(sch, spatial[-1])
-    return pipeline_epilogues(balance_odd_tasks(sch.mod["main"]))
+    func = pipeline_epilogues(balance_odd_tasks(sch.mod["main"]))
+    return request_tiles(func) if tiles else func
 
 
 def _contiguous_channels(block: s_tir.SBlock) -> bool:

@@ -30,7 +30,7 @@ from tvm.relax import Call, Expr, PyExprMutator, expr_functor
 from intforge import dyadic
 from intforge.kernels import depthwise_avx2 as dwavx2
 from intforge.kernels import depthwise_dot as dwdot
-from intforge.kernels import winograd
+from intforge.kernels import winograd, x86_amx
 from intforge.kernels.arm_dot import NEON, SDOT, SMMLA, USMMLA
 from intforge.kernels.blocked_dot import (
     TOKEN_KERNEL_ISAS,
@@ -89,7 +89,7 @@ class _Requant:
 @expr_functor.mutator
 class _KernelRewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, shift_unsigned: bool, blocked: str | None, ifma: bool = False,
-                 winograd_convs: bool = False) -> None:
+                 winograd_convs: bool = False, amx: bool = False) -> None:
         super().__init__(mod)
         self.shift_unsigned = shift_unsigned
         self.blocked = BLOCKED[blocked] if blocked else None
@@ -100,6 +100,7 @@ class _KernelRewriter(PyExprMutator):
         self.short = blocked in ("vnni", "avx2")
         # 3x3 convs as Winograd (kernels/winograd.py): products on vpdpwssd, or AVX2's vpmaddwd
         self.winograd = blocked if winograd_convs and blocked in winograd.FLAVOURS else None
+        self.amx = amx and blocked == "vnni"  # 1x1 convs and dense layers on AMX's tiles: kernels/x86_amx.py
         self.original: dict = {}  # var -> value in the function as it came (set per function by the pass)
         self.rewritten = 0
 
@@ -322,6 +323,13 @@ class _KernelRewriter(PyExprMutator):
                 # chain (None here), fused after the kernel when the conv itself is visited
                 return self._winograd_conv(x, value, plan, requant)
         layout = layouts[0]
+        if (self.amx and nhwc and groups == 1 and unpack is None and value.shape[2:] == (1, 1)
+                and stride == (1, 1) and dilation == (1, 1) and not any(pad)):
+            n, h, wd = (int(x.ty.shape[i]) for i in range(3))
+            out = self._amx_dense(self.builder_.emit(relax.op.reshape(x, (n * h * wd, channels))),
+                                  value.reshape(value.shape[0], channels), requant, "conv2d_amx")
+            if out is not None:  # (a view of the same bytes, as is the input's reshape)
+                return relax.op.reshape(self.builder_.emit(out), (n, h, wd, value.shape[0]))
         isa = self._isa(x)
         if isa is not None and groups == 1:
             corr, consts, epilogue = self._epilogue(requant, value, (1, 2, 3), x, isa)
@@ -343,6 +351,25 @@ class _KernelRewriter(PyExprMutator):
         return self._call(lambda xx, ww, cc: conv2d_nhwc_dot(xx, ww, cc, stride, pad[:2], dilation, groups,
                                                              self.shift_unsigned, layout),
                           "conv2d_dot", x, self._emit_weight(w_ohwi, unpack), corr)
+
+    def _amx_dense(self, x: Expr, value: np.ndarray, requant: _Requant | None, name: str) -> Expr | None:
+        """x [M, K] @ value[N, K]^T on AMX's tiles (kernels/x86_amx.py), with `requant` the kernel that also
+        requantizes; None where the shape is not the tile kernel's or the requantize has no kernel form."""
+        rows, k = (int(d) for d in x.ty.shape)
+        if not x86_amx.supported(rows, k, value.shape[0], _dtype(x)):
+            return None
+        isa = x86_amx.isa(_dtype(x))
+        corr, consts, epilogue = self._epilogue(requant, value, (1,), x, isa)
+        if requant is not None and epilogue is None:
+            return None
+        self.rewritten += 1
+        n = value.shape[0]
+        return self.builder_.call_te(
+            lambda xx, ww, *rest: x86_amx.dense_amx(xx, ww, rest[0] if corr is not None else None, n,
+                                                    epilogue(*rest[1:]) if epilogue else None),
+            x, relax.const(dense_weight_layout(value, VNNI), "int8"), *([corr] if corr is not None else []),
+            *consts, primfunc_name_hint=name + ("_ifma" if epilogue else ""),
+            primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
 
     def _winograd_conv(self, x: Expr, value: np.ndarray, plan: winograd.Plan,
                        requant: _Requant | None = None) -> Expr | None:
@@ -422,6 +449,8 @@ class _KernelRewriter(PyExprMutator):
         value, unpack = np.ascontiguousarray(known[0].T), known[1]  # emitted as x @ W^T; the kernels take W
         isa = self._isa(x)
         n = value.shape[0]
+        if self.amx and unpack is None and (out := self._amx_dense(x, value, requant, "dense_amx")) is not None:
+            return out
         if isa is not None and requant is not None:
             corr, consts, epilogue = self._epilogue(requant, value, (1,), x, isa)
             if epilogue is None:
@@ -532,7 +561,7 @@ class _KernelRewriter(PyExprMutator):
 
 
 def dot_product_layout_pass(shift_unsigned: bool, blocked: str | None = None, ifma: bool = False,
-                            winograd_convs: bool = False) -> tvm.transform.Pass:
+                            winograd_convs: bool = False, amx: bool = False) -> tvm.transform.Pass:
     """The rewrite as a module pass, followed by dead-code elimination (the original weights and their
     unpacking go). `shift_unsigned`: the CPU multiplies s8 x s8 but not u8 x s8 (sdot without usdot), so
     unsigned activations of the contiguous-layout kernels run shifted by -128 with a weight-sum
@@ -541,11 +570,13 @@ def dot_product_layout_pass(shift_unsigned: bool, blocked: str | None = None, if
     contiguous-layout kernels. With "vnni" the requantize of a conv with whole 16-channel blocks runs
     inside the conv kernel on 32-bit lanes where its shifts are dyadic.SHORT_SHIFT (`Narrow.short`), and
     with `ifma` (x86 AVX512-IFMA and VBMI) also as 52-bit multiply-adds where they are not. `winograd_convs`
-    (with "vnni"): 3x3 stride-1 convs that gain on it run as exact Winograd F(4x4, 3x3) on vpdpwssd."""
+    (with "vnni"): 3x3 stride-1 convs that gain on it run as exact Winograd F(4x4, 3x3) on vpdpwssd. `amx`
+    (with "vnni"): 1x1 stride-1 convs and dense layers of shapes the tile kernel takes run on AMX-INT8
+    (`intforge.kernels.x86_amx`)."""
 
     @tvm.transform.module_pass(opt_level=0, name="intforge.DotProductLayout")
     def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _KernelRewriter(mod, shift_unsigned, blocked, ifma, winograd_convs)
+        rewriter = _KernelRewriter(mod, shift_unsigned, blocked, ifma, winograd_convs, amx)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.original = dict(relax.analysis.get_var2val(func))

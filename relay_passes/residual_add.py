@@ -98,7 +98,32 @@ class _ResidualAdd(PyExprMutator):
             return te.compute(ts[0].shape, lambda *i: value(*(t(*i) for t in ts)), name="residual_add")
 
         self.rewritten += 1
-        return self.builder_.call_te(compute, *[self.visit_expr(x) for x in xs], primfunc_name_hint="residual_add")
+        vs = [self.visit_expr(x) for x in xs]
+        flat = self._flat(vs)
+        if flat is None:
+            return self.builder_.call_te(compute, *vs, primfunc_name_hint="residual_add")
+        # a term that is a view of a 2-D kernel output (AMX's 1x1 convs): the add on that kernel's shape,
+        # where it fuses after the kernel, the other terms viewed so too, and the sum viewed back
+        shape = [int(d) for d in flat.ty.shape]
+        vs = [flat if (src := self._viewed(v)) is not None and src.same_as(flat) else
+              self.builder_.emit(relax.op.reshape(v, shape)) for v in vs]
+        out = self.builder_.emit(self.builder_.call_te(compute, *vs, primfunc_name_hint="residual_add"))
+        return relax.op.reshape(out, call.ty.shape)
+
+    def _viewed(self, v: Expr) -> Expr | None:
+        """What `v` is a reshape of, where it is one of a 2-D tensor."""
+        bound = self._bound(v)
+        if _op(bound, "relax.reshape") and bound.args[0].ty.shape is not None and len(bound.args[0].ty.shape) == 2:
+            return bound.args[0]
+        return None
+
+    def _flat(self, vs: list[Expr]) -> Expr | None:
+        """The first term's 2-D source where it is a reshape of a kernel's 2-D output, else None."""
+        for v in vs:
+            src = self._viewed(v)
+            if src is not None and _op(self._bound(src), "relax.call_tir"):
+                return src
+        return None
 
 
 def residual_add_pass() -> tvm.transform.Pass:

@@ -510,6 +510,10 @@ def test_vision_transformer_from_either_exporter_imports_as_the_pytorch_program(
         for key in a.params:
             if key in ("multiplier", "shift", "table", "offset"):
                 continue
+            if key == "mul":  # a layer norm's integer gain: from the same float32 ranges (one step apart on an
+                # Intel Xeon, 2026-12-07, where AMD's CPUs gave the same integer)
+                np.testing.assert_allclose(a.params[key], b.params[key], rtol=1e-5, err_msg=f"{a.name}.{key}")
+                continue
             np.testing.assert_array_equal(a.params[key], b.params[key], err_msg=f"{a.name}.{key}")
         if "multiplier" in a.params:  # (the shift: per channel in params, or one in attrs)
             ra, rb = (np.asarray(op.params["multiplier"], np.float64)

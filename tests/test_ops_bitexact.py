@@ -528,6 +528,7 @@ def test_conv_accumulators_live_in_registers_not_in_the_workspace_pool(monkeypat
     in registers. A 1x1 conv packs its signed input (a + 128) per tile, also on the stack; a padded 3x3
     conv packs rows of input per task, and only those stay in the pool."""
     monkeypatch.setenv("INTFORGE_WINOGRAD", "0")  # the direct kernel's buffers (a 3x3 conv would be Winograd's)
+    monkeypatch.setenv("INTFORGE_AMX", "0")  # (and an AMX CPU's 1x1 convs the tile kernel's: test_amx)
     torch.manual_seed(0)
     signed = quantize_module(nn.Sequential(nn.Conv2d(64, 256, 1), nn.ReLU()), (1, 64, 56, 56))
     assert _workspace_buffers(signed) == []
@@ -560,12 +561,13 @@ def test_stride_one_3x3_convs_pack_their_input_once_strided_ones_per_task(monkey
 
 
 @pytest.mark.skipif(not resolve_target("x86").has("avx512vnni"), reason="the VNNI direct conv kernel")
-def test_a_tiles_epilogue_runs_among_the_next_tiles_products_where_that_pays():
+def test_a_tiles_epilogue_runs_among_the_next_tiles_products_where_that_pays(monkeypatch):
     """kernels/epilogue_pipeline.py: a conv with 4+ tiles a task and 14-32 reduction steps a tile copies
     each tile's accumulators (`acc_prev`) and runs their requantize (and the residual add after it) during
     the next tile's products; one with 2 tiles a task (a 14-wide row), or more steps than 32 (256
     channels), or fewer steps than the tile's 14 vectors (32 channels) keeps its epilogue after its
     products. (Bit-exactness: the conv_pipelined_* CASES, and whole models.)"""
+    monkeypatch.setenv("INTFORGE_AMX", "0")  # the VNNI kernel's epilogue (an AMX CPU's 1x1 convs: test_amx)
     torch.manual_seed(0)
 
     def pipelined(model, shape) -> bool:
