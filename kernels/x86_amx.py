@@ -100,16 +100,8 @@ def _intrin(k: int, act_dtype: str) -> tuple:
         with T.sblock("root"):
             T.reads(C[0:2, 0:ROWS, 0:LANES], A[0:ROWS, 0:k], B[0:2, 0:kb, 0:LANES, 0:GROUP])
             T.writes(C[0:2, 0:ROWS, 0:LANES])
-            # (the tiles are configured once per parallel task: `request_tiles`)
-            # tmm0..3 = C[0, 0:16], C[1, 0:16], C[0, 16:32], C[1, 16:32]: zeroed by the reduction's init
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(0),
-                                          C.access_ptr("r"), T.int64(sc1 * 4)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(1),
-                                          C.access_ptr("r", offset=sc0), T.int64(sc1 * 4)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(2),
-                                          C.access_ptr("r", offset=16 * sc1), T.int64(sc1 * 4)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(3),
-                                          C.access_ptr("r", offset=sc0 + 16 * sc1), T.int64(sc1 * 4)))
+            # (the tiles are configured once per parallel task: `request_tiles`; tmm0..3, the accumulators
+            # C[0, 0:16], C[1, 0:16], C[0, 16:32], C[1, 16:32], were zeroed by the init's intrinsic, right before)
             for s in range(k // K_STEP):
                 T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4),
                                               A.access_ptr("r", offset=s * K_STEP), T.int64(sa)))
@@ -133,6 +125,40 @@ def _intrin(k: int, act_dtype: str) -> tuple:
                                           C.access_ptr("w", offset=sc0 + 16 * sc1), T.int64(sc1 * 4)))
 
     return desc, impl
+
+
+def _zero_intrin() -> tuple:
+    """(description, implementation) of a register tile's init: its 4 accumulator tiles zeroed in the tile
+    unit (`tilezero`), where the reduction's intrinsic, which runs right after, takes them."""
+
+    @T.prim_func(s_tir=True)
+    def desc(c: T.handle) -> None:
+        C = T.match_buffer(c, (2, ROWS, LANES), "int32", offset_factor=1, scope=ACC_SCOPE)
+        with T.sblock("root"):
+            T.reads()
+            T.writes(C[0:2, 0:ROWS, 0:LANES])
+            for o1, i, o2 in T.grid(2, ROWS, LANES):
+                with T.sblock("init"):
+                    vo1, vi, vo2 = T.axis.remap("SSS", [o1, i, o2])
+                    C[vo1, vi, vo2] = T.int32(0)
+
+    @T.prim_func(s_tir=True)
+    def impl(c: T.handle) -> None:
+        sc0 = T.int32()
+        sc1 = T.int32()
+        C = T.match_buffer(c, (2, ROWS, LANES), "int32", offset_factor=1, scope=ACC_SCOPE, strides=[sc0, sc1, 1])
+        with T.sblock("root"):
+            T.reads()
+            T.writes(C[0:2, 0:ROWS, 0:LANES])
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3)))
+
+    return desc, impl
+
+
+ZERO_INTRIN = "intforge_amx_zero_32x32"
 
 
 def dense_amx(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out_features: int,
@@ -198,7 +224,8 @@ def schedule_amx_func(sch: s_tir.Schedule) -> set[str] | None:
     name = intrin_name(k_bytes, act_dtype)
     ensure_intrin(name, lambda: _intrin(k_bytes, act_dtype))
     sch.tensorize(o1i, name)
-    sch.vectorize(sch.get_loops(init)[-1])
+    ensure_intrin(ZERO_INTRIN, _zero_intrin)
+    sch.tensorize(sch.get_loops(init)[-3], ZERO_INTRIN)
     sch.compute_inline(acc)
     if NARROW in names:
         from .x86_ifma import tensorize_narrow
