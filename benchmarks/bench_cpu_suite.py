@@ -175,6 +175,35 @@ def measured_int8_peak(threads: int) -> float | None:
         return None
 
 
+def measured_amx_peak(threads: int) -> float | None:
+    """GMAC/s of `threads` (1 or 2) threads issuing register-only `tdpbusd` (amx_peak.c), where the CPU has
+    AMX-INT8 and Linux grants its tile data: the unit intforge's 1x1 convs and linears run on there
+    (kernels/x86_amx.py). None elsewhere."""
+    flags = set(" ".join(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split())
+    if "amx_int8" not in flags or threads not in (1, 2):
+        return None
+    runs = _c_tool("amx_peak.c", ("-mamx-tile", "-mamx-int8"), [])
+    try:
+        found = json.loads(runs[0]) if runs else {}
+    except ValueError:
+        return None
+    return found.get(f"gmacs_{threads}t") if found.get("amx") and found.get("tile_product_bitexact") else None
+
+
+def on_tiles(op: Any, in_shape: tuple[int, ...]) -> bool:
+    """Whether intforge's x86 build runs conv `op` (input NCHW `in_shape`) on AMX's tile kernel here."""
+    from intforge.compiler import resolve_target
+    from intforge.compiler.build import amx_kernels
+    from intforge.kernels import x86_amx
+
+    o, c, kh, kw = op.params["weight"].shape
+    stride = op.attrs.get("stride", 1)
+    one = (kh, kw) == (1, 1) and stride in (1, (1, 1), [1, 1]) and int(op.attrs.get("groups", 1)) == 1
+    pixels = in_shape[0] * in_shape[2] * in_shape[3]
+    return one and amx_kernels(resolve_target("x86")) and x86_amx.supported(pixels, c, o, "uint8")
+
+
 # Two threads of register-only vpdpbusd run this many times one thread's rate, or more, on two cores of
 # their own: the probes of 2026-12-05 read 1.8-2.0 then, and 1.0-1.6 when the host ran the two vCPUs on
 # one core's dot-product units (or beside a neighbour's on both), in 19 of 300 rounds that morning.
@@ -294,8 +323,10 @@ def time_layer_alone(graph: Any, op: Any, workdir: Path, repeat: int = 30) -> tu
 
 
 def peak_fraction(model: Any, shape: tuple[int, ...], top: int, threads: int,
-                  peak_gmacs: float) -> list[dict[str, Any]]:
-    """The largest convolutions, each compiled alone with intforge's kernels and timed."""
+                  peak_gmacs: float, amx_gmacs: float | None = None) -> list[dict[str, Any]]:
+    """The largest convolutions, each compiled alone with intforge's kernels and timed; where one runs on
+    AMX's tiles (`on_tiles`), also as a fraction of their peak `amx_gmacs`, and with `amx_gmacs` the
+    largest of those too where none of the `top` is one."""
     import torch
 
     from intforge.capture import capture
@@ -310,7 +341,8 @@ def peak_fraction(model: Any, shape: tuple[int, ...], top: int, threads: int,
     with tempfile.TemporaryDirectory() as tmp:
         for op in convs:
             key = (tuple(op.params["weight"].shape), tuple(graph.shapes[op.inputs[0]]), str(op.attrs.get("stride")))
-            if key in seen:
+            tiles = bool(amx_gmacs) and on_tiles(op, tuple(graph.shapes[op.inputs[0]]))
+            if key in seen or (len(rows) >= top and not tiles):
                 continue
             seen.add(key)
             prog, ms = time_layer_alone(graph, op, Path(tmp))
@@ -319,7 +351,10 @@ def peak_fraction(model: Any, shape: tuple[int, ...], top: int, threads: int,
                          "output_shape": list(graph.shapes[op.output]), "macs": macs, "ms": round(ms, 4),
                          "gmacs_per_s": round(macs / ms / 1e6, 2),
                          "fraction_of_int8_peak": round(macs / ms * 1e3 / peak, 4)})
-            if len(rows) == top:
+            if tiles:
+                rows[-1].update({"instruction": "tdpbusd (AMX)",
+                                 "fraction_of_amx_peak": round(macs / ms / 1e6 / amx_gmacs, 4)})
+            if len(rows) >= top and (not amx_gmacs or any("instruction" in r for r in rows)):
                 break
     return rows
 
@@ -450,18 +485,20 @@ def plot(result: dict[str, Any], path: Path, title: str | None = None) -> None:
     plt.close(fig)
 
 
-def model_peak_fraction(name: str, args: argparse.Namespace, peak_gmacs: float) -> list[dict[str, Any]]:
+def model_peak_fraction(name: str, args: argparse.Namespace, peak_gmacs: float,
+                        amx_gmacs: float | None = None) -> list[dict[str, Any]]:
     from intforge import zoo
 
     try:
         rows = peak_fraction(getattr(zoo, name)(seed=0).eval(), (1, 3, 224, 224), args.top_convs, args.threads,
-                             peak_gmacs)
+                             peak_gmacs, amx_gmacs)
     except Exception as exc:  # noqa: BLE001 - keep the latency numbers if this part fails
         print(f"    peak fraction failed: {type(exc).__name__}: {exc}", flush=True)
         return []
     for r in rows:
         print(f"    peak: {name} {r['layer']:24s} {r['gmacs_per_s']:8.1f} GMAC/s = "
-              f"{r['fraction_of_int8_peak']:.1%} of INT8 peak", flush=True)
+              f"{r['fraction_of_int8_peak']:.1%} of INT8 peak"
+              + (f", {r['fraction_of_amx_peak']:.1%} of AMX's" if "fraction_of_amx_peak" in r else ""), flush=True)
     return rows
 
 
@@ -470,7 +507,8 @@ def peak_only(args: argparse.Namespace) -> int:
     result = json.loads(args.out.read_text())
     peak_gmacs = result["int8_peak_gmacs"]["measured"] or result["int8_peak_gmacs"]["nominal"]
     for name in args.models.split(","):
-        result["peak_fraction"][name] = model_peak_fraction(name, args, peak_gmacs)
+        result["peak_fraction"][name] = model_peak_fraction(name, args, peak_gmacs,
+                                                            result["int8_peak_gmacs"].get("amx_measured"))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"updated the peak fractions in {args.out}")
     return 0
@@ -490,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
                               "machine": {**machine_info(), "cpu_ghz": cpu_ghz()}, "versions": versions(),
                               "threads": args.threads, "engines": engines, "results": {}, "peak_fraction": {},
                               "int8_peak_gmacs": {"measured": measured_int8_peak(args.threads),
-                                                  "nominal": round(nominal_int8_peak(args.threads), 1)},
+                                                  "nominal": round(nominal_int8_peak(args.threads), 1),
+                                                  "amx_measured": measured_amx_peak(args.threads)},
                               "peak_note": f"measured: {(peak_tool() or ('none',))[0]}, register-only vpdpbusd "
                                            "(vnni_peak.c) or vpmaddwd + vpaddd (avx2_peak.c) on every thread; nominal: "
                                            f"{macs_per_cycle()} int8 MACs/cycle/core x threads x cpu MHz "
