@@ -315,6 +315,10 @@ class _KernelRewriter(PyExprMutator):
                                          primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
         if nhwc:
             value = np.ascontiguousarray(value.transpose(0, 3, 1, 2))  # OHWI -> OIHW
+            if (self.amx and groups == 1 and unpack is None and x86_amx.conv_supported(
+                    x.ty.shape, value.shape[0], value.shape[2:], stride, pad[:2], dilation, _dtype(x))
+                    and (out := self._amx_conv(x, value, pad[:2], requant)) is not None):
+                return out
             plan = (winograd.plan(*(int(x.ty.shape[i]) for i in range(3)), channels, value.shape[0],
                                   value.shape[2:], stride, pad[:2], dilation, self.winograd)
                     if self.winograd and groups == 1 and unpack is None else None)
@@ -369,6 +373,24 @@ class _KernelRewriter(PyExprMutator):
                                                     epilogue(*rest[1:]) if epilogue else None),
             x, relax.const(dense_weight_layout(value, VNNI), "int8"), *([corr] if corr is not None else []),
             *consts, primfunc_name_hint=name + ("_ifma" if epilogue else ""),
+            primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
+
+    def _amx_conv(self, x: Expr, value: np.ndarray, padding: tuple[int, int], requant: _Requant | None) -> Expr | None:
+        """A stride-1 windowed conv (OIHW weights `value`) on AMX's tiles (`x86_amx.conv2d_amx`); with
+        `requant` the kernel that also requantizes, or None where that form has no kernel."""
+        isa = x86_amx.isa(_dtype(x))
+        corr, consts, epilogue = self._epilogue(requant, value, (1, 2, 3), x, isa)
+        if requant is not None and epilogue is None:
+            return None
+        o, c, kh, kw = value.shape
+        weights = conv_weight_layout(value, VNNI).reshape(o // VNNI.lanes, kh * kw, c // VNNI.group, VNNI.lanes,
+                                                          VNNI.group)
+        self.rewritten += 1
+        return self.builder_.call_te(
+            lambda xx, ww, *rest: x86_amx.conv2d_amx(xx, ww, rest[0] if corr is not None else None, o, padding,
+                                                     (kh, kw), epilogue(*rest[1:]) if epilogue else None),
+            x, relax.const(weights, "int8"), *([corr] if corr is not None else []), *consts,
+            primfunc_name_hint="conv2d_amx_window" + ("_ifma" if epilogue else ""),
             primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
 
     def _winograd_conv(self, x: Expr, value: np.ndarray, plan: winograd.Plan,

@@ -36,13 +36,34 @@ class Bottleneck(nn.Module):
         return torch.relu(x + self.c(torch.relu(self.b(torch.relu(self.a(x))))))
 
 
-# signed input (tdpbssd) then unsigned (tdpbusd); rows not a whole 32-row tile (49, 48: padded);
-# a residual add fused after a tile kernel through the views of its 2-D output; a batch; tokens
+class BasicBlock(nn.Module):
+    """A stem conv, then ResNet18's basic block: two 3x3 convs, the residual add after the second."""
+
+    def __init__(self, channels: int = 64) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(16, channels, 3, padding=1)
+        self.a, self.b = nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        return torch.relu(x + self.b(torch.relu(self.a(x))))
+
+
+# 1x1 convs and linears (`dense_amx`): signed input (tdpbssd) then unsigned (tdpbusd); rows not a whole
+# 32-row tile (49, 48: padded); a residual add fused after a tile kernel through the views of its 2-D
+# output; a batch; tokens. Windowed convs (`conv2d_amx`): rows of 14 (two grid rows of 16 a tile), of 56
+# (two runs of 28 a row), of 18 (one run, 14 positions discarded) with a signed input, and a residual
+# add fused after one; a 7x7 output (odd rows on two-row tiles) stays on vpdpbusd
 CASES = {
     "pair_8x8": (lambda: nn.Sequential(nn.Conv2d(64, 64, 1), nn.ReLU(), nn.Conv2d(64, 128, 1)), (1, 64, 8, 8)),
     "rows_7x7": (lambda: nn.Sequential(nn.Conv2d(128, 64, 1), nn.ReLU(), nn.Conv2d(64, 96, 1)), (1, 128, 7, 7)),
     "bottleneck_batch2": (lambda: Bottleneck(), (2, 16, 6, 6)),
     "linear_tokens": (lambda: nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)), (1, 48, 64)),
+    "window_14": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)), (1, 64, 14, 14)),
+    "window_56": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)), (1, 64, 56, 56)),
+    "window_signed_20x18": (lambda: nn.Conv2d(64, 96, 3, padding=1), (1, 64, 20, 18)),
+    "basic_block": (lambda: BasicBlock(), (1, 16, 14, 14)),
+    "window_7x7": (lambda: nn.Sequential(nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1)), (1, 64, 7, 7)),
 }
 
 
@@ -67,6 +88,13 @@ def test_tile_kernels_take_whole_steps_and_tiles_only():
     assert not x86_amx.supported(64, 96, 32, "uint8")  # 96 input channels: not whole 64-byte steps
     assert not x86_amx.supported(64, 64, 48, "uint8")  # 48 output channels: not whole 32-channel tiles
     assert not x86_amx.supported(64, 64, 32, "int32")
+    # windowed convs: one image, stride 1, and a grid (`conv_grid`) whose tiles hold whole output rows or runs
+    assert x86_amx.conv_grid(14, 3) == (16, 2, 1) and x86_amx.conv_grid(56, 3) == (32, 1, 2)
+    assert x86_amx.conv_grid(28, 3) == (32, 1, 1) and x86_amx.conv_grid(31, 3) is None  # (31 is prime: no runs)
+    assert x86_amx.conv_supported((1, 56, 56, 64), 64, (3, 3), (1, 1), (1, 1), (1, 1), "uint8")
+    assert not x86_amx.conv_supported((2, 56, 56, 64), 64, (3, 3), (1, 1), (1, 1), (1, 1), "uint8")
+    assert not x86_amx.conv_supported((1, 56, 56, 64), 64, (3, 3), (2, 2), (1, 1), (1, 1), "uint8")
+    assert not x86_amx.conv_supported((1, 7, 7, 512), 512, (3, 3), (1, 1), (1, 1), (1, 1), "uint8")  # odd rows
 
 
 def test_amx_is_found_where_llvm_names_the_cpu_without_it():
@@ -99,6 +127,8 @@ def test_tile_kernels_compile_to_tile_instructions(tmp_path):
     assert b"ARCH_REQ_XCOMP_PERM" in lib.read_bytes()
     signed = build(_program("pair_8x8"), tmp_path / "signed", target="x86-amx", boundary="int").library
     assert "tdpbssd" in _disassembly(signed)
+    block = build(_program("basic_block"), tmp_path / "block", target="x86-amx", boundary="int").library
+    assert any("conv2d_amx_window" in s and "residual_add" in s for s in _symbols(block).split())
 
 
 @pytest.mark.skipif(not HOST_AMX, reason="needs a CPU with AMX-INT8")
@@ -106,7 +136,7 @@ def test_tile_kernels_compile_to_tile_instructions(tmp_path):
 def test_tile_kernels_are_bit_exact(case, tmp_path):
     program = _program(case)
     lib = build(program, tmp_path, target="x86-amx", boundary="int").library
-    assert "tdpb" in _disassembly(lib)
+    assert ("tdpb" in _disassembly(lib)) == (case != "window_7x7")
     assert_bit_exact_int(program, intforge.load(lib))
 
 
