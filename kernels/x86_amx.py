@@ -68,6 +68,37 @@ def supported(rows: int, k: int, n: int, x_dtype: str) -> bool:
     return x_dtype in INSTRUCTION and k % K_STEP == 0 and n % COLS == 0 and rows >= ROWS
 
 
+@T.macro
+def _tile_step(a0, a1, b0, b1, a_stride, b_stride, tdp):
+    """One 64-channel step of a register tile: activation tiles tmm4-5 and weight tiles tmm6-7 loaded from
+    the 4 addresses, then tmm0..3 += their 4 products (`tdp`: tdpbusd or tdpbssd)."""
+    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4), a0, T.int64(a_stride)))
+    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5), a1, T.int64(a_stride)))
+    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6), b0, T.int64(b_stride)))
+    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(7), b1, T.int64(b_stride)))
+    T.evaluate(T.call_llvm_intrin("void", tdp, T.int8(0), T.int8(4), T.int8(6)))
+    T.evaluate(T.call_llvm_intrin("void", tdp, T.int8(1), T.int8(4), T.int8(7)))
+    T.evaluate(T.call_llvm_intrin("void", tdp, T.int8(2), T.int8(5), T.int8(6)))
+    T.evaluate(T.call_llvm_intrin("void", tdp, T.int8(3), T.int8(5), T.int8(7)))
+
+
+@T.macro
+def _store_tiles(c0, c1, c2, c3, stride):
+    """tmm0..3 stored to the 4 addresses, rows `stride` bytes apart."""
+    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0), c0, T.int64(stride)))
+    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1), c1, T.int64(stride)))
+    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2), c2, T.int64(stride)))
+    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3), c3, T.int64(stride)))
+
+
+@T.macro
+def _zero_tiles():
+    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0)))
+    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1)))
+    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2)))
+    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3)))
+
+
 def intrin_name(k: int, act_dtype: str) -> str:
     return f"intforge_amx_{act_dtype}_32x32x{k}"
 
@@ -109,26 +140,11 @@ def _intrin(k: int, act_dtype: str) -> tuple:
             # (the tiles are configured once per parallel task: `request_tiles`; tmm0..3, the accumulators
             # C[0, 0:16], C[1, 0:16], C[0, 16:32], C[1, 16:32], were zeroed by the init's intrinsic, right before)
             for s in range(k // K_STEP):
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4),
-                                              A.access_ptr("r", offset=s * K_STEP), T.int64(sa)))
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
-                                              A.access_ptr("r", offset=16 * sa + s * K_STEP), T.int64(sa)))
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6),
-                                              B.access_ptr("r", offset=s * 16 * sb1), T.int64(sb1)))
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(7),
-                                              B.access_ptr("r", offset=sb0 + s * 16 * sb1), T.int64(sb1)))
-                T.evaluate(T.call_llvm_intrin("void", tdp, T.int8(0), T.int8(4), T.int8(6)))
-                T.evaluate(T.call_llvm_intrin("void", tdp, T.int8(1), T.int8(4), T.int8(7)))
-                T.evaluate(T.call_llvm_intrin("void", tdp, T.int8(2), T.int8(5), T.int8(6)))
-                T.evaluate(T.call_llvm_intrin("void", tdp, T.int8(3), T.int8(5), T.int8(7)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0),
-                                          C.access_ptr("w"), T.int64(sc1 * 4)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1),
-                                          C.access_ptr("w", offset=sc0), T.int64(sc1 * 4)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2),
-                                          C.access_ptr("w", offset=16 * sc1), T.int64(sc1 * 4)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3),
-                                          C.access_ptr("w", offset=sc0 + 16 * sc1), T.int64(sc1 * 4)))
+                _tile_step(A.access_ptr("r", offset=s * K_STEP), A.access_ptr("r", offset=16 * sa + s * K_STEP),
+                           B.access_ptr("r", offset=s * 16 * sb1), B.access_ptr("r", offset=sb0 + s * 16 * sb1),
+                           sa, sb1, tdp)
+            _store_tiles(C.access_ptr("w"), C.access_ptr("w", offset=sc0), C.access_ptr("w", offset=16 * sc1),
+                         C.access_ptr("w", offset=sc0 + 16 * sc1), sc1 * 4)
 
     return desc, impl
 
@@ -213,29 +229,14 @@ def _conv_intrin(k: int, act_dtype: str, kh: int, kw: int, wg: int, rows: int, s
             # the tap's first, on the grid's rows of `cols` positions)
             for t in range(taps):
                 for s in range(k // K_STEP):
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4), A.access_ptr(
-                        "r", offset=(t // kw * tap_rows + t % kw) * sa + s * K_STEP), T.int64(sa)))
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5), A.access_ptr(
-                        "r", offset=(t // kw * tap_rows + t % kw + 16) * sa + s * K_STEP), T.int64(sa)))
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6), B.access_ptr(
-                        "r", offset=t * sb1 + s * 16 * sb2), T.int64(sb2)))
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(7), B.access_ptr(
-                        "r", offset=sb0 + t * sb1 + s * 16 * sb2), T.int64(sb2)))
-                    T.evaluate(T.call_llvm_intrin("void", tdp, T.int8(0), T.int8(4), T.int8(6)))
-                    T.evaluate(T.call_llvm_intrin("void", tdp, T.int8(1), T.int8(4), T.int8(7)))
-                    T.evaluate(T.call_llvm_intrin("void", tdp, T.int8(2), T.int8(5), T.int8(6)))
-                    T.evaluate(T.call_llvm_intrin("void", tdp, T.int8(3), T.int8(5), T.int8(7)))
+                    _tile_step(A.access_ptr("r", offset=(t // kw * tap_rows + t % kw) * sa + s * K_STEP),
+                               A.access_ptr("r", offset=(t // kw * tap_rows + t % kw + 16) * sa + s * K_STEP),
+                               B.access_ptr("r", offset=t * sb1 + s * 16 * sb2),
+                               B.access_ptr("r", offset=sb0 + t * sb1 + s * 16 * sb2), sa, sb2, tdp)
             # tiles of 16 positions: C[o1] positions 0-15 and 16-31 (one row of 32, or the second row of 16)
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0),
-                                          C.access_ptr("w"), T.int64(sc2 * 4)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1),
-                                          C.access_ptr("w", offset=sc0), T.int64(sc2 * 4)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2),
-                                          C.access_ptr("w", offset=second * sc1 + (1 - second) * 16 * sc2),
-                                          T.int64(sc2 * 4)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3),
-                                          C.access_ptr("w", offset=sc0 + second * sc1 + (1 - second) * 16 * sc2),
-                                          T.int64(sc2 * 4)))
+            _store_tiles(C.access_ptr("w"), C.access_ptr("w", offset=sc0),
+                         C.access_ptr("w", offset=second * sc1 + (1 - second) * 16 * sc2),
+                         C.access_ptr("w", offset=sc0 + second * sc1 + (1 - second) * 16 * sc2), sc2 * 4)
 
     return desc, impl
 
@@ -262,10 +263,7 @@ def _zero_intrin(rows: int = 0) -> tuple:
             with T.sblock("root"):
                 T.reads()
                 T.writes(C[0:2, 0:1, 0:ROWS, 0:LANES])
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0)))
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1)))
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2)))
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3)))
+                _zero_tiles()
 
         return desc1, impl1
     if rows:
@@ -288,10 +286,7 @@ def _zero_intrin(rows: int = 0) -> tuple:
             with T.sblock("root"):
                 T.reads()
                 T.writes(C[0:2, 0:rows, 0:cols, 0:LANES])
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0)))
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1)))
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2)))
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3)))
+                _zero_tiles()
 
         return desc, impl
 
@@ -312,10 +307,7 @@ def _zero_intrin(rows: int = 0) -> tuple:
         with T.sblock("root"):
             T.reads()
             T.writes(C[0:2, 0:ROWS, 0:LANES])
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2)))
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3)))
+            _zero_tiles()
 
     return desc2, impl2
 
