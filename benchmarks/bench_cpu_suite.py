@@ -198,10 +198,14 @@ def on_tiles(op: Any, in_shape: tuple[int, ...]) -> bool:
     from intforge.kernels import x86_amx
 
     o, c, kh, kw = op.params["weight"].shape
-    stride = op.attrs.get("stride", 1)
-    one = (kh, kw) == (1, 1) and stride in (1, (1, 1), [1, 1]) and int(op.attrs.get("groups", 1)) == 1
-    pixels = in_shape[0] * in_shape[2] * in_shape[3]
-    return one and amx_kernels(resolve_target("x86")) and x86_amx.supported(pixels, c, o, "uint8")
+    stride, padding, dilation = (tuple(op.attrs.get(key, (d, d))) for key, d in
+                                 (("stride", 1), ("padding", 0), ("dilation", 1)))
+    if int(op.attrs.get("groups", 1)) != 1 or not amx_kernels(resolve_target("x86")):
+        return False
+    if (kh, kw) != (1, 1):  # a windowed conv (x86_amx.conv2d_amx)
+        nhwc = (in_shape[0], in_shape[2], in_shape[3], in_shape[1])
+        return x86_amx.conv_supported(nhwc, o, (kh, kw), stride, padding, dilation, "uint8")
+    return stride == (1, 1) and x86_amx.supported(in_shape[0] * in_shape[2] * in_shape[3], c, o, "uint8")
 
 
 # Two threads of register-only vpdpbusd run this many times one thread's rate, or more, on two cores of
