@@ -76,9 +76,9 @@ def ifma_epilogues(preset: TargetPreset) -> bool:
 
 
 def amx_kernels(preset: TargetPreset) -> bool:
-    """Whether 1x1 convs and dense layers run on AMX's tiles (kernels/x86_amx.py): x86 with AMX-INT8 (the
-    `x86-amx` preset, or `x86` on such a CPU) and the VNNI kernels for the rest, unless INTFORGE_AMX=0
-    (to compare with the VNNI kernels)."""
+    """Whether 1x1 convs, stride-1 3x3 convs and dense layers run on AMX's tiles (kernels/x86_amx.py): x86
+    with AMX-INT8 (the `x86-amx` preset, or `x86` on such a CPU) and the VNNI kernels for the rest, unless
+    INTFORGE_AMX=0 (to compare with the VNNI kernels)."""
     return (blocked_kernels(preset) == "vnni" and preset.has("amx-int8") and preset.has("amx-tile")
             and os.environ.get("INTFORGE_AMX", "1") != "0")
 

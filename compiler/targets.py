@@ -143,7 +143,7 @@ def _gpu(name: str, description: str, arch: str | None) -> TargetPreset:
 PRESETS: dict[str, TargetPreset] = {
     "x86": TargetPreset("x86", "this x86-64 machine (LLVM, -mcpu of the host)"),
     "x86-amx": TargetPreset("x86-amx", "Intel Xeon with AMX-INT8 (Sapphire Rapids and later: tile kernels for "
-                            "1x1 convs and linears, AVX512-VNNI for the rest)", mcpu="sapphirerapids"),
+                            "1x1 and 3x3 convs and linears, AVX512-VNNI for the rest)", mcpu="sapphirerapids"),
     "x86-avx2": TargetPreset("x86-avx2", "any x86-64 CPU with AVX2 (Haswell and later, Zen 1-3: vpmaddwd kernels)",
                              mcpu="haswell"),
     "x86-generic": TargetPreset("x86-generic", "any x86-64-v2 CPU (portable, slower)", mcpu="x86-64-v2"),

@@ -141,8 +141,9 @@ def _has_own_schedule(mod: tvm.IRModule) -> bool:
     sch = s_tir.Schedule(mod)
     from intforge.kernels.winograd import BLOCK as WINOGRAD_BLOCK
     from intforge.kernels.x86_amx import BLOCK as AMX_BLOCK
+    from intforge.kernels.x86_amx import CONV_BLOCK as AMX_CONV_BLOCK
 
-    for name in sorted(kernel_block_names()) + [DW_BLOCK, DWDOT_BLOCK, WINOGRAD_BLOCK, AMX_BLOCK]:
+    for name in sorted(kernel_block_names()) + [DW_BLOCK, DWDOT_BLOCK, WINOGRAD_BLOCK, AMX_BLOCK, AMX_CONV_BLOCK]:
         try:
             sch.get_sblock(name)
             return True

@@ -148,3 +148,21 @@ def test_a_tile_kernel_without_amx_stops_with_an_error_that_names_it(tmp_path):
     spec = lib.inputs[0]
     with pytest.raises(Exception, match="AMX"):
         lib(np.zeros(spec["shape"], spec["dtype"]))
+
+
+def test_tuning_leaves_the_tile_kernels_to_their_own_schedule():
+    """`intforge tune` skips every function built around a tile kernel (dense or windowed), as it skips the
+    other hand-scheduled kernels: a tuned schedule from the database would replace the tile kernel's."""
+    import tvm
+
+    from intforge.compiler.build import _legalize_passes
+    from intforge.compiler.tuning import _has_own_schedule
+    from intforge.relay_passes import emit_program
+
+    mod = emit_program(_program("basic_block"), boundary="int")
+    preset = resolve_target("x86-amx")
+    with preset.tvm_target():
+        fused = tvm.transform.Sequential(_legalize_passes(preset))(mod)
+    tiles = [f for gv, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "amx" in gv.name_hint]
+    assert len(tiles) == 2  # the block's two 3x3 convs (the stem's 16 input channels are not a whole step)
+    assert all(_has_own_schedule(tvm.IRModule({"main": f})) for f in tiles)
