@@ -1,4 +1,5 @@
-"""x86 AMX-INT8: integer GEMMs on the tile unit (`tdpbusd`/`tdpbssd`), for dense layers and 1x1 convs.
+"""x86 AMX-INT8: integer GEMMs on the tile unit (`tdpbusd`/`tdpbssd`), for dense layers, 1x1 convs and
+stride-1 windowed (3x3) convs.
 
 A tile instruction multiplies a 16 x 64 byte tile of activations by a 16-row tile of weights (64 input
 channels x 16 output channels, 4 bytes a lane: the VNNI layout's [K/4, 16, 4] block, so the weights are
@@ -12,7 +13,8 @@ straight from the rows (stride: the row's bytes) and two weight tiles (tmm6-7), 
 Then the tiles are stored to a 4 KB scratch and the requantize epilogue (`blocked_dot.Narrow`, the VNNI
 kernels' own, tensorized to x86_ifma's intrinsic) reads them back from L1 and writes the 8-bit output.
 A 1x1 stride-1 conv in NHWC is this GEMM over its pixels (the Relax pass reshapes its input and output,
-views only).
+views only). A windowed conv is the same register tile over a grid of its input (`conv_grid`), the
+window's taps joining the reduction (`conv2d_amx`).
 
 TVM 0.27 has no AMX tensor intrinsics (its LLVM 22 has the instructions, as intrinsics with immediate
 tile numbers), so the whole reduction of a register tile is one tensor intrinsic of ours, registered per
