@@ -553,6 +553,7 @@ def test_stride_one_3x3_convs_pack_their_input_once_strided_ones_per_task(monkey
     (inside each task, every input row was copied 3 x channel-tiles times); a stride-2 one keeps packing
     its rows inside each task, which measured faster for it (blocked_dot._stride_one_window)."""
     monkeypatch.setenv("INTFORGE_WINOGRAD", "0")  # the direct kernel (Winograd would take the stride-1 conv)
+    monkeypatch.setenv("INTFORGE_AMX", "0")  # (and on an AMX CPU the tile kernel: test_amx)
     torch.manual_seed(0)
     for stride, loops in ((1, 2), (2, 1)):
         conv = quantize_module(nn.Sequential(nn.ReLU(), nn.Conv2d(64, 64, 3, stride=stride, padding=1)),
@@ -679,13 +680,15 @@ def test_winograd_transforms_compute_a_multiple_of_the_3x3_correlation_in_intege
 
 
 @pytest.mark.skipif(not resolve_target("x86").has("avx512vnni"), reason="the VNNI Winograd kernel")
-def test_3x3_convs_run_as_exact_winograd_where_it_pays_and_its_bound_holds(so_of):
+def test_3x3_convs_run_as_exact_winograd_where_it_pays_and_its_bound_holds(so_of, monkeypatch):
     """Winograd F(4x4, 3x3) takes 3x3 stride-1 convs with enough output tiles for its int16 weights, and
     only where 128 * sum|w| < 2^25 proves the accumulator is recovered exactly from 576 * acc mod 2^32:
     224 input channels of weights at 127 are under that bound (exact on extreme inputs, the accumulators
     within 4% of 2^25), 256 channels are over it and run on the direct kernel (taken by Winograd, they
     come out wrong: checked by hand)."""
     from intforge.kernels import winograd
+
+    monkeypatch.setenv("INTFORGE_AMX", "0")  # (on an AMX CPU its tile kernel takes these convs: test_amx)
 
     def uses(program) -> bool:
         return "llvm.x86.avx512.vpdpwssd.512" in _host_ir(program)
