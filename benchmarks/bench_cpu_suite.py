@@ -115,12 +115,17 @@ VNNI_PEAK_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vnni")
 AVX2_PEAK_FLAGS = ("-mavx2",)
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them."""
+    return set(" ".join(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                        if line.startswith("flags")).split())
+
+
 def peak_tool() -> tuple[str, tuple[str, ...]] | None:
     """The register-only INT8 loop of the instruction intforge's kernels run on this CPU (source, flags):
     vpdpbusd with AVX512-VNNI (vnni_peak.c), else vpmaddwd + vpaddd with AVX2 (avx2_peak.c: the exact
     int16 products of kernels/x86_avx2.py); None on neither."""
-    flags = set(" ".join(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("flags")).split())
+    flags = cpu_flags()
     if "avx512_vnni" in flags:
         return "vnni_peak.c", VNNI_PEAK_FLAGS
     if "avx2" in flags:
@@ -179,9 +184,7 @@ def measured_amx_peak(threads: int) -> float | None:
     """GMAC/s of `threads` (1 or 2) threads issuing register-only `tdpbusd` (amx_peak.c), where the CPU has
     AMX-INT8 and Linux grants its tile data: the unit intforge's 1x1 convs and linears run on there
     (kernels/x86_amx.py). None elsewhere."""
-    flags = set(" ".join(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("flags")).split())
-    if "amx_int8" not in flags or threads not in (1, 2):
+    if "amx_int8" not in cpu_flags() or threads not in (1, 2):
         return None
     runs = _c_tool("amx_peak.c", ("-mamx-tile", "-mamx-int8"), [])
     try:

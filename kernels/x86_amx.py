@@ -405,10 +405,12 @@ def conv2d_amx(x: te.Tensor, wp: te.Tensor, correction: te.Tensor | None, out_ch
 
 
 def schedule_amx_func(sch: s_tir.Schedule) -> set[str] | None:
-    """Schedule a function built around `dense_amx`; None where it has none. A parallel task is one
-    register tile: its reduction is one tensor intrinsic, its accumulators go to a 4 KB scratch, and the
-    epilogue (tensorized requantize, or the int32 output vectorized) reads them back right there.
-    Returns the names of the blocks left to the default rule (the padded rows' copy)."""
+    """Schedule a function built around `dense_amx` or `conv2d_amx`; None where it has neither. A parallel
+    task is one row tile (32 rows, or a grid row or two) by one or more 32-channel tiles (`MIN_TASKS`);
+    each register tile's reduction is one tensor intrinsic, its init another (`tilezero`), its
+    accumulators go to a 4 KB scratch, and the epilogue (tensorized requantize, or the int32 output
+    vectorized) reads them back right there. Returns the names of the blocks left to the default rule
+    (the padded input's copy)."""
     found = find_block(sch, BLOCK)
     conv = found is None
     if conv:
@@ -483,7 +485,6 @@ def schedule_amx_func(sch: s_tir.Schedule) -> set[str] | None:
         _, lanes = sch.split(loop, [None, LANES])  # one weight tile's channels: contiguous accumulators
         sch.vectorize(lanes)
     return {n for n in names[:k] if n in (DATA, CONV_DATA)}
-
 
 
 def request_tiles(func: tirx.PrimFunc) -> tirx.PrimFunc:
